@@ -1,0 +1,399 @@
+"""Fused lm_head + token statistics: Triton kernels and their launchers.
+
+Forward, one program per (block of BLOCK_N token rows) x (slice of the vocabulary):
+
+    for each vocabulary tile:  z = (h W^T + b) / T       tl.dot over H, fp32 accumulator
+                               online update of m, S0 = Σ e^(z-m), A = Σ e^(z-m)(z-m)
+                               and, with a teacher (hidden+weight fused, or logits):
+                               mt, T0 = Σ e^(zt-mt), B = Σ e^(z-m)(zt-mt),
+                               At = Σ e^(zt-mt)(zt-mt), Bt = Σ e^(zt-mt)(z-m)
+                               the target logit z_y where it falls in the tile
+
+The partial statistics of the vocabulary slices are merged in O(N · slices) by `combine`:
+
+    lse = m + log S0          entropy = log S0 - A/S0       logp = z_y - lse
+    rKL = (A - B)/S0 - log S0 + log T0                      fKL = (At - Bt)/T0 - log T0 + log S0
+
+Shifting by the running maxima keeps entropy and KL free of the cancellation of lse - Σ p z at
+large logits, and gives KL = 0 exactly when teacher == student.
+
+Backward, one program per (token tile) x (vocabulary tile) of a chunk of tokens: recompute z (and
+zt) from h, W and the saved lse, and write dz (the gradient w.r.t. the logits, per-token upstream
+gradients applied, see vlmfast/ops/chunked.py for the formula) for that chunk; then two tensor-core
+GEMMs give dh = dz W and dW += dz^T h (fp32 accumulator). The chunk is as large as the memory budget
+allows (1 GiB of dz by default), so both GEMMs are fat: no skinny-GEMM chunking.
+
+No autograd and no dispatch here: see vlmfast/ops/.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Indices of the partial statistics in the [NUM_STATS, splits, N] buffer.
+M, S0, A, MT, T0, B, AT, BT = range(8)
+NUM_STATS = 8
+
+
+@dataclass(frozen=True)
+class Config:
+    block_n: int
+    block_v: int
+    block_h: int
+    num_warps: int
+    num_stages: int
+
+
+# One fixed config per (pass, dtype class, teacher mode): autotuning needs a GPU, and fixed configs
+# are what the ahead-of-time compile test checks for spills and shared memory.
+GPU_CONFIGS = {
+    ("fwd", "16bit", 0): Config(128, 128, 64, 8, 3),
+    ("fwd", "16bit", 1): Config(64, 128, 64, 8, 3),
+    ("fwd", "16bit", 2): Config(128, 128, 64, 8, 3),
+    ("fwd", "fp32", 0): Config(64, 64, 32, 4, 3),
+    ("fwd", "fp32", 1): Config(64, 64, 32, 4, 2),
+    ("fwd", "fp32", 2): Config(64, 64, 32, 4, 3),
+    ("bwd", "16bit", 0): Config(128, 128, 64, 8, 3),
+    ("bwd", "16bit", 1): Config(64, 128, 64, 8, 3),
+    ("bwd", "16bit", 2): Config(128, 128, 64, 8, 3),
+    ("bwd", "fp32", 0): Config(64, 64, 32, 4, 3),
+    ("bwd", "fp32", 1): Config(64, 64, 32, 4, 2),
+    ("bwd", "fp32", 2): Config(64, 64, 32, 4, 3),
+}
+# The interpreter runs blocks as numpy arrays: bigger tiles, fewer Python iterations.
+INTERPRET_CONFIG = Config(64, 128, 32, 4, 1)
+
+TEACHER_NONE, TEACHER_HIDDEN, TEACHER_LOGITS = 0, 1, 2
+KL_NONE, KL_REVERSE, KL_FORWARD = 0, 1, 2
+
+
+def pick_config(pass_: str, dtype: torch.dtype, teacher_mode: int) -> Config:
+    if INTERPRET:
+        return INTERPRET_CONFIG
+    kind = "fp32" if dtype == torch.float32 else "16bit"
+    return GPU_CONFIGS[(pass_, kind, teacher_mode)]
+
+
+@triton.jit
+def _dot_tile(x_ptr, w_ptr, rows, cols, row_mask, col_mask, K, stride_x, stride_w,
+              BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    """x[rows] @ w[cols]^T over K, fp32 accumulator: the logits tile [BLOCK_N, BLOCK_V]."""
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x
+    w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_w
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        x = tl.load(x_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_cols + ks[:, None], mask=k_mask[:, None] & col_mask[None, :], other=0.0)  # [K, V]
+        if IEEE:
+            acc = tl.dot(x, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w, acc)
+    return acc
+
+
+@triton.jit
+def _student_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w, inv_t,
+                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                  BLOCK_H: tl.constexpr, IEEE: tl.constexpr):
+    z = _dot_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
+                  BLOCK_N, BLOCK_V, BLOCK_H, IEEE)
+    if HAS_BIAS:
+        z += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return z * inv_t
+
+
+@triton.jit
+def _teacher_tile(ht_ptr, wt_ptr, bt_ptr, zt_ptr, rows, cols, row_mask, col_mask, HT, stride_ht,
+                  stride_wt, stride_zt, inv_t, TEACHER: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                  IEEE: tl.constexpr):
+    if TEACHER == 1:
+        zt = _dot_tile(ht_ptr, wt_ptr, rows, cols, row_mask, col_mask, HT, stride_ht, stride_wt,
+                       BLOCK_N, BLOCK_V, BLOCK_H, IEEE)
+        if HAS_TEACHER_BIAS:
+            zt += tl.load(bt_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    else:
+        ptrs = zt_ptr + rows.to(tl.int64)[:, None] * stride_zt + cols[None, :]
+        zt = tl.load(ptrs, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+    return zt * inv_t
+
+
+@triton.jit
+def _token_stats_fwd_kernel(
+    h_ptr, w_ptr, b_ptr, y_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, part_ptr, zy_ptr,
+    N, V, H, HT, inv_t, v_per_split,
+    stride_h, stride_w, stride_ht, stride_wt, stride_zt,
+    HAS_BIAS: tl.constexpr, TEACHER: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    y = tl.load(y_ptr + rows, mask=row_mask, other=-1)
+    v_start = pid_s * v_per_split
+    v_end = tl.minimum(v_start + v_per_split, V)
+
+    # -1e30, not -inf: (m_old - m_new) * S0 must be 0, not nan, on the first tile.
+    m = tl.full([BLOCK_N], -1e30, tl.float32)
+    s0 = tl.zeros([BLOCK_N], tl.float32)
+    a = tl.zeros([BLOCK_N], tl.float32)
+    zy = tl.zeros([BLOCK_N], tl.float32)
+    mt = tl.full([BLOCK_N], -1e30, tl.float32)
+    t0 = tl.zeros([BLOCK_N], tl.float32)
+    b = tl.zeros([BLOCK_N], tl.float32)
+    at = tl.zeros([BLOCK_N], tl.float32)
+    bt = tl.zeros([BLOCK_N], tl.float32)
+
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_end
+        z = _student_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
+                          inv_t, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, IEEE)
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - m_new)
+        d = tl.where(col_mask[None, :], z - m_new[:, None], 0.0)  # z - m, 0 off the vocabulary
+        e = tl.where(col_mask[None, :], tl.exp(d), 0.0)
+        if TEACHER != 0:
+            zt = _teacher_tile(ht_ptr, wt_ptr, bt_ptr, zt_ptr, rows, cols, row_mask, col_mask, HT,
+                               stride_ht, stride_wt, stride_zt, inv_t, TEACHER, HAS_TEACHER_BIAS,
+                               BLOCK_N, BLOCK_V, BLOCK_H, IEEE)
+            zt = tl.where(col_mask[None, :], zt, float("-inf"))
+            mt_new = tl.maximum(mt, tl.max(zt, axis=1))
+            beta = tl.exp(mt - mt_new)
+            dt = tl.where(col_mask[None, :], zt - mt_new[:, None], 0.0)
+            et = tl.where(col_mask[None, :], tl.exp(dt), 0.0)
+            # rescale to the new maxima with the OLD S0 / T0, then add this tile
+            b = alpha * (b + (mt - mt_new) * s0) + tl.sum(e * dt, axis=1)
+            at = beta * (at + (mt - mt_new) * t0) + tl.sum(et * dt, axis=1)
+            bt = beta * (bt + (m - m_new) * t0) + tl.sum(et * d, axis=1)
+            t0 = beta * t0 + tl.sum(et, axis=1)
+            mt = mt_new
+        a = alpha * (a + (m - m_new) * s0) + tl.sum(e * d, axis=1)
+        s0 = alpha * s0 + tl.sum(e, axis=1)
+        m = m_new
+
+    out = part_ptr + pid_s * N + rows
+    stride_stat = tl.num_programs(1) * N
+    tl.store(out + 0 * stride_stat, m, mask=row_mask)
+    tl.store(out + 1 * stride_stat, s0, mask=row_mask)
+    tl.store(out + 2 * stride_stat, a, mask=row_mask)
+    if TEACHER != 0:
+        tl.store(out + 3 * stride_stat, mt, mask=row_mask)
+        tl.store(out + 4 * stride_stat, t0, mask=row_mask)
+        tl.store(out + 5 * stride_stat, b, mask=row_mask)
+        tl.store(out + 6 * stride_stat, at, mask=row_mask)
+        tl.store(out + 7 * stride_stat, bt, mask=row_mask)
+    # exactly one vocabulary slice holds each row's target
+    tl.store(zy_ptr + rows, zy, mask=row_mask & (y >= v_start) & (y < v_end))
+
+
+@triton.jit
+def _token_stats_bwd_kernel(
+    h_ptr, w_ptr, b_ptr, y_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr,
+    lse_ptr, ent_ptr, kl_ptr, lse_t_ptr, g_logp_ptr, g_ent_ptr, g_kl_ptr, g_lse_ptr, dz_ptr,
+    row0, n_rows, V, H, HT, inv_t, ignore_index,
+    stride_h, stride_w, stride_ht, stride_wt, stride_zt, stride_dz,
+    HAS_BIAS: tl.constexpr, TEACHER: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr, KL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = local < n_rows
+    rows = row0 + local
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < V
+
+    y = tl.load(y_ptr + rows, mask=row_mask, other=ignore_index)
+    valid = row_mask & (y != ignore_index)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    ent = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
+    g_logp = tl.load(g_logp_ptr + rows, mask=row_mask, other=0.0)
+    g_ent = tl.load(g_ent_ptr + rows, mask=row_mask, other=0.0)
+    g_lse = tl.load(g_lse_ptr + rows, mask=row_mask, other=0.0)
+
+    # off-vocabulary columns get z = 0 (finite) and are never stored
+    z = _student_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
+                      inv_t, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, IEEE)
+    logp = z - lse[:, None]
+    p = tl.exp(logp)
+    c = -g_ent[:, None] * (logp + ent[:, None]) + (g_lse - g_logp)[:, None]
+    if KL != 0:
+        kl = tl.load(kl_ptr + rows, mask=row_mask, other=0.0)
+        lse_t = tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0)
+        g_kl = tl.load(g_kl_ptr + rows, mask=row_mask, other=0.0)
+        zt = _teacher_tile(ht_ptr, wt_ptr, bt_ptr, zt_ptr, rows, cols, row_mask, col_mask, HT,
+                           stride_ht, stride_wt, stride_zt, inv_t, TEACHER, HAS_TEACHER_BIAS,
+                           BLOCK_N, BLOCK_V, BLOCK_H, IEEE)
+        logq = zt - lse_t[:, None]
+        if KL == 1:  # reverse: p (log p - log q - KL)
+            dz = p * (c + g_kl[:, None] * (logp - logq - kl[:, None]))
+        else:  # forward: p - q
+            dz = p * (c + g_kl[:, None]) - g_kl[:, None] * tl.exp(logq)
+    else:
+        dz = p * c
+    # onehot term in fp32, after the p-terms: no bf16 cancellation as p_y -> 1
+    dz += tl.where(cols[None, :] == y[:, None], g_logp[:, None], 0.0)
+    # ignored rows carry lse = 0: their p may overflow, so zero them explicitly
+    dz = tl.where(valid[:, None], dz * inv_t, 0.0)
+    ptrs = dz_ptr + local.to(tl.int64)[:, None] * stride_dz + cols[None, :]
+    tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+def _teacher_args(teacher, like: torch.Tensor):
+    """(mode, ht, wt, bt, zt, HT, stride_ht, stride_wt, stride_zt); unused pointers get `like`."""
+    if teacher is None:
+        return TEACHER_NONE, like, like, like, like, 0, 0, 0, 0
+    if teacher.logits is not None:
+        zt = teacher.logits.contiguous()
+        return TEACHER_LOGITS, like, like, like, zt, 0, 0, 0, zt.stride(0)
+    ht, wt = teacher.hidden.contiguous(), teacher.weight.contiguous()
+    bt = like if teacher.bias is None else teacher.bias.contiguous()
+    return TEACHER_HIDDEN, ht, wt, bt, like, ht.shape[1], ht.stride(0), wt.stride(0), 0
+
+
+def _auto_splits(n_blocks: int, V: int, block_v: int, device: torch.device) -> int:
+    """Vocabulary slices per row block: enough programs to fill the GPU, >= 8 tiles per slice."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton.cdiv(2 * sms, n_blocks)
+    return max(1, min(want, triton.cdiv(V, 8 * block_v)))
+
+
+def token_stats_forward(hidden, weight, bias, target, *, teacher=None, kl=None, temperature=1.0,
+                        ignore_index=-100, splits=None):
+    """Per-token fp32 statistics {lse, logp, entropy[, kl, lse_t]} of (hidden W^T + bias) / T.
+
+    hidden [N, H], weight [V, H], bias [V] or None, target [N] int64. `splits` forces the number
+    of vocabulary slices (tests use it to exercise the merge on CPU).
+    """
+    hidden, weight = hidden.contiguous(), weight.contiguous()
+    N, H = hidden.shape
+    V = weight.shape[0]
+    mode, ht, wt, bt, zt, HT, s_ht, s_wt, s_zt = _teacher_args(teacher, hidden)
+    cfg = pick_config("fwd", hidden.dtype, mode)
+    n_blocks = triton.cdiv(N, cfg.block_n)
+    if splits is None:
+        splits = _auto_splits(n_blocks, V, cfg.block_v, hidden.device)
+    v_per_split = triton.cdiv(triton.cdiv(V, splits), cfg.block_v) * cfg.block_v
+    splits = triton.cdiv(V, v_per_split)
+    part = torch.zeros(NUM_STATS, splits, N, dtype=torch.float32, device=hidden.device)
+    zy = torch.zeros(N, dtype=torch.float32, device=hidden.device)
+    if N:
+        _token_stats_fwd_kernel[(n_blocks, splits)](
+            hidden, weight, hidden if bias is None else bias.contiguous(), target, ht, wt, bt, zt, part, zy,
+            N, V, H, HT, 1.0 / temperature, v_per_split,
+            hidden.stride(0), weight.stride(0), s_ht, s_wt, s_zt,
+            HAS_BIAS=bias is not None, TEACHER=mode,
+            HAS_TEACHER_BIAS=teacher is not None and teacher.bias is not None,
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
+            IEEE=hidden.dtype == torch.float32,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    out = combine(part, zy, kl=kl, with_teacher=teacher is not None)
+    valid = target != ignore_index
+    return {k: torch.where(valid, v, torch.zeros_like(v)) for k, v in out.items()}
+
+
+def combine(part: torch.Tensor, zy: torch.Tensor, *, kl=None, with_teacher=False) -> dict:
+    """Merge the partial statistics of the vocabulary slices into per-token outputs."""
+    m = part[M].amax(0)
+    w = torch.exp(part[M] - m)
+    s0 = (w * part[S0]).sum(0)
+    a = (w * (part[A] + (part[M] - m) * part[S0])).sum(0)
+    log_s0 = torch.log(s0)
+    lse = m + log_s0
+    # clamp round-off so the invariants hold exactly: logp <= 0, entropy >= 0, KL >= 0
+    out = {"lse": lse, "logp": (zy - lse).clamp_(max=0.0), "entropy": (log_s0 - a / s0).clamp_(min=0.0)}
+    if with_teacher:
+        mt = part[MT].amax(0)
+        wt = torch.exp(part[MT] - mt)
+        t0 = (wt * part[T0]).sum(0)
+        log_t0 = torch.log(t0)
+        out["lse_t"] = mt + log_t0
+        if kl == "reverse":
+            b = (w * (part[B] + (part[MT] - mt) * part[S0])).sum(0)
+            out["kl"] = ((a - b) / s0 - log_s0 + log_t0).clamp_(min=0.0)
+        else:
+            at = (wt * (part[AT] + (part[MT] - mt) * part[T0])).sum(0)
+            bt = (wt * (part[BT] + (part[M] - m) * part[T0])).sum(0)
+            out["kl"] = ((at - bt) / t0 - log_t0 + log_s0).clamp_(min=0.0)
+    return out
+
+
+BWD_DZ_BYTES = int(os.environ.get("VLMFAST_DZ_BYTES", 2**30))
+
+
+def token_stats_backward(hidden, weight, bias, target, stats, grads, *, teacher=None, kl=None,
+                         temperature=1.0, ignore_index=-100, need_dh=True, need_dw=True, need_db=False,
+                         chunk_rows=None):
+    """Gradients (dh, dW fp32, db fp32) of sum_o g_o · o for per-token upstream gradients g_o.
+
+    `stats` holds the forward's lse, entropy (and kl, lse_t); `grads` maps logp, entropy, kl, lse
+    to [N] fp32 tensors (missing: zero).
+    """
+    hidden, weight = hidden.contiguous(), weight.contiguous()
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    mode, ht, wt, bt, zt, HT, s_ht, s_wt, s_zt = _teacher_args(teacher, hidden)
+    kl_mode = KL_NONE
+    if teacher is not None and grads.get("kl") is not None:
+        kl_mode = KL_REVERSE if kl == "reverse" else KL_FORWARD
+    cfg = pick_config("bwd", hidden.dtype, mode)
+    zero = torch.zeros(N, dtype=torch.float32, device=dev)
+    g = {k: zero if grads.get(k) is None else grads[k].float().contiguous()
+         for k in ("logp", "entropy", "kl", "lse")}
+    kl_saved = stats.get("kl", zero).contiguous()
+    lse_t = stats.get("lse_t", zero).contiguous()
+    if chunk_rows is None:
+        chunk_rows = max(cfg.block_n, BWD_DZ_BYTES // (V * hidden.element_size()))
+        chunk_rows = chunk_rows // cfg.block_n * cfg.block_n
+    chunk_rows = min(chunk_rows, max(N, 1))
+    dz_buf = torch.empty(chunk_rows, V, dtype=hidden.dtype, device=dev)
+    dh = torch.empty_like(hidden) if need_dh else None
+    dw = torch.zeros(V, H, dtype=torch.float32, device=dev) if need_dw else None
+    db = torch.zeros(V, dtype=torch.float32, device=dev) if need_db else None
+    for r0 in range(0, N, chunk_rows):
+        n = min(chunk_rows, N - r0)
+        dz = dz_buf[:n]
+        grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(V, cfg.block_v))
+        _token_stats_bwd_kernel[grid](
+            hidden, weight, hidden if bias is None else bias.contiguous(), target, ht, wt, bt, zt,
+            stats["lse"], stats["entropy"], kl_saved, lse_t,
+            g["logp"], g["entropy"], g["kl"], g["lse"], dz,
+            r0, n, V, H, HT, 1.0 / temperature, ignore_index,
+            hidden.stride(0), weight.stride(0), s_ht, s_wt, s_zt, dz.stride(0),
+            HAS_BIAS=bias is not None, TEACHER=mode,
+            HAS_TEACHER_BIAS=teacher is not None and teacher.bias is not None, KL=kl_mode,
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
+            IEEE=hidden.dtype == torch.float32,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        h = hidden[r0:r0 + n]
+        if need_dh:
+            if dz.is_cuda:
+                torch.mm(dz, weight, out=dh[r0:r0 + n])
+            else:  # the interpreter's CPU tensors: no fast fp16 GEMM there
+                dh[r0:r0 + n] = (dz.float() @ weight.float()).to(dh.dtype)
+        if need_dw:
+            if dz.is_cuda and dz.dtype != torch.float32:
+                dw += torch.mm(dz.T, h, out_dtype=torch.float32)
+            else:
+                dw += dz.T.float() @ h.float()
+        if need_db:
+            db += dz.sum(0, dtype=torch.float32)
+    return dh, dw, db

@@ -1,0 +1,56 @@
+"""vlmfast: fast, instrumented post-training for vision-language models.
+
+The folder `kernels/` is installed as the subpackage `vlmfast.kernels` (never as a top-level
+`kernels` module: that name belongs to an existing PyPI package).
+"""
+
+from setuptools import setup
+
+VERSION = "0.1.0"
+
+# Bounds are the versions measured to work together (see ../shared/PLATFORM.md and docs/platform.md);
+# the upper bounds stop at the next major release, where these APIs are known to move.
+INSTALL_REQUIRES = [
+    "torch>=2.6",
+    "torchvision>=0.21",
+    "triton>=3.3; platform_system == 'Linux'",
+    "transformers>=5.0,<6",
+    "accelerate>=1.0,<2",
+    "deepspeed>=0.17,<0.21",
+    "liger-kernel>=0.8,<0.9",
+    "packaging>=23",  # liger-kernel imports it without declaring it
+    "numpy>=1.26,<3",
+    "pillow>=10",
+    "pyyaml>=6",
+    "safetensors>=0.4",
+    "math-verify>=0.8,<1",
+    "tqdm>=4.66",
+    "matplotlib>=3.8",
+    "psutil>=5.9",
+]
+
+EXTRAS_REQUIRE = {
+    "dev": [
+        "pytest>=8",
+        "pytest-benchmark>=4",
+        "pytest-timeout>=2.3",
+        "hypothesis>=6.100",
+        "ruff>=0.6",
+    ],
+    # Never installed on CPU set-ups: flash-attn builds only against CUDA.
+    "gpu": ["flash-attn>=2.7", "vllm>=0.10"],
+}
+
+setup(
+    name="vlmfast",
+    version=VERSION,
+    description="Fast, instrumented post-training (SFT, OPD, GRPO, CW-DPO) for vision-language models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["vlmfast", "vlmfast.ops", "vlmfast.kernels"],
+    package_dir={"vlmfast": "vlmfast", "vlmfast.kernels": "kernels"},
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["vlmfast = vlmfast.cli:main"]},
+)

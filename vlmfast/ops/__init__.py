@@ -1,0 +1,225 @@
+"""Fused token statistics over large vocabularies: log-prob of the target, entropy, KL to a
+teacher, log-partition, per token and per sequence, fused with the lm_head matmul.
+
+Per token, with z = (h W^T + b) / T (never stored whole), p = softmax(z), q = softmax(zt):
+
+    lse     = log Σ_v exp(z_v)
+    logp    = z_y - lse                                  (<= 0)
+    entropy = lse - Σ_v p_v z_v                          (0 <= H <= log V)
+    kl      = KL(p || q) = Σ_v p_v (log p_v - log q_v)   kl="reverse" (on-policy distillation)
+            = KL(q || p) = Σ_v q_v (log q_v - log p_v)   kl="forward"
+
+Gradients flow to hidden, weight and bias for any per-token upstream gradient on any outputs;
+the teacher gets none. Tokens whose target is `ignore_index` output 0 and get zero gradient.
+
+Backends, one contract: "triton" (fused kernels, CUDA; CPU under TRITON_INTERPRET=1), "chunked"
+(pure PyTorch over row blocks, any device), "reference" (materialised fp32 logits, tests only).
+"auto" picks triton for CUDA tensors and chunked otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+import torch
+
+from ._inputs import BACKENDS, Teacher, check_from_logits, check_token_stats
+from .function import FusedLinearTokenStats, LogitsTokenStats
+from .reference import reference_token_stats
+
+__all__ = [
+    "Teacher",
+    "TokenStats",
+    "token_stats",
+    "token_stats_from_logits",
+    "cooling_weight",
+    "sequence_mean",
+]
+
+
+@dataclass
+class TokenStats:
+    """Per-token fp32 outputs, shaped like the target ([N] or [B, T]); None where not requested.
+
+    Per-sequence outputs (per_sequence=True or cu_seqlens): sums over the non-ignored tokens of
+    each sequence, and their token counts.
+    """
+
+    logp: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
+    seq_logp: torch.Tensor | None = None
+    seq_entropy: torch.Tensor | None = None
+    seq_count: torch.Tensor | None = None
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and dtype != torch.float64 else "chunked"
+    if backend == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (got {device}); on the CPU use backend='chunked' "
+                "or set TRITON_INTERPRET=1 before importing vlmfast"
+            )
+        if dtype == torch.float64:
+            raise TypeError("backend='triton' takes float32, bfloat16 or float16 inputs, not float64")
+    return backend
+
+
+def _compact_rows(c, ignore_index):
+    """On the CPU, drop ignored tokens before any compute (a host sync is free there)."""
+    if c.hidden.is_cuda:
+        return None
+    valid = c.target != ignore_index
+    if bool(valid.all()):
+        return None
+    return valid.nonzero().squeeze(1)
+
+
+def _take(t, rows):
+    return t if (rows is None or t is None) else t.index_select(0, rows)
+
+
+def _finish(c, per_token: dict, outputs, rows) -> TokenStats:
+    N = c.target.numel()
+    result = {}
+    for name, value in per_token.items():
+        if rows is not None:  # scatter the compacted rows back (differentiable)
+            value = value.new_zeros(N).index_copy(0, rows, value)
+        result[name] = value
+    out = TokenStats(**{k: result[k].reshape(c.batch_shape) for k in outputs})
+    if c.segment is not None:
+        # segment reduction in the epilogue: O(N), no second pass over the vocabulary
+        zeros = result["logp"].new_zeros(c.num_segments)
+        out.seq_logp = zeros.index_add(0, c.segment, result["logp"])
+        out.seq_entropy = zeros.index_add(0, c.segment, result["entropy"])
+        out.seq_count = zeros.index_add(0, c.segment, c.valid.to(zeros.dtype))
+    return out
+
+
+def token_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    teacher=None,
+    kl: str | None = None,
+    outputs=("logp", "entropy"),
+    ignore_index: int = -100,
+    per_sequence: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+    check_inputs: bool = True,
+) -> TokenStats:
+    """Fused lm_head + per-token statistics; the [N, V] logits are never materialised.
+
+    Args:
+        hidden: last hidden states [N, H] or [B, T, H] (fp32, bf16 or fp16).
+        weight: lm_head weight [V, H], same dtype as hidden. bias: optional [V].
+        target: token ids [N] or [B, T]; `ignore_index` marks tokens that contribute nothing.
+        temperature: T > 0; student and teacher logits are both divided by it.
+        teacher: `(hidden_t, weight_t[, bias_t])` (fused) or teacher logits [..., V], with `kl`.
+        kl: None, "reverse" (KL(student || teacher)) or "forward" (KL(teacher || student)).
+        outputs: which of "logp", "entropy", "kl", "lse" to return.
+        per_sequence: with [B, T] inputs, also return per-row sums and token counts.
+        cu_seqlens: packed sequences [S + 1] over flat [N] inputs: per-sequence sums and counts.
+        backend: "auto", "triton", "chunked" or "reference".
+        check_inputs: check target ranges and NaN/inf (one host sync); turn off on a hot GPU path.
+    """
+    c = check_token_stats(
+        hidden, weight, target, bias=bias, temperature=temperature, teacher=teacher, kl=kl,
+        outputs=outputs, ignore_index=ignore_index, per_sequence=per_sequence,
+        cu_seqlens=cu_seqlens, check_values=check_inputs,
+    )
+    backend = _resolve_backend(backend, hidden.device, hidden.dtype)
+    c.valid = c.target != ignore_index
+    if backend == "reference":
+        rows = None
+        per_token = reference_token_stats(
+            c.hidden, c.weight, c.bias, c.target, temperature=c.temperature, teacher=c.teacher,
+            kl=c.kl, ignore_index=ignore_index,
+        )
+    else:
+        rows = _compact_rows(c, ignore_index)
+        t = c.teacher
+        if rows is not None and t is not None:
+            t = Teacher(hidden=_take(t.hidden, rows), weight=t.weight, bias=t.bias, logits=_take(t.logits, rows))
+        logp, entropy, kl_out, lse = FusedLinearTokenStats.apply(
+            _take(c.hidden, rows), c.weight, c.bias, _take(c.target, rows), t, c.kl,
+            c.temperature, ignore_index, backend,
+        )
+        per_token = {"logp": logp, "entropy": entropy, "lse": lse}
+        if c.teacher is not None:
+            per_token["kl"] = kl_out
+    return _finish(c, per_token, outputs, rows)
+
+
+def token_stats_from_logits(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    teacher: torch.Tensor | None = None,
+    kl: str | None = None,
+    outputs=("logp", "entropy"),
+    ignore_index: int = -100,
+    per_sequence: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+    check_inputs: bool = True,
+) -> TokenStats:
+    """`token_stats` for callers that already hold the logits [N, V] or [B, T, V].
+
+    Row-chunked (the logits exist already, so there is no matmul to fuse); `teacher` is teacher
+    logits of the same shape. Differentiable w.r.t. `logits`.
+    """
+    c = check_from_logits(
+        logits, target, temperature=temperature, teacher=teacher, kl=kl, outputs=outputs,
+        ignore_index=ignore_index, per_sequence=per_sequence, cu_seqlens=cu_seqlens,
+        check_values=check_inputs,
+    )
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+    if backend == "triton":
+        raise ValueError("token_stats_from_logits has no triton kernel (the logits exist already); "
+                         "use backend='chunked'")
+    c.valid = c.target != ignore_index
+    if backend == "reference":
+        per_token = reference_token_stats(
+            None, None, None, c.target, logits=c.hidden, temperature=c.temperature, teacher=c.teacher,
+            kl=c.kl, ignore_index=ignore_index,
+        )
+        per_token.pop("lse_t", None)
+    else:
+        logp, entropy, kl_out, lse = LogitsTokenStats.apply(
+            c.hidden, c.target, c.teacher, c.kl, c.temperature, ignore_index,
+        )
+        per_token = {"logp": logp, "entropy": entropy, "lse": lse}
+        if c.teacher is not None:
+            per_token["kl"] = kl_out
+    return _finish(c, per_token, outputs, None)
+
+
+def sequence_mean(seq_sum: torch.Tensor, seq_count: torch.Tensor) -> torch.Tensor:
+    """Per-sequence mean from per-sequence sums and token counts; 0 for an empty sequence."""
+    return seq_sum / seq_count.clamp(min=1)
+
+
+def cooling_weight(mean_logp: torch.Tensor, l_floor, tau: float) -> torch.Tensor:
+    """CW-DPO weight w_c = sigmoid((lbar - l_floor) / tau), a stop-gradient local constant.
+
+    Easy negatives (mean log-prob far below l_floor) get w_c ~ 0, hard ones ~ 1.
+    """
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    return torch.sigmoid((mean_logp.detach().float() - l_floor) / tau)

@@ -1,0 +1,105 @@
+"""The autograd Functions of the fused ops: forward through a backend, backward that takes ANY
+per-token upstream gradient on every output (GRPO, DPO and cooling weights give each token its own)."""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import chunked
+
+GRAD_NAMES = ("logp", "entropy", "kl", "lse")
+
+
+def _triton():
+    from vlmfast.kernels import token_stats as kernel  # imported lazily: triton is optional on CPU
+
+    return kernel
+
+
+def _saved_stats(ctx):
+    lse, entropy, kl, lse_t = ctx.saved_tensors[-4:]
+    stats = {"lse": lse, "entropy": entropy}
+    if ctx.teacher is not None:
+        stats.update(kl=kl, lse_t=lse_t)
+    return stats
+
+
+def _outputs(ctx, stats):
+    empty = torch.zeros_like(stats["lse"])
+    kl, lse_t = stats.get("kl", empty), stats.get("lse_t", empty)
+    return stats["logp"], stats["entropy"], kl, stats["lse"], lse_t
+
+
+class FusedLinearTokenStats(torch.autograd.Function):
+    """(hidden [N, H], weight [V, H], bias [V] | None, target [N]) -> logp, entropy, kl, lse [N]."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, teacher, kl, temperature, ignore_index, backend):
+        kw = dict(teacher=teacher, kl=kl, temperature=temperature, ignore_index=ignore_index)
+        if backend == "triton":
+            stats = _triton().token_stats_forward(hidden, weight, bias, target, **kw)
+        else:
+            head = chunked.LinearHead(hidden, weight, bias)
+            kw["teacher"] = chunked.teacher_head(teacher)
+            stats = chunked.forward(head, target, **kw)
+        logp, entropy, kl_out, lse, lse_t = _outputs(ctx, stats)
+        ctx.save_for_backward(hidden, weight, bias, target, lse, entropy, kl_out, lse_t)
+        ctx.teacher, ctx.kl, ctx.temperature = teacher, kl, temperature
+        ctx.ignore_index, ctx.backend = ignore_index, backend
+        ctx.set_materialize_grads(False)
+        if teacher is None:
+            ctx.mark_non_differentiable(kl_out)
+        return logp, entropy, kl_out, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grad_outputs):
+        hidden, weight, bias, target = ctx.saved_tensors[:4]
+        grads = dict(zip(GRAD_NAMES, grad_outputs))
+        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
+        kw = dict(teacher=ctx.teacher, kl=ctx.kl, temperature=ctx.temperature, ignore_index=ctx.ignore_index)
+        stats = _saved_stats(ctx)
+        if all(g is None for g in grads.values()):
+            return (None,) * 9
+        if ctx.backend == "triton":
+            dh, dw, db = _triton().token_stats_backward(
+                hidden, weight, bias, target, stats, grads,
+                need_dh=need_dh, need_dw=need_dw, need_db=need_db, **kw,
+            )
+        else:
+            head = chunked.LinearHead(hidden, weight, bias, need_dh=need_dh, need_dw=need_dw, need_db=need_db)
+            kw["teacher"] = chunked.teacher_head(ctx.teacher)
+            chunked.backward(head, target, stats, grads, **kw)
+            dh, dw, db = head.dh, head.dw, head.db
+        dw = None if dw is None else dw.to(weight.dtype)
+        db = None if db is None else db.to(bias.dtype)
+        return dh, dw, db, None, None, None, None, None, None
+
+
+class LogitsTokenStats(torch.autograd.Function):
+    """(logits [N, V], target [N]) -> logp, entropy, kl, lse [N]; chunked over rows."""
+
+    @staticmethod
+    def forward(ctx, logits, target, teacher, kl, temperature, ignore_index):
+        kw = dict(kl=kl, temperature=temperature, ignore_index=ignore_index)
+        stats = chunked.forward(chunked.LogitsHead(logits), target, teacher=chunked.teacher_head(teacher), **kw)
+        logp, entropy, kl_out, lse, lse_t = _outputs(ctx, stats)
+        ctx.save_for_backward(logits, target, lse, entropy, kl_out, lse_t)
+        ctx.teacher, ctx.kw = teacher, kw
+        ctx.set_materialize_grads(False)
+        if teacher is None:
+            ctx.mark_non_differentiable(kl_out)
+        return logp, entropy, kl_out, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grad_outputs):
+        logits, target = ctx.saved_tensors[:2]
+        grads = dict(zip(GRAD_NAMES, grad_outputs))
+        if all(g is None for g in grads.values()) or not ctx.needs_input_grad[0]:
+            return (None,) * 6
+        head = chunked.LogitsHead(logits, need_grad=True)
+        chunked.backward(head, target, _saved_stats(ctx), grads, teacher=chunked.teacher_head(ctx.teacher),
+                         **ctx.kw)
+        return head.dx, None, None, None, None, None
