@@ -43,12 +43,15 @@ def _signature(fn, dtype: str, constexprs: dict) -> dict:
     return sig
 
 
-def shipped_kernels():
-    """(name, kernel, dtype, constexprs, num_warps, num_stages) for every config a GPU launches."""
+def shipped_kernels(arch: int = 90):
+    """(name, kernel, dtype, constexprs, num_warps, num_stages) for every config launched on `arch`.
+
+    Each config is compiled in its heaviest variant (bias on; KL gradient on where a teacher is).
+    """
     from . import token_stats as ts
 
     out = []
-    for (pass_, kind, teacher), cfg in ts.GPU_CONFIGS.items():
+    for (pass_, kind, teacher), cfg in ts.GPU_CONFIGS[arch].items():
         fn = ts._token_stats_fwd_kernel if pass_ == "fwd" else ts._token_stats_bwd_kernel
         for dtype in (("bf16", "fp16") if kind == "16bit" else ("fp32",)):
             cx = dict(HAS_BIAS=True, TEACHER=teacher, HAS_TEACHER_BIAS=False, BLOCK_N=cfg.block_n,
@@ -111,16 +114,28 @@ def compile_one(fn, dtype, constexprs, num_warps, num_stages, arch=90) -> dict:
     }
 
 
-def report(archs=(90, 80)) -> list[dict]:
+def _compile_row(job) -> dict:
+    arch, index = job  # kernels do not pickle: workers look them up by index
+    name, fn, dtype, cx, warps, stages = shipped_kernels(arch)[index]
+    row = {"kernel": name, "config": {k: v for k, v in cx.items() if k.startswith("BLOCK")}}
+    row.update(compile_one(fn, dtype, cx, warps, stages, arch))
+    return row
+
+
+def report(archs=(90, 80), workers: int | None = None) -> list[dict]:
+    """Compile every shipped config for every arch (in parallel: ptxas is single-threaded)."""
+    from concurrent.futures import ProcessPoolExecutor
+
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the compiler")
-    rows = []
-    for name, fn, dtype, cx, warps, stages in shipped_kernels():
-        for arch in archs:
-            row = {"kernel": name, "config": {k: v for k, v in cx.items() if k.startswith("BLOCK")}}
-            row.update(compile_one(fn, dtype, cx, warps, stages, arch))
-            rows.append(row)
-    return rows
+    jobs = [(arch, i) for arch in archs for i in range(len(shipped_kernels(arch)))]
+    workers = workers or min(len(jobs), os.cpu_count() or 1)
+    if workers <= 1:
+        return [_compile_row(j) for j in jobs]
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        return list(pool.map(_compile_row, jobs))
 
 
 def main(argv=None) -> int:

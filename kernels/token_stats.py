@@ -53,19 +53,39 @@ class Config:
 
 # One fixed config per (pass, dtype class, teacher mode): autotuning needs a GPU, and fixed configs
 # are what the ahead-of-time compile test checks for spills and shared memory.
+# (pass, input dtype class, teacher mode) -> tiles, per GPU generation. Chosen so that ptxas reports
+# no register spills (see `python -m vlmfast.kernels.inspect`); 16-bit inputs run on tensor cores
+# (wgmma on sm_90a, mma on sm_80). fp32 inputs use IEEE fp32 dot products (no TF32): correct, not
+# the fast path, so their tiles are smaller than the 64-row minimum of the 16-bit paths.
 GPU_CONFIGS = {
-    ("fwd", "16bit", 0): Config(128, 128, 64, 8, 3),
-    ("fwd", "16bit", 1): Config(64, 128, 64, 8, 3),
-    ("fwd", "16bit", 2): Config(128, 128, 64, 8, 3),
-    ("fwd", "fp32", 0): Config(64, 64, 32, 4, 3),
-    ("fwd", "fp32", 1): Config(64, 64, 32, 4, 2),
-    ("fwd", "fp32", 2): Config(64, 64, 32, 4, 3),
-    ("bwd", "16bit", 0): Config(128, 128, 64, 8, 3),
-    ("bwd", "16bit", 1): Config(64, 128, 64, 8, 3),
-    ("bwd", "16bit", 2): Config(128, 128, 64, 8, 3),
-    ("bwd", "fp32", 0): Config(64, 64, 32, 4, 3),
-    ("bwd", "fp32", 1): Config(64, 64, 32, 4, 2),
-    ("bwd", "fp32", 2): Config(64, 64, 32, 4, 3),
+    90: {
+        ("fwd", "16bit", 0): Config(128, 64, 64, 8, 3),
+        ("fwd", "16bit", 1): Config(64, 64, 64, 8, 3),
+        ("fwd", "16bit", 2): Config(64, 32, 32, 8, 3),
+        ("bwd", "16bit", 0): Config(128, 64, 64, 8, 3),
+        ("bwd", "16bit", 1): Config(64, 64, 64, 8, 3),
+        ("bwd", "16bit", 2): Config(64, 64, 64, 8, 3),
+        ("fwd", "fp32", 0): Config(32, 32, 32, 4, 3),
+        ("fwd", "fp32", 1): Config(32, 64, 32, 8, 3),
+        ("fwd", "fp32", 2): Config(32, 64, 32, 8, 3),
+        ("bwd", "fp32", 0): Config(64, 32, 32, 4, 3),
+        ("bwd", "fp32", 1): Config(32, 32, 32, 4, 3),
+        ("bwd", "fp32", 2): Config(32, 32, 32, 4, 3),
+    },
+    80: {
+        ("fwd", "16bit", 0): Config(128, 64, 32, 8, 3),
+        ("fwd", "16bit", 1): Config(64, 64, 32, 8, 3),
+        ("fwd", "16bit", 2): Config(64, 32, 32, 8, 3),
+        ("bwd", "16bit", 0): Config(64, 64, 64, 8, 3),
+        ("bwd", "16bit", 1): Config(64, 64, 64, 8, 3),
+        ("bwd", "16bit", 2): Config(64, 64, 64, 8, 3),
+        ("fwd", "fp32", 0): Config(32, 32, 32, 8, 3),
+        ("fwd", "fp32", 1): Config(32, 64, 32, 8, 3),
+        ("fwd", "fp32", 2): Config(32, 64, 32, 8, 3),
+        ("bwd", "fp32", 0): Config(64, 32, 32, 4, 3),
+        ("bwd", "fp32", 1): Config(32, 64, 32, 8, 3),
+        ("bwd", "fp32", 2): Config(32, 32, 32, 4, 3),
+    },
 }
 # The interpreter runs blocks as numpy arrays: bigger tiles, fewer Python iterations.
 INTERPRET_CONFIG = Config(64, 128, 32, 4, 1)
@@ -74,11 +94,16 @@ TEACHER_NONE, TEACHER_HIDDEN, TEACHER_LOGITS = 0, 1, 2
 KL_NONE, KL_REVERSE, KL_FORWARD = 0, 1, 2
 
 
-def pick_config(pass_: str, dtype: torch.dtype, teacher_mode: int) -> Config:
-    if INTERPRET:
+def config_arch(device: torch.device) -> int:
+    """The config table for a GPU: sm_90 tiles on Hopper and newer, sm_80 tiles before."""
+    return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
+
+
+def pick_config(pass_: str, dtype: torch.dtype, teacher_mode: int, device: torch.device) -> Config:
+    if INTERPRET or device.type != "cuda":
         return INTERPRET_CONFIG
     kind = "fp32" if dtype == torch.float32 else "16bit"
-    return GPU_CONFIGS[(pass_, kind, teacher_mode)]
+    return GPU_CONFIGS[config_arch(device)][(pass_, kind, teacher_mode)]
 
 
 @triton.jit
@@ -284,7 +309,7 @@ def token_stats_forward(hidden, weight, bias, target, *, teacher=None, kl=None, 
     N, H = hidden.shape
     V = weight.shape[0]
     mode, ht, wt, bt, zt, HT, s_ht, s_wt, s_zt = _teacher_args(teacher, hidden)
-    cfg = pick_config("fwd", hidden.dtype, mode)
+    cfg = pick_config("fwd", hidden.dtype, mode, hidden.device)
     n_blocks = triton.cdiv(N, cfg.block_n)
     if splits is None:
         splits = _auto_splits(n_blocks, V, cfg.block_v, hidden.device)
@@ -353,7 +378,7 @@ def token_stats_backward(hidden, weight, bias, target, stats, grads, *, teacher=
     kl_mode = KL_NONE
     if teacher is not None and grads.get("kl") is not None:
         kl_mode = KL_REVERSE if kl == "reverse" else KL_FORWARD
-    cfg = pick_config("bwd", hidden.dtype, mode)
+    cfg = pick_config("bwd", hidden.dtype, mode, hidden.device)
     zero = torch.zeros(N, dtype=torch.float32, device=dev)
     g = {k: zero if grads.get(k) is None else grads[k].float().contiguous()
          for k in ("logp", "entropy", "kl", "lse")}

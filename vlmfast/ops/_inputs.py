@@ -213,7 +213,8 @@ def _check_teacher(teacher: Teacher | None, kl, lead_shape, V, device, check_val
         )
     if teacher.hidden.dtype != teacher.weight.dtype:
         raise TypeError(f"teacher hidden {teacher.hidden.dtype} and weight {teacher.weight.dtype} differ")
-    for name, t in (("teacher hidden", teacher.hidden), ("teacher weight", teacher.weight), ("teacher bias", teacher.bias)):
+    parts = (("teacher hidden", teacher.hidden), ("teacher weight", teacher.weight), ("teacher bias", teacher.bias))
+    for name, t in parts:
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device} but the student is on {device}")
     if teacher.bias is not None and tuple(teacher.bias.shape) != (V,):

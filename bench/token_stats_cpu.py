@@ -1,0 +1,158 @@
+"""Fused token statistics on this CPU: chunked backend vs the materialised-logits reference, side
+by side in one run, at a Qwen2-style head (N=2048, H=896, V=151936 by default).
+
+Each (provider, mode) runs in a fresh subprocess so its peak RSS is its own. Before timing, the
+providers are checked to agree numerically. Prints a markdown table of time and memory ratios and
+appends JSON rows to bench/results/token_stats_cpu.jsonl.
+
+    python -m bench.token_stats_cpu [--n 2048 --h 896 --v 151936 --repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results" / "token_stats_cpu.jsonl"
+PROVIDERS = ("reference", "chunked")
+MODES = ("forward", "forward+backward")
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is KiB on Linux
+
+
+def _inputs(n, h, v, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g)
+    weight = torch.randn(v, h, generator=g) / h**0.5
+    target = torch.randint(0, v, (n,), generator=g)
+    grads = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    return hidden, weight, target, grads
+
+
+def worker(provider: str, mode: str, n: int, h: int, v: int, repeats: int, threads: int) -> dict:
+    """Time one (provider, mode) in this process; report peak RSS above the inputs."""
+    import torch
+
+    from vlmfast import token_stats
+
+    torch.set_num_threads(threads)
+    hidden, weight, target, (g_logp, g_ent) = _inputs(n, h, v)
+    rss_inputs = _rss_mb()
+    backward = mode == "forward+backward"
+
+    def step():
+        hd = hidden.requires_grad_(backward)
+        wt = weight.requires_grad_(backward)
+        r = token_stats(hd, wt, target, outputs=("logp", "entropy"), backend=provider, check_inputs=False)
+        if backward:
+            torch.autograd.backward((r.logp, r.entropy), (g_logp, g_ent))
+            hd.grad = wt.grad = None
+        return r
+
+    step()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return {"time_s": statistics.median(times), "times_s": times, "peak_rss_mb": _rss_mb(),
+            "peak_above_inputs_mb": _rss_mb() - rss_inputs}
+
+
+def check_agreement(n, h, v) -> float:
+    """Max |chunked - reference| over logp, entropy and both gradients, on a slice of the problem."""
+    import torch
+
+    from vlmfast import token_stats
+
+    hidden, weight, target, (g1, g2) = _inputs(min(n, 256), h, v)
+    res = {}
+    for p in PROVIDERS:
+        hd, wt = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        r = token_stats(hd, wt, target, outputs=("logp", "entropy"), backend=p)
+        torch.autograd.backward((r.logp, r.entropy), (g1, g2))
+        res[p] = (r.logp, r.entropy, hd.grad, wt.grad)
+    err = max((a - b).abs().max().item() for a, b in zip(res["chunked"], res["reference"]))
+    if err > 1e-3:
+        raise RuntimeError(f"providers disagree by {err}: not timing them")
+    return err
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=2048)
+    ap.add_argument("--h", type=int, default=896)
+    ap.add_argument("--v", type=int, default=151936)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--worker", nargs=2, metavar=("PROVIDER", "MODE"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args.n, args.h, args.v, args.repeats, args.threads)))
+        return 0
+
+    import torch
+
+    err = check_agreement(args.n, args.h, args.v)
+    print(f"providers agree: max |chunked - reference| = {err:.2e}")
+    rows = []
+    stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    for mode in MODES:
+        for provider in PROVIDERS:
+            cmd = [sys.executable, "-m", "bench.token_stats_cpu", "--worker", provider, mode,
+                   "--n", str(args.n), "--h", str(args.h), "--v", str(args.v),
+                   "--repeats", str(args.repeats), "--threads", str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                 cwd=Path(__file__).parent.parent)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            r.update(op="token_stats", provider=provider, mode=mode, n=args.n, h=args.h, v=args.v,
+                     dtype="float32", device=f"cpu ({platform.processor() or platform.machine()}, "
+                     f"{args.threads} threads)", torch=torch.__version__, timestamp=stamp)
+            rows.append(r)
+            print(f"  {mode:17} {provider:9} {r['time_s']:8.3f} s  peak above inputs "
+                  f"{r['peak_above_inputs_mb']:8.0f} MB", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    print(summary_table(rows))
+    return 0
+
+
+def summary_table(rows) -> str:
+    by = {(r["mode"], r["provider"]): r for r in rows}
+    n, h, v = rows[0]["n"], rows[0]["h"], rows[0]["v"]
+    logits_mb = n * v * 4 / 2**20
+    lines = [
+        f"\ntoken_stats on {rows[0]['device']}, N={n}, H={h}, V={v}, fp32 "
+        f"(materialised fp32 logits: {logits_mb:.0f} MB; weight: {v * h * 4 / 2**20:.0f} MB)\n",
+        "| mode | reference time | chunked time | speed-up | reference peak | chunked peak | memory ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for mode in MODES:
+        ref, ch = by[(mode, "reference")], by[(mode, "chunked")]
+        lines.append(
+            f"| {mode} | {ref['time_s']:.2f} s | {ch['time_s']:.2f} s | {ref['time_s'] / ch['time_s']:.2f}x "
+            f"| {ref['peak_above_inputs_mb']:.0f} MB | {ch['peak_above_inputs_mb']:.0f} MB "
+            f"| {ref['peak_above_inputs_mb'] / max(ch['peak_above_inputs_mb'], 1):.1f}x less |"
+        )
+    lines.append("\npeak = peak RSS of a fresh process above its inputs (hidden, weight, targets).")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
