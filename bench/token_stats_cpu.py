@@ -27,8 +27,13 @@ PROVIDERS = ("reference", "chunked")
 MODES = ("forward", "forward+backward")
 
 
-def _rss_mb() -> float:
+def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is KiB on Linux
+
+
+def _current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _inputs(n, h, v, seed=0):
@@ -36,7 +41,7 @@ def _inputs(n, h, v, seed=0):
 
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, h, generator=g)
-    weight = torch.randn(v, h, generator=g) / h**0.5
+    weight = torch.randn(v, h, generator=g).div_(h**0.5)  # in place: no transient copy in the peak
     target = torch.randint(0, v, (n,), generator=g)
     grads = torch.randn(n, generator=g), torch.randn(n, generator=g)
     return hidden, weight, target, grads
@@ -50,7 +55,7 @@ def worker(provider: str, mode: str, n: int, h: int, v: int, repeats: int, threa
 
     torch.set_num_threads(threads)
     hidden, weight, target, (g_logp, g_ent) = _inputs(n, h, v)
-    rss_inputs = _rss_mb()
+    rss_inputs = _current_rss_mb()
     backward = mode == "forward+backward"
 
     def step():
@@ -68,8 +73,9 @@ def worker(provider: str, mode: str, n: int, h: int, v: int, repeats: int, threa
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
-    return {"time_s": statistics.median(times), "times_s": times, "peak_rss_mb": _rss_mb(),
-            "peak_above_inputs_mb": _rss_mb() - rss_inputs}
+    peak = _peak_rss_mb()
+    return {"time_s": statistics.median(times), "times_s": times, "peak_rss_mb": peak,
+            "peak_above_inputs_mb": peak - rss_inputs}
 
 
 def check_agreement(n, h, v) -> float:

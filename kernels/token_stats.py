@@ -305,7 +305,7 @@ def token_stats_forward(hidden, weight, bias, target, *, teacher=None, kl=None, 
     hidden [N, H], weight [V, H], bias [V] or None, target [N] int64. `splits` forces the number
     of vocabulary slices (tests use it to exercise the merge on CPU).
     """
-    hidden, weight = hidden.contiguous(), weight.contiguous()
+    hidden, weight, target = hidden.contiguous(), weight.contiguous(), target.contiguous()
     N, H = hidden.shape
     V = weight.shape[0]
     mode, ht, wt, bt, zt, HT, s_ht, s_wt, s_zt = _teacher_args(teacher, hidden)
@@ -370,7 +370,7 @@ def token_stats_backward(hidden, weight, bias, target, stats, grads, *, teacher=
     `stats` holds the forward's lse, entropy (and kl, lse_t); `grads` maps logp, entropy, kl, lse
     to [N] fp32 tensors (missing: zero).
     """
-    hidden, weight = hidden.contiguous(), weight.contiguous()
+    hidden, weight, target = hidden.contiguous(), weight.contiguous(), target.contiguous()
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device

@@ -89,3 +89,22 @@ def test_from_logits_errors():
     with pytest.raises(ValueError, match="takes the teacher as logits"):
         token_stats_from_logits(torch.randn(N, V), torch.randint(0, V, (N,)),
                                 teacher=(torch.randn(N, 3), torch.randn(V, 3)), kl="reverse")
+
+
+def test_device_mismatch_is_named():
+    with pytest.raises(ValueError, match="weight is on meta but hidden is on cpu"):
+        call(weight=torch.randn(V, H, device="meta"))
+    with pytest.raises(ValueError, match="target is on meta"):
+        call(target=torch.randint(0, V, (N,), device="meta"))
+    with pytest.raises(ValueError, match="teacher hidden is on meta"):
+        call(teacher=(torch.randn(N, 4, device="meta"), torch.randn(V, 4)), kl="reverse")
+
+
+def test_env_switch_turns_value_checks_off(monkeypatch):
+    h = torch.randn(N, H)
+    h[0, 0] = float("nan")
+    monkeypatch.setenv("VLMFAST_CHECK_INPUTS", "0")
+    assert torch.isnan(call(hidden=h).logp[0])
+    monkeypatch.setenv("VLMFAST_CHECK_INPUTS", "1")
+    with pytest.raises(ValueError, match="NaN"):
+        call(hidden=h)

@@ -58,6 +58,12 @@ class TokenStats:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
 
+def _check_inputs_default(check_inputs: bool | None) -> bool:
+    if check_inputs is None:
+        return os.environ.get("VLMFAST_CHECK_INPUTS", "1") != "0"
+    return bool(check_inputs)
+
+
 def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
@@ -119,7 +125,7 @@ def token_stats(
     per_sequence: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
-    check_inputs: bool = True,
+    check_inputs: bool | None = None,
 ) -> TokenStats:
     """Fused lm_head + per-token statistics; the [N, V] logits are never materialised.
 
@@ -134,8 +140,11 @@ def token_stats(
         per_sequence: with [B, T] inputs, also return per-row sums and token counts.
         cu_seqlens: packed sequences [S + 1] over flat [N] inputs: per-sequence sums and counts.
         backend: "auto", "triton", "chunked" or "reference".
-        check_inputs: check target ranges and NaN/inf (one host sync); turn off on a hot GPU path.
+        check_inputs: check target ranges and NaN/inf before any compute. These are the op's only
+            host syncs; pass False (or set VLMFAST_CHECK_INPUTS=0) on a hot GPU path. Shapes,
+            dtypes and devices are always checked (no sync).
     """
+    check_inputs = _check_inputs_default(check_inputs)
     c = check_token_stats(
         hidden, weight, target, bias=bias, temperature=temperature, teacher=teacher, kl=kl,
         outputs=outputs, ignore_index=ignore_index, per_sequence=per_sequence,
@@ -176,13 +185,14 @@ def token_stats_from_logits(
     per_sequence: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
-    check_inputs: bool = True,
+    check_inputs: bool | None = None,
 ) -> TokenStats:
     """`token_stats` for callers that already hold the logits [N, V] or [B, T, V].
 
     Row-chunked (the logits exist already, so there is no matmul to fuse); `teacher` is teacher
     logits of the same shape. Differentiable w.r.t. `logits`.
     """
+    check_inputs = _check_inputs_default(check_inputs)
     c = check_from_logits(
         logits, target, temperature=temperature, teacher=teacher, kl=kl, outputs=outputs,
         ignore_index=ignore_index, per_sequence=per_sequence, cu_seqlens=cu_seqlens,

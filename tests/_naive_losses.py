@@ -1,0 +1,84 @@
+"""Naive loss implementations for the tests, written from materialised logits with plain
+log_softmax / gather (no vlmfast code). `dtype` is the compute dtype of everything."""
+
+import torch
+import torch.nn.functional as F
+
+
+def logits(h, W, T=1.0, dtype=torch.float32):
+    return (h.to(dtype) @ W.to(dtype).T) / T
+
+
+def token_logp(h, W, labels, T=1.0, dtype=torch.float32):
+    """Per-token log-prob [B, T] (0 where ignored) and full log-softmax [B, T, V]."""
+    lsm = torch.log_softmax(logits(h, W, T, dtype), -1)
+    mask = labels != -100
+    lp = lsm.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    return torch.where(mask, lp, torch.zeros_like(lp)), lsm, mask
+
+
+def mmean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def sft(h, W, labels, *, label_smoothing=0.0, T=1.0, dtype=torch.float32):
+    z = logits(h, W, T, dtype)
+    return F.cross_entropy(z.flatten(0, 1), labels.flatten(), ignore_index=-100, label_smoothing=label_smoothing)
+
+
+def gentle(h, W, labels, hn, ln, *, variant, lam, margin, alpha, dtype=torch.float32):
+    nll_p = -mmean(token_logp(h, W, labels, dtype=dtype)[0], labels != -100)
+    nll_n = -mmean(token_logp(hn, W, ln, dtype=dtype)[0], ln != -100)
+    if variant == "hinge":
+        return nll_p + lam * torch.relu(margin - nll_n)
+    return nll_p + alpha * nll_n
+
+
+def opd_full(h, W, labels, ht, Wt, dtype=torch.float32):
+    _, lsm, mask = token_logp(h, W, labels, dtype=dtype)
+    lq = torch.log_softmax(logits(ht, Wt, 1.0, dtype), -1).detach()
+    kl = (lsm.exp() * (lsm - lq)).sum(-1)
+    return mmean(kl, mask)
+
+
+def opd_sampled(h, W, labels, teacher_logp, dtype=torch.float32):
+    lp, _, mask = token_logp(h, W, labels, dtype=dtype)
+    adv = -(lp.detach() - teacher_logp.to(dtype))
+    return -mmean(adv * lp, mask)
+
+
+def grpo(h, W, labels, old, adv, ref=None, *, clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0,
+         entropy_coef=0.0, aggregation="token-mean", dtype=torch.float32):
+    lp, lsm, mask = token_logp(h, W, labels, dtype=dtype)
+    a = adv[:, None] if adv.dim() == 1 else adv
+    a = a.to(dtype)
+    ratio = torch.exp(torch.where(mask, lp - old.to(dtype), torch.zeros_like(lp)))
+    pg = torch.maximum(-a * ratio, -a * torch.clamp(ratio, 1 - clip_low, 1 + clip_high))
+    if dual_clip is not None:
+        pg = torch.where(a < 0, torch.minimum(pg, -a * dual_clip), pg)
+    loss_tok = pg
+    if ref is not None and kl_coef:
+        d = torch.where(mask, ref.to(dtype) - lp, torch.zeros_like(lp))
+        loss_tok = loss_tok + kl_coef * (torch.exp(d) - d - 1)
+    if entropy_coef:
+        ent = -(lsm.exp() * lsm).sum(-1)
+        loss_tok = loss_tok - entropy_coef * ent
+    m = mask.to(dtype)
+    if aggregation == "token-mean":
+        return (loss_tok * m).sum() / m.sum()
+    if aggregation == "seq-mean-token-mean":
+        return ((loss_tok * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
+    return (loss_tok * m).sum(-1).mean()
+
+
+def dpo(h, W, labels, ref_c, ref_r, *, beta, tau_c=None, l_floor=None, dtype=torch.float32):
+    lp, _, mask = token_logp(h, W, labels, dtype=dtype)
+    S = lp.sum(-1)
+    B = S.shape[0] // 2
+    d_w, d_l = S[:B] - ref_c.to(dtype), S[B:] - ref_r.to(dtype)
+    w = 1.0
+    if tau_c is not None:
+        lbar_l = (S[B:] / mask[B:].sum(-1).clamp(min=1)).detach()
+        floor = lbar_l.mean() if l_floor == "batch" else l_floor
+        w = torch.sigmoid((lbar_l - floor) / tau_c)
+    return -F.logsigmoid(beta * (d_w - w * d_l)).mean()

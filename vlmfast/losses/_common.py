@@ -1,0 +1,97 @@
+"""What every loss shares: the masked means, hyperparameter checks and the nn.Module wrapper.
+
+Convention for every loss: `labels[b, t]` is the token that `hidden[b, t]` predicts (already
+shifted), `ignore_index` (-100) on prompt and padding tokens. Losses never see full logits: they
+take the policy's last hidden states and lm_head weight and call `vlmfast.token_stats`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+from torch import nn
+
+
+def response_mask(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    return labels != ignore_index
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over mask; 0 (not NaN) when the mask is empty."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def per_row_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] -> [B]: mean over each row's masked tokens; 0 for an empty row."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def check_positive(name: str, value) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_nonnegative(name: str, value) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_shape(name: str, t, shape: tuple, what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {tuple(shape)} ({what})")
+
+
+def check_batch_time(hidden: torch.Tensor, labels: torch.Tensor, name: str = "hidden") -> tuple[int, int]:
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+        raise ValueError(f"{name} must be [B, T, H] last hidden states, got {shape}")
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(hidden.shape[:2]):
+        got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels for {name} must be [B, T] = {tuple(hidden.shape[:2])}, got {got}")
+    return hidden.shape[0], hidden.shape[1]
+
+
+def detached(**values) -> dict:
+    """Metrics: detached scalar tensors (no host sync on the training path)."""
+    return {k: (v.detach() if isinstance(v, torch.Tensor) else torch.tensor(float(v))) for k, v in values.items()}
+
+
+class LossModule(nn.Module):
+    """nn.Module face of a loss function: hyperparameters in __init__, tensors in forward.
+
+    Subclasses set `fn` (the loss function) and `check` (its hyperparameter validator), so a bad or
+    unknown hyperparameter fails at construction, not at the first step.
+    """
+
+    fn = None
+    check = None
+
+    def __init__(self, **hparams):
+        super().__init__()
+        fn = type(self).fn
+        params = inspect.signature(fn).parameters
+        unknown = [k for k in hparams if k not in params or params[k].kind != inspect.Parameter.KEYWORD_ONLY]
+        if unknown:
+            known = [k for k, p in params.items() if p.kind == inspect.Parameter.KEYWORD_ONLY]
+            raise TypeError(f"{type(self).__name__}: unknown hyperparameters {unknown}; known: {known}")
+        if type(self).check is not None:
+            defaults = {k: p.default for k, p in params.items() if p.kind == inspect.Parameter.KEYWORD_ONLY}
+            type(self).check(**{**defaults, **hparams})
+        self.hparams = hparams
+
+    def forward(self, *args, **kwargs):
+        return type(self).fn(*args, **{**self.hparams, **kwargs})
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())

@@ -1,0 +1,103 @@
+"""DPO and Cooling-Weighted DPO on sequence log-probs from the fused op (per-sequence sums).
+
+    S(y)  = sum of response-token log-probs,   lbar(y) = S(y) / |y|
+    Dw    = S_pi(yw) - S_ref(yw),              Dl = S_pi(yl) - S_ref(yl)
+    DPO    = -log sigmoid(beta (Dw - Dl))
+    CW-DPO = -log sigmoid(beta (Dw - w_c Dl)),  w_c = sigmoid((lbar_pi(yl) - l_floor) / tau_c)
+             w_c is a stop-gradient local constant: easy negatives (lbar << l_floor) get w_c ~ 0 and
+             stop being pushed down; hard ones get w_c ~ 1.
+
+Chosen and rejected come in one batch: rows [:B] of hidden/labels are the chosen responses, rows
+[B:] the rejected ones (one fused-op call for both).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import cooling_weight, sequence_mean, token_stats
+from ._common import LossModule, check_batch_time, check_positive, check_shape, detached
+
+
+def _check_dpo(*, beta=0.1, temperature=1.0, **_):
+    check_positive("beta", beta)
+    check_positive("temperature", temperature)
+
+
+def _check_cw_dpo(*, beta=0.1, tau_c=0.5, l_floor="batch", temperature=1.0, **_):
+    _check_dpo(beta=beta, temperature=temperature)
+    check_positive("tau_c", tau_c)
+    if not (l_floor == "batch" or isinstance(l_floor, (int, float)) and not isinstance(l_floor, bool)):
+        raise ValueError(f"l_floor must be a number or 'batch', got {l_floor!r}")
+
+
+def _sequence_logps(hidden, weight, labels, ref_chosen, ref_rejected, *, bias, temperature, ignore_index, backend):
+    rows, T = check_batch_time(hidden, labels)
+    if rows % 2:
+        raise ValueError(f"chosen and rejected must have the same batch size: hidden has {rows} rows "
+                         "(expected [chosen; rejected], 2B rows)")
+    B = rows // 2
+    check_shape("ref_chosen_logps", ref_chosen, (B,), "reference sequence log-prob of each chosen response")
+    check_shape("ref_rejected_logps", ref_rejected, (B,), "reference sequence log-prob of each rejected response")
+    r = token_stats(hidden, weight, labels, bias=bias, temperature=temperature, outputs=("logp",),
+                    ignore_index=ignore_index, per_sequence=True, backend=backend)
+    S, lbar = r.seq_logp, sequence_mean(r.seq_logp, r.seq_count)
+    d_w = S[:B] - ref_chosen.detach().float()
+    d_l = S[B:] - ref_rejected.detach().float()
+    return S, lbar, d_w, d_l, B
+
+
+def _metrics(loss, beta, d_w, d_l, S, lbar, B, **extra):
+    with torch.no_grad():
+        rw, rl = beta * d_w, beta * d_l
+        return detached(loss=loss, rewards_chosen=rw.mean(), rewards_rejected=rl.mean(),
+                        reward_margin=(rw - rl).mean(), reward_accuracy=(rw > rl).float().mean(),
+                        logps_chosen=S[:B].mean(), logps_rejected=S[B:].mean(),
+                        mean_logp_chosen=lbar[:B].mean(), mean_logp_rejected=lbar[B:].mean(), **extra)
+
+
+def dpo_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, *, beta=0.1, bias=None,
+             temperature=1.0, ignore_index=-100, backend="auto"):
+    """DPO: -log sigmoid(beta ((S_pi(yw) - S_ref(yw)) - (S_pi(yl) - S_ref(yl)))), mean over pairs.
+
+    hidden [2B, T, H] and labels [2B, T]: chosen rows first, then rejected; ref_*_logps [B]: the
+    reference model's sequence sums (precomputed). Metrics: rewards chosen/rejected/margin/accuracy,
+    logps and mean per-token logps of chosen and rejected (the Δlog p signals).
+    """
+    _check_dpo(beta=beta, temperature=temperature)
+    S, lbar, d_w, d_l, B = _sequence_logps(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps,
+                                           bias=bias, temperature=temperature, ignore_index=ignore_index,
+                                           backend=backend)
+    loss = -F.logsigmoid(beta * (d_w - d_l)).mean()
+    return loss, _metrics(loss, beta, d_w, d_l, S, lbar, B)
+
+
+def cw_dpo_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, *, beta=0.1, tau_c=0.5,
+                l_floor="batch", bias=None, temperature=1.0, ignore_index=-100, backend="auto"):
+    """Cooling-Weighted DPO: -log sigmoid(beta (Dw - w_c Dl)), w_c = sigmoid((lbar_pi(yl) - l_floor)/tau_c).
+
+    `l_floor`: a number (e.g. the mean lbar of the negatives at the start of Stage 2, which the
+    trainer computes for l_floor: auto) or "batch" (the mean lbar of this batch's rejected responses).
+    Metrics: those of dpo_loss, plus cooling_weight_mean and cooling_weight_frac_below_0.1.
+    """
+    _check_cw_dpo(beta=beta, tau_c=tau_c, l_floor=l_floor, temperature=temperature)
+    S, lbar, d_w, d_l, B = _sequence_logps(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps,
+                                           bias=bias, temperature=temperature, ignore_index=ignore_index,
+                                           backend=backend)
+    lbar_l = lbar[B:].detach()
+    floor = lbar_l.mean() if l_floor == "batch" else float(l_floor)
+    w_c = cooling_weight(lbar_l, floor, tau_c)
+    loss = -F.logsigmoid(beta * (d_w - w_c * d_l)).mean()
+    return loss, _metrics(loss, beta, d_w, d_l, S, lbar, B, cooling_weight_mean=w_c.mean(),
+                          cooling_weight_frac_below_0_1=(w_c < 0.1).float().mean(), l_floor=torch.as_tensor(floor))
+
+
+class DPOLoss(LossModule):
+    fn = staticmethod(dpo_loss)
+    check = staticmethod(_check_dpo)
+
+
+class CWDPOLoss(LossModule):
+    fn = staticmethod(cw_dpo_loss)
+    check = staticmethod(_check_cw_dpo)

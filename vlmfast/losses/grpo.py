@@ -1,0 +1,135 @@
+"""GRPO: clipped policy gradient on G samples per prompt with group-normalised advantages.
+
+    A_i   = (r_i - mean_group) / (std_group + 1e-6)       (scale: "group", "batch" or "none")
+    rho   = exp(logp - logp_old)
+    pg    = max(-A rho, -A clip(rho, 1 - eps_low, 1 + eps_high))
+            dual clip (A < 0): min(pg, -A * dual_clip)
+    k3    = exp(ref - logp) - (ref - logp) - 1                KL to a reference, if given
+    loss  = agg(pg + kl_coef * k3 - entropy_coef * H)
+    agg   = "token-mean" (all response tokens), "seq-mean-token-mean", "seq-mean-token-sum"
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops import token_stats
+from ._common import (
+    LossModule,
+    check_batch_time,
+    check_choice,
+    check_nonnegative,
+    check_positive,
+    check_shape,
+    detached,
+    masked_mean,
+    per_row_mean,
+    response_mask,
+)
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+SCALINGS = ("group", "batch", "none")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-6):
+    """Advantages from rewards [B] laid out as B/G consecutive groups of G samples per prompt.
+
+    scale="group": (r - group mean) / (group std + eps); "batch": divide by the batch std instead;
+    "none": only subtract the group mean (Dr. GRPO).
+    """
+    check_choice("scale", scale, SCALINGS)
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be [B], got shape {tuple(rewards.shape)}")
+    if not isinstance(group_size, int) or group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"batch of {rewards.numel()} rewards is not divisible into groups of {group_size}")
+    r = rewards.float().view(-1, group_size)
+    centred = r - r.mean(1, keepdim=True)
+    if scale == "group":
+        std = r.std(1, keepdim=True, unbiased=False) if group_size > 1 else torch.zeros_like(r[:, :1])
+        centred = centred / (std + eps)
+    elif scale == "batch":
+        centred = centred / (r.std(unbiased=False) + eps)
+    return centred.view(-1)
+
+
+def _check_grpo(*, clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0, entropy_coef=0.0,
+                aggregation="token-mean", temperature=1.0, **_):
+    check_nonnegative("clip_low", clip_low)
+    check_nonnegative("clip_high", clip_high)
+    if clip_low >= 1:
+        raise ValueError(f"clip_low must be < 1 (the ratio's lower bound is 1 - clip_low), got {clip_low}")
+    if dual_clip is not None and not (isinstance(dual_clip, (int, float)) and dual_clip > 1):
+        raise ValueError(f"dual_clip must be None or > 1, got {dual_clip!r}")
+    check_nonnegative("kl_coef", kl_coef)
+    check_nonnegative("entropy_coef", entropy_coef)
+    check_choice("aggregation", aggregation, AGGREGATIONS)
+    check_positive("temperature", temperature)
+
+
+def aggregate(x: torch.Tensor, mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+    if aggregation == "token-mean":
+        return masked_mean(x, mask)
+    if aggregation == "seq-mean-token-mean":
+        return per_row_mean(x, mask).mean()
+    return (x * mask.to(x.dtype)).sum(-1).mean()
+
+
+def grpo_loss(hidden, weight, labels, old_logp, advantages, *, ref_logp=None, clip_low=0.2, clip_high=0.2,
+              dual_clip=None, kl_coef=0.0, entropy_coef=0.0, aggregation="token-mean", bias=None,
+              temperature=1.0, ignore_index=-100, backend="auto"):
+    """Clipped policy-gradient loss of GRPO on sampled responses.
+
+    hidden [B, T, H], weight [V, H], labels [B, T] (the sampled tokens; -100 elsewhere),
+    old_logp [B, T] (log-probs under the sampling policy, same temperature), advantages [B] or
+    [B, T], ref_logp [B, T] for the k3 KL penalty (needed when kl_coef > 0).
+    Metrics: entropy, kl, clip_frac_low, clip_frac_high, ratio_mean/min/max, pg_loss.
+    """
+    _check_grpo(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
+                entropy_coef=entropy_coef, aggregation=aggregation, temperature=temperature)
+    B, T = check_batch_time(hidden, labels)
+    check_shape("old_logp", old_logp, (B, T), "per-token log-probs of the sampling policy")
+    if not isinstance(advantages, torch.Tensor) or tuple(advantages.shape) not in ((B,), (B, T)):
+        got = tuple(advantages.shape) if isinstance(advantages, torch.Tensor) else type(advantages).__name__
+        raise ValueError(f"advantages must be [B] = ({B},) or [B, T] = ({B}, {T}), got {got}")
+    if kl_coef > 0 and ref_logp is None:
+        raise ValueError("kl_coef > 0 needs ref_logp (per-token log-probs of the reference policy)")
+    if ref_logp is not None:
+        check_shape("ref_logp", ref_logp, (B, T), "per-token log-probs of the reference policy")
+
+    r = token_stats(hidden, weight, labels, bias=bias, temperature=temperature, outputs=("logp", "entropy"),
+                    ignore_index=ignore_index, backend=backend)
+    mask = response_mask(labels, ignore_index)
+    adv = (advantages[:, None] if advantages.dim() == 1 else advantages).detach().float()
+    # masked tokens get log-ratio 0 so exp() never overflows on padding
+    log_ratio = torch.where(mask, r.logp - old_logp.detach().float(), torch.zeros_like(r.logp))
+    ratio = torch.exp(log_ratio)
+    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high))
+    if dual_clip is not None:
+        pg = torch.where(adv < 0, torch.minimum(pg, -adv * dual_clip), pg)
+    per_token = pg
+    kl = torch.zeros(())
+    if ref_logp is not None:
+        d = torch.where(mask, ref_logp.detach().float() - r.logp, torch.zeros_like(r.logp))
+        k3 = torch.exp(d) - d - 1
+        kl = masked_mean(k3, mask)
+        if kl_coef > 0:
+            per_token = per_token + kl_coef * k3
+    if entropy_coef > 0:
+        per_token = per_token - entropy_coef * r.entropy
+    loss = aggregate(per_token, mask, aggregation)
+
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        low = (mask & (adv < 0) & (ratio < 1 - clip_low)).sum() / n
+        high = (mask & (adv > 0) & (ratio > 1 + clip_high)).sum() / n
+        big = torch.finfo(ratio.dtype).max
+        r_min = torch.where(mask, ratio, torch.full_like(ratio, big)).min()
+        r_max = torch.where(mask, ratio, torch.full_like(ratio, -big)).max()
+    return loss, detached(loss=loss, pg_loss=aggregate(pg, mask, aggregation), entropy=masked_mean(r.entropy, mask),
+                          kl=kl, clip_frac_low=low, clip_frac_high=high, ratio_mean=masked_mean(ratio, mask),
+                          ratio_min=r_min, ratio_max=r_max)
+
+
+class GRPOLoss(LossModule):
+    fn = staticmethod(grpo_loss)
+    check = staticmethod(_check_grpo)

@@ -1,0 +1,52 @@
+"""On-policy distillation: the student samples y ~ pi_s, the teacher (same image, same prompt)
+scores it, and the student minimises, per response token,
+
+    "full":    KL(pi_s || pi_t) over the whole vocabulary (fused: teacher logits never stored)
+    "sampled": -A_t * log pi_s(y_t),  A_t = -(log pi_s(y_t) - log pi_t(y_t))  (stop-gradient)
+               when only the teacher's per-token log-probs are at hand (a teacher served elsewhere)
+"""
+
+from __future__ import annotations
+
+from ..ops import Teacher, token_stats
+from ._common import LossModule, check_batch_time, check_positive, check_shape, detached, masked_mean, response_mask
+
+
+def _check_opd(*, temperature=1.0, **_):
+    check_positive("temperature", temperature)
+
+
+def opd_loss(hidden, weight, labels, *, teacher=None, teacher_logp=None, bias=None, temperature=1.0,
+             ignore_index=-100, backend="auto"):
+    """Reverse-KL distillation on the student's own samples.
+
+    Give exactly one of `teacher` — `(teacher_hidden [B, T, Ht], teacher_weight [V, Ht][, bias])` or
+    teacher logits [B, T, V] — for the full-vocabulary KL, or `teacher_logp` [B, T] (the teacher's
+    log-prob of each sampled token) for the sampled-token form.
+    Metrics: kl (mean per response token; in the sampled form the estimate mean(logp_s - logp_t)),
+    entropy.
+    """
+    _check_opd(temperature=temperature)
+    B, T = check_batch_time(hidden, labels)
+    if (teacher is None) == (teacher_logp is None):
+        raise ValueError("opd_loss needs exactly one of teacher= (full KL) or teacher_logp= (sampled-token form)")
+    mask = response_mask(labels, ignore_index)
+    kw = dict(bias=bias, temperature=temperature, ignore_index=ignore_index, backend=backend)
+    if teacher is not None:
+        teacher = Teacher.coerce(teacher)
+        r = token_stats(hidden, weight, labels, teacher=teacher, kl="reverse", outputs=("entropy", "kl"), **kw)
+        loss = masked_mean(r.kl, mask)
+        kl = loss
+    else:
+        check_shape("teacher_logp", teacher_logp, (B, T), "the teacher's log-prob of each sampled token")
+        r = token_stats(hidden, weight, labels, outputs=("logp", "entropy"), **kw)
+        log_ratio = r.logp.detach() - teacher_logp.detach().float()
+        advantage = -log_ratio
+        loss = -masked_mean(advantage * r.logp, mask)
+        kl = masked_mean(log_ratio, mask)
+    return loss, detached(loss=loss, kl=kl, entropy=masked_mean(r.entropy, mask))
+
+
+class OPDLoss(LossModule):
+    fn = staticmethod(opd_loss)
+    check = staticmethod(_check_opd)
