@@ -11,29 +11,16 @@ appends JSON rows to bench/results/token_stats_cpu.jsonl.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
-import resource
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from ._runner import append_rows, environment, measure, ratio_table, reset_peak_rss, run_case
 
 RESULTS = Path(__file__).parent / "results" / "token_stats_cpu.jsonl"
 PROVIDERS = ("reference", "chunked")
 MODES = ("forward", "forward+backward")
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is KiB on Linux
-
-
-def _current_rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _inputs(n, h, v, seed=0):
@@ -55,7 +42,7 @@ def worker(provider: str, mode: str, n: int, h: int, v: int, repeats: int, threa
 
     torch.set_num_threads(threads)
     hidden, weight, target, (g_logp, g_ent) = _inputs(n, h, v)
-    rss_inputs = _current_rss_mb()
+    rss_inputs = reset_peak_rss()
     backward = mode == "forward+backward"
 
     def step():
@@ -65,17 +52,8 @@ def worker(provider: str, mode: str, n: int, h: int, v: int, repeats: int, threa
         if backward:
             torch.autograd.backward((r.logp, r.entropy), (g_logp, g_ent))
             hd.grad = wt.grad = None
-        return r
 
-    step()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    peak = _peak_rss_mb()
-    return {"time_s": statistics.median(times), "times_s": times, "peak_rss_mb": peak,
-            "peak_above_inputs_mb": peak - rss_inputs}
+    return measure(step, repeats=repeats, warmup=1, rss_inputs=rss_inputs)
 
 
 def check_agreement(n, h, v) -> float:
@@ -111,53 +89,25 @@ def main(argv=None) -> int:
         print(json.dumps(worker(*args.worker, args.n, args.h, args.v, args.repeats, args.threads)))
         return 0
 
-    import torch
-
     err = check_agreement(args.n, args.h, args.v)
-    print(f"providers agree: max |chunked - reference| = {err:.2e}")
-    rows = []
-    stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    print(f"token_stats: providers agree, max |chunked - reference| = {err:.2e}", flush=True)
+    rows, env = [], environment(args.threads)
     for mode in MODES:
         for provider in PROVIDERS:
-            cmd = [sys.executable, "-m", "bench.token_stats_cpu", "--worker", provider, mode,
-                   "--n", str(args.n), "--h", str(args.h), "--v", str(args.v),
-                   "--repeats", str(args.repeats), "--threads", str(args.threads)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                                 cwd=Path(__file__).parent.parent)
-            r = json.loads(out.stdout.strip().splitlines()[-1])
+            r = run_case("bench.token_stats_cpu", [provider, mode, "--n", str(args.n), "--h", str(args.h),
+                                                   "--v", str(args.v), "--repeats", str(args.repeats),
+                                                   "--threads", str(args.threads)])
             r.update(op="token_stats", provider=provider, mode=mode, n=args.n, h=args.h, v=args.v,
-                     dtype="float32", device=f"cpu ({platform.processor() or platform.machine()}, "
-                     f"{args.threads} threads)", torch=torch.__version__, timestamp=stamp)
+                     dtype="float32", **env)
             rows.append(r)
-            print(f"  {mode:17} {provider:9} {r['time_s']:8.3f} s  peak above inputs "
-                  f"{r['peak_above_inputs_mb']:8.0f} MB", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    print(summary_table(rows))
+            print(f"  {mode:17} {provider:9} {r['time_s']:8.2f} s   peak above inputs "
+                  f"{r['peak_above_inputs_mb']:7.0f} MB", flush=True)
+    append_rows(args.out, rows)
+    n, h, v = args.n, args.h, args.v
+    print(f"\ntoken_stats on {env['device']}, N={n}, H={h}, V={v}, fp32 (materialised fp32 logits: "
+          f"{n * v * 4 / 2**20:.0f} MB; weight: {v * h * 4 / 2**20:.0f} MB)\n")
+    print(ratio_table(rows, case_key="mode", baseline="reference", candidate="chunked"))
     return 0
-
-
-def summary_table(rows) -> str:
-    by = {(r["mode"], r["provider"]): r for r in rows}
-    n, h, v = rows[0]["n"], rows[0]["h"], rows[0]["v"]
-    logits_mb = n * v * 4 / 2**20
-    lines = [
-        f"\ntoken_stats on {rows[0]['device']}, N={n}, H={h}, V={v}, fp32 "
-        f"(materialised fp32 logits: {logits_mb:.0f} MB; weight: {v * h * 4 / 2**20:.0f} MB)\n",
-        "| mode | reference time | chunked time | speed-up | reference peak | chunked peak | memory ratio |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for mode in MODES:
-        ref, ch = by[(mode, "reference")], by[(mode, "chunked")]
-        lines.append(
-            f"| {mode} | {ref['time_s']:.2f} s | {ch['time_s']:.2f} s | {ref['time_s'] / ch['time_s']:.2f}x "
-            f"| {ref['peak_above_inputs_mb']:.0f} MB | {ch['peak_above_inputs_mb']:.0f} MB "
-            f"| {ref['peak_above_inputs_mb'] / max(ch['peak_above_inputs_mb'], 1):.1f}x less |"
-        )
-    lines.append("\npeak = peak RSS of a fresh process above its inputs (hidden, weight, targets).")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,109 @@
+"""Shared by the benchmark scripts: a fresh subprocess per measured case (so its peak RSS is its
+own), timing, result rows, and the ratio table."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_mb() -> float:
+    """Peak RSS since the last `reset_peak_rss()` (VmHWM), else since the process started."""
+    hwm = _status_mb("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def reset_peak_rss() -> float:
+    """Forget the import-time peaks (Linux: writing 5 to clear_refs resets VmHWM); returns current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return current_rss_mb()
+
+
+def measure(step, *, repeats: int, warmup: int, rss_inputs: float) -> dict:
+    """Median wall time of `step()` and the process's peak RSS above `rss_inputs`."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    peak = peak_rss_mb()
+    return {"time_s": statistics.median(times), "times_s": times, "peak_rss_mb": peak,
+            "peak_above_inputs_mb": peak - rss_inputs}
+
+
+def run_case(module: str, worker_args: list[str]) -> dict:
+    """Run `python -m module --worker ...` in a fresh process; it prints one JSON line."""
+    out = subprocess.run([sys.executable, "-m", module, "--worker", *worker_args], capture_output=True,
+                         text=True, cwd=REPO)
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark worker failed: {' '.join(worker_args)}\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def environment(threads: int) -> dict:
+    import torch
+
+    return {
+        "device": f"cpu ({platform.processor() or platform.machine()}, {threads} threads)",
+        "torch": torch.__version__,
+        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def ratio_table(rows: list[dict], *, case_key: str, baseline: str, candidate: str) -> str:
+    """Markdown: per case, time and peak memory of baseline vs candidate, as ratios."""
+    lines = [
+        f"| {case_key} | {baseline} time | {candidate} time | speed-up | {baseline} peak | {candidate} peak "
+        "| memory saved |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    by = {(r[case_key], r["provider"]): r for r in rows}
+    for case in dict.fromkeys(r[case_key] for r in rows):
+        b, c = by[(case, baseline)], by[(case, candidate)]
+        bm, cm = b["peak_above_inputs_mb"], c["peak_above_inputs_mb"]
+        lines.append(
+            f"| {case} | {b['time_s']:.2f} s | {c['time_s']:.2f} s | {b['time_s'] / c['time_s']:.2f}x "
+            f"| {bm:.0f} MB | {cm:.0f} MB | {bm / max(cm, 1.0):.1f}x |"
+        )
+    lines.append("\npeak = peak RSS of a fresh process above its inputs; speed-up and memory saved are "
+                 f"{baseline} / {candidate}.")
+    return "\n".join(lines)
