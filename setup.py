@@ -27,6 +27,8 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "matplotlib>=3.8",
     "psutil>=5.9",
+    "pyarrow>=14",  # parquet datasets
+    "tokenizers>=0.20",  # the tiny models train their tokenizer locally
 ]
 
 EXTRAS_REQUIRE = {
@@ -48,7 +50,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["vlmfast", "vlmfast.ops", "vlmfast.losses", "vlmfast.kernels"],
+    packages=["vlmfast", "vlmfast.ops", "vlmfast.losses", "vlmfast.data", "vlmfast.kernels"],
     package_dir={"vlmfast": "vlmfast", "vlmfast.kernels": "kernels"},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

@@ -56,8 +56,10 @@ class LinearHead:
             dz_op = dz if not self.weight.is_cuda else dz.to(self.weight.dtype)
             self.dh[r0:r1] = mm_wide(dz_op, self.weight).to(self.dh.dtype)
         if self.need_dw:
-            dz_op = dz if not h.is_cuda else dz.to(h.dtype)
-            self.dw += mm_wide(dz_op.T, h)
+            if h.is_cuda:
+                self.dw += mm_wide(dz.to(h.dtype).T, h)
+            else:  # in place: no [V, H] temporary per block
+                self.dw.addmm_(dz.T, h.to(self.dw.dtype))
         if self.need_db:
             self.db += dz.sum(0)
 

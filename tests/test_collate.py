@@ -1,0 +1,69 @@
+"""Collation: labels cover exactly the response, images expand to their tokens, and max_length
+never cuts through a prompt (image tokens included)."""
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from vlmfast.data.collate import collate
+from vlmfast.data.synthetic import generate
+from vlmfast.models import build_processor, build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def proc():
+    from vlmfast.data.synthetic import corpus
+
+    return build_processor(build_tokenizer(corpus()))
+
+
+@pytest.fixture(scope="module")
+def rows():
+    rs = generate("train", 3, seed=2)
+    return [r["problem"] for r in rs], [[Image.open(io.BytesIO(r["images"][0]["bytes"]))] for r in rs]
+
+
+RESPONSES = ["<think>three shapes</think> \\boxed{3}",
+             "<think>a much longer chain of thought here</think> \\boxed{red}", "\\boxed{1}"]
+
+
+def test_labels_are_the_shifted_response(proc, rows):
+    problems, images = rows
+    b = collate(proc, problems, images, RESPONSES)
+    tok = proc.tokenizer
+    image_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    for i, resp in enumerate(RESPONSES):
+        lab = b["labels"][i]
+        assert tok.decode(lab[lab != -100]) == resp + "<|im_end|>"
+        # shifted: labels[t] == input_ids[t + 1] wherever defined
+        idx = (lab != -100).nonzero().squeeze(1)
+        assert torch.equal(lab[idx], b["input_ids"][i, idx + 1])
+        # 84x84 image -> 36 patches -> 9 merged tokens, all in the prompt
+        assert (b["input_ids"][i] == image_id).sum() == 9 and (lab == image_id).sum() == 0
+    assert b["pixel_values"].shape[0] == 3 * 36 and b["image_grid_thw"].tolist() == [[1, 6, 6]] * 3
+    assert (b["attention_mask"][:, 0] == 1).all()  # right padded for training
+
+
+def test_truncation_cuts_only_responses(proc, rows):
+    problems, images = rows
+    full = collate(proc, problems, images, RESPONSES)
+    longest_prompt = int(full["prompt_lengths"].max())
+    b = collate(proc, problems, images, RESPONSES, max_length=longest_prompt + 2)
+    assert b["input_ids"].shape[1] == longest_prompt + 2
+    assert b["truncated"].any() and (b["labels"] != -100).sum(1).min() >= 1
+    with pytest.raises(ValueError, match=r"example 0: max_length=20 would cut its prompt of \d+ tokens"):
+        collate(proc, problems, images, RESPONSES, max_length=20)
+
+
+def test_generation_prompts_are_left_padded(proc, rows):
+    problems, images = rows
+    b = collate(proc, problems, images)
+    assert "labels" not in b and (b["attention_mask"][:, -1] == 1).all()
+
+
+def test_mismatched_batch_parts(proc, rows):
+    problems, images = rows
+    with pytest.raises(ValueError, match="batch parts differ in length"):
+        collate(proc, problems, images[:2], RESPONSES)

@@ -1,0 +1,191 @@
+"""Readers on small files in both published formats, malformed rows named; the synthetic task
+re-derived independently from its pixels; collation."""
+
+import io
+import json
+from collections import deque
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlmfast.data import RowError, read_geometry3k, read_mathvista, read_preference_pairs
+from vlmfast.data.synthetic import BACKGROUND, COLOURS, TEMPLATES, build_task, generate, write_parquet
+
+
+def _png(colour=(200, 10, 10)):
+    buf = io.BytesIO()
+    Image.new("RGB", (28, 28), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# --- readers ---------------------------------------------------------------------------------------
+
+
+def test_geometry3k_parquet_and_jsonl_with_image_files(tmp_path):
+    rows = generate("train", 4, seed=3)
+    write_parquet(rows, tmp_path / "g.parquet")
+    ex = read_geometry3k(tmp_path / "g.parquet")
+    assert len(ex) == 4 and ex[0].problem.startswith("<image>") and ex[0].images[0].size == (84, 84)
+    assert ex[0].answer == rows[0]["answer"] and ex[0].negatives == rows[0]["negatives"]
+    # jsonl + image files next to it (paths relative to the file, or in images/)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(_png())
+    lines = [{"images": ["a.png"], "problem": "<image>Find x.", "answer": "5", "choices": ["3", "5"]},
+             {"images": ["a.png"], "problem": "No marker here.", "answer": "\\frac{1}{2}"}]
+    (tmp_path / "g.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    ex = read_geometry3k(tmp_path / "g.jsonl")
+    assert ex[0].choices == ["3", "5"] and ex[1].problem == "<image>No marker here."
+    assert np.asarray(ex[0].images[0])[0, 0].tolist() == [200, 10, 10]
+
+
+@pytest.mark.parametrize(
+    "row,match",
+    [
+        ({"images": ["missing.png"], "problem": "<image>q", "answer": "1", "id": "r7"}, r"row 0 \(id=r7\).*not found"),
+        ({"images": [], "problem": "<image>q", "answer": "1"}, "row 0: missing image"),
+        ({"images": ["a.png"], "problem": "<image>q"}, "missing column 'answer'"),
+        ({"images": ["a.png"], "problem": "<image>q", "answer": " "}, "empty answer"),
+        ({"images": ["a.png"], "problem": "<image><image>q", "answer": "1"}, "2 <image> markers for 1 images"),
+    ],
+)
+def test_geometry3k_malformed_rows_are_named(tmp_path, row, match):
+    (tmp_path / "a.png").write_bytes(_png())
+    (tmp_path / "bad.jsonl").write_text(json.dumps(row))
+    with pytest.raises(RowError, match=match):
+        read_geometry3k(tmp_path / "bad.jsonl")
+
+
+def test_mathvista_format(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "1.png").write_bytes(_png())
+    rows = [
+        {"pid": "1", "question": "What is x?", "image": "images/1.png", "decoded_image": None, "choices": None,
+         "answer": "12", "question_type": "free_form", "answer_type": "integer", "unit": "cm"},
+        {"pid": "2", "question": "Which?", "image": None, "decoded_image": {"bytes": _png(), "path": None},
+         "choices": ["a", "b"], "answer": "b", "question_type": "multi_choice", "answer_type": "text", "unit": None},
+    ]
+    write_parquet(rows, tmp_path / "mv.parquet")  # as published: decoded images embedded in parquet
+    ex = read_mathvista(tmp_path / "mv.parquet")
+    assert [e.id for e in ex] == ["1", "2"] and ex[0].problem == "<image>What is x?"
+    assert ex[0].meta["answer_type"] == "integer" and ex[0].meta["unit"] == "cm" and ex[1].choices == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ({"answer": "twelve"}, r"row 0 \(id=1\): answer 'twelve' is not of answer_type 'integer'"),
+        ({"image": "images/none.png"}, "not found"),
+        ({"question_type": "essay"}, "unknown question_type"),
+        ({"question_type": "multi_choice"}, "multi_choice question without choices"),
+    ],
+)
+def test_mathvista_malformed_rows_are_named(tmp_path, override, match):
+    row = {"pid": "1", "question": "x?", "image": "1.png", "answer": "12", "question_type": "free_form",
+           "answer_type": "integer"}
+    (tmp_path / "1.png").write_bytes(_png())
+    (tmp_path / "mv.jsonl").write_text(json.dumps({**row, **override}))
+    with pytest.raises(RowError, match=match):
+        read_mathvista(tmp_path / "mv.jsonl")
+
+
+def test_preference_pairs(tmp_path):
+    (tmp_path / "img.png").write_bytes(_png())
+    write_parquet([{"prompt": "How many?", "image": {"bytes": _png(), "path": None}, "chosen": "\\boxed{3}",
+                    "rejected": "\\boxed{4}"}], tmp_path / "p.parquet")
+    (pair,) = read_preference_pairs(tmp_path / "p.parquet")
+    assert pair.prompt == "<image>How many?" and pair.chosen == "\\boxed{3}" and len(pair.images) == 1
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "x", "image": "img.png", "chosen": "a"}))
+    with pytest.raises(RowError, match="missing text column 'rejected'"):
+        read_preference_pairs(tmp_path / "bad.jsonl")
+
+
+def test_unknown_file_type_and_missing_file(tmp_path):
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(ValueError, match="unsupported file type"):
+        read_geometry3k(tmp_path / "x.csv")
+    with pytest.raises(FileNotFoundError):
+        read_geometry3k(tmp_path / "nothing-here")
+
+
+# --- the synthetic task ---------------------------------------------------------------------------
+
+
+def _blobs(img: Image.Image, background) -> list[tuple[str, int]]:
+    """(colour name, pixel area) of every connected blob of a task colour: an independent reading
+    of the picture (4-connected flood fill; antialiasing-free Pillow shapes are exact colours)."""
+    a = np.asarray(img)
+    names = np.full(a.shape[:2], "", dtype=object)
+    for name, rgb in COLOURS.items():
+        names[(a == rgb).all(-1)] = name
+    seen = np.zeros(a.shape[:2], bool)
+    out = []
+    for y, x in zip(*np.nonzero(names != "")):
+        if seen[y, x]:
+            continue
+        colour, area, q = names[y, x], 0, deque([(y, x)])
+        seen[y, x] = True
+        while q:
+            cy, cx = q.popleft()
+            area += 1
+            for ny, nx in ((cy + 1, cx), (cy - 1, cx), (cy, cx + 1), (cy, cx - 1)):
+                if 0 <= ny < a.shape[0] and 0 <= nx < a.shape[1] and not seen[ny, nx] and names[ny, nx] == colour:
+                    seen[ny, nx] = True
+                    q.append((ny, nx))
+        if area >= 4:
+            out.append((colour, area))
+    return out
+
+
+@pytest.mark.parametrize("split", ["train", "ood"])
+def test_answers_match_an_independent_reading_of_the_image(split):
+    rows = generate(split, 60, seed=11)
+    checked = 0
+    for r in rows:
+        img = Image.open(io.BytesIO(r["images"][0]["bytes"])).convert("RGB")
+        blobs = _blobs(img, BACKGROUND[r["domain"]])
+        scene = json.loads(r["scene"])
+        assert len(blobs) == len(scene)  # shapes never overlap: one blob each
+        counts = {c: sum(b[0] == c for b in blobs) for c in COLOURS}
+        q, qt = r["problem"], r["question_type"]
+        if qt == "count_all":
+            assert r["answer"] == str(len(blobs))
+        elif qt == "count_colour":
+            colour = next(c for c in COLOURS if f" {c} " in q or f"coloured {c}?" in q)
+            assert r["answer"] == str(counts[colour])
+        elif qt == "largest_colour":
+            assert r["answer"] == max(blobs, key=lambda b: b[1])[0] and r["choices"] == list(COLOURS)
+        elif qt == "more_than":
+            c1, c2 = [c for c in sorted(COLOURS, key=q.find) if c in q][:2]
+            assert r["answer"] == str(counts[c1] - counts[c2]) and int(r["answer"]) >= 0
+        else:  # count_shape: the kind is not in the pixels' colours; count from the scene record
+            kind = next(k for k in ("circle", "square", "triangle") if k in q)
+            assert r["answer"] == str(sum(s["kind"] == kind for s in scene))
+        assert r["answer"] not in r["negatives"] and len(r["negatives"]) >= 2
+        checked += 1
+    assert checked == 60
+
+
+def test_deterministic_and_splits_differ():
+    a, b = generate("train", 8, seed=5), generate("train", 8, seed=5)
+    assert a == b
+    assert generate("train", 8, seed=6) != a
+    assert generate("val", 8, seed=5)[0]["images"][0]["bytes"] != a[0]["images"][0]["bytes"]
+
+
+def test_ood_split_shifts_appearance_and_phrasing():
+    ind, ood = generate("val", 40, seed=0), generate("ood", 40, seed=0)
+    corner = lambda r: np.asarray(Image.open(io.BytesIO(r["images"][0]["bytes"])).convert("RGB"))[0, 0].tolist()
+    assert all(corner(r) == list(BACKGROUND["in_domain"]) for r in ind)
+    assert all(corner(r) == list(BACKGROUND["ood"]) for r in ood)
+    in_stems = {t.split("{")[0] for t in TEMPLATES["in_domain"].values()}
+    assert not any(r["problem"].removeprefix("<image>").startswith(tuple(in_stems)) for r in ood)
+    mean_size = lambda rows: np.mean([s["size"] for r in rows for s in json.loads(r["scene"])])
+    assert mean_size(ood) < 0.8 * mean_size(ind)
+
+
+def test_build_task_writes_readable_splits(tmp_path):
+    paths = build_task(tmp_path, sizes={"train": 10, "val": 4, "ood": 4}, seed=1)
+    assert set(paths) == {"train", "val", "ood"}
+    assert len(read_geometry3k(paths["ood"])) == 4
+    assert not list(tmp_path.glob("*.tmp"))

@@ -1,0 +1,124 @@
+"""The tiny Qwen2.5-VL factory, the real loading path, the trunk/head split and freezing."""
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from vlmfast import token_stats
+from vlmfast.data.collate import collate
+from vlmfast.data.synthetic import generate
+from vlmfast.models import (
+    NOT_MODEL_INPUTS,
+    call_head,
+    freeze,
+    load_model,
+    save_pretrained,
+    tiny_vlm,
+    trunk_hidden,
+)
+
+
+@pytest.fixture(scope="module")
+def student():
+    return tiny_vlm("student", seed=0)
+
+
+@pytest.fixture(scope="module")
+def batch(student):
+    _, proc = student
+    rows = generate("train", 3, seed=0)
+    imgs = [[Image.open(io.BytesIO(r["images"][0]["bytes"]))] for r in rows]
+    return collate(proc, [r["problem"] for r in rows], imgs,
+                   ["<think>three</think> \\boxed{3}", "<think>red</think> \\boxed{red}", "\\boxed{1}"])
+
+
+def model_inputs(batch):
+    return {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
+
+
+def test_forward_with_image_uses_the_image(student, batch):
+    model, _ = student
+    out = model(**model_inputs(batch)).logits
+    assert out.shape[:2] == batch["input_ids"].shape and torch.isfinite(out).all()
+    other = dict(model_inputs(batch), pixel_values=torch.randn_like(batch["pixel_values"]))
+    assert (model(**other).logits - out).abs().max() > 1e-4  # the image reaches the logits
+
+
+def test_trunk_head_split_equals_model_logits_through_fused_op(student, batch):
+    model, _ = student
+    logits = model(**model_inputs(batch)).logits.float()
+    hidden = trunk_hidden(model, **batch)
+    labels = batch["labels"]
+    want = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0] * (labels != -100)
+    for backend in ("reference", "chunked"):
+        got = token_stats(hidden, model.lm_head.weight, labels, backend=backend).logp
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_generate_new_tokens(student, batch):
+    model, proc = student
+    rows = generate("val", 2, seed=0)
+    imgs = [[Image.open(io.BytesIO(r["images"][0]["bytes"]))] for r in rows]
+    prompts = collate(proc, [r["problem"] for r in rows], imgs)
+    assert (prompts["attention_mask"][:, -1] == 1).all()  # left padded for generation
+    out = model.generate(**prompts, max_new_tokens=6, do_sample=False)
+    assert out.shape[0] == 2 and 1 <= out.shape[1] - prompts["input_ids"].shape[1] <= 6
+
+
+def test_save_and_load_round_trip_through_real_loading_path(student, batch, tmp_path):
+    model, proc = student
+    path = save_pretrained(model, proc, tmp_path / "tiny")
+    loaded, lproc = load_model(str(path), dtype="float32")
+    torch.testing.assert_close(loaded(**model_inputs(batch)).logits, model(**model_inputs(batch)).logits)
+    assert lproc.tokenizer.get_vocab() == proc.tokenizer.get_vocab()
+    assert lproc.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == \
+        proc.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    # saving again over an existing checkpoint replaces it atomically
+    save_pretrained(model, proc, path)
+    assert not list(tmp_path.glob(".tiny.*"))
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        load_model(str(tmp_path), dtype="float8")
+
+
+def test_teacher_is_larger_and_shares_the_vocabulary(student):
+    model, proc = student
+    teacher, tproc = tiny_vlm("teacher", processor=proc)
+    n_s = sum(p.numel() for p in model.parameters())
+    n_t = sum(p.numel() for p in teacher.parameters())
+    assert n_t > 3 * n_s and teacher.lm_head.weight.shape[0] == model.lm_head.weight.shape[0]
+
+
+def test_freezing_options():
+    model, _ = tiny_vlm("student")
+    freeze(model, vision=True)
+    visual = model.model.visual
+    assert not any(p.requires_grad for n, p in visual.named_parameters() if not n.startswith("merger."))
+    assert all(p.requires_grad for p in visual.merger.parameters())
+    freeze(model, projector=True)
+    assert not any(p.requires_grad for p in visual.merger.parameters())
+    assert all(p.requires_grad for p in model.model.language_model.parameters())
+    freeze(model, llm=True)
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_call_head_runs_the_loss_as_the_head_forward_and_restores_it(student, batch):
+    model, _ = student
+    hidden = trunk_hidden(model, **batch)
+    seen = {}
+
+    def fn(h, w):
+        seen["weight_is_head"] = w is model.lm_head.weight
+        return token_stats(h, w, batch["labels"]).logp.sum()
+
+    out = call_head(model, hidden, fn)
+    (g,) = torch.autograd.grad(out, model.lm_head.weight)
+    assert seen["weight_is_head"] and g.abs().sum() > 0
+    assert "forward" not in vars(model.lm_head)  # the class forward is back
+    torch.testing.assert_close(model.lm_head(hidden), hidden @ model.lm_head.weight.T)

@@ -1,0 +1,52 @@
+"""The verifier on a table of (response, ground truth, expected accuracy, expected format), with
+every exploit shown failing."""
+
+import pytest
+
+from vlmfast.rewards import boxed_contents, extract_answer, score
+
+T = "<think>count the shapes</think> "
+CHOICES = ["red", "green", "blue", "yellow"]
+
+CASES = [
+    # correct answers in many forms
+    (T + "The answer is \\boxed{3}.", "3", None, 1, 1),
+    (T + "\\boxed{3.0}", "3", None, 1, 1),
+    (T + "\\boxed{\\frac{1}{2}}", "0.5", None, 1, 1),
+    (T + "\\boxed{\\sqrt{12}}", "2\\sqrt{3}", None, 1, 1),
+    (T + "\\boxed{x = 3}", "3", None, 1, 1),
+    (T + "\\boxed{B}", "B", CHOICES, 1, 1),
+    (T + "\\boxed{(B)}", "B", CHOICES, 1, 1),
+    (T + "\\boxed{green}", "B", CHOICES, 1, 1),
+    (T + "\\boxed{B}", "green", CHOICES, 1, 1),
+    (T + "\\boxed{Green}", "green", CHOICES, 1, 1),
+    # wrong answers
+    (T + "\\boxed{4}", "3", None, 0, 1),
+    (T + "\\boxed{C}", "B", CHOICES, 0, 1),
+    (T + "\\boxed{blue}", "B", CHOICES, 0, 1),
+    # exploits: no accuracy
+    (T + "\\boxed{}", "3", None, 0, 0),  # empty box
+    (T + "\\boxed{ }", "3", None, 0, 0),  # blank box
+    (T + "\\boxed{3} or \\boxed{4}", "3", None, 0, 0),  # several different boxed answers
+    (T + "\\boxed{A}\\boxed{B}\\boxed{C}\\boxed{D}", "B", CHOICES, 0, 0),  # box every choice
+    (T + "The answer is 3.", "3", None, 0, 0),  # answer outside a box
+    ("<think>\\boxed{3}</think> I am not sure.", "3", None, 0, 0),  # box only inside the reasoning
+    (T + "\\boxed{3", "3", None, 0, 0),  # unbalanced
+    # format without the think block: accuracy still graded, format 0
+    ("\\boxed{3}", "3", None, 1, 0),
+    ("<think>a</think><think>b</think>\\boxed{3}", "3", None, 1, 0),  # two think blocks
+    # the same answer boxed twice is not an exploit
+    (T + "\\boxed{3}, so \\boxed{3}", "3", None, 1, 0),
+]
+
+
+@pytest.mark.parametrize("response,gold,choices,acc,fmt", CASES)
+def test_reward_table(response, gold, choices, acc, fmt):
+    r = score(response, gold, choices)
+    assert (r.accuracy, r.format) == (acc, fmt), r
+    assert r.reward == pytest.approx(0.9 * acc + 0.1 * fmt)
+
+
+def test_boxed_contents_handles_nested_braces():
+    assert boxed_contents("\\boxed{\\frac{1}{2}} and \\boxed{x^{2}}") == ["\\frac{1}{2}", "x^{2}"]
+    assert extract_answer("no box here") is None

@@ -1,0 +1,187 @@
+"""Dataset readers: the published Geometry3K and MathVista formats and preference pairs, from local
+parquet or jsonl (+ image files), or through the `datasets` library when it is installed.
+
+Every reader returns a list of `Example`; a malformed row (missing image, missing answer, an answer
+that does not match its declared type) raises a ValueError that names the file and the row.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+IMAGE_MARKER = "<image>"
+
+
+@dataclass
+class Example:
+    id: str
+    problem: str  # the question text, with one IMAGE_MARKER per image
+    images: list  # PIL images
+    answer: str
+    choices: list[str] | None = None
+    question_type: str | None = None
+    negatives: list[str] = field(default_factory=list)  # plausible wrong answers, if the data has them
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class PreferencePair:
+    id: str
+    prompt: str
+    images: list
+    chosen: str
+    rejected: str
+
+
+class RowError(ValueError):
+    pass
+
+
+def _rows(source) -> tuple[list[dict], Path]:
+    """Rows of a parquet/jsonl file or a folder of them; a hub name goes through `datasets`."""
+    p = Path(source)
+    if p.is_dir():
+        files = sorted([*p.glob("*.parquet"), *p.glob("*.jsonl")])
+        if not files:
+            raise FileNotFoundError(f"{p}: no .parquet or .jsonl files")
+        rows = []
+        for f in files:
+            rows += _rows(f)[0]
+        return rows, p
+    if p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(p).to_pylist(), p.parent
+    if p.suffix in (".jsonl", ".json"):
+        with p.open() as f:
+            return [json.loads(line) for line in f if line.strip()], p.parent
+    if p.exists():
+        raise ValueError(f"{p}: unsupported file type {p.suffix!r} (use .parquet or .jsonl)")
+    try:
+        import datasets
+    except ImportError as e:
+        raise FileNotFoundError(f"{source}: no such file, and the `datasets` library is not installed to "
+                                "load it as a hub dataset") from e
+    name, _, split = str(source).partition(":")
+    return list(datasets.load_dataset(name, split=split or "train")), Path(".")
+
+
+def _image(entry, root: Path, where: str) -> Image.Image:
+    """An image from {"bytes", "path"} (the hub's storage), raw bytes, a PIL image or a file path."""
+    if isinstance(entry, Image.Image):
+        return entry.convert("RGB")
+    if isinstance(entry, dict):
+        if entry.get("bytes"):
+            return Image.open(io.BytesIO(entry["bytes"])).convert("RGB")
+        entry = entry.get("path")
+    if isinstance(entry, (bytes, bytearray)):
+        return Image.open(io.BytesIO(entry)).convert("RGB")
+    if isinstance(entry, str) and entry:
+        for candidate in (Path(entry), root / entry, root / "images" / entry):
+            if candidate.is_file():
+                return Image.open(candidate).convert("RGB")
+        raise RowError(f"{where}: image {entry!r} not found (looked in {root} and {root / 'images'})")
+    raise RowError(f"{where}: missing image")
+
+
+def _where(path, i, row) -> str:
+    rid = row.get("id", row.get("pid"))
+    return f"{path} row {i}" + (f" (id={rid})" if rid is not None else "")
+
+
+def _choices(value, where) -> list[str] | None:
+    if value is None or (hasattr(value, "__len__") and len(value) == 0):
+        return None
+    if isinstance(value, str):
+        value = json.loads(value) if value.strip().startswith("[") else [value]
+    if not isinstance(value, (list, tuple)):
+        raise RowError(f"{where}: choices must be a list, got {type(value).__name__}")
+    return [str(c) for c in value]
+
+
+def read_geometry3k(source) -> list[Example]:
+    """Geometry3K as published: `images` (list), `problem` (with `<image>`), `answer`, optional
+    `choices`. Extra columns (id, question_type, negatives, ...) are kept in `meta`."""
+    rows, root = _rows(source)
+    out = []
+    for i, row in enumerate(rows):
+        where = _where(source, i, row)
+        for key in ("images", "problem", "answer"):
+            if key not in row or row[key] is None:
+                raise RowError(f"{where}: missing column {key!r}")
+        images = row["images"] if isinstance(row["images"], (list, tuple)) else [row["images"]]
+        if not images:
+            raise RowError(f"{where}: missing image")
+        imgs = [_image(e, root, where) for e in images]
+        problem = str(row["problem"])
+        if problem.count(IMAGE_MARKER) == 0:
+            problem = IMAGE_MARKER * len(imgs) + problem
+        if problem.count(IMAGE_MARKER) != len(imgs):
+            raise RowError(f"{where}: {problem.count(IMAGE_MARKER)} {IMAGE_MARKER} markers for {len(imgs)} images")
+        if str(row["answer"]).strip() == "":
+            raise RowError(f"{where}: empty answer")
+        meta = {k: v for k, v in row.items() if k not in ("images", "problem", "answer", "choices", "negatives")}
+        out.append(Example(id=str(row.get("id", i)), problem=problem, images=imgs, answer=str(row["answer"]).strip(),
+                           choices=_choices(row.get("choices"), where), question_type=row.get("question_type"),
+                           negatives=[str(x) for x in (row.get("negatives") or [])], meta=meta))
+    return out
+
+
+_ANSWER_TYPES = {"integer": int, "float": float, "text": str, "list": None}
+
+
+def read_mathvista(source) -> list[Example]:
+    """MathVista format: `question`, `image` (path) and/or `decoded_image`, `choices`, `answer`,
+    `question_type` (multi_choice | free_form), `answer_type` (integer | float | text | list)."""
+    rows, root = _rows(source)
+    out = []
+    for i, row in enumerate(rows):
+        where = _where(source, i, row)
+        for key in ("question", "answer"):
+            if row.get(key) is None:
+                raise RowError(f"{where}: missing column {key!r}")
+        img_entry = row.get("decoded_image") or row.get("image")
+        img = _image(img_entry, root, where)
+        qtype, atype = row.get("question_type", "free_form"), row.get("answer_type", "text")
+        if qtype not in ("multi_choice", "free_form"):
+            raise RowError(f"{where}: unknown question_type {qtype!r} (multi_choice or free_form)")
+        if atype not in _ANSWER_TYPES:
+            raise RowError(f"{where}: unknown answer_type {atype!r} ({', '.join(_ANSWER_TYPES)})")
+        answer = str(row["answer"]).strip()
+        cast = _ANSWER_TYPES[atype]
+        if cast in (int, float):
+            try:
+                cast(answer)
+            except ValueError:
+                raise RowError(f"{where}: answer {answer!r} is not of answer_type {atype!r}") from None
+        choices = _choices(row.get("choices"), where)
+        if qtype == "multi_choice" and not choices:
+            raise RowError(f"{where}: multi_choice question without choices")
+        out.append(Example(id=str(row.get("pid", row.get("id", i))), problem=IMAGE_MARKER + str(row["question"]),
+                           images=[img], answer=answer, choices=choices, question_type=qtype,
+                           meta={"answer_type": atype, **{k: v for k, v in row.items() if k in ("unit", "precision")}}))
+    return out
+
+
+def read_preference_pairs(source) -> list[PreferencePair]:
+    """Preference pairs: `prompt` (with `<image>` markers or not), `image` or `images`, `chosen`, `rejected`."""
+    rows, root = _rows(source)
+    out = []
+    for i, row in enumerate(rows):
+        where = _where(source, i, row)
+        for key in ("prompt", "chosen", "rejected"):
+            if not isinstance(row.get(key), str):
+                raise RowError(f"{where}: missing text column {key!r}")
+        entries = row.get("images") or ([row["image"]] if row.get("image") is not None else [])
+        if not entries:
+            raise RowError(f"{where}: missing image")
+        imgs = [_image(e, root, where) for e in entries]
+        prompt = row["prompt"] if IMAGE_MARKER in row["prompt"] else IMAGE_MARKER * len(imgs) + row["prompt"]
+        out.append(PreferencePair(id=str(row.get("id", i)), prompt=prompt, images=imgs, chosen=row["chosen"],
+                                  rejected=row["rejected"]))
+    return out

@@ -1,0 +1,249 @@
+"""Models: load a VLM (Qwen2.5-VL first) by hub name or local path with its processor; the tiny-model
+factory for CPU work; the trunk/head split the fused losses need; freezing.
+
+Trunk/head split: `trunk_hidden(model, **batch)` runs the model to its last hidden state [B, T, H]
+(the lm_head is never applied, so [B, T, V] logits never exist), and `call_head(model, hidden, fn)`
+runs `fn(hidden, lm_head_weight)` AS the lm_head module's forward. Going through the module is what
+makes it work under DeepSpeed ZeRO-3: its hooks gather the partitioned weight before the forward and
+again before the backward of that module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Tiny Qwen2.5-VL architectures that train in minutes on 2 CPU cores (see ../shared/PLATFORM.md):
+# head_dim 32 everywhere (vLLM's CPU attention needs >= 32), mrope_section sums to head_dim / 2.
+TINY_SIZES = {
+    "student": dict(hidden=64, layers=2, heads=2, vision_hidden=64, vision_depth=2, vision_heads=2),
+    "teacher": dict(hidden=128, layers=4, heads=4, vision_hidden=128, vision_depth=2, vision_heads=4),
+}
+
+
+def build_tokenizer(texts: list[str], vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained on `texts` with the Qwen chat special tokens and template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=SPECIAL_TOKENS[1:])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_processor(tokenizer, image_size: int = 84):
+    """The Qwen2.5-VL processor around `tokenizer`; images keep their size up to image_size^2 pixels."""
+    from transformers import Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    pixels = dict(min_pixels=28 * 28, max_pixels=image_size * image_size)
+    return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels),
+                               tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(**pixels),
+                               chat_template=CHAT_TEMPLATE)
+
+
+def tiny_config(size: str, tokenizer):
+    from transformers import Qwen2_5_VLConfig
+
+    if size not in TINY_SIZES:
+        raise ValueError(f"unknown tiny size {size!r}; choose from {list(TINY_SIZES)}")
+    s = TINY_SIZES[size]
+    head_dim = s["hidden"] // s["heads"]
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    text = dict(vocab_size=len(tokenizer), hidden_size=s["hidden"], intermediate_size=4 * s["hidden"],
+                num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["heads"],
+                max_position_embeddings=1024,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]},
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = dict(depth=s["vision_depth"], hidden_size=s["vision_hidden"], intermediate_size=2 * s["vision_hidden"],
+                  num_heads=s["vision_heads"], out_hidden_size=s["hidden"], patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, window_size=112, fullatt_block_indexes=[s["vision_depth"] - 1])
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                           vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(cfg, k, text[k])
+    return cfg
+
+
+def tiny_vlm(size: str = "student", *, processor=None, texts: list[str] | None = None, seed: int = 0,
+             image_size: int = 84):
+    """A Qwen2.5-VL-architecture model with random weights and its processor (tokenizer trained on
+    `texts`, by default the synthetic task's corpus). Pass `processor` to share one vocabulary."""
+    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+
+    if processor is None:
+        if texts is None:
+            from .data.synthetic import corpus
+
+            texts = corpus()
+        processor = build_processor(build_tokenizer(texts), image_size=image_size)
+    cfg = tiny_config(size, processor.tokenizer)
+    with _seeded(seed):
+        model = Qwen2_5_VLForConditionalGeneration(cfg)
+    model.generation_config = GenerationConfig(eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+                                               bos_token_id=cfg.bos_token_id)
+    model.config._attn_implementation = "sdpa"
+    return model, processor
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def save_pretrained(model, processor, path) -> Path:
+    """Save model + processor atomically (temp dir, then rename): a crash never leaves half a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_attn_implementation(device) -> str:
+    """flash-attention 2 on CUDA when installed, else SDPA."""
+    cuda = torch.device(device).type == "cuda"
+    return "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
+def load_model(name_or_path, *, dtype="float32", attn_implementation="auto", gradient_checkpointing=False,
+               liger=False, device="cpu", freeze_vision=False, freeze_projector=False, freeze_llm=False):
+    """Load a VLM and its processor by hub name or local path (the same code path for both).
+
+    Qwen2.5-VL is the first target; Qwen2-VL and Qwen3-VL load through the same auto classes.
+    `liger=True` patches RMSNorm/RoPE/SwiGLU with Liger kernels (CUDA only).
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+    local = Path(str(name_or_path))
+    if str(name_or_path).startswith((".", "/")) and not local.exists():
+        raise FileNotFoundError(f"model path {local} does not exist")
+    if attn_implementation == "auto":
+        attn_implementation = default_attn_implementation(device)
+    if liger:
+        if torch.device(device).type != "cuda":
+            raise ValueError("liger=True needs a CUDA device (its Triton kernels do not run on the CPU)")
+        _apply_liger(name_or_path)
+    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=_DTYPES[dtype],
+                                                        attn_implementation=attn_implementation)
+    processor = AutoProcessor.from_pretrained(name_or_path)
+    model.to(device)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    freeze(model, vision=freeze_vision, projector=freeze_projector, llm=freeze_llm)
+    return model, processor
+
+
+def _apply_liger(name_or_path) -> None:
+    from transformers import AutoConfig
+
+    model_type = AutoConfig.from_pretrained(name_or_path).model_type
+    import liger_kernel.transformers as lk
+
+    patch = {"qwen2_5_vl": "apply_liger_kernel_to_qwen2_5_vl", "qwen2_vl": "apply_liger_kernel_to_qwen2_vl",
+             "qwen3_vl": "apply_liger_kernel_to_qwen3_vl"}.get(model_type)
+    if patch is None or not hasattr(lk, patch):
+        raise ValueError(f"no Liger patch for model type {model_type!r}")
+    # the loss is vlmfast's fused op: never let Liger replace the lm_head / cross entropy
+    getattr(lk, patch)(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+
+
+def vision_tower(model):
+    return model.model.visual
+
+
+def freeze(model, *, vision=False, projector=False, llm=False) -> None:
+    """Freeze the vision tower (without its merger), the projector (the merger), or the LLM
+    (language model + lm_head)."""
+    visual = vision_tower(model)
+    if vision:
+        for name, p in visual.named_parameters():
+            if not name.startswith("merger."):
+                p.requires_grad_(False)
+    if projector:
+        visual.merger.requires_grad_(False)
+    if llm:
+        model.model.language_model.requires_grad_(False)
+        model.lm_head.requires_grad_(False)
+
+
+# collate() outputs that are not model inputs
+NOT_MODEL_INPUTS = ("labels", "truncated", "prompt_lengths", "response_lengths")
+
+
+def trunk_hidden(model, **batch) -> torch.Tensor:
+    """Last hidden states [B, T, H] of the language model (after its final norm), images included;
+    the lm_head is not applied."""
+    batch = {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
+    return model.model(**batch, use_cache=False).last_hidden_state
+
+
+def lm_head_weight(model) -> torch.nn.Parameter:
+    return model.lm_head.weight
+
+
+def call_head(model, hidden: torch.Tensor, fn):
+    """Run fn(hidden, lm_head.weight[, lm_head.bias]) as the lm_head module's own forward.
+
+    Under DeepSpeed ZeRO-3 the module's hooks gather its partitioned weight for this forward and
+    again before its backward, exactly as for the plain `lm_head(hidden)` call it replaces.
+    """
+    head = model.lm_head
+
+    def forward(h):
+        return fn(h, head.weight) if head.bias is None else fn(h, head.weight, head.bias)
+
+    head.forward = forward
+    try:
+        return head(hidden)
+    finally:
+        del head.forward  # back to the class's forward
