@@ -189,3 +189,19 @@ def test_build_task_writes_readable_splits(tmp_path):
     assert set(paths) == {"train", "val", "ood"}
     assert len(read_geometry3k(paths["ood"])) == 4
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_hub_names_go_through_the_datasets_library(monkeypatch):
+    """A source that is not a local file is loaded with `datasets.load_dataset(name, split=...)`."""
+    import sys
+    import types
+
+    calls = []
+
+    def load_dataset(name, split):
+        calls.append((name, split))
+        return [{"images": [{"bytes": _png(), "path": None}], "problem": "<image>q", "answer": "4"}]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    (ex,) = read_geometry3k("hiyouga/geometry3k:test")
+    assert calls == [("hiyouga/geometry3k", "test")] and ex.answer == "4"

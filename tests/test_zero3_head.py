@@ -3,7 +3,6 @@ gather), and the fused loss run through `call_head` still gets the full weight f
 backward — same loss and gradients as without DeepSpeed. Runs in a fresh process (one CPU rank, gloo)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +12,10 @@ import pytest
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_fused_loss_through_call_head_under_zero3(tmp_path):
+def test_fused_loss_through_call_head_under_zero3():
     script = Path(__file__).parent / "scripts" / "zero3_head.py"
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext")))
-    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=580)
+    # DeepSpeed compiles a CPU op on first use; the default TORCH_EXTENSIONS_DIR keeps it between runs
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=580)
     assert res.returncode == 0, res.stderr[-4000:]
     out = json.loads([line for line in res.stdout.splitlines() if line.startswith("{")][-1])
     assert out["partitioned_numel"] == 0  # using lm_head.weight directly would see an empty tensor

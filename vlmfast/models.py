@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import shutil
 import tempfile
 from pathlib import Path
@@ -194,7 +195,10 @@ def _apply_liger(name_or_path) -> None:
     if patch is None or not hasattr(lk, patch):
         raise ValueError(f"no Liger patch for model type {model_type!r}")
     # the loss is vlmfast's fused op: never let Liger replace the lm_head / cross entropy
-    getattr(lk, patch)(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+    fn = getattr(lk, patch)
+    wanted = dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+    params = inspect.signature(fn).parameters
+    fn(**{k: v for k, v in wanted.items() if k in params})
 
 
 def vision_tower(model):
