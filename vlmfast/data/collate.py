@@ -73,3 +73,35 @@ def collate(processor, problems: list[str], images: list[list], responses: list[
     batch["truncated"] = truncated
     batch["prompt_lengths"] = prompt_lengths
     return batch
+
+
+def collate_token_responses(processor, problems: list[str], images: list[list], response_ids: list[list[int]]):
+    """Like `collate`, but responses are token ids (as sampled), appended to the prompts untouched:
+    no re-tokenisation, so per-token log-probs line up with the sampler's."""
+    prompts = collate(processor, problems, images)  # left padded prompt batch
+    ids, mask = prompts["input_ids"], prompts["attention_mask"]
+    pad = processor.tokenizer.pad_token_id
+    rows, prompt_lengths = [], []
+    for b, resp in enumerate(response_ids):
+        p = ids[b][mask[b].bool()]
+        prompt_lengths.append(len(p))
+        rows.append(torch.cat([p, torch.tensor(resp, dtype=ids.dtype)]))
+    T = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), T), pad, dtype=ids.dtype)
+    attention_mask = torch.zeros((len(rows), T), dtype=mask.dtype)
+    labels = torch.full((len(rows), T), -100, dtype=torch.long)
+    for b, r in enumerate(rows):
+        input_ids[b, : len(r)] = r
+        attention_mask[b, : len(r)] = 1
+        start = prompt_lengths[b]
+        labels[b, start - 1 : len(r) - 1] = r[start:]
+    out = {k: v for k, v in prompts.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    if "mm_token_type_ids" in prompts:
+        mm = torch.zeros((len(rows), T), dtype=prompts["mm_token_type_ids"].dtype)
+        for b in range(len(rows)):
+            m = prompts["mm_token_type_ids"][b][mask[b].bool()]
+            mm[b, : len(m)] = m
+        out["mm_token_type_ids"] = mm
+    out.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+               prompt_lengths=torch.tensor(prompt_lengths))
+    return out

@@ -1,0 +1,51 @@
+"""pass@k against brute-force enumeration, the bootstrap interval, ECE on hand-built bins, diversity."""
+
+import itertools
+import math
+
+import pytest
+
+from vlmfast.evaluate import (
+    answer_diversity,
+    expected_calibration_error,
+    pass_at_k,
+    pass_at_k_curve,
+    pass_at_k_interval,
+)
+
+
+@pytest.mark.parametrize("n,c,k", [(5, 0, 1), (5, 2, 1), (5, 2, 3), (6, 3, 4), (8, 1, 8), (7, 7, 2), (10, 4, 5)])
+def test_pass_at_k_equals_enumeration_of_subsets(n, c, k):
+    outcomes = [1] * c + [0] * (n - c)
+    subsets = list(itertools.combinations(range(n), k))
+    brute = sum(any(outcomes[i] for i in s) for s in subsets) / len(subsets)
+    assert pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12)
+    assert pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k), abs=1e-12)
+
+
+def test_pass_at_k_bad_input():
+    with pytest.raises(ValueError, match="k <= n"):
+        pass_at_k(3, 1, 4)
+    with pytest.raises(ValueError, match="c <= n"):
+        pass_at_k(3, 4, 1)
+
+
+def test_curve_is_monotone_and_interval_brackets_mean():
+    correct = [0, 1, 2, 4, 4, 0, 3]
+    curve = pass_at_k_curve(correct, 4)
+    assert curve == sorted(curve) and curve[0] == pytest.approx(sum(correct) / (4 * len(correct)))
+    mean, lo, hi = pass_at_k_interval(correct, 4, 2, bootstrap=500)
+    assert lo <= mean <= hi and hi - lo > 0
+    assert pass_at_k_interval([4] * 5, 4, 1) == (1.0, 1.0, 1.0)
+
+
+def test_ece_on_hand_built_bins():
+    # bin (0.7, 0.8]: conf 0.75 x2, one right -> |0.5 - 0.75|; bin (0.9, 1]: conf 0.95 x2, both right
+    conf = [0.75, 0.75, 0.95, 0.95]
+    ok = [True, False, True, True]
+    assert expected_calibration_error(conf, ok) == pytest.approx(0.5 * 0.25 + 0.5 * 0.05)
+    assert expected_calibration_error([1.0, 1.0], [True, True]) == 0.0
+
+
+def test_diversity():
+    assert answer_diversity([["3", "3", "4"], ["red", None, "red"], [None]]) == pytest.approx((2 + 1 + 0) / 3)

@@ -1,0 +1,94 @@
+"""HF engine: n samples per prompt with images, seeds reproduce, sampler log-probs equal a forward
+pass at the same temperature, stop at the end of turn, scoring, the mismatch metric."""
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from vlmfast.data.synthetic import generate
+from vlmfast.models import tiny_vlm
+from vlmfast.rollout import Sampling, make_engine, mismatch
+
+
+@pytest.fixture(scope="module")
+def engine():
+    model, proc = tiny_vlm("student", seed=0)
+    return make_engine("hf", model, proc, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rows = generate("val", 3, seed=4)
+    return [r["problem"] for r in rows], [[Image.open(io.BytesIO(r["images"][0]["bytes"]))] for r in rows]
+
+
+def test_n_samples_per_prompt_and_seeds_reproduce(engine, prompts):
+    problems, images = prompts
+    s = Sampling(temperature=1.0, max_new_tokens=12, seed=7)
+    a = engine.generate(problems, images, n=4, sampling=s)
+    b = engine.generate(problems, images, n=4, sampling=s)
+    assert len(a) == 3 and all(len(group) == 4 for group in a)
+    assert [[c.token_ids for c in g] for g in a] == [[c.token_ids for c in g] for g in b]
+    c = engine.generate(problems, images, n=4, sampling=Sampling(temperature=1.0, max_new_tokens=12, seed=8))
+    assert [[x.token_ids for x in g] for g in a] != [[x.token_ids for x in g] for g in c]
+    assert len({tuple(x.token_ids) for x in a[0]}) > 1  # samples differ within a group
+    for g in a:
+        for comp in g:
+            assert len(comp.logprobs) == len(comp.token_ids) and all(lp <= 0 for lp in comp.logprobs)
+            assert comp.finish_reason in ("stop", "length")
+            assert comp.finish_reason == "length" or comp.token_ids[-1] == engine.eos_id
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_sampler_logprobs_match_a_forward_pass(engine, prompts, temperature):
+    problems, images = prompts
+    out = engine.generate(problems, images, n=2, sampling=Sampling(temperature=temperature, max_new_tokens=10,
+                                                                   seed=1))
+    flat = [c for g in out for c in g]
+    rep_p = [p for p in problems for _ in range(2)]
+    rep_i = [i for i in images for _ in range(2)]
+    scored = engine.score(rep_p, rep_i, [c.token_ids for c in flat], temperature=temperature)
+    assert mismatch([c.logprobs for c in flat], scored) < 1e-4
+
+
+def _biased_head(model, token, other=None):
+    """Replace the lm_head by one whose logits are a constant bias: `token` always wins."""
+    H, V = model.lm_head.weight.shape[1], model.lm_head.weight.shape[0]
+    head = torch.nn.Linear(H, V, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(-20.0)
+        head.bias[token] = 10.0
+    model.lm_head = head
+
+
+def test_stops_at_end_of_turn_or_length(prompts):
+    model, proc = tiny_vlm("student", seed=0)
+    eos = proc.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    _biased_head(model, eos)
+    out = make_engine("hf", model, proc).generate(*prompts, n=2, sampling=Sampling(temperature=1.0, max_new_tokens=6))
+    assert all(c.token_ids == [eos] and c.finish_reason == "stop" for g in out for c in g)
+    assert all(abs(c.logprobs[0]) < 1e-6 for g in out for c in g)
+    other = proc.tokenizer.convert_tokens_to_ids("<think>") if "<think>" in proc.tokenizer.get_vocab() else 5
+    _biased_head(model, other)
+    out = make_engine("hf", model, proc).generate(*prompts, n=1, sampling=Sampling(temperature=0.0, max_new_tokens=6))
+    assert all(g[0].token_ids == [other] * 6 and g[0].finish_reason == "length" for g in out)
+
+
+def test_greedy_is_deterministic_without_seed(engine, prompts):
+    a = engine.generate(*prompts, n=1, sampling=Sampling(temperature=0.0, max_new_tokens=8))
+    b = engine.generate(*prompts, n=1, sampling=Sampling(temperature=0.0, max_new_tokens=8))
+    assert [g[0].token_ids for g in a] == [g[0].token_ids for g in b]
+
+
+def test_bad_sampling_and_batch():
+    with pytest.raises(ValueError, match="top_p"):
+        Sampling(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        Sampling(temperature=-1.0)
+    with pytest.raises(ValueError, match="unknown engine"):
+        make_engine("tgi", None, None)
+    with pytest.raises(ValueError, match="differ in length"):
+        mismatch([[0.1, 0.2]], [[0.1]])

@@ -1,0 +1,118 @@
+"""The trainer end to end on the tiny model (CPU, one process): every stage type runs and moves its
+loss the right way, a pipeline hands its checkpoint on, a killed run resumes to the same metrics."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from vlmfast.config import load_config
+from vlmfast.train import FAIL_AT_ENV, SimulatedKill, main, run
+
+pytestmark = pytest.mark.slow
+
+
+def recipe(tmp_path, stages, name="t", **over):
+    raw = {
+        "run": {"name": name, "out_dir": str(tmp_path), "seed": 0, "checkpoint_every": 3, "threads": 2},
+        "model": {"path": "tiny:student", "vision_lr_mult": 10.0},
+        "data": {"synthetic": {"train": 64, "val": 8, "ood": 8, "seed": 0}},
+        "eval": {"every": 100, "num_problems": 4, "n_samples": 2, "k": [1, 2], "max_new_tokens": 8, "probes": 4},
+        "stages": stages,
+    }
+    for k, v in over.items():
+        raw[k] = {**raw.get(k, {}), **v}
+    return load_config(raw=raw)
+
+
+def records(tmp_path, name="t", kind="train"):
+    lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_sft_loss_falls_and_run_dir_is_complete(tmp_path):
+    run(recipe(tmp_path, [{"type": "sft", "name": "sft", "steps": 12, "lr": 3e-3, "batch_size": 8}]))
+    tr = records(tmp_path)
+    assert len(tr) == 12 and all(r["stage"] == "sft" for r in tr)
+    first, last = sum(r["loss"] for r in tr[:3]) / 3, sum(r["loss"] for r in tr[-3:]) / 3
+    assert last < 0.7 * first
+    ev = records(tmp_path, kind="eval")
+    assert [r["step"] for r in ev] == [0, 12]
+    for key in ("val/accuracy", "val/pass@2", "val/pass@2_lo", "val/diversity", "val/ece", "val/entropy",
+                "ood/accuracy", "dlogp_pos", "dlogp_neg", "dlogp_greedy"):
+        assert key in ev[-1], key
+    assert ev[0]["dlogp_pos"] == 0.0 and ev[-1]["dlogp_pos"] > 0  # SFT raises the positives' log-prob
+    run_dir = tmp_path / "t"
+    assert (run_dir / "config.yaml").exists() and (run_dir / "samples.jsonl").exists()
+    results = json.loads((run_dir / "results.json").read_text())
+    assert (tmp_path / "t" / "checkpoints" / "final-0" / "hf" / "config.json").exists()
+    assert results["final_model"].endswith("final-0/hf") and "sft" in results["timings_s"]
+
+
+def test_pipeline_sft_then_grpo_hands_its_checkpoint_on(tmp_path):
+    stages = [{"type": "sft", "name": "sft", "steps": 6, "lr": 3e-3, "batch_size": 8},
+              {"type": "grpo", "name": "grpo", "steps": 3, "lr": 1e-4, "batch_size": 2, "group_size": 4,
+               "max_new_tokens": 8, "kl_coef": 0.01}]
+    run(recipe(tmp_path, stages))
+    ev = records(tmp_path, kind="eval")
+    sft_end = [r for r in ev if r["stage"] == "sft"][-1]
+    grpo_start = [r for r in ev if r["stage"] == "grpo"][0]
+    # GRPO's first evaluation sees exactly the weights SFT ended with
+    assert grpo_start["step"] == 0 and grpo_start["val/accuracy"] == sft_end["val/accuracy"]
+    assert grpo_start["dlogp_pos"] == pytest.approx(sft_end["dlogp_pos"], abs=1e-6)
+    tr = [r for r in records(tmp_path) if r["stage"] == "grpo"]
+    assert len(tr) == 3
+    for r in tr:
+        for key in ("reward", "accuracy", "format", "entropy", "clip_frac_low", "kl", "sampler_mismatch"):
+            assert key in r, key
+        assert r["sampler_mismatch"] < 1e-3  # HF sampler vs trainer log-probs
+
+
+@pytest.mark.parametrize("stage_type", ["dpo", "cw_dpo"])
+def test_preference_stages_raise_the_margin(tmp_path, stage_type):
+    stages = [{"type": stage_type, "name": stage_type, "steps": 10, "lr": 2e-3, "batch_size": 8, "beta": 0.5,
+               "on_policy_fraction": 0.5, "max_new_tokens": 8}]
+    run(recipe(tmp_path, stages))
+    tr = records(tmp_path)
+    assert tr[0]["reward_margin"] == pytest.approx(0.0, abs=1e-5)  # pi == pi_ref at the first step
+    assert sum(r["reward_margin"] for r in tr[-3:]) / 3 > 0.1
+    assert all(0 <= r["on_policy_negatives"] <= 1 for r in tr)
+    if stage_type == "cw_dpo":
+        assert all(0 <= r["cooling_weight_mean"] <= 1 for r in tr)
+        assert len({round(r["l_floor"], 6) for r in tr}) == 1  # l_floor: auto, fixed at stage start
+
+
+def test_opd_reduces_kl_to_teacher(tmp_path):
+    teacher_dir = tmp_path / "teacher"
+    run(recipe(tmp_path, [{"type": "sft", "name": "t", "steps": 8, "lr": 3e-3, "batch_size": 8}], name="teacher"))
+    stages = [{"type": "opd", "name": "opd", "steps": 10, "lr": 3e-3, "batch_size": 8, "max_new_tokens": 8,
+               "teacher": str(teacher_dir / "checkpoints" / "final-0" / "hf")}]
+    run(recipe(tmp_path, stages, name="student"))
+    tr = records(tmp_path, "student")
+    assert sum(r["kl"] for r in tr[-3:]) / 3 < 0.8 * sum(r["kl"] for r in tr[:3]) / 3
+
+
+def test_killed_run_resumes_to_the_same_metrics(tmp_path, monkeypatch):
+    stages = [{"type": "sft", "name": "sft", "steps": 7, "lr": 3e-3, "batch_size": 8},
+              {"type": "grpo", "name": "grpo", "steps": 4, "lr": 1e-4, "batch_size": 2, "group_size": 4,
+               "max_new_tokens": 8}]
+    run(recipe(tmp_path, stages, name="whole"))
+    monkeypatch.setenv(FAIL_AT_ENV, "1:2")  # killed inside the second stage
+    with pytest.raises(SimulatedKill):
+        run(recipe(tmp_path, stages, name="killed"))
+    monkeypatch.delenv(FAIL_AT_ENV)
+    run(recipe(tmp_path, stages, name="killed"))
+    a, b = records(tmp_path, "whole"), records(tmp_path, "killed")
+    assert [(r["stage"], r["step"]) for r in a] == [(r["stage"], r["step"]) for r in b]
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5, abs=1e-6), (ra["stage"], ra["step"])
+    assert [r["val/accuracy"] for r in records(tmp_path, "whole", "eval")] == \
+        [r["val/accuracy"] for r in records(tmp_path, "killed", "eval")]
+
+
+def test_cli_reports_bad_config_by_key(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {synthetic: {train: 4}}\nstages:\n  - {type: sft, stepz: 3}\n")
+    assert main(["--config", str(bad)]) == 2
+    assert "stages[0]: unknown key(s) ['stepz']" in capsys.readouterr().err

@@ -1,0 +1,142 @@
+"""Evaluation metrics: accuracy, unbiased pass@k with a problem-level bootstrap interval,
+calibration (ECE), answer diversity.
+
+    pass@k  = 1 - C(n - c, k) / C(n, k)      per problem, from n >= k samples of which c are correct
+    ECE     = sum_b (|B_b| / N) |acc(B_b) - conf(B_b)|     equal-width confidence bins
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of one problem (Chen et al. 2021), in the stable product form."""
+    if not 0 <= c <= n:
+        raise ValueError(f"need 0 <= c <= n, got c={c}, n={n}")
+    if not 1 <= k <= n:
+        raise ValueError(f"need 1 <= k <= n, got k={k}, n={n}")
+    if n - c < k:
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+def pass_at_k_interval(correct: Sequence[int], n: int, k: int, *, bootstrap: int = 1000, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float, float]:
+    """Mean pass@k over problems with a percentile bootstrap interval resampling problems."""
+    if not correct:
+        raise ValueError("no problems to evaluate")
+    per = [pass_at_k(n, c, k) for c in correct]
+    mean = sum(per) / len(per)
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(per, k=len(per))) / len(per) for _ in range(bootstrap))
+    lo = means[int((1 - level) / 2 * (bootstrap - 1))]
+    hi = means[int((1 + level) / 2 * (bootstrap - 1))]
+    return mean, lo, hi
+
+
+def pass_at_k_curve(correct: Sequence[int], n: int) -> list[float]:
+    """Mean pass@k for k = 1..n."""
+    return [sum(pass_at_k(n, c, k) for c in correct) / len(correct) for k in range(1, n + 1)]
+
+
+def expected_calibration_error(confidence: Sequence[float], correct: Sequence[bool], bins: int = 10) -> float:
+    if len(confidence) != len(correct):
+        raise ValueError(f"{len(confidence)} confidences but {len(correct)} outcomes")
+    if not confidence:
+        return 0.0
+    total, err = len(confidence), 0.0
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        idx = [i for i, p in enumerate(confidence) if (lo < p <= hi) or (b == 0 and p == 0.0)]
+        if idx:
+            acc = sum(bool(correct[i]) for i in idx) / len(idx)
+            conf = sum(confidence[i] for i in idx) / len(idx)
+            err += len(idx) / total * abs(acc - conf)
+    return err
+
+
+def answer_diversity(answers_per_problem: Sequence[Sequence[str | None]]) -> float:
+    """Mean number of distinct final answers among each problem's samples (None = no answer)."""
+    if not answers_per_problem:
+        return 0.0
+    return sum(len({a for a in answers if a is not None}) for answers in answers_per_problem) / len(
+        answers_per_problem)
+
+
+def mean_confidence_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Mean and normal-approximation half-width (for accuracies over many problems)."""
+    if not values:
+        return 0.0, 0.0
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, 0.0
+    var = sum((v - m) ** 2 for v in values) / (len(values) - 1)
+    z = 1.959963984540054 if level == 0.95 else _z(level)
+    return m, z * math.sqrt(var / len(values))
+
+
+def _z(level: float) -> float:
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf((1 + level) / 2)
+
+
+def answer_confidence(tokenizer, token_ids: list[int], logprobs: list[float]) -> float:
+    """Probability the policy gave its answer: exp(sum of log-probs of the tokens inside the last
+    \\boxed{...}); 0 when there is no box."""
+    text, spans = "", []
+    for t in token_ids:
+        piece = tokenizer.decode([t])
+        spans.append((len(text), len(text) + len(piece)))
+        text += piece
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return 0.0
+    lo, hi = start + len("\\boxed{"), text.find("}", start)
+    hi = len(text) if hi < 0 else hi
+    total = sum(lp for (a, z), lp in zip(spans, logprobs) if z > lo and a < hi)
+    return math.exp(total)
+
+
+def evaluate_policy(engine, processor, examples, *, n_samples: int, ks, temperature: float, max_new_tokens: int,
+                    seed: int = 0) -> tuple[dict, dict]:
+    """Greedy accuracy (with a 95% interval), ECE, pass@k with bootstrap intervals, answer diversity,
+    mean reward and format rate on `examples`. Returns (metrics, samples): samples hold the
+    policy's own completions (for entropy) and a few generations to show."""
+    from .rewards import extract_answer, score
+    from .rollout import Sampling
+
+    problems = [e.problem for e in examples]
+    images = [e.images for e in examples]
+    greedy = engine.generate(problems, images, n=1, sampling=Sampling(temperature=0.0, max_new_tokens=max_new_tokens))
+    g_scores = [score(g[0].text, e.answer, e.choices) for g, e in zip(greedy, examples)]
+    acc = [s.accuracy for s in g_scores]
+    conf = [answer_confidence(processor.tokenizer, g[0].token_ids, g[0].logprobs) for g in greedy]
+    metrics = {}
+    metrics["accuracy"], metrics["accuracy_ci95"] = mean_confidence_interval(acc)
+    metrics["format"] = sum(s.format for s in g_scores) / len(g_scores)
+    metrics["ece"] = expected_calibration_error(conf, [a > 0 for a in acc])
+    sampled = engine.generate(problems, images, n=n_samples,
+                              sampling=Sampling(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed))
+    correct, answers, rewards = [], [], []
+    for group, e in zip(sampled, examples):
+        scores = [score(c.text, e.answer, e.choices) for c in group]
+        correct.append(sum(int(s.accuracy) for s in scores))
+        answers.append([extract_answer(c.text) for c in group])
+        rewards += [s.reward for s in scores]
+    for k in ks:
+        m, lo, hi = pass_at_k_interval(correct, n_samples, k, seed=seed)
+        metrics[f"pass@{k}"], metrics[f"pass@{k}_lo"], metrics[f"pass@{k}_hi"] = m, lo, hi
+    metrics["diversity"] = answer_diversity(answers)
+    metrics["sample_reward"] = sum(rewards) / len(rewards)
+    samples = {"problems": problems, "images": images, "completions": [c for g in sampled for c in g],
+               "pass_curve": pass_at_k_curve(correct, n_samples),
+               "examples": [{"problem": e.problem, "answer": e.answer, "greedy": g[0].text}
+                            for e, g in list(zip(examples, greedy))[:4]]}
+    return metrics, samples

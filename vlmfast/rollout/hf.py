@@ -1,0 +1,108 @@
+"""HF engine: transformers `generate` on the training model itself (CPU and GPU), batched.
+
+The sampler log-probs come from the scores `generate` actually sampled from (after temperature,
+top-k and top-p), so with top_k=0 and top_p=1 they equal a forward pass of the model at the same
+temperature on the generated tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..data.collate import collate, collate_token_responses
+from ..models import NOT_MODEL_INPUTS, trunk_hidden
+from ..ops import token_stats
+from .base import Completion, Sampling, check_batch
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class HFEngine:
+    def __init__(self, model, processor, *, batch_size: int = 64):
+        self.model, self.processor, self.batch_size = model, processor, batch_size
+        tok = processor.tokenizer
+        self.eos_id = tok.convert_tokens_to_ids("<|im_end|>")
+        self.pad_id = tok.pad_token_id
+
+    def sync_weights(self, model) -> None:
+        """The HF engine samples from the trainer's own model: nothing to copy unless given another."""
+        if model is not self.model:
+            trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            self.model.load_state_dict(trainable, strict=False)
+
+    @torch.no_grad()
+    def generate(self, problems: list[str], images: list[list], n: int = 1, sampling: Sampling = Sampling()):
+        check_batch(problems, images, n)
+        out: list[list[Completion]] = []
+        per_batch = max(1, self.batch_size // n)
+        rng = torch.random.fork_rng(devices=[]) if sampling.seed is not None else contextlib.nullcontext()
+        with rng, _eval_mode(self.model):
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+            for i in range(0, len(problems), per_batch):
+                ps, ims = problems[i : i + per_batch], images[i : i + per_batch]
+                rep_p = [p for p in ps for _ in range(n)]
+                rep_i = [im for im in ims for _ in range(n)]
+                flat = self._generate_batch(rep_p, rep_i, sampling)
+                out += [flat[j * n : (j + 1) * n] for j in range(len(ps))]
+        return out
+
+    def _generate_batch(self, problems, images, sampling: Sampling) -> list[Completion]:
+        batch = collate(self.processor, problems, images)
+        device = next(self.model.parameters()).device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        kw = dict(max_new_tokens=sampling.max_new_tokens, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+                  return_dict_in_generate=True, output_scores=True)
+        if sampling.greedy:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kw.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+        res = self.model.generate(**batch, **kw)
+        new = res.sequences[:, batch["input_ids"].shape[1] :]
+        # log-probs under the processed scores: the distribution each token was drawn from
+        # (greedy: the temperature-1 distribution)
+        steps = torch.stack(res.scores, 1).float()  # [B, L, V]
+        logp = torch.log_softmax(steps, -1).gather(-1, new[..., None])[..., 0]
+        out = []
+        for b in range(new.shape[0]):
+            ids = new[b].tolist()
+            finish = "length"
+            if self.eos_id in ids:
+                ids = ids[: ids.index(self.eos_id) + 1]
+                finish = "stop"
+            text = self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+            out.append(Completion(token_ids=ids, text=text, logprobs=logp[b, : len(ids)].tolist(),
+                                  finish_reason=finish))
+        return out
+
+    @torch.no_grad()
+    def score(self, problems: list[str], images: list[list], response_ids: list[list[int]], *,
+              temperature: float = 1.0) -> list[list[float]]:
+        """Per-token log-probs of each response (token ids) under the engine's model at `temperature`."""
+        check_batch(problems, images, 1)
+        if len(response_ids) != len(problems):
+            raise ValueError(f"{len(problems)} prompts but {len(response_ids)} responses")
+        out = []
+        device = next(self.model.parameters()).device
+        with _eval_mode(self.model):
+            for i in range(0, len(problems), self.batch_size):
+                sl = slice(i, i + self.batch_size)
+                batch = collate_token_responses(self.processor, problems[sl], images[sl], response_ids[sl])
+                batch = {k: v.to(device) for k, v in batch.items()}
+                hidden = trunk_hidden(self.model, **{k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS})
+                logp = token_stats(hidden, self.model.lm_head.weight, batch["labels"], temperature=temperature,
+                                   outputs=("logp",)).logp
+                for b, ids in enumerate(response_ids[sl]):
+                    start = int(batch["prompt_lengths"][b]) - 1
+                    out.append(logp[b, start : start + len(ids)].tolist())
+        return out

@@ -1,0 +1,220 @@
+"""What differs between stages: how a step's batch and loss are made. One small function per stage
+type; the loop in train.py shares everything else.
+
+Each `*_step(ctx, step)` returns (loss, metrics) for the policy `ctx.model`; the loss is computed
+through `call_head` (the fused op as the lm_head's forward: ZeRO-3 safe) and never sees full logits.
+Data order and sampling seeds are functions of (run seed, stage index, step), so a resumed run sees
+exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from .data.collate import collate, collate_token_responses
+from .data.prompts import target_response
+from .losses import cw_dpo_loss, dpo_loss, group_advantages, grpo_loss, opd_loss, sft_gentle_negatives_loss, sft_loss
+from .models import NOT_MODEL_INPUTS, call_head, trunk_hidden
+from .ops import sequence_mean, token_stats
+from .rewards import extract_answer, is_correct, score
+from .rollout import Sampling, mismatch
+
+
+@dataclass
+class StageContext:
+    cfg: object  # Config
+    stage: object  # StageConfig
+    index: int
+    model: object  # the policy (engine.module)
+    processor: object
+    train: list  # Examples
+    engine: object = None  # rollout engine on the policy
+    reference: object = None  # frozen pi_ref (dpo, cw_dpo, grpo with kl)
+    teacher: object = None  # opd
+    l_floor: float | str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def step_seed(ctx: StageContext, step: int) -> int:
+    return (ctx.cfg.run.seed * 1_000_003 + ctx.index * 10_007 + step) % (2**31 - 1)
+
+
+def batch_examples(ctx: StageContext, step: int, n: int) -> list:
+    g = torch.Generator().manual_seed(step_seed(ctx, step))
+    return [ctx.train[i] for i in torch.randint(len(ctx.train), (n,), generator=g).tolist()]
+
+
+def _inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
+
+
+def _target(ctx, answer: str) -> str:
+    return target_response(ctx.cfg.data.reasoning, answer)
+
+
+def _dataset_negative(ex, rng: random.Random) -> str:
+    if ex.negatives:
+        return rng.choice(ex.negatives)
+    if ex.choices:
+        return rng.choice([c for c in ex.choices if c != ex.answer] or ex.choices)
+    try:
+        return str(int(float(ex.answer)) + rng.choice((-1, 1)))
+    except ValueError:
+        return ex.answer + "?"
+
+
+def sft_step(ctx: StageContext, step: int):
+    s = ctx.stage
+    exs = batch_examples(ctx, step, s.batch_size)
+    b = collate(ctx.processor, [e.problem for e in exs], [e.images for e in exs], [_target(ctx, e.answer) for e in exs])
+    hidden = trunk_hidden(ctx.model, **_inputs(b))  # [B, T, H]
+    if s.gentle is None:
+        return call_head(ctx.model, hidden, lambda h, w: sft_loss(h, w, b["labels"], temperature=s.temperature,
+                                                                  label_smoothing=s.label_smoothing))
+    rng = random.Random(step_seed(ctx, step))
+    nb = collate(ctx.processor, [e.problem for e in exs], [e.images for e in exs],
+                 [_target(ctx, _dataset_negative(e, rng)) for e in exs])
+    neg_hidden = trunk_hidden(ctx.model, **_inputs(nb))
+    return call_head(ctx.model, hidden, lambda h, w: sft_gentle_negatives_loss(
+        h, w, b["labels"], neg_hidden, nb["labels"], temperature=s.temperature, **s.gentle))
+
+
+def _sample(ctx, exs, n, step):
+    s = ctx.stage
+    return ctx.engine.generate([e.problem for e in exs], [e.images for e in exs], n=n,
+                               sampling=Sampling(temperature=s.temperature, max_new_tokens=s.max_new_tokens,
+                                                 seed=step_seed(ctx, step)))
+
+
+def _sampler_logp_grid(completions, batch) -> torch.Tensor:
+    """Sampler log-probs laid out like batch['labels'] (0 elsewhere)."""
+    grid = torch.zeros(batch["labels"].shape)
+    for b, c in enumerate(completions):
+        start = int(batch["prompt_lengths"][b]) - 1
+        grid[b, start : start + len(c.token_ids)] = torch.tensor(c.logprobs)
+    return grid
+
+
+def grpo_step(ctx: StageContext, step: int):
+    s = ctx.stage
+    exs = batch_examples(ctx, step, s.batch_size)
+    groups = _sample(ctx, exs, s.group_size, step)
+    flat = [c for g in groups for c in g]
+    rep = [e for e in exs for _ in range(s.group_size)]
+    scores = [score(c.text, e.answer, e.choices) for c, e in zip(flat, rep)]
+    rewards = torch.tensor([x.reward for x in scores])
+    adv = group_advantages(rewards, s.group_size, scale=s.advantage_scale)
+    b = collate_token_responses(ctx.processor, [e.problem for e in rep], [e.images for e in rep],
+                                [c.token_ids for c in flat])
+    labels = b["labels"]
+    hidden = trunk_hidden(ctx.model, **_inputs(b))
+    W = ctx.model.lm_head.weight
+    with torch.no_grad():  # old log-probs recomputed by the trainer (one update per rollout batch)
+        old = call_head(ctx.model, hidden.detach(), lambda h, w: token_stats(
+            h, w, labels, temperature=s.temperature, outputs=("logp",)).logp)
+        ref = None
+        if ctx.reference is not None and s.kl_coef > 0:
+            rh = trunk_hidden(ctx.reference, **_inputs(b))
+            ref = token_stats(rh, ctx.reference.lm_head.weight, labels, temperature=s.temperature,
+                              outputs=("logp",)).logp
+    del W
+    loss, m = call_head(ctx.model, hidden, lambda h, w: grpo_loss(
+        h, w, labels, old, adv, ref_logp=ref, clip_low=s.clip_low, clip_high=s.clip_high, dual_clip=s.dual_clip,
+        kl_coef=s.kl_coef, entropy_coef=s.entropy_coef, aggregation=s.aggregation, temperature=s.temperature))
+    mask = labels != -100
+    sampler = _sampler_logp_grid(flat, b)
+    m["sampler_mismatch"] = torch.tensor(mismatch([sampler[i][mask[i]].tolist() for i in range(len(flat))],
+                                                  [old[i][mask[i]].tolist() for i in range(len(flat))]))
+    m["reward"] = rewards.mean()
+    m["accuracy"] = torch.tensor(sum(x.accuracy for x in scores) / len(scores))
+    m["format"] = torch.tensor(sum(x.format for x in scores) / len(scores))
+    m["response_tokens"] = mask.sum(1).float().mean()
+    return loss, m
+
+
+def opd_step(ctx: StageContext, step: int):
+    s = ctx.stage
+    exs = batch_examples(ctx, step, s.batch_size)
+    flat = [g[0] for g in _sample(ctx, exs, 1, step)]  # y ~ pi_student
+    b = collate_token_responses(ctx.processor, [e.problem for e in exs], [e.images for e in exs],
+                                [c.token_ids for c in flat])
+    hidden = trunk_hidden(ctx.model, **_inputs(b))
+    with torch.no_grad():  # the teacher sees exactly the same image and prompt
+        th = trunk_hidden(ctx.teacher, **_inputs(b))
+    if s.opd_mode == "full":
+        teacher = (th, ctx.teacher.lm_head.weight.detach())
+        return call_head(ctx.model, hidden, lambda h, w: opd_loss(h, w, b["labels"], teacher=teacher,
+                                                                  temperature=s.temperature))
+    with torch.no_grad():
+        t_logp = token_stats(th, ctx.teacher.lm_head.weight, b["labels"], temperature=s.temperature,
+                             outputs=("logp",)).logp
+    return call_head(ctx.model, hidden, lambda h, w: opd_loss(h, w, b["labels"], teacher_logp=t_logp,
+                                                              temperature=s.temperature))
+
+
+def _preference_batch(ctx, exs, step):
+    """Chosen = the gold answer; rejected = the policy's own wrong answer with probability rho_mix
+    (when it produces one), else a dataset negative."""
+    s = ctx.stage
+    rng = random.Random(step_seed(ctx, step))
+    on_policy = [rng.random() < s.on_policy_fraction for _ in exs]
+    rejected = [None] * len(exs)
+    idx = [i for i, flag in enumerate(on_policy) if flag]
+    if idx:
+        groups = _sample(ctx, [exs[i] for i in idx], 4, step)
+        for i, g in zip(idx, groups):
+            for c in g:
+                ans = extract_answer(c.text)
+                if ans is not None and not is_correct(ans, exs[i].answer, exs[i].choices):
+                    rejected[i] = _target(ctx, ans)
+                    break
+    n_on = sum(r is not None for r in rejected)
+    rejected = [r if r is not None else _target(ctx, _dataset_negative(e, rng)) for r, e in zip(rejected, exs)]
+    chosen = [_target(ctx, e.answer) for e in exs]
+    problems = [e.problem for e in exs] * 2
+    images = [e.images for e in exs] * 2
+    return collate(ctx.processor, problems, images, chosen + rejected), n_on / len(exs)
+
+
+def dpo_step(ctx: StageContext, step: int):
+    s = ctx.stage
+    exs = batch_examples(ctx, step, s.batch_size)
+    b, on_policy_share = _preference_batch(ctx, exs, step)
+    B = len(exs)
+    with torch.no_grad():  # pi_ref: the policy at stage start
+        rh = trunk_hidden(ctx.reference, **_inputs(b))
+        r = token_stats(rh, ctx.reference.lm_head.weight, b["labels"], temperature=s.temperature,
+                        outputs=("logp",), per_sequence=True)
+    ref_c, ref_r = r.seq_logp[:B], r.seq_logp[B:]
+    hidden = trunk_hidden(ctx.model, **_inputs(b))
+    if s.type == "dpo":
+        loss, m = call_head(ctx.model, hidden, lambda h, w: dpo_loss(h, w, b["labels"], ref_c, ref_r, beta=s.beta,
+                                                                     temperature=s.temperature))
+    else:
+        loss, m = call_head(ctx.model, hidden, lambda h, w: cw_dpo_loss(
+            h, w, b["labels"], ref_c, ref_r, beta=s.beta, tau_c=s.tau_c, l_floor=ctx.l_floor,
+            temperature=s.temperature))
+    m["on_policy_negatives"] = torch.tensor(on_policy_share)
+    return loss, m
+
+
+@torch.no_grad()
+def auto_l_floor(ctx: StageContext, n: int = 64) -> float:
+    """l_floor: auto = mean lbar of the (dataset) negatives under the policy at stage start."""
+    rng = random.Random(ctx.cfg.run.seed)
+    exs = ctx.train[: min(n, len(ctx.train))]
+    out = []
+    for i in range(0, len(exs), 16):
+        part = exs[i : i + 16]
+        b = collate(ctx.processor, [e.problem for e in part], [e.images for e in part],
+                    [_target(ctx, _dataset_negative(e, rng)) for e in part])
+        hidden = trunk_hidden(ctx.model, **_inputs(b))
+        r = token_stats(hidden, ctx.model.lm_head.weight, b["labels"], outputs=("logp",), per_sequence=True)
+        out += sequence_mean(r.seq_logp, r.seq_count).tolist()
+    return sum(out) / len(out)
+
+
+STEP_FUNCTIONS = {"sft": sft_step, "opd": opd_step, "grpo": grpo_step, "dpo": dpo_step, "cw_dpo": dpo_step}

@@ -1,0 +1,393 @@
+"""The thin DeepSpeed trainer: one stage at a time, every stage the same loop.
+
+    deepspeed -m vlmfast.train --config recipes/X.yaml [key=value ...]     # any number of ranks
+    python -m vlmfast.train --config recipes/X.yaml [key=value ...]        # one process
+    vlmfast train --config recipes/X.yaml
+
+Per step:  batch -> trunk hidden states [B, T, H] -> loss (vlmfast.losses, through the lm_head's
+forward) -> engine.backward -> engine.step -> metrics.jsonl.  Every eval.every steps and at stage
+boundaries: greedy accuracy, pass@k, diversity, ECE, entropy on own samples, Δlog p probes, on the
+validation split and every extra eval split. Early stopping keeps the best checkpoint and the next
+stage starts from it. Checkpoints are atomic; `run.resume: auto` continues a killed run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .config import Config, ConfigError, load_config
+from .data.prompts import target_response
+from .evaluate import evaluate_policy
+from .models import load_model, tiny_vlm
+from .probes import DeltaLogpProbe, EarlyStopping, sample_entropy
+from .rollout import Sampling, make_engine
+from .stages import STEP_FUNCTIONS, StageContext, auto_l_floor
+
+FAIL_AT_ENV = "VLMFAST_FAIL_AT_STEP"  # tests: "stage:step" raises there, as a killed run would stop
+
+
+class SimulatedKill(RuntimeError):
+    pass
+
+
+def _init_distributed(device: str) -> None:
+    """Single process: give torch.distributed a one-rank world (the deepspeed launcher sets these)."""
+    import deepspeed
+
+    if torch.distributed.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
+
+
+def _is_main() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def ds_config(cfg: Config, micro_batch: int) -> dict:
+    d = cfg.deepspeed
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": d.grad_accum,
+        "gradient_clipping": d.grad_clip,
+        "zero_optimization": {"stage": d.zero_stage},
+        "bf16": {"enabled": d.precision == "bf16"},
+        "fp16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _optimizer(cfg: Config, stage, model, device: str):
+    """AdamW over trainable params; the vision tower's lr is scaled by model.vision_lr_mult."""
+    vision, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (vision if ".visual." in f".{name}" and "merger" not in name else rest).append(p)
+    groups = [{"params": rest, "lr": stage.lr}]
+    if vision:
+        groups.append({"params": vision, "lr": stage.lr * cfg.model.vision_lr_mult})
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    if device == "cuda":
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(groups, lr=stage.lr, weight_decay=stage.weight_decay)
+    return torch.optim.AdamW(groups, lr=stage.lr, weight_decay=stage.weight_decay)
+
+
+def _set_lr(optimizer, stage, step: int) -> None:
+    """Linear warm-up then constant: a pure function of the step (nothing to checkpoint)."""
+    scale = min(1.0, (step + 1) / stage.warmup_steps) if stage.warmup_steps else 1.0
+    for g in optimizer.param_groups:
+        g["lr"] = g["base_lr"] * scale
+
+
+def load_data(cfg: Config) -> dict:
+    """{"train": [...], "val": [...], <extra eval split>: [...]} of Examples."""
+    from .data import read_geometry3k, read_mathvista
+
+    d = cfg.data
+    reader = read_geometry3k if d.format == "geometry3k" else read_mathvista
+    paths = {}
+    if d.synthetic is not None:
+        from .data.synthetic import build_task
+
+        s = d.synthetic
+        root = Path(cfg.run.out_dir) / ".data" / f"synthetic-{s.seed}-{s.train}-{s.val}-{s.ood}-{s.image_size}"
+        if not all((root / f"{k}.parquet").exists() for k in ("train", "val", "ood")):
+            if _is_main():
+                build_task(root, sizes={"train": s.train, "val": s.val, "ood": s.ood}, seed=s.seed,
+                           image_size=s.image_size)
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()
+        paths = {"train": root / "train.parquet", "val": root / "val.parquet", "ood": root / "ood.parquet"}
+        from .data import read_geometry3k as reader  # the synthetic task is in Geometry3K format
+    if d.train:
+        paths["train"] = Path(d.train)
+    if d.val:
+        paths["val"] = Path(d.val)
+    paths.update({k: Path(v) for k, v in d.eval_splits.items()})
+    return {k: reader(p) for k, p in paths.items()}
+
+
+def _load_policy(cfg: Config, path: str | None, device: str, processor=None):
+    m = cfg.model
+    if path is None and m.path.startswith("tiny:"):
+        model, proc = tiny_vlm(m.path[5:], seed=cfg.run.seed, processor=processor)
+        from .models import freeze
+
+        freeze(model, vision=m.freeze_vision, projector=m.freeze_projector, llm=m.freeze_llm)
+        return model.to(device), proc
+    return load_model(path or m.path, dtype=m.dtype, attn_implementation=m.attn_implementation,
+                      gradient_checkpointing=m.gradient_checkpointing, liger=m.liger, device=device,
+                      freeze_vision=m.freeze_vision, freeze_projector=m.freeze_projector, freeze_llm=m.freeze_llm)
+
+
+class MetricsLog:
+    """metrics.jsonl (+ TensorBoard events when tensorboard is installed), written by rank 0."""
+
+    def __init__(self, run_dir: Path, keep_until: tuple[int, int] | None):
+        self.path = run_dir / "metrics.jsonl"
+        self.writer = None
+        if not _is_main():
+            return
+        if keep_until is not None and self.path.exists():
+            # resume: drop records past the checkpoint we continue from
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line and (lambda r: (r["stage_index"], r["step"]) <= keep_until)(json.loads(line))]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif keep_until is None and self.path.exists():
+            self.path.unlink()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:
+            self.writer = None
+
+    def write(self, record: dict) -> None:
+        if not _is_main():
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            gstep = record["stage_index"] * 1_000_000 + record["step"]
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "stage_index"):
+                    self.writer.add_scalar(f"{record['stage']}/{k}", v, gstep)
+
+
+def _scalar(v):
+    return v.item() if isinstance(v, torch.Tensor) else v
+
+
+def evaluate(cfg: Config, stage_name: str, model, processor, data: dict, probe: DeltaLogpProbe | None,
+             seed: int) -> tuple[dict, list]:
+    e = cfg.eval
+    engine = make_engine("hf", model, processor)
+    metrics, shown = {}, []
+    for split, examples in data.items():
+        if split == "train":
+            continue
+        part = examples[: e.num_problems]
+        m, samples = evaluate_policy(engine, processor, part, n_samples=e.n_samples, ks=e.k,
+                                     temperature=e.temperature, max_new_tokens=e.max_new_tokens, seed=seed)
+        reps = [p for p in samples["problems"] for _ in range(e.n_samples)]
+        imgs = [i for i in samples["images"] for _ in range(e.n_samples)]
+        m.update(sample_entropy(model, processor, reps, imgs, samples["completions"]))
+        metrics.update({f"{split}/{k}": v for k, v in m.items()})
+        metrics[f"{split}/pass_curve"] = samples["pass_curve"]
+        shown += [{"split": split, **x} for x in samples["examples"]]
+    if probe is not None:
+        greedy = engine.generate(probe.problems, probe.images, n=1,
+                                 sampling=Sampling(temperature=0.0, max_new_tokens=e.max_new_tokens))
+        metrics.update(probe(model, processor, [g[0].text for g in greedy]))
+    return metrics, shown
+
+
+def _make_probe(cfg: Config, data: dict) -> DeltaLogpProbe | None:
+    n = cfg.eval.probes
+    val = data.get("val") or []
+    if not n or not val:
+        return None
+    rng = random.Random(cfg.run.seed)
+    exs = val[-n:]  # held out from the evaluation slice when the split is large enough
+    neg = [(e.negatives and rng.choice(e.negatives)) or e.answer + "?" for e in exs]
+    return DeltaLogpProbe(problems=[e.problem for e in exs], images=[e.images for e in exs],
+                          positives=[target_response(cfg.data.reasoning, e.answer) for e in exs],
+                          negatives=[target_response(cfg.data.reasoning, x) for x in neg])
+
+
+def run(cfg: Config) -> dict:
+    """Run every stage of the recipe in order; returns {stage name: final eval metrics}."""
+    torch.set_num_threads(cfg.run.threads)
+    device = cfg.run.device if cfg.run.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    _init_distributed(device)
+    run_dir = cfg.run_dir
+    ckpt_root = run_dir / "checkpoints"
+    if _is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    resume_from = ckpt.latest(ckpt_root) if cfg.run.resume == "auto" else None
+    state = ckpt.read_state(resume_from) if resume_from else None
+    keep = (state["stage_index"], state["step"]) if state else None
+    log = MetricsLog(run_dir, keep)
+    data = load_data(cfg)
+    probe = _make_probe(cfg, data)
+    if probe is not None and state and state.get("probe_baseline"):
+        probe.baseline = state["probe_baseline"]
+    timings = dict(state.get("timings", {})) if state else {}
+    results = dict(state.get("results", {})) if state else {}
+    start_stage = state["stage_index"] if state else 0
+    # the policy a stage starts from: the previous stage's final (best) checkpoint
+    policy_path = state["stage_start"] if state else None
+    processor = None
+    for si in range(start_stage, len(cfg.stages)):
+        stage = cfg.stages[si]
+        name = stage.name or f"{si}-{stage.type}"
+        resuming = state is not None and si == state["stage_index"] and not state.get("stage_done")
+        if state is not None and si == state["stage_index"] and state.get("stage_done"):
+            policy_path = state["next_stage_start"]
+            continue
+        model, processor = _load_policy(cfg, policy_path, device, processor)
+        t0 = time.time()
+        final_path, metrics = run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, probe,
+                                        policy_path, state if resuming else None, timings, results)
+        timings[name] = timings.get(name, 0.0) + time.time() - t0
+        results[name] = metrics
+        policy_path = str(final_path)
+        state = None
+    if _is_main():
+        (run_dir / "results.json").write_text(json.dumps({"results": results, "timings_s": timings,
+                                                          "final_model": policy_path}, indent=1))
+    return results
+
+
+def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, probe, start_path, state, timings,
+              results):
+    import deepspeed
+
+    micro = stage.batch_size * (stage.group_size if stage.type == "grpo" else 1)
+    optimizer = _optimizer(cfg, stage, model, next(model.parameters()).device.type)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                   config=ds_config(cfg, micro))
+    policy = engine.module
+    ctx = StageContext(cfg=cfg, stage=stage, index=si, model=policy, processor=processor, train=data["train"])
+    ctx.engine = make_engine(stage.engine, policy, processor)
+    if stage.type in ("dpo", "cw_dpo") or (stage.type == "grpo" and stage.kl_coef > 0):
+        ctx.reference = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref <- policy at stage start
+    if stage.type == "opd":
+        ctx.teacher = _load_policy(cfg, stage.teacher if not stage.teacher.startswith("tiny:") else None,
+                                   next(policy.parameters()).device.type, processor)[0].eval().requires_grad_(False)
+        if ctx.teacher.lm_head.weight.shape[0] != policy.lm_head.weight.shape[0]:
+            raise ConfigError(f"stages[{si}].teacher: vocabulary {ctx.teacher.lm_head.weight.shape[0]} differs "
+                              f"from the student's {policy.lm_head.weight.shape[0]}")
+    stopper = None
+    if stage.early_stopping is not None:
+        es = stage.early_stopping
+        stopper = EarlyStopping(metric=es.metric, mode=es.mode, patience=es.patience, min_delta=es.min_delta)
+    start_step, best_tag = 0, None
+    if state is not None:
+        engine.load_checkpoint(str(ckpt_root / state["tag"]), tag="engine")
+        ckpt.set_rng_state(state["rng"])
+        start_step = state["step"]
+        best_tag = state.get("best_tag")
+        if stopper is not None and state.get("early_stopping"):
+            stopper.load_state_dict(state["early_stopping"])
+        ctx.l_floor = state.get("l_floor")
+    if stage.type == "cw_dpo" and ctx.l_floor is None:
+        ctx.l_floor = auto_l_floor(ctx) if stage.l_floor == "auto" else stage.l_floor
+    step_fn = STEP_FUNCTIONS[stage.type]
+    fail_at = os.environ.get(FAIL_AT_ENV)
+
+    def save(tag, step, **extra):
+        return ckpt.save(ckpt_root, tag, engine, policy, processor, {
+            "stage_index": si, "stage": name, "step": step, "tag": tag, "stage_start": start_path,
+            "best_tag": best_tag, "early_stopping": stopper.state_dict() if stopper else None,
+            "l_floor": ctx.l_floor, "probe_baseline": probe.baseline if probe else None,
+            "timings": timings, "results": results, **extra})
+
+    def do_eval(step):
+        m, shown = evaluate(cfg, name, policy, processor, data, probe, seed=cfg.run.seed)
+        rec = {"stage": name, "stage_index": si, "step": step, "kind": "eval",
+               **{k: v for k, v in m.items() if not isinstance(v, list)}, "pass_curves": {
+                   k: v for k, v in m.items() if isinstance(v, list)}}
+        log.write(rec)
+        if _is_main():
+            with (cfg.run_dir / "samples.jsonl").open("a") as f:
+                for x in shown:
+                    f.write(json.dumps({"stage": name, "step": step, **x}) + "\n")
+        return rec
+
+    last_eval = None
+    if start_step == 0 and cfg.eval.at_start:
+        last_eval = do_eval(0)
+        if stopper is not None and stopper.update(0, last_eval)[0]:
+            best_tag = f"best-{si}"
+            save(best_tag, 0)
+    bar = tqdm(range(start_step, stage.steps), desc=f"{name}", initial=start_step, total=stage.steps,
+               disable=not _is_main(), dynamic_ncols=True)
+    stopped_early, done = False, start_step
+    t_last = time.time()
+    for step in bar:
+        if fail_at == f"{si}:{step}":
+            raise SimulatedKill(f"simulated kill at stage {si} step {step}")
+        _set_lr(optimizer, stage, step)
+        policy.train()
+        loss, metrics = step_fn(ctx, step)
+        engine.backward(loss)
+        engine.step()
+        done = step + 1
+        now = time.time()
+        rec = {"stage": name, "stage_index": si, "step": done, "kind": "train", "loss": loss.item(),
+               **{k: _scalar(v) for k, v in metrics.items() if k != "loss"}, "lr": optimizer.param_groups[0]["lr"],
+               "step_time_s": now - t_last}
+        t_last = now
+        if done % cfg.run.log_every == 0:
+            log.write(rec)
+        bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("loss", "reward", "entropy") if k in rec})
+        if done % cfg.eval.every == 0 or done == stage.steps:
+            last_eval = do_eval(done)
+            if stopper is not None:
+                is_best, should_stop = stopper.update(done, last_eval)
+                if is_best:
+                    best_tag = f"best-{si}"
+                    save(best_tag, done)
+                if should_stop:
+                    stopped_early = True
+        if done % cfg.run.checkpoint_every == 0 and done < stage.steps and not stopped_early:
+            save(f"step-{si}-{done}", done)
+            ckpt.prune(ckpt_root, keep={f"step-{si}-{done}"})
+        if stopped_early:
+            break
+    bar.close()
+    # hand-off: the best checkpoint under early stopping, else the last weights
+    final_tag = best_tag if (stopper is not None and best_tag) else f"final-{si}"
+    if final_tag == f"final-{si}":
+        save(final_tag, done)
+    final_path = ckpt_root / final_tag / "hf"
+    ckpt.save(ckpt_root, f"done-{si}", engine, policy, processor, {
+        "stage_index": si, "stage": name, "step": stage.steps, "tag": f"done-{si}", "stage_done": True,
+        "next_stage_start": str(final_path), "stage_start": start_path, "timings": timings,
+        "results": {**results, name: last_eval}, "probe_baseline": probe.baseline if probe else None},
+        with_engine=False)
+    ckpt.prune(ckpt_root, keep=set())
+    return final_path, last_eval
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="vlmfast train", description="vlmfast trainer (see module docstring)")
+    ap.add_argument("--config", required=True, help="YAML recipe")
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
+    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.0.lr=1e-4")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
