@@ -37,8 +37,9 @@ def test_n_samples_per_prompt_and_seeds_reproduce(engine, prompts):
     for g in a:
         for comp in g:
             assert len(comp.logprobs) == len(comp.token_ids) and all(lp <= 0 for lp in comp.logprobs)
-            assert comp.finish_reason in ("stop", "length")
-            assert comp.finish_reason == "length" or comp.token_ids[-1] == engine.eos_id
+            assert comp.finish_reason in ("stop", "length", "vision_token")
+            assert comp.finish_reason != "stop" or comp.token_ids[-1] == engine.eos_id
+            assert not set(comp.token_ids) & engine.vision_ids
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
@@ -71,10 +72,14 @@ def test_stops_at_end_of_turn_or_length(prompts):
     out = make_engine("hf", model, proc).generate(*prompts, n=2, sampling=Sampling(temperature=1.0, max_new_tokens=6))
     assert all(c.token_ids == [eos] and c.finish_reason == "stop" for g in out for c in g)
     assert all(abs(c.logprobs[0]) < 1e-6 for g in out for c in g)
-    other = proc.tokenizer.convert_tokens_to_ids("<think>") if "<think>" in proc.tokenizer.get_vocab() else 5
+    other = proc.tokenizer("red", add_special_tokens=False)["input_ids"][0]  # an ordinary token
     _biased_head(model, other)
     out = make_engine("hf", model, proc).generate(*prompts, n=1, sampling=Sampling(temperature=0.0, max_new_tokens=6))
     assert all(g[0].token_ids == [other] * 6 and g[0].finish_reason == "length" for g in out)
+    image_pad = proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    _biased_head(model, image_pad)  # a sampled vision token ends the completion before it
+    out = make_engine("hf", model, proc).generate(*prompts, n=1, sampling=Sampling(temperature=0.0, max_new_tokens=6))
+    assert all(g[0].token_ids == [] and g[0].finish_reason == "vision_token" for g in out)
 
 
 def test_greedy_is_deterministic_without_seed(engine, prompts):
@@ -92,3 +97,11 @@ def test_bad_sampling_and_batch():
         make_engine("tgi", None, None)
     with pytest.raises(ValueError, match="differ in length"):
         mismatch([[0.1, 0.2]], [[0.1]])
+
+
+def test_end_of_completion_rules():
+    from vlmfast.rollout.base import end_of_completion
+
+    assert end_of_completion([5, 6, 2, 7], eos_id=2, vision_ids={9}) == ([5, 6, 2], "stop")
+    assert end_of_completion([5, 9, 2], eos_id=2, vision_ids={9}) == ([5], "vision_token")
+    assert end_of_completion([5, 6], eos_id=2, vision_ids={9}) == ([5, 6], "length")

@@ -2,10 +2,8 @@
 loss the right way, a pipeline hands its checkpoint on, a killed run resumes to the same metrics."""
 
 import json
-import os
 
 import pytest
-import torch
 
 from vlmfast.config import load_config
 from vlmfast.train import FAIL_AT_ENV, SimulatedKill, main, run

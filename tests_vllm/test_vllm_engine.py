@@ -7,6 +7,7 @@ import torch
 
 from vlmfast.data.prompts import messages
 from vlmfast.rollout import Sampling
+from vlmfast.rollout.base import end_of_completion, vision_token_ids
 from vlmfast.rollout.vllm_engine import VLLMEngine
 
 PROBLEMS = ["How many red shapes are in the image?", "What is the colour of the largest shape?"]
@@ -35,7 +36,7 @@ def hf_greedy(model, tok, problem, max_new_tokens):
     with torch.no_grad():
         out = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
                              pad_token_id=tok.pad_token_id)
-    return out[0, ids.shape[1] :].tolist()
+    return end_of_completion(out[0, ids.shape[1] :].tolist(), eos, vision_token_ids(tok))[0]
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

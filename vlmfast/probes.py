@@ -43,7 +43,7 @@ def _answer_mask(processor, response_ids: list[list[int]], T: int, prompt_length
     for b, ids in enumerate(response_ids):
         text = ""
         spans = []
-        for j, t in enumerate(ids):
+        for t in ids:
             piece = tok.decode([t])
             spans.append((len(text), len(text) + len(piece)))
             text += piece

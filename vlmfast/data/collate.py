@@ -78,6 +78,11 @@ def collate(processor, problems: list[str], images: list[list], responses: list[
 def collate_token_responses(processor, problems: list[str], images: list[list], response_ids: list[list[int]]):
     """Like `collate`, but responses are token ids (as sampled), appended to the prompts untouched:
     no re-tokenisation, so per-token log-probs line up with the sampler's."""
+    image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    for i, resp in enumerate(response_ids):
+        if image_id in resp:
+            raise ValueError(f"response {i} contains the image token <|image_pad|> (id {image_id}): it would be read "
+                             "as an image slot; suppress vision tokens when sampling")
     prompts = collate(processor, problems, images)  # left padded prompt batch
     ids, mask = prompts["input_ids"], prompts["attention_mask"]
     pad = processor.tokenizer.pad_token_id

@@ -13,6 +13,27 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+# A sampled vision token would be read as an image slot with no image behind it: a completion ends
+# before it (finish_reason "vision_token"). Suppressing them instead would change the distribution
+# sampled from, and the sampler's log-probs would no longer be the policy's.
+VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+
+
+def vision_token_ids(tokenizer) -> set[int]:
+    vocab = tokenizer.get_vocab()
+    return {vocab[t] for t in VISION_TOKENS if t in vocab}
+
+
+def end_of_completion(ids: list[int], eos_id: int, vision_ids: set[int]) -> tuple[list[int], str]:
+    """Cut generated ids after the first end of turn ("stop") or before the first vision token
+    ("vision_token"); otherwise the budget ran out ("length")."""
+    for j, t in enumerate(ids):
+        if t == eos_id:
+            return ids[: j + 1], "stop"
+        if t in vision_ids:
+            return ids[:j], "vision_token"
+    return ids, "length"
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -42,7 +63,7 @@ class Completion:
     token_ids: list[int]
     text: str
     logprobs: list[float]  # one per token: log-prob under the distribution sampled from
-    finish_reason: str  # "stop" (end of turn generated) or "length"
+    finish_reason: str  # "stop" (end of turn generated), "length" or "vision_token" (cut before one)
     meta: dict = field(default_factory=dict)
 
 

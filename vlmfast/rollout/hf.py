@@ -14,7 +14,7 @@ import torch
 from ..data.collate import collate, collate_token_responses
 from ..models import NOT_MODEL_INPUTS, trunk_hidden
 from ..ops import token_stats
-from .base import Completion, Sampling, check_batch
+from .base import Completion, Sampling, check_batch, end_of_completion, vision_token_ids
 
 
 @contextlib.contextmanager
@@ -33,6 +33,7 @@ class HFEngine:
         tok = processor.tokenizer
         self.eos_id = tok.convert_tokens_to_ids("<|im_end|>")
         self.pad_id = tok.pad_token_id
+        self.vision_ids = vision_token_ids(tok)
 
     def sync_weights(self, model) -> None:
         """The HF engine samples from the trainer's own model: nothing to copy unless given another."""
@@ -41,8 +42,9 @@ class HFEngine:
             self.model.load_state_dict(trainable, strict=False)
 
     @torch.no_grad()
-    def generate(self, problems: list[str], images: list[list], n: int = 1, sampling: Sampling = Sampling()):
+    def generate(self, problems: list[str], images: list[list], n: int = 1, sampling: Sampling | None = None):
         check_batch(problems, images, n)
+        sampling = sampling or Sampling()
         out: list[list[Completion]] = []
         per_batch = max(1, self.batch_size // n)
         rng = torch.random.fork_rng(devices=[]) if sampling.seed is not None else contextlib.nullcontext()
@@ -75,11 +77,7 @@ class HFEngine:
         logp = torch.log_softmax(steps, -1).gather(-1, new[..., None])[..., 0]
         out = []
         for b in range(new.shape[0]):
-            ids = new[b].tolist()
-            finish = "length"
-            if self.eos_id in ids:
-                ids = ids[: ids.index(self.eos_id) + 1]
-                finish = "stop"
+            ids, finish = end_of_completion(new[b].tolist(), self.eos_id, self.vision_ids)
             text = self.processor.tokenizer.decode(ids, skip_special_tokens=True)
             out.append(Completion(token_ids=ids, text=text, logprobs=logp[b, : len(ids)].tolist(),
                                   finish_reason=finish))

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from ..data.prompts import messages
-from .base import Completion, Sampling, check_batch
+from .base import Completion, Sampling, check_batch, end_of_completion, vision_token_ids
 
 SUPPORTED_VLLM = ((0, 10), (0, 40))  # [min, max)
 SYNC_BUCKET_BYTES = 512 * 2**20
@@ -40,6 +40,7 @@ class VLLMEngine:
         self.vllm, self.processor = vllm, processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.eos_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.vision_ids = vision_token_ids(self.tokenizer)
         kwargs = dict(model=str(model_path), dtype=dtype, seed=seed, max_model_len=max_model_len,
                       enforce_eager=enforce_eager, enable_sleep_mode=sleep_mode,
                       worker_extension_cls="vlmfast.rollout.vllm_worker.WeightSyncExtension")
@@ -74,18 +75,19 @@ class VLLMEngine:
             skip_special_tokens=True, **extra,
         )
 
-    def generate(self, problems: list[str], images: list[list], n: int = 1, sampling: Sampling = Sampling()):
+    def generate(self, problems: list[str], images: list[list], n: int = 1, sampling: Sampling | None = None):
         check_batch(problems, images, n)
+        sampling = sampling or Sampling()
         outs = self.llm.generate([self._prompt(p, im) for p, im in zip(problems, images)],
                                  self._params(n, sampling), use_tqdm=False)
         result = []
         for o in outs:
             group = []
             for c in o.outputs:
-                ids = list(c.token_ids)
+                ids, finish = end_of_completion(list(c.token_ids), self.eos_id, self.vision_ids)
                 lps = [step[tok].logprob for tok, step in zip(ids, c.logprobs)]
-                finish = "stop" if (c.finish_reason == "stop" and ids and ids[-1] == self.eos_id) else "length"
-                group.append(Completion(token_ids=ids, text=c.text, logprobs=lps, finish_reason=finish))
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                group.append(Completion(token_ids=ids, text=text, logprobs=lps, finish_reason=finish))
             result.append(group)
         return result
 
