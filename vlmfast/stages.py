@@ -42,9 +42,22 @@ def step_seed(ctx: StageContext, step: int) -> int:
     return (ctx.cfg.run.seed * 1_000_003 + ctx.index * 10_007 + step) % (2**31 - 1)
 
 
+def world() -> tuple[int, int]:
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def batch_examples(ctx: StageContext, step: int, n: int) -> list:
+    """This rank's share of the step's global batch of n examples (n / world_size each): the same
+    global batch whatever the number of ranks, so 2 ranks match 1 process."""
+    rank, size = world()
+    if n % size:
+        raise ValueError(f"stages[{ctx.index}].batch_size={n} is not divisible by the {size} ranks")
     g = torch.Generator().manual_seed(step_seed(ctx, step))
-    return [ctx.train[i] for i in torch.randint(len(ctx.train), (n,), generator=g).tolist()]
+    idx = torch.randint(len(ctx.train), (n,), generator=g).tolist()
+    per = n // size
+    return [ctx.train[i] for i in idx[rank * per : (rank + 1) * per]]
 
 
 def _inputs(batch: dict) -> dict:

@@ -266,7 +266,10 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
               results):
     import deepspeed
 
-    micro = stage.batch_size * (stage.group_size if stage.type == "grpo" else 1)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if stage.batch_size % world:
+        raise ConfigError(f"stages[{si}].batch_size={stage.batch_size} is not divisible by the {world} ranks")
+    micro = stage.batch_size // world * (stage.group_size if stage.type == "grpo" else 1)
     optimizer = _optimizer(cfg, stage, model, next(model.parameters()).device.type)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    config=ds_config(cfg, micro))
@@ -336,6 +339,8 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
         loss, metrics = step_fn(ctx, step)
         engine.backward(loss)
         engine.step()
+        if stage.engine == "vllm":  # the rollout engine samples from the weights just updated
+            ctx.engine.sync_weights(policy)
         done = step + 1
         now = time.time()
         rec = {"stage": name, "stage_index": si, "step": done, "kind": "train", "loss": loss.item(),

@@ -120,7 +120,8 @@ def make_question(rng: random.Random, shapes: list[Shape], qtype: str, domain: s
         k = rng.choice(SHAPES)
         q, truth = t.format(shape=k), sum(s.kind == k for s in shapes)
     elif qtype == "more_than":
-        c, c2 = sorted(set(colours), key=colours.count, reverse=True)[0], rng.choice(list(COLOURS))
+        # the most frequent colour, ties broken by name (never by set order: it varies per process)
+        c, c2 = min(set(colours), key=lambda x: (-colours.count(x), x)), rng.choice(list(COLOURS))
         if colours.count(c2) > colours.count(c) or c2 == c:
             c2 = min(COLOURS, key=lambda x: (colours.count(x), x))
         q, truth = t.format(colour=c, colour2=c2), colours.count(c) - colours.count(c2)
