@@ -29,6 +29,7 @@ INSTALL_REQUIRES = [
     "psutil>=5.9",
     "pyarrow>=14",  # parquet datasets
     "tokenizers>=0.20",  # the tiny models train their tokenizer locally
+    "tensorboard>=2.15",  # run directories carry TensorBoard events
 ]
 
 EXTRAS_REQUIRE = {

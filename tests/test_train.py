@@ -33,6 +33,7 @@ def test_sft_loss_falls_and_run_dir_is_complete(tmp_path):
     run(recipe(tmp_path, [{"type": "sft", "name": "sft", "steps": 12, "lr": 3e-3, "batch_size": 8}]))
     tr = records(tmp_path)
     assert len(tr) == 12 and all(r["stage"] == "sft" for r in tr)
+    assert all(r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0 for r in tr)
     first, last = sum(r["loss"] for r in tr[:3]) / 3, sum(r["loss"] for r in tr[-3:]) / 3
     assert last < 0.7 * first
     ev = records(tmp_path, kind="eval")
@@ -43,6 +44,7 @@ def test_sft_loss_falls_and_run_dir_is_complete(tmp_path):
     assert ev[0]["dlogp_pos"] == 0.0 and ev[-1]["dlogp_pos"] > 0  # SFT raises the positives' log-prob
     run_dir = tmp_path / "t"
     assert (run_dir / "config.yaml").exists() and (run_dir / "samples.jsonl").exists()
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     results = json.loads((run_dir / "results.json").read_text())
     assert (tmp_path / "t" / "checkpoints" / "final-0" / "hf" / "config.json").exists()
     assert results["final_model"].endswith("final-0/hf") and "sft" in results["timings_s"]
@@ -50,8 +52,8 @@ def test_sft_loss_falls_and_run_dir_is_complete(tmp_path):
 
 def test_pipeline_sft_then_grpo_hands_its_checkpoint_on(tmp_path):
     stages = [{"type": "sft", "name": "sft", "steps": 6, "lr": 3e-3, "batch_size": 8},
-              {"type": "grpo", "name": "grpo", "steps": 3, "lr": 1e-4, "batch_size": 2, "group_size": 4,
-               "max_new_tokens": 8, "kl_coef": 0.01}]
+              {"type": "grpo", "name": "grpo", "steps": 4, "lr": 1e-3, "batch_size": 2, "group_size": 4,
+               "max_new_tokens": 8, "kl_coef": 0.01, "entropy_coef": 0.05, "updates_per_rollout": 2}]
     run(recipe(tmp_path, stages))
     ev = records(tmp_path, kind="eval")
     sft_end = [r for r in ev if r["stage"] == "sft"][-1]
@@ -60,7 +62,11 @@ def test_pipeline_sft_then_grpo_hands_its_checkpoint_on(tmp_path):
     assert grpo_start["step"] == 0 and grpo_start["val/accuracy"] == sft_end["val/accuracy"]
     assert grpo_start["dlogp_pos"] == pytest.approx(sft_end["dlogp_pos"], abs=1e-6)
     tr = [r for r in records(tmp_path) if r["stage"] == "grpo"]
-    assert len(tr) == 3
+    assert len(tr) == 4
+    # a new rollout at steps 1 and 3 (ratio exactly 1); the second minibatch of each rollout is
+    # scored by a policy that has moved since it sampled (ratio != 1)
+    assert abs(tr[0]["ratio_mean"] - 1) < 1e-5 and abs(tr[2]["ratio_mean"] - 1) < 1e-5
+    assert abs(tr[1]["ratio_mean"] - 1) > 1e-5
     for r in tr:
         for key in ("reward", "accuracy", "format", "entropy", "clip_frac_low", "kl", "sampler_mismatch"):
             assert key in r, key
@@ -89,6 +95,12 @@ def test_opd_reduces_kl_to_teacher(tmp_path):
     run(recipe(tmp_path, stages, name="student"))
     tr = records(tmp_path, "student")
     assert sum(r["kl"] for r in tr[-3:]) / 3 < 0.8 * sum(r["kl"] for r in tr[:3]) / 3
+    # the sampled-token form, with the teacher's log-probs from a generation engine's score()
+    stages[0].update(opd_mode="sampled", name="opd_sampled")
+    run(recipe(tmp_path, stages, name="sampled"))
+    tr = records(tmp_path, "sampled")
+    assert all("kl" in r and r["kl"] == r["kl"] for r in tr)  # the estimate mean(logp_s - logp_t), finite
+    assert sum(r["kl"] for r in tr[-3:]) / 3 < sum(r["kl"] for r in tr[:3]) / 3
 
 
 def test_killed_run_resumes_to_the_same_metrics(tmp_path, monkeypatch):

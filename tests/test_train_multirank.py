@@ -34,6 +34,17 @@ def _recipe(tmp_path, name, zero):
     return path
 
 
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK",
+             "CROSS_SIZE")
+
+
+def _clean_env(**extra):
+    """The environment without the one-rank world an in-process run of the trainer left behind."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env.update(extra)
+    return env
+
+
 def _sft_weights(tmp_path, name):
     from vlmfast.models import load_model
 
@@ -49,7 +60,7 @@ def _grpo_records(tmp_path, name):
 def single(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("single")
     res = subprocess.run([sys.executable, "-m", "vlmfast.train", "--config", str(_recipe(tmp, "one", 0))],
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, env=_clean_env())
     assert res.returncode == 0, res.stderr[-3000:]
     return _sft_weights(tmp, "one")
 
@@ -61,7 +72,7 @@ def test_two_ranks_match_one_process(single, tmp_path, zero):
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
            "--module", "vlmfast.train", "--config", str(_recipe(tmp_path, "two", zero))]
-    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    env = _clean_env(DS_ACCELERATOR="cpu")
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=800, env=env)
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
     two = _sft_weights(tmp_path, "two")

@@ -8,6 +8,7 @@ USAGE = """usage: vlmfast <command> [args]
 
 commands:
   demo              the main job: train a tiny model end to end with the fused loss (runs/demo)
+  train             run a recipe: vlmfast train --config recipes/X.yaml [key=value ...]
   inspect-kernels   compile the Triton kernels for sm_90/sm_80 and report registers, spills, smem
   version           print the version
 """
@@ -23,6 +24,10 @@ def main(argv=None) -> int:
         from .demo import main as demo_main
 
         return demo_main(rest)
+    if cmd == "train":
+        from .train import main as train_main
+
+        return train_main(rest)
     if cmd == "inspect-kernels":
         from .kernels.inspect import main as inspect_main
 

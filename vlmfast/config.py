@@ -112,6 +112,7 @@ class StageConfig:
     opd_mode: str = "full"  # full | sampled
     # grpo
     group_size: int = 4
+    updates_per_rollout: int = 1  # optimizer updates (minibatches of batch_size prompts) per rollout batch
     clip_low: float = 0.2
     clip_high: float = 0.2
     dual_clip: float | None = None
@@ -270,7 +271,9 @@ def validate(cfg: Config) -> None:
         bad("data", "give data.synthetic or data.train")
     for key, p in [("data.train", d.train), ("data.val", d.val), *((f"data.eval_splits.{k}", v)
                                                                    for k, v in d.eval_splits.items())]:
-        if p is not None and not Path(p).exists():
+        # local files must exist; "org/name:split" hub names go through the datasets library
+        looks_local = p is not None and (p.startswith((".", "/")) or p.endswith((".parquet", ".jsonl")))
+        if looks_local and not Path(p).exists():
             bad(key, f"{p} not found")
     if d.format not in ("geometry3k", "mathvista"):
         bad("data.format", f"must be geometry3k or mathvista, got {d.format!r}")
@@ -290,13 +293,14 @@ def validate(cfg: Config) -> None:
             bad(f"{key}.lr", f"must be > 0, got {s.lr}")
         if s.engine not in ("hf", "vllm"):
             bad(f"{key}.engine", f"must be hf or vllm, got {s.engine!r}")
+        if s.updates_per_rollout < 1:
+            bad(f"{key}.updates_per_rollout", f"must be >= 1, got {s.updates_per_rollout}")
         if s.type == "grpo" and s.group_size < 2:
             bad(f"{key}.group_size", f"GRPO needs >= 2 samples per prompt, got {s.group_size}")
         if s.type == "opd":
             if s.teacher is None:
                 bad(f"{key}.teacher", "opd needs a teacher checkpoint path")
-            if not s.teacher.startswith("tiny:") and not Path(s.teacher).exists() and not s.teacher.startswith(
-                    "stage:"):
+            if s.teacher.startswith((".", "/")) and not Path(s.teacher).exists():  # hub names load on use
                 bad(f"{key}.teacher", f"{s.teacher} not found")
             if s.opd_mode not in ("full", "sampled"):
                 bad(f"{key}.opd_mode", f"must be full or sampled, got {s.opd_mode!r}")

@@ -60,7 +60,10 @@ def batch_examples(ctx: StageContext, step: int, n: int) -> list:
     return [ctx.train[i] for i in idx[rank * per : (rank + 1) * per]]
 
 
-def _inputs(batch: dict) -> dict:
+def _inputs(batch: dict, ctx: StageContext | None = None) -> dict:
+    """Model inputs of a collated batch; counts its tokens for the tokens/s metric."""
+    if ctx is not None:
+        ctx.extra["tokens"] = ctx.extra.get("tokens", 0) + int(batch["attention_mask"].sum())
     return {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
 
 
@@ -83,14 +86,14 @@ def sft_step(ctx: StageContext, step: int):
     s = ctx.stage
     exs = batch_examples(ctx, step, s.batch_size)
     b = collate(ctx.processor, [e.problem for e in exs], [e.images for e in exs], [_target(ctx, e.answer) for e in exs])
-    hidden = trunk_hidden(ctx.model, **_inputs(b))  # [B, T, H]
+    hidden = trunk_hidden(ctx.model, **_inputs(b, ctx))  # [B, T, H]
     if s.gentle is None:
         return call_head(ctx.model, hidden, lambda h, w: sft_loss(h, w, b["labels"], temperature=s.temperature,
                                                                   label_smoothing=s.label_smoothing))
     rng = random.Random(step_seed(ctx, step))
     nb = collate(ctx.processor, [e.problem for e in exs], [e.images for e in exs],
                  [_target(ctx, _dataset_negative(e, rng)) for e in exs])
-    neg_hidden = trunk_hidden(ctx.model, **_inputs(nb))
+    neg_hidden = trunk_hidden(ctx.model, **_inputs(nb, ctx))
     return call_head(ctx.model, hidden, lambda h, w: sft_gentle_negatives_loss(
         h, w, b["labels"], neg_hidden, nb["labels"], temperature=s.temperature, **s.gentle))
 
@@ -111,10 +114,14 @@ def _sampler_logp_grid(completions, batch) -> torch.Tensor:
     return grid
 
 
-def grpo_step(ctx: StageContext, step: int):
+@torch.no_grad()
+def _rollout(ctx: StageContext, index: int) -> dict:
+    """One rollout batch: batch_size * updates_per_rollout prompts x group_size samples, rewards,
+    group advantages, and the old log-probs of the policy that sampled them (recomputed by the
+    trainer, so the ratio is exactly 1 at the first update and the sampler mismatch is measured)."""
     s = ctx.stage
-    exs = batch_examples(ctx, step, s.batch_size)
-    groups = _sample(ctx, exs, s.group_size, step)
+    exs = batch_examples(ctx, index, s.batch_size * s.updates_per_rollout)
+    groups = _sample(ctx, exs, s.group_size, index)
     flat = [c for g in groups for c in g]
     rep = [e for e in exs for _ in range(s.group_size)]
     scores = [score(c.text, e.answer, e.choices) for c, e in zip(flat, rep)]
@@ -123,28 +130,62 @@ def grpo_step(ctx: StageContext, step: int):
     b = collate_token_responses(ctx.processor, [e.problem for e in rep], [e.images for e in rep],
                                 [c.token_ids for c in flat])
     labels = b["labels"]
-    hidden = trunk_hidden(ctx.model, **_inputs(b))
-    W = ctx.model.lm_head.weight
-    with torch.no_grad():  # old log-probs recomputed by the trainer (one update per rollout batch)
-        old = call_head(ctx.model, hidden.detach(), lambda h, w: token_stats(
-            h, w, labels, temperature=s.temperature, outputs=("logp",)).logp)
-        ref = None
-        if ctx.reference is not None and s.kl_coef > 0:
-            rh = trunk_hidden(ctx.reference, **_inputs(b))
-            ref = token_stats(rh, ctx.reference.lm_head.weight, labels, temperature=s.temperature,
-                              outputs=("logp",)).logp
-    del W
-    loss, m = call_head(ctx.model, hidden, lambda h, w: grpo_loss(
-        h, w, labels, old, adv, ref_logp=ref, clip_low=s.clip_low, clip_high=s.clip_high, dual_clip=s.dual_clip,
-        kl_coef=s.kl_coef, entropy_coef=s.entropy_coef, aggregation=s.aggregation, temperature=s.temperature))
+    old = torch.cat([token_stats(trunk_hidden(ctx.model, **_inputs(_rows(b, sl))), ctx.model.lm_head.weight,
+                                 labels[sl], temperature=s.temperature, outputs=("logp",)).logp
+                     for sl in _row_slices(len(flat), s.batch_size * s.group_size)])
+    ref = None
+    if ctx.reference is not None and s.kl_coef > 0:
+        ref = torch.cat([token_stats(trunk_hidden(ctx.reference, **_inputs(_rows(b, sl))),
+                                     ctx.reference.lm_head.weight, labels[sl], temperature=s.temperature,
+                                     outputs=("logp",)).logp
+                         for sl in _row_slices(len(flat), s.batch_size * s.group_size)])
     mask = labels != -100
     sampler = _sampler_logp_grid(flat, b)
-    m["sampler_mismatch"] = torch.tensor(mismatch([sampler[i][mask[i]].tolist() for i in range(len(flat))],
-                                                  [old[i][mask[i]].tolist() for i in range(len(flat))]))
-    m["reward"] = rewards.mean()
+    return {"index": index, "batch": b, "adv": adv, "old": old, "ref": ref, "rewards": rewards, "scores": scores,
+            "mismatch": mismatch([sampler[i][mask[i]].tolist() for i in range(len(flat))],
+                                 [old[i][mask[i]].tolist() for i in range(len(flat))])}
+
+
+def _row_slices(n: int, size: int) -> list[slice]:
+    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+def _rows(batch: dict, sl: slice) -> dict:
+    """Rows `sl` of a collated batch (pixel_values are per image patch: sliced through image_grid_thw)."""
+    out = {k: v[sl] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
+    if "image_grid_thw" in batch:
+        patches = batch["image_grid_thw"].prod(-1)
+        start = int(patches[: sl.start].sum())
+        stop = start + int(patches[sl].sum())
+        out["image_grid_thw"] = batch["image_grid_thw"][sl]
+        out["pixel_values"] = batch["pixel_values"][start:stop]
+    return out
+
+
+def grpo_step(ctx: StageContext, step: int):
+    """One optimizer update on the step's minibatch of the current rollout batch; a new rollout every
+    `updates_per_rollout` steps (later minibatches see ratios != 1: that is where clipping acts)."""
+    s = ctx.stage
+    index, part = divmod(step, s.updates_per_rollout)
+    ro = ctx.extra.get("rollout")
+    if ro is None or ro["index"] != index:
+        ro = ctx.extra["rollout"] = _rollout(ctx, index)
+    mb = s.batch_size // (torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
+    sl = slice(part * mb * s.group_size, (part + 1) * mb * s.group_size)
+    b = _rows(ro["batch"], sl)
+    labels = b["labels"]
+    hidden = trunk_hidden(ctx.model, **_inputs(b, ctx))
+    ref = None if ro["ref"] is None else ro["ref"][sl]
+    loss, m = call_head(ctx.model, hidden, lambda h, w: grpo_loss(
+        h, w, labels, ro["old"][sl], ro["adv"][sl], ref_logp=ref, clip_low=s.clip_low, clip_high=s.clip_high,
+        dual_clip=s.dual_clip, kl_coef=s.kl_coef, entropy_coef=s.entropy_coef, aggregation=s.aggregation,
+        temperature=s.temperature))
+    scores = ro["scores"][sl]
+    m["sampler_mismatch"] = torch.tensor(ro["mismatch"])
+    m["reward"] = ro["rewards"][sl].mean()
     m["accuracy"] = torch.tensor(sum(x.accuracy for x in scores) / len(scores))
     m["format"] = torch.tensor(sum(x.format for x in scores) / len(scores))
-    m["response_tokens"] = mask.sum(1).float().mean()
+    m["response_tokens"] = (labels != -100).sum(1).float().mean()
     return loss, m
 
 
@@ -154,16 +195,21 @@ def opd_step(ctx: StageContext, step: int):
     flat = [g[0] for g in _sample(ctx, exs, 1, step)]  # y ~ pi_student
     b = collate_token_responses(ctx.processor, [e.problem for e in exs], [e.images for e in exs],
                                 [c.token_ids for c in flat])
-    hidden = trunk_hidden(ctx.model, **_inputs(b))
-    with torch.no_grad():  # the teacher sees exactly the same image and prompt
-        th = trunk_hidden(ctx.teacher, **_inputs(b))
+    hidden = trunk_hidden(ctx.model, **_inputs(b, ctx))
     if s.opd_mode == "full":
+        with torch.no_grad():  # the teacher sees exactly the same image and prompt
+            th = trunk_hidden(ctx.teacher, **_inputs(b))
         teacher = (th, ctx.teacher.lm_head.weight.detach())
         return call_head(ctx.model, hidden, lambda h, w: opd_loss(h, w, b["labels"], teacher=teacher,
                                                                   temperature=s.temperature))
-    with torch.no_grad():
-        t_logp = token_stats(th, ctx.teacher.lm_head.weight, b["labels"], temperature=s.temperature,
-                             outputs=("logp",)).logp
+    # sampled-token form: the teacher's per-token log-probs come from a generation engine's score()
+    # (a teacher too large to sit beside the student would be served there)
+    scored = ctx.extra["teacher_engine"].score([e.problem for e in exs], [e.images for e in exs],
+                                               [c.token_ids for c in flat], temperature=s.temperature)
+    t_logp = torch.zeros(b["labels"].shape)
+    for i, lp in enumerate(scored):
+        start = int(b["prompt_lengths"][i]) - 1
+        t_logp[i, start : start + len(lp)] = torch.tensor(lp)
     return call_head(ctx.model, hidden, lambda h, w: opd_loss(h, w, b["labels"], teacher_logp=t_logp,
                                                               temperature=s.temperature))
 
@@ -202,7 +248,7 @@ def dpo_step(ctx: StageContext, step: int):
         r = token_stats(rh, ctx.reference.lm_head.weight, b["labels"], temperature=s.temperature,
                         outputs=("logp",), per_sequence=True)
     ref_c, ref_r = r.seq_logp[:B], r.seq_logp[B:]
-    hidden = trunk_hidden(ctx.model, **_inputs(b))
+    hidden = trunk_hidden(ctx.model, **_inputs(b, ctx))
     if s.type == "dpo":
         loss, m = call_head(ctx.model, hidden, lambda h, w: dpo_loss(h, w, b["labels"], ref_c, ref_r, beta=s.beta,
                                                                      temperature=s.temperature))

@@ -176,6 +176,15 @@ class MetricsLog:
                     self.writer.add_scalar(f"{record['stage']}/{k}", v, gstep)
 
 
+def _peak_memory_mb() -> float:
+    """Peak accelerator memory on GPU, else the process's peak RSS."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _scalar(v):
     return v.item() if isinstance(v, torch.Tensor) else v
 
@@ -275,7 +284,10 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
                                                    config=ds_config(cfg, micro))
     policy = engine.module
     ctx = StageContext(cfg=cfg, stage=stage, index=si, model=policy, processor=processor, train=data["train"])
-    ctx.engine = make_engine(stage.engine, policy, processor)
+    device = next(policy.parameters()).device.type
+    # colocated vLLM on a GPU sleeps through the optimizer step (frees its KV cache)
+    engine_kw = {"sleep_mode": True} if stage.engine == "vllm" and device == "cuda" else {}
+    ctx.engine = make_engine(stage.engine, policy, processor, **engine_kw)
     if stage.type in ("dpo", "cw_dpo") or (stage.type == "grpo" and stage.kl_coef > 0):
         ctx.reference = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref <- policy at stage start
     if stage.type == "opd":
@@ -284,6 +296,8 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
         if ctx.teacher.lm_head.weight.shape[0] != policy.lm_head.weight.shape[0]:
             raise ConfigError(f"stages[{si}].teacher: vocabulary {ctx.teacher.lm_head.weight.shape[0]} differs "
                               f"from the student's {policy.lm_head.weight.shape[0]}")
+        if stage.opd_mode == "sampled":
+            ctx.extra["teacher_engine"] = make_engine(stage.engine, ctx.teacher, processor)
     stopper = None
     if stage.early_stopping is not None:
         es = stage.early_stopping
@@ -336,16 +350,21 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
             raise SimulatedKill(f"simulated kill at stage {si} step {step}")
         _set_lr(optimizer, stage, step)
         policy.train()
-        loss, metrics = step_fn(ctx, step)
+        loss, metrics = step_fn(ctx, step)  # rollouts (if any) happen in here
+        if engine_kw.get("sleep_mode"):
+            ctx.engine.sleep()
         engine.backward(loss)
         engine.step()
         if stage.engine == "vllm":  # the rollout engine samples from the weights just updated
+            if engine_kw.get("sleep_mode"):
+                ctx.engine.wake_up()
             ctx.engine.sync_weights(policy)
         done = step + 1
         now = time.time()
         rec = {"stage": name, "stage_index": si, "step": done, "kind": "train", "loss": loss.item(),
                **{k: _scalar(v) for k, v in metrics.items() if k != "loss"}, "lr": optimizer.param_groups[0]["lr"],
-               "step_time_s": now - t_last}
+               "step_time_s": now - t_last, "tokens_per_s": ctx.extra.pop("tokens", 0) / max(now - t_last, 1e-9),
+               "peak_mem_mb": _peak_memory_mb()}
         t_last = now
         if done % cfg.run.log_every == 0:
             log.write(rec)
