@@ -50,3 +50,15 @@ def test_reward_table(response, gold, choices, acc, fmt):
 def test_boxed_contents_handles_nested_braces():
     assert boxed_contents("\\boxed{\\frac{1}{2}} and \\boxed{x^{2}}") == ["\\frac{1}{2}", "x^{2}"]
     assert extract_answer("no box here") is None
+
+
+def test_boxed_token_indices_pick_the_answer_tokens():
+    from vlmfast.data.synthetic import corpus
+    from vlmfast.models import build_tokenizer
+    from vlmfast.rewards import boxed_token_indices
+
+    tok = build_tokenizer(corpus())
+    ids = tok("<think>three</think> \\boxed{12}", add_special_tokens=False)["input_ids"]
+    idx = boxed_token_indices(tok, ids)
+    assert tok.decode([ids[j] for j in idx]).strip("{}") == "12"
+    assert boxed_token_indices(tok, tok("no box", add_special_tokens=False)["input_ids"]) == []

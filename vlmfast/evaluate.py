@@ -90,18 +90,10 @@ def _z(level: float) -> float:
 def answer_confidence(tokenizer, token_ids: list[int], logprobs: list[float]) -> float:
     """Probability the policy gave its answer: exp(sum of log-probs of the tokens inside the last
     \\boxed{...}); 0 when there is no box."""
-    text, spans = "", []
-    for t in token_ids:
-        piece = tokenizer.decode([t])
-        spans.append((len(text), len(text) + len(piece)))
-        text += piece
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return 0.0
-    lo, hi = start + len("\\boxed{"), text.find("}", start)
-    hi = len(text) if hi < 0 else hi
-    total = sum(lp for (a, z), lp in zip(spans, logprobs) if z > lo and a < hi)
-    return math.exp(total)
+    from .rewards import boxed_token_indices
+
+    idx = boxed_token_indices(tokenizer, token_ids)
+    return math.exp(sum(logprobs[j] for j in idx)) if idx else 0.0
 
 
 def evaluate_policy(engine, processor, examples, *, n_samples: int, ks, temperature: float, max_new_tokens: int,

@@ -17,6 +17,7 @@ import torch
 from .data.collate import collate, collate_token_responses
 from .models import NOT_MODEL_INPUTS, trunk_hidden
 from .ops import sequence_mean, token_stats
+from .rewards import boxed_token_indices
 
 
 def _inputs(batch):
@@ -38,23 +39,10 @@ def mean_logprobs(model, processor, problems, images, responses, *, batch_size: 
 
 def _answer_mask(processor, response_ids: list[list[int]], T: int, prompt_lengths) -> torch.Tensor:
     """[B, T] mask of the label positions predicting tokens inside the last \\boxed{...}."""
-    tok = processor.tokenizer
     mask = torch.zeros(len(response_ids), T, dtype=torch.bool)
     for b, ids in enumerate(response_ids):
-        text = ""
-        spans = []
-        for t in ids:
-            piece = tok.decode([t])
-            spans.append((len(text), len(text) + len(piece)))
-            text += piece
-        start = text.rfind("\\boxed{")
-        if start < 0:
-            continue
-        lo, hi = start + len("\\boxed{"), text.find("}", start)
-        hi = len(text) if hi < 0 else hi
-        for j, (a, z) in enumerate(spans):
-            if z > lo and a < hi:
-                mask[b, int(prompt_lengths[b]) - 1 + j] = True
+        for j in boxed_token_indices(processor.tokenizer, ids):
+            mask[b, int(prompt_lengths[b]) - 1 + j] = True
     return mask
 
 

@@ -105,3 +105,18 @@ def score(response: str, gold, choices: list[str] | None = None) -> Reward:
     answer = extract_answer(response)
     acc = 1.0 if is_correct(answer, gold, choices) else 0.0
     return Reward(reward=ACCURACY_WEIGHT * acc + FORMAT_WEIGHT * fmt, accuracy=acc, format=fmt, extracted=answer)
+
+
+def boxed_token_indices(tokenizer, token_ids: list[int]) -> list[int]:
+    """Indices of the tokens that spell the content of the last \\boxed{...} (the answer tokens)."""
+    text, spans = "", []
+    for t in token_ids:
+        piece = tokenizer.decode([t])
+        spans.append((len(text), len(text) + len(piece)))
+        text += piece
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return []
+    lo, hi = start + len("\\boxed{"), text.find("}", start)
+    hi = len(text) if hi < 0 else hi
+    return [j for j, (a, z) in enumerate(spans) if z > lo and a < hi]
