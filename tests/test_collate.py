@@ -67,3 +67,15 @@ def test_mismatched_batch_parts(proc, rows):
     problems, images = rows
     with pytest.raises(ValueError, match="batch parts differ in length"):
         collate(proc, problems, images[:2], RESPONSES)
+
+
+def test_fast_prompt_lengths_equal_the_processor_count(proc, rows):
+    """The text-only prompt lengths (+ image expansion) equal a processor pass over the prompts."""
+    from vlmfast.data.collate import _prompt_texts
+
+    problems, images = rows
+    b = collate(proc, problems, images, RESPONSES)
+    flat = [im for ims in images for im in ims]
+    proc.tokenizer.padding_side = "right"
+    slow = proc(text=_prompt_texts(proc, problems), images=flat, padding=True, return_tensors="pt")
+    assert torch.equal(b["prompt_lengths"], slow["attention_mask"].sum(1))

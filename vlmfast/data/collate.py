@@ -29,6 +29,30 @@ def _images_arg(images):
     return flat or None
 
 
+def _prompt_lengths(processor, prompts, full, images, batch) -> torch.Tensor:
+    """Where each response starts in the processed batch (image tokens expanded).
+
+    Text-only tokenisation of the prompts, plus each image's expansion from image_grid_thw; this
+    holds when tokenising prompt + response splits at the prompt's end, which is checked: otherwise
+    the prompts go through the processor (images included) once more.
+    """
+    tok = processor.tokenizer
+    p_ids = tok(prompts, add_special_tokens=False)["input_ids"]
+    f_ids = tok(full, add_special_tokens=False)["input_ids"]
+    splits_cleanly = all(f[: len(p)] == p for p, f in zip(p_ids, f_ids))
+    if splits_cleanly and ("image_grid_thw" in batch or not _images_arg(images)):
+        merge = getattr(processor.image_processor, "merge_size", 2)
+        per_image = (batch["image_grid_thw"].prod(-1) // merge**2).tolist() if "image_grid_thw" in batch else []
+        out, k = [], 0
+        for p, ims in zip(p_ids, images):
+            extra = sum(per_image[k + j] - 1 for j in range(len(ims)))
+            k += len(ims)
+            out.append(len(p) + extra)
+        return torch.tensor(out)
+    prompt_batch = processor(text=prompts, images=_images_arg(images), padding=True, return_tensors="pt")
+    return prompt_batch["attention_mask"].sum(1)
+
+
 def collate(processor, problems: list[str], images: list[list], responses: list[str] | None = None, *,
             max_length: int | None = None, ids: list[str] | None = None) -> dict:
     """Batch examples for training (responses given: right padding, labels) or generation
@@ -43,11 +67,9 @@ def collate(processor, problems: list[str], images: list[list], responses: list[
         tok.padding_side = "left"
         return dict(processor(text=prompts, images=_images_arg(images), padding=True, return_tensors="pt"))
     tok.padding_side = "right"
-    # the prompts alone (same images) tell where each response starts, image tokens expanded
-    prompt_batch = processor(text=prompts, images=_images_arg(images), padding=True, return_tensors="pt")
-    prompt_lengths = prompt_batch["attention_mask"].sum(1)
     full = [p + r + END_OF_TURN for p, r in zip(prompts, responses)]
     batch = dict(processor(text=full, images=_images_arg(images), padding=True, return_tensors="pt"))
+    prompt_lengths = _prompt_lengths(processor, prompts, full, images, batch)
     input_ids, attn = batch["input_ids"], batch["attention_mask"]
     lengths = attn.sum(1)
     truncated = torch.zeros(len(full), dtype=torch.bool)
