@@ -60,6 +60,14 @@ def batch_examples(ctx: StageContext, step: int, n: int) -> list:
     return [ctx.train[i] for i in idx[rank * per : (rank + 1) * per]]
 
 
+def prompt_seeds(ctx: StageContext, step: int, count: int) -> list[int]:
+    """Sampling seeds of this rank's prompts, by their place in the global batch: rollouts do not
+    depend on how many ranks share the batch."""
+    rank, size = world()
+    base = step_seed(ctx, step) * 7919
+    return [(base + rank * count + j) % (2**31 - 1) for j in range(count)]
+
+
 def _inputs(batch: dict, ctx: StageContext | None = None) -> dict:
     """Model inputs of a collated batch; counts its tokens for the tokens/s metric."""
     if ctx is not None:
@@ -98,11 +106,15 @@ def sft_step(ctx: StageContext, step: int):
         h, w, b["labels"], neg_hidden, nb["labels"], temperature=s.temperature, **s.gentle))
 
 
-def _sample(ctx, exs, n, step):
+def _sample(ctx, exs, n, step, *, of: int | None = None, positions: list[int] | None = None):
+    """n samples per example; `positions` in a batch of `of` examples pick the seeds of a subset."""
     s = ctx.stage
+    seeds = prompt_seeds(ctx, step, of or len(exs))
+    if positions is not None:
+        seeds = [seeds[i] for i in positions]
     return ctx.engine.generate([e.problem for e in exs], [e.images for e in exs], n=n,
-                               sampling=Sampling(temperature=s.temperature, max_new_tokens=s.max_new_tokens,
-                                                 seed=step_seed(ctx, step)))
+                               sampling=Sampling(temperature=s.temperature, max_new_tokens=s.max_new_tokens),
+                               seeds=seeds)
 
 
 def _sampler_logp_grid(completions, batch) -> torch.Tensor:
@@ -223,7 +235,7 @@ def _preference_batch(ctx, exs, step):
     rejected = [None] * len(exs)
     idx = [i for i, flag in enumerate(on_policy) if flag]
     if idx:
-        groups = _sample(ctx, [exs[i] for i in idx], 4, step)
+        groups = _sample(ctx, [exs[i] for i in idx], 4, step, of=len(exs), positions=idx)
         for i, g in zip(idx, groups):
             for c in g:
                 ans = extract_answer(c.text)

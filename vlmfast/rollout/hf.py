@@ -42,16 +42,24 @@ class HFEngine:
             self.model.load_state_dict(trainable, strict=False)
 
     @torch.no_grad()
-    def generate(self, problems: list[str], images: list[list], n: int = 1, sampling: Sampling | None = None):
+    def generate(self, problems: list[str], images: list[list], n: int = 1, sampling: Sampling | None = None,
+                 *, seeds: list[int] | None = None):
+        """n completions per prompt. `seeds` (one per prompt) make each prompt's samples depend on its
+        own seed only, not on the batch it shares: the same rollouts on 1 rank or 8."""
         check_batch(problems, images, n)
         sampling = sampling or Sampling()
+        if seeds is not None and len(seeds) != len(problems):
+            raise ValueError(f"{len(problems)} prompts but {len(seeds)} seeds")
         out: list[list[Completion]] = []
-        per_batch = max(1, self.batch_size // n)
-        rng = torch.random.fork_rng(devices=[]) if sampling.seed is not None else contextlib.nullcontext()
+        per_batch = 1 if seeds is not None else max(1, self.batch_size // n)
+        seeded = sampling.seed is not None or seeds is not None
+        rng = torch.random.fork_rng(devices=[]) if seeded else contextlib.nullcontext()
         with rng, _eval_mode(self.model):
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
             for i in range(0, len(problems), per_batch):
+                if seeds is not None:
+                    torch.manual_seed(seeds[i])
                 ps, ims = problems[i : i + per_batch], images[i : i + per_batch]
                 rep_p = [p for p in ps for _ in range(n)]
                 rep_i = [im for im in ims for _ in range(n)]

@@ -75,11 +75,15 @@ class VLLMEngine:
             skip_special_tokens=True, **extra,
         )
 
-    def generate(self, problems: list[str], images: list[list], n: int = 1, sampling: Sampling | None = None):
+    def generate(self, problems: list[str], images: list[list], n: int = 1, sampling: Sampling | None = None,
+                 *, seeds: list[int] | None = None):
         check_batch(problems, images, n)
         sampling = sampling or Sampling()
-        outs = self.llm.generate([self._prompt(p, im) for p, im in zip(problems, images)],
-                                 self._params(n, sampling), use_tqdm=False)
+        if seeds is not None and len(seeds) != len(problems):
+            raise ValueError(f"{len(problems)} prompts but {len(seeds)} seeds")
+        params = (self._params(n, sampling) if seeds is None else  # per-request seeds
+                  [self._params(n, Sampling(**{**sampling.__dict__, "seed": sd})) for sd in seeds])
+        outs = self.llm.generate([self._prompt(p, im) for p, im in zip(problems, images)], params, use_tqdm=False)
         result = []
         for o in outs:
             group = []
