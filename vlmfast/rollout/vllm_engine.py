@@ -56,9 +56,15 @@ class VLLMEngine:
     @classmethod
     def from_model(cls, model, processor, **kwargs):
         """Save `model` (and its processor) to a temp dir and serve it; later syncs push weights in place."""
-        path = Path(tempfile.mkdtemp(prefix="vlmfast-vllm-model-"))
-        model.save_pretrained(path)
-        processor.save_pretrained(path)
+        import torch
+
+        from ..checkpoint import save_hf
+
+        # one folder per node, written by rank 0 (gathered under ZeRO-3), read by every rank
+        path = Path(tempfile.gettempdir()) / f"vlmfast-vllm-model-{os.environ.get('MASTER_PORT', os.getpid())}"
+        save_hf(model, processor, path)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
         return cls(path, processor, **kwargs)
 
     def _prompt(self, problem: str, images: list) -> dict:
