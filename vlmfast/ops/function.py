@@ -25,10 +25,17 @@ def _saved_stats(ctx):
     return stats
 
 
-def _outputs(ctx, stats):
+def _finish_forward(ctx, stats: dict, inputs: tuple, teacher):
+    """Save the inputs and the O(N) statistics for the recomputing backward; return the outputs
+    (logp, entropy, kl, lse). Without a teacher, kl is a zero tensor that takes no gradient."""
     empty = torch.zeros_like(stats["lse"])
     kl, lse_t = stats.get("kl", empty), stats.get("lse_t", empty)
-    return stats["logp"], stats["entropy"], kl, stats["lse"], lse_t
+    ctx.save_for_backward(*inputs, stats["lse"], stats["entropy"], kl, lse_t)
+    ctx.teacher = teacher
+    ctx.set_materialize_grads(False)
+    if teacher is None:
+        ctx.mark_non_differentiable(kl)
+    return stats["logp"], stats["entropy"], kl, stats["lse"]
 
 
 class FusedLinearTokenStats(torch.autograd.Function):
@@ -43,14 +50,8 @@ class FusedLinearTokenStats(torch.autograd.Function):
             head = chunked.LinearHead(hidden, weight, bias)
             kw["teacher"] = chunked.teacher_head(teacher)
             stats = chunked.forward(head, target, **kw)
-        logp, entropy, kl_out, lse, lse_t = _outputs(ctx, stats)
-        ctx.save_for_backward(hidden, weight, bias, target, lse, entropy, kl_out, lse_t)
-        ctx.teacher, ctx.kl, ctx.temperature = teacher, kl, temperature
-        ctx.ignore_index, ctx.backend = ignore_index, backend
-        ctx.set_materialize_grads(False)
-        if teacher is None:
-            ctx.mark_non_differentiable(kl_out)
-        return logp, entropy, kl_out, lse
+        ctx.kl, ctx.temperature, ctx.ignore_index, ctx.backend = kl, temperature, ignore_index, backend
+        return _finish_forward(ctx, stats, (hidden, weight, bias, target), teacher)
 
     @staticmethod
     @once_differentiable
@@ -84,13 +85,8 @@ class LogitsTokenStats(torch.autograd.Function):
     def forward(ctx, logits, target, teacher, kl, temperature, ignore_index):
         kw = dict(kl=kl, temperature=temperature, ignore_index=ignore_index)
         stats = chunked.forward(chunked.LogitsHead(logits), target, teacher=chunked.teacher_head(teacher), **kw)
-        logp, entropy, kl_out, lse, lse_t = _outputs(ctx, stats)
-        ctx.save_for_backward(logits, target, lse, entropy, kl_out, lse_t)
-        ctx.teacher, ctx.kw = teacher, kw
-        ctx.set_materialize_grads(False)
-        if teacher is None:
-            ctx.mark_non_differentiable(kl_out)
-        return logp, entropy, kl_out, lse
+        ctx.kw = kw
+        return _finish_forward(ctx, stats, (logits, target), teacher)
 
     @staticmethod
     @once_differentiable
