@@ -49,6 +49,16 @@ def reset_peak_rss() -> float:
     return current_rss_mb()
 
 
+def add_common_arguments(ap, *, repeats: int, results: Path) -> None:
+    """The options every benchmark script takes: the head's shape, repeats, threads, output."""
+    ap.add_argument("--n", type=int, default=2048, help="tokens")
+    ap.add_argument("--h", type=int, default=896, help="hidden size")
+    ap.add_argument("--v", type=int, default=151936, help="vocabulary size")
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--out", type=Path, default=results)
+
+
 def measure(step, *, repeats: int, warmup: int, rss_inputs: float) -> dict:
     """Median wall time of `step()` and the process's peak RSS above `rss_inputs`."""
     for _ in range(warmup):

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from ._runner import append_rows, environment, measure, ratio_table, reset_peak_rss, run_case
+from ._runner import add_common_arguments, append_rows, environment, measure, ratio_table, reset_peak_rss, run_case
 
 RESULTS = Path(__file__).parent / "results" / "losses_cpu.jsonl"
 LOSSES = ("sft", "sft_gentle", "opd", "grpo", "dpo", "cw_dpo")
@@ -143,13 +142,8 @@ def check_agreement(loss, h, v) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=2048)
-    ap.add_argument("--h", type=int, default=896)
-    ap.add_argument("--v", type=int, default=151936)
-    ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    add_common_arguments(ap, repeats=1, results=RESULTS)
     ap.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES)
-    ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--worker", nargs=2, metavar=("LOSS", "PROVIDER"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:

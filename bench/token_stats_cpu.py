@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from ._runner import append_rows, environment, measure, ratio_table, reset_peak_rss, run_case
+from ._runner import add_common_arguments, append_rows, environment, measure, ratio_table, reset_peak_rss, run_case
 
 RESULTS = Path(__file__).parent / "results" / "token_stats_cpu.jsonl"
 PROVIDERS = ("reference", "chunked")
@@ -77,12 +76,7 @@ def check_agreement(n, h, v) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=2048)
-    ap.add_argument("--h", type=int, default=896)
-    ap.add_argument("--v", type=int, default=151936)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    add_common_arguments(ap, repeats=3, results=RESULTS)
     ap.add_argument("--worker", nargs=2, metavar=("PROVIDER", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:

@@ -128,3 +128,15 @@ def test_cli_reports_bad_config_by_key(tmp_path, capsys):
     bad.write_text("data: {synthetic: {train: 4}}\nstages:\n  - {type: sft, stepz: 3}\n")
     assert main(["--config", str(bad)]) == 2
     assert "stages[0]: unknown key(s) ['stepz']" in capsys.readouterr().err
+
+
+def test_policy_paths_tiny_teacher_and_default(tmp_path):
+    """`tiny:teacher` as an OPD teacher builds the teacher size (not the configured model)."""
+    from vlmfast.train import _load_policy
+
+    cfg = recipe(tmp_path, [{"type": "sft", "steps": 1}])
+    student, proc = _load_policy(cfg, None, "cpu")
+    teacher, _ = _load_policy(cfg, "tiny:teacher", "cpu", proc)
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(teacher) > 3 * count(student)
+    assert teacher.lm_head.weight.shape[0] == student.lm_head.weight.shape[0]

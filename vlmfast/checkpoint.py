@@ -50,8 +50,10 @@ def save_hf(model, processor, path: Path) -> None:
         processor.save_pretrained(path)
 
 
-def save(ckpt_root: Path, tag: str, engine, model, processor, state: dict, *, with_engine: bool = True) -> Path:
-    """Write checkpoint `tag` under ckpt_root atomically and point `latest` at it."""
+def save(ckpt_root: Path, tag: str, engine, model, processor, state: dict, *, with_engine: bool = True,
+         with_hf: bool = True) -> Path:
+    """Write checkpoint `tag` under ckpt_root atomically and point `latest` at it. A state-only
+    checkpoint (with_engine=False, with_hf=False) marks a finished stage."""
     ckpt_root = Path(ckpt_root)
     final, tmp = ckpt_root / tag, ckpt_root / f".tmp-{tag}"
     if _is_main():
@@ -60,7 +62,8 @@ def save(ckpt_root: Path, tag: str, engine, model, processor, state: dict, *, wi
     _barrier()
     if with_engine:
         engine.save_checkpoint(str(tmp), tag="engine")
-    save_hf(model, processor, tmp / "hf")
+    if with_hf:
+        save_hf(model, processor, tmp / "hf")
     if _is_main():
         (tmp / "state.json").write_text(json.dumps({**state, "rng": rng_state()}))
         if final.exists():

@@ -15,13 +15,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .data.collate import collate, collate_token_responses
-from .models import NOT_MODEL_INPUTS, trunk_hidden
+from .models import trunk_hidden
 from .ops import sequence_mean, token_stats
 from .rewards import boxed_token_indices
-
-
-def _inputs(batch):
-    return {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
 
 
 @torch.no_grad()
@@ -31,7 +27,7 @@ def mean_logprobs(model, processor, problems, images, responses, *, batch_size: 
     for i in range(0, len(problems), batch_size):
         sl = slice(i, i + batch_size)
         b = collate(processor, problems[sl], images[sl], responses[sl])
-        hidden = trunk_hidden(model, **_inputs(b))
+        hidden = trunk_hidden(model, **b)
         r = token_stats(hidden, model.lm_head.weight, b["labels"], outputs=("logp",), per_sequence=True)
         out += sequence_mean(r.seq_logp, r.seq_count).tolist()
     return out
@@ -56,7 +52,7 @@ def sample_entropy(model, processor, problems, images, completions, *, batch_siz
         sl = slice(i, i + batch_size)
         ids = [c.token_ids for c in completions[sl]]
         b = collate_token_responses(processor, problems[sl], images[sl], ids)
-        hidden = trunk_hidden(model, **_inputs(b))
+        hidden = trunk_hidden(model, **b)
         r = token_stats(hidden, model.lm_head.weight, b["labels"], outputs=("entropy",))
         valid = b["labels"] != -100
         ans = _answer_mask(processor, ids, b["labels"].shape[1], b["prompt_lengths"]) & valid

@@ -17,7 +17,7 @@ import torch
 from .data.collate import collate, collate_token_responses
 from .data.prompts import target_response
 from .losses import cw_dpo_loss, dpo_loss, group_advantages, grpo_loss, opd_loss, sft_gentle_negatives_loss, sft_loss
-from .models import NOT_MODEL_INPUTS, call_head, trunk_hidden
+from .models import call_head, trunk_hidden
 from .ops import sequence_mean, token_stats
 from .rewards import extract_answer, is_correct, score
 from .rollout import Sampling, mismatch
@@ -68,11 +68,10 @@ def prompt_seeds(ctx: StageContext, step: int, count: int) -> list[int]:
     return [(base + rank * count + j) % (2**31 - 1) for j in range(count)]
 
 
-def _inputs(batch: dict, ctx: StageContext | None = None) -> dict:
-    """Model inputs of a collated batch; counts its tokens for the tokens/s metric."""
-    if ctx is not None:
-        ctx.extra["tokens"] = ctx.extra.get("tokens", 0) + int(batch["attention_mask"].sum())
-    return {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
+def _counted(batch: dict, ctx: StageContext) -> dict:
+    """The batch, its tokens counted for the tokens/s metric of the policy's step."""
+    ctx.extra["tokens"] = ctx.extra.get("tokens", 0) + int(batch["attention_mask"].sum())
+    return batch
 
 
 def _target(ctx, answer: str) -> str:
@@ -94,14 +93,14 @@ def sft_step(ctx: StageContext, step: int):
     s = ctx.stage
     exs = batch_examples(ctx, step, s.batch_size)
     b = collate(ctx.processor, [e.problem for e in exs], [e.images for e in exs], [_target(ctx, e.answer) for e in exs])
-    hidden = trunk_hidden(ctx.model, **_inputs(b, ctx))  # [B, T, H]
+    hidden = trunk_hidden(ctx.model, **_counted(b, ctx))  # [B, T, H]
     if s.gentle is None:
         return call_head(ctx.model, hidden, lambda h, w: sft_loss(h, w, b["labels"], temperature=s.temperature,
                                                                   label_smoothing=s.label_smoothing))
     rng = random.Random(step_seed(ctx, step))
     nb = collate(ctx.processor, [e.problem for e in exs], [e.images for e in exs],
                  [_target(ctx, _dataset_negative(e, rng)) for e in exs])
-    neg_hidden = trunk_hidden(ctx.model, **_inputs(nb, ctx))
+    neg_hidden = trunk_hidden(ctx.model, **_counted(nb, ctx))
     return call_head(ctx.model, hidden, lambda h, w: sft_gentle_negatives_loss(
         h, w, b["labels"], neg_hidden, nb["labels"], temperature=s.temperature, **s.gentle))
 
@@ -142,12 +141,12 @@ def _rollout(ctx: StageContext, index: int) -> dict:
     b = collate_token_responses(ctx.processor, [e.problem for e in rep], [e.images for e in rep],
                                 [c.token_ids for c in flat])
     labels = b["labels"]
-    old = torch.cat([token_stats(trunk_hidden(ctx.model, **_inputs(_rows(b, sl))), ctx.model.lm_head.weight,
+    old = torch.cat([token_stats(trunk_hidden(ctx.model, **_rows(b, sl)), ctx.model.lm_head.weight,
                                  labels[sl], temperature=s.temperature, outputs=("logp",)).logp
                      for sl in _row_slices(len(flat), s.batch_size * s.group_size)])
     ref = None
     if ctx.reference is not None and s.kl_coef > 0:
-        ref = torch.cat([token_stats(trunk_hidden(ctx.reference, **_inputs(_rows(b, sl))),
+        ref = torch.cat([token_stats(trunk_hidden(ctx.reference, **_rows(b, sl)),
                                      ctx.reference.lm_head.weight, labels[sl], temperature=s.temperature,
                                      outputs=("logp",)).logp
                          for sl in _row_slices(len(flat), s.batch_size * s.group_size)])
@@ -186,7 +185,7 @@ def grpo_step(ctx: StageContext, step: int):
     sl = slice(part * mb * s.group_size, (part + 1) * mb * s.group_size)
     b = _rows(ro["batch"], sl)
     labels = b["labels"]
-    hidden = trunk_hidden(ctx.model, **_inputs(b, ctx))
+    hidden = trunk_hidden(ctx.model, **_counted(b, ctx))
     ref = None if ro["ref"] is None else ro["ref"][sl]
     loss, m = call_head(ctx.model, hidden, lambda h, w: grpo_loss(
         h, w, labels, ro["old"][sl], ro["adv"][sl], ref_logp=ref, clip_low=s.clip_low, clip_high=s.clip_high,
@@ -207,10 +206,10 @@ def opd_step(ctx: StageContext, step: int):
     flat = [g[0] for g in _sample(ctx, exs, 1, step)]  # y ~ pi_student
     b = collate_token_responses(ctx.processor, [e.problem for e in exs], [e.images for e in exs],
                                 [c.token_ids for c in flat])
-    hidden = trunk_hidden(ctx.model, **_inputs(b, ctx))
+    hidden = trunk_hidden(ctx.model, **_counted(b, ctx))
     if s.opd_mode == "full":
         with torch.no_grad():  # the teacher sees exactly the same image and prompt
-            th = trunk_hidden(ctx.teacher, **_inputs(b))
+            th = trunk_hidden(ctx.teacher, **b)
         teacher = (th, ctx.teacher.lm_head.weight.detach())
         return call_head(ctx.model, hidden, lambda h, w: opd_loss(h, w, b["labels"], teacher=teacher,
                                                                   temperature=s.temperature))
@@ -256,11 +255,11 @@ def dpo_step(ctx: StageContext, step: int):
     b, on_policy_share = _preference_batch(ctx, exs, step)
     B = len(exs)
     with torch.no_grad():  # pi_ref: the policy at stage start
-        rh = trunk_hidden(ctx.reference, **_inputs(b))
+        rh = trunk_hidden(ctx.reference, **b)
         r = token_stats(rh, ctx.reference.lm_head.weight, b["labels"], temperature=s.temperature,
                         outputs=("logp",), per_sequence=True)
     ref_c, ref_r = r.seq_logp[:B], r.seq_logp[B:]
-    hidden = trunk_hidden(ctx.model, **_inputs(b, ctx))
+    hidden = trunk_hidden(ctx.model, **_counted(b, ctx))
     if s.type == "dpo":
         loss, m = call_head(ctx.model, hidden, lambda h, w: dpo_loss(h, w, b["labels"], ref_c, ref_r, beta=s.beta,
                                                                      temperature=s.temperature))
@@ -282,7 +281,7 @@ def auto_l_floor(ctx: StageContext, n: int = 64) -> float:
         part = exs[i : i + 16]
         b = collate(ctx.processor, [e.problem for e in part], [e.images for e in part],
                     [_target(ctx, _dataset_negative(e, rng)) for e in part])
-        hidden = trunk_hidden(ctx.model, **_inputs(b))
+        hidden = trunk_hidden(ctx.model, **b)
         r = token_stats(hidden, ctx.model.lm_head.weight, b["labels"], outputs=("logp",), per_sequence=True)
         out += sequence_mean(r.seq_logp, r.seq_count).tolist()
     return sum(out) / len(out)

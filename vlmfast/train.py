@@ -107,7 +107,7 @@ def load_data(cfg: Config) -> dict:
 
     d = cfg.data
     reader = read_geometry3k if d.format == "geometry3k" else read_mathvista
-    paths = {}
+    paths, readers = {}, {}
     if d.synthetic is not None:
         from .data.synthetic import build_task
 
@@ -119,25 +119,27 @@ def load_data(cfg: Config) -> dict:
                            image_size=s.image_size)
             if torch.distributed.is_initialized():
                 torch.distributed.barrier()
-        paths = {"train": root / "train.parquet", "val": root / "val.parquet", "ood": root / "ood.parquet"}
-        from .data import read_geometry3k as reader  # the synthetic task is in Geometry3K format
-    if d.train:
-        paths["train"] = Path(d.train)
-    if d.val:
-        paths["val"] = Path(d.val)
-    paths.update({k: Path(v) for k, v in d.eval_splits.items()})
-    return {k: reader(p) for k, p in paths.items()}
+        paths = {k: root / f"{k}.parquet" for k in ("train", "val", "ood")}
+        readers = dict.fromkeys(paths, read_geometry3k)  # the synthetic task is in Geometry3K format
+    given = {"train": d.train, "val": d.val, **d.eval_splits}
+    for k, p in given.items():
+        if p:
+            paths[k], readers[k] = Path(p), reader
+    return {k: readers[k](p) for k, p in paths.items()}
 
 
 def _load_policy(cfg: Config, path: str | None, device: str, processor=None):
+    """A model + processor from `path` (default model.path): tiny:student / tiny:teacher, a hub name
+    or a local checkpoint."""
     m = cfg.model
-    if path is None and m.path.startswith("tiny:"):
-        model, proc = tiny_vlm(m.path[5:], seed=cfg.run.seed, processor=processor)
+    path = path or m.path
+    if path.startswith("tiny:"):
+        model, proc = tiny_vlm(path[5:], seed=cfg.run.seed, processor=processor)
         from .models import freeze
 
         freeze(model, vision=m.freeze_vision, projector=m.freeze_projector, llm=m.freeze_llm)
         return model.to(device), proc
-    return load_model(path or m.path, dtype=m.dtype, attn_implementation=m.attn_implementation,
+    return load_model(path, dtype=m.dtype, attn_implementation=m.attn_implementation,
                       gradient_checkpointing=m.gradient_checkpointing, liger=m.liger, device=device,
                       freeze_vision=m.freeze_vision, freeze_projector=m.freeze_projector, freeze_llm=m.freeze_llm)
 
@@ -291,8 +293,7 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
     if stage.type in ("dpo", "cw_dpo") or (stage.type == "grpo" and stage.kl_coef > 0):
         ctx.reference = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref <- policy at stage start
     if stage.type == "opd":
-        ctx.teacher = _load_policy(cfg, stage.teacher if not stage.teacher.startswith("tiny:") else None,
-                                   next(policy.parameters()).device.type, processor)[0].eval().requires_grad_(False)
+        ctx.teacher = _load_policy(cfg, stage.teacher, device, processor)[0].eval().requires_grad_(False)
         if ctx.teacher.lm_head.weight.shape[0] != policy.lm_head.weight.shape[0]:
             raise ConfigError(f"stages[{si}].teacher: vocabulary {ctx.teacher.lm_head.weight.shape[0]} differs "
                               f"from the student's {policy.lm_head.weight.shape[0]}")
@@ -393,7 +394,7 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
         "stage_index": si, "stage": name, "step": stage.steps, "tag": f"done-{si}", "stage_done": True,
         "next_stage_start": str(final_path), "stage_start": start_path, "timings": timings,
         "results": {**results, name: last_eval}, "probe_baseline": probe.baseline if probe else None},
-        with_engine=False)
+        with_engine=False, with_hf=False)  # the weights handed on are final_path's
     ckpt.prune(ckpt_root, keep=set())
     return final_path, last_eval
 

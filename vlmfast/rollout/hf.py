@@ -12,7 +12,7 @@ import contextlib
 import torch
 
 from ..data.collate import collate, collate_token_responses
-from ..models import NOT_MODEL_INPUTS, trunk_hidden
+from ..models import trunk_hidden
 from ..ops import token_stats
 from .base import Completion, Sampling, check_batch, end_of_completion, vision_token_ids
 
@@ -105,7 +105,7 @@ class HFEngine:
                 sl = slice(i, i + self.batch_size)
                 batch = collate_token_responses(self.processor, problems[sl], images[sl], response_ids[sl])
                 batch = {k: v.to(device) for k, v in batch.items()}
-                hidden = trunk_hidden(self.model, **{k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS})
+                hidden = trunk_hidden(self.model, **batch)  # it drops labels and bookkeeping itself
                 logp = token_stats(hidden, self.model.lm_head.weight, batch["labels"], temperature=temperature,
                                    outputs=("logp",)).logp
                 for b, ids in enumerate(response_ids[sl]):

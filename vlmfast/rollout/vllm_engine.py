@@ -109,8 +109,8 @@ class VLLMEngine:
         for p, im, resp in zip(problems, images, response_ids, strict=True):
             base = self._prompt(p, im)
             ids = self.tokenizer(base.pop("prompt"), add_special_tokens=False)["input_ids"]
-            prompts.append({"prompt_token_ids": ids + list(resp), **base, "_n_resp": len(resp)})
-        n_resp = [p.pop("_n_resp") for p in prompts]
+            prompts.append({"prompt_token_ids": ids + list(resp), **base})
+        n_resp = [len(r) for r in response_ids]
         params = self.vllm.SamplingParams(max_tokens=1, temperature=temperature, prompt_logprobs=0)
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         res = []
