@@ -28,7 +28,7 @@ $(STAMP): setup.py pyproject.toml | $(PY)
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m vlmfast.cli demo
+	$(PY) -m vlmfast.study --config recipes/tiny_study.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest tests

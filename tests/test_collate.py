@@ -79,3 +79,43 @@ def test_fast_prompt_lengths_equal_the_processor_count(proc, rows):
     proc.tokenizer.padding_side = "right"
     slow = proc(text=_prompt_texts(proc, problems), images=flat, padding=True, return_tensors="pt")
     assert torch.equal(b["prompt_lengths"], slow["attention_mask"].sum(1))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_cached_image_features_equal_the_processor(proc, rows, side):
+    """processor_inputs (image features computed once per image) gives the processor's own tensors,
+    also on a second call served from the cache and with two images in one example."""
+    from vlmfast.data.collate import _prompt_texts, processor_inputs
+
+    problems, images = rows
+    problems = problems[:2] + ["<image>left<image>right: which has more shapes?"]
+    images = images[:2] + [[images[0][0], images[2][0]]]
+    texts = _prompt_texts(proc, problems)
+    flat = [im for ims in images for im in ims]
+    proc.tokenizer.padding_side = side
+    want = proc(text=texts, images=flat, padding=True, return_tensors="pt")
+    for _ in range(2):
+        got = processor_inputs(proc, texts, flat)
+        assert set(got) == set(want)
+        for k in want:
+            assert torch.equal(got[k], want[k]), k
+
+
+def test_image_cache_stays_within_its_budget(proc, rows):
+    from vlmfast.data.collate import _ImageFeatureCache
+
+    _, images = rows
+    one = _ImageFeatureCache().get(proc.image_processor, images[0][0])[0]
+    cache = _ImageFeatureCache(budget=2 * one.numel() * one.element_size())
+    for ims in images:
+        cache.get(proc.image_processor, ims[0])
+    assert len(cache.entries) == 2 and cache.bytes <= cache.budget
+    assert images[0][0] is not next(iter(cache.entries.values()))[0]  # the least recently used went first
+
+
+def test_image_markers_must_match_the_images(proc, rows):
+    from vlmfast.data.collate import processor_inputs
+
+    _, images = rows
+    with pytest.raises(ValueError, match="markers"):
+        processor_inputs(proc, ["no image marker here"], [images[0][0]])

@@ -24,8 +24,15 @@ def test_valid_recipe_and_overrides():
 def test_shipped_recipes_load():
     from pathlib import Path
 
-    for path in sorted(Path(__file__).resolve().parent.parent.glob("recipes/*.yaml")):
-        load_config(path)
+    import yaml
+
+    from vlmfast.study import load_study
+
+    paths = sorted(Path(__file__).resolve().parent.parent.glob("recipes/*.yaml"))
+    studies = [p for p in paths if "study" in (yaml.safe_load(p.read_text()) or {})]
+    assert studies, "the study recipe (make demo) is shipped"
+    for path in paths:
+        load_study(path) if path in studies else load_config(path)
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 pass at the same temperature, stop at the end of turn, scoring, the mismatch metric."""
 
 import io
+import math
 
 import pytest
 import torch
@@ -105,3 +106,41 @@ def test_end_of_completion_rules():
     assert end_of_completion([5, 6, 2, 7], eos_id=2, vision_ids={9}) == ([5, 6, 2], "stop")
     assert end_of_completion([5, 9, 2], eos_id=2, vision_ids={9}) == ([5], "vision_token")
     assert end_of_completion([5, 6], eos_id=2, vision_ids={9}) == ([5, 6], "length")
+
+
+def test_per_prompt_seeds_are_batch_invariant_and_logprobs_exact(engine, prompts):
+    """With `seeds`, a prompt's samples depend on its own seed only: the same alone or in a batch
+    (all prompts go through one generate call), and the recorded log-probs equal a forward pass."""
+    problems, images = prompts
+    s = Sampling(temperature=0.8, max_new_tokens=10)
+    batch = engine.generate(problems, images, n=3, sampling=s, seeds=[11, 22, 33])
+    alone = engine.generate(problems[1:2], images[1:2], n=3, sampling=s, seeds=[22])
+    assert [c.token_ids for c in batch[1]] == [c.token_ids for c in alone[0]]
+    assert len({tuple(c.token_ids) for c in batch[1]}) > 1  # the n samples of a prompt differ
+    other = engine.generate(problems, images, n=3, sampling=s, seeds=[11, 99, 33])
+    assert [c.token_ids for c in other[1]] != [c.token_ids for c in batch[1]]
+    flat = [c for g in batch for c in g]
+    scored = engine.score([p for p in problems for _ in range(3)], [i for i in images for _ in range(3)],
+                          [c.token_ids for c in flat], temperature=0.8)
+    assert mismatch([c.logprobs for c in flat], scored) < 1e-4
+
+
+def test_seeded_sampling_draws_from_the_tempered_distribution(prompts):
+    """Gumbel-max with per-row noise samples softmax(logits / T): two tokens at logits 1 and 0 with
+    T = 0.5 give p = e^2 / (1 + e^2) = 0.881 for the first."""
+    model, proc = tiny_vlm("student", seed=0)
+    a, b = (proc.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ("red", "blue"))
+    H, V = model.lm_head.weight.shape[1], model.lm_head.weight.shape[0]
+    head = torch.nn.Linear(H, V, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(-1e4)
+        head.bias[a], head.bias[b] = 1.0, 0.0
+    model.lm_head = head
+    problems, images = prompts
+    out = make_engine("hf", model, proc, batch_size=400).generate(
+        problems[:1], images[:1], n=400, sampling=Sampling(temperature=0.5, max_new_tokens=1), seeds=[5])
+    first = [g.token_ids[0] for g in out[0]]
+    share = first.count(a) / len(first)
+    assert set(first) <= {a, b} and abs(share - 0.881) < 0.05  # 400 draws: sd 0.016
+    assert abs(out[0][0].logprobs[0] - (math.log(0.881) if first[0] == a else math.log(0.119))) < 1e-3

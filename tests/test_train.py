@@ -103,6 +103,13 @@ def test_opd_reduces_kl_to_teacher(tmp_path):
     # 10 steps; its gradient is checked against a naive implementation in test_losses.py
     assert len(tr) == 10 and all(abs(r["kl"]) < 10 and abs(r["loss"]) < 10 for r in tr)
     assert any(r["loss"] != 0 for r in tr)
+    # GKD's mix: half the sequences are dataset targets, with the same full KL to the teacher on them
+    stages[0].update(opd_mode="full", name="opd_mix", opd_on_policy=0.5)
+    run(recipe(tmp_path, stages, name="mix"))
+    tr = records(tmp_path, "mix")
+    shares = [r["on_policy_share"] for r in tr]
+    assert 0 < sum(shares) / len(shares) < 1 and all(0 <= x <= 1 for x in shares)
+    assert sum(r["kl"] for r in tr[-3:]) / 3 < sum(r["kl"] for r in tr[:3]) / 3
 
 
 def test_killed_run_resumes_to_the_same_metrics(tmp_path, monkeypatch):
@@ -138,5 +145,18 @@ def test_policy_paths_tiny_teacher_and_default(tmp_path):
     student, proc = _load_policy(cfg, None, "cpu")
     teacher, _ = _load_policy(cfg, "tiny:teacher", "cpu", proc)
     count = lambda m: sum(p.numel() for p in m.parameters())
-    assert count(teacher) > 3 * count(student)
+    assert count(teacher) > 1.3 * count(student)  # TINY_SIZES: the teacher is the larger model
     assert teacher.lm_head.weight.shape[0] == student.lm_head.weight.shape[0]
+
+
+def test_probe_baseline_is_the_start_even_without_an_evaluation_there(tmp_path):
+    """eval.at_start: false skips the step-0 evaluation, but Δlog p is still measured from step 0:
+    the same run with and without the step-0 evaluation records the same Δlog p at its end."""
+    stages = [{"type": "sft", "name": "sft", "steps": 4, "lr": 3e-3, "batch_size": 8}]
+    run(recipe(tmp_path, stages, name="with", eval={"every": 4}))
+    run(recipe(tmp_path, stages, name="without", eval={"every": 4, "at_start": False}))
+    with_, without = records(tmp_path, "with", "eval"), records(tmp_path, "without", "eval")
+    assert [r["step"] for r in with_] == [0, 4] and [r["step"] for r in without] == [4]
+    for key in ("dlogp_pos", "dlogp_neg", "dlogp_greedy"):
+        assert without[-1][key] == pytest.approx(with_[-1][key], abs=1e-6), key
+    assert without[-1]["dlogp_pos"] != 0.0

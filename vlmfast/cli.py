@@ -7,8 +7,10 @@ import sys
 USAGE = """usage: vlmfast <command> [args]
 
 commands:
-  demo              the main job: train a tiny model end to end with the fused loss (runs/demo)
+  demo              the main job: the warm-start study on the synthetic task (runs/tiny_study/report.md)
+  study             the same, any study recipe: vlmfast study --config recipes/X.yaml [key=value ...]
   train             run a recipe: vlmfast train --config recipes/X.yaml [key=value ...]
+  quickstart        a one-minute tiny transformer trained with the fused loss (runs/quickstart)
   inspect-kernels   compile the Triton kernels for sm_90/sm_80 and report registers, spills, smem
   version           print the version
 """
@@ -20,10 +22,14 @@ def main(argv=None) -> int:
         print(USAGE)
         return 0
     cmd, rest = argv[0], argv[1:]
-    if cmd == "demo":
-        from .demo import main as demo_main
+    if cmd in ("demo", "study"):
+        from .study import main as study_main
 
-        return demo_main(rest)
+        return study_main(rest)
+    if cmd == "quickstart":
+        from .quickstart import main as quickstart_main
+
+        return quickstart_main(rest)
     if cmd == "train":
         from .train import main as train_main
 

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import yaml
 
+from .data.prompts import DEFAULT_REASONING
+from .data.synthetic import QUESTION_TYPES, SIZE_RANGE
+
 STAGE_TYPES = ("sft", "opd", "grpo", "dpo", "cw_dpo")
 
 
@@ -52,6 +55,9 @@ class SyntheticConfig:
     ood: int = 64
     seed: int = 0
     image_size: int = 84
+    question_types: list = field(default_factory=lambda: list(QUESTION_TYPES))
+    max_shapes: int = 6
+    size_range: list = field(default_factory=lambda: list(SIZE_RANGE))  # shape half-width / image side
 
 
 @dataclass
@@ -61,7 +67,7 @@ class DataConfig:
     val: str | None = None
     eval_splits: dict = field(default_factory=dict)  # name -> path
     format: str = "geometry3k"  # geometry3k | mathvista
-    reasoning: str = "I look at the shapes."  # the <think> text of SFT targets built from answers
+    reasoning: str = DEFAULT_REASONING  # <think> text of SFT targets; "auto": each example's `reasoning` column
 
 
 @dataclass
@@ -110,6 +116,7 @@ class StageConfig:
     # opd
     teacher: str | None = None  # path of the teacher checkpoint
     opd_mode: str = "full"  # full | sampled
+    opd_on_policy: float = 1.0  # share of sequences sampled from the student; the rest are dataset targets (GKD)
     # grpo
     group_size: int = 4
     updates_per_rollout: int = 1  # optimizer updates (minibatches of batch_size prompts) per rollout batch
@@ -269,6 +276,15 @@ def validate(cfg: Config) -> None:
     d = cfg.data
     if d.synthetic is None and d.train is None:
         bad("data", "give data.synthetic or data.train")
+    if d.synthetic is not None:
+        unknown = set(d.synthetic.question_types) - set(QUESTION_TYPES)
+        if unknown or not d.synthetic.question_types:
+            bad("data.synthetic.question_types", f"{sorted(unknown) or 'empty'}: choose from {list(QUESTION_TYPES)}")
+        lo_hi = d.synthetic.size_range
+        if len(lo_hi) != 2 or not all(isinstance(x, (int, float)) for x in lo_hi) or not 0 < lo_hi[0] <= lo_hi[1] < 0.5:
+            bad("data.synthetic.size_range", f"must be [lo, hi] with 0 < lo <= hi < 0.5, got {lo_hi}")
+        if not 1 <= d.synthetic.max_shapes <= 12:
+            bad("data.synthetic.max_shapes", f"must be in [1, 12], got {d.synthetic.max_shapes}")
     for key, p in [("data.train", d.train), ("data.val", d.val), *((f"data.eval_splits.{k}", v)
                                                                    for k, v in d.eval_splits.items())]:
         # local files must exist; "org/name:split" hub names go through the datasets library
@@ -304,6 +320,11 @@ def validate(cfg: Config) -> None:
                 bad(f"{key}.teacher", f"{s.teacher} not found")
             if s.opd_mode not in ("full", "sampled"):
                 bad(f"{key}.opd_mode", f"must be full or sampled, got {s.opd_mode!r}")
+            if not 0 <= s.opd_on_policy <= 1:
+                bad(f"{key}.opd_on_policy", f"must be in [0, 1], got {s.opd_on_policy}")
+            if s.opd_mode == "sampled" and s.opd_on_policy < 1:
+                bad(f"{key}.opd_on_policy", "the sampled-token KL estimate needs the student's own samples: "
+                    "opd_on_policy < 1 works with opd_mode: full")
         if s.type in ("dpo", "cw_dpo"):
             if not (s.l_floor in ("auto", "batch") or isinstance(s.l_floor, (int, float))):
                 bad(f"{key}.l_floor", f"must be a number, auto or batch, got {s.l_floor!r}")

@@ -34,7 +34,7 @@ CHAT_TEMPLATE = (
 # head_dim 32 everywhere (vLLM's CPU attention needs >= 32), mrope_section sums to head_dim / 2.
 TINY_SIZES = {
     "student": dict(hidden=64, layers=2, heads=2, vision_hidden=64, vision_depth=2, vision_heads=2),
-    "teacher": dict(hidden=128, layers=4, heads=4, vision_hidden=128, vision_depth=2, vision_heads=4),
+    "teacher": dict(hidden=96, layers=3, heads=3, vision_hidden=64, vision_depth=2, vision_heads=2),
 }
 
 
@@ -110,7 +110,32 @@ def tiny_vlm(size: str = "student", *, processor=None, texts: list[str] | None =
     model.generation_config = GenerationConfig(eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
                                                bos_token_id=cfg.bos_token_id)
     model.config._attn_implementation = "sdpa"
+    use_matmul_patch_embed(model)
     return model, processor
+
+
+class PatchConv3d(torch.nn.Conv3d):
+    """A patch-embedding Conv3d (kernel = stride = input size) computed as the one matmul it is.
+
+    Same parameters and state dict as the Conv3d it replaces; on CPU the convolution's backward is
+    most of the tiny vision tower's time, the matmul's is not.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[2:]) != tuple(self.kernel_size) or self.groups != 1:
+            return super().forward(x)
+        out = torch.nn.functional.linear(x.flatten(1), self.weight.flatten(1), self.bias)
+        return out.view(x.shape[0], self.out_channels, 1, 1, 1)
+
+
+def use_matmul_patch_embed(model) -> int:
+    """Swap every patch-embedding Conv3d (kernel == stride) for PatchConv3d; returns how many."""
+    n = 0
+    for m in model.modules():
+        if type(m) is torch.nn.Conv3d and tuple(m.kernel_size) == tuple(m.stride) and m.padding == (0, 0, 0):
+            m.__class__ = PatchConv3d
+            n += 1
+    return n
 
 
 @contextlib.contextmanager
@@ -177,6 +202,7 @@ def load_model(name_or_path, *, dtype="float32", attn_implementation="auto", gra
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=_DTYPES[dtype],
                                                         attn_implementation=attn_implementation)
     processor = AutoProcessor.from_pretrained(name_or_path)
+    use_matmul_patch_embed(model)
     model.to(device)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .data.collate import collate, collate_token_responses
-from .data.prompts import target_response
+from .data.collate import END_OF_TURN, collate, collate_token_responses
+from .data.prompts import reasoning_of, target_response
 from .losses import cw_dpo_loss, dpo_loss, group_advantages, grpo_loss, opd_loss, sft_gentle_negatives_loss, sft_loss
 from .models import call_head, trunk_hidden
 from .ops import sequence_mean, token_stats
@@ -74,8 +74,14 @@ def _counted(batch: dict, ctx: StageContext) -> dict:
     return batch
 
 
-def _target(ctx, answer: str) -> str:
-    return target_response(ctx.cfg.data.reasoning, answer)
+def _target(ctx, answer: str, ex=None) -> str:
+    return target_response(reasoning_of(ctx.cfg, ex), answer)
+
+
+def _target_ids(ctx, ex) -> list[int]:
+    """The dataset target of an example as response token ids, ending its turn."""
+    tok = ctx.processor.tokenizer
+    return tok(_target(ctx, ex.answer, ex) + END_OF_TURN, add_special_tokens=False)["input_ids"]
 
 
 def _dataset_negative(ex, rng: random.Random) -> str:
@@ -92,14 +98,15 @@ def _dataset_negative(ex, rng: random.Random) -> str:
 def sft_step(ctx: StageContext, step: int):
     s = ctx.stage
     exs = batch_examples(ctx, step, s.batch_size)
-    b = collate(ctx.processor, [e.problem for e in exs], [e.images for e in exs], [_target(ctx, e.answer) for e in exs])
+    b = collate(ctx.processor, [e.problem for e in exs], [e.images for e in exs],
+                [_target(ctx, e.answer, e) for e in exs])
     hidden = trunk_hidden(ctx.model, **_counted(b, ctx))  # [B, T, H]
     if s.gentle is None:
         return call_head(ctx.model, hidden, lambda h, w: sft_loss(h, w, b["labels"], temperature=s.temperature,
                                                                   label_smoothing=s.label_smoothing))
     rng = random.Random(step_seed(ctx, step))
     nb = collate(ctx.processor, [e.problem for e in exs], [e.images for e in exs],
-                 [_target(ctx, _dataset_negative(e, rng)) for e in exs])
+                 [_target(ctx, _dataset_negative(e, rng), e) for e in exs])
     neg_hidden = trunk_hidden(ctx.model, **_counted(nb, ctx))
     return call_head(ctx.model, hidden, lambda h, w: sft_gentle_negatives_loss(
         h, w, b["labels"], neg_hidden, nb["labels"], temperature=s.temperature, **s.gentle))
@@ -203,20 +210,30 @@ def grpo_step(ctx: StageContext, step: int):
 def opd_step(ctx: StageContext, step: int):
     s = ctx.stage
     exs = batch_examples(ctx, step, s.batch_size)
-    flat = [g[0] for g in _sample(ctx, exs, 1, step)]  # y ~ pi_student
-    b = collate_token_responses(ctx.processor, [e.problem for e in exs], [e.images for e in exs],
-                                [c.token_ids for c in flat])
+    # y ~ pi_student for a share opd_on_policy of the batch; the rest are dataset targets (GKD's mix:
+    # from random weights the student's own samples say little until it has learned the format)
+    rng = random.Random(step_seed(ctx, step))
+    on_policy = [rng.random() < s.opd_on_policy for _ in exs]
+    idx = [i for i, flag in enumerate(on_policy) if flag]
+    responses = [_target_ids(ctx, e) for e in exs]
+    if idx:
+        sampled = _sample(ctx, [exs[i] for i in idx], 1, step, of=len(exs), positions=idx)
+        for i, g in zip(idx, sampled):
+            responses[i] = g[0].token_ids
+    b = collate_token_responses(ctx.processor, [e.problem for e in exs], [e.images for e in exs], responses)
     hidden = trunk_hidden(ctx.model, **_counted(b, ctx))
     if s.opd_mode == "full":
         with torch.no_grad():  # the teacher sees exactly the same image and prompt
             th = trunk_hidden(ctx.teacher, **b)
         teacher = (th, ctx.teacher.lm_head.weight.detach())
-        return call_head(ctx.model, hidden, lambda h, w: opd_loss(h, w, b["labels"], teacher=teacher,
-                                                                  temperature=s.temperature))
+        loss, m = call_head(ctx.model, hidden, lambda h, w: opd_loss(h, w, b["labels"], teacher=teacher,
+                                                                     temperature=s.temperature))
+        m["on_policy_share"] = torch.tensor(len(idx) / len(exs))
+        return loss, m
     # sampled-token form: the teacher's per-token log-probs come from a generation engine's score()
     # (a teacher too large to sit beside the student would be served there)
     scored = ctx.extra["teacher_engine"].score([e.problem for e in exs], [e.images for e in exs],
-                                               [c.token_ids for c in flat], temperature=s.temperature)
+                                               responses, temperature=s.temperature)
     t_logp = torch.zeros(b["labels"].shape)
     for i, lp in enumerate(scored):
         start = int(b["prompt_lengths"][i]) - 1
@@ -239,11 +256,11 @@ def _preference_batch(ctx, exs, step):
             for c in g:
                 ans = extract_answer(c.text)
                 if ans is not None and not is_correct(ans, exs[i].answer, exs[i].choices):
-                    rejected[i] = _target(ctx, ans)
+                    rejected[i] = _target(ctx, ans, exs[i])
                     break
     n_on = sum(r is not None for r in rejected)
-    rejected = [r if r is not None else _target(ctx, _dataset_negative(e, rng)) for r, e in zip(rejected, exs)]
-    chosen = [_target(ctx, e.answer) for e in exs]
+    rejected = [r if r is not None else _target(ctx, _dataset_negative(e, rng), e) for r, e in zip(rejected, exs)]
+    chosen = [_target(ctx, e.answer, e) for e in exs]
     problems = [e.problem for e in exs] * 2
     images = [e.images for e in exs] * 2
     return collate(ctx.processor, problems, images, chosen + rejected), n_on / len(exs)
@@ -280,7 +297,7 @@ def auto_l_floor(ctx: StageContext, n: int = 64) -> float:
     for i in range(0, len(exs), 16):
         part = exs[i : i + 16]
         b = collate(ctx.processor, [e.problem for e in part], [e.images for e in part],
-                    [_target(ctx, _dataset_negative(e, rng)) for e in part])
+                    [_target(ctx, _dataset_negative(e, rng), e) for e in part])
         hidden = trunk_hidden(ctx.model, **b)
         r = token_stats(hidden, ctx.model.lm_head.weight, b["labels"], outputs=("logp",), per_sequence=True)
         out += sequence_mean(r.seq_logp, r.seq_count).tolist()

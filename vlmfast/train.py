@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -29,7 +31,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, load_config
-from .data.prompts import target_response
+from .data.prompts import reasoning_of, target_response
 from .evaluate import evaluate_policy
 from .models import load_model, tiny_vlm
 from .probes import DeltaLogpProbe, EarlyStopping, sample_entropy
@@ -77,11 +79,12 @@ def ds_config(cfg: Config, micro_batch: int) -> dict:
 
 
 def _optimizer(cfg: Config, stage, model, device: str):
-    """AdamW over trainable params; the vision tower's lr is scaled by model.vision_lr_mult."""
+    """AdamW over trainable params; the vision tower's (and its merger's) lr is scaled by
+    model.vision_lr_mult: from random weights the image pathway must grow much faster than the LM."""
     vision, rest = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (vision if ".visual." in f".{name}" and "merger" not in name else rest).append(p)
+            (vision if ".visual." in f".{name}" else rest).append(p)
     groups = [{"params": rest, "lr": stage.lr}]
     if vision:
         groups.append({"params": vision, "lr": stage.lr * cfg.model.vision_lr_mult})
@@ -101,6 +104,23 @@ def _set_lr(optimizer, stage, step: int) -> None:
         g["lr"] = g["base_lr"] * scale
 
 
+def synthetic_paths(cfg: Config) -> dict[str, Path]:
+    """{train, val, ood} parquet files of the configured synthetic task, generated on first use
+    (one folder per task definition, shared by every run under run.out_dir)."""
+    from .data.synthetic import build_task
+
+    s = cfg.data.synthetic
+    key = hashlib.sha1(json.dumps(dataclasses.asdict(s), sort_keys=True).encode()).hexdigest()[:10]
+    root = Path(cfg.run.out_dir) / ".data" / f"synthetic-{key}"
+    if not all((root / f"{k}.parquet").exists() for k in ("train", "val", "ood")):
+        if _is_main():
+            build_task(root, sizes={"train": s.train, "val": s.val, "ood": s.ood}, seed=s.seed, image_size=s.image_size,
+                       question_types=s.question_types, max_shapes=s.max_shapes, size_range=s.size_range)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+    return {k: root / f"{k}.parquet" for k in ("train", "val", "ood")}
+
+
 def load_data(cfg: Config) -> dict:
     """{"train": [...], "val": [...], <extra eval split>: [...]} of Examples."""
     from .data import read_geometry3k, read_mathvista
@@ -109,17 +129,7 @@ def load_data(cfg: Config) -> dict:
     reader = read_geometry3k if d.format == "geometry3k" else read_mathvista
     paths, readers = {}, {}
     if d.synthetic is not None:
-        from .data.synthetic import build_task
-
-        s = d.synthetic
-        root = Path(cfg.run.out_dir) / ".data" / f"synthetic-{s.seed}-{s.train}-{s.val}-{s.ood}-{s.image_size}"
-        if not all((root / f"{k}.parquet").exists() for k in ("train", "val", "ood")):
-            if _is_main():
-                build_task(root, sizes={"train": s.train, "val": s.val, "ood": s.ood}, seed=s.seed,
-                           image_size=s.image_size)
-            if torch.distributed.is_initialized():
-                torch.distributed.barrier()
-        paths = {k: root / f"{k}.parquet" for k in ("train", "val", "ood")}
+        paths = synthetic_paths(cfg)
         readers = dict.fromkeys(paths, read_geometry3k)  # the synthetic task is in Geometry3K format
     given = {"train": d.train, "val": d.val, **d.eval_splits}
     for k, p in given.items():
@@ -224,8 +234,8 @@ def _make_probe(cfg: Config, data: dict) -> DeltaLogpProbe | None:
     exs = val[-n:]  # held out from the evaluation slice when the split is large enough
     neg = [(e.negatives and rng.choice(e.negatives)) or e.answer + "?" for e in exs]
     return DeltaLogpProbe(problems=[e.problem for e in exs], images=[e.images for e in exs],
-                          positives=[target_response(cfg.data.reasoning, e.answer) for e in exs],
-                          negatives=[target_response(cfg.data.reasoning, x) for x in neg])
+                          positives=[target_response(reasoning_of(cfg, e), e.answer) for e in exs],
+                          negatives=[target_response(reasoning_of(cfg, e), x) for e, x in zip(exs, neg)])
 
 
 def run(cfg: Config) -> dict:
@@ -337,6 +347,11 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
         return rec
 
     last_eval = None
+    if start_step == 0 and not cfg.eval.at_start and probe is not None and not probe.baseline:
+        # no evaluation at the start, but Δlog p is measured from here: record the probes' baseline
+        greedy = ctx.engine.generate(probe.problems, probe.images, n=1,
+                                     sampling=Sampling(temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens))
+        probe(policy, processor, [g[0].text for g in greedy])
     if start_step == 0 and cfg.eval.at_start:
         last_eval = do_eval(0)
         if stopper is not None and stopper.update(0, last_eval)[0]:

@@ -13,11 +13,71 @@ the example: never a silent cut through an image.
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
+
 import torch
 
 from .prompts import messages
 
 END_OF_TURN = "<|im_end|>"
+IMAGE_CACHE_BYTES = 1 << 30  # per processor; an 84x84 image's pixel_values are ~170 KB
+
+
+class _ImageFeatureCache:
+    """Image processor outputs per image object, least recently used dropped past a byte budget.
+
+    Training revisits every image many times and the image processor (resize, normalise, patchify)
+    costs as much as the tiny model's forward; its output depends on the image alone. Keyed by the
+    image object (kept alive in the entry, so its id is never reused while cached).
+    """
+
+    def __init__(self, budget: int = IMAGE_CACHE_BYTES):
+        self.entries: OrderedDict[int, tuple] = OrderedDict()
+        self.bytes, self.budget = 0, budget
+
+    def get(self, image_processor, img) -> tuple[torch.Tensor, torch.Tensor]:
+        hit = self.entries.get(id(img))
+        if hit is not None and hit[0] is img:
+            self.entries.move_to_end(id(img))
+            return hit[1], hit[2]
+        out = image_processor(images=[img], return_tensors="pt")
+        pv, thw = out["pixel_values"], out["image_grid_thw"][0]
+        self.entries[id(img)] = (img, pv, thw)
+        self.bytes += pv.numel() * pv.element_size()
+        while self.bytes > self.budget and len(self.entries) > 1:
+            _, (_, old, _) = self.entries.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+        return pv, thw
+
+
+_CACHES: weakref.WeakKeyDictionary[object, _ImageFeatureCache] = weakref.WeakKeyDictionary()
+
+
+def processor_inputs(processor, texts: list[str], images: list | None) -> dict:
+    """`processor(text=texts, images=images, padding=True)`, the same tensors, with each image's
+    features computed once per processor (tested equal to the processor's own output).
+
+    Processors without Qwen-VL style grids (no image_grid_thw / merge_size) take the plain call.
+    """
+    ip = getattr(processor, "image_processor", None)
+    token = getattr(processor, "image_token", None)
+    if not images or ip is None or token is None or not hasattr(ip, "merge_size"):
+        return dict(processor(text=texts, images=images, padding=True, return_tensors="pt"))
+    cache = _CACHES.setdefault(processor, _ImageFeatureCache())
+    feats = [cache.get(ip, img) for img in images]
+    counts = iter([int(thw.prod()) // ip.merge_size**2 for _, thw in feats])
+    expanded = []
+    for t in texts:  # each image marker -> as many image tokens as its merged patches, in order
+        pieces = t.split(token)
+        expanded.append(pieces[0] + "".join(token * next(counts) + rest for rest in pieces[1:]))
+    if next(counts, None) is not None:
+        raise ValueError(f"{len(images)} images but fewer {token} markers in the texts")
+    batch = dict(processor.tokenizer(expanded, padding=True, return_tensors="pt"))
+    batch["mm_token_type_ids"] = (batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids(token)).long()
+    batch["pixel_values"] = torch.cat([pv for pv, _ in feats])
+    batch["image_grid_thw"] = torch.stack([thw for _, thw in feats])
+    return batch
 
 
 def _prompt_texts(processor, problems):
@@ -49,7 +109,7 @@ def _prompt_lengths(processor, prompts, full, images, batch) -> torch.Tensor:
             k += len(ims)
             out.append(len(p) + extra)
         return torch.tensor(out)
-    prompt_batch = processor(text=prompts, images=_images_arg(images), padding=True, return_tensors="pt")
+    prompt_batch = processor_inputs(processor, prompts, _images_arg(images))
     return prompt_batch["attention_mask"].sum(1)
 
 
@@ -65,10 +125,10 @@ def collate(processor, problems: list[str], images: list[list], responses: list[
     prompts = _prompt_texts(processor, problems)
     if responses is None:
         tok.padding_side = "left"
-        return dict(processor(text=prompts, images=_images_arg(images), padding=True, return_tensors="pt"))
+        return processor_inputs(processor, prompts, _images_arg(images))
     tok.padding_side = "right"
     full = [p + r + END_OF_TURN for p, r in zip(prompts, responses)]
-    batch = dict(processor(text=full, images=_images_arg(images), padding=True, return_tensors="pt"))
+    batch = processor_inputs(processor, full, _images_arg(images))
     prompt_lengths = _prompt_lengths(processor, prompts, full, images, batch)
     input_ids, attn = batch["input_ids"], batch["attention_mask"]
     lengths = attn.sum(1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from .formats import IMAGE_MARKER
 
+DEFAULT_REASONING = "I look at the shapes."  # the <think> text of SFT targets built from answers
 INSTRUCTION = "Think step by step inside <think> </think>, then give the final answer in \\boxed{}."
 
 
@@ -32,3 +33,13 @@ def messages(problem: str, response: str | None = None) -> list[dict]:
 def target_response(reasoning: str, answer: str) -> str:
     """A well-formed response: the format the reward checks."""
     return f"<think>{reasoning}</think> \\boxed{{{answer}}}"
+
+
+def reasoning_of(cfg, example=None) -> str:
+    """The <think> text of an SFT target: the example's own `reasoning` column when the data has one
+    and data.reasoning is "auto", else data.reasoning (or the default sentence)."""
+    r = cfg.data.reasoning
+    if r == "auto":
+        own = example is not None and example.meta.get("reasoning")
+        return own or DEFAULT_REASONING
+    return r

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -65,11 +66,16 @@ def _overlaps(a: Shape, b: Shape, gap: float) -> bool:
     return not (ax1 + gap < bx0 or bx1 + gap < ax0 or ay1 + gap < by0 or by1 + gap < ay0)
 
 
-def sample_scene(rng: random.Random, *, image_size: int, domain: str, max_shapes: int = 6) -> list[Shape]:
+SIZE_RANGE = (0.07, 0.16)  # half-width of a shape as a fraction of the image side, in domain
+OOD_SIZE_SCALE = 0.7  # out of domain, shapes are smaller
+
+
+def sample_scene(rng: random.Random, *, image_size: int, domain: str, max_shapes: int = 6,
+                 size_range: tuple[float, float] = SIZE_RANGE) -> list[Shape]:
     """Non-overlapping shapes; the largest is at least 25% larger than any other (a unique answer)."""
-    lo, hi = (0.07, 0.16) if domain == "in_domain" else (0.05, 0.11)
+    lo, hi = size_range if domain == "in_domain" else (size_range[0] * OOD_SIZE_SCALE, size_range[1] * OOD_SIZE_SCALE)
+    n = rng.randint(1, max_shapes)  # drawn once: retrying with a new n would favour small counts
     for _ in range(1000):
-        n = rng.randint(1, max_shapes)
         shapes: list[Shape] = []
         for _ in range(n):
             for _ in range(200):
@@ -123,7 +129,7 @@ def make_question(rng: random.Random, shapes: list[Shape], qtype: str, domain: s
         # the most frequent colour, ties broken by name (never by set order: it varies per process)
         c, c2 = min(set(colours), key=lambda x: (-colours.count(x), x)), rng.choice(list(COLOURS))
         if colours.count(c2) > colours.count(c) or c2 == c:
-            c2 = min(COLOURS, key=lambda x: (colours.count(x), x))
+            c2 = min((x for x in COLOURS if x != c), key=lambda x: (colours.count(x), x))
         q, truth = t.format(colour=c, colour2=c2), colours.count(c) - colours.count(c2)
     else:  # largest_colour: multiple choice over the four colours
         largest = max(shapes, key=lambda s: s.size)
@@ -136,6 +142,13 @@ def make_question(rng: random.Random, shapes: list[Shape], qtype: str, domain: s
     return {"problem": "<image>" + q, "answer": str(truth), "choices": None, "negatives": _count_negatives(rng, truth)}
 
 
+def describe(shapes: list[Shape]) -> str:
+    """The scene in words, largest shape first: the reasoning of an SFT target (every word of it is
+    read off the image, so SFT teaches perception densely, not through one answer token)."""
+    ordered = sorted(shapes, key=lambda s: -s.size)
+    return "I see " + ", ".join(f"{s.colour} {s.kind}" for s in ordered) + "."
+
+
 def _png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
@@ -143,7 +156,7 @@ def _png(img: Image.Image) -> bytes:
 
 
 def generate(split: str, n: int, *, seed: int = 0, image_size: int = 84,
-             question_types=QUESTION_TYPES, max_shapes: int = 6) -> list[dict]:
+             question_types=QUESTION_TYPES, max_shapes: int = 6, size_range=SIZE_RANGE) -> list[dict]:
     """n examples of a split, in the Geometry3K row format (+ question_type, negatives, scene, id).
 
     `images` is a list with one {"bytes": PNG, "path": name} entry, as the hub datasets store it.
@@ -154,13 +167,14 @@ def generate(split: str, n: int, *, seed: int = 0, image_size: int = 84,
     rng = random.Random(seed + SPLIT_SEED_OFFSET[split])
     rows = []
     for i in range(n):
-        shapes = sample_scene(rng, image_size=image_size, domain=domain, max_shapes=max_shapes)
+        shapes = sample_scene(rng, image_size=image_size, domain=domain, max_shapes=max_shapes,
+                              size_range=tuple(size_range))
         qtype = question_types[i % len(question_types)]
         row = make_question(rng, shapes, qtype, domain)
         name = f"{split}_{i:06d}.png"
         row.update(id=f"{split}-{i}", question_type=qtype, domain=domain,
                    images=[{"bytes": _png(render(shapes, image_size=image_size, domain=domain)), "path": name}],
-                   scene=json.dumps([asdict(s) for s in shapes]))
+                   scene=json.dumps([asdict(s) for s in shapes]), reasoning=describe(shapes))
         rows.append(row)
     return rows
 
@@ -171,25 +185,31 @@ def write_parquet(rows: list[dict], path: Path) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")  # unique: concurrent writers never share one
     pq.write_table(pa.Table.from_pylist(rows), tmp)
     tmp.replace(path)  # atomic: a killed run never leaves a half-written split
     return path
 
 
-def build_task(out_dir, *, sizes=None, seed: int = 0, image_size: int = 84) -> dict[str, Path]:
+def build_task(out_dir, *, sizes=None, seed: int = 0, image_size: int = 84, question_types=QUESTION_TYPES,
+               max_shapes: int = 6, size_range=SIZE_RANGE) -> dict[str, Path]:
     """Write train/val/ood parquet files under out_dir; returns {split: path}."""
     sizes = sizes or {"train": 2000, "val": 200, "ood": 200}
+    unknown = set(question_types) - set(QUESTION_TYPES)
+    if unknown or not question_types:
+        raise ValueError(f"question_types {sorted(unknown) or '[]'} unknown or empty; choose from {QUESTION_TYPES}")
     out = Path(out_dir)
-    return {split: write_parquet(generate(split, n, seed=seed, image_size=image_size), out / f"{split}.parquet")
-            for split, n in sizes.items()}
+    kw = dict(seed=seed, image_size=image_size, question_types=tuple(question_types), max_shapes=max_shapes,
+              size_range=size_range)
+    return {split: write_parquet(generate(split, n, **kw), out / f"{split}.parquet") for split, n in sizes.items()}
 
 
 def corpus() -> list[str]:
     """Text the tiny models' tokenizer is trained on: every template, word and answer of the task."""
-    from .prompts import INSTRUCTION
+    from .prompts import DEFAULT_REASONING, INSTRUCTION
 
-    words = [INSTRUCTION, "<think>", "</think>", "\\boxed{}", "user", "assistant", "Choices:", "(A) (B) (C) (D)"]
+    words = [INSTRUCTION, f"<think>{DEFAULT_REASONING}</think>", "<think>", "</think>", "\\boxed{}", "user",
+             "assistant", "Choices:", "(A) (B) (C) (D)"]
     for domain in TEMPLATES.values():
         for t in domain.values():
             for c in COLOURS:
@@ -198,4 +218,5 @@ def corpus() -> list[str]:
     words += [f"<think>There are {i} {c} {k}s.</think> \\boxed{{{i}}}" for i in range(12) for c in COLOURS
               for k in SHAPES]
     words += [f"<think>The largest shape is {c}.</think> \\boxed{{{c}}}" for c in COLOURS]
+    words += [f"<think>I see {c} {k}, {c} {k}.</think>" for c in COLOURS for k in SHAPES]
     return words

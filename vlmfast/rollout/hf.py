@@ -27,6 +27,37 @@ def _eval_mode(model):
         model.train(was_training)
 
 
+class _RowSeededSampler:
+    """Sampling as argmax(log softmax(warped logits) + Gumbel noise), the noise of row r drawn from
+    its own generator: a row's samples depend on its seed only, never on which other prompts share
+    its batch (or rank), and every prompt of a batch is sampled in one `generate` call.
+
+    Used as the logits processor of greedy `generate`; keeps the log-softmax each token was drawn
+    from, for the sampler log-probs.
+    """
+
+    def __init__(self, row_seeds: list[int], sampling: Sampling, device):
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.gens = [torch.Generator(device=device).manual_seed(int(sd)) for sd in row_seeds]
+        self.warpers = [TemperatureLogitsWarper(sampling.temperature)]
+        if sampling.top_k:
+            self.warpers.append(TopKLogitsWarper(sampling.top_k))
+        if sampling.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(sampling.top_p))
+        self.logps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores):
+        s = scores.float()
+        for w in self.warpers:
+            s = w(input_ids, s)
+        logp = torch.log_softmax(s, -1)
+        self.logps.append(logp)
+        u = torch.stack([torch.rand(s.shape[-1], generator=g, device=s.device) for g in self.gens])
+        gumbel = -torch.log(-torch.log(u.clamp_(1e-20, 1.0 - 1e-7)))
+        return logp + gumbel
+
+
 class HFEngine:
     def __init__(self, model, processor, *, batch_size: int = 64):
         self.model, self.processor, self.batch_size = model, processor, batch_size
@@ -51,37 +82,43 @@ class HFEngine:
         if seeds is not None and len(seeds) != len(problems):
             raise ValueError(f"{len(problems)} prompts but {len(seeds)} seeds")
         out: list[list[Completion]] = []
-        per_batch = 1 if seeds is not None else max(1, self.batch_size // n)
-        seeded = sampling.seed is not None or seeds is not None
-        rng = torch.random.fork_rng(devices=[]) if seeded else contextlib.nullcontext()
+        per_batch = max(1, self.batch_size // n)
+        rng = torch.random.fork_rng(devices=[]) if sampling.seed is not None else contextlib.nullcontext()
         with rng, _eval_mode(self.model):
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
             for i in range(0, len(problems), per_batch):
-                if seeds is not None:
-                    torch.manual_seed(seeds[i])
                 ps, ims = problems[i : i + per_batch], images[i : i + per_batch]
                 rep_p = [p for p in ps for _ in range(n)]
                 rep_i = [im for im in ims for _ in range(n)]
-                flat = self._generate_batch(rep_p, rep_i, sampling)
+                # sample j of a prompt with seed s draws its noise from seed (s, j) alone
+                row_seeds = None if seeds is None else [seeds[i + k] * 1009 + j for k in range(len(ps))
+                                                        for j in range(n)]
+                flat = self._generate_batch(rep_p, rep_i, sampling, row_seeds)
                 out += [flat[j * n : (j + 1) * n] for j in range(len(ps))]
         return out
 
-    def _generate_batch(self, problems, images, sampling: Sampling) -> list[Completion]:
+    def _generate_batch(self, problems, images, sampling: Sampling, row_seeds=None) -> list[Completion]:
+        from transformers import LogitsProcessorList
+
         batch = collate(self.processor, problems, images)
         device = next(self.model.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items()}
         kw = dict(max_new_tokens=sampling.max_new_tokens, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
                   return_dict_in_generate=True, output_scores=True)
+        seeded = None
         if sampling.greedy:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        elif row_seeds is not None:
+            seeded = _RowSeededSampler(row_seeds, sampling, device)
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None,
+                      logits_processor=LogitsProcessorList([seeded]))
         else:
             kw.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
         res = self.model.generate(**batch, **kw)
         new = res.sequences[:, batch["input_ids"].shape[1] :]
-        # log-probs under the processed scores: the distribution each token was drawn from
-        # (greedy: the temperature-1 distribution)
-        steps = torch.stack(res.scores, 1).float()  # [B, L, V]
+        # log-probs under the distribution each token was drawn from (greedy: temperature 1)
+        steps = torch.stack(seeded.logps if seeded else res.scores, 1).float()  # [B, L, V]
         logp = torch.log_softmax(steps, -1).gather(-1, new[..., None])[..., 0]
         out = []
         for b in range(new.shape[0]):

@@ -1,11 +1,11 @@
-"""The current main job runs end to end and learns: a short run must cut the loss and write its
-outputs (the full `make demo` reaches 100% held-out accuracy)."""
+"""The fused-loss quickstart runs end to end and learns: a short run must cut the loss and write
+its outputs (the full `vlmfast quickstart` reaches 100% held-out accuracy)."""
 
 import json
 
 import pytest
 
-from vlmfast import demo
+from vlmfast import quickstart as demo
 
 
 @pytest.mark.slow

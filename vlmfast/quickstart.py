@@ -1,5 +1,5 @@
-"""The current main job (`make demo`): train a tiny causal transformer end to end with the fused
-token statistics as its loss, on a task it can learn in about a minute on 2 CPU cores.
+"""The fused-loss quickstart (`vlmfast quickstart`): train a tiny causal transformer end to end with
+the fused token statistics as its loss, on a task it can learn in about a minute on 2 CPU cores.
 
 Task: reverse a string of digits ("<s> 3 1 4 = 4 1 3 </s>"); the loss is the mean NLL of the
 response tokens (the prompt is ignore_index), computed by `vlmfast.token_stats` from the trunk's last
@@ -7,7 +7,7 @@ hidden states and the lm_head weight, so the [tokens, vocab] logits are never ma
 log step also records the policy entropy on the response tokens; greedy exact-match accuracy is
 evaluated on held-out strings. Writes metrics.jsonl, curves.png and summary.md to the run directory.
 
-The warm-start study on the synthetic vision task replaces this demo (issue "The main job").
+The main job (`make demo`) is the warm-start study: vlmfast/study.py.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def _plot(records, path: Path):
     plt.close(fig)
 
 
-def run(out_dir="runs/demo", steps=600, batch=64, lr=3e-3, eval_every=100, seed=0) -> dict:
+def run(out_dir="runs/quickstart", steps=600, batch=64, lr=3e-3, eval_every=100, seed=0) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -151,8 +151,8 @@ def run(out_dir="runs/demo", steps=600, batch=64, lr=3e-3, eval_every=100, seed=
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="vlmfast demo", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="runs/demo")
+    ap = argparse.ArgumentParser(prog="vlmfast quickstart", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/quickstart")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

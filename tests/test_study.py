@@ -1,0 +1,112 @@
+"""The warm-start study (the main job): its plan, a reduced study end to end (killed, then resumed),
+and the report's table, figures and summary holding finite numbers."""
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vlmfast.config import ConfigError
+from vlmfast.study import STAGE1_RUNS, load_study, plan, run_study
+
+RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny_study.yaml"
+
+# a few steps of everything: the pipeline, not the learning (the recipe's numbers are calibrated in docs/study.md)
+REDUCED = [
+    "teacher.stage.steps=4", "stage1.sft_early.stage.steps=4", "stage1.sft_over.stage.steps=6",
+    "stage1.opd.stage.steps=3", "stage1.sft_gentle.stage.steps=3", "stage2.grpo.stage.steps=2",
+    "stage2.grpo.stage.batch_size=2", "stage2.grpo.stage.group_size=2", "stage2.cw_dpo.stage.steps=2",
+    "stage2.dpo.stage.steps=2", "base.eval.every=2", "stage2.grpo.eval.every=2", "stage2.cw_dpo.eval.every=2",
+    "stage2.dpo.eval.every=2", "base.eval.num_problems=4", "base.eval.n_samples=2", "base.eval.k=[1, 2]",
+    "base.eval.max_new_tokens=8", "base.eval.probes=2", "base.data.synthetic.train=32", "base.data.synthetic.val=8",
+    "base.data.synthetic.ood=8", "base.run.checkpoint_every=2",
+]
+
+
+def test_plan_has_every_run_and_its_dependencies():
+    study, runs = plan(yaml.safe_load(RECIPE.read_text()))
+    names = [r.name for r in runs]
+    assert names[0] == "teacher" and set(STAGE1_RUNS) <= set(names)
+    assert {"sft_early-grpo", "sft_over-grpo", "opd-grpo", "sft_gentle-cw_dpo", "sft_gentle-dpo"} <= set(names)
+    by = {r.name: r for r in runs}
+    assert by["opd"].needs == ["teacher"] and by["opd"].teacher_from == "teacher"
+    assert by["sft_gentle-dpo"].start_from == "sft_gentle"
+    # every warm-start starts from the same initial weights: same model path and seed
+    inits = {(by[n].raw["model"]["path"], by[n].raw["run"]["seed"]) for n in STAGE1_RUNS}
+    assert inits == {("tiny:student", 0)}
+    assert by["teacher"].raw["model"]["path"] == "tiny:teacher"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stage1.sft_erly={}", "stage1: needs exactly"),
+    ("stage2.grpo.from=[sft_late]", "stage2.grpo.from"),
+    ("stage1.sft_over.stage.stepz=3", "run sft_over: stages\\[0\\]: unknown key"),
+    ("study.workerz=2", "study: unknown key"),
+    ("base.eval.k=[1, 9]", "eval.k"),
+])
+def test_bad_study_recipes_fail_before_any_work(override, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        load_study(RECIPE, [override, f"study.out_dir={tmp_path}"])
+    assert not any(tmp_path.iterdir())
+
+
+def _finite_cells(table: str) -> list[float]:
+    return [float(x) for x in re.findall(r"(?<![\w.])-?\d+\.\d+", table)]
+
+
+@pytest.mark.slow
+def test_reduced_study_end_to_end_killed_then_resumed(tmp_path, monkeypatch):
+    raw = load_study(RECIPE, REDUCED + [f"study.out_dir={tmp_path}"])
+    sdir = tmp_path / "tiny_study"
+    # a kill at step 3 of every run's stage: the study stops, naming the failed runs, and starts no dependent
+    monkeypatch.setenv("VLMFAST_FAIL_AT_STEP", "0:3")
+    with pytest.raises(RuntimeError, match="study runs failed"):
+        run_study(raw, progress=False)
+    assert not (sdir / "sft_early-grpo").exists()
+    monkeypatch.delenv("VLMFAST_FAIL_AT_STEP")
+    report = run_study(raw, progress=False)  # the same command again: resumes and finishes
+    text = report.read_text()
+
+    # every run finished; a resumed run's metrics hold each step once
+    for name in ("teacher", *STAGE1_RUNS, "sft_early-grpo", "sft_over-grpo", "opd-grpo", "sft_gentle-cw_dpo",
+                 "sft_gentle-dpo"):
+        res = json.loads((sdir / name / "results.json").read_text())
+        assert Path(res["final_model"]).is_dir(), name
+        steps = [json.loads(line)["step"] for line in (sdir / name / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line)["kind"] == "train"]
+        assert steps == sorted(set(steps)), name
+    assert json.loads((sdir / "sft_over" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 6
+
+    # the table: a row per model, Stage-1 -> Stage-2 cells, finite numbers in range
+    table = text.split("## pass@k")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "model" not in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["teacher", "sft_early → grpo", "sft_over → grpo",
+                                                       "opd → grpo", "sft_gentle → cw_dpo", "sft_gentle → dpo"]
+    for r in rows[1:]:
+        assert r.count("→") >= 6  # every metric at both endpoints
+    nums = _finite_cells("\n".join(rows))
+    assert nums and all(math.isfinite(x) for x in nums)
+    accs = [float(x) for r in rows for x in re.findall(r"(\d\.\d{3})", r.split("|")[2])]
+    assert all(0.0 <= a <= 1.0 for a in accs)
+    # figures exist, are PNGs, and the report links them
+    for fig in ("entropy.png", "reward_accuracy.png", "dlogp.png", "pass_at_k.png", "cooling_weight.png"):
+        data = (sdir / fig).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, fig
+        assert f"]({fig})" in text
+    # the summary and what reproduces the run
+    assert "## Summary" in text and "Entropy at RL entry" in text and "out of domain" in text
+    assert "torch" in text and "seeds: run seed 0" in text and "wall time:" in text
+    assert yaml.safe_load((sdir / "study.yaml").read_text()) == raw
+
+    # a third call finds everything done: no run starts again
+    mtimes = {p.parent.name: p.stat().st_mtime for p in sdir.glob("*/metrics.jsonl")}
+    run_study(raw, progress=False)
+    assert {p.parent.name: p.stat().st_mtime for p in sdir.glob("*/metrics.jsonl")} == mtimes
+    # a changed warm-start reruns it and the Stage-2 run built on its weights, nothing else
+    raw["stage1"]["opd"]["stage"]["lr"] = 5e-4
+    run_study(raw, progress=False)
+    now = {p.parent.name: p.stat().st_mtime for p in sdir.glob("*/metrics.jsonl")}
+    assert {n for n in now if now[n] != mtimes[n]} == {"opd", "opd-grpo"}

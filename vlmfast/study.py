@@ -1,0 +1,363 @@
+"""The warm-start study, vlmfast's main job: does the Stage-1 choice decide what Stage-2 RL can do?
+
+    python -m vlmfast.study --config recipes/tiny_study.yaml [key=value ...]     (= make demo)
+
+One recipe describes the whole study; each of its training runs is an ordinary `vlmfast.train` run
+(its own directory, metrics.jsonl, checkpoints, resume) started as a subprocess:
+
+    teacher                              SFT of the larger model
+    sft_early, sft_over, sft_gentle      Stage 1 from the same initial student weights
+    opd                                  Stage 1: on-policy distillation from the teacher   (after teacher)
+    <warm-start>-<stage 2>               Stage 2 from that warm-start's final weights         (after it)
+
+Runs whose inputs are ready start side by side (`study.workers` processes); a killed study re-run
+with the same recipe skips finished runs and resumes the interrupted ones from their checkpoints.
+At the end the report (table, figures, generated summary) is written to runs/<name>/report.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .config import ConfigError, _set_override, load_config
+
+STUDY_KEYS = {"study", "base", "teacher", "stage1", "stage2"}
+STAGE1_RUNS = ("sft_early", "sft_over", "opd", "sft_gentle")
+NODE_KEYS = {"stage", "model", "eval", "run", "from"}
+# relative cost of one step per stage type (measured on the tiny study: sampling dominates opd and grpo)
+STEP_COST = {"sft": 1.0, "sft_gentle": 2.0, "opd": 3.0, "grpo": 8.0, "dpo": 3.0, "cw_dpo": 3.0}
+PLACEHOLDER_MODEL = "tiny:student"  # stands in for a checkpoint that does not exist yet, when validating
+
+
+@dataclass
+class Run:
+    """One training run of the study: its recipe, and the runs whose weights it needs."""
+
+    name: str
+    raw: dict  # a vlmfast.train recipe (paths of other runs' weights filled in at launch)
+    needs: list[str] = field(default_factory=list)
+    start_from: str | None = None  # model.path <- this run's final weights
+    teacher_from: str | None = None  # stages[0].teacher <- this run's final weights
+    role: str = "stage1"  # teacher | stage1 | stage2
+
+    @property
+    def steps(self) -> int:
+        return sum(s["steps"] for s in self.raw["stages"])
+
+    @property
+    def cost(self) -> float:
+        """Rough relative wall time (an SFT step = 1), for scheduling the longest chain first."""
+        return sum(s["steps"] * STEP_COST.get("sft_gentle" if s.get("gentle") else s.get("type", "sft"), 1.0)
+                   for s in self.raw["stages"])
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def _node(raw_study: dict, where: str, node, name: str, out_dir: str) -> dict:
+    """The train recipe of one run: base <- the node's model/eval/run sections, one stage."""
+    if not isinstance(node, dict) or "stage" not in node:
+        raise ConfigError(f"{where}: expected a mapping with a `stage` (and optional model/eval/run)")
+    unknown = set(node) - NODE_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(NODE_KEYS)}")
+    raw = _merge(raw_study.get("base") or {}, {k: node[k] for k in ("model", "eval", "run") if k in node})
+    raw.setdefault("run", {}).update(name=name, out_dir=out_dir)
+    stage = dict(node["stage"])
+    stage.setdefault("name", name.split("-")[-1])
+    raw["stages"] = [stage]
+    return raw
+
+
+def plan(raw_study: dict) -> tuple[dict, list[Run]]:
+    """The study's settings and its runs, every recipe validated before anything starts."""
+    unknown = set(raw_study) - STUDY_KEYS
+    if unknown:
+        raise ConfigError(f"unknown key(s) {sorted(unknown)}; a study has {sorted(STUDY_KEYS)}")
+    study = {"name": "study", "out_dir": "runs", "workers": 2, **(raw_study.get("study") or {})}
+    bad = set(study) - {"name", "out_dir", "workers"}
+    if bad:
+        raise ConfigError(f"study: unknown key(s) {sorted(bad)}; known: ['name', 'out_dir', 'workers']")
+    if not isinstance(study["workers"], int) or study["workers"] < 1:
+        raise ConfigError(f"study.workers: must be an integer >= 1, got {study['workers']!r}")
+    out_dir = str(Path(study["out_dir"]) / study["name"])
+    runs = []
+    if "teacher" not in raw_study:
+        raise ConfigError("teacher: the study trains a teacher for opd (a mapping with `stage`)")
+    runs.append(Run("teacher", _node(raw_study, "teacher", raw_study["teacher"], "teacher", out_dir), role="teacher"))
+    stage1 = raw_study.get("stage1") or {}
+    missing = [k for k in STAGE1_RUNS if k not in stage1]
+    if missing or set(stage1) - set(STAGE1_RUNS):
+        raise ConfigError(f"stage1: needs exactly the warm-starts {list(STAGE1_RUNS)}; missing {missing}, "
+                          f"unknown {sorted(set(stage1) - set(STAGE1_RUNS))}")
+    for name in STAGE1_RUNS:
+        r = Run(name, _node(raw_study, f"stage1.{name}", stage1[name], name, out_dir))
+        if r.raw["stages"][0].get("type") == "opd":
+            r.needs, r.teacher_from = ["teacher"], "teacher"
+        runs.append(r)
+    for name, node in (raw_study.get("stage2") or {}).items():
+        froms = node.get("from") if isinstance(node, dict) else None
+        if not isinstance(froms, list) or not froms or set(froms) - set(STAGE1_RUNS):
+            raise ConfigError(f"stage2.{name}.from: a list of warm-starts from {list(STAGE1_RUNS)}, got {froms!r}")
+        for parent in froms:
+            run_name = f"{parent}-{name}"
+            runs.append(Run(run_name, _node(raw_study, f"stage2.{name}", node, run_name, out_dir), needs=[parent],
+                            start_from=parent, role="stage2"))
+    for r in runs:  # validate each recipe now; weights of other runs are stand-ins until they exist
+        trial = copy.deepcopy(r.raw)
+        if r.start_from:
+            trial.setdefault("model", {})["path"] = PLACEHOLDER_MODEL
+        if r.teacher_from:
+            trial["stages"][0]["teacher"] = "tiny:teacher"
+        try:
+            load_config(raw=trial)
+        except ConfigError as e:
+            raise ConfigError(f"run {r.name}: {e}") from None
+    return {**study, "dir": out_dir}, runs
+
+
+def final_model(run_dir: Path) -> str:
+    return json.loads((run_dir / "results.json").read_text())["final_model"]
+
+
+def _launch_recipe(run: Run, study_dir: Path) -> dict:
+    raw = copy.deepcopy(run.raw)
+    if run.start_from:
+        raw.setdefault("model", {})["path"] = final_model(study_dir / run.start_from)
+    if run.teacher_from:
+        raw["stages"][0]["teacher"] = final_model(study_dir / run.teacher_from)
+    return raw
+
+
+def _inputs(run: Run, study_dir: Path) -> dict:
+    """What a run's result depends on: its recipe and the results of the runs whose weights it uses
+    (a parent that reran changes the weights at the same path)."""
+    parents = {}
+    for n in run.needs:
+        res = study_dir / n / "results.json"
+        parents[n] = hashlib.sha1(res.read_bytes()).hexdigest() if res.exists() else None
+    return {"recipe": _launch_recipe(run, study_dir), "parents": parents}
+
+
+def _same_inputs(run_dir: Path, inputs: dict) -> bool:
+    stored = run_dir / "study_inputs.json"
+    return stored.exists() and json.loads(stored.read_text()) == json.loads(json.dumps(inputs))
+
+
+def _is_done(run: Run, study_dir: Path) -> bool:
+    """Finished with these very inputs (a changed recipe or a rerun parent reruns it from scratch)."""
+    rd = study_dir / run.name
+    return (rd / "results.json").exists() and _same_inputs(rd, _inputs(run, study_dir))
+
+
+def _progress_of(run_dir: Path) -> int:
+    """Steps done so far, from the last line of metrics.jsonl (cheap to poll)."""
+    path = run_dir / "metrics.jsonl"
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, path.stat().st_size - 4096))
+            lines = f.read().decode(errors="ignore").splitlines()
+        for line in reversed(lines):
+            if line.startswith("{"):
+                try:
+                    return int(json.loads(line)["step"])
+                except (ValueError, KeyError):
+                    continue
+    except OSError:
+        pass
+    return 0
+
+
+def environment() -> dict:
+    """What produced the numbers: versions, machine, threads."""
+    import torch
+    import transformers
+
+    from . import __version__
+
+    env = {"vlmfast": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "platform": platform.platform(),
+           "cpu_count": os.cpu_count()}
+    try:
+        import deepspeed
+
+        env["deepspeed"] = deepspeed.__version__
+    except ImportError:
+        pass
+    try:
+        env["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                           cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        env["git_commit"] = None
+    return env
+
+
+def run_study(raw_study: dict, *, progress: bool = True) -> Path:
+    """Run (or finish) every run of the study, then write the report; returns report.md's path."""
+    from tqdm import tqdm
+
+    study, runs = plan(raw_study)
+    sdir = Path(study["dir"])
+    sdir.mkdir(parents=True, exist_ok=True)
+    (sdir / "study.yaml").write_text(yaml.safe_dump(raw_study, sort_keys=False))
+    by_name = {r.name: r for r in runs}
+    chance = None
+    cfg0 = load_config(raw=runs[0].raw)
+    if cfg0.data.synthetic is not None:  # generated once here: runs starting side by side must not race
+        from .study_report import chance_rates
+        from .train import synthetic_paths
+
+        paths = synthetic_paths(cfg0)
+        chance = chance_rates(paths["train"], paths["val"])
+    done = {}
+    for r in runs:
+        rd = sdir / r.name
+        if rd.exists() and all(n in done for n in r.needs) and _is_done(r, sdir):
+            done[r.name] = json.loads((rd / "results.json").read_text()).get("wall_s", 0.0)
+    pending = [r for r in runs if r.name not in done]
+    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    failed: list[str] = []
+    t_start = time.time()
+    total = sum(r.steps for r in runs)
+    bar = tqdm(total=total, desc=study["name"], unit="step", disable=not progress, dynamic_ncols=True,
+               initial=sum(by_name[n].steps for n in done), mininterval=1.0)
+
+    last_shown = None
+
+    def ready(r):
+        return all(n in done for n in r.needs)
+
+    def chain(r) -> float:
+        """Estimated cost from r's start to the end of the longest chain of runs that wait on it."""
+        return r.cost + max((chain(o) for o in runs if r.name in o.needs), default=0)
+
+    def priority(r):  # the longest remaining chain first (teacher -> opd -> opd-grpo before a lone run)
+        return -chain(r)
+
+    while pending or running:
+        while len(running) < study["workers"] and not failed:
+            candidates = sorted((r for r in pending if ready(r)), key=priority)
+            if not candidates:
+                break
+            r = candidates[0]
+            pending.remove(r)
+            running[r.name] = (_start(r, sdir), time.time())
+        for name, (proc, t0) in list(running.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            del running[name]
+            if code == 0:
+                wall = time.time() - t0
+                rd = sdir / name
+                res = json.loads((rd / "results.json").read_text())
+                res["wall_s"] = wall
+                (rd / "results.json").write_text(json.dumps(res, indent=1))
+                done[name] = wall
+                bar.write(f"  {name}: done in {wall:.0f} s  {_headline(res)}")
+            else:
+                failed.append(name)
+                bar.write(f"  {name}: FAILED (exit {code}); last lines of {sdir / name / 'log.txt'}:\n"
+                          + _tail(sdir / name / "log.txt"))
+        finished = sum(by_name[n].steps for n in done)
+        live = {n: _progress_of(sdir / n) for n in running}
+        shown = (min(total, finished + sum(live.values())), ", ".join(f"{n} {s}/{by_name[n].steps}"
+                                                                      for n, s in live.items()))
+        if shown != last_shown:  # redraw on change only: a log file gets a line per change, not per poll
+            bar.n, last_shown = shown[0], shown
+            bar.set_postfix_str(shown[1], refresh=False)
+            bar.refresh()
+        if failed and not running:
+            break
+        if not running and pending and not any(ready(r) for r in pending):
+            break
+        time.sleep(0.5)
+    bar.close()
+    if failed:
+        raise RuntimeError(f"study runs failed: {failed}; their logs are in {sdir}/<run>/log.txt. "
+                           "Re-run the same command to retry: finished runs are kept.")
+    from .study_report import write_report
+
+    meta = {"environment": environment(), "wall_s_total": time.time() - t_start,
+            "wall_s": {n: done[n] for n in by_name}, "chance": chance}
+    return write_report(sdir, raw_study, [r.name for r in runs], meta)
+
+
+def _headline(res: dict) -> str:
+    m = next(iter(res["results"].values()), None) or {}
+    parts = [f"{k}={m[k]:.3f}" for k in ("val/accuracy", "ood/accuracy", "val/entropy") if k in m]
+    return " ".join(parts)
+
+
+def _tail(path: Path, n: int = 25) -> str:
+    try:
+        return "\n".join("    " + line for line in path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "    (no log)"
+
+
+def _start(run: Run, sdir: Path) -> subprocess.Popen:
+    rd = sdir / run.name
+    inputs = _inputs(run, sdir)
+    recipe = inputs["recipe"]
+    if rd.exists() and not _same_inputs(rd, inputs):
+        shutil.rmtree(rd)  # changed inputs: the old checkpoints would resume the wrong run
+    rd.mkdir(parents=True, exist_ok=True)
+    stored = rd / "study_recipe.yaml"
+    stored.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    (rd / "study_inputs.json").write_text(json.dumps(inputs, indent=1))
+    threads = str(recipe.get("run", {}).get("threads", 1))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TQDM_MININTERVAL": "5"}
+    log = (rd / "log.txt").open("a")
+    return subprocess.Popen([sys.executable, "-m", "vlmfast.train", "--config", str(stored)], stdout=log,
+                            stderr=subprocess.STDOUT, env=env)
+
+
+def load_study(path, overrides: list[str] | None = None) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"study recipe {p} not found")
+    raw = yaml.safe_load(p.read_text()) or {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        key, text = item.split("=", 1)
+        _set_override(raw, key, yaml.safe_load(text))
+    plan(raw)  # validate now: a typo fails before any work
+    return raw
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="vlmfast study", description="the warm-start study (see vlmfast/study.py)")
+    ap.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "recipes" / "tiny_study.yaml"))
+    ap.add_argument("overrides", nargs="*", help="key=value, e.g. stage1.sft_over.stage.steps=900 study.workers=1")
+    args = ap.parse_args(argv)
+    try:
+        raw = load_study(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"study config error: {e}", file=sys.stderr)
+        return 2
+    report = run_study(raw)
+    print(f"report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
