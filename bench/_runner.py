@@ -1,12 +1,10 @@
-"""Shared by the benchmark scripts: a fresh subprocess per measured case (so its peak RSS is its
-own), timing, result rows, and the ratio table."""
+"""Shared by the benchmark suite: a fresh subprocess per measured case (so its peak RSS is its own),
+timing, result rows."""
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -49,16 +47,6 @@ def reset_peak_rss() -> float:
     return current_rss_mb()
 
 
-def add_common_arguments(ap, *, repeats: int, results: Path) -> None:
-    """The options every benchmark script takes: the head's shape, repeats, threads, output."""
-    ap.add_argument("--n", type=int, default=2048, help="tokens")
-    ap.add_argument("--h", type=int, default=896, help="hidden size")
-    ap.add_argument("--v", type=int, default=151936, help="vocabulary size")
-    ap.add_argument("--repeats", type=int, default=repeats)
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--out", type=Path, default=results)
-
-
 def measure(step, *, repeats: int, warmup: int, rss_inputs: float) -> dict:
     """Median wall time of `step()` and the process's peak RSS above `rss_inputs`."""
     for _ in range(warmup):
@@ -82,38 +70,8 @@ def run_case(module: str, worker_args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def environment(threads: int) -> dict:
-    import torch
-
-    return {
-        "device": f"cpu ({platform.processor() or platform.machine()}, {threads} threads)",
-        "torch": torch.__version__,
-        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 def append_rows(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
-
-
-def ratio_table(rows: list[dict], *, case_key: str, baseline: str, candidate: str) -> str:
-    """Markdown: per case, time and peak memory of baseline vs candidate, as ratios."""
-    lines = [
-        f"| {case_key} | {baseline} time | {candidate} time | speed-up | {baseline} peak | {candidate} peak "
-        "| memory saved |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    by = {(r[case_key], r["provider"]): r for r in rows}
-    for case in dict.fromkeys(r[case_key] for r in rows):
-        b, c = by[(case, baseline)], by[(case, candidate)]
-        bm, cm = b["peak_above_inputs_mb"], c["peak_above_inputs_mb"]
-        lines.append(
-            f"| {case} | {b['time_s']:.2f} s | {c['time_s']:.2f} s | {b['time_s'] / c['time_s']:.2f}x "
-            f"| {bm:.0f} MB | {cm:.0f} MB | {bm / max(cm, 1.0):.1f}x |"
-        )
-    lines.append("\npeak = peak RSS of a fresh process above its inputs; speed-up and memory saved are "
-                 f"{baseline} / {candidate}.")
-    return "\n".join(lines)

@@ -382,8 +382,10 @@ def write_report(study_dir, raw_study: dict, names: list[str], meta: dict) -> Pa
               f"- seeds: run seed {raw_study.get('base', {}).get('run', {}).get('seed', 0)}, data seed "
               f"{raw_study.get('base', {}).get('data', {}).get('synthetic', {}).get('seed', 0)}",
               "- versions: " + ", ".join(f"{k} {v}" for k, v in env.items()),
-              f"- wall time: {meta.get('wall_s_total', 0):.0f} s in all; per run: "
-              + ", ".join(f"{k} {v:.0f} s" for k, v in meta.get("wall_s", {}).items()), ""]
+              f"- wall time per run (two at a time, {sum(meta.get('wall_s', {}).values()):.0f} s summed): "
+              + ", ".join(f"{k} {v:.0f} s" for k, v in meta.get("wall_s", {}).items())
+              + f"; the last invocation of the study took {meta.get('wall_s_total', 0):.0f} s (runs finished by an "
+              "earlier invocation are reused)", ""]
     path = study_dir / "report.md"
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text("\n".join(parts))

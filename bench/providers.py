@@ -1,0 +1,219 @@
+"""The ops and losses under test and every provider of each: vlmfast's backends, the naive PyTorch
+version (materialised logits, log_softmax + gather, full distributions), Liger-Kernel's fused
+equivalents and PyTorch's own `linear_cross_entropy`. Each provider maps the same inputs to a
+scalar loss, so a case is timed forward and forward+backward identically for all.
+
+Equivalence is checked, not assumed: `agreement()` compares each provider's loss and gradients with
+the naive fp32 result before anything is timed (Liger's losses are configured to the same math:
+GRPO with loss_type "dapo" = token mean, DPO without a reference model, JSD at the reverse-KL end).
+"""
+
+from __future__ import annotations
+
+import functools
+
+OPS = ("sft", "token_stats", "sft_gentle", "opd", "grpo", "dpo", "cw_dpo")
+SEQ_LEN = 256  # tokens per sequence: B = N / SEQ_LEN
+PROMPT = 64  # prompt tokens per sequence (ignored by every loss)
+
+
+def build(op: str, n: int, h: int, v: int, *, device="cpu", dtype=None, seed: int = 0) -> dict:
+    """Inputs of one case: hidden [B, T, H], weight [V, H], labels [B, T] (-100 on the prompt), plus
+    what the op needs (teacher head, old/ref log-probs, advantages, reference sequence log-probs)."""
+    import torch
+
+    dtype = dtype or torch.float32
+    g = torch.Generator().manual_seed(seed)
+    B, T = max(2, n // SEQ_LEN), min(n, SEQ_LEN)
+    B += B % 2  # preference pairs
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    x = {"hidden": randn(B, T, h), "weight": randn(v, h, scale=h**-0.5)}
+    labels = torch.randint(0, v, (B, T), generator=g)
+    labels[:, : min(PROMPT, T // 4)] = -100
+    x["labels"] = labels.to(device)
+    if op == "opd":
+        x["teacher"] = (randn(B, T, h), randn(v, h, scale=h**-0.5))
+    if op == "grpo":
+        x["old_logp"] = (-torch.rand(B, T, generator=g) * 2 - 10).to(device)
+        x["advantages"] = torch.randn(B, generator=g).to(device)
+    if op in ("dpo", "cw_dpo"):
+        x["ref_c"] = torch.zeros(B // 2, device=device)  # no reference: Liger's use_ref_model=False
+        x["ref_r"] = torch.zeros(B // 2, device=device)
+    return x
+
+
+# --- naive: what a trainer computes without a fused op -------------------------------------------
+
+def naive(op: str, x: dict):
+    import torch
+    import torch.nn.functional as F
+
+    h, W, y = x["hidden"], x["weight"], x["labels"]
+    mask = y != -100
+
+    def logits(hh, ww=None):
+        return (hh @ (W if ww is None else ww).T).float()  # [B, T, V] materialised
+
+    def token_logp(hh, yy):
+        lp = torch.log_softmax(logits(hh), -1).gather(-1, yy.clamp(min=0)[..., None])[..., 0]
+        return lp * (yy != -100)
+
+    if op == "sft":
+        return F.cross_entropy(logits(h).flatten(0, 1), y.flatten(), ignore_index=-100)
+    if op == "token_stats":  # logp + entropy of every response token (what the probes read)
+        lp_all = torch.log_softmax(logits(h), -1)
+        lp = lp_all.gather(-1, y.clamp(min=0)[..., None])[..., 0]
+        ent = -(lp_all.exp() * lp_all).sum(-1)
+        return ((lp + ent) * mask).sum() / mask.sum()
+    if op == "sft_gentle":
+        B = h.shape[0] // 2
+        pos = F.cross_entropy(logits(h[:B]).flatten(0, 1), y[:B].flatten(), ignore_index=-100)
+        neg = F.cross_entropy(logits(h[B:]).flatten(0, 1), y[B:].flatten(), ignore_index=-100)
+        return pos + 0.1 * torch.relu(50.0 - neg)
+    if op == "opd":
+        lp = torch.log_softmax(logits(h), -1)
+        lq = torch.log_softmax(logits(*x["teacher"]), -1)
+        kl = (lp.exp() * (lp - lq)).sum(-1)
+        return (kl * mask).sum() / mask.sum()
+    if op == "grpo":
+        lp = token_logp(h, y)
+        ratio = torch.exp((lp - x["old_logp"]) * mask)
+        a = x["advantages"][:, None]
+        pg = torch.maximum(-a * ratio, -a * ratio.clamp(0.8, 1.28))
+        return (pg * mask).sum() / mask.sum()
+    S = token_logp(h, y).sum(-1)
+    B = S.shape[0] // 2
+    d_w, d_l = S[:B] - x["ref_c"], S[B:] - x["ref_r"]
+    if op == "dpo":
+        return -F.logsigmoid(0.1 * (d_w - d_l)).mean()
+    lbar = (S[B:] / mask[B:].sum(-1)).detach()
+    w = torch.sigmoid((lbar - lbar.mean()) / 0.5)
+    return -F.logsigmoid(0.1 * (d_w - w * d_l)).mean()
+
+
+# --- vlmfast --------------------------------------------------------------------------------------
+
+def vlmfast_loss(op: str, x: dict, backend: str):
+    import vlmfast
+
+    h, W, y = x["hidden"], x["weight"], x["labels"]
+    kw = dict(backend=backend)
+    if op == "sft":
+        return vlmfast.sft_loss(h, W, y, **kw)[0]
+    if op == "token_stats":
+        r = vlmfast.token_stats(h, W, y, outputs=("logp", "entropy"), backend=backend)
+        mask = y != -100
+        return ((r.logp + r.entropy) * mask).sum() / mask.sum()
+    if op == "sft_gentle":
+        B = h.shape[0] // 2
+        return vlmfast.sft_gentle_negatives_loss(h[:B], W, y[:B], h[B:], y[B:], margin=50.0, **kw)[0]
+    if op == "opd":
+        return vlmfast.opd_loss(h, W, y, teacher=x["teacher"], **kw)[0]
+    if op == "grpo":
+        return vlmfast.grpo_loss(h, W, y, x["old_logp"], x["advantages"], clip_high=0.28, **kw)[0]
+    if op == "dpo":
+        return vlmfast.dpo_loss(h, W, y, x["ref_c"], x["ref_r"], beta=0.1, **kw)[0]
+    # cw_dpo with l_floor = the batch mean (the naive version's)
+    return vlmfast.cw_dpo_loss(h, W, y, x["ref_c"], x["ref_r"], beta=0.1, tau_c=0.5, l_floor="batch", **kw)[0]
+
+
+# --- PyTorch's own fused linear cross entropy (plain CE only) ---------------------------------------
+
+def torch_lce(op: str, x: dict):
+    import torch.nn.functional as F
+
+    h, W, y = x["hidden"], x["weight"], x["labels"]
+    return F.linear_cross_entropy(h.flatten(0, 1), W, y.flatten(), ignore_index=-100)
+
+
+# --- Liger-Kernel ------------------------------------------------------------------------------------
+
+@functools.cache
+def _liger_module(op: str, compiled: bool):
+    if op == "sft":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        return LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
+    if op == "grpo":
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+        return LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, epsilon_low=0.2, epsilon_high=0.28,
+                                        loss_type="dapo", compiled=compiled)
+    if op == "dpo":
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+        return LigerFusedLinearDPOLoss(beta=0.1, use_ref_model=False, compiled=compiled)
+    if op == "opd":
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        # generalised JSD at beta = 1: KL(student || teacher), the reverse KL of OPD
+        return LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=1.0, compiled=compiled)
+    raise KeyError(op)
+
+
+def liger(op: str, x: dict):
+    h, W, y = x["hidden"], x["weight"], x["labels"]
+    compiled = h.device.type == "cuda"  # torch.compile of Liger's chunks: ~20 s per shape on a CPU
+    m = _liger_module(op, compiled)
+    if op == "sft":
+        return m(W, h.flatten(0, 1), y.flatten())
+    if op == "grpo":
+        mask = (y != -100).long()
+        out = m(h, W, y.clamp(min=0), mask, x["advantages"], old_per_token_logps=x["old_logp"])
+        return out[0] if isinstance(out, tuple) else out
+    if op == "dpo":
+        out = m(W, h, y)
+        return out[0] if isinstance(out, tuple) else out
+    if op == "opd":
+        th, tw = x["teacher"]
+        return m(h.flatten(0, 1), W, th.flatten(0, 1), tw, y.flatten())
+    raise KeyError(op)
+
+
+LIGER_OPS = {"sft": "cuda", "grpo": "any", "dpo": "any", "opd": "any"}  # Liger's fused CE is Triton-only
+
+
+def providers(op: str, device: str) -> dict:
+    """{name: fn(x) -> loss} of the providers of `op` available on `device`."""
+    out = {"naive": functools.partial(naive, op),
+           "vlmfast-chunked": functools.partial(vlmfast_loss, op, backend="chunked")}
+    if device == "cuda":
+        out["vlmfast-triton"] = functools.partial(vlmfast_loss, op, backend="triton")
+    if op == "sft":
+        out["torch-lce"] = functools.partial(torch_lce, op)
+    if op in LIGER_OPS and (LIGER_OPS[op] == "any" or device == "cuda"):
+        try:
+            import liger_kernel  # noqa: F401
+
+            out["liger"] = functools.partial(liger, op)
+        except ImportError:
+            pass
+    return out
+
+
+def agreement(op: str, h: int, v: int, device: str = "cpu", n: int = 512) -> dict:
+    """{provider: relative error vs naive fp32} over the loss and both gradients, on a small case;
+    a provider that raises gets its error message instead of a number."""
+    import torch
+
+    x = build(op, n, h, v, device=device)
+    results = {}
+    for name, fn in providers(op, device).items():
+        x2 = dict(x, hidden=x["hidden"].clone().requires_grad_(), weight=x["weight"].clone().requires_grad_())
+        try:
+            loss = fn(x2)
+            results[name] = (loss.detach().float(), *(g.float() for g in torch.autograd.grad(
+                loss, (x2["hidden"], x2["weight"]))))
+        except Exception as e:  # a provider that cannot run this op here: reported, not timed
+            results[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    ref = results["naive"]
+    out = {}
+    for name, r in results.items():
+        if isinstance(r, str):
+            out[name] = r
+        else:
+            out[name] = max(((a - b).abs().max() / b.abs().max().clamp(min=1e-6)).item() for a, b in zip(r, ref))
+    return out

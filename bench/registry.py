@@ -1,0 +1,43 @@
+"""What the benchmark suite measures: language-model heads (hidden size H, vocabulary V) of the
+models people post-train, token counts to sweep, and device peaks for the roofline."""
+
+from __future__ import annotations
+
+# name -> (H, V): the lm_head each op runs against
+MODELS = {
+    "cpu-small": (512, 32000),  # a small head that a 2-core CPU sweeps in seconds
+    "qwen2-0.5b": (896, 151936),  # Qwen2/2.5-0.5B's head: CPU-sized, full Qwen vocabulary
+    "qwen25vl-3b": (2048, 151936),
+    "qwen25vl-7b": (3584, 152064),
+    "qwen25vl-72b": (8192, 152064),
+}
+DEFAULT_MODELS = {"cpu": ["cpu-small", "qwen2-0.5b"], "cuda": ["qwen25vl-7b"]}
+# tokens per case (N = B * T); the CPU sweep keeps `make bench` under 15 minutes on 2 cores
+DEFAULT_TOKENS = {"cpu": {"cpu-small": [256, 1024], "qwen2-0.5b": [512]},
+                  "cuda": {"*": [2048, 8192, 32768]}}
+# ops per model when --ops is not given (all by default): on a CPU the full Qwen vocabulary costs ~30 s a
+# case, so its default sweep keeps the three that show the pattern (plain CE, statistics, a policy loss)
+DEFAULT_OPS = {"cpu": {"qwen2-0.5b": ["sft", "token_stats", "grpo"]}}
+# dense bf16 tensor-core peak, TFLOP/s (for the roofline on GPUs; the CPU's is measured)
+GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
+
+
+def tokens_for(device: str, model: str) -> list[int]:
+    table = DEFAULT_TOKENS[device]
+    return table.get(model) or table.get("*") or [2048]
+
+
+def ops_for(device: str, model: str, all_ops) -> list[str]:
+    return DEFAULT_OPS.get(device, {}).get(model) or list(all_ops)
+
+
+def head(model: str) -> tuple[int, int]:
+    if model not in MODELS:
+        raise SystemExit(f"unknown model {model!r}; choose from {sorted(MODELS)}")
+    return MODELS[model]
+
+
+def matmul_flops(n: int, h: int, v: int, mode: str) -> float:
+    """FLOPs of the head's GEMMs: 2NHV forward; forward+backward with the logits recomputed in the
+    backward is 8NHV (forward, recompute, dH, dW)."""
+    return (2 if mode == "forward" else 8) * n * h * v

@@ -1,0 +1,204 @@
+"""The benchmark suite: every op and loss, every provider, side by side in one run.
+
+    python -m bench                                   # make bench: CPU defaults (< 15 min on 2 cores)
+    python -m bench --device cuda --models qwen25vl-7b
+    python -m bench --ops sft grpo --models cpu-small --tokens 512 2048
+
+For each (op, model head, token count): the providers are first checked to agree with the naive
+fp32 result (loss and both gradients); then each provider is timed forward and forward+backward
+("full"; backward = full - forward). On a CPU each (op, provider, shape) runs in a fresh process so
+its peak RSS is its own; on a GPU, `triton.testing.do_bench` and `torch.cuda.max_memory_allocated`.
+Writes rows to bench/results/<device>.jsonl, one plot per op and model (time and memory vs tokens,
+a line per provider) and bench/results/summary_<device>.md (ratios vs naive and vs Liger, the
+roofline, the static GPU report of the Triton kernels, the end-to-end step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import providers as P
+from . import registry
+from ._runner import append_rows, measure, reset_peak_rss, run_case
+
+RESULTS = Path(__file__).parent / "results"
+MODES = ("forward", "full")
+
+
+def _step(fn, x, full: bool):
+    """One measured call: the loss forward, or forward + backward (gradients dropped after)."""
+    import torch
+
+    def step():
+        if full:
+            fn(x).backward()
+            x["hidden"].grad = x["weight"].grad = None
+        else:
+            with torch.no_grad():
+                fn(x)
+
+    return step
+
+
+def measure_case(op: str, provider: str, n: int, h: int, v: int, *, device: str = "cpu", repeats: int = 2,
+                 threads: int = 2) -> dict:
+    """Time forward, then full (forward + backward), each with its own peak memory. On a CPU this
+    runs in a fresh worker process (its peak RSS is its own); on a GPU in-process, in bf16."""
+    import torch
+
+    torch.set_num_threads(threads)
+    x = P.build(op, n, h, v, device=device, dtype=torch.bfloat16 if device == "cuda" else None)
+    fn = P.providers(op, device)[provider]
+    out = {}
+    for mode in MODES:
+        full = mode == "full"
+        x["hidden"].requires_grad_(full)
+        x["weight"].requires_grad_(full)
+        if device == "cuda":
+            out[mode] = _cuda_time(_step(fn, x, full))
+        else:
+            out[mode] = measure(_step(fn, x, full), repeats=repeats, warmup=1 if provider == "liger" else 0,
+                                rss_inputs=reset_peak_rss())
+    return out
+
+
+def _cuda_time(step) -> dict:
+    import torch
+    from triton.testing import do_bench
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    ms = do_bench(step, warmup=5, rep=50)
+    return {"time_s": ms / 1e3, "peak_above_inputs_mb": (torch.cuda.max_memory_allocated() - base) / 2**20}
+
+
+def environment(device: str, threads: int) -> dict:
+    import datetime as dt
+    import platform
+
+    import torch
+
+    env = {"torch": torch.__version__, "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    if device == "cuda":
+        env["device"] = torch.cuda.get_device_name()
+    else:
+        env["device"] = f"cpu ({platform.processor() or platform.machine()}, {threads} threads)"
+    try:
+        from importlib.metadata import version
+
+        import liger_kernel  # noqa: F401
+
+        env["liger_kernel"] = version("liger-kernel")
+    except Exception:
+        env["liger_kernel"] = None
+    try:
+        from importlib.metadata import version
+
+        env["vlmfast"] = version("vlmfast")
+    except Exception:
+        env["vlmfast"] = None
+    return env
+
+
+def cpu_gemm_tflops(threads: int, h: int = 896, v: int = 32768, n: int = 1024) -> float:
+    """This CPU's fp32 GEMM throughput (the roofline's 'peak' here), measured with torch.mm."""
+    import time
+
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, h), torch.randn(h, v)
+    best = float("inf")
+    for _ in range(6):  # the best of several: a peak, not an average
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n * h * v / best / 1e12
+
+
+def run(args) -> list[dict]:
+    device = args.device
+    env = environment(device, args.threads)
+    rows = []
+    for model in args.models:
+        h, v = registry.head(model)
+        for op in args.ops or registry.ops_for(device, model, P.OPS):
+            agree = P.agreement(op, h, v, device=device)
+            ok = {p: e for p, e in agree.items() if isinstance(e, float) and e < args.tolerance}
+            for p, e in agree.items():
+                if p not in ok:
+                    print(f"  {op} {p}: not timed ({e if isinstance(e, str) else f'disagrees with naive: {e:.1e}'})",
+                          flush=True)
+            for n in args.tokens or registry.tokens_for(device, model):
+                for provider in [p for p in args.providers or ok if p in ok]:
+                    if device == "cuda":
+                        res = measure_case(op, provider, n, h, v, device="cuda")
+                    else:
+                        res = run_case("bench.suite", [op, provider, str(n), str(h), str(v),
+                                                       "--repeats", str(args.repeats), "--threads", str(args.threads)])
+                    for mode, r in res.items():
+                        flops = registry.matmul_flops(n, h, v, mode)
+                        row = {"op": op, "provider": provider, "model": model, "n": n, "h": h, "v": v, "mode": mode,
+                               "dtype": "bfloat16" if device == "cuda" else "float32", "time_s": r["time_s"],
+                               "peak_above_inputs_mb": r["peak_above_inputs_mb"],
+                               "tflops": flops / r["time_s"] / 1e12, "agreement_rel_err": ok[provider], **env}
+                        rows.append(row)
+                    print(f"  {model:11} {op:11} N={n:<6} {provider:16} forward {res['forward']['time_s']:7.3f} s  "
+                          f"full {res['full']['time_s']:7.3f} s  peak {res['full']['peak_above_inputs_mb']:7.0f} MB",
+                          flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    import os
+
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--models", nargs="+", default=None, help=f"from {sorted(registry.MODELS)}")
+    ap.add_argument("--ops", nargs="+", default=None, choices=P.OPS, help="default: every op (see registry)")
+    ap.add_argument("--providers", nargs="+", default=None, help="default: every provider available")
+    ap.add_argument("--tokens", nargs="+", type=int, default=None, help="token counts to sweep")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--tolerance", type=float, default=2e-3, help="max relative error vs naive to be timed")
+    ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end step benchmark")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        op, provider, n, h, v = args.worker
+        print(json.dumps(measure_case(op, provider, int(n), int(h), int(v), repeats=args.repeats,
+                                      threads=args.threads)))
+        return 0
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("--device cuda: no CUDA device is visible to torch", file=sys.stderr)
+            return 2
+    args.models = args.models or registry.DEFAULT_MODELS[args.device]
+    for m in args.models:
+        registry.head(m)
+    rows = run(args)
+    append_rows(args.out / f"{args.device}.jsonl", rows)
+    from .summary import write_summary
+
+    extra = {}
+    if args.device == "cpu":
+        extra["cpu_peak_tflops"] = cpu_gemm_tflops(args.threads)
+    if not args.no_e2e:
+        from .e2e import e2e_rows
+
+        extra["e2e"] = e2e_rows(args.device, args.threads)
+        append_rows(args.out / f"{args.device}_e2e.jsonl", extra["e2e"])
+    path = write_summary(rows, args.out, args.device, **extra)
+    print(f"\nsummary: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Benchmark rows -> plots (time and memory vs tokens, a line per provider, one figure per op and
+model) and a markdown summary: ratios vs naive and vs Liger, the roofline, the static GPU report of
+the Triton kernels, the end-to-end step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import registry
+
+
+def _index(rows):
+    return {(r["op"], r["model"], r["n"], r["mode"], r["provider"]): r for r in rows}
+
+
+def plots(rows, out: Path, device: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    plot_dir = out / "plots"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    for op, model in dict.fromkeys((r["op"], r["model"]) for r in rows):
+        sel = [r for r in rows if r["op"] == op and r["model"] == model and r["mode"] == "full"]
+        fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 3.6))
+        for provider in dict.fromkeys(r["provider"] for r in sel):
+            pts = sorted((r["n"], r["time_s"], r["peak_above_inputs_mb"]) for r in sel if r["provider"] == provider)
+            ns = [p[0] for p in pts]
+            ax_t.plot(ns, [p[1] for p in pts], "o-", label=provider)
+            ax_m.plot(ns, [p[2] for p in pts], "o-", label=provider)
+        h, v = registry.head(model)
+        for ax, title, unit in ((ax_t, "time, forward+backward", "s"), (ax_m, "peak memory above inputs", "MB")):
+            ax.set(title=f"{op} · {model} (H={h}, V={v}) · {title}", xlabel="tokens N", ylabel=unit)
+            ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+            ax.title.set_fontsize(9)
+        ax_t.legend(fontsize=7)
+        fig.tight_layout()
+        path = plot_dir / f"{device}_{op}_{model}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        made.append(path)
+    return made
+
+
+def ratio_table(rows, baseline: str) -> str:
+    """Per (op, model, N): each provider's full time and peak memory, as ratios to `baseline`."""
+    idx = _index(rows)
+    lines = [f"| op | model | N | provider | full time | backward | speed-up vs {baseline} | peak | {baseline} peak / "
+             "peak |", "|---|---|---|---|---|---|---|---|---|"]
+    cases = dict.fromkeys((r["op"], r["model"], r["n"]) for r in rows)
+    for op, model, n in cases:
+        base = idx.get((op, model, n, "full", baseline))
+        if base is None:
+            continue
+        for provider in dict.fromkeys(r["provider"] for r in rows if (r["op"], r["model"], r["n"]) == (op, model, n)):
+            full, fwd = idx.get((op, model, n, "full", provider)), idx.get((op, model, n, "forward", provider))
+            if full is None or provider == baseline:
+                continue
+            bwd = f"{full['time_s'] - fwd['time_s']:.3f} s" if fwd else "–"
+            lines.append(f"| {op} | {model} | {n} | {provider} | {full['time_s']:.3f} s | {bwd} | "
+                         f"{base['time_s'] / full['time_s']:.2f}x | {full['peak_above_inputs_mb']:.0f} MB | "
+                         f"{base['peak_above_inputs_mb'] / max(full['peak_above_inputs_mb'], 1.0):.1f}x |")
+    return "\n".join(lines)
+
+
+def roofline(rows, peak_tflops: float, label: str) -> str:
+    """GEMM-bound time at the device's peak vs measured, for vlmfast's providers."""
+    lines = [f"| op | model | N | mode | provider | GEMM-bound time at {peak_tflops:.2f} TFLOP/s | measured | "
+             "fraction of the limit |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if not r["provider"].startswith("vlmfast") or r["op"] not in ("sft", "token_stats"):
+            continue
+        bound = registry.matmul_flops(r["n"], r["h"], r["v"], "forward" if r["mode"] == "forward" else "full")
+        bound /= peak_tflops * 1e12
+        lines.append(f"| {r['op']} | {r['model']} | {r['n']} | {r['mode']} | {r['provider']} | {bound:.3f} s | "
+                     f"{r['time_s']:.3f} s | {bound / r['time_s']:.2f} |")
+    lines.append(f"\nFLOPs counted: 2NHV forward, 8NHV forward+backward (logits recomputed in the backward); "
+                 f"peak: {label}.")
+    return "\n".join(lines)
+
+
+def gpu_static_report() -> str:
+    """Registers, spills, shared memory and wgmma of every Triton kernel compiled for sm_90."""
+    try:
+        from vlmfast.kernels.inspect import report
+    except ImportError as e:
+        return f"(not available: {e})"
+    try:
+        rows = report(archs=(90,))
+    except Exception as e:  # compiling needs triton's bundled ptxas: say why it is missing, do not fail the bench
+        return f"(compile failed: {type(e).__name__}: {e})"
+    if not rows:
+        return "(no kernels compiled)"
+    keys = ["kernel", "config", "arch", "num_warps", "registers", "spill_stores", "spill_loads", "shared",
+            "shared_limit", "wgmma"]
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r.get(k, "")) for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def e2e_table(e2e) -> str:
+    lines = ["| stage step | losses | tokens/s | step time | peak memory |", "|---|---|---|---|---|"]
+    for r in e2e:
+        lines.append(f"| {r['stage']} | {r['provider']} | {r['tokens_per_s']:.0f} | {r['time_s'] * 1e3:.0f} ms | "
+                     f"{r['peak_mb']:.0f} MB |")
+    return "\n".join(lines)
+
+
+def write_summary(rows, out: Path, device: str, *, cpu_peak_tflops: float | None = None, e2e=None) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    figs = plots(rows, out, device)
+    env = rows[0] if rows else {}
+    parts = [f"# Benchmark summary: {device}", "",
+             f"Device: {env.get('device', '?')}; torch {env.get('torch', '?')}; liger-kernel "
+             f"{env.get('liger_kernel')}; {env.get('timestamp', '')}. Every provider was checked against the naive "
+             "fp32 result (loss and both gradients) before timing; `full` = forward + backward, "
+             "backward = full - forward; peak = peak memory above the inputs.", "",
+             "## vs naive (materialised logits)", "", ratio_table(rows, "naive"), ""]
+    if any(r["provider"] == "liger" for r in rows):
+        parts += ["## vs Liger-Kernel", "", ratio_table(rows, "liger"), ""]
+    if device == "cuda":
+        name = env.get("device", "")
+        peak = next((v for k, v in registry.GPU_PEAK_TFLOPS.items() if k in name), None)
+        if peak:
+            parts += ["## Roofline", "", roofline(rows, peak, f"{name}, dense bf16"), ""]
+    elif cpu_peak_tflops:
+        parts += ["## Roofline", "", roofline(rows, cpu_peak_tflops, "this CPU's fp32 torch.mm throughput, measured"),
+                  ""]
+    if e2e:
+        parts += ["## End to end: one stage step on the tiny model", "", e2e_table(e2e), "",
+                  "The tiny model's vocabulary is 512 tokens: there the head is a small part of the step, so "
+                  "this shows the overhead of the fused losses, not their gain (which grows with V·N).", ""]
+    parts += ["## Static GPU report (Triton kernels compiled for sm_90, no GPU needed)", "", gpu_static_report(), ""]
+    parts += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in figs] + [""]
+    path = out / f"summary_{device}.md"
+    path.write_text("\n".join(parts))
+    return path

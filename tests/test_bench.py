@@ -1,0 +1,63 @@
+"""The benchmark suite's own logic, on a small CPU case: providers agree, a worker measures both
+modes, the summary holds the ratio tables and plots (the suite itself runs in `make bench`)."""
+
+import json
+
+import pytest
+
+from bench import providers as P
+from bench import registry
+from bench.summary import ratio_table, write_summary
+
+
+def test_every_provider_agrees_with_naive_on_every_op():
+    for op in P.OPS:
+        agree = P.agreement(op, 64, 1000, n=300)  # odd vocabulary, a partial last sequence
+        assert {"naive", "vlmfast-chunked"} <= set(agree)
+        for provider, err in agree.items():
+            assert isinstance(err, float) and err < 1e-3, (op, provider, err)
+
+
+def test_a_wrong_provider_is_caught(monkeypatch):
+    orig = P.providers
+
+    def with_bad(op, device):  # a provider 1% off the naive loss
+        out = orig(op, device)
+        out["bad"] = lambda x: P.naive(op, x) * 1.01
+        return out
+
+    monkeypatch.setattr(P, "providers", with_bad)
+    assert P.agreement("sft", 64, 500, n=256)["bad"] > 5e-3
+
+
+def test_flop_counts_and_registry():
+    assert registry.matmul_flops(10, 20, 30, "forward") == 2 * 10 * 20 * 30
+    assert registry.matmul_flops(10, 20, 30, "full") == 8 * 10 * 20 * 30
+    assert registry.head("qwen25vl-7b") == (3584, 152064)
+    with pytest.raises(SystemExit, match="unknown model"):
+        registry.head("gpt-5")
+
+
+def test_worker_and_summary(tmp_path):
+    from bench.suite import measure_case
+
+    res = measure_case("sft", "vlmfast-chunked", 256, 64, 1000, repeats=1, threads=1)
+    assert set(res) == {"forward", "full"} and res["full"]["time_s"] > 0
+    rows = []
+    for provider, t, m in (("naive", 2.0, 400.0), ("vlmfast-chunked", 1.0, 100.0), ("liger", 4.0, 200.0)):
+        for mode, f in (("forward", 0.4), ("full", 1.0)):
+            rows.append({"op": "grpo", "provider": provider, "model": "cpu-small", "n": 512, "h": 512, "v": 32000,
+                         "mode": mode, "time_s": t * f, "peak_above_inputs_mb": m, "device": "cpu (test)",
+                         "torch": "x", "liger_kernel": "y", "timestamp": "now"})
+    table = ratio_table(rows, "naive")
+    line = next(r for r in table.splitlines() if "vlmfast-chunked" in r)
+    assert "2.00x" in line and "| 4.0x |" in line and "0.600 s" in line  # backward = full - forward
+    path = write_summary(rows, tmp_path, "cpu", cpu_peak_tflops=0.1,
+                         e2e=[{"stage": "sft", "provider": "vlmfast", "time_s": 0.1, "tokens_per_s": 5000.0,
+                               "peak_mb": 300.0}])
+    text = path.read_text()
+    assert "## vs naive" in text and "## vs Liger-Kernel" in text and "## Roofline" in text
+    assert "## End to end" in text and "plots/cpu_grpo_cpu-small.png" in text
+    png = (tmp_path / "plots" / "cpu_grpo_cpu-small.png").read_bytes()
+    assert png[:4] == b"\x89PNG" and len(png) > 5000
+    json.dumps(rows)  # rows are JSON rows as written to results/
