@@ -61,6 +61,9 @@ def _finite_cells(table: str) -> list[float]:
 def test_reduced_study_end_to_end_killed_then_resumed(tmp_path, monkeypatch):
     raw = load_study(RECIPE, REDUCED + [f"study.out_dir={tmp_path}"])
     sdir = tmp_path / "tiny_study"
+    # as left behind by a one-process run in this process (or a launcher): runs must not inherit them
+    for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29533")):
+        monkeypatch.setenv(k, v)
     # a kill at step 3 of every run's stage: the study stops, naming the failed runs, and starts no dependent
     monkeypatch.setenv("VLMFAST_FAIL_AT_STEP", "0:3")
     with pytest.raises(RuntimeError, match="study runs failed"):
@@ -98,7 +101,7 @@ def test_reduced_study_end_to_end_killed_then_resumed(tmp_path, monkeypatch):
         assert f"]({fig})" in text
     # the summary and what reproduces the run
     assert "## Summary" in text and "Entropy at RL entry" in text and "out of domain" in text
-    assert "torch" in text and "seeds: run seed 0" in text and "wall time:" in text
+    assert "torch" in text and "seeds: run seed 0" in text and "wall time per run" in text
     assert yaml.safe_load((sdir / "study.yaml").read_text()) == raw
 
     # a third call finds everything done: no run starts again

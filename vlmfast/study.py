@@ -40,6 +40,7 @@ NODE_KEYS = {"stage", "model", "eval", "run", "from"}
 # relative cost of one step per stage type (measured on the tiny study: sampling dominates opd and grpo)
 STEP_COST = {"sft": 1.0, "sft_gentle": 2.0, "opd": 3.0, "grpo": 8.0, "dpo": 3.0, "cw_dpo": 3.0}
 PLACEHOLDER_MODEL = "tiny:student"  # stands in for a checkpoint that does not exist yet, when validating
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass
@@ -324,7 +325,10 @@ def _start(run: Run, sdir: Path) -> subprocess.Popen:
     stored.write_text(yaml.safe_dump(recipe, sort_keys=False))
     (rd / "study_inputs.json").write_text(json.dumps(inputs, indent=1))
     threads = str(recipe.get("run", {}).get("threads", 1))
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TQDM_MININTERVAL": "5"}
+    # each run is its own one-process world: an inherited MASTER_PORT (from a launcher, or an earlier
+    # run in this process) would make two runs started side by side fight over one port
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TQDM_MININTERVAL="5")
     log = (rd / "log.txt").open("a")
     return subprocess.Popen([sys.executable, "-m", "vlmfast.train", "--config", str(stored)], stdout=log,
                             stderr=subprocess.STDOUT, env=env)
