@@ -54,6 +54,13 @@ def test_shipped_recipes_load():
         (cfg(eval={"n_samples": 2, "k": [1, 4]}), "eval.k"),
         (cfg(model={"path": "tiny:giant"}), "model.path: tiny models"),
         (cfg(deepspeed={"zero_stage": 4}), "deepspeed.zero_stage"),
+        (cfg(data={"synthetic": {"question_types": ["count_all", "shade"]}}),
+         r"data.synthetic.question_types: \['shade'\]"),
+        (cfg(data={"synthetic": {"size_range": [0.3, 0.1]}}), "data.synthetic.size_range"),
+        (cfg(data={"synthetic": {"max_shapes": 0}}), "data.synthetic.max_shapes"),
+        (cfg(stages=[{"type": "opd", "teacher": "tiny:teacher", "opd_on_policy": 1.5}]), r"stages\[0\].opd_on_policy"),
+        (cfg(stages=[{"type": "opd", "teacher": "tiny:teacher", "opd_mode": "sampled", "opd_on_policy": 0.5}]),
+         "needs the student's own samples"),
     ],
 )
 def test_bad_recipes_name_the_key(raw, match):

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from .data.prompts import DEFAULT_REASONING
-from .data.synthetic import QUESTION_TYPES, SIZE_RANGE
+from .data.synthetic import QUESTION_TYPES, SIZE_RANGE, check_options
 
 STAGE_TYPES = ("sft", "opd", "grpo", "dpo", "cw_dpo")
 
@@ -277,14 +277,10 @@ def validate(cfg: Config) -> None:
     if d.synthetic is None and d.train is None:
         bad("data", "give data.synthetic or data.train")
     if d.synthetic is not None:
-        unknown = set(d.synthetic.question_types) - set(QUESTION_TYPES)
-        if unknown or not d.synthetic.question_types:
-            bad("data.synthetic.question_types", f"{sorted(unknown) or 'empty'}: choose from {list(QUESTION_TYPES)}")
-        lo_hi = d.synthetic.size_range
-        if len(lo_hi) != 2 or not all(isinstance(x, (int, float)) for x in lo_hi) or not 0 < lo_hi[0] <= lo_hi[1] < 0.5:
-            bad("data.synthetic.size_range", f"must be [lo, hi] with 0 < lo <= hi < 0.5, got {lo_hi}")
-        if not 1 <= d.synthetic.max_shapes <= 12:
-            bad("data.synthetic.max_shapes", f"must be in [1, 12], got {d.synthetic.max_shapes}")
+        try:
+            check_options(d.synthetic.question_types, d.synthetic.max_shapes, d.synthetic.size_range)
+        except ValueError as e:
+            raise ConfigError(f"data.synthetic.{e}") from None
     for key, p in [("data.train", d.train), ("data.val", d.val), *((f"data.eval_splits.{k}", v)
                                                                    for k, v in d.eval_splits.items())]:
         # local files must exist; "org/name:split" hub names go through the datasets library

@@ -55,7 +55,7 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _series(run, kind, key):
+def series(run, kind, key):
     """(global x, value) over all stages, steps offset so stages follow each other."""
     xs, ys, offset, last_stage, stage_len = [], [], 0, None, 0
     for r in run["records"]:
@@ -70,7 +70,7 @@ def _series(run, kind, key):
 
 
 def stage_starts(run) -> list[tuple[int, str]]:
-    """(global step where each stage starts, stage name), matching _series' offsets."""
+    """(global step where each stage starts, stage name), matching series' offsets."""
     starts, offset, last_stage, stage_len = [], 0, None, 0
     for r in run["records"]:
         if r["stage"] != last_stage:
@@ -94,7 +94,7 @@ def figures(runs: list[dict], out: Path) -> list[tuple[str, str]]:
         drawn = False
         for run in runs:
             for kind, key, style in specs:
-                xs, ys = _series(run, kind, key)
+                xs, ys = series(run, kind, key)
                 if xs:
                     ax.plot(xs, ys, style, label=f"{run['name']}: {key}", markersize=3)
                     drawn = True

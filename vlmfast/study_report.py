@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from .report import read_run, stage_endpoints
+from .report import read_run, series, stage_endpoints  # study runs have one stage: no step offsets
 
 # (metric key, column title) of the main table
 MAIN_METRICS = (("val/accuracy", "in-domain acc"), ("ood/accuracy", "OOD acc"),
@@ -104,15 +104,6 @@ def pass_table(rows) -> str:
     return "\n".join(lines)
 
 
-def _series(run, kind, key):
-    xs, ys = [], []
-    for r in run["records"]:
-        if r["kind"] == kind and isinstance(r.get(key), (int, float)):
-            xs.append(r["step"])
-            ys.append(r[key])
-    return xs, ys
-
-
 def _smooth(ys, k=10):
     out, acc = [], []
     for y in ys:
@@ -145,11 +136,11 @@ def figures(rows, out: Path) -> list[tuple[str, str, str]]:
                            (axes[1], "val/entropy_answer", "answer tokens")):
         for i, row in enumerate(students):
             c = colours[i % len(colours)]
-            x1, y1 = _series(row["stage1"], "eval", key)
+            x1, y1 = series(row["stage1"], "eval", key)
             end = max(x1, default=0)
             ax.plot(x1, y1, "o-", color=c, markersize=3, label=row["model"])
             if row["stage2"]:
-                x2, y2 = _series(row["stage2"], "eval", key)
+                x2, y2 = series(row["stage2"], "eval", key)
                 ax.plot([end + x for x in x2], y2, "s--", color=c, markersize=3)
                 ax.axvline(end, color=c, linestyle=":", linewidth=0.8)
         ax.set(title=f"Entropy on own samples ({label})", xlabel="step (Stage 1, then Stage 2 dashed)",
@@ -164,17 +155,17 @@ def figures(rows, out: Path) -> list[tuple[str, str, str]]:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for i, row in enumerate(students):
         c = colours[i % len(colours)]
-        x1, y1 = _series(row["stage1"], "eval", "val/accuracy")
+        x1, y1 = series(row["stage1"], "eval", "val/accuracy")
         end = max(x1, default=0)
         axes[0].plot(x1, y1, "o-", color=c, markersize=3, label=row["model"])
         if row["stage2"]:
-            x2, y2 = _series(row["stage2"], "eval", "val/accuracy")
+            x2, y2 = series(row["stage2"], "eval", "val/accuracy")
             axes[0].plot([end + x for x in x2], y2, "s--", color=c, markersize=3)
-            xr, yr = _series(row["stage2"], "train", "reward")
+            xr, yr = series(row["stage2"], "train", "reward")
             if xr:
                 axes[1].plot(xr, _smooth(yr), "-", color=c, label=row["model"])
     if "teacher" in rows[0]["model"]:
-        x, y = _series(rows[0]["stage1"], "eval", "val/accuracy")
+        x, y = series(rows[0]["stage1"], "eval", "val/accuracy")
         axes[0].plot(x, y, "k.-", markersize=3, label="teacher", alpha=0.6)
     axes[0].set(title="In-domain validation accuracy (greedy)", xlabel="step (Stage 1, then Stage 2 dashed)",
                 ylabel="accuracy", ylim=(0, 1))
@@ -196,7 +187,7 @@ def figures(rows, out: Path) -> list[tuple[str, str, str]]:
         for ax, (name, run) in zip(axes[0], panels):
             for key, style, label in (("dlogp_pos", "o-", "positives"), ("dlogp_neg", "s-", "negatives"),
                                       ("dlogp_greedy", "^-", "greedy")):
-                x, y = _series(run, "eval", key)
+                x, y = series(run, "eval", key)
                 ax.plot(x, y, style, markersize=3, label=label)
             ax.axhline(0, color="grey", linewidth=0.8)
             ax.set(title=name, xlabel="step")
@@ -228,7 +219,7 @@ def figures(rows, out: Path) -> list[tuple[str, str, str]]:
     if cw:
         fig, ax = plt.subplots(figsize=(6, 3.4))
         for row in cw:
-            x, y = _series(row["stage2"], "train", "cooling_weight_mean")
+            x, y = series(row["stage2"], "train", "cooling_weight_mean")
             ax.plot(x, y, "-", alpha=0.35, label=f"{row['model']} (per step)")
             ax.plot(x, _smooth(y), "-", label="moving mean of 10")
         ax.set(title="Mean cooling weight over CW-DPO steps", xlabel="step", ylabel="mean w_c", ylim=(0, 1.02))

@@ -219,10 +219,15 @@ def evaluate(cfg: Config, stage_name: str, model, processor, data: dict, probe: 
         metrics[f"{split}/pass_curve"] = samples["pass_curve"]
         shown += [{"split": split, **x} for x in samples["examples"]]
     if probe is not None:
-        greedy = engine.generate(probe.problems, probe.images, n=1,
-                                 sampling=Sampling(temperature=0.0, max_new_tokens=e.max_new_tokens))
-        metrics.update(probe(model, processor, [g[0].text for g in greedy]))
+        metrics.update(probe_metrics(cfg, engine, model, processor, probe))
     return metrics, shown
+
+
+def probe_metrics(cfg: Config, engine, model, processor, probe: DeltaLogpProbe) -> dict:
+    """Δlog p of the probe set, the greedy response included (the first call records the baseline)."""
+    greedy = engine.generate(probe.problems, probe.images, n=1,
+                             sampling=Sampling(temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens))
+    return probe(model, processor, [g[0].text for g in greedy])
 
 
 def _make_probe(cfg: Config, data: dict) -> DeltaLogpProbe | None:
@@ -349,9 +354,7 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
     last_eval = None
     if start_step == 0 and not cfg.eval.at_start and probe is not None and not probe.baseline:
         # no evaluation at the start, but Δlog p is measured from here: record the probes' baseline
-        greedy = ctx.engine.generate(probe.problems, probe.images, n=1,
-                                     sampling=Sampling(temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens))
-        probe(policy, processor, [g[0].text for g in greedy])
+        probe_metrics(cfg, ctx.engine, policy, processor, probe)
     if start_step == 0 and cfg.eval.at_start:
         last_eval = do_eval(0)
         if stopper is not None and stopper.update(0, last_eval)[0]:

@@ -191,13 +191,23 @@ def write_parquet(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def check_options(question_types, max_shapes, size_range) -> None:
+    """The task options, each error naming its option (build_task and the config both check here)."""
+    unknown = set(question_types) - set(QUESTION_TYPES)
+    if unknown or not question_types:
+        raise ValueError(f"question_types: {sorted(unknown) or 'empty'}; choose from {list(QUESTION_TYPES)}")
+    lo_hi = list(size_range)
+    if len(lo_hi) != 2 or not all(isinstance(x, (int, float)) for x in lo_hi) or not 0 < lo_hi[0] <= lo_hi[1] < 0.5:
+        raise ValueError(f"size_range: must be [lo, hi] with 0 < lo <= hi < 0.5, got {lo_hi}")
+    if not 1 <= max_shapes <= 12:
+        raise ValueError(f"max_shapes: must be in [1, 12], got {max_shapes}")
+
+
 def build_task(out_dir, *, sizes=None, seed: int = 0, image_size: int = 84, question_types=QUESTION_TYPES,
                max_shapes: int = 6, size_range=SIZE_RANGE) -> dict[str, Path]:
     """Write train/val/ood parquet files under out_dir; returns {split: path}."""
     sizes = sizes or {"train": 2000, "val": 200, "ood": 200}
-    unknown = set(question_types) - set(QUESTION_TYPES)
-    if unknown or not question_types:
-        raise ValueError(f"question_types {sorted(unknown) or '[]'} unknown or empty; choose from {QUESTION_TYPES}")
+    check_options(question_types, max_shapes, size_range)
     out = Path(out_dir)
     kw = dict(seed=seed, image_size=image_size, question_types=tuple(question_types), max_shapes=max_shapes,
               size_range=size_range)
