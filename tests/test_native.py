@@ -215,7 +215,7 @@ def test_opcheck_schema_fake_and_autograd_registration(kl):
     stats = _stats_for_grad(z.detach(), zt, y, kl)
     gs = [torch.randn(7) for _ in range(4)]
     args = (z.detach(), y, zt, stats["lse"], stats["entropy"], stats.get("kl", torch.zeros(7)),
-            stats.get("lse_t", torch.zeros(7)), *gs, INV_T, mode, -100, torch.empty(7, 300))
+            stats.get("lse_t", torch.zeros(7)), *gs, INV_T, mode, -100, 0, torch.empty(7, 300))
     torch.library.opcheck(torch.ops.vlmfast.token_stats_block_grad, args)
 
 
@@ -284,3 +284,32 @@ def test_missing_library_warns_once_and_falls_back(tmp_path):
     assert "missing.so" in out.stderr and "pure-PyTorch" in out.stderr
     quiet = _import_in_subprocess({"VLMFAST_NATIVE_LIB": str(tmp_path / "missing.so"), "VLMFAST_NATIVE": "0"}, code)
     assert "NativeUnavailableWarning" not in quiet.stderr and quiet.stdout.split() == ["False", "False", "True"]
+
+
+@needs_native
+def test_column_blocks_and_row_bands_change_nothing(monkeypatch):
+    """The native path's blocks of rows x vocabulary columns (targets in every column block, online
+    sums carried across blocks, dz written block by block) give the one-block result."""
+    N, H, V = 150, 32, 600
+    h, W, b = torch.randn(N, H), torch.randn(V, H) / 2, torch.randn(V)
+    y = torch.randint(0, V, (N,))
+    y[::7] = -100
+    teacher = (torch.randn(N, 16), torch.randn(V, 16) / 2)
+    g = torch.randn(3, N)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (h, W, b)]
+        r = token_stats(leaves[0], leaves[1], y, bias=leaves[2], teacher=teacher, kl="forward", temperature=1.3,
+                        outputs=("logp", "entropy", "kl"), backend="chunked")
+        loss = (g[0] * r.logp + g[1] * r.entropy + g[2] * r.kl).sum()
+        return [r.logp, r.entropy, r.kl, *torch.autograd.grad(loss, leaves)]
+
+    one = run()
+    monkeypatch.setattr("vlmfast.ops.chunked.NATIVE_MIN_COLS", 128)
+    monkeypatch.setattr("vlmfast.ops.chunked.BLOCK_BYTES", 4 * 64 * 128)  # 64 rows x 128 columns
+    from vlmfast.ops.chunked import LinearHead, native_block_shape
+
+    assert native_block_shape(LinearHead(h, W), N) == (64, 128)  # 3 row bands x 5 column blocks
+    many = run()
+    for a, b_ in zip(many, one):
+        torch.testing.assert_close(a, b_, atol=1e-5, rtol=1e-5)

@@ -1,8 +1,14 @@
-"""Chunked backend: pure PyTorch over blocks of token rows. Any device; the CPU path.
+"""Chunked backend: the logits are computed block by block (h W^T + b, or sliced from given
+logits), reduced to the per-token statistics, and dropped. Any device; the CPU path. Peak memory is
+O(N·H + V·H) plus a few fp32 blocks of about BLOCK_BYTES (64 MB) each.
 
-Per block of rows, the fp32 logits [rows, V] are computed (h W^T + b, or sliced from given
-logits), reduced to the per-token statistics, and dropped. Peak memory is O(N·H + V·H) plus a few
-[rows, V] fp32 blocks; `chunk_rows` bounds the block (default: about 64 MB per block).
+Two ways through the blocks, same results:
+
+- native (CPU, when the extension in kernels/cpu/ is built, see native.py): blocks of rows x
+  vocabulary columns, [up to 8192 rows, C], so every GEMM is tall (all the rows against a slice of
+  W); one C++ pass per block folds it into online per-row sums (forward) or turns it into dz in
+  place (backward). `VLMFAST_NATIVE=0` turns it off.
+- PyTorch (everywhere else): blocks of whole rows [rows, V] and the epilogue in torch ops.
 
 Backward recomputes each block from the saved O(N) statistics and applies, per token,
 
@@ -13,10 +19,6 @@ Backward recomputes each block from the saved O(N) statistics and applies, per t
            + g_lse  p_j ) / T
 
 then dh = dz W, dW += dz^T h (fp32), db += sum dz.
-
-On the CPU, the per-block epilogue (logits block -> statistics, logits block -> dz) runs in the
-native kernels of `native.py` when they are built (one pass per block, dz written over the logits
-block in place); `VLMFAST_NATIVE=0` or a build without a compiler keeps it in PyTorch below.
 """
 
 from __future__ import annotations
@@ -30,10 +32,21 @@ from ._inputs import Teacher
 from ._matmul import mm_wide, wide_dtype
 
 BLOCK_BYTES = int(os.environ.get("VLMFAST_CHUNK_BYTES", 64 * 2**20))
+NATIVE_MIN_COLS = 2048  # the native path's blocks: as many rows as fit with at least this many columns
 
 
 def default_chunk_rows(vocab: int) -> int:
     return max(16, BLOCK_BYTES // (4 * vocab))
+
+
+def native_block_shape(head, n_rows: int) -> tuple[int, int]:
+    """(rows, columns) of the native path's blocks: tall for a matmul head (the GEMMs' efficiency
+    grows with the rows), whole rows for given logits (no GEMM; the block is a view)."""
+    V = head.vocab
+    if isinstance(head, LogitsHead):
+        return default_chunk_rows(V), V
+    rows = max(1, min(n_rows, BLOCK_BYTES // (4 * min(V, NATIVE_MIN_COLS))))
+    return rows, max(1, min(V, BLOCK_BYTES // (4 * rows)))
 
 
 class LinearHead:
@@ -50,19 +63,39 @@ class LinearHead:
         self.dh = torch.empty_like(hidden) if need_dh else None
         self.dw = torch.zeros(weight.shape, dtype=self.dtype, device=weight.device) if need_dw else None
         self.db = torch.zeros(self.vocab, dtype=self.dtype, device=weight.device) if need_db else None
+        self.dh32 = None
 
     def logits(self, r0: int, r1: int) -> torch.Tensor:
-        """A fresh fp32 block h W^T + b (the caller may overwrite it)."""
-        h = self.hidden[r0:r1]
-        if self.bias is not None and not h.is_cuda:  # the bias rides in the GEMM: no extra pass
-            return torch.addmm(self.bias.to(self.dtype), h.to(self.dtype), self.weight.T)
-        z = mm_wide(h, self.weight.T)
+        z = mm_wide(self.hidden[r0:r1], self.weight.T)
         return z if self.bias is None else z.add_(self.bias.to(z.dtype))
 
-    raw_logits = logits  # what the native epilogue reads: the fresh block, its gradient goes over it
+    # -- the native path: blocks of rows x columns (CPU, fp32 math) ------------------------------
 
-    def grad_out(self, r0: int, r1: int, z: torch.Tensor) -> torch.Tensor:
-        return z
+    def block(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+        """A fresh fp32 block h[r0:r1] W[c0:c1]^T + b[c0:c1]; the bias rides in the GEMM."""
+        h = self.hidden[r0:r1].to(self.dtype)
+        w = self.weight[c0:c1]
+        if self.bias is None:
+            return torch.mm(h, w.T)
+        return torch.addmm(self.bias[c0:c1].to(self.dtype), h, w.T)
+
+    def grad_block(self, r0: int, r1: int, c0: int, c1: int, z: torch.Tensor) -> torch.Tensor:
+        return z  # dz goes over the fresh logits block
+
+    def accumulate_block(self, r0: int, r1: int, c0: int, c1: int, dz: torch.Tensor) -> None:
+        if self.need_dh:  # summed over column blocks in fp32, cast once in finish_grads
+            if self.dh32 is None:
+                self.dh32 = torch.zeros(self.hidden.shape, dtype=self.dtype)
+            self.dh32[r0:r1].addmm_(dz, self.weight[c0:c1])
+        if self.need_dw:
+            self.dw[c0:c1].addmm_(dz.T, self.hidden[r0:r1].to(self.dtype))
+        if self.need_db:
+            self.db[c0:c1] += dz.sum(0)
+
+    def finish_grads(self) -> None:
+        if self.dh32 is not None:
+            self.dh.copy_(self.dh32)
+            self.dh32 = None
 
     def accumulate(self, r0: int, r1: int, dz: torch.Tensor) -> None:
         h = self.hidden[r0:r1]
@@ -90,15 +123,23 @@ class LogitsHead:
     def logits(self, r0: int, r1: int) -> torch.Tensor:
         return self.x[r0:r1].to(self.dtype, copy=True)  # _block scales it in place
 
-    def raw_logits(self, r0: int, r1: int) -> torch.Tensor:
-        return self.x[r0:r1]  # the native epilogue reads the input as it is (no fp32 copy)
-
-    def grad_out(self, r0: int, r1: int, z: torch.Tensor) -> torch.Tensor:
-        return self.dx[r0:r1]  # the native epilogue writes dz straight into the gradient
-
     def accumulate(self, r0: int, r1: int, dz: torch.Tensor) -> None:
-        if self.dx is not None and dz.data_ptr() != self.dx[r0:r1].data_ptr():
+        if self.dx is not None:
             self.dx[r0:r1] = dz.to(self.dx.dtype)
+
+    # -- the native path reads the logits as they are and writes dz straight into the gradient --
+
+    def block(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+        return self.x[r0:r1, c0:c1]
+
+    def grad_block(self, r0: int, r1: int, c0: int, c1: int, z: torch.Tensor) -> torch.Tensor:
+        return self.dx[r0:r1, c0:c1]
+
+    def accumulate_block(self, r0: int, r1: int, c0: int, c1: int, dz: torch.Tensor) -> None:
+        pass
+
+    def finish_grads(self) -> None:
+        pass
 
 
 def teacher_head(teacher: Teacher | None):
@@ -116,8 +157,59 @@ def _block(head, r0, r1, inv_t):
     return lse, z.sub_(lse[:, None])
 
 
+def _native_ok(student, teacher) -> bool:
+    """The native path takes fp32/bf16/fp16 CPU logits (fp64, for gradcheck, stays in PyTorch)."""
+    def ok(head):
+        if isinstance(head, LogitsHead):
+            return native.usable(head.x)
+        return head.dtype == torch.float32 and not head.weight.is_cuda
+
+    return native.enabled() and ok(student) and (teacher is None or ok(teacher))
+
+
+def _blocks(n_rows: int, vocab: int, shape):
+    rows, cols = shape
+    for r0 in range(0, n_rows, rows):
+        for c0 in range(0, vocab, cols):
+            yield r0, min(n_rows, r0 + rows), c0, min(vocab, c0 + cols)
+
+
+def _forward_native(student, target, *, inv_t, teacher, kl, ignore_index) -> dict:
+    N, V = target.numel(), student.vocab
+    names = ["lse", "logp", "entropy"] + (["kl", "lse_t"] if teacher is not None else [])
+    out = {k: torch.zeros(N) for k in names}
+    acc = None
+    for r0, r1, c0, c1 in _blocks(N, V, native_block_shape(student, N)):
+        if c0 == 0:  # a new band of rows: fresh online sums
+            acc = native.OnlineStats(target[r0:r1], inv_t=inv_t, kl=kl, teacher=teacher is not None,
+                                     ignore_index=ignore_index)
+        zt = teacher.block(r0, r1, c0, c1) if teacher is not None else None
+        acc.add(student.block(r0, r1, c0, c1), zt, c0)
+        if c1 == V:
+            for k, v in acc.result().items():
+                out[k][r0:r1] = v
+    return out
+
+
+def _backward_native(student, target, stats, g, *, inv_t, teacher, kl, ignore_index):
+    N, V = target.numel(), student.vocab
+    for r0, r1, c0, c1 in _blocks(N, V, native_block_shape(student, N)):
+        z = student.block(r0, r1, c0, c1)
+        zt = teacher.block(r0, r1, c0, c1) if teacher is not None else None
+        dz = student.grad_block(r0, r1, c0, c1, z)
+        native.block_grad_(z, target[r0:r1], zt, {k: v[r0:r1] for k, v in stats.items()},
+                           {k: v[r0:r1] for k, v in g.items()}, dz, inv_t=inv_t, kl=kl, ignore_index=ignore_index,
+                           col_offset=c0)
+        student.accumulate_block(r0, r1, c0, c1, dz)
+    student.finish_grads()
+
+
 def forward(student, target, *, temperature, teacher=None, kl=None, ignore_index=-100, chunk_rows=None):
     """Per-token fp32 statistics: dict with lse, logp, entropy (+ kl, lse_t with a teacher)."""
+    if _native_ok(student, teacher):
+        out = _forward_native(student, target, inv_t=1.0 / temperature, teacher=teacher, kl=kl,
+                              ignore_index=ignore_index)
+        return finish(out)
     N = target.numel()
     dev = target.device
     chunk_rows = chunk_rows or default_chunk_rows(student.vocab)
@@ -126,16 +218,8 @@ def forward(student, target, *, temperature, teacher=None, kl=None, ignore_index
     names = ["lse", "logp", "entropy"] + (["kl", "lse_t"] if teacher is not None else [])
     out = {k: torch.zeros(N, dtype=student.dtype, device=dev) for k in names}
     inv_t = 1.0 / temperature
-    use_native = _native_ok(student, teacher)
     for r0 in range(0, N, chunk_rows):
         r1 = min(N, r0 + chunk_rows)
-        if use_native:
-            zt = teacher.raw_logits(r0, r1) if teacher is not None else None
-            block = native.block_stats(student.raw_logits(r0, r1), target[r0:r1], zt, inv_t=inv_t, kl=kl,
-                                       ignore_index=ignore_index)
-            for k, v in block.items():
-                out[k][r0:r1] = v
-            continue
         lse, logp_all = _block(student, r0, r1, inv_t)
         p = logp_all.exp()
         out["lse"][r0:r1] = lse
@@ -151,16 +235,6 @@ def forward(student, target, *, temperature, teacher=None, kl=None, ignore_index
     for k, v in out.items():
         out[k] = torch.where(valid, v, torch.zeros_like(v))
     return finish(out)
-
-
-def _native_ok(student, teacher) -> bool:
-    """The native epilogue takes fp32/bf16/fp16 CPU blocks (fp64, for gradcheck, stays in PyTorch)."""
-    def ok(head):
-        if isinstance(head, LogitsHead):
-            return native.usable(head.x)
-        return head.dtype == torch.float32 and not head.weight.is_cuda
-
-    return native.enabled() and ok(student) and (teacher is None or ok(teacher))
 
 
 def finish(out: dict) -> dict:
@@ -187,19 +261,13 @@ def backward(student, target, stats, grads, *, temperature, teacher=None, kl=Non
          for k in ("logp", "entropy", "kl", "lse")}
     use_kl = teacher is not None and grads.get("kl") is not None
     inv_t = 1.0 / temperature
-    use_native = _native_ok(student, teacher)
+    if _native_ok(student, teacher):
+        _backward_native(student, target, stats, g, inv_t=inv_t, teacher=teacher if use_kl else None,
+                         kl=kl if use_kl else None, ignore_index=ignore_index)
+        return student
     for r0 in range(0, N, chunk_rows):
         r1 = min(N, r0 + chunk_rows)
         rows = slice(r0, r1)
-        if use_native:
-            z = student.raw_logits(r0, r1)
-            zt = teacher.raw_logits(r0, r1) if use_kl else None
-            out = student.grad_out(r0, r1, z)
-            native.block_grad_(z, target[rows], zt, {k: v[rows] for k, v in stats.items()},
-                               {k: v[rows] for k, v in g.items()}, out, inv_t=inv_t,
-                               kl=kl if use_kl else None, ignore_index=ignore_index)
-            student.accumulate(r0, r1, out)
-            continue
         _, logp_all = _block(student, r0, r1, inv_t)
         p = logp_all.exp()
         # coefficient of p_j, per token and column

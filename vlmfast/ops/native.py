@@ -1,17 +1,20 @@
 """The native CPU epilogue of the chunked backend: `kernels/cpu/token_stats.cpp`, built by CMake
 into `vlmfast/_C*.so` at install time and loaded here with `torch.ops.load_library`.
 
-Two torch.library ops work on one block of logits z [R, V] (the chunk's h W^T from a BLAS matmul,
-or given logits), in one pass each:
+torch.library ops on a block of logits z [R, C] (R token rows, C vocabulary columns starting at
+column c0: a slice of h W^T from a BLAS matmul, or given logits), one pass each:
 
-    torch.ops.vlmfast.token_stats_block(z, y, zt, inv_t, kl_mode, ignore_index)
-        -> lse, logp, entropy, kl, lse_t                        [R] fp32 each
-    torch.ops.vlmfast.token_stats_block_grad(z, y, zt, lse, entropy, kl, lse_t,
-                                             g_logp, g_entropy, g_kl, g_lse, inv_t, kl_mode,
-                                             ignore_index, out)  writes dz into out (may be z)
+    state = torch.ops.vlmfast.token_stats_new_state(R)                   [R, 8] fp64 online sums
+    torch.ops.vlmfast.token_stats_accumulate_(state, z, y, zt, inv_t, kl_mode, ignore_index, c0)
+    torch.ops.vlmfast.token_stats_finish(state, y, kl_mode, ignore_index)
+        -> lse, logp, entropy, kl, lse_t                                  [R] fp32 each
+    torch.ops.vlmfast.token_stats_block(z, y, zt, inv_t, kl_mode, ignore_index)   (C = V: all three)
+    torch.ops.vlmfast.token_stats_block_grad(z, y, zt, lse, entropy, kl, lse_t, g_logp, g_entropy,
+                                             g_kl, g_lse, inv_t, kl_mode, ignore_index, c0, out)
+        writes dz of the block into out (which may be z)
 
-Both have fake (meta) kernels and the first has an autograd formula, so torch.compile and autograd
-see them like any aten op. The chunked backend uses them whenever they are built and
+All have fake (meta) kernels and token_stats_block has an autograd formula, so torch.compile and
+autograd see them like any aten op. The chunked backend uses them whenever they are built and
 `VLMFAST_NATIVE` is not "0"; without them it computes the same thing in pure PyTorch.
 """
 
@@ -96,22 +99,45 @@ def _same_dtype(z, zt):
     return z.float(), zt.float()
 
 
-def block_stats(z, target, zt, *, inv_t: float, kl: str | None, ignore_index: int) -> dict:
-    """Per-row lse, logp, entropy (+ kl, lse_t with a teacher block) of one logits block."""
-    z, zt = _same_dtype(z, zt)
-    target = target.to(torch.int64)
-    lse, logp, entropy, kl_out, lse_t = torch.ops.vlmfast.token_stats_block(
-        z, target, zt, inv_t, KL_MODES[kl] if zt is not None else 0, ignore_index)
+def _outputs(lse, logp, entropy, kl_out, lse_t, teacher: bool) -> dict:
     out = {"lse": lse, "logp": logp, "entropy": entropy}
-    if zt is not None:
+    if teacher:
         out.update(kl=kl_out, lse_t=lse_t)
     return out
 
 
-def block_grad_(z, target, zt, stats: dict, grads: dict, out, *, inv_t: float, kl: str | None, ignore_index: int):
-    """Write dz of one block into `out` (z itself for an in-place update). `stats` and `grads` hold
-    [R] fp32 rows ("lse", "entropy", "kl", "lse_t"; "logp", "entropy", "kl", "lse"); missing
-    gradients are zero. zt=None (or kl=None) drops the KL term."""
+def block_stats(z, target, zt, *, inv_t: float, kl: str | None, ignore_index: int) -> dict:
+    """Per-row lse, logp, entropy (+ kl, lse_t with a teacher block) of one full-vocabulary block."""
+    z, zt = _same_dtype(z, zt)
+    res = torch.ops.vlmfast.token_stats_block(z, target.to(torch.int64), zt, inv_t,
+                                              KL_MODES[kl] if zt is not None else 0, ignore_index)
+    return _outputs(*res, teacher=zt is not None)
+
+
+class OnlineStats:
+    """Per-row statistics over the vocabulary fed in column blocks: `add` each block [R, C] of
+    logits (and teacher logits) starting at column c0, then `result()`."""
+
+    def __init__(self, target, *, inv_t: float, kl: str | None, teacher: bool, ignore_index: int):
+        self.target = target.to(torch.int64)
+        self.state = torch.ops.vlmfast.token_stats_new_state(self.target.numel())
+        self.inv_t, self.mode, self.ignore_index = inv_t, KL_MODES[kl] if teacher else 0, ignore_index
+
+    def add(self, z, zt, c0: int) -> None:
+        z, zt = _same_dtype(z, zt)
+        torch.ops.vlmfast.token_stats_accumulate_(self.state, z, self.target, zt, self.inv_t, self.mode,
+                                                  self.ignore_index, c0)
+
+    def result(self) -> dict:
+        res = torch.ops.vlmfast.token_stats_finish(self.state, self.target, self.mode, self.ignore_index)
+        return _outputs(*res, teacher=self.mode != 0)
+
+
+def block_grad_(z, target, zt, stats: dict, grads: dict, out, *, inv_t: float, kl: str | None, ignore_index: int,
+                col_offset: int = 0):
+    """Write dz of one block (columns from `col_offset`) into `out` (z itself for an in-place
+    update). `stats` and `grads` hold [R] fp32 rows ("lse", "entropy", "kl", "lse_t"; "logp",
+    "entropy", "kl", "lse"); missing gradients are zero. zt=None (or kl=None) drops the KL term."""
     if zt is None or kl is None:
         zt, kl = None, None
     z2, zt = _same_dtype(z, zt)
@@ -125,7 +151,7 @@ def block_grad_(z, target, zt, stats: dict, grads: dict, out, *, inv_t: float, k
     torch.ops.vlmfast.token_stats_block_grad(
         z2, target.to(torch.int64), zt, row(stats, "lse"), row(stats, "entropy"), row(stats, "kl"), row(stats, "lse_t"),
         row(grads, "logp"), row(grads, "entropy"), row(grads, "kl"), row(grads, "lse"),
-        inv_t, KL_MODES[kl], ignore_index, target_out)
+        inv_t, KL_MODES[kl], ignore_index, col_offset, target_out)
     if target_out is not out:
         out.copy_(target_out)
     return out
@@ -140,9 +166,18 @@ if available():
         rows = logits.new_empty(logits.shape[0], dtype=torch.float32)
         return tuple(torch.empty_like(rows) for _ in range(5))
 
+    @torch.library.register_fake("vlmfast::token_stats_finish")
+    def _finish_fake(state, target, kl_mode, ignore_index):
+        rows = state.new_empty(state.shape[0], dtype=torch.float32)
+        return tuple(torch.empty_like(rows) for _ in range(5))
+
+    @torch.library.register_fake("vlmfast::token_stats_accumulate_")
+    def _accumulate_fake(state, logits, target, teacher_logits, inv_t, kl_mode, ignore_index, col_offset):
+        return None
+
     @torch.library.register_fake("vlmfast::token_stats_block_grad")
     def _grad_fake(logits, target, teacher_logits, lse, entropy, kl, lse_t, g_logp, g_entropy, g_kl, g_lse,
-                   inv_t, kl_mode, ignore_index, grad_logits):
+                   inv_t, kl_mode, ignore_index, col_offset, grad_logits):
         return None
 
     def _stats_setup(ctx, inputs, output):
@@ -158,7 +193,7 @@ if available():
         gs = [zero if g is None else g.float().contiguous() for g in (g_logp, g_entropy, g_kl, g_lse)]
         dz = torch.empty_like(logits)
         torch.ops.vlmfast.token_stats_block_grad(logits, target, teacher_logits, lse, entropy, kl, lse_t, *gs,
-                                                 *ctx.args, dz)
+                                                 *ctx.args, 0, dz)
         return dz, None, None, None, None, None
 
     torch.library.register_autograd("vlmfast::token_stats_block", _stats_backward, setup_context=_stats_setup)
