@@ -7,6 +7,7 @@ engine's cost, the same for both)."""
 
 from __future__ import annotations
 
+import os
 import time
 
 
@@ -33,7 +34,7 @@ def _loss_fn(stage: str, provider: str, model, b: dict, old_logp, adv):
 
     def loss_fn():
         hidden = trunk_hidden(model, **b)
-        if provider == "vlmfast":
+        if provider.startswith("vlmfast"):
             if stage == "sft":
                 return call_head(model, hidden, lambda h, w: sft_loss(h, w, labels))[0]
             return call_head(model, hidden, lambda h, w: grpo_loss(h, w, labels, old_logp, adv))[0]
@@ -55,6 +56,7 @@ def e2e_rows(device: str = "cpu", threads: int = 2, steps: int = 6, batch: int =
     from vlmfast.data.formats import read_geometry3k
     from vlmfast.data.synthetic import build_task
     from vlmfast.models import tiny_vlm
+    from vlmfast.ops import native
 
     from ._runner import reset_peak_rss
 
@@ -66,7 +68,11 @@ def e2e_rows(device: str = "cpu", threads: int = 2, steps: int = 6, batch: int =
                                          max_shapes=3, size_range=(0.15, 0.3))["train"])
     rows = []
     for stage in ("sft", "grpo"):
-        for provider in ("naive", "vlmfast"):
+        for provider in ("naive", "vlmfast-chunked", "vlmfast-native"):
+            if provider == "vlmfast-native" and (device == "cuda" or not native.available()):
+                continue
+            # the chunked backend's PyTorch epilogue (on a CPU), or its C++ one
+            os.environ["VLMFAST_NATIVE"] = "1" if provider == "vlmfast-native" else "0"
             model, proc = tiny_vlm("student", seed=0)
             model.to(device)
             opt = torch.optim.AdamW(model.parameters(), 1e-4)

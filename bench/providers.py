@@ -1,7 +1,9 @@
 """The ops and losses under test and every provider of each: vlmfast's backends, the naive PyTorch
 version (materialised logits, log_softmax + gather, full distributions), Liger-Kernel's fused
-equivalents and PyTorch's own `linear_cross_entropy`. Each provider maps the same inputs to a
-scalar loss, so a case is timed forward and forward+backward identically for all.
+equivalents and PyTorch's own `linear_cross_entropy`. On a CPU, vlmfast's chunked backend runs
+twice: with its PyTorch epilogue ("vlmfast-chunked") and with the native C++ one ("vlmfast-native").
+Each provider maps the same inputs to a scalar loss, so a case is timed forward and
+forward+backward identically for all.
 
 Equivalence is checked, not assumed: `agreement()` compares each provider's loss and gradients with
 the naive fp32 result before anything is timed (Liger's losses are configured to the same math:
@@ -11,6 +13,7 @@ GRPO with loss_type "dapo" = token mean, DPO without a reference model, JSD at t
 from __future__ import annotations
 
 import functools
+import os
 
 OPS = ("sft", "token_stats", "sft_gentle", "opd", "grpo", "dpo", "cw_dpo")
 SEQ_LEN = 256  # tokens per sequence: B = N / SEQ_LEN
@@ -96,8 +99,14 @@ def naive(op: str, x: dict):
 
 # --- vlmfast --------------------------------------------------------------------------------------
 
-def vlmfast_loss(op: str, x: dict, backend: str):
+def vlmfast_loss(op: str, x: dict, backend: str, native_epilogue: bool | None = None):
+    """vlmfast's loss. On the CPU, `native_epilogue` picks the chunked backend's epilogue: the C++
+    kernels (True) or PyTorch (False). vlmfast reads VLMFAST_NATIVE at forward and at backward, so
+    the provider leaves it set: the next provider's call sets its own."""
     import vlmfast
+
+    if native_epilogue is not None:
+        os.environ["VLMFAST_NATIVE"] = "1" if native_epilogue else "0"
 
     h, W, y = x["hidden"], x["weight"], x["labels"]
     kw = dict(backend=backend)
@@ -178,10 +187,16 @@ LIGER_OPS = {"sft": "cuda", "grpo": "any", "dpo": "any", "opd": "any"}  # Liger'
 
 def providers(op: str, device: str) -> dict:
     """{name: fn(x) -> loss} of the providers of `op` available on `device`."""
-    out = {"naive": functools.partial(naive, op),
-           "vlmfast-chunked": functools.partial(vlmfast_loss, op, backend="chunked")}
+    out = {"naive": functools.partial(naive, op)}
     if device == "cuda":
+        out["vlmfast-chunked"] = functools.partial(vlmfast_loss, op, backend="chunked")
         out["vlmfast-triton"] = functools.partial(vlmfast_loss, op, backend="triton")
+    else:  # the chunked backend with its PyTorch epilogue, and with the native one when it is built
+        out["vlmfast-chunked"] = functools.partial(vlmfast_loss, op, backend="chunked", native_epilogue=False)
+        from vlmfast.ops import native
+
+        if native.available():
+            out["vlmfast-native"] = functools.partial(vlmfast_loss, op, backend="chunked", native_epilogue=True)
     if op == "sft":
         out["torch-lce"] = functools.partial(torch_lce, op)
     if op in LIGER_OPS and (LIGER_OPS[op] == "any" or device == "cuda"):

@@ -122,6 +122,10 @@ def write_summary(rows, out: Path, device: str, *, cpu_peak_tflops: float | None
              "## vs naive (materialised logits)", "", ratio_table(rows, "naive"), ""]
     if any(r["provider"] == "liger" for r in rows):
         parts += ["## vs Liger-Kernel", "", ratio_table(rows, "liger"), ""]
+    if any(r["provider"] == "vlmfast-native" for r in rows):
+        pair = [r for r in rows if r["provider"] in ("vlmfast-chunked", "vlmfast-native")]
+        parts += ["## Native CPU epilogue vs the PyTorch epilogue (both the chunked backend)", "",
+                  ratio_table(pair, "vlmfast-chunked"), ""]
     if device == "cuda":
         name = env.get("device", "")
         peak = next((v for k, v in registry.GPU_PEAK_TFLOPS.items() if k in name), None)
