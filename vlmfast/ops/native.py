@@ -61,7 +61,10 @@ def _load() -> str | None:
     return None
 
 
-_LOAD_ERROR = _load()
+# VLMFAST_NATIVE=0 at import: not even loaded (as on a machine without a compiler); set to 0 later:
+# loaded but not used.
+_DISABLED = os.environ.get("VLMFAST_NATIVE", "1") == "0"
+_LOAD_ERROR = "disabled by VLMFAST_NATIVE=0" if _DISABLED else _load()
 
 
 def available() -> bool:
@@ -74,7 +77,7 @@ def enabled() -> bool:
     return available() and os.environ.get("VLMFAST_NATIVE", "1") != "0"
 
 
-if _LOAD_ERROR is not None and os.environ.get("VLMFAST_NATIVE", "1") != "0":
+if _LOAD_ERROR is not None and not _DISABLED:
     warnings.warn(
         f"vlmfast: native CPU kernels unavailable ({_LOAD_ERROR}); the fused ops run on the pure-PyTorch "
         "chunked path (same results, slower on CPU). Reinstall with a C++ compiler and CMake to build them, "
