@@ -79,23 +79,16 @@ struct RowSums {
 constexpr int64_t kStateWidth = sizeof(RowSums) / sizeof(double);
 static_assert(kStateWidth == 8, "RowSums must be 8 doubles: the state tensor is [R, 8]");
 
-// Move the student's running max to m_new: every a = z/T - m shifts by delta = m - m_new.
-inline void shift_student(RowSums& r, double m_new, int64_t kl_mode) {
-  const double delta = r.m - m_new, scale = std::exp(delta);
-  if (kl_mode == kReverse) r.cross = scale * (r.cross + delta * r.s0);
-  if (kl_mode == kForward) r.cross -= delta * r.t0;
-  r.s1 = scale * (r.s1 + delta * r.s0);
-  r.s0 *= scale;
-  r.m = m_new;
-}
-
-inline void shift_teacher(RowSums& r, double mt_new, int64_t kl_mode) {
-  const double delta = r.mt - mt_new, scale = std::exp(delta);
-  if (kl_mode == kForward) r.cross = scale * (r.cross + delta * r.t0);
-  if (kl_mode == kReverse) r.cross -= delta * r.s0;
-  r.t1 = scale * (r.t1 + delta * r.t0);
-  r.t0 *= scale;
-  r.mt = mt_new;
+// Move one side's running max m to m_new: its a = z/T - m shift by delta = m - m_new and its e^a
+// scale by e^delta. The cross term (D = sum e^a (a - at) or F = sum e^at (at - a)) rescales when it
+// is weighted by this side's e^a, and otherwise only shifts with this side's a.
+inline void shift_max(double& m, double& s0, double& s1, double m_new, double& cross, bool cross_weighted_here,
+                      double other_s0) {
+  const double delta = m - m_new, scale = std::exp(delta);
+  cross = cross_weighted_here ? scale * (cross + delta * s0) : cross - delta * other_s0;
+  s1 = scale * (s1 + delta * s0);
+  s0 *= scale;
+  m = m_new;
 }
 
 // Fold V columns of one row (and of its teacher row) into r.
@@ -106,7 +99,7 @@ void accumulate_row(RowSums& r, const T* z, const T* zt, int64_t V, float inv_t,
     const T* zb = z + j0;
     const double bm = static_cast<double>(block_max(zb, n) * inv_t);
     if (bm > r.m) {
-      if (r.s0 > 0) shift_student(r, bm, kl_mode);
+      if (r.s0 > 0) shift_max(r.m, r.s0, r.s1, bm, r.cross, kl_mode == kReverse, r.t0);
       r.m = bm;
     }
     const float m = static_cast<float>(r.m);
@@ -126,7 +119,7 @@ void accumulate_row(RowSums& r, const T* z, const T* zt, int64_t V, float inv_t,
     const T* ztb = zt + j0;
     const double btm = static_cast<double>(block_max(ztb, n) * inv_t);
     if (btm > r.mt) {
-      if (r.t0 > 0) shift_teacher(r, btm, kl_mode);
+      if (r.t0 > 0) shift_max(r.mt, r.t0, r.t1, btm, r.cross, kl_mode == kForward, r.s0);
       r.mt = btm;
     }
     const float mt = static_cast<float>(r.mt);
