@@ -91,18 +91,26 @@ inline void shift_max(double& m, double& s0, double& s1, double m_new, double& c
   m = m_new;
 }
 
+// Raise one side's running max to cover a block of n logits (first block: just set it); returns it
+// as the float that the block's loop subtracts.
+template <typename T>
+float raise_max(const T* zb, int64_t n, float inv_t, double& m, double& s0, double& s1, double& cross,
+                bool cross_weighted_here, double other_s0) {
+  const double bm = static_cast<double>(block_max(zb, n) * inv_t);
+  if (bm > m) {
+    if (s0 > 0) shift_max(m, s0, s1, bm, cross, cross_weighted_here, other_s0);
+    m = bm;
+  }
+  return static_cast<float>(m);
+}
+
 // Fold V columns of one row (and of its teacher row) into r.
 template <typename T>
 void accumulate_row(RowSums& r, const T* z, const T* zt, int64_t V, float inv_t, int64_t kl_mode) {
   for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
     const int64_t n = std::min(kBlock, V - j0);
     const T* zb = z + j0;
-    const double bm = static_cast<double>(block_max(zb, n) * inv_t);
-    if (bm > r.m) {
-      if (r.s0 > 0) shift_max(r.m, r.s0, r.s1, bm, r.cross, kl_mode == kReverse, r.t0);
-      r.m = bm;
-    }
-    const float m = static_cast<float>(r.m);
+    const float m = raise_max(zb, n, inv_t, r.m, r.s0, r.s1, r.cross, kl_mode == kReverse, r.t0);
     float s0 = 0, s1 = 0;
     if (zt == nullptr) {
 #pragma omp simd reduction(+ : s0, s1)
@@ -117,12 +125,7 @@ void accumulate_row(RowSums& r, const T* z, const T* zt, int64_t V, float inv_t,
       continue;
     }
     const T* ztb = zt + j0;
-    const double btm = static_cast<double>(block_max(ztb, n) * inv_t);
-    if (btm > r.mt) {
-      if (r.t0 > 0) shift_max(r.mt, r.t0, r.t1, btm, r.cross, kl_mode == kForward, r.s0);
-      r.mt = btm;
-    }
-    const float mt = static_cast<float>(r.mt);
+    const float mt = raise_max(ztb, n, inv_t, r.mt, r.t0, r.t1, r.cross, kl_mode == kForward, r.s0);
     float t0 = 0, t1 = 0, cross = 0;
     const bool reverse = kl_mode == kReverse;
 #pragma omp simd reduction(+ : s0, s1, t0, t1, cross)
