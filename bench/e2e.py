@@ -50,59 +50,72 @@ def _loss_fn(stage: str, provider: str, model, b: dict, old_logp, adv):
 
 
 def e2e_rows(device: str = "cpu", threads: int = 2, steps: int = 6, batch: int = 16) -> list[dict]:
-    import torch
-
-    from vlmfast.data.collate import collate
-    from vlmfast.data.formats import read_geometry3k
-    from vlmfast.data.synthetic import build_task
-    from vlmfast.models import tiny_vlm
-    from vlmfast.ops import native
-
-    from ._runner import reset_peak_rss
-
-    torch.set_num_threads(threads)
     import tempfile
 
+    import torch
+
+    from vlmfast.data.formats import read_geometry3k
+    from vlmfast.data.synthetic import build_task
+    from vlmfast.ops import native
+
+    from ._runner import keep_native_switch
+
+    torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         exs = read_geometry3k(build_task(tmp, sizes={"train": batch * 2, "val": 1, "ood": 1}, image_size=56,
                                          max_shapes=3, size_range=(0.15, 0.3))["train"])
     rows = []
-    for stage in ("sft", "grpo"):
-        for provider in ("naive", "vlmfast-chunked", "vlmfast-native"):
-            if provider == "vlmfast-native" and (device == "cuda" or not native.available()):
-                continue
-            # the chunked backend's PyTorch epilogue (on a CPU), or its C++ one
-            os.environ["VLMFAST_NATIVE"] = "1" if provider == "vlmfast-native" else "0"
-            model, proc = tiny_vlm("student", seed=0)
-            model.to(device)
-            opt = torch.optim.AdamW(model.parameters(), 1e-4)
-            part = exs[:batch]
-            b = collate(proc, [e.problem for e in part], [e.images for e in part],
-                        [f"<think>{e.meta.get('reasoning', '')}</think> \\boxed{{{e.answer}}}" for e in part])
-            b = {k: v.to(device) for k, v in b.items()}
-            labels = b["labels"]
-            g = torch.Generator().manual_seed(0)
-            old_logp = (-torch.rand(labels.shape, generator=g) * 3).to(device)
-            adv = torch.randn(labels.shape[0], generator=g).to(device)
+    with keep_native_switch():
+        for stage in ("sft", "grpo"):
+            rows += _stage_rows(stage, device, exs, batch, steps, native.available())
+    return rows
 
-            loss_fn = _loss_fn(stage, provider, model, b, old_logp, adv)
-            loss_fn().backward()  # warm-up
+
+def _stage_rows(stage, device, exs, batch, steps, have_native) -> list[dict]:
+    """One stage's step timed with each provider's losses (a fresh tiny model each)."""
+    import torch
+
+    from vlmfast.data.collate import collate
+    from vlmfast.models import tiny_vlm
+
+    from ._runner import reset_peak_rss
+
+    rows = []
+    for provider in ("naive", "vlmfast-chunked", "vlmfast-native"):
+        if provider == "vlmfast-native" and (device == "cuda" or not have_native):
+            continue
+        # the chunked backend's PyTorch epilogue (on a CPU), or its C++ one
+        os.environ["VLMFAST_NATIVE"] = "1" if provider == "vlmfast-native" else "0"
+        model, proc = tiny_vlm("student", seed=0)
+        model.to(device)
+        opt = torch.optim.AdamW(model.parameters(), 1e-4)
+        part = exs[:batch]
+        b = collate(proc, [e.problem for e in part], [e.images for e in part],
+                    [f"<think>{e.meta.get('reasoning', '')}</think> \\boxed{{{e.answer}}}" for e in part])
+        b = {k: v.to(device) for k, v in b.items()}
+        labels = b["labels"]
+        g = torch.Generator().manual_seed(0)
+        old_logp = (-torch.rand(labels.shape, generator=g) * 3).to(device)
+        adv = torch.randn(labels.shape[0], generator=g).to(device)
+
+        loss_fn = _loss_fn(stage, provider, model, b, old_logp, adv)
+        loss_fn().backward()  # warm-up
+        opt.zero_grad()
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            reset_peak_rss()
+        t = time.perf_counter()
+        for _ in range(steps):
+            loss_fn().backward()
+            opt.step()
             opt.zero_grad()
-            if device == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            else:
-                reset_peak_rss()
-            t = time.perf_counter()
-            for _ in range(steps):
-                loss_fn().backward()
-                opt.step()
-                opt.zero_grad()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            dt = (time.perf_counter() - t) / steps
-            tokens = int(b["attention_mask"].sum())
-            rows.append({"stage": stage, "provider": provider, "time_s": dt, "tokens_per_s": tokens / dt,
-                         "peak_mb": _peak_mb(device), "tokens": tokens, "vocab": model.lm_head.weight.shape[0],
-                         "device": device})
+        if device == "cuda":
+            torch.cuda.synchronize()
+        dt = (time.perf_counter() - t) / steps
+        tokens = int(b["attention_mask"].sum())
+        rows.append({"stage": stage, "provider": provider, "time_s": dt, "tokens_per_s": tokens / dt,
+                     "peak_mb": _peak_mb(device), "tokens": tokens, "vocab": model.lm_head.weight.shape[0],
+                     "device": device})
     return rows

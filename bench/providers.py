@@ -15,6 +15,8 @@ from __future__ import annotations
 import functools
 import os
 
+from ._runner import keep_native_switch
+
 OPS = ("sft", "token_stats", "sft_gentle", "opd", "grpo", "dpo", "cw_dpo")
 SEQ_LEN = 256  # tokens per sequence: B = N / SEQ_LEN
 PROMPT = 64  # prompt tokens per sequence (ignored by every loss)
@@ -216,14 +218,15 @@ def agreement(op: str, h: int, v: int, device: str = "cpu", n: int = 512) -> dic
 
     x = build(op, n, h, v, device=device)
     results = {}
-    for name, fn in providers(op, device).items():
-        x2 = dict(x, hidden=x["hidden"].clone().requires_grad_(), weight=x["weight"].clone().requires_grad_())
-        try:
-            loss = fn(x2)
-            results[name] = (loss.detach().float(), *(g.float() for g in torch.autograd.grad(
-                loss, (x2["hidden"], x2["weight"]))))
-        except Exception as e:  # a provider that cannot run this op here: reported, not timed
-            results[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    with keep_native_switch():
+        for name, fn in providers(op, device).items():
+            x2 = dict(x, hidden=x["hidden"].clone().requires_grad_(), weight=x["weight"].clone().requires_grad_())
+            try:
+                loss = fn(x2)
+                results[name] = (loss.detach().float(), *(g.float() for g in torch.autograd.grad(
+                    loss, (x2["hidden"], x2["weight"]))))
+            except Exception as e:  # a provider that cannot run this op here: reported, not timed
+                results[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
     ref = results["naive"]
     out = {}
     for name, r in results.items():

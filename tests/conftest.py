@@ -16,3 +16,13 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _restore_native_switch():
+    """VLMFAST_NATIVE is read at every op call; a test that sets it (the bench providers do) must
+    not change which path the next test runs."""
+    from bench._runner import keep_native_switch
+
+    with keep_native_switch():
+        yield

@@ -2,6 +2,7 @@
 modes, the summary holds the ratio tables and plots (the suite itself runs in `make bench`)."""
 
 import json
+import os
 
 import pytest
 
@@ -10,12 +11,18 @@ from bench import registry
 from bench.summary import ratio_table, write_summary
 
 
-def test_every_provider_agrees_with_naive_on_every_op():
+def test_every_provider_agrees_with_naive_on_every_op(monkeypatch):
+    from vlmfast.ops import native
+
+    monkeypatch.setenv("VLMFAST_NATIVE", "1")
     for op in P.OPS:
         agree = P.agreement(op, 64, 1000, n=300)  # odd vocabulary, a partial last sequence
         assert {"naive", "vlmfast-chunked"} <= set(agree)
+        assert ("vlmfast-native" in agree) == native.available()  # both CPU epilogues, side by side
         for provider, err in agree.items():
             assert isinstance(err, float) and err < 1e-3, (op, provider, err)
+        # the providers switch VLMFAST_NATIVE while they run; the caller's setting comes back
+        assert os.environ["VLMFAST_NATIVE"] == "1"
 
 
 def test_a_wrong_provider_is_caught(monkeypatch):

@@ -13,7 +13,8 @@ Gradients flow to hidden, weight and bias for any per-token upstream gradient on
 the teacher gets none. Tokens whose target is `ignore_index` output 0 and get zero gradient.
 
 Backends, one contract: "triton" (fused kernels, CUDA; CPU under TRITON_INTERPRET=1), "chunked"
-(pure PyTorch over row blocks, any device), "reference" (materialised fp32 logits, tests only).
+(blocks of logits from a BLAS matmul, any device; on the CPU its per-block work runs in the native
+C++ kernels of native.py when they are built), "reference" (materialised fp32 logits, tests only).
 "auto" picks triton for CUDA tensors and chunked otherwise.
 """
 
