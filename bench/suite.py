@@ -127,7 +127,7 @@ def run(args) -> list[dict]:
     for model in args.models:
         h, v = registry.head(model)
         for op in args.ops or registry.ops_for(device, model, P.OPS):
-            agree = P.agreement(op, h, v, device=device)
+            agree = P.agreement(op, h, v, device=device, n=256 if device == "cpu" else 512)
             ok = {p: e for p, e in agree.items() if isinstance(e, float) and e < args.tolerance}
             for p, e in agree.items():
                 if p not in ok:

@@ -69,15 +69,16 @@ VLMFAST_INLINE c10::BFloat16 from_f<c10::BFloat16>(float v) {
   return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
 }
 
-// One row's online state; a row of the [R, 8] fp64 `state` tensor (same field order).
+// One row's online state; a row of the [R, 9] fp64 `state` tensor (same field order).
 struct RowSums {
   double m = -INFINITY, s0 = 0, s1 = 0;   // student
   double mt = -INFINITY, t0 = 0, t1 = 0;  // teacher
   double cross = 0;                       // D (reverse) or F (forward)
   double z_y = 0;                         // the target's z/T, once its column has been seen
+  double target_seen = 0;                 // 1 once it has: finish() rejects a target outside the vocabulary
 };
 constexpr int64_t kStateWidth = sizeof(RowSums) / sizeof(double);
-static_assert(kStateWidth == 8, "RowSums must be 8 doubles: the state tensor is [R, 8]");
+static_assert(kStateWidth == 9, "RowSums must be 9 doubles: the state tensor is [R, 9]");
 
 // Move one side's running max m to m_new: its a = z/T - m shift by delta = m - m_new and its e^a
 // scale by e^delta. The cross term (D = sum e^a (a - at) or F = sum e^at (at - a)) rescales when it
@@ -187,8 +188,7 @@ inline bool ignored(int64_t y, int64_t ignore_index) {
 
 at::Tensor new_state(int64_t R) {
   at::Tensor state = at::empty({R, kStateWidth}, at::TensorOptions().dtype(at::kDouble));
-  RowSums init;
-  init.z_y = NAN;  // "target column not seen yet": finish() rejects a target outside the vocabulary
+  const RowSums init;
   double* p = state.data_ptr<double>();
   for (int64_t i = 0; i < R; ++i) std::memcpy(p + i * kStateWidth, &init, sizeof(RowSums));
   return state;
@@ -224,7 +224,10 @@ void token_stats_accumulate_(at::Tensor state, const at::Tensor& logits, const a
         std::memcpy(static_cast<void*>(&r), sp + i * kStateWidth, sizeof(RowSums));
         accumulate_row(r, z, ztp ? ztp + i * zts : nullptr, C, it, kl_mode);
         const int64_t col = y[i] - col_offset;
-        if (col >= 0 && col < C) r.z_y = static_cast<double>(to_f(z[col]) * it);
+        if (col >= 0 && col < C) {
+          r.z_y = static_cast<double>(to_f(z[col]) * it);
+          r.target_seen = 1;
+        }
         std::memcpy(sp + i * kStateWidth, &r, sizeof(RowSums));
       }
     });
@@ -247,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_sta
     if (ignored(y[i], ignore_index)) continue;
     RowSums s;
     std::memcpy(static_cast<void*>(&s), sp + i * kStateWidth, sizeof(RowSums));
-    TORCH_CHECK(!std::isnan(s.z_y), "target id ", y[i], " is outside the vocabulary (its column was never seen)");
+    TORCH_CHECK(s.target_seen != 0, "target id ", y[i], " is outside the vocabulary (its column was never seen)");
     const double log_s0 = std::log(s.s0), row_lse = s.m + log_s0;
     o_lse[i] = static_cast<float>(row_lse);
     o_logp[i] = static_cast<float>(s.z_y - row_lse);

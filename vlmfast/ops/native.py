@@ -4,7 +4,7 @@ into `vlmfast/_C*.so` at install time and loaded here with `torch.ops.load_libra
 torch.library ops on a block of logits z [R, C] (R token rows, C vocabulary columns starting at
 column c0: a slice of h W^T from a BLAS matmul, or given logits), one pass each:
 
-    state = torch.ops.vlmfast.token_stats_new_state(R)                   [R, 8] fp64 online sums
+    state = torch.ops.vlmfast.token_stats_new_state(R)                   [R, 9] fp64 online sums
     torch.ops.vlmfast.token_stats_accumulate_(state, z, y, zt, inv_t, kl_mode, ignore_index, c0)
     torch.ops.vlmfast.token_stats_finish(state, y, kl_mode, ignore_index)
         -> lse, logp, entropy, kl, lse_t                                  [R] fp32 each
