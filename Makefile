@@ -53,8 +53,9 @@ $(VLLM_STAMP): setup.py pyproject.toml
 		--no-build-isolation -e .
 	touch $(VLLM_STAMP)
 
+# VLMFAST_NATIVE=0: the native kernels are built for the main venv's torch, not vLLM's
 test-vllm: $(VLLM_STAMP)
-	$(VLLM_VENV)/bin/python -m pytest tests_vllm -p no:cacheprovider
+	VLMFAST_NATIVE=0 $(VLLM_VENV)/bin/python -m pytest tests_vllm -p no:cacheprovider
 
 lint: $(STAMP)
 	$(PY) -m ruff check vlmfast kernels tests tests_vllm bench

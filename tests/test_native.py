@@ -314,3 +314,19 @@ def test_column_blocks_and_row_bands_change_nothing(monkeypatch):
     many = run()
     for a, b_ in zip(many, one):
         torch.testing.assert_close(a, b_, atol=1e-5, rtol=1e-5)
+
+
+def test_a_library_built_for_another_torch_is_never_loaded(tmp_path):
+    """Loading runs the op registrations against this torch's ABI: a build for another torch is
+    refused from the version stamped in the file, before any loading."""
+    fake = tmp_path / "_C.fake.so"
+    fake.write_bytes(b"\x7fELF not really a library vlmfast-built-for-torch:1.0.0\0 more bytes")
+    code = "import vlmfast; from vlmfast.ops import native; print(native.available())"
+    out = _import_in_subprocess({"VLMFAST_NATIVE_LIB": str(fake), "VLMFAST_NATIVE": "1"}, code)
+    assert out.stdout.split() == ["False"]
+    assert "was built for torch 1.0.0" in out.stderr and "loading" not in out.stderr
+
+
+@needs_native
+def test_the_built_library_says_which_torch_it_is_for():
+    assert native._built_for_torch(native.library_path()) == torch.__version__ == torch.ops.vlmfast.torch_version()

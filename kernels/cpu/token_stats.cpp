@@ -359,6 +359,10 @@ void token_stats_block_grad(const at::Tensor& logits, const at::Tensor& target,
 
 }  // namespace
 
+// The torch this was compiled against, in the file itself: vlmfast reads it before loading the
+// library (loading runs the op registrations below, which must not meet another torch's ABI).
+extern "C" __attribute__((used)) const char vlmfast_built_for_torch[] = "vlmfast-built-for-torch:" VLMFAST_TORCH_VERSION;
+
 std::string torch_version() { return VLMFAST_TORCH_VERSION; }
 
 TORCH_LIBRARY(vlmfast, m) {

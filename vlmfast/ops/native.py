@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import warnings
 
 import torch
@@ -48,17 +49,28 @@ def _load() -> str | None:
     """Load the library; return why it could not be, or None on success."""
     path = library_path()
     if path is None:
-        return ("vlmfast/_C*.so is missing (vlmfast was installed without a C++ compiler and CMake, or the "
-                "build failed: see the pip log)")
+        return ("vlmfast/_C*.so is missing: vlmfast was installed without a C++ compiler and CMake, or the "
+                "build failed (see the pip log); install them and reinstall vlmfast to build it")
+    built_for = _built_for_torch(path)
+    if built_for is not None and built_for != torch.__version__:  # another torch's C++ ABI: never load it
+        return (f"{path} was built for torch {built_for}, this is torch {torch.__version__}; reinstall vlmfast "
+                "(`pip install --no-build-isolation -e .`, or `make`) to rebuild it")
     try:
         torch.ops.load_library(path)
     except (OSError, RuntimeError) as e:
         return f"loading {path} failed: {e}"
-    built_for = torch.ops.vlmfast.torch_version()
-    if built_for != torch.__version__:  # the C++ ABI of another torch: do not run it
-        return (f"{path} was built for torch {built_for}, this is torch {torch.__version__}; reinstall vlmfast "
-                "(`pip install --no-build-isolation -e .`, or `make`) to rebuild it")
     return None
+
+
+def _built_for_torch(path: str) -> str | None:
+    """The torch version the library was compiled against, read from the file without loading it
+    (loading runs its op registrations)."""
+    try:
+        with open(path, "rb") as f:
+            found = re.search(rb"vlmfast-built-for-torch:([^\0]+)\0", f.read())
+    except OSError:
+        return None
+    return found.group(1).decode() if found else None
 
 
 # VLMFAST_NATIVE=0 at import: not even loaded (as on a machine without a compiler); set to 0 later:
@@ -80,8 +92,7 @@ def enabled() -> bool:
 if _LOAD_ERROR is not None and not _DISABLED:
     warnings.warn(
         f"vlmfast: native CPU kernels unavailable ({_LOAD_ERROR}); the fused ops run on the pure-PyTorch "
-        "chunked path (same results, slower on CPU). Reinstall with a C++ compiler and CMake to build them, "
-        "or set VLMFAST_NATIVE=0 to silence this.",
+        "chunked path (same results, slower on CPU). Set VLMFAST_NATIVE=0 to silence this.",
         NativeUnavailableWarning,
         stacklevel=2,
     )
