@@ -63,13 +63,27 @@ class CMakeBuild(build_ext):
     at import. VLMFAST_REQUIRE_NATIVE=1 turns a missing or failed build into an error;
     VLMFAST_BUILD_NATIVE=0 skips it (the vLLM venv, whose torch differs, shares this source tree)."""
 
-    def build_extension(self, ext):
-        required = os.environ.get("VLMFAST_REQUIRE_NATIVE") == "1"
+    def run(self):
+        reason = self._cannot_build()
+        if reason is None:
+            try:
+                return super().run()
+            except subprocess.CalledProcessError as e:
+                reason = f"the CMake build failed ({e})"
+        if os.environ.get("VLMFAST_REQUIRE_NATIVE") == "1":
+            raise RuntimeError(f"vlmfast: native CPU kernels not built: {reason} (VLMFAST_REQUIRE_NATIVE=1)")
+        print(f"vlmfast: native CPU kernels not built: {reason}; installing the pure-PyTorch path only",
+              file=sys.stderr)
+        self.extensions = []  # nothing for the (editable) install to copy
+
+    @staticmethod
+    def _cannot_build():
         if os.environ.get("VLMFAST_BUILD_NATIVE", "1") == "0":
-            return self._skip("VLMFAST_BUILD_NATIVE=0", required)
+            return "VLMFAST_BUILD_NATIVE=0"
         missing = [tool for tool in ("cmake", os.environ.get("CXX", "c++")) if shutil.which(tool) is None]
-        if missing:
-            return self._skip(f"{' and '.join(missing)} not found", required)
+        return f"{' and '.join(missing)} not found" if missing else None
+
+    def build_extension(self, ext):
         output = os.path.abspath(self.get_ext_fullpath(ext.name))
         build_dir = os.path.abspath(os.path.join(self.build_temp, "cmake"))
         configure = ["cmake", "-S", os.path.dirname(os.path.abspath(__file__)), "-B", build_dir,
@@ -77,18 +91,8 @@ class CMakeBuild(build_ext):
                      "-DCMAKE_BUILD_TYPE=Release"]
         if shutil.which("ninja"):
             configure += ["-G", "Ninja"]
-        try:
-            subprocess.run(configure, check=True)
-            subprocess.run(["cmake", "--build", build_dir, "--parallel"], check=True)
-        except subprocess.CalledProcessError as e:
-            return self._skip(f"the CMake build failed ({e})", required)
-
-    @staticmethod
-    def _skip(reason, required):
-        if required:
-            raise RuntimeError(f"vlmfast: native CPU kernels not built: {reason} (VLMFAST_REQUIRE_NATIVE=1)")
-        print(f"vlmfast: native CPU kernels not built: {reason}; installing the pure-PyTorch path only",
-              file=sys.stderr)
+        subprocess.run(configure, check=True)
+        subprocess.run(["cmake", "--build", build_dir, "--parallel"], check=True)
 
 
 setup(
