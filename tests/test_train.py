@@ -160,3 +160,28 @@ def test_probe_baseline_is_the_start_even_without_an_evaluation_there(tmp_path):
     for key in ("dlogp_pos", "dlogp_neg", "dlogp_greedy"):
         assert without[-1][key] == pytest.approx(with_[-1][key], abs=1e-6), key
     assert without[-1]["dlogp_pos"] != 0.0
+
+
+def test_rollout_recomputes_in_update_sized_slices(tmp_path, monkeypatch):
+    """Old and reference log-probs are recomputed over a rollout batch in slices of one update's rows
+    on this rank (batch_size / ranks x group_size), never in slices of the global batch: as if rank 0 of
+    2, each no-grad forward holds 1 prompt x 4 samples, though an update of the global batch holds 2."""
+    import torch
+
+    from vlmfast import stages as S
+
+    monkeypatch.setattr(S, "world", lambda: (0, 2))  # collectives still see the one-process world
+    sizes = []
+    real = S.trunk_hidden
+
+    def spy(model, **batch):
+        if not torch.is_grad_enabled():
+            sizes.append(batch["input_ids"].shape[0])
+        return real(model, **batch)
+
+    monkeypatch.setattr(S, "trunk_hidden", spy)
+    stages = [{"type": "grpo", "name": "grpo", "steps": 1, "lr": 1e-4, "batch_size": 2, "group_size": 4,
+               "updates_per_rollout": 2, "kl_coef": 0.1, "max_new_tokens": 4}]
+    run(recipe(tmp_path, stages, eval={"at_start": False, "probes": 0}))
+    # rank 0's rollout: 2 updates x 1 prompt x 4 samples; old and reference log-probs, 2 slices each
+    assert sizes == [4, 4, 4, 4]

@@ -76,6 +76,11 @@ class DeepSpeedConfig:
     precision: str = "fp32"  # fp32 | bf16
     grad_clip: float = 1.0
     grad_accum: int = 1
+    # ZeRO-3: parameters of at most this many elements stay whole on every rank (DeepSpeed's default
+    # 1e5 keeps a whole tiny model unpartitioned; 0 partitions everything, as a 7B model is)
+    stage3_param_persistence_threshold: int | None = None
+    stage3_max_live_parameters: int | None = None  # ZeRO-3: most elements gathered at once (default 1e9)
+    gather_for_generation: bool = True  # ZeRO-3: whole weights for each generate call (false: stay partitioned)
 
 
 @dataclass
@@ -291,6 +296,10 @@ def validate(cfg: Config) -> None:
         bad("data.format", f"must be geometry3k or mathvista, got {d.format!r}")
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         bad("deepspeed.zero_stage", f"must be 0..3, got {cfg.deepspeed.zero_stage}")
+    for key in ("stage3_param_persistence_threshold", "stage3_max_live_parameters"):
+        v = getattr(cfg.deepspeed, key)
+        if v is not None and v < 0:
+            bad(f"deepspeed.{key}", f"must be >= 0, got {v}")
     if cfg.deepspeed.precision not in ("fp32", "bf16"):
         bad("deepspeed.precision", f"must be fp32 or bf16, got {cfg.deepspeed.precision!r}")
     if any(k > cfg.eval.n_samples or k < 1 for k in cfg.eval.k):

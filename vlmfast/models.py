@@ -203,7 +203,8 @@ def load_model(name_or_path, *, dtype="float32", attn_implementation="auto", gra
                                                         attn_implementation=attn_implementation)
     processor = AutoProcessor.from_pretrained(name_or_path)
     use_matmul_patch_embed(model)
-    model.to(device)
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):  # zero.Init already placed its partitions
+        model.to(device)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     freeze(model, vision=freeze_vision, projector=freeze_projector, llm=freeze_llm)
@@ -257,8 +258,10 @@ def trunk_hidden(model, **batch) -> torch.Tensor:
     return model.model(**batch, use_cache=False).last_hidden_state
 
 
-def lm_head_weight(model) -> torch.nn.Parameter:
-    return model.lm_head.weight
+def head_vocab(model) -> int:
+    """Rows of the lm_head (the vocabulary it scores), read from the module: under ZeRO-3 the weight
+    itself is an empty shard outside a gather."""
+    return model.lm_head.out_features
 
 
 def call_head(model, hidden: torch.Tensor, fn):
@@ -277,3 +280,24 @@ def call_head(model, hidden: torch.Tensor, fn):
         return head(hidden)
     finally:
         del head.forward  # back to the class's forward
+
+
+def frozen_head_weight(model) -> torch.Tensor:
+    """A frozen model's lm_head weight as a plain tensor that outlives the call (under ZeRO-3 gathered
+    and copied: V x H in its dtype), for a loss that needs another model's head (the OPD teacher's)."""
+    from .zero import frozen_weight
+
+    if model.lm_head.bias is not None:
+        raise ValueError("a teacher head with a bias is not supported by the OPD stage")
+    return frozen_weight(model.lm_head.weight)
+
+
+def head_token_stats(model, hidden: torch.Tensor, labels: torch.Tensor, **kwargs):
+    """`token_stats(hidden, lm_head.weight, labels, bias=lm_head.bias, **kwargs)` run through `call_head`:
+    the one way code outside the model reads log-probs or entropy of its head (ZeRO-3 safe)."""
+    from .ops import TokenStats, token_stats
+
+    def fn(h, w, b=None):  # a dict of tensors: DeepSpeed's hooks see (and can hook) every output
+        return token_stats(h, w, labels, bias=b, **kwargs).as_dict()
+
+    return TokenStats(**call_head(model, hidden, fn))

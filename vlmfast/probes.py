@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .data.collate import collate, collate_token_responses
-from .models import trunk_hidden
-from .ops import sequence_mean, token_stats
+from .models import head_token_stats, trunk_hidden
+from .ops import sequence_mean
 from .rewards import boxed_token_indices
 
 
@@ -28,7 +28,7 @@ def mean_logprobs(model, processor, problems, images, responses, *, batch_size: 
         sl = slice(i, i + batch_size)
         b = collate(processor, problems[sl], images[sl], responses[sl])
         hidden = trunk_hidden(model, **b)
-        r = token_stats(hidden, model.lm_head.weight, b["labels"], outputs=("logp",), per_sequence=True)
+        r = head_token_stats(model, hidden, b["labels"], outputs=("logp",), per_sequence=True)
         out += sequence_mean(r.seq_logp, r.seq_count).tolist()
     return out
 
@@ -53,7 +53,7 @@ def sample_entropy(model, processor, problems, images, completions, *, batch_siz
         ids = [c.token_ids for c in completions[sl]]
         b = collate_token_responses(processor, problems[sl], images[sl], ids)
         hidden = trunk_hidden(model, **b)
-        r = token_stats(hidden, model.lm_head.weight, b["labels"], outputs=("entropy",))
+        r = head_token_stats(model, hidden, b["labels"], outputs=("entropy",))
         valid = b["labels"] != -100
         ans = _answer_mask(processor, ids, b["labels"].shape[1], b["prompt_lengths"]) & valid
         ent_sum += r.entropy[valid].sum().item()

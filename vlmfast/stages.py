@@ -17,8 +17,8 @@ import torch
 from .data.collate import END_OF_TURN, collate, collate_token_responses
 from .data.prompts import reasoning_of, target_response
 from .losses import cw_dpo_loss, dpo_loss, group_advantages, grpo_loss, opd_loss, sft_gentle_negatives_loss, sft_loss
-from .models import call_head, trunk_hidden
-from .ops import sequence_mean, token_stats
+from .models import call_head, frozen_head_weight, head_token_stats, trunk_hidden
+from .ops import sequence_mean
 from .rewards import extract_answer, is_correct, score
 from .rollout import Sampling, mismatch
 
@@ -48,24 +48,60 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def batch_examples(ctx: StageContext, step: int, n: int) -> list:
-    """This rank's share of the step's global batch of n examples (n / world_size each): the same
-    global batch whatever the number of ranks, so 2 ranks match 1 process."""
+def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """x averaged over the data-parallel ranks (itself in one process); no gradient flows through it."""
+    _, size = world()
+    if size == 1:
+        return x
+    x = x.detach().clone()
+    torch.distributed.all_reduce(x)
+    return x / size
+
+
+def rank_share_of_tokens(labels: torch.Tensor, device) -> torch.Tensor:
+    """The step's response tokens over all ranks, divided by the number of ranks: a rank that divides its
+    summed token loss by this makes DeepSpeed's mean over ranks the exact global token mean (TRL's "dapo"
+    normalisation), so every rank count trains as one process does."""
+    return mean_over_ranks((labels != -100).sum().to(device=device, dtype=torch.float32))
+
+
+def update_rows(ctx: StageContext) -> int:
+    """Sequences of one update on this rank: the GRPO micro-batch, and the slice size of every
+    no-grad recompute over a rollout batch (old and reference log-probs), so none is larger."""
+    return ctx.stage.batch_size // world()[1] * ctx.stage.group_size
+
+
+def rank_positions(ctx: StageContext, n: int, parts: int = 1) -> list[int]:
+    """Places in the step's global batch of n examples that this rank holds. The batch is `parts`
+    consecutive update minibatches (GRPO's updates per rollout) and the rank holds its contiguous slice
+    of each, so update u on every rank count covers the same examples as in one process."""
     rank, size = world()
-    if n % size:
-        raise ValueError(f"stages[{ctx.index}].batch_size={n} is not divisible by the {size} ranks")
+    per_part = n // parts
+    if per_part % size:
+        raise ValueError(f"stages[{ctx.index}].batch_size={per_part} is not divisible by the {size} ranks")
+    mb = per_part // size
+    return [u * per_part + rank * mb + j for u in range(parts) for j in range(mb)]
+
+
+def batch_examples(ctx: StageContext, step: int, n: int, parts: int = 1) -> tuple[list, list[int]]:
+    """This rank's share of the step's global batch of n examples, and their places in it: the same
+    global batch whatever the number of ranks, so 2 ranks match 1 process."""
     g = torch.Generator().manual_seed(step_seed(ctx, step))
     idx = torch.randint(len(ctx.train), (n,), generator=g).tolist()
-    per = n // size
-    return [ctx.train[i] for i in idx[rank * per : (rank + 1) * per]]
+    positions = rank_positions(ctx, n, parts)
+    return [ctx.train[idx[p]] for p in positions], positions
 
 
-def prompt_seeds(ctx: StageContext, step: int, count: int) -> list[int]:
-    """Sampling seeds of this rank's prompts, by their place in the global batch: rollouts do not
-    depend on how many ranks share the batch."""
-    rank, size = world()
+def position_seeds(ctx: StageContext, step: int, positions: list[int]) -> list[int]:
+    """Seeds of examples by their place in the step's global batch: what is sampled or drawn for an
+    example never depends on how many ranks share the batch."""
     base = step_seed(ctx, step) * 7919
-    return [(base + rank * count + j) % (2**31 - 1) for j in range(count)]
+    return [(base + p) % (2**31 - 1) for p in positions]
+
+
+def example_rngs(ctx: StageContext, step: int, positions: list[int]) -> list[random.Random]:
+    """One random stream per example (its negative, on- or off-policy), seeded by its global place."""
+    return [random.Random(seed) for seed in position_seeds(ctx, step, positions)]
 
 
 def _counted(batch: dict, ctx: StageContext) -> dict:
@@ -97,30 +133,46 @@ def _dataset_negative(ex, rng: random.Random) -> str:
 
 def sft_step(ctx: StageContext, step: int):
     s = ctx.stage
-    exs = batch_examples(ctx, step, s.batch_size)
+    exs, positions = batch_examples(ctx, step, s.batch_size)
     b = collate(ctx.processor, [e.problem for e in exs], [e.images for e in exs],
                 [_target(ctx, e.answer, e) for e in exs])
     hidden = trunk_hidden(ctx.model, **_counted(b, ctx))  # [B, T, H]
     if s.gentle is None:
+        n = rank_share_of_tokens(b["labels"], hidden.device)
         return call_head(ctx.model, hidden, lambda h, w: sft_loss(h, w, b["labels"], temperature=s.temperature,
-                                                                  label_smoothing=s.label_smoothing))
-    rng = random.Random(step_seed(ctx, step))
+                                                                  label_smoothing=s.label_smoothing,
+                                                                  num_items_in_batch=n))
+    rngs = example_rngs(ctx, step, positions)
     nb = collate(ctx.processor, [e.problem for e in exs], [e.images for e in exs],
-                 [_target(ctx, _dataset_negative(e, rng), e) for e in exs])
+                 [_target(ctx, _dataset_negative(e, rng), e) for e, rng in zip(exs, rngs)])
     neg_hidden = trunk_hidden(ctx.model, **_counted(nb, ctx))
     return call_head(ctx.model, hidden, lambda h, w: sft_gentle_negatives_loss(
-        h, w, b["labels"], neg_hidden, nb["labels"], temperature=s.temperature, **s.gentle))
+        h, w, b["labels"], neg_hidden, nb["labels"], temperature=s.temperature, mean_over_parts=mean_over_ranks,
+        **s.gentle))
 
 
-def _sample(ctx, exs, n, step, *, of: int | None = None, positions: list[int] | None = None):
-    """n samples per example; `positions` in a batch of `of` examples pick the seeds of a subset."""
+def _sample(ctx, exs, n, step, positions: list[int]):
+    """n samples per example, seeded by the examples' places in the step's global batch."""
     s = ctx.stage
-    seeds = prompt_seeds(ctx, step, of or len(exs))
-    if positions is not None:
-        seeds = [seeds[i] for i in positions]
     return ctx.engine.generate([e.problem for e in exs], [e.images for e in exs], n=n,
                                sampling=Sampling(temperature=s.temperature, max_new_tokens=s.max_new_tokens),
-                               seeds=seeds)
+                               seeds=position_seeds(ctx, step, positions))
+
+
+def _sample_subset(ctx, exs, positions: list[int], idx: list[int], n: int, step: int) -> list:
+    """n samples for each of exs[i], i in idx (this rank's on-policy share). Every rank calls generate on
+    as many prompts as the rank with the most: under ZeRO-3 generation is a collective (a gather, or a
+    gather per layer and token), so a rank that skipped it or ran fewer batches would hang the others.
+    Padding prompts repeat a real one and their samples are dropped (seeded per row: they change nothing)."""
+    count = len(idx)
+    if world()[1] > 1:
+        t = torch.tensor([count], device=next(ctx.model.parameters()).device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        count = int(t.item())
+    if count == 0:
+        return []
+    padded = idx + [idx[0] if idx else 0] * (count - len(idx))
+    return _sample(ctx, [exs[i] for i in padded], n, step, [positions[i] for i in padded])[: len(idx)]
 
 
 def _sampler_logp_grid(completions, batch) -> torch.Tensor:
@@ -138,8 +190,9 @@ def _rollout(ctx: StageContext, index: int) -> dict:
     group advantages, and the old log-probs of the policy that sampled them (recomputed by the
     trainer, so the ratio is exactly 1 at the first update and the sampler mismatch is measured)."""
     s = ctx.stage
-    exs = batch_examples(ctx, index, s.batch_size * s.updates_per_rollout)
-    groups = _sample(ctx, exs, s.group_size, index)
+    # this rank's slice of each of the rollout's update minibatches, in update order
+    exs, positions = batch_examples(ctx, index, s.batch_size * s.updates_per_rollout, s.updates_per_rollout)
+    groups = _sample(ctx, exs, s.group_size, index, positions)
     flat = [c for g in groups for c in g]
     rep = [e for e in exs for _ in range(s.group_size)]
     scores = [score(c.text, e.answer, e.choices) for c, e in zip(flat, rep)]
@@ -148,15 +201,16 @@ def _rollout(ctx: StageContext, index: int) -> dict:
     b = collate_token_responses(ctx.processor, [e.problem for e in rep], [e.images for e in rep],
                                 [c.token_ids for c in flat])
     labels = b["labels"]
-    old = torch.cat([token_stats(trunk_hidden(ctx.model, **_rows(b, sl)), ctx.model.lm_head.weight,
-                                 labels[sl], temperature=s.temperature, outputs=("logp",)).logp
-                     for sl in _row_slices(len(flat), s.batch_size * s.group_size)])
-    ref = None
-    if ctx.reference is not None and s.kl_coef > 0:
-        ref = torch.cat([token_stats(trunk_hidden(ctx.reference, **_rows(b, sl)),
-                                     ctx.reference.lm_head.weight, labels[sl], temperature=s.temperature,
-                                     outputs=("logp",)).logp
-                         for sl in _row_slices(len(flat), s.batch_size * s.group_size)])
+    # in slices of exactly the update's rows: no recompute is larger than an update, and the first
+    # update's forward repeats its slice's computation, so its ratio is exactly 1
+    slices = _row_slices(len(flat), update_rows(ctx))
+
+    def logp_of(model):
+        return torch.cat([head_token_stats(model, trunk_hidden(model, **_rows(b, sl)), labels[sl],
+                                           temperature=s.temperature, outputs=("logp",)).logp for sl in slices])
+
+    old = logp_of(ctx.model)
+    ref = logp_of(ctx.reference) if ctx.reference is not None and s.kl_coef > 0 else None
     mask = labels != -100
     sampler = _sampler_logp_grid(flat, b)
     return {"index": index, "batch": b, "adv": adv, "old": old, "ref": ref, "rewards": rewards, "scores": scores,
@@ -188,16 +242,17 @@ def grpo_step(ctx: StageContext, step: int):
     ro = ctx.extra.get("rollout")
     if ro is None or ro["index"] != index:
         ro = ctx.extra["rollout"] = _rollout(ctx, index)
-    mb = s.batch_size // (torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
-    sl = slice(part * mb * s.group_size, (part + 1) * mb * s.group_size)
+    rows = update_rows(ctx)
+    sl = slice(part * rows, (part + 1) * rows)
     b = _rows(ro["batch"], sl)
     labels = b["labels"]
     hidden = trunk_hidden(ctx.model, **_counted(b, ctx))
     ref = None if ro["ref"] is None else ro["ref"][sl]
+    n = rank_share_of_tokens(labels, hidden.device) if s.aggregation == "token-mean" else None
     loss, m = call_head(ctx.model, hidden, lambda h, w: grpo_loss(
         h, w, labels, ro["old"][sl], ro["adv"][sl], ref_logp=ref, clip_low=s.clip_low, clip_high=s.clip_high,
         dual_clip=s.dual_clip, kl_coef=s.kl_coef, entropy_coef=s.entropy_coef, aggregation=s.aggregation,
-        temperature=s.temperature))
+        temperature=s.temperature, num_items_in_batch=n))
     scores = ro["scores"][sl]
     m["sampler_mismatch"] = torch.tensor(ro["mismatch"])
     m["reward"] = ro["rewards"][sl].mean()
@@ -209,25 +264,25 @@ def grpo_step(ctx: StageContext, step: int):
 
 def opd_step(ctx: StageContext, step: int):
     s = ctx.stage
-    exs = batch_examples(ctx, step, s.batch_size)
+    exs, positions = batch_examples(ctx, step, s.batch_size)
     # y ~ pi_student for a share opd_on_policy of the batch; the rest are dataset targets (GKD's mix:
     # from random weights the student's own samples say little until it has learned the format)
-    rng = random.Random(step_seed(ctx, step))
-    on_policy = [rng.random() < s.opd_on_policy for _ in exs]
+    on_policy = [rng.random() < s.opd_on_policy for rng in example_rngs(ctx, step, positions)]
     idx = [i for i, flag in enumerate(on_policy) if flag]
     responses = [_target_ids(ctx, e) for e in exs]
-    if idx:
-        sampled = _sample(ctx, [exs[i] for i in idx], 1, step, of=len(exs), positions=idx)
-        for i, g in zip(idx, sampled):
-            responses[i] = g[0].token_ids
+    for i, g in zip(idx, _sample_subset(ctx, exs, positions, idx, 1, step)):
+        responses[i] = g[0].token_ids
     b = collate_token_responses(ctx.processor, [e.problem for e in exs], [e.images for e in exs], responses)
     hidden = trunk_hidden(ctx.model, **_counted(b, ctx))
+    n = rank_share_of_tokens(b["labels"], hidden.device)
     if s.opd_mode == "full":
         with torch.no_grad():  # the teacher sees exactly the same image and prompt
             th = trunk_hidden(ctx.teacher, **b)
-        teacher = (th, ctx.teacher.lm_head.weight.detach())
+        # the fused KL needs the teacher's head in the student's forward and backward: a plain copy
+        # (gathered once under ZeRO-3), freed with the step's graph
+        teacher = (th, frozen_head_weight(ctx.teacher))
         loss, m = call_head(ctx.model, hidden, lambda h, w: opd_loss(h, w, b["labels"], teacher=teacher,
-                                                                     temperature=s.temperature))
+                                                                     temperature=s.temperature, num_items_in_batch=n))
         m["on_policy_share"] = torch.tensor(len(idx) / len(exs))
         return loss, m
     # sampled-token form: the teacher's per-token log-probs come from a generation engine's score()
@@ -239,27 +294,26 @@ def opd_step(ctx: StageContext, step: int):
         start = int(b["prompt_lengths"][i]) - 1
         t_logp[i, start : start + len(lp)] = torch.tensor(lp)
     return call_head(ctx.model, hidden, lambda h, w: opd_loss(h, w, b["labels"], teacher_logp=t_logp,
-                                                              temperature=s.temperature))
+                                                              temperature=s.temperature, num_items_in_batch=n))
 
 
-def _preference_batch(ctx, exs, step):
+def _preference_batch(ctx, exs, positions, step):
     """Chosen = the gold answer; rejected = the policy's own wrong answer with probability rho_mix
     (when it produces one), else a dataset negative."""
     s = ctx.stage
-    rng = random.Random(step_seed(ctx, step))
-    on_policy = [rng.random() < s.on_policy_fraction for _ in exs]
+    rngs = example_rngs(ctx, step, positions)
+    on_policy = [rng.random() < s.on_policy_fraction for rng in rngs]
     rejected = [None] * len(exs)
     idx = [i for i, flag in enumerate(on_policy) if flag]
-    if idx:
-        groups = _sample(ctx, [exs[i] for i in idx], 4, step, of=len(exs), positions=idx)
-        for i, g in zip(idx, groups):
-            for c in g:
-                ans = extract_answer(c.text)
-                if ans is not None and not is_correct(ans, exs[i].answer, exs[i].choices):
-                    rejected[i] = _target(ctx, ans, exs[i])
-                    break
+    for i, g in zip(idx, _sample_subset(ctx, exs, positions, idx, 4, step)):
+        for c in g:
+            ans = extract_answer(c.text)
+            if ans is not None and not is_correct(ans, exs[i].answer, exs[i].choices):
+                rejected[i] = _target(ctx, ans, exs[i])
+                break
     n_on = sum(r is not None for r in rejected)
-    rejected = [r if r is not None else _target(ctx, _dataset_negative(e, rng), e) for r, e in zip(rejected, exs)]
+    rejected = [r if r is not None else _target(ctx, _dataset_negative(e, rng), e)
+                for r, e, rng in zip(rejected, exs, rngs)]
     chosen = [_target(ctx, e.answer, e) for e in exs]
     problems = [e.problem for e in exs] * 2
     images = [e.images for e in exs] * 2
@@ -268,13 +322,13 @@ def _preference_batch(ctx, exs, step):
 
 def dpo_step(ctx: StageContext, step: int):
     s = ctx.stage
-    exs = batch_examples(ctx, step, s.batch_size)
-    b, on_policy_share = _preference_batch(ctx, exs, step)
+    exs, positions = batch_examples(ctx, step, s.batch_size)
+    b, on_policy_share = _preference_batch(ctx, exs, positions, step)
     B = len(exs)
     with torch.no_grad():  # pi_ref: the policy at stage start
         rh = trunk_hidden(ctx.reference, **b)
-        r = token_stats(rh, ctx.reference.lm_head.weight, b["labels"], temperature=s.temperature,
-                        outputs=("logp",), per_sequence=True)
+        r = head_token_stats(ctx.reference, rh, b["labels"], temperature=s.temperature, outputs=("logp",),
+                             per_sequence=True)
     ref_c, ref_r = r.seq_logp[:B], r.seq_logp[B:]
     hidden = trunk_hidden(ctx.model, **_counted(b, ctx))
     if s.type == "dpo":
@@ -299,7 +353,7 @@ def auto_l_floor(ctx: StageContext, n: int = 64) -> float:
         b = collate(ctx.processor, [e.problem for e in part], [e.images for e in part],
                     [_target(ctx, _dataset_negative(e, rng), e) for e in part])
         hidden = trunk_hidden(ctx.model, **b)
-        r = token_stats(hidden, ctx.model.lm_head.weight, b["labels"], outputs=("logp",), per_sequence=True)
+        r = head_token_stats(ctx.model, hidden, b["labels"], outputs=("logp",), per_sequence=True)
         out += sequence_mean(r.seq_logp, r.seq_count).tolist()
     return sum(out) / len(out)
 

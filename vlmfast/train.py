@@ -14,7 +14,6 @@ stage starts from it. Checkpoints are atomic; `run.resume: auto` continues a kil
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import hashlib
 import json
@@ -33,10 +32,11 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError, load_config
 from .data.prompts import reasoning_of, target_response
 from .evaluate import evaluate_policy
-from .models import load_model, tiny_vlm
+from .models import head_vocab, load_model, tiny_vlm
 from .probes import DeltaLogpProbe, EarlyStopping, sample_entropy
 from .rollout import Sampling, make_engine
-from .stages import STEP_FUNCTIONS, StageContext, auto_l_floor
+from .stages import STEP_FUNCTIONS, StageContext, auto_l_floor, mean_over_ranks
+from .zero import frozen_engine, gathered_for_generation, partitioned_loading
 
 FAIL_AT_ENV = "VLMFAST_FAIL_AT_STEP"  # tests: "stage:step" raises there, as a killed run would stop
 
@@ -65,11 +65,15 @@ def _is_main() -> bool:
 
 def ds_config(cfg: Config, micro_batch: int) -> dict:
     d = cfg.deepspeed
+    zero = {"stage": d.zero_stage}
+    if d.zero_stage == 3:
+        zero.update({k: getattr(d, k) for k in ("stage3_param_persistence_threshold", "stage3_max_live_parameters")
+                     if getattr(d, k) is not None})
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": d.grad_accum,
         "gradient_clipping": d.grad_clip,
-        "zero_optimization": {"stage": d.zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": d.precision == "bf16"},
         "fp16": {"enabled": False},
         "zero_allow_untested_optimizer": True,
@@ -140,7 +144,8 @@ def load_data(cfg: Config) -> dict:
 
 def _load_policy(cfg: Config, path: str | None, device: str, processor=None):
     """A model + processor from `path` (default model.path): tiny:student / tiny:teacher, a hub name
-    or a local checkpoint."""
+    or a local checkpoint. Under ZeRO-3 a checkpoint loads straight into its partitions (a tiny model
+    is built whole and partitioned by deepspeed.initialize: zero.Init would draw other random weights)."""
     m = cfg.model
     path = path or m.path
     if path.startswith("tiny:"):
@@ -149,9 +154,28 @@ def _load_policy(cfg: Config, path: str | None, device: str, processor=None):
 
         freeze(model, vision=m.freeze_vision, projector=m.freeze_projector, llm=m.freeze_llm)
         return model.to(device), proc
-    return load_model(path, dtype=m.dtype, attn_implementation=m.attn_implementation,
-                      gradient_checkpointing=m.gradient_checkpointing, liger=m.liger, device=device,
-                      freeze_vision=m.freeze_vision, freeze_projector=m.freeze_projector, freeze_llm=m.freeze_llm)
+    with partitioned_loading(ds_config(cfg, 1)):
+        return load_model(path, dtype=m.dtype, attn_implementation=m.attn_implementation,
+                          gradient_checkpointing=m.gradient_checkpointing, liger=m.liger, device=device,
+                          freeze_vision=m.freeze_vision, freeze_projector=m.freeze_projector,
+                          freeze_llm=m.freeze_llm)
+
+
+def _frozen_model(cfg: Config, path: str | None, device: str, processor, micro: int):
+    """A reference or teacher: loaded from `path` (never copied from the policy), frozen, as its own
+    DeepSpeed engine without optimizer, ZeRO-3 partitioned when the policy is. Returns the engine."""
+    return frozen_engine(_load_policy(cfg, path, device, processor)[0], ds_config(cfg, micro))
+
+
+def _generation_options(cfg: Config, engine) -> dict:
+    """HF-engine options for a ZeRO-3 policy: gather it once per generate call (default), or keep it
+    partitioned and decode in lock-step across ranks."""
+    d = cfg.deepspeed
+    if d.zero_stage != 3:
+        return {}
+    if d.gather_for_generation:
+        return {"gather": lambda: gathered_for_generation(engine)}
+    return {"synced_ranks": torch.distributed.get_world_size() > 1}
 
 
 class MetricsLog:
@@ -202,9 +226,11 @@ def _scalar(v):
 
 
 def evaluate(cfg: Config, stage_name: str, model, processor, data: dict, probe: DeltaLogpProbe | None,
-             seed: int) -> tuple[dict, list]:
+             seed: int, engine=None) -> tuple[dict, list]:
+    """Every eval split and the probes; `engine` generates (default: an HF engine on `model`). Every rank
+    runs it on the same problems (under ZeRO-3 each forward is a collective)."""
     e = cfg.eval
-    engine = make_engine("hf", model, processor)
+    engine = engine or make_engine("hf", model, processor)
     metrics, shown = {}, []
     for split, examples in data.items():
         if split == "train":
@@ -304,14 +330,21 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
     device = next(policy.parameters()).device.type
     # colocated vLLM on a GPU sleeps through the optimizer step (frees its KV cache)
     engine_kw = {"sleep_mode": True} if stage.engine == "vllm" and device == "cuda" else {}
+    generation = _generation_options(cfg, engine)
+    if stage.engine == "hf":
+        engine_kw = generation
     ctx.engine = make_engine(stage.engine, policy, processor, **engine_kw)
+    eval_engine = ctx.engine if stage.engine == "hf" else make_engine("hf", policy, processor, **generation)
+    frozen = []  # reference / teacher engines: kept alive with the stage
     if stage.type in ("dpo", "cw_dpo") or (stage.type == "grpo" and stage.kl_coef > 0):
-        ctx.reference = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref <- policy at stage start
+        frozen.append(_frozen_model(cfg, start_path, device, processor, micro))  # pi_ref <- policy at stage start
+        ctx.reference = frozen[-1].module
     if stage.type == "opd":
-        ctx.teacher = _load_policy(cfg, stage.teacher, device, processor)[0].eval().requires_grad_(False)
-        if ctx.teacher.lm_head.weight.shape[0] != policy.lm_head.weight.shape[0]:
-            raise ConfigError(f"stages[{si}].teacher: vocabulary {ctx.teacher.lm_head.weight.shape[0]} differs "
-                              f"from the student's {policy.lm_head.weight.shape[0]}")
+        frozen.append(_frozen_model(cfg, stage.teacher, device, processor, micro))
+        ctx.teacher = frozen[-1].module
+        if head_vocab(ctx.teacher) != head_vocab(policy):
+            raise ConfigError(f"stages[{si}].teacher: vocabulary {head_vocab(ctx.teacher)} differs "
+                              f"from the student's {head_vocab(policy)}")
         if stage.opd_mode == "sampled":
             ctx.extra["teacher_engine"] = make_engine(stage.engine, ctx.teacher, processor)
     stopper = None
@@ -340,7 +373,7 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
             "timings": timings, "results": results, **extra})
 
     def do_eval(step):
-        m, shown = evaluate(cfg, name, policy, processor, data, probe, seed=cfg.run.seed)
+        m, shown = evaluate(cfg, name, policy, processor, data, probe, seed=cfg.run.seed, engine=eval_engine)
         rec = {"stage": name, "stage_index": si, "step": step, "kind": "eval",
                **{k: v for k, v in m.items() if not isinstance(v, list)}, "pass_curves": {
                    k: v for k, v in m.items() if isinstance(v, list)}}
@@ -354,7 +387,7 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
     last_eval = None
     if start_step == 0 and not cfg.eval.at_start and probe is not None and not probe.baseline:
         # no evaluation at the start, but Δlog p is measured from here: record the probes' baseline
-        probe_metrics(cfg, ctx.engine, policy, processor, probe)
+        probe_metrics(cfg, eval_engine, policy, processor, probe)
     if start_step == 0 and cfg.eval.at_start:
         last_eval = do_eval(0)
         if stopper is not None and stopper.update(0, last_eval)[0]:
@@ -380,7 +413,8 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
             ctx.engine.sync_weights(policy)
         done = step + 1
         now = time.time()
-        rec = {"stage": name, "stage_index": si, "step": done, "kind": "train", "loss": loss.item(),
+        rec = {"stage": name, "stage_index": si, "step": done, "kind": "train",
+               "loss": mean_over_ranks(loss.float()).item(),  # each rank's loss is its share of the global one
                **{k: _scalar(v) for k, v in metrics.items() if k != "loss"}, "lr": optimizer.param_groups[0]["lr"],
                "step_time_s": now - t_last, "tokens_per_s": ctx.extra.pop("tokens", 0) / max(now - t_last, 1e-9),
                "peak_mem_mb": _peak_memory_mb()}

@@ -1,7 +1,10 @@
-"""Run by tests/test_zero3_head.py in a fresh process: the fused SFT loss through `call_head` on a
-ZeRO-3-partitioned tiny Qwen2.5-VL must give the same loss and gradients as without DeepSpeed.
+"""Run by tests/test_zero3_head.py in a fresh process: on a ZeRO-3-partitioned tiny Qwen2.5-VL (threshold 0,
+as a 7B model is) the fused SFT loss through `call_head` gives the same loss and gradients as without
+DeepSpeed; every other way the trainer reaches a partitioned model (head statistics, a frozen engine
+loaded straight into partitions, a frozen weight copy, generation with the policy gathered or left
+partitioned) gives what the plain model gives, and a direct read of lm_head.weight fails.
 
-Prints one JSON line: {"partitioned_numel": ..., "loss": [plain, zero3], "max_grad_diff": {...}}.
+Prints one JSON line of measurements.
 """
 
 import io
@@ -21,10 +24,20 @@ os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0
 
 import deepspeed  # noqa: E402
 
-from vlmfast import sft_loss  # noqa: E402
+from vlmfast import sft_loss, token_stats  # noqa: E402
 from vlmfast.data.collate import collate  # noqa: E402
 from vlmfast.data.synthetic import generate  # noqa: E402
-from vlmfast.models import call_head, tiny_vlm, trunk_hidden  # noqa: E402
+from vlmfast.models import (  # noqa: E402
+    call_head,
+    frozen_head_weight,
+    head_token_stats,
+    load_model,
+    save_pretrained,
+    tiny_vlm,
+    trunk_hidden,
+)
+from vlmfast.rollout import HFEngine, Sampling  # noqa: E402
+from vlmfast.zero import frozen_engine, gathered_for_generation, is_partitioned, partitioned_loading  # noqa: E402
 
 rows = generate("train", 2, seed=0)
 images = [[Image.open(io.BytesIO(r["images"][0]["bytes"]))] for r in rows]
@@ -56,5 +69,59 @@ diff = {}
 for n in names:
     g = deepspeed.utils.safe_get_full_grad(dict(model.named_parameters())[n])
     diff[n] = (g - plain_grads[n]).abs().max().item() / plain_grads[n].abs().max().item()
-print(json.dumps({"partitioned_numel": partitioned, "loss": [plain_loss, zero_loss], "max_grad_diff": diff}))
+
+out = {"partitioned_numel": partitioned, "loss": [plain_loss, zero_loss], "max_grad_diff": diff}
+
+# a direct read of the partitioned head, as the old probes and recomputes did
+batch = collate(proc, [r["problem"] for r in rows], images, ["\\boxed{3}", "<think>x</think> \\boxed{red}"])
+try:
+    token_stats(trunk_hidden(model, **batch), model.lm_head.weight, batch["labels"])
+    out["direct_read_error"] = None
+except ValueError as e:
+    out["direct_read_error"] = str(e)
+
+
+def stats_of(m):
+    with torch.no_grad():
+        r = head_token_stats(m, trunk_hidden(m, **batch), batch["labels"], outputs=("logp", "entropy"))
+    return r.logp, r.entropy
+
+
+def max_diff(a, b):
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+# the same weights as `model`: compare through the plain copy, which saw the same zero-lr SGD step
+reference_stats = stats_of(plain)
+out["head_stats_diff"] = max_diff(stats_of(model), reference_stats)
+
+# a frozen model loaded straight into its partitions (zero.Init), as the reference and teacher are
+save_pretrained(plain, proc, "/tmp/vlmfast-zero3-frozen")
+with partitioned_loading(config):
+    loaded, _ = load_model("/tmp/vlmfast-zero3-frozen")
+out["loaded_partitioned"] = loaded.lm_head.weight.numel() == 0 and is_partitioned(loaded)
+frozen = frozen_engine(loaded, config)
+out["frozen_stats_diff"] = max_diff(stats_of(frozen.module), reference_stats)
+out["frozen_has_optimizer_state"] = any(p.requires_grad for p in frozen.module.parameters())
+w = frozen_head_weight(frozen.module)
+out["frozen_weight_shape"] = list(w.shape)
+out["frozen_weight_diff"] = (w - plain.lm_head.weight).abs().max().item()
+
+# generation: gathered once per call, or left partitioned; the same greedy tokens as the plain model
+problems, imgs = [r["problem"] for r in rows], images
+greedy = Sampling(temperature=0.0, max_new_tokens=6)
+
+
+def tokens(engine):
+    return [c[0].token_ids for c in engine.generate(problems, imgs, n=1, sampling=greedy)]
+
+
+plain_tokens = tokens(HFEngine(plain, proc))
+out["gathered_same_tokens"] = tokens(HFEngine(model, proc, gather=lambda: gathered_for_generation(engine))) == \
+    plain_tokens
+out["after_gather_numel"] = model.lm_head.weight.numel()  # partitioned again after the call
+out["partitioned_same_tokens"] = tokens(HFEngine(model, proc)) == plain_tokens
+# the hooks are back: the training path still gathers the head and gives the same loss
+out["loss_after_generate"] = loss_and_grads(model, proc, lambda loss: None)
+print(json.dumps(out))
 sys.stdout.flush()

@@ -18,10 +18,31 @@ def response_mask(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tenso
     return labels != ignore_index
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of x over mask; 0 (not NaN) when the mask is empty."""
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Mean of x over mask; 0 (not NaN) when the mask is empty.
+
+    With `num_items_in_batch` (the token count of the whole batch this call holds a part of, HF's name):
+    sum over mask / num_items_in_batch, so the parts of one batch (ranks, accumulation steps) add up to
+    its exact token mean instead of a mean of per-part means.
+    """
     mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+    total = (x * mask).sum()
+    if num_items_in_batch is None:
+        return total / mask.sum().clamp(min=1)
+    return total / num_items_in_batch
+
+
+def check_num_items(num_items_in_batch) -> None:
+    """None, or a positive count (int, float or a one-element tensor, kept on its device: no host sync)."""
+    if num_items_in_batch is None:
+        return
+    if isinstance(num_items_in_batch, torch.Tensor):
+        if num_items_in_batch.numel() != 1:
+            raise ValueError(f"num_items_in_batch must be a single count, got shape {tuple(num_items_in_batch.shape)}")
+        return
+    n = num_items_in_batch
+    if isinstance(n, bool) or not (isinstance(n, (int, float)) and math.isfinite(n) and n > 0):
+        raise ValueError(f"num_items_in_batch must be a count > 0 (tokens of the whole batch), got {n!r}")
 
 
 def per_row_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

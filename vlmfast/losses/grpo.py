@@ -19,6 +19,7 @@ from ._common import (
     check_batch_time,
     check_choice,
     check_nonnegative,
+    check_num_items,
     check_positive,
     check_shape,
     detached,
@@ -66,9 +67,9 @@ def _check_grpo(*, clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0, ent
     check_positive("temperature", temperature)
 
 
-def aggregate(x: torch.Tensor, mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+def aggregate(x: torch.Tensor, mask: torch.Tensor, aggregation: str, num_items_in_batch=None) -> torch.Tensor:
     if aggregation == "token-mean":
-        return masked_mean(x, mask)
+        return masked_mean(x, mask, num_items_in_batch)
     if aggregation == "seq-mean-token-mean":
         return per_row_mean(x, mask).mean()
     return (x * mask.to(x.dtype)).sum(-1).mean()
@@ -76,12 +77,15 @@ def aggregate(x: torch.Tensor, mask: torch.Tensor, aggregation: str) -> torch.Te
 
 def grpo_loss(hidden, weight, labels, old_logp, advantages, *, ref_logp=None, clip_low=0.2, clip_high=0.2,
               dual_clip=None, kl_coef=0.0, entropy_coef=0.0, aggregation="token-mean", bias=None,
-              temperature=1.0, ignore_index=-100, backend="auto"):
+              temperature=1.0, ignore_index=-100, backend="auto", num_items_in_batch=None):
     """Clipped policy-gradient loss of GRPO on sampled responses.
 
     hidden [B, T, H], weight [V, H], labels [B, T] (the sampled tokens; -100 elsewhere),
     old_logp [B, T] (log-probs under the sampling policy, same temperature), advantages [B] or
     [B, T], ref_logp [B, T] for the k3 KL penalty (needed when kl_coef > 0).
+    num_items_in_batch (token-mean only): the response-token count the summed loss divides by when this
+    call holds part of a larger batch (TRL's "dapo" normalisation: all ranks' tokens / number of ranks,
+    since DeepSpeed averages the ranks' gradients).
     Metrics: entropy, kl, clip_frac_low, clip_frac_high, ratio_mean/min/max, pg_loss.
     """
     _check_grpo(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
@@ -91,6 +95,10 @@ def grpo_loss(hidden, weight, labels, old_logp, advantages, *, ref_logp=None, cl
     if not isinstance(advantages, torch.Tensor) or tuple(advantages.shape) not in ((B,), (B, T)):
         got = tuple(advantages.shape) if isinstance(advantages, torch.Tensor) else type(advantages).__name__
         raise ValueError(f"advantages must be [B] = ({B},) or [B, T] = ({B}, {T}), got {got}")
+    check_num_items(num_items_in_batch)
+    if num_items_in_batch is not None and aggregation != "token-mean":
+        raise ValueError(f"num_items_in_batch applies to aggregation='token-mean', not {aggregation!r} "
+                         "(a per-sequence mean needs only equal sequence counts per part)")
     if kl_coef > 0 and ref_logp is None:
         raise ValueError("kl_coef > 0 needs ref_logp (per-token log-probs of the reference policy)")
     if ref_logp is not None:
@@ -116,7 +124,7 @@ def grpo_loss(hidden, weight, labels, old_logp, advantages, *, ref_logp=None, cl
             per_token = per_token + kl_coef * k3
     if entropy_coef > 0:
         per_token = per_token - entropy_coef * r.entropy
-    loss = aggregate(per_token, mask, aggregation)
+    loss = aggregate(per_token, mask, aggregation, num_items_in_batch)
 
     with torch.no_grad():
         n = mask.sum().clamp(min=1)

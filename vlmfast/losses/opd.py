@@ -9,7 +9,16 @@ scores it, and the student minimises, per response token,
 from __future__ import annotations
 
 from ..ops import Teacher, token_stats
-from ._common import LossModule, check_batch_time, check_positive, check_shape, detached, masked_mean, response_mask
+from ._common import (
+    LossModule,
+    check_batch_time,
+    check_num_items,
+    check_positive,
+    check_shape,
+    detached,
+    masked_mean,
+    response_mask,
+)
 
 
 def _check_opd(*, temperature=1.0, **_):
@@ -17,16 +26,18 @@ def _check_opd(*, temperature=1.0, **_):
 
 
 def opd_loss(hidden, weight, labels, *, teacher=None, teacher_logp=None, bias=None, temperature=1.0,
-             ignore_index=-100, backend="auto"):
+             ignore_index=-100, backend="auto", num_items_in_batch=None):
     """Reverse-KL distillation on the student's own samples.
 
     Give exactly one of `teacher` — `(teacher_hidden [B, T, Ht], teacher_weight [V, Ht][, bias])` or
     teacher logits [B, T, V] — for the full-vocabulary KL, or `teacher_logp` [B, T] (the teacher's
-    log-prob of each sampled token) for the sampled-token form.
+    log-prob of each sampled token) for the sampled-token form. num_items_in_batch: the token count the
+    loss divides by when this call holds part of a larger batch (the kl metric stays this call's mean).
     Metrics: kl (mean per response token; in the sampled form the estimate mean(logp_s - logp_t)),
     entropy.
     """
     _check_opd(temperature=temperature)
+    check_num_items(num_items_in_batch)
     B, T = check_batch_time(hidden, labels)
     if (teacher is None) == (teacher_logp is None):
         raise ValueError("opd_loss needs exactly one of teacher= (full KL) or teacher_logp= (sampled-token form)")
@@ -35,14 +46,14 @@ def opd_loss(hidden, weight, labels, *, teacher=None, teacher_logp=None, bias=No
     if teacher is not None:
         teacher = Teacher.coerce(teacher)
         r = token_stats(hidden, weight, labels, teacher=teacher, kl="reverse", outputs=("entropy", "kl"), **kw)
-        loss = masked_mean(r.kl, mask)
-        kl = loss
+        kl = masked_mean(r.kl, mask)
+        loss = kl if num_items_in_batch is None else masked_mean(r.kl, mask, num_items_in_batch)
     else:
         check_shape("teacher_logp", teacher_logp, (B, T), "the teacher's log-prob of each sampled token")
         r = token_stats(hidden, weight, labels, outputs=("logp", "entropy"), **kw)
         log_ratio = r.logp.detach() - teacher_logp.detach().float()
         advantage = -log_ratio
-        loss = -masked_mean(advantage * r.logp, mask)
+        loss = -masked_mean(advantage * r.logp, mask, num_items_in_batch)
         kl = masked_mean(log_ratio, mask)
     return loss, detached(loss=loss, kl=kl, entropy=masked_mean(r.entropy, mask))
 

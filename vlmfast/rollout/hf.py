@@ -12,8 +12,7 @@ import contextlib
 import torch
 
 from ..data.collate import collate, collate_token_responses
-from ..models import trunk_hidden
-from ..ops import token_stats
+from ..models import head_token_stats, trunk_hidden
 from .base import Completion, Sampling, check_batch, end_of_completion, vision_token_ids
 
 
@@ -59,8 +58,16 @@ class _RowSeededSampler:
 
 
 class HFEngine:
-    def __init__(self, model, processor, *, batch_size: int = 64):
+    """`gather`: a context-manager factory entered once around each `generate` call; under ZeRO-3 the
+    trainer passes `vlmfast.zero.gathered_for_generation` of its engine, so decoding runs on whole
+    weights instead of re-gathering every layer at every token."""
+
+    def __init__(self, model, processor, *, batch_size: int = 64, gather=None, synced_ranks: bool = False):
         self.model, self.processor, self.batch_size = model, processor, batch_size
+        self.gather = gather or contextlib.nullcontext
+        # a model left partitioned across ranks gathers in every forward: all ranks must run the same
+        # number of decoding steps, until the last rank's last sequence ends (HF's synced_gpus)
+        self.synced_ranks = synced_ranks
         tok = processor.tokenizer
         self.eos_id = tok.convert_tokens_to_ids("<|im_end|>")
         self.pad_id = tok.pad_token_id
@@ -84,7 +91,7 @@ class HFEngine:
         out: list[list[Completion]] = []
         per_batch = max(1, self.batch_size // n)
         rng = torch.random.fork_rng(devices=[]) if sampling.seed is not None else contextlib.nullcontext()
-        with rng, _eval_mode(self.model):
+        with rng, _eval_mode(self.model), self.gather():
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
             for i in range(0, len(problems), per_batch):
@@ -105,7 +112,7 @@ class HFEngine:
         device = next(self.model.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items()}
         kw = dict(max_new_tokens=sampling.max_new_tokens, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
-                  return_dict_in_generate=True, output_scores=True)
+                  return_dict_in_generate=True, output_scores=True, synced_gpus=self.synced_ranks)
         seeded = None
         if sampling.greedy:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -143,8 +150,8 @@ class HFEngine:
                 batch = collate_token_responses(self.processor, problems[sl], images[sl], response_ids[sl])
                 batch = {k: v.to(device) for k, v in batch.items()}
                 hidden = trunk_hidden(self.model, **batch)  # it drops labels and bookkeeping itself
-                logp = token_stats(hidden, self.model.lm_head.weight, batch["labels"], temperature=temperature,
-                                   outputs=("logp",)).logp
+                logp = head_token_stats(self.model, hidden, batch["labels"], temperature=temperature,
+                                        outputs=("logp",)).logp
                 for b, ids in enumerate(response_ids[sl]):
                     start = int(batch["prompt_lengths"][b]) - 1
                     out.append(logp[b, start : start + len(ids)].tolist())
