@@ -61,6 +61,36 @@ def test_shipped_recipes_load():
         (cfg(stages=[{"type": "opd", "teacher": "tiny:teacher", "opd_on_policy": 1.5}]), r"stages\[0\].opd_on_policy"),
         (cfg(stages=[{"type": "opd", "teacher": "tiny:teacher", "opd_mode": "sampled", "opd_on_policy": 0.5}]),
          "needs the student's own samples"),
+        # ranges and the loss modules' own checks, each named by its key (issue 16)
+        (cfg(stages=[{"type": "sft", "warmup_steps": -5}]), r"stages\[0\].warmup_steps: must be >= 0"),
+        (cfg(eval={"every": 0}), r"eval.every: must be >= 1"),
+        (cfg(stages=[{"type": "sft"}, {"type": "grpo", "aggregation": "token_mean"}]),
+         r"stages\[1\].aggregation: must be one of"),
+        (cfg(stages=[{"type": "grpo", "clip_low": 1.5}]), r"stages\[0\].clip_low: must be < 1"),
+        (cfg(stages=[{"type": "grpo", "temperature": 0}]), r"stages\[0\].temperature: must be"),
+        (cfg(stages=[{"type": "sft", "temperature": 0}]), r"stages\[0\].temperature: must be"),
+        (cfg(stages=[{"type": "grpo", "kl_coef": -1}]), r"stages\[0\].kl_coef: must be"),
+        (cfg(stages=[{"type": "grpo", "advantage_scale": "rank"}]), r"stages\[0\].advantage_scale"),
+        (cfg(stages=[{"type": "dpo", "beta": 0}]), r"stages\[0\].beta: must be"),
+        (cfg(stages=[{"type": "cw_dpo", "tau_c": -1}]), r"stages\[0\].tau_c: must be"),
+        (cfg(deepspeed={"grad_accum": 0}), r"deepspeed.grad_accum: must be >= 1"),
+        (cfg(deepspeed={"grad_accum": 4}, run={"checkpoint_every": 6}), r"run.checkpoint_every: must be a multiple"),
+        (cfg(deepspeed={"grad_accum": 2}, stages=[{"type": "sft", "steps": 3}]),
+         r"stages\[0\].steps: must be a multiple"),
+        (cfg(run={"checkpoint_every": 0}), r"run.checkpoint_every: must be >= 1"),
+        (cfg(stages=[{"type": "sft", "early_stopping": {"metric": "val/acc"}}]),
+         r"stages\[0\].early_stopping.metric: no evaluation of this recipe produces 'val/acc'"),
+        (cfg(data={"train": "/tmp"}, stages=[{"type": "sft", "early_stopping": {"metric": "val/accuracy"}}]),
+         r"early_stopping.metric: no evaluation of this recipe produces 'val/accuracy'"),  # no val split
+        (cfg(stages=[{"type": "sft", "gentle": {"variant": "hing"}}]), r"stages\[0\].gentle.variant: must be one of"),
+        (cfg(stages=[{"type": "sft", "max_new_tokens": 0}]), r"stages\[0\].max_new_tokens: must be >= 1"),
+        (cfg(eval={"temperature": -1}), r"eval.temperature: must be >= 0"),
+        (cfg(eval={"k": [1, "4"]}), r"eval.k\[1\]: expected an integer, got '4'"),
+        (cfg(data={"synthetic": {}, "eval_splits": {"ood2": 5}}), r"data.eval_splits.ood2: expected a string"),
+        (cfg(model={"dtype": "bfloat16"}), r"model.dtype: bfloat16 weights with deepspeed.precision: fp32"),
+        (cfg(model={"dtype": "float16"}), r"model.dtype: float16 training is not supported"),
+        (cfg(deepspeed={"zero_stage": 3, "stage3_param_persistence_threshold": -1}),
+         r"deepspeed.stage3_param_persistence_threshold: must be >= 0"),
     ],
 )
 def test_bad_recipes_name_the_key(raw, match):
@@ -73,3 +103,33 @@ def test_missing_config_file_and_bad_override(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="key=value"):
         load_config(raw=cfg(), overrides=["stages.0.lr"])
+
+
+def test_early_stopping_metric_names_are_what_an_evaluation_records():
+    """The names validation accepts are exactly the eval record's keys (tested against a real record in
+    test_train.py::test_sft_loss_falls_and_run_dir_is_complete)."""
+    from vlmfast.config import eval_metric_names
+
+    names = eval_metric_names(load_config(raw=cfg(eval={"k": [1, 2]})))
+    assert {"val/accuracy", "ood/pass@2_hi", "val/entropy_answer", "dlogp_pos"} <= names
+    assert "val/pass@4" not in names
+
+
+def test_broken_yaml_is_one_line_naming_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run:\n  name: x\n   seed: 1\nstages: []\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    msg = str(e.value)
+    assert str(bad) in msg and "line 3" in msg and "\n" not in msg
+
+
+def test_every_key_has_a_meaning():
+    from vlmfast.config import SECTIONS, key_meanings
+
+    for section, cls in SECTIONS.items():
+        meanings = key_meanings(cls)
+        import dataclasses
+
+        for f in dataclasses.fields(cls):
+            assert meanings.get(f.name), f"{section}.{f.name} has no comment in config.py"

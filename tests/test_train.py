@@ -30,7 +30,10 @@ def records(tmp_path, name="t", kind="train"):
 
 
 def test_sft_loss_falls_and_run_dir_is_complete(tmp_path):
-    run(recipe(tmp_path, [{"type": "sft", "name": "sft", "steps": 12, "lr": 3e-3, "batch_size": 8}]))
+    from vlmfast.config import eval_metric_names
+
+    cfg = recipe(tmp_path, [{"type": "sft", "name": "sft", "steps": 12, "lr": 3e-3, "batch_size": 8}])
+    run(cfg)
     tr = records(tmp_path)
     assert len(tr) == 12 and all(r["stage"] == "sft" for r in tr)
     assert all(r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0 for r in tr)
@@ -42,6 +45,9 @@ def test_sft_loss_falls_and_run_dir_is_complete(tmp_path):
                 "ood/accuracy", "dlogp_pos", "dlogp_neg", "dlogp_greedy"):
         assert key in ev[-1], key
     assert ev[0]["dlogp_pos"] == 0.0 and ev[-1]["dlogp_pos"] > 0  # SFT raises the positives' log-prob
+    # what config validation lets early stopping watch is exactly what an evaluation records
+    recorded = set(ev[-1]) - {"stage", "stage_index", "step", "kind", "pass_curves"}
+    assert recorded == eval_metric_names(cfg)
     run_dir = tmp_path / "t"
     assert (run_dir / "config.yaml").exists() and (run_dir / "samples.jsonl").exists()
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
@@ -185,3 +191,63 @@ def test_rollout_recomputes_in_update_sized_slices(tmp_path, monkeypatch):
     run(recipe(tmp_path, stages, eval={"at_start": False, "probes": 0}))
     # rank 0's rollout: 2 updates x 1 prompt x 4 samples; old and reference log-probs, 2 slices each
     assert sizes == [4, 4, 4, 4]
+
+
+def _recipe_file(tmp_path, name, **over):
+    import yaml
+
+    raw = {"run": {"name": name, "out_dir": str(tmp_path), "threads": 2},
+           "data": {"synthetic": {"train": 16, "val": 4, "ood": 4}},
+           "eval": {"every": 100, "num_problems": 2, "n_samples": 2, "k": [1], "max_new_tokens": 4, "probes": 0},
+           "stages": [{"type": "sft", "name": "sft", "steps": 2, "lr": 1e-3, "batch_size": 4}], **over}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_a_changed_recipe_is_refused_by_the_run_it_did_not_make(tmp_path, capsys):
+    path = _recipe_file(tmp_path, "r")
+    assert main(["--config", str(path)]) == 0
+    written = (tmp_path / "r" / "config.yaml").read_text()
+    capsys.readouterr()
+    assert main(["--config", str(path), "stages.0.lr=0.1", "eval.k=[1, 2]", "eval.n_samples=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "changed: eval.k, stages.0.lr" in err
+    assert (tmp_path / "r" / "config.yaml").read_text() == written  # the run dir still tells what trained it
+    assert main(["--config", str(path), "run.threads=1"]) == 2  # any change counts
+    assert main(["--config", str(path)]) == 0  # the same recipe continues (here: nothing left to train)
+    assert main(["--config", str(path), "stages.0.lr=0.1", "run.resume=never"]) == 0  # starting over is allowed
+    assert "lr: 0.1" in (tmp_path / "r" / "config.yaml").read_text()
+
+
+def test_a_bad_data_row_is_one_line_with_exit_2_and_no_run_dir(tmp_path, capsys):
+    import json
+
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"images": ["missing.png"], "problem": "<image>How many?", "answer": "3"}) + "\n")
+    path = _recipe_file(tmp_path, "d", data={"train": str(data)})
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("data error:") and "\n" not in err and "row 0" in err and "missing.png" in err
+    assert not (tmp_path / "d").exists()
+
+
+def test_print_config_and_help_list_every_key(tmp_path, capsys):
+    import dataclasses
+
+    import yaml
+
+    from vlmfast.config import SECTIONS
+
+    path = _recipe_file(tmp_path, "p")
+    assert main(["--config", str(path), "--print-config", "stages.0.lr=0.5"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["stages"][0]["lr"] == 0.5 and printed["eval"]["temperature"] == 1.0  # defaults resolved
+    assert not (tmp_path / "p").exists()  # printing trains nothing
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for section, cls in SECTIONS.items():
+        assert f"\n{section}:\n" in out
+        for f in dataclasses.fields(cls):
+            assert f"  {f.name} = " in out, f"{section}.{f.name}"

@@ -25,57 +25,57 @@ class ConfigError(ValueError):
 
 @dataclass
 class RunConfig:
-    name: str = "run"
-    out_dir: str = "runs"
-    seed: int = 0
+    name: str = "run"  # run directory runs/<name>: one recipe per name (a changed recipe is refused)
+    out_dir: str = "runs"  # parent folder of run directories
+    seed: int = 0  # model init, data order and sampling seeds
     resume: str = "auto"  # auto: continue from the last checkpoint of this run dir; never: start over
     device: str = "auto"  # auto | cpu | cuda
-    threads: int = 2
-    log_every: int = 1
-    checkpoint_every: int = 50
+    threads: int = 2  # torch CPU threads per process
+    log_every: int = 1  # write a train record every this many steps
+    checkpoint_every: int = 50  # steps between resumable checkpoints (a multiple of updates_per_rollout)
 
 
 @dataclass
 class ModelConfig:
     path: str = "tiny:student"  # tiny:student | tiny:teacher | hub name | local path
-    dtype: str = "float32"
-    attn_implementation: str = "auto"
-    gradient_checkpointing: bool = False
-    liger: bool = False
-    freeze_vision: bool = False
-    freeze_projector: bool = False
-    freeze_llm: bool = False
-    vision_lr_mult: float = 1.0  # the vision tower learns faster than the LLM on the tiny task
+    dtype: str = "float32"  # weights as loaded: float32 | bfloat16 (bfloat16 needs deepspeed.precision: bf16)
+    attn_implementation: str = "auto"  # auto (flash-attention 2 on CUDA when installed, else sdpa) | sdpa | eager
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% more time)
+    liger: bool = False  # Liger RMSNorm / RoPE / SwiGLU kernels (CUDA only); the head stays vlmfast's
+    freeze_vision: bool = False  # freeze the vision tower (not its merger)
+    freeze_projector: bool = False  # freeze the merger (vision -> language projector)
+    freeze_llm: bool = False  # freeze the language model and lm_head
+    vision_lr_mult: float = 1.0  # the vision tower's lr = lr x this (it learns faster on the tiny task)
 
 
 @dataclass
 class SyntheticConfig:
-    train: int = 2000
-    val: int = 64
-    ood: int = 64
-    seed: int = 0
-    image_size: int = 84
-    question_types: list = field(default_factory=lambda: list(QUESTION_TYPES))
-    max_shapes: int = 6
-    size_range: list = field(default_factory=lambda: list(SIZE_RANGE))  # shape half-width / image side
+    train: int = 2000  # training examples
+    val: int = 64  # in-domain validation examples
+    ood: int = 64  # shifted out-of-domain examples
+    seed: int = 0  # seed of the generated task
+    image_size: int = 84  # image side in pixels
+    question_types: list[str] = field(default_factory=lambda: list(QUESTION_TYPES))  # which questions are asked
+    max_shapes: int = 6  # most shapes in an image
+    size_range: list[float] = field(default_factory=lambda: list(SIZE_RANGE))  # shape half-width / image side
 
 
 @dataclass
 class DataConfig:
-    synthetic: SyntheticConfig | None = None
-    train: str | None = None
-    val: str | None = None
-    eval_splits: dict = field(default_factory=dict)  # name -> path
+    synthetic: SyntheticConfig | None = None  # the embedded synthetic task (train, val and ood splits)
+    train: str | None = None  # training data: parquet/jsonl file or folder, or a hub name "org/name:split"
+    val: str | None = None  # validation split (early stopping, probes), same forms as train
+    eval_splits: dict[str, str] = field(default_factory=dict)  # more evaluation splits: name -> path
     format: str = "geometry3k"  # geometry3k | mathvista
     reasoning: str = DEFAULT_REASONING  # <think> text of SFT targets; "auto": each example's `reasoning` column
 
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 0
-    precision: str = "fp32"  # fp32 | bf16
-    grad_clip: float = 1.0
-    grad_accum: int = 1
+    zero_stage: int = 0  # ZeRO stage 0-3
+    precision: str = "fp32"  # fp32 | bf16 (bf16 keeps fp32 master weights)
+    grad_clip: float = 1.0  # gradient norm clip (0: off)
+    grad_accum: int = 1  # micro-steps accumulated per optimizer step
     # ZeRO-3: parameters of at most this many elements stay whole on every rank (DeepSpeed's default
     # 1e5 keeps a whole tiny model unpartitioned; 0 partitions everything, as a 7B model is)
     stage3_param_persistence_threshold: int | None = None
@@ -85,59 +85,59 @@ class DeepSpeedConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 50
-    num_problems: int = 64
-    n_samples: int = 4
-    k: list = field(default_factory=lambda: [1, 4])
-    temperature: float = 1.0
-    max_new_tokens: int = 32
+    every: int = 50  # steps between evaluations (and at every stage's end)
+    num_problems: int = 64  # problems per evaluation split
+    n_samples: int = 4  # samples per problem for pass@k and diversity
+    k: list[int] = field(default_factory=lambda: [1, 4])  # pass@k for each k (<= n_samples)
+    temperature: float = 1.0  # sampling temperature of the evaluation samples
+    max_new_tokens: int = 32  # generation budget of an evaluation response
     probes: int = 16  # size of the Δlog p probe set (0: off)
-    at_start: bool = True
+    at_start: bool = True  # evaluate at step 0 of every stage
 
 
 @dataclass
 class EarlyStoppingConfig:
-    metric: str = "val/accuracy"
-    mode: str = "max"
-    patience: int = 3
-    min_delta: float = 0.0
+    metric: str = "val/accuracy"  # an evaluation metric (split/name) or a probe metric such as dlogp_pos
+    mode: str = "max"  # max | min
+    patience: int = 3  # evaluations without improvement before stopping
+    min_delta: float = 0.0  # improvement smaller than this does not count
 
 
 @dataclass
 class StageConfig:
-    type: str = "sft"
-    name: str | None = None
-    steps: int = 100
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
+    type: str = "sft"  # sft | opd | grpo | dpo | cw_dpo
+    name: str | None = None  # shown in records and reports (default "<index>-<type>")
+    steps: int = 100  # optimizer steps
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 0  # linear warm-up steps, then constant
     batch_size: int = 32  # sequences (sft, opd) / pairs (dpo) / prompts (grpo) per step
-    temperature: float = 1.0
-    max_new_tokens: int = 32
-    engine: str = "hf"
+    temperature: float = 1.0  # softmax temperature of the loss and of sampling
+    max_new_tokens: int = 32  # generation budget of a rollout / on-policy sample
+    engine: str = "hf"  # rollout engine: hf | vllm
     # sft
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # sft: uniform label smoothing in [0, 1)
     gentle: dict | None = None  # {variant, lam, margin, alpha}: SFT with gentle negatives
     # opd
-    teacher: str | None = None  # path of the teacher checkpoint
+    teacher: str | None = None  # opd: path of the teacher checkpoint
     opd_mode: str = "full"  # full | sampled
     opd_on_policy: float = 1.0  # share of sequences sampled from the student; the rest are dataset targets (GKD)
     # grpo
-    group_size: int = 4
+    group_size: int = 4  # grpo: samples per prompt
     updates_per_rollout: int = 1  # optimizer updates (minibatches of batch_size prompts) per rollout batch
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: float | None = None
-    kl_coef: float = 0.0
-    entropy_coef: float = 0.0
-    aggregation: str = "token-mean"
-    advantage_scale: str = "group"
+    clip_low: float = 0.2  # grpo: the ratio's lower clip is 1 - clip_low
+    clip_high: float = 0.2  # grpo: the ratio's upper clip is 1 + clip_high
+    dual_clip: float | None = None  # grpo: dual-clip bound (> 1) for negative advantages
+    kl_coef: float = 0.0  # grpo: k3 KL to the reference (the policy at stage start)
+    entropy_coef: float = 0.0  # grpo: entropy bonus
+    aggregation: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum
+    advantage_scale: str = "group"  # group | batch | none (Dr. GRPO)
     # dpo / cw_dpo
-    beta: float = 0.1
-    tau_c: float = 0.5
+    beta: float = 0.1  # dpo, cw_dpo: preference temperature
+    tau_c: float = 0.5  # cw_dpo: cooling temperature
     l_floor: typing.Any = "auto"  # number | auto (mean lbar of the negatives at stage start) | batch
     on_policy_fraction: float = 0.5  # rho_mix: share of negatives that are the policy's own wrong answers
-    early_stopping: EarlyStoppingConfig | None = None
+    early_stopping: EarlyStoppingConfig | None = None  # stop on a metric; the next stage starts from the best
 
 
 @dataclass
@@ -155,6 +155,69 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+SECTIONS = {"run": RunConfig, "model": ModelConfig, "data": DataConfig, "data.synthetic": SyntheticConfig,
+            "deepspeed": DeepSpeedConfig, "eval": EvalConfig, "stages[i]": StageConfig,
+            "stages[i].early_stopping": EarlyStoppingConfig}
+
+
+def key_meanings(cls) -> dict[str, str]:
+    """field -> its one-line meaning: the comment on the field's line in this file, else the comment
+    lines right above it (the dataclasses are the one place the keys are documented)."""
+    import inspect
+
+    meanings, above = {}, []
+    for line in inspect.getsource(cls).splitlines()[2:]:
+        text = line.strip()
+        if text.startswith("#"):
+            above.append(text.lstrip("# "))
+            continue
+        name = text.split(":", 1)[0]
+        if name.isidentifier() and name in {f.name for f in dataclasses.fields(cls)}:
+            code, _, comment = text.partition("  # ")
+            meanings[name] = comment.strip() or " ".join(above)
+        above = []
+    return meanings
+
+
+def describe_keys() -> str:
+    """Every recipe key with its default and meaning (`vlmfast train --help`)."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"{section}:")
+        meanings = key_meanings(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in ("synthetic", "early_stopping"):
+                shown = "a section, off unless given"
+            else:
+                shown = repr(f.default_factory() if f.default is dataclasses.MISSING else f.default)
+            lines.append(f"  {f.name} = {shown}: {meanings.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def fingerprint(cfg: Config) -> str:
+    """What identifies the training a recipe describes: every key but how to continue (run.resume)."""
+    import hashlib
+    import json
+
+    d = cfg.to_dict()
+    d["run"] = {k: v for k, v in d["run"].items() if k != "resume"}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two recipe dicts (stages by index)."""
+    out = []
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        old, new = dict(enumerate(old)), dict(enumerate(new))
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new), key=str):
+            if k == "resume" and prefix == "run.":
+                continue
+            out += changed_keys(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".")]
 
 
 def _build(cls, raw, where: str):
@@ -210,11 +273,11 @@ def _coerce(hint, value, path):
     if origin is list or hint is list:
         if not isinstance(value, list):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
-        return value
+        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)] if args else value
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-        return value
+        return {k: _coerce(args[1], v, f"{path}.{k}") for k, v in value.items()} if args else value
     return value
 
 
@@ -234,6 +297,19 @@ def _set_override(raw: dict, dotted: str, value) -> None:
         node[last] = value
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(getattr(e, "problem", None) or e).split())
+
+
+def _read_yaml(p: Path):
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: broken YAML at {_yaml_problem(e)}") from None
+
+
 def load_config(path=None, overrides: list[str] | None = None, *, raw: dict | None = None) -> Config:
     """Read a YAML recipe (or a raw dict), apply `key=value` overrides, build and validate."""
     if raw is None:
@@ -242,15 +318,21 @@ def load_config(path=None, overrides: list[str] | None = None, *, raw: dict | No
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} not found")
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = _read_yaml(p)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections (run, model, data, ..., stages)")
     raw = dict(raw)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")
         key, text = item.split("=", 1)
         try:
-            _set_override(raw, key, yaml.safe_load(text))
-        except (IndexError, ValueError, AttributeError) as e:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: not a YAML value ({_yaml_problem(e)})") from None
+        try:
+            _set_override(raw, key, value)
+        except (IndexError, ValueError, AttributeError, TypeError) as e:
             raise ConfigError(f"override {item!r}: {e}") from None
     stages = raw.pop("stages", None)
     cfg = _build(Config, raw, "")
@@ -263,9 +345,110 @@ def load_config(path=None, overrides: list[str] | None = None, *, raw: dict | No
     return cfg
 
 
+def eval_splits(cfg: Config) -> list[str]:
+    """The splits an evaluation covers (every split but train)."""
+    names = ["val", "ood"] if cfg.data.synthetic is not None else []
+    if cfg.data.val and "val" not in names:
+        names.append("val")
+    return names + [k for k in cfg.data.eval_splits if k not in names]
+
+
+def eval_metric_names(cfg: Config) -> set[str]:
+    """Every metric an evaluation record of this recipe holds (what early stopping can watch)."""
+    from .evaluate import split_metric_names
+    from .probes import PROBE_METRICS
+
+    names = {f"{split}/{m}" for split in eval_splits(cfg) for m in split_metric_names(cfg.eval.k)}
+    if cfg.eval.probes and "val" in eval_splits(cfg):
+        names.update(PROBE_METRICS)
+    return names
+
+
+def _reuse_check(key: str, check, **values) -> None:
+    """Run a loss module's own hyperparameter check; its message names the parameter first."""
+    try:
+        check(**values)
+    except ValueError as e:
+        msg = str(e)
+        name, _, rest = msg.partition(" ")
+        if name in values:
+            raise ConfigError(f"{key}.{name}: {rest}") from None
+        raise ConfigError(f"{key}: {msg}") from None
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Every numeric key's range, each failing with the key's path."""
+    def at_least(key, value, lo):
+        if value is not None and not value >= lo:
+            raise ConfigError(f"{key}: must be >= {lo}, got {value}")
+
+    for key in ("threads", "log_every", "checkpoint_every"):
+        at_least(f"run.{key}", getattr(cfg.run, key), 1)
+    if not cfg.model.vision_lr_mult > 0:
+        raise ConfigError(f"model.vision_lr_mult: must be > 0, got {cfg.model.vision_lr_mult}")
+    at_least("deepspeed.grad_accum", cfg.deepspeed.grad_accum, 1)
+    at_least("deepspeed.grad_clip", cfg.deepspeed.grad_clip, 0)
+    e = cfg.eval
+    for key in ("every", "num_problems", "n_samples", "max_new_tokens"):
+        at_least(f"eval.{key}", getattr(e, key), 1)
+    at_least("eval.probes", e.probes, 0)
+    at_least("eval.temperature", e.temperature, 0)  # 0: greedy samples
+    if not e.k:
+        raise ConfigError("eval.k: give at least one k for pass@k")
+    for i, s in enumerate(cfg.stages):
+        key = f"stages[{i}]"
+        for name in ("steps", "batch_size", "max_new_tokens"):
+            at_least(f"{key}.{name}", getattr(s, name), 1)
+        at_least(f"{key}.warmup_steps", s.warmup_steps, 0)
+        at_least(f"{key}.weight_decay", s.weight_decay, 0)
+        if s.early_stopping is not None:
+            at_least(f"{key}.early_stopping.patience", s.early_stopping.patience, 1)
+            at_least(f"{key}.early_stopping.min_delta", s.early_stopping.min_delta, 0)
+
+
+def _check_stage_losses(key: str, s: StageConfig) -> None:
+    """The stage's loss hyperparameters through the loss modules' own checks (one rule, one place)."""
+    from .losses.dpo import _check_cw_dpo, _check_dpo
+    from .losses.grpo import SCALINGS, _check_grpo
+    from .losses.opd import _check_opd
+    from .losses.sft import _check_gentle, _check_sft
+
+    if s.type == "sft":
+        _reuse_check(key, _check_sft, label_smoothing=s.label_smoothing, temperature=s.temperature)
+        if s.gentle is not None:
+            _reuse_check(f"{key}.gentle", _check_gentle, **s.gentle)
+    elif s.type == "grpo":
+        _reuse_check(key, _check_grpo, clip_low=s.clip_low, clip_high=s.clip_high, dual_clip=s.dual_clip,
+                     kl_coef=s.kl_coef, entropy_coef=s.entropy_coef, aggregation=s.aggregation,
+                     temperature=s.temperature)
+        if s.advantage_scale not in SCALINGS:
+            raise ConfigError(f"{key}.advantage_scale: must be one of {SCALINGS}, got {s.advantage_scale!r}")
+    elif s.type == "opd":
+        _reuse_check(key, _check_opd, temperature=s.temperature)
+    elif s.type == "dpo":
+        _reuse_check(key, _check_dpo, beta=s.beta, temperature=s.temperature)
+    elif s.type == "cw_dpo":  # l_floor auto is resolved to a number at stage start
+        _reuse_check(key, _check_cw_dpo, beta=s.beta, tau_c=s.tau_c, temperature=s.temperature,
+                     l_floor=0.0 if s.l_floor == "auto" else s.l_floor)
+
+
 def validate(cfg: Config) -> None:
     def bad(key, msg):
         raise ConfigError(f"{key}: {msg}")
+
+    _check_ranges(cfg)
+    ga = cfg.deepspeed.grad_accum
+    # a checkpoint or a stage end inside an accumulation would drop the gradients gathered so far
+    if cfg.run.checkpoint_every % ga:
+        bad("run.checkpoint_every", f"must be a multiple of deepspeed.grad_accum={ga}, got {cfg.run.checkpoint_every}")
+    for i, s in enumerate(cfg.stages):
+        if s.steps % ga:
+            bad(f"stages[{i}].steps", f"must be a multiple of deepspeed.grad_accum={ga}, got {s.steps}")
+    if cfg.model.dtype == "float16":
+        bad("model.dtype", "float16 training is not supported (no loss scaling): use bfloat16 or float32")
+    if cfg.model.dtype == "bfloat16" and cfg.deepspeed.precision == "fp32":
+        bad("model.dtype", "bfloat16 weights with deepspeed.precision: fp32 would train bf16 weights without fp32 "
+            "master weights; set deepspeed.precision: bf16 (or model.dtype: float32)")
 
     if cfg.run.resume not in ("auto", "never"):
         bad("run.resume", f"must be auto or never, got {cfg.run.resume!r}")
@@ -342,3 +525,8 @@ def validate(cfg: Config) -> None:
                 bad(f"{key}.gentle", f"unknown key(s) {sorted(extra)}; known: {sorted(allowed)}")
         if s.early_stopping is not None and s.early_stopping.mode not in ("max", "min"):
             bad(f"{key}.early_stopping.mode", f"must be max or min, got {s.early_stopping.mode!r}")
+        if s.early_stopping is not None and s.early_stopping.metric not in eval_metric_names(cfg):
+            names = sorted(eval_metric_names(cfg))
+            bad(f"{key}.early_stopping.metric", f"no evaluation of this recipe produces {s.early_stopping.metric!r}; "
+                f"it produces {', '.join(names[:12])}{', ...' if len(names) > 12 else ''}")
+        _check_stage_losses(key, s)

@@ -96,6 +96,16 @@ def answer_confidence(tokenizer, token_ids: list[int], logprobs: list[float]) ->
     return math.exp(sum(logprobs[j] for j in idx)) if idx else 0.0
 
 
+# what evaluate_policy returns per split, and what the trainer adds (entropy on own samples)
+SPLIT_METRICS = ("accuracy", "accuracy_ci95", "format", "ece", "diversity", "sample_reward", "entropy",
+                 "entropy_answer")
+
+
+def split_metric_names(ks) -> list[str]:
+    """Names of one split's evaluation metrics with pass@k for each k (the record prefixes the split)."""
+    return [*SPLIT_METRICS, *(f"pass@{k}{end}" for k in ks for end in ("", "_lo", "_hi"))]
+
+
 def evaluate_policy(engine, processor, examples, *, n_samples: int, ks, temperature: float, max_new_tokens: int,
                     seed: int = 0) -> tuple[dict, dict]:
     """Greedy accuracy (with a 95% interval), ECE, pass@k with bootstrap intervals, answer diversity,

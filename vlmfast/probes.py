@@ -63,6 +63,9 @@ def sample_entropy(model, processor, problems, images, completions, *, batch_siz
     return {"entropy": ent_sum / max(n_tok, 1), "entropy_answer": ans_sum / max(n_ans, 1) if n_ans else float("nan")}
 
 
+PROBE_METRICS = tuple(f"{stat}_{kind}" for kind in ("pos", "neg", "greedy") for stat in ("lbar", "dlogp"))
+
+
 @dataclass
 class DeltaLogpProbe:
     """lbar_t(y) - lbar_0(y) for positives, negatives and the greedy response, on a fixed probe set.

@@ -9,6 +9,7 @@ exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ from .data.prompts import reasoning_of, target_response
 from .losses import cw_dpo_loss, dpo_loss, group_advantages, grpo_loss, opd_loss, sft_gentle_negatives_loss, sft_loss
 from .models import call_head, frozen_head_weight, head_token_stats, trunk_hidden
 from .ops import sequence_mean
-from .rewards import extract_answer, is_correct, score
+from .rewards import Reward, extract_answer, is_correct, score
 from .rollout import Sampling, mismatch
 
 
@@ -190,9 +191,8 @@ def _rollout(ctx: StageContext, index: int) -> dict:
     group advantages, and the old log-probs of the policy that sampled them (recomputed by the
     trainer, so the ratio is exactly 1 at the first update and the sampler mismatch is measured)."""
     s = ctx.stage
-    # this rank's slice of each of the rollout's update minibatches, in update order
-    exs, positions = batch_examples(ctx, index, s.batch_size * s.updates_per_rollout, s.updates_per_rollout)
-    groups = _sample(ctx, exs, s.group_size, index, positions)
+    exs = _rollout_examples(ctx, index)
+    groups = _sample(ctx, exs, s.group_size, index, _rollout_examples(ctx, index, positions=True))
     flat = [c for g in groups for c in g]
     rep = [e for e in exs for _ in range(s.group_size)]
     scores = [score(c.text, e.answer, e.choices) for c, e in zip(flat, rep)]
@@ -214,8 +214,37 @@ def _rollout(ctx: StageContext, index: int) -> dict:
     mask = labels != -100
     sampler = _sampler_logp_grid(flat, b)
     return {"index": index, "batch": b, "adv": adv, "old": old, "ref": ref, "rewards": rewards, "scores": scores,
+            "token_ids": [c.token_ids for c in flat],
             "mismatch": mismatch([sampler[i][mask[i]].tolist() for i in range(len(flat))],
                                  [old[i][mask[i]].tolist() for i in range(len(flat))])}
+
+
+def _rollout_examples(ctx: StageContext, index: int, positions: bool = False) -> list:
+    """This rank's slice of each of rollout `index`'s update minibatches, in update order (or their
+    places in the global rollout batch)."""
+    s = ctx.stage
+    exs, pos = batch_examples(ctx, index, s.batch_size * s.updates_per_rollout, s.updates_per_rollout)
+    return pos if positions else exs
+
+
+def rollout_state(ctx: StageContext) -> dict | None:
+    """What a checkpoint taken inside a rollout batch keeps of it: the sampled tokens, rewards and
+    old/reference log-probs, the policy that sampled them being gone by then (the batch itself is
+    re-collated from the tokens on resume). None when no rollout is in progress."""
+    ro = ctx.extra.get("rollout")
+    if ro is None:
+        return None
+    keep = ("index", "adv", "old", "ref", "rewards", "token_ids", "mismatch")
+    return {**{k: ro[k] for k in keep}, "scores": [dataclasses.asdict(x) for x in ro["scores"]]}
+
+
+def restore_rollout(ctx: StageContext, state: dict) -> None:
+    """Continue inside a rollout batch exactly where a checkpoint left it."""
+    s = ctx.stage
+    rep = [e for e in _rollout_examples(ctx, state["index"]) for _ in range(s.group_size)]
+    batch = collate_token_responses(ctx.processor, [e.problem for e in rep], [e.images for e in rep],
+                                    state["token_ids"])
+    ctx.extra["rollout"] = {**state, "batch": batch, "scores": [Reward(**x) for x in state["scores"]]}
 
 
 def _row_slices(n: int, size: int) -> list[slice]:

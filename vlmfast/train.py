@@ -29,20 +29,50 @@ import yaml
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, changed_keys, describe_keys, fingerprint, load_config
+from .data.formats import RowError
 from .data.prompts import reasoning_of, target_response
 from .evaluate import evaluate_policy
 from .models import head_vocab, load_model, tiny_vlm
 from .probes import DeltaLogpProbe, EarlyStopping, sample_entropy
 from .rollout import Sampling, make_engine
-from .stages import STEP_FUNCTIONS, StageContext, auto_l_floor, mean_over_ranks
+from .stages import STEP_FUNCTIONS, StageContext, auto_l_floor, mean_over_ranks, restore_rollout, rollout_state
 from .zero import frozen_engine, gathered_for_generation, partitioned_loading
 
 FAIL_AT_ENV = "VLMFAST_FAIL_AT_STEP"  # tests: "stage:step" raises there, as a killed run would stop
+KILL_AT_ENV = "VLMFAST_KILL_AT"  # tests: "stage:step" or "stage:eval:step" SIGKILLs the process there
+
+
+def _kill_if(where: str) -> None:
+    """Tests: die as a killed job does (SIGKILL: no exception handler, no atexit, no flush) at `where`."""
+    if os.environ.get(KILL_AT_ENV) == where:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class SimulatedKill(RuntimeError):
     pass
+
+
+class DataError(ValueError):
+    """A dataset that cannot be read (missing file, image or column): named by file and row."""
+
+
+RECIPE_FILE = "recipe.json"  # the fingerprint and resolved recipe of the run that trained this directory
+
+
+def check_run_dir(cfg: Config) -> None:
+    """A run directory is only ever continued by the recipe that made it: with run.resume: auto, a changed
+    recipe is refused, naming the keys (run.resume: never, or another run.name, starts over)."""
+    path = cfg.run_dir / RECIPE_FILE
+    if cfg.run.resume != "auto" or not path.exists():
+        return
+    made = json.loads(path.read_text())
+    if made["fingerprint"] != fingerprint(cfg):
+        keys = changed_keys(made["recipe"], cfg.to_dict())
+        raise ConfigError(f"run.name: {cfg.run_dir} was trained by another recipe (changed: {', '.join(keys)}); "
+                          "resume with the same recipe, start over with run.resume=never, or pick a new run.name")
 
 
 def _init_distributed(device: str) -> None:
@@ -276,14 +306,20 @@ def run(cfg: Config) -> dict:
     _init_distributed(device)
     run_dir = cfg.run_dir
     ckpt_root = run_dir / "checkpoints"
+    check_run_dir(cfg)
+    try:  # before the run directory exists: bad data leaves nothing behind
+        data = load_data(cfg)
+    except (RowError, FileNotFoundError) as e:
+        raise DataError(str(e)) from None
     if _is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (run_dir / RECIPE_FILE).write_text(json.dumps({"fingerprint": fingerprint(cfg), "recipe": cfg.to_dict()},
+                                                      default=str))
     resume_from = ckpt.latest(ckpt_root) if cfg.run.resume == "auto" else None
     state = ckpt.read_state(resume_from) if resume_from else None
     keep = (state["stage_index"], state["step"]) if state else None
     log = MetricsLog(run_dir, keep)
-    data = load_data(cfg)
     probe = _make_probe(cfg, data)
     if probe is not None and state and state.get("probe_baseline"):
         probe.baseline = state["probe_baseline"]
@@ -354,7 +390,12 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
     start_step, best_tag = 0, None
     if state is not None:
         engine.load_checkpoint(str(ckpt_root / state["tag"]), tag="engine")
-        ckpt.set_rng_state(state["rng"])
+        mine = ckpt.read_rank_state(ckpt_root / state["tag"]) or {}
+        ckpt.set_rng_state(mine.get("rng", state["rng"]))  # this rank's generators (older checkpoints: rank 0's)
+        if mine.get("rollout") is not None:  # killed inside a rollout batch: continue it, do not redraw it
+            restore_rollout(ctx, mine["rollout"])
+        if stage.engine == "vllm":  # the engine was built from the stage-start weights
+            ctx.engine.sync_weights(policy)
         start_step = state["step"]
         best_tag = state.get("best_tag")
         if stopper is not None and state.get("early_stopping"):
@@ -370,10 +411,11 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
             "stage_index": si, "stage": name, "step": step, "tag": tag, "stage_start": start_path,
             "best_tag": best_tag, "early_stopping": stopper.state_dict() if stopper else None,
             "l_floor": ctx.l_floor, "probe_baseline": probe.baseline if probe else None,
-            "timings": timings, "results": results, **extra})
+            "timings": timings, "results": results, **extra}, rank_state={"rollout": rollout_state(ctx)})
 
     def do_eval(step):
         m, shown = evaluate(cfg, name, policy, processor, data, probe, seed=cfg.run.seed, engine=eval_engine)
+        _kill_if(f"{si}:eval:{step}")
         rec = {"stage": name, "stage_index": si, "step": step, "kind": "eval",
                **{k: v for k, v in m.items() if not isinstance(v, list)}, "pass_curves": {
                    k: v for k, v in m.items() if isinstance(v, list)}}
@@ -400,6 +442,7 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
     for step in bar:
         if fail_at == f"{si}:{step}":
             raise SimulatedKill(f"simulated kill at stage {si} step {step}")
+        _kill_if(f"{si}:{step}")
         _set_lr(optimizer, stage, step)
         policy.train()
         loss, metrics = step_fn(ctx, step)  # rollouts (if any) happen in here
@@ -452,17 +495,26 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="vlmfast train", description="vlmfast trainer (see module docstring)")
+    ap = argparse.ArgumentParser(prog="vlmfast train", description="vlmfast trainer (see module docstring)",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="recipe keys (section.key = default: meaning):\n" + describe_keys())
     ap.add_argument("--config", required=True, help="YAML recipe")
+    ap.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.0.lr=1e-4")
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+            return 0
+        run(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    run(cfg)
+    except DataError as e:
+        print(f"data error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
