@@ -10,6 +10,7 @@ commands:
   demo              the main job: the warm-start study on the synthetic task (runs/tiny_study/report.md)
   study             the same, any study recipe: vlmfast study --config recipes/X.yaml [key=value ...]
   train             run a recipe: vlmfast train --config recipes/X.yaml [key=value ...]
+  plan              per-GPU memory of a recipe by component: vlmfast plan --config X [--gpus 8 --gpu-memory 80GiB]
   quickstart        a one-minute tiny transformer trained with the fused loss (runs/quickstart)
   inspect-kernels   compile the Triton kernels for sm_90/sm_80 and report registers, spills, smem
   version           print the version
@@ -34,6 +35,10 @@ def main(argv=None) -> int:
         from .train import main as train_main
 
         return train_main(rest)
+    if cmd == "plan":
+        from .plan import main as plan_main
+
+        return plan_main(rest)
     if cmd == "inspect-kernels":
         from .kernels.inspect import main as inspect_main
 
