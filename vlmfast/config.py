@@ -115,6 +115,7 @@ class StageConfig:
     temperature: float = 1.0  # softmax temperature of the loss and of sampling
     max_new_tokens: int = 32  # generation budget of a rollout / on-policy sample
     engine: str = "hf"  # rollout engine: hf | vllm
+    vllm_memory_share: float = 0.5  # vllm: share of each GPU's memory vLLM takes (weights + KV cache)
     # sft
     label_smoothing: float = 0.0  # sft: uniform label smoothing in [0, 1)
     gentle: dict | None = None  # {variant, lam, margin, alpha}: SFT with gentle negatives
@@ -497,6 +498,8 @@ def validate(cfg: Config) -> None:
             bad(f"{key}.lr", f"must be > 0, got {s.lr}")
         if s.engine not in ("hf", "vllm"):
             bad(f"{key}.engine", f"must be hf or vllm, got {s.engine!r}")
+        if not 0 < s.vllm_memory_share < 1:
+            bad(f"{key}.vllm_memory_share", f"must be in (0, 1), got {s.vllm_memory_share}")
         if s.updates_per_rollout < 1:
             bad(f"{key}.updates_per_rollout", f"must be >= 1, got {s.updates_per_rollout}")
         if s.type == "grpo" and s.group_size < 2:

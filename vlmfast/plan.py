@@ -29,7 +29,6 @@ from .config import Config, ConfigError, load_config
 
 GiB = 2**30
 FUSED_DZ_BYTES = 1 * GiB  # kernels/token_stats.py BWD_DZ_BYTES: the backward's dz chunk
-VLLM_MEMORY_SHARE = 0.5  # VLLMEngine's gpu_memory_utilization
 
 # Published configs (config.json of Qwen/Qwen2.5-VL-*-Instruct): only the sizes a parameter count needs.
 _VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=None,
@@ -175,11 +174,21 @@ def plan(cfg: Config, *, gpus: int, gpu_memory: int, prompt_tokens: int = 1024) 
             p.update["teacher head copy"] = word * teacher.vocab * teacher.hidden
         p.rollout = dict(shared)
         if s.engine == "vllm":
-            p.rollout["vLLM (weights + KV cache)"] = int(VLLM_MEMORY_SHARE * gpu_memory)
+            p.rollout["vLLM (weights + KV cache)"] = int(s.vllm_memory_share * gpu_memory)
         if d.zero_stage == 3 and d.gather_for_generation:
             p.rollout["policy gathered for generate"] = word * size.params  # evaluation generates through HF
         out.append(p)
     return out
+
+
+def check_fits(cfg: Config, *, gpus: int, gpu_memory: int) -> None:
+    """ConfigError naming the stage and its largest component when a stage cannot fit (`vlmfast train`
+    runs this before it loads anything on GPUs)."""
+    for p in plan(cfg, gpus=gpus, gpu_memory=gpu_memory):
+        if p.peak > gpu_memory:
+            name, b = p.largest()
+            raise ConfigError(f"stage {p.name} needs {p.peak / GiB:.1f} GiB per GPU of {gpu_memory / GiB:.0f} "
+                              f"(`vlmfast plan`); its largest component is {name} ({b / GiB:.1f} GiB)")
 
 
 def parse_bytes(text: str) -> int:

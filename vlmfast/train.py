@@ -304,6 +304,11 @@ def run(cfg: Config) -> dict:
     torch.set_num_threads(cfg.run.threads)
     device = cfg.run.device if cfg.run.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     _init_distributed(device)
+    if device == "cuda":  # a recipe that cannot fit stops here, naming what does not
+        from .plan import check_fits
+
+        check_fits(cfg, gpus=torch.distributed.get_world_size(),
+                   gpu_memory=torch.cuda.get_device_properties(0).total_memory)
     run_dir = cfg.run_dir
     ckpt_root = run_dir / "checkpoints"
     check_run_dir(cfg)
@@ -365,7 +370,8 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
     ctx = StageContext(cfg=cfg, stage=stage, index=si, model=policy, processor=processor, train=data["train"])
     device = next(policy.parameters()).device.type
     # colocated vLLM on a GPU sleeps through the optimizer step (frees its KV cache)
-    engine_kw = {"sleep_mode": True} if stage.engine == "vllm" and device == "cuda" else {}
+    engine_kw = {"sleep_mode": True, "gpu_memory_utilization": stage.vllm_memory_share} \
+        if stage.engine == "vllm" and device == "cuda" else {}
     generation = _generation_options(cfg, engine)
     if stage.engine == "hf":
         engine_kw = generation
