@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .zero import is_partitioned
+
 LATEST = "latest"
 
 
@@ -62,11 +64,10 @@ def read_rank_state(path: Path) -> dict | None:
 
 def save_hf(model, processor, path: Path) -> None:
     """The full HF model (gathered under ZeRO-3) + processor, written by rank 0."""
-    params = list(model.parameters())
-    if any(hasattr(p, "ds_id") for p in params):
+    if is_partitioned(model):
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
             if _is_main():
                 model.save_pretrained(path)
     elif _is_main():

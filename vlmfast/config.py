@@ -197,14 +197,18 @@ def describe_keys() -> str:
     return "\n".join(lines)
 
 
-def fingerprint(cfg: Config) -> str:
+def identity(cfg: Config) -> dict:
     """What identifies the training a recipe describes: every key but how to continue (run.resume)."""
+    d = cfg.to_dict()
+    d["run"] = {k: v for k, v in d["run"].items() if k != "resume"}
+    return d
+
+
+def fingerprint(cfg: Config) -> str:
     import hashlib
     import json
 
-    d = cfg.to_dict()
-    d["run"] = {k: v for k, v in d["run"].items() if k != "resume"}
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(identity(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -214,8 +218,6 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
         old, new = dict(enumerate(old)), dict(enumerate(new))
     if isinstance(old, dict) and isinstance(new, dict):
         for k in sorted(set(old) | set(new), key=str):
-            if k == "resume" and prefix == "run.":
-                continue
             out += changed_keys(old.get(k), new.get(k), f"{prefix}{k}.")
         return out
     return [] if old == new else [prefix.rstrip(".")]

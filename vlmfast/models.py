@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .zero import frozen_weight, is_partitioned
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
 CHAT_TEMPLATE = (
@@ -203,7 +205,7 @@ def load_model(name_or_path, *, dtype="float32", attn_implementation="auto", gra
                                                         attn_implementation=attn_implementation)
     processor = AutoProcessor.from_pretrained(name_or_path)
     use_matmul_patch_embed(model)
-    if not any(hasattr(p, "ds_id") for p in model.parameters()):  # zero.Init already placed its partitions
+    if not is_partitioned(model):  # zero.Init already placed its partitions
         model.to(device)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -285,8 +287,6 @@ def call_head(model, hidden: torch.Tensor, fn):
 def frozen_head_weight(model) -> torch.Tensor:
     """A frozen model's lm_head weight as a plain tensor that outlives the call (under ZeRO-3 gathered
     and copied: V x H in its dtype), for a loss that needs another model's head (the OPD teacher's)."""
-    from .zero import frozen_weight
-
     if model.lm_head.bias is not None:
         raise ValueError("a teacher head with a bias is not supported by the OPD stage")
     return frozen_weight(model.lm_head.weight)

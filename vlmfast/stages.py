@@ -191,8 +191,8 @@ def _rollout(ctx: StageContext, index: int) -> dict:
     group advantages, and the old log-probs of the policy that sampled them (recomputed by the
     trainer, so the ratio is exactly 1 at the first update and the sampler mismatch is measured)."""
     s = ctx.stage
-    exs = _rollout_examples(ctx, index)
-    groups = _sample(ctx, exs, s.group_size, index, _rollout_examples(ctx, index, positions=True))
+    exs, positions = _rollout_examples(ctx, index)
+    groups = _sample(ctx, exs, s.group_size, index, positions)
     flat = [c for g in groups for c in g]
     rep = [e for e in exs for _ in range(s.group_size)]
     scores = [score(c.text, e.answer, e.choices) for c, e in zip(flat, rep)]
@@ -219,12 +219,11 @@ def _rollout(ctx: StageContext, index: int) -> dict:
                                  [old[i][mask[i]].tolist() for i in range(len(flat))])}
 
 
-def _rollout_examples(ctx: StageContext, index: int, positions: bool = False) -> list:
-    """This rank's slice of each of rollout `index`'s update minibatches, in update order (or their
-    places in the global rollout batch)."""
+def _rollout_examples(ctx: StageContext, index: int) -> tuple[list, list[int]]:
+    """This rank's slice of each of rollout `index`'s update minibatches, in update order, and their
+    places in the global rollout batch."""
     s = ctx.stage
-    exs, pos = batch_examples(ctx, index, s.batch_size * s.updates_per_rollout, s.updates_per_rollout)
-    return pos if positions else exs
+    return batch_examples(ctx, index, s.batch_size * s.updates_per_rollout, s.updates_per_rollout)
 
 
 def rollout_state(ctx: StageContext) -> dict | None:
@@ -241,7 +240,7 @@ def rollout_state(ctx: StageContext) -> dict | None:
 def restore_rollout(ctx: StageContext, state: dict) -> None:
     """Continue inside a rollout batch exactly where a checkpoint left it."""
     s = ctx.stage
-    rep = [e for e in _rollout_examples(ctx, state["index"]) for _ in range(s.group_size)]
+    rep = [e for e in _rollout_examples(ctx, state["index"])[0] for _ in range(s.group_size)]
     batch = collate_token_responses(ctx.processor, [e.problem for e in rep], [e.images for e in rep],
                                     state["token_ids"])
     ctx.extra["rollout"] = {**state, "batch": batch, "scores": [Reward(**x) for x in state["scores"]]}

@@ -29,7 +29,7 @@ import yaml
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, changed_keys, describe_keys, fingerprint, load_config
+from .config import Config, ConfigError, changed_keys, describe_keys, fingerprint, identity, load_config
 from .data.formats import RowError
 from .data.prompts import reasoning_of, target_response
 from .evaluate import evaluate_policy
@@ -70,7 +70,7 @@ def check_run_dir(cfg: Config) -> None:
         return
     made = json.loads(path.read_text())
     if made["fingerprint"] != fingerprint(cfg):
-        keys = changed_keys(made["recipe"], cfg.to_dict())
+        keys = changed_keys(made["recipe"], identity(cfg))
         raise ConfigError(f"run.name: {cfg.run_dir} was trained by another recipe (changed: {', '.join(keys)}); "
                           "resume with the same recipe, start over with run.resume=never, or pick a new run.name")
 
@@ -319,7 +319,7 @@ def run(cfg: Config) -> dict:
     if _is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        (run_dir / RECIPE_FILE).write_text(json.dumps({"fingerprint": fingerprint(cfg), "recipe": cfg.to_dict()},
+        (run_dir / RECIPE_FILE).write_text(json.dumps({"fingerprint": fingerprint(cfg), "recipe": identity(cfg)},
                                                       default=str))
     resume_from = ckpt.latest(ckpt_root) if cfg.run.resume == "auto" else None
     state = ckpt.read_state(resume_from) if resume_from else None
