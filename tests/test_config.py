@@ -42,6 +42,10 @@ def test_shipped_recipes_load():
         (cfg(stages=[{"type": "sft", "stepz": 3}]), r"stages\[0\]: unknown key\(s\) \['stepz'\]"),
         (cfg(stages=[{"type": "ppo"}]), r"stages\[0\].type: must be one of"),
         (cfg(stages=[{"type": "grpo", "group_size": 1}]), r"stages\[0\].group_size: GRPO needs >= 2"),
+        (cfg(stages=[{"type": "grpo", "batch_size": 2, "group_size": 5, "micro_batch_size": 4}]),
+         r"stages\[0\].micro_batch_size: must divide the update's 10 sequences"),
+        (cfg(stages=[{"type": "grpo", "micro_batch_size": 0}]), r"stages\[0\].micro_batch_size: must divide"),
+        (cfg(stages=[{"type": "sft", "micro_batch_size": 4}]), r"stages\[0\].micro_batch_size: micro-batched"),
         (cfg(stages=[{"type": "sft", "lr": "fast"}]), r"stages\[0\].lr: expected a number"),
         (cfg(stages=[{"type": "opd"}]), r"stages\[0\].teacher: opd needs a teacher"),
         (cfg(stages=[{"type": "opd", "teacher": "/no/such/teacher"}]),
@@ -133,3 +137,16 @@ def test_every_key_has_a_meaning():
 
         for f in dataclasses.fields(cls):
             assert meanings.get(f.name), f"{section}.{f.name} has no comment in config.py"
+
+
+def test_batches_that_do_not_split_over_the_ranks_are_named():
+    from vlmfast.train import check_ranks
+
+    grpo = cfg(stages=[{"type": "sft", "batch_size": 8},
+                       {"type": "grpo", "batch_size": 2, "group_size": 4, "micro_batch_size": 8}])
+    c = load_config(raw=grpo)  # 8 sequences per update: micro-batches of 8 divide them in one process
+    check_ranks(c, 1)
+    with pytest.raises(ConfigError, match=r"stages\[1\].micro_batch_size=8 does not divide the 4 sequences"):
+        check_ranks(c, 2)
+    with pytest.raises(ConfigError, match=r"stages\[0\].batch_size=8 is not divisible by the 3 ranks"):
+        check_ranks(c, 3)

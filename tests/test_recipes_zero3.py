@@ -37,6 +37,8 @@ def tiny_overrides(recipe: dict, out_dir, student, teacher) -> list[str]:
                  f"stages.{i}.engine=hf"]
         if stage["type"] == "opd":
             over.append(f"stages.{i}.teacher={teacher}")
+        if stage.get("micro_batch_size"):  # 5 sequences per rank per update: still several micro-batches
+            over.append(f"stages.{i}.micro_batch_size=1")
     return over
 
 

@@ -193,6 +193,53 @@ def test_rollout_recomputes_in_update_sized_slices(tmp_path, monkeypatch):
     assert sizes == [4, 4, 4, 4]
 
 
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean"])
+def test_micro_batched_update_equals_the_whole_update(tmp_path, monkeypatch, aggregation):
+    """GRPO with micro_batch_size 2 of an update's 8 sequences: 4 forwards of 2 rows with backward between
+    them (and old / reference log-probs recomputed in the same 2-row slices), yet every step's loss and
+    metrics and the final weights are the whole update's. The per-sequence mean weighs each micro-batch by
+    its rows; a share computed as the micro-batch's own mean would be 4x too large."""
+    import torch
+
+    from vlmfast import stages as S
+    from vlmfast.models import load_model
+
+    sizes = []
+    real = S.trunk_hidden
+
+    def spy(model, **batch):
+        sizes.append((torch.is_grad_enabled(), batch["input_ids"].shape[0]))
+        return real(model, **batch)
+
+    monkeypatch.setattr(S, "trunk_hidden", spy)
+    grpo = {"type": "grpo", "name": "grpo", "steps": 2, "lr": 1e-3, "batch_size": 2, "group_size": 4,
+            "updates_per_rollout": 2, "kl_coef": 0.1, "entropy_coef": 0.05, "max_new_tokens": 6,
+            "aggregation": aggregation}
+    runs = {}
+    for micro in (None, 2):
+        sizes.clear()
+        name = f"micro{micro}"
+        run(recipe(tmp_path, [{**grpo, "micro_batch_size": micro}], name=name,
+                   eval={"at_start": False, "probes": 0}))
+        runs[micro] = records(tmp_path, name), load_model(str(tmp_path / name / "checkpoints" / "final-0" / "hf"))[0]
+        if micro:  # old and reference log-probs of 16 sequences, then 2 updates x 4 micro-batches: 2 rows each
+            assert sizes == [(False, 2)] * 16 + [(True, 2)] * 8
+    (whole, w_model), (micro, m_model) = runs[None], runs[2]
+    assert [r["step"] for r in micro] == [1, 2]
+    for a, b in zip(whole, micro):
+        for key in ("loss", "pg_loss", "entropy", "kl", "ratio_mean", "ratio_min", "ratio_max", "clip_frac_low",
+                    "reward", "response_tokens"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+    assert micro[1]["ratio_mean"] != 1.0  # the second update runs on a moved policy
+    from vlmfast.models import tiny_vlm
+
+    init = tiny_vlm("student", seed=0)[0].state_dict()
+    a, b = w_model.state_dict(), m_model.state_dict()
+    u1 = torch.cat([(a[k] - init[k]).flatten() for k in init])
+    u2 = torch.cat([(b[k] - init[k]).flatten() for k in init])
+    assert ((u1 - u2).norm() / u1.norm()).item() < 1e-3
+
+
 def _recipe_file(tmp_path, name, **over):
     import yaml
 

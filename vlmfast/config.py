@@ -126,6 +126,9 @@ class StageConfig:
     # grpo
     group_size: int = 4  # grpo: samples per prompt
     updates_per_rollout: int = 1  # optimizer updates (minibatches of batch_size prompts) per rollout batch
+    # grpo: sequences per forward and backward on a rank (default: the rank's whole update); the update's
+    # gradient accumulates over its micro-batches, so only one micro-batch's activations are alive at a time
+    micro_batch_size: int | None = None
     clip_low: float = 0.2  # grpo: the ratio's lower clip is 1 - clip_low
     clip_high: float = 0.2  # grpo: the ratio's upper clip is 1 + clip_high
     dual_clip: float | None = None  # grpo: dual-clip bound (> 1) for negative advantages
@@ -506,6 +509,13 @@ def validate(cfg: Config) -> None:
             bad(f"{key}.updates_per_rollout", f"must be >= 1, got {s.updates_per_rollout}")
         if s.type == "grpo" and s.group_size < 2:
             bad(f"{key}.group_size", f"GRPO needs >= 2 samples per prompt, got {s.group_size}")
+        if s.micro_batch_size is not None:
+            if s.type != "grpo":
+                bad(f"{key}.micro_batch_size", f"micro-batched updates are for grpo stages, not {s.type!r}")
+            rows = s.batch_size * s.group_size
+            if s.micro_batch_size < 1 or rows % s.micro_batch_size:
+                bad(f"{key}.micro_batch_size", f"must divide the update's {rows} sequences (batch_size x group_size),"
+                    f" got {s.micro_batch_size}")
         if s.type == "opd":
             if s.teacher is None:
                 bad(f"{key}.teacher", "opd needs a teacher checkpoint path")

@@ -8,8 +8,9 @@ plan needs no download). Per GPU, for each stage, the larger of two phases:
 
 - update: the policy's model states (DeepSpeed's own estimator for the ZeRO stage: 16-bit weights, fp32
   master weights and Adam moments, gradients, the largest layer gathered), the frozen reference / teacher
-  engines, activations of one micro-batch (with or without gradient checkpointing), the fused op's buffers
-  (fp32 dW accumulator and its per-chunk product, 1 GiB of dz), and the OPD teacher head's gathered copy;
+  engines, activations of one forward (a GRPO update's micro_batch_size sequences, else the rank's whole
+  batch; with or without gradient checkpointing), the fused op's buffers (fp32 dW accumulator and its
+  per-chunk product, 1 GiB of dz), and the OPD teacher head's gathered copy;
 - rollout: the same states and engines, plus the policy gathered whole for HF generate (ZeRO-3) or vLLM's
   memory share (weights and KV cache; it sleeps through the update).
 
@@ -166,6 +167,8 @@ def plan(cfg: Config, *, gpus: int, gpu_memory: int, prompt_tokens: int = 1024) 
         rows = s.batch_size // gpus * {"grpo": s.group_size, "dpo": 2, "cw_dpo": 2}.get(s.type, 1)
         if s.type == "sft" and s.gentle is not None:
             rows *= 2  # the negatives' forward too
+        if s.micro_batch_size:  # the update runs one micro-batch's forward and backward at a time
+            rows = min(rows, s.micro_batch_size)
         tokens = max(1, rows) * (prompt_tokens + s.max_new_tokens)
         p.update = {**shared, "activations": activation_bytes(size, tokens, m.gradient_checkpointing, word),
                     "fused op buffers": 2 * 4 * size.vocab * size.hidden + min(FUSED_DZ_BYTES,

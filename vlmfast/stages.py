@@ -1,8 +1,12 @@
 """What differs between stages: how a step's batch and loss are made. One small function per stage
 type; the loop in train.py shares everything else.
 
-Each `*_step(ctx, step)` returns (loss, metrics) for the policy `ctx.model`; the loss is computed
-through `call_head` (the fused op as the lm_head's forward: ZeRO-3 safe) and never sees full logits.
+Each `*_step(ctx, step)` returns (loss, metrics) for the policy `ctx.model`, or (GRPO with
+`micro_batch_size`) an iterator of micro-batches' (loss share, metrics) whose shares add up to the step's
+loss, the step's metrics on the last pair and None before: the trainer runs backward on each share before
+the next micro-batch's forward, so only one micro-batch's activations are alive at a time. The loss is
+computed through `call_head` (the fused op as the lm_head's forward: ZeRO-3 safe) and never sees full
+logits; the training forward runs through `ctx.forward` (the DeepSpeed engine's forward).
 Data order and sampling seeds are functions of (run seed, stage index, step), so a resumed run sees
 exactly the batches an uninterrupted one would.
 """
@@ -37,6 +41,12 @@ class StageContext:
     teacher: object = None  # opd
     l_floor: float | str | None = None
     extra: dict = field(default_factory=dict)
+    engine_forward: object = None  # fn -> fn() run as the DeepSpeed engine's forward (zero.engine_forward)
+
+    def forward(self, fn):
+        """fn() as the policy's training forward: through the DeepSpeed engine when there is one, which
+        counts the micro-steps a gradient accumulates over."""
+        return fn() if self.engine_forward is None else self.engine_forward(fn)
 
 
 def step_seed(ctx: StageContext, step: int) -> int:
@@ -67,9 +77,22 @@ def rank_share_of_tokens(labels: torch.Tensor, device) -> torch.Tensor:
 
 
 def update_rows(ctx: StageContext) -> int:
-    """Sequences of one update on this rank: the GRPO micro-batch, and the slice size of every
-    no-grad recompute over a rollout batch (old and reference log-probs), so none is larger."""
+    """Sequences of one GRPO update on this rank."""
     return ctx.stage.batch_size // world()[1] * ctx.stage.group_size
+
+
+def forward_rows(ctx: StageContext) -> int:
+    """Sequences of one forward on this rank: the update's micro-batch (micro_batch_size, default the whole
+    update), and the slice size of every no-grad recompute over a rollout batch (old and reference
+    log-probs), so none is larger."""
+    return ctx.stage.micro_batch_size or update_rows(ctx)
+
+
+def micro_batches_per_step(stage, world_size: int) -> int:
+    """Backward passes per step: GRPO's update split into micro_batch_size rows per rank, else one."""
+    if stage.type != "grpo" or not stage.micro_batch_size:
+        return 1
+    return stage.batch_size // world_size * stage.group_size // stage.micro_batch_size
 
 
 def rank_positions(ctx: StageContext, n: int, parts: int = 1) -> list[int]:
@@ -105,6 +128,10 @@ def example_rngs(ctx: StageContext, step: int, positions: list[int]) -> list[ran
     return [random.Random(seed) for seed in position_seeds(ctx, step, positions)]
 
 
+def _device(ctx: StageContext) -> torch.device:
+    return next(ctx.model.parameters()).device
+
+
 def _counted(batch: dict, ctx: StageContext) -> dict:
     """The batch, its tokens counted for the tokens/s metric of the policy's step."""
     ctx.extra["tokens"] = ctx.extra.get("tokens", 0) + int(batch["attention_mask"].sum())
@@ -137,19 +164,24 @@ def sft_step(ctx: StageContext, step: int):
     exs, positions = batch_examples(ctx, step, s.batch_size)
     b = collate(ctx.processor, [e.problem for e in exs], [e.images for e in exs],
                 [_target(ctx, e.answer, e) for e in exs])
-    hidden = trunk_hidden(ctx.model, **_counted(b, ctx))  # [B, T, H]
     if s.gentle is None:
-        n = rank_share_of_tokens(b["labels"], hidden.device)
-        return call_head(ctx.model, hidden, lambda h, w: sft_loss(h, w, b["labels"], temperature=s.temperature,
-                                                                  label_smoothing=s.label_smoothing,
-                                                                  num_items_in_batch=n))
+        n = rank_share_of_tokens(b["labels"], _device(ctx))
+        return ctx.forward(lambda: call_head(ctx.model, trunk_hidden(ctx.model, **_counted(b, ctx)),  # [B, T, H]
+                                             lambda h, w: sft_loss(h, w, b["labels"], temperature=s.temperature,
+                                                                   label_smoothing=s.label_smoothing,
+                                                                   num_items_in_batch=n)))
     rngs = example_rngs(ctx, step, positions)
     nb = collate(ctx.processor, [e.problem for e in exs], [e.images for e in exs],
                  [_target(ctx, _dataset_negative(e, rng), e) for e, rng in zip(exs, rngs)])
-    neg_hidden = trunk_hidden(ctx.model, **_counted(nb, ctx))
-    return call_head(ctx.model, hidden, lambda h, w: sft_gentle_negatives_loss(
-        h, w, b["labels"], neg_hidden, nb["labels"], temperature=s.temperature, mean_over_parts=mean_over_ranks,
-        **s.gentle))
+
+    def forward():
+        hidden = trunk_hidden(ctx.model, **_counted(b, ctx))
+        neg_hidden = trunk_hidden(ctx.model, **_counted(nb, ctx))
+        return call_head(ctx.model, hidden, lambda h, w: sft_gentle_negatives_loss(
+            h, w, b["labels"], neg_hidden, nb["labels"], temperature=s.temperature, mean_over_parts=mean_over_ranks,
+            **s.gentle))
+
+    return ctx.forward(forward)
 
 
 def _sample(ctx, exs, n, step, positions: list[int]):
@@ -203,7 +235,7 @@ def _rollout(ctx: StageContext, index: int) -> dict:
     labels = b["labels"]
     # in slices of exactly the update's rows: no recompute is larger than an update, and the first
     # update's forward repeats its slice's computation, so its ratio is exactly 1
-    slices = _row_slices(len(flat), update_rows(ctx))
+    slices = _row_slices(len(flat), forward_rows(ctx))
 
     def logp_of(model):
         return torch.cat([head_token_stats(model, trunk_hidden(model, **_rows(b, sl)), labels[sl],
@@ -264,30 +296,77 @@ def _rows(batch: dict, sl: slice) -> dict:
 
 def grpo_step(ctx: StageContext, step: int):
     """One optimizer update on the step's minibatch of the current rollout batch; a new rollout every
-    `updates_per_rollout` steps (later minibatches see ratios != 1: that is where clipping acts)."""
+    `updates_per_rollout` steps (later minibatches see ratios != 1: that is where clipping acts). The
+    rollout happens here; the update's forwards happen as the returned micro-batches are iterated."""
     s = ctx.stage
     index, part = divmod(step, s.updates_per_rollout)
     ro = ctx.extra.get("rollout")
     if ro is None or ro["index"] != index:
         ro = ctx.extra["rollout"] = _rollout(ctx, index)
     rows = update_rows(ctx)
-    sl = slice(part * rows, (part + 1) * rows)
+    return _grpo_update(ctx, ro, slice(part * rows, (part + 1) * rows))
+
+
+# token means combine weighted by tokens; extremes by min / max
+_TOKEN_MEAN_METRICS = ("entropy", "kl", "clip_frac_low", "clip_frac_high", "ratio_mean")
+
+
+def _grpo_update(ctx: StageContext, ro: dict, update: slice):
+    """The update on rows `update` of the rollout batch, in micro-batches of forward_rows(ctx): yields each
+    micro-batch's share of the update's loss (the token mean divides by the whole update's tokens; the
+    per-sequence means weigh a micro-batch by its rows), with the update's metrics on the last one."""
+    s = ctx.stage
+    whole = _rows(ro["batch"], update)
+    rows = whole["labels"].shape[0]
+    n = rank_share_of_tokens(whole["labels"], _device(ctx)) if s.aggregation == "token-mean" else None
+    parts = []  # (metrics, tokens, rows) per micro-batch
+    for micro in _row_slices(rows, forward_rows(ctx)):
+        sl = slice(update.start + micro.start, update.start + micro.stop)
+        loss, m, labels = _grpo_forward(ctx, ro, sl, n)
+        if n is None:  # a per-sequence mean over this micro-batch: its share of the update's mean
+            loss = loss * (labels.shape[0] / rows)
+        parts.append((m, (labels != -100).sum().item(), labels.shape[0]))
+        yield loss, (_grpo_metrics(ro, update, whole, parts, s.aggregation) if micro.stop == rows else None)
+
+
+def _grpo_forward(ctx: StageContext, ro: dict, sl: slice, n):
+    """GRPO's loss on rows `sl` of the rollout batch (token means over n tokens when given): (loss, metrics,
+    labels)."""
+    s = ctx.stage
     b = _rows(ro["batch"], sl)
     labels = b["labels"]
-    hidden = trunk_hidden(ctx.model, **_counted(b, ctx))
     ref = None if ro["ref"] is None else ro["ref"][sl]
-    n = rank_share_of_tokens(labels, hidden.device) if s.aggregation == "token-mean" else None
-    loss, m = call_head(ctx.model, hidden, lambda h, w: grpo_loss(
-        h, w, labels, ro["old"][sl], ro["adv"][sl], ref_logp=ref, clip_low=s.clip_low, clip_high=s.clip_high,
-        dual_clip=s.dual_clip, kl_coef=s.kl_coef, entropy_coef=s.entropy_coef, aggregation=s.aggregation,
-        temperature=s.temperature, num_items_in_batch=n))
-    scores = ro["scores"][sl]
+
+    def loss_fn(h, w):
+        return grpo_loss(h, w, labels, ro["old"][sl], ro["adv"][sl], ref_logp=ref, clip_low=s.clip_low,
+                         clip_high=s.clip_high, dual_clip=s.dual_clip, kl_coef=s.kl_coef,
+                         entropy_coef=s.entropy_coef, aggregation=s.aggregation, temperature=s.temperature,
+                         num_items_in_batch=n)
+
+    loss, m = ctx.forward(lambda: call_head(ctx.model, trunk_hidden(ctx.model, **_counted(b, ctx)), loss_fn))
+    return loss, m, labels
+
+
+def _grpo_metrics(ro: dict, update: slice, whole: dict, parts: list, aggregation: str) -> dict:
+    """The update's metrics from its micro-batches' (token means weighted by tokens, pg_loss as aggregated)
+    and the rollout's rewards of its rows."""
+    tokens = torch.tensor([t for _, t, _ in parts], dtype=torch.float64)
+    rows = torch.tensor([r for _, _, r in parts], dtype=torch.float64)
+
+    def weighted(key, w):
+        return (torch.stack([m[key].double() for m, _, _ in parts]) * w).sum() / w.sum().clamp(min=1)
+
+    m = {k: weighted(k, tokens).float() for k in _TOKEN_MEAN_METRICS}
+    m["pg_loss"] = weighted("pg_loss", tokens if aggregation == "token-mean" else rows).float()
+    m["ratio_min"] = torch.stack([p["ratio_min"] for p, _, _ in parts]).min()
+    m["ratio_max"] = torch.stack([p["ratio_max"] for p, _, _ in parts]).max()
+    scores = ro["scores"][update]
     m["sampler_mismatch"] = torch.tensor(ro["mismatch"])
-    m["reward"] = ro["rewards"][sl].mean()
+    m["reward"] = ro["rewards"][update].mean()
     m["accuracy"] = torch.tensor(sum(x.accuracy for x in scores) / len(scores))
     m["format"] = torch.tensor(sum(x.format for x in scores) / len(scores))
-    m["response_tokens"] = (labels != -100).sum(1).float().mean()
-    return loss, m
+    m["response_tokens"] = (whole["labels"] != -100).sum(1).float().mean()
+    return m
 
 
 def opd_step(ctx: StageContext, step: int):
@@ -301,16 +380,17 @@ def opd_step(ctx: StageContext, step: int):
     for i, g in zip(idx, _sample_subset(ctx, exs, positions, idx, 1, step)):
         responses[i] = g[0].token_ids
     b = collate_token_responses(ctx.processor, [e.problem for e in exs], [e.images for e in exs], responses)
-    hidden = trunk_hidden(ctx.model, **_counted(b, ctx))
-    n = rank_share_of_tokens(b["labels"], hidden.device)
+    n = rank_share_of_tokens(b["labels"], _device(ctx))
     if s.opd_mode == "full":
         with torch.no_grad():  # the teacher sees exactly the same image and prompt
             th = trunk_hidden(ctx.teacher, **b)
         # the fused KL needs the teacher's head in the student's forward and backward: a plain copy
         # (gathered once under ZeRO-3), freed with the step's graph
         teacher = (th, frozen_head_weight(ctx.teacher))
-        loss, m = call_head(ctx.model, hidden, lambda h, w: opd_loss(h, w, b["labels"], teacher=teacher,
-                                                                     temperature=s.temperature, num_items_in_batch=n))
+        loss, m = ctx.forward(lambda: call_head(ctx.model, trunk_hidden(ctx.model, **_counted(b, ctx)),
+                                                lambda h, w: opd_loss(h, w, b["labels"], teacher=teacher,
+                                                                      temperature=s.temperature,
+                                                                      num_items_in_batch=n)))
         m["on_policy_share"] = torch.tensor(len(idx) / len(exs))
         return loss, m
     # sampled-token form: the teacher's per-token log-probs come from a generation engine's score()
@@ -321,8 +401,9 @@ def opd_step(ctx: StageContext, step: int):
     for i, lp in enumerate(scored):
         start = int(b["prompt_lengths"][i]) - 1
         t_logp[i, start : start + len(lp)] = torch.tensor(lp)
-    return call_head(ctx.model, hidden, lambda h, w: opd_loss(h, w, b["labels"], teacher_logp=t_logp,
-                                                              temperature=s.temperature, num_items_in_batch=n))
+    return ctx.forward(lambda: call_head(ctx.model, trunk_hidden(ctx.model, **_counted(b, ctx)),
+                                         lambda h, w: opd_loss(h, w, b["labels"], teacher_logp=t_logp,
+                                                               temperature=s.temperature, num_items_in_batch=n)))
 
 
 def _preference_batch(ctx, exs, positions, step):
@@ -358,14 +439,14 @@ def dpo_step(ctx: StageContext, step: int):
         r = head_token_stats(ctx.reference, rh, b["labels"], temperature=s.temperature, outputs=("logp",),
                              per_sequence=True)
     ref_c, ref_r = r.seq_logp[:B], r.seq_logp[B:]
-    hidden = trunk_hidden(ctx.model, **_counted(b, ctx))
     if s.type == "dpo":
-        loss, m = call_head(ctx.model, hidden, lambda h, w: dpo_loss(h, w, b["labels"], ref_c, ref_r, beta=s.beta,
-                                                                     temperature=s.temperature))
+        def loss_fn(h, w):
+            return dpo_loss(h, w, b["labels"], ref_c, ref_r, beta=s.beta, temperature=s.temperature)
     else:
-        loss, m = call_head(ctx.model, hidden, lambda h, w: cw_dpo_loss(
-            h, w, b["labels"], ref_c, ref_r, beta=s.beta, tau_c=s.tau_c, l_floor=ctx.l_floor,
-            temperature=s.temperature))
+        def loss_fn(h, w):
+            return cw_dpo_loss(h, w, b["labels"], ref_c, ref_r, beta=s.beta, tau_c=s.tau_c, l_floor=ctx.l_floor,
+                               temperature=s.temperature)
+    loss, m = ctx.forward(lambda: call_head(ctx.model, trunk_hidden(ctx.model, **_counted(b, ctx)), loss_fn))
     m["on_policy_negatives"] = torch.tensor(on_policy_share)
     return loss, m
 

@@ -36,8 +36,16 @@ from .evaluate import evaluate_policy
 from .models import head_vocab, load_model, tiny_vlm
 from .probes import DeltaLogpProbe, EarlyStopping, sample_entropy
 from .rollout import Sampling, make_engine
-from .stages import STEP_FUNCTIONS, StageContext, auto_l_floor, mean_over_ranks, restore_rollout, rollout_state
-from .zero import frozen_engine, gathered_for_generation, partitioned_loading
+from .stages import (
+    STEP_FUNCTIONS,
+    StageContext,
+    auto_l_floor,
+    mean_over_ranks,
+    micro_batches_per_step,
+    restore_rollout,
+    rollout_state,
+)
+from .zero import engine_forward, frozen_engine, gathered_for_generation, partitioned_loading
 
 FAIL_AT_ENV = "VLMFAST_FAIL_AT_STEP"  # tests: "stage:step" raises there, as a killed run would stop
 KILL_AT_ENV = "VLMFAST_KILL_AT"  # tests: "stage:step" or "stage:eval:step" SIGKILLs the process there
@@ -93,7 +101,9 @@ def _is_main() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
-def ds_config(cfg: Config, micro_batch: int) -> dict:
+def ds_config(cfg: Config, micro_batch: int, micro_steps: int = 1) -> dict:
+    """DeepSpeed's config; `micro_steps` backward passes per trainer step (GRPO's micro-batches) multiply
+    deepspeed.grad_accum into DeepSpeed's gradient accumulation."""
     d = cfg.deepspeed
     zero = {"stage": d.zero_stage}
     if d.zero_stage == 3:
@@ -101,7 +111,7 @@ def ds_config(cfg: Config, micro_batch: int) -> dict:
                      if getattr(d, k) is not None})
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": d.grad_accum,
+        "gradient_accumulation_steps": d.grad_accum * micro_steps,
         "gradient_clipping": d.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": d.precision == "bf16"},
@@ -110,6 +120,17 @@ def ds_config(cfg: Config, micro_batch: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def check_ranks(cfg: Config, world: int) -> None:
+    """Every stage's batch splits evenly over the ranks (and a GRPO update over its micro-batches)."""
+    for si, stage in enumerate(cfg.stages):
+        if stage.batch_size % world:
+            raise ConfigError(f"stages[{si}].batch_size={stage.batch_size} is not divisible by the {world} ranks")
+        rows = stage.batch_size // world * stage.group_size
+        if stage.micro_batch_size and rows % stage.micro_batch_size:
+            raise ConfigError(f"stages[{si}].micro_batch_size={stage.micro_batch_size} does not divide the {rows} "
+                              f"sequences of an update on each of the {world} ranks")
 
 
 def _optimizer(cfg: Config, stage, model, device: str):
@@ -304,6 +325,7 @@ def run(cfg: Config) -> dict:
     torch.set_num_threads(cfg.run.threads)
     device = cfg.run.device if cfg.run.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     _init_distributed(device)
+    check_ranks(cfg, torch.distributed.get_world_size())
     if device == "cuda":  # a recipe that cannot fit stops here, naming what does not
         from .plan import check_fits
 
@@ -360,14 +382,14 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
     import deepspeed
 
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    if stage.batch_size % world:
-        raise ConfigError(f"stages[{si}].batch_size={stage.batch_size} is not divisible by the {world} ranks")
-    micro = stage.batch_size // world * (stage.group_size if stage.type == "grpo" else 1)
+    n_micro = micro_batches_per_step(stage, world)
+    micro = stage.batch_size // world * (stage.group_size if stage.type == "grpo" else 1) // n_micro
     optimizer = _optimizer(cfg, stage, model, next(model.parameters()).device.type)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                   config=ds_config(cfg, micro))
+                                                   config=ds_config(cfg, micro, n_micro))
     policy = engine.module
-    ctx = StageContext(cfg=cfg, stage=stage, index=si, model=policy, processor=processor, train=data["train"])
+    ctx = StageContext(cfg=cfg, stage=stage, index=si, model=policy, processor=processor, train=data["train"],
+                       engine_forward=lambda fn: engine_forward(engine, fn))
     device = next(policy.parameters()).device.type
     # colocated vLLM on a GPU sleeps through the optimizer step (frees its KV cache)
     engine_kw = {"sleep_mode": True, "gpu_memory_utilization": stage.vllm_memory_share} \
@@ -451,11 +473,15 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
         _kill_if(f"{si}:{step}")
         _set_lr(optimizer, stage, step)
         policy.train()
-        loss, metrics = step_fn(ctx, step)  # rollouts (if any) happen in here
+        out = step_fn(ctx, step)  # rollouts (if any) happen in here
         if engine_kw.get("sleep_mode"):
             ctx.engine.sleep()
-        engine.backward(loss)
-        engine.step()
+        loss, metrics = 0.0, None
+        for share, m in [out] if isinstance(out, tuple) else out:  # one micro-batch's forward at a time
+            # the shares add up to the step's loss: DeepSpeed must not divide them by its accumulation count
+            engine.backward(share / cfg.deepspeed.grad_accum, scale_wrt_gas=False)
+            engine.step()  # the optimizer steps at the accumulation boundary only
+            loss, metrics = loss + share.detach(), m if m is not None else metrics
         if stage.engine == "vllm":  # the rollout engine samples from the weights just updated
             if engine_kw.get("sleep_mode"):
                 ctx.engine.wake_up()

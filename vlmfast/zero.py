@@ -13,6 +13,9 @@ owning module's forward (through DeepSpeed's hooks) sees it whole. What the trai
   (7B in bf16: 15.2 GB); `deepspeed.gather_for_generation: false` keeps it partitioned instead.
 - `frozen_weight(param)`: a frozen model's weight as a plain tensor that outlives the call, for the OPD
   teacher's head, which the student's fused loss needs in its forward and again in its backward.
+- `engine_forward(engine, fn)`: a training forward run as the engine's own forward. DeepSpeed keeps its
+  gradient-accumulation count there: a forward that bypasses the engine makes every micro-step's ZeRO-3
+  gradient overwrite the one before instead of adding to it.
 """
 
 from __future__ import annotations
@@ -93,3 +96,19 @@ def frozen_weight(param: torch.Tensor) -> torch.Tensor:
 
     with deepspeed.zero.GatheredParameters([param]):
         return param.detach().clone()
+
+
+def engine_forward(engine, fn):
+    """fn() run as `engine`'s forward (`engine()` with fn as the module's forward for the call).
+
+    The trainer's forward is not `model(**batch)`: it runs the trunk and the fused head separately. It must
+    still pass through `engine.forward`, which starts each micro-step: ZeRO-3 counts micro-steps there and
+    copies (rather than adds) a gradient partition at micro-step 0, so without it only the last micro-batch of
+    an accumulated update would survive; ZeRO-1/2 clear the previous step's accumulators there.
+    """
+    module = engine.module
+    module.forward = lambda: fn()
+    try:
+        return engine()
+    finally:
+        del module.forward  # back to the class's forward
