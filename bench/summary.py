@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import registry
+from .providers import counted_tokens
 
 
 def _index(rows):
@@ -73,17 +74,19 @@ def roofline(rows, peak_tflops: float, label: str) -> str:
     for r in rows:
         if not r["provider"].startswith("vlmfast") or r["op"] not in ("sft", "token_stats"):
             continue
-        bound = registry.matmul_flops(r["n"], r["h"], r["v"], "forward" if r["mode"] == "forward" else "full")
+        mode = "forward" if r["mode"] == "forward" else "full"
+        bound = registry.matmul_flops(counted_tokens(r["n"]), r["h"], r["v"], mode)  # sft, token_stats: no teacher
         bound /= peak_tflops * 1e12
         lines.append(f"| {r['op']} | {r['model']} | {r['n']} | {r['mode']} | {r['provider']} | {bound:.3f} s | "
                      f"{r['time_s']:.3f} s | {bound / r['time_s']:.2f} |")
-    lines.append(f"\nFLOPs counted: 2NHV forward, 8NHV forward+backward (logits recomputed in the backward); "
-                 f"peak: {label}.")
+    lines.append(f"\nFLOPs counted: 2NHV forward, 8NHV forward+backward (logits recomputed in the backward), N the "
+                 f"tokens a loss counts (the prompt's are ignored); peak: {label}.")
     return "\n".join(lines)
 
 
 def gpu_static_report() -> str:
-    """Registers, spills, shared memory and wgmma of every Triton kernel compiled for sm_90."""
+    """Registers, spills, shared memory, wgmma shapes, TMA and occupancy of every Triton kernel compiled for
+    sm_90 as the JIT specialises it for the 7B head."""
     try:
         from vlmfast.kernels.inspect import report
     except ImportError as e:
@@ -94,8 +97,8 @@ def gpu_static_report() -> str:
         return f"(compile failed: {type(e).__name__}: {e})"
     if not rows:
         return "(no kernels compiled)"
-    keys = ["kernel", "config", "arch", "num_warps", "registers", "spill_stores", "spill_loads", "shared",
-            "shared_limit", "wgmma"]
+    keys = ["kernel", "config", "arch", "specialization", "num_warps", "num_stages", "registers", "spill_stores",
+            "spill_loads", "shared", "wgmma_shapes", "tma", "ctas_per_sm", "waves"]
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
         lines.append("| " + " | ".join(str(r.get(k, "")) for k in keys) + " |")
@@ -111,6 +114,7 @@ def e2e_table(e2e) -> str:
 
 
 def write_summary(rows, out: Path, device: str, *, cpu_peak_tflops: float | None = None, e2e=None) -> Path:
+    rows = [r for r in rows if "error" not in r]  # failed cases are rows of their own in the .jsonl
     out.mkdir(parents=True, exist_ok=True)
     figs = plots(rows, out, device)
     env = rows[0] if rows else {}

@@ -1,8 +1,14 @@
 """Compile every shipped Triton kernel config ahead of time for sm_90 (H100) and sm_80 (A100) on a
-machine without a GPU, and report registers, spills, shared memory and whether tensor-core
-instructions (wgmma on sm_90a, mma on sm_80) were generated.
+machine without a GPU, exactly as the JIT would for the Qwen2.5-7B head, and report what the GPU runs.
 
     python -m vlmfast.kernels.inspect [--arch 90 80] [--json]
+
+Each kernel is planned by its own launcher (`forward_launch` / `backward_launch`) on meta tensors of the
+7B head's shapes (N = 8192 tokens, H = 3584, V = 152064; a 32B teacher's H = 5120) for a GPU of 132 SMs,
+and specialised by Triton's own argument binder: aligned pointers and integer arguments divisible by 16
+get `tt.divisibility 16` ("aligned-16"), as on a real launch. That changes registers, pipelining and
+shared memory 2-3x against a compile without it. Per kernel: registers, spills, shared memory, the wgmma
+instruction shapes, TMA use, CTAs per SM (registers, shared memory and threads), and the grid's waves.
 
 Must run with TRITON_INTERPRET unset or 0 (the interpreter replaces the compiler).
 """
@@ -20,47 +26,81 @@ import tempfile
 H100_SHARED_LIMIT = 232448  # bytes per block (opt-in maximum)
 A100_SHARED_LIMIT = 166912
 SHARED_LIMIT = {90: H100_SHARED_LIMIT, 80: A100_SHARED_LIMIT}
+SHARED_PER_SM = {90: 233472, 80: 167936}  # bytes; each resident CTA also reserves 1 KiB
+REGISTERS_PER_SM = 65536
+THREADS_PER_SM = 2048
+MAX_CTAS_PER_SM = 32
+SMS = 132  # H100 SXM
 
-_TRITON_DTYPE = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
-_INPUT_POINTERS = {"h_ptr", "w_ptr", "b_ptr", "ht_ptr", "wt_ptr", "bt_ptr", "zt_ptr", "dz_ptr"}
-
-
-def _signature(fn, dtype: str, constexprs: dict) -> dict:
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name == "y_ptr":
-            sig[name] = "*i64"
-        elif name in _INPUT_POINTERS:
-            sig[name] = _TRITON_DTYPE[dtype]
-        elif name.endswith("_ptr"):
-            sig[name] = "*fp32"
-        elif name == "inv_t":
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
+# The shapes every kernel is planned for: the Qwen2.5-VL-7B head, a 32B teacher's hidden size.
+N_TOKENS, HIDDEN, VOCAB, TEACHER_HIDDEN = 8192, 3584, 152064, 5120
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def shipped_kernels(arch: int = 90):
-    """(name, kernel, dtype, constexprs, num_warps, num_stages) for every config launched on `arch`.
-
-    Each config is compiled in its heaviest variant (bias on; KL gradient on where a teacher is).
-    """
+    """(name, pass, dtype, teacher mode, variant) for every config launched on `arch`; each is compiled in its
+    heaviest variant (bias on; the KL gradient on where a teacher is)."""
     from . import token_stats as ts
 
     out = []
-    for (pass_, kind, teacher), cfg in ts.GPU_CONFIGS[arch].items():
-        fn = ts._token_stats_fwd_kernel if pass_ == "fwd" else ts._token_stats_bwd_kernel
-        for dtype in (("bf16", "fp16") if kind == "16bit" else ("fp32",)):
-            cx = dict(HAS_BIAS=True, TEACHER=teacher, HAS_TEACHER_BIAS=False, BLOCK_N=cfg.block_n,
-                      BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, IEEE=dtype == "fp32")
-            if pass_ == "bwd":
-                cx["KL"] = 1 if teacher else 0
-            name = f"token_stats_{pass_}[{dtype}, teacher={('none', 'hidden', 'logits')[teacher]}]"
-            out.append((name, fn, dtype, cx, cfg.num_warps, cfg.num_stages))
+    for (table_arch, variant), table in ts.GPU_CONFIGS.items():
+        if table_arch != arch:
+            continue
+        for (pass_, kind, teacher) in table:
+            for dtype in (("bf16", "fp16") if kind == "16bit" else ("fp32",)):
+                name = f"token_stats_{pass_}_{variant}[{dtype}, teacher={('none', 'hidden', 'logits')[teacher]}]"
+                out.append((name, pass_, dtype, teacher, variant))
     return out
+
+
+def planned_launch(pass_: str, dtype: str, teacher_mode: int, arch: int, variant: str):
+    """The launcher's own plan for the 7B head on meta tensors (no memory, no GPU)."""
+    import torch
+
+    from vlmfast.ops._inputs import Teacher
+
+    from . import token_stats as ts
+
+    dt = getattr(torch, _DTYPES[dtype])
+
+    def meta(*shape, dtype=dt):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    h, w, b, y = meta(N_TOKENS, HIDDEN), meta(VOCAB, HIDDEN), meta(VOCAB), meta(N_TOKENS, dtype=torch.int64)
+    teacher = {ts.TEACHER_NONE: None,
+               ts.TEACHER_HIDDEN: Teacher(hidden=meta(N_TOKENS, TEACHER_HIDDEN), weight=meta(VOCAB, TEACHER_HIDDEN)),
+               ts.TEACHER_LOGITS: Teacher(logits=meta(N_TOKENS, VOCAB))}[teacher_mode]
+    where = ts.Target(arch, SMS, tma=variant == "tma")
+    if pass_ == "fwd":
+        splits = ts.forward_splits(h, w, teacher, where)
+        part = meta(ts.NUM_STATS, splits, N_TOKENS, dtype=torch.float32)
+        launch = ts.forward_launch(h, w, b, y, part, meta(N_TOKENS, dtype=torch.float32), teacher=teacher,
+                                   where=where)
+    else:
+        rows = ts.backward_chunk_rows(h, w, teacher, where)
+        per_token = {k: meta(N_TOKENS, dtype=torch.float32) for k in ("lse", "entropy", "kl", "lse_t")}
+        grads = {k: meta(N_TOKENS, dtype=torch.float32) for k in ("logp", "entropy", "kl", "lse")}
+        kl_mode = ts.KL_REVERSE if teacher is not None else ts.KL_NONE
+        launch = ts.backward_launch(h, w, b, y, per_token, grads, meta(rows, VOCAB), 0, teacher=teacher,
+                                    kl_mode=kl_mode, where=where)
+    assert launch.kernel.fn.__name__.endswith("sm90_kernel") == (variant == "tma"), launch.kernel
+    return launch
+
+
+def jit_source(launch, arch: int):
+    """(ASTSource, options) exactly as `kernel[grid](...)` would build them on a GPU of `arch`: Triton's
+    own binder specialises the arguments (divisibility 16 of aligned pointers and integers)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = launch.kernel
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = {**launch.constexprs, "num_warps": launch.config.num_warps, "num_stages": launch.config.num_stages}
+    bound, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return ASTSource(fn, signature, constexprs, attrs), options, attrs
 
 
 def _ptxas_usage(ptx: str, arch: int) -> dict:
@@ -92,33 +132,52 @@ def _ptxas_usage(ptx: str, arch: int) -> dict:
     }
 
 
-def compile_one(fn, dtype, constexprs, num_warps, num_stages, arch=90) -> dict:
+def ctas_per_sm(registers: int, shared: int, num_warps: int, arch: int) -> int:
+    """Resident CTAs per SM, from the register file (allocated per warp in units of 256), shared memory
+    (1 KiB reserved per CTA) and threads."""
+    per_warp = -(-registers * 32 // 256) * 256
+    by_regs = REGISTERS_PER_SM // (per_warp * num_warps)
+    by_smem = SHARED_PER_SM[arch] // (shared + 1024)
+    return max(0, min(by_regs, by_smem, THREADS_PER_SM // (32 * num_warps), MAX_CTAS_PER_SM))
+
+
+def compile_one(pass_: str, dtype: str, teacher_mode: int, arch: int = 90, variant: str = "portable") -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    src = ASTSource(fn=fn, signature=_signature(fn, dtype, constexprs), constexprs=constexprs)
-    k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                       options={"num_warps": num_warps, "num_stages": num_stages})
+    launch = planned_launch(pass_, dtype, teacher_mode, arch, variant)
+    src, options, attrs = jit_source(launch, arch)
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
     ptx = k.asm["ptx"]
     usage = _ptxas_usage(ptx, arch)
+    cfg = launch.config
+    resident = ctas_per_sm(usage["registers"], k.metadata.shared, cfg.num_warps, arch)
+    ctas = launch.grid[0] * launch.grid[1]
     return {
         "arch": f"sm_{arch}",
-        "num_warps": num_warps,
-        "num_stages": num_stages,
+        "specialization": "aligned-16" if any(["tt.divisibility", 16] in a for a in attrs.values()) else "none",
+        "num_warps": cfg.num_warps,
+        "num_stages": cfg.num_stages,
         "shared": k.metadata.shared,
         "shared_limit": SHARED_LIMIT[arch],
         "wgmma": "wgmma" in ptx,
+        "wgmma_shapes": sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx))),
         "mma": "mma.sync" in ptx or "wgmma" in ptx,
+        "tma": "cp.async.bulk.tensor" in ptx,
+        "ctas_per_sm": resident,
+        "grid": list(launch.grid),
+        "waves": round(ctas / (resident * SMS), 2) if resident else None,
         **usage,
     }
 
 
 def _compile_row(job) -> dict:
     arch, index = job  # kernels do not pickle: workers look them up by index
-    name, fn, dtype, cx, warps, stages = shipped_kernels(arch)[index]
-    row = {"kernel": name, "config": {k: v for k, v in cx.items() if k.startswith("BLOCK")}}
-    row.update(compile_one(fn, dtype, cx, warps, stages, arch))
+    name, pass_, dtype, teacher, variant = shipped_kernels(arch)[index]
+    cfg = planned_launch(pass_, dtype, teacher, arch, variant).config
+    row = {"kernel": name, "variant": variant,
+           "config": {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_H": cfg.block_h}}
+    row.update(compile_one(pass_, dtype, teacher, arch, variant))
     return row
 
 
@@ -148,16 +207,18 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    head = f"{'kernel':48} {'arch':6} {'tiles (N,V,H)':15} {'warps':>5} {'stages':>6} {'regs':>4} " \
-           f"{'spill B':>7} {'smem B':>7} {'tensor cores':>12}"
+    head = f"{'kernel':46} {'arch':6} {'tiles (N,V,H)':14} {'warps':>5} {'stages':>6} {'regs':>4} " \
+           f"{'spill B':>7} {'smem B':>7} {'wgmma':>12} {'tma':>3} {'CTA/SM':>6} {'waves':>6}"
+    print(f"compiled as the JIT specialises the 7B head (N={N_TOKENS}, H={HIDDEN}, V={VOCAB}), {SMS} SMs")
     print(head)
     print("-" * len(head))
     for r in rows:
         c = r["config"]
         tiles = f"{c['BLOCK_N']},{c['BLOCK_V']},{c['BLOCK_H']}"
-        tc = "wgmma" if r["wgmma"] else ("mma" if r["mma"] else "NONE")
-        print(f"{r['kernel']:48} {r['arch']:6} {tiles:15} {r['num_warps']:>5} {r['num_stages']:>6} "
-              f"{r['registers']:>4} {r['spill_stores']:>7} {r['shared']:>7} {tc:>12}")
+        tc = ",".join(r["wgmma_shapes"]) or ("mma" if r["mma"] else "NONE")
+        print(f"{r['kernel']:46} {r['arch']:6} {tiles:14} {r['num_warps']:>5} {r['num_stages']:>6} "
+              f"{r['registers']:>4} {r['spill_stores']:>7} {r['shared']:>7} {tc:>12} {'yes' if r['tma'] else 'no':>3} "
+              f"{r['ctas_per_sm']:>6} {r['waves']!s:>6}")
     return 0
 
 

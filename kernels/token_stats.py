@@ -53,18 +53,20 @@ class Config:
 
 # One fixed config per (pass, dtype class, teacher mode): autotuning needs a GPU, and fixed configs
 # are what the ahead-of-time compile test checks for spills and shared memory.
-# (pass, input dtype class, teacher mode) -> tiles, per GPU generation. Chosen so that ptxas reports
-# no register spills (see `python -m vlmfast.kernels.inspect`); 16-bit inputs run on tensor cores
-# (wgmma on sm_90a, mma on sm_80). fp32 inputs use IEEE fp32 dot products (no TF32): correct, not
-# the fast path, so their tiles are smaller than the 64-row minimum of the 16-bit paths.
+# (arch, kernel variant) -> (pass, input dtype class, teacher mode) -> tiles. "tma": the Hopper kernels of
+# token_stats_sm90.py (aligned inputs on sm_90); "portable": this file's kernels (sm_80, and sm_90 when a
+# tensor is not 16-byte aligned). Chosen so that ptxas reports no register spills as the JIT specialises
+# them (see `python -m vlmfast.kernels.inspect`); 16-bit inputs run on tensor cores (wgmma on sm_90a, mma
+# on sm_80). fp32 inputs use IEEE fp32 dot products (no TF32): correct, not the fast path, so their tiles
+# are smaller than the 64-row minimum of the 16-bit paths.
 GPU_CONFIGS = {
-    90: {
-        ("fwd", "16bit", 0): Config(128, 64, 64, 8, 3),
-        ("fwd", "16bit", 1): Config(64, 64, 64, 8, 3),
-        ("fwd", "16bit", 2): Config(64, 32, 32, 8, 3),
-        ("bwd", "16bit", 0): Config(128, 64, 64, 8, 3),
-        ("bwd", "16bit", 1): Config(64, 64, 64, 8, 3),
-        ("bwd", "16bit", 2): Config(64, 64, 64, 8, 3),
+    (90, "tma"): {  # see docs/fused_ops.md, "Hopper tiles", for what wider tiles cost
+        ("fwd", "16bit", 0): Config(128, 128, 64, 8, 4),
+        ("fwd", "16bit", 1): Config(64, 128, 64, 8, 3),
+        ("fwd", "16bit", 2): Config(64, 128, 64, 8, 3),
+        ("bwd", "16bit", 0): Config(128, 256, 64, 8, 3),
+        ("bwd", "16bit", 1): Config(128, 128, 64, 8, 3),
+        ("bwd", "16bit", 2): Config(128, 128, 64, 8, 3),
         ("fwd", "fp32", 0): Config(32, 32, 32, 4, 3),
         ("fwd", "fp32", 1): Config(32, 64, 32, 8, 3),
         ("fwd", "fp32", 2): Config(32, 64, 32, 8, 3),
@@ -72,7 +74,21 @@ GPU_CONFIGS = {
         ("bwd", "fp32", 1): Config(32, 32, 32, 4, 3),
         ("bwd", "fp32", 2): Config(32, 32, 32, 4, 3),
     },
-    80: {
+    (90, "portable"): {
+        ("fwd", "16bit", 0): Config(128, 64, 64, 8, 3),
+        ("fwd", "16bit", 1): Config(64, 64, 64, 8, 3),
+        ("fwd", "16bit", 2): Config(64, 32, 32, 8, 3),
+        ("bwd", "16bit", 0): Config(128, 64, 64, 8, 3),
+        ("bwd", "16bit", 1): Config(64, 64, 64, 8, 3),
+        ("bwd", "16bit", 2): Config(64, 64, 64, 8, 3),
+        ("fwd", "fp32", 0): Config(32, 32, 32, 4, 3),
+        ("fwd", "fp32", 1): Config(32, 64, 32, 4, 3),  # 8 warps spill 24 B as the JIT specialises it
+        ("fwd", "fp32", 2): Config(32, 64, 32, 8, 3),
+        ("bwd", "fp32", 0): Config(64, 32, 32, 4, 3),
+        ("bwd", "fp32", 1): Config(32, 32, 32, 4, 3),
+        ("bwd", "fp32", 2): Config(32, 32, 32, 4, 3),
+    },
+    (80, "portable"): {
         ("fwd", "16bit", 0): Config(128, 64, 32, 8, 3),
         ("fwd", "16bit", 1): Config(64, 64, 32, 8, 3),
         ("fwd", "16bit", 2): Config(64, 32, 32, 8, 3),
@@ -94,16 +110,61 @@ TEACHER_NONE, TEACHER_HIDDEN, TEACHER_LOGITS = 0, 1, 2
 KL_NONE, KL_REVERSE, KL_FORWARD = 0, 1, 2
 
 
-def config_arch(device: torch.device) -> int:
-    """The config table for a GPU: sm_90 tiles on Hopper and newer, sm_80 tiles before."""
-    return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
+@dataclass(frozen=True)
+class Target:
+    """What a launch is planned for: the config table's architecture (None: the interpreter's config), the
+    SM count that sizes the vocabulary split, and whether the TMA kernels may run (sm_90; under the
+    interpreter when VLMFAST_TRITON_TMA=1, so tests run them). `kernels/inspect.py` plans for a GPU it
+    does not have."""
+    arch: int | None
+    sms: int
+    tma: bool = False
 
 
-def pick_config(pass_: str, dtype: torch.dtype, teacher_mode: int, device: torch.device) -> Config:
+def device_target(device: torch.device) -> Target:
+    """sm_90 tiles on Hopper and newer, sm_80 tiles before; the interpreter (or a CPU tensor) otherwise."""
     if INTERPRET or device.type != "cuda":
+        return Target(None, 1, tma=os.environ.get("VLMFAST_TRITON_TMA") == "1")
+    arch = 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
+    return Target(arch, torch.cuda.get_device_properties(device).multi_processor_count, tma=arch == 90)
+
+
+def kernel_variant(where: Target, *tensors) -> str:
+    """"tma" when the target runs the Hopper kernels and every tensor a descriptor reads is 16-byte
+    aligned, else "portable"."""
+    from .token_stats_sm90 import tma_aligned
+
+    return "tma" if where.tma and tma_aligned(*tensors) else "portable"
+
+
+def pick_config(pass_: str, dtype: torch.dtype, teacher_mode: int, where: Target, variant: str) -> Config:
+    if where.arch is None:
         return INTERPRET_CONFIG
     kind = "fp32" if dtype == torch.float32 else "16bit"
-    return GPU_CONFIGS[config_arch(device)][(pass_, kind, teacher_mode)]
+    return GPU_CONFIGS[(where.arch, variant)][(pass_, kind, teacher_mode)]
+
+
+def _kernel(pass_: str, variant: str):
+    if variant == "tma":
+        from . import token_stats_sm90 as sm90
+
+        sm90.ensure_allocator()
+        return sm90._token_stats_fwd_sm90_kernel if pass_ == "fwd" else sm90._token_stats_bwd_sm90_kernel
+    return _token_stats_fwd_kernel if pass_ == "fwd" else _token_stats_bwd_kernel
+
+
+@dataclass
+class Launch:
+    """One kernel launch, planned: `kernel[grid](*args, **constexprs, num_warps=, num_stages=)`."""
+    kernel: object
+    grid: tuple
+    args: tuple
+    constexprs: dict
+    config: Config
+
+    def __call__(self):
+        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.config.num_warps,
+                               num_stages=self.config.num_stages)
 
 
 @triton.jit
@@ -153,6 +214,61 @@ def _teacher_tile(ht_ptr, wt_ptr, bt_ptr, zt_ptr, rows, cols, row_mask, col_mask
 
 
 @triton.jit
+def _empty_stats(BLOCK_N: tl.constexpr):
+    """The running statistics before the first vocabulary tile: m, S0, A, z_y, mt, T0, B, At, Bt.
+    -1e30, not -inf, for the maxima: (m_old - m_new) * S0 must be 0, not nan, on the first tile."""
+    zero = tl.zeros([BLOCK_N], tl.float32)
+    low = tl.full([BLOCK_N], -1e30, tl.float32)
+    return low, zero, zero, zero, low, zero, zero, zero, zero
+
+
+@triton.jit
+def _online_update(z, zt, cols, col_mask, y, m, s0, a, zy, mt, t0, b, at, bt, TEACHER: tl.constexpr):
+    """Fold one vocabulary tile of student logits z (and teacher logits zt) [BLOCK_N, BLOCK_V] into the
+    running per-row statistics (see the module docstring); every forward kernel uses this one formula."""
+    z = tl.where(col_mask[None, :], z, float("-inf"))
+    zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    alpha = tl.exp(m - m_new)
+    d = tl.where(col_mask[None, :], z - m_new[:, None], 0.0)  # z - m, 0 off the vocabulary
+    e = tl.where(col_mask[None, :], tl.exp(d), 0.0)
+    if TEACHER != 0:
+        zt = tl.where(col_mask[None, :], zt, float("-inf"))
+        mt_new = tl.maximum(mt, tl.max(zt, axis=1))
+        beta = tl.exp(mt - mt_new)
+        dt = tl.where(col_mask[None, :], zt - mt_new[:, None], 0.0)
+        et = tl.where(col_mask[None, :], tl.exp(dt), 0.0)
+        # rescale to the new maxima with the OLD S0 / T0, then add this tile
+        b = alpha * (b + (mt - mt_new) * s0) + tl.sum(e * dt, axis=1)
+        at = beta * (at + (mt - mt_new) * t0) + tl.sum(et * dt, axis=1)
+        bt = beta * (bt + (m - m_new) * t0) + tl.sum(et * d, axis=1)
+        t0 = beta * t0 + tl.sum(et, axis=1)
+        mt = mt_new
+    a = alpha * (a + (m - m_new) * s0) + tl.sum(e * d, axis=1)
+    s0 = alpha * s0 + tl.sum(e, axis=1)
+    return m_new, s0, a, zy, mt, t0, b, at, bt
+
+
+@triton.jit
+def _store_partials(part_ptr, zy_ptr, rows, row_mask, y, v_start, v_end, pid_s, N, m, s0, a, zy, mt, t0, b, at, bt,
+                    TEACHER: tl.constexpr):
+    """One vocabulary slice's partial statistics of its rows, merged later by `combine`."""
+    out = part_ptr + pid_s * N + rows
+    stride_stat = tl.num_programs(1) * N
+    tl.store(out + 0 * stride_stat, m, mask=row_mask)
+    tl.store(out + 1 * stride_stat, s0, mask=row_mask)
+    tl.store(out + 2 * stride_stat, a, mask=row_mask)
+    if TEACHER != 0:
+        tl.store(out + 3 * stride_stat, mt, mask=row_mask)
+        tl.store(out + 4 * stride_stat, t0, mask=row_mask)
+        tl.store(out + 5 * stride_stat, b, mask=row_mask)
+        tl.store(out + 6 * stride_stat, at, mask=row_mask)
+        tl.store(out + 7 * stride_stat, bt, mask=row_mask)
+    # exactly one vocabulary slice holds each row's target
+    tl.store(zy_ptr + rows, zy, mask=row_mask & (y >= v_start) & (y < v_end))
+
+
+@triton.jit
 def _token_stats_fwd_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, part_ptr, zy_ptr,
     N, V, H, HT, inv_t, v_per_split,
@@ -168,60 +284,64 @@ def _token_stats_fwd_kernel(
     v_start = pid_s * v_per_split
     v_end = tl.minimum(v_start + v_per_split, V)
 
-    # -1e30, not -inf: (m_old - m_new) * S0 must be 0, not nan, on the first tile.
-    m = tl.full([BLOCK_N], -1e30, tl.float32)
-    s0 = tl.zeros([BLOCK_N], tl.float32)
-    a = tl.zeros([BLOCK_N], tl.float32)
-    zy = tl.zeros([BLOCK_N], tl.float32)
-    mt = tl.full([BLOCK_N], -1e30, tl.float32)
-    t0 = tl.zeros([BLOCK_N], tl.float32)
-    b = tl.zeros([BLOCK_N], tl.float32)
-    at = tl.zeros([BLOCK_N], tl.float32)
-    bt = tl.zeros([BLOCK_N], tl.float32)
+    m, s0, a, zy, mt, t0, b, at, bt = _empty_stats(BLOCK_N)
 
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
         z = _student_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
                           inv_t, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, IEEE)
-        z = tl.where(col_mask[None, :], z, float("-inf"))
-        zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp(m - m_new)
-        d = tl.where(col_mask[None, :], z - m_new[:, None], 0.0)  # z - m, 0 off the vocabulary
-        e = tl.where(col_mask[None, :], tl.exp(d), 0.0)
+        zt = z
         if TEACHER != 0:
             zt = _teacher_tile(ht_ptr, wt_ptr, bt_ptr, zt_ptr, rows, cols, row_mask, col_mask, HT,
                                stride_ht, stride_wt, stride_zt, inv_t, TEACHER, HAS_TEACHER_BIAS,
                                BLOCK_N, BLOCK_V, BLOCK_H, IEEE)
-            zt = tl.where(col_mask[None, :], zt, float("-inf"))
-            mt_new = tl.maximum(mt, tl.max(zt, axis=1))
-            beta = tl.exp(mt - mt_new)
-            dt = tl.where(col_mask[None, :], zt - mt_new[:, None], 0.0)
-            et = tl.where(col_mask[None, :], tl.exp(dt), 0.0)
-            # rescale to the new maxima with the OLD S0 / T0, then add this tile
-            b = alpha * (b + (mt - mt_new) * s0) + tl.sum(e * dt, axis=1)
-            at = beta * (at + (mt - mt_new) * t0) + tl.sum(et * dt, axis=1)
-            bt = beta * (bt + (m - m_new) * t0) + tl.sum(et * d, axis=1)
-            t0 = beta * t0 + tl.sum(et, axis=1)
-            mt = mt_new
-        a = alpha * (a + (m - m_new) * s0) + tl.sum(e * d, axis=1)
-        s0 = alpha * s0 + tl.sum(e, axis=1)
-        m = m_new
+        m, s0, a, zy, mt, t0, b, at, bt = _online_update(z, zt, cols, col_mask, y, m, s0, a, zy, mt, t0, b, at, bt,
+                                                         TEACHER)
+    _store_partials(part_ptr, zy_ptr, rows, row_mask, y, v_start, v_end, pid_s, N, m, s0, a, zy, mt, t0, b, at, bt,
+                    TEACHER)
 
-    out = part_ptr + pid_s * N + rows
-    stride_stat = tl.num_programs(1) * N
-    tl.store(out + 0 * stride_stat, m, mask=row_mask)
-    tl.store(out + 1 * stride_stat, s0, mask=row_mask)
-    tl.store(out + 2 * stride_stat, a, mask=row_mask)
-    if TEACHER != 0:
-        tl.store(out + 3 * stride_stat, mt, mask=row_mask)
-        tl.store(out + 4 * stride_stat, t0, mask=row_mask)
-        tl.store(out + 5 * stride_stat, b, mask=row_mask)
-        tl.store(out + 6 * stride_stat, at, mask=row_mask)
-        tl.store(out + 7 * stride_stat, bt, mask=row_mask)
-    # exactly one vocabulary slice holds each row's target
-    tl.store(zy_ptr + rows, zy, mask=row_mask & (y >= v_start) & (y < v_end))
+
+@triton.jit
+def _backward_rows(y_ptr, lse_ptr, ent_ptr, kl_ptr, lse_t_ptr, g_logp_ptr, g_ent_ptr, g_kl_ptr, g_lse_ptr, rows,
+                   row_mask, ignore_index, KL: tl.constexpr):
+    """The per-row inputs of the backward: target, validity, saved statistics, upstream gradients."""
+    y = tl.load(y_ptr + rows, mask=row_mask, other=ignore_index)
+    valid = row_mask & (y != ignore_index)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    ent = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
+    g_logp = tl.load(g_logp_ptr + rows, mask=row_mask, other=0.0)
+    g_ent = tl.load(g_ent_ptr + rows, mask=row_mask, other=0.0)
+    g_lse = tl.load(g_lse_ptr + rows, mask=row_mask, other=0.0)
+    kl = tl.zeros_like(lse)
+    lse_t = tl.zeros_like(lse)
+    g_kl = tl.zeros_like(lse)
+    if KL != 0:
+        kl = tl.load(kl_ptr + rows, mask=row_mask, other=0.0)
+        lse_t = tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0)
+        g_kl = tl.load(g_kl_ptr + rows, mask=row_mask, other=0.0)
+    return y, valid, lse, ent, g_logp, g_ent, g_lse, kl, lse_t, g_kl
+
+
+@triton.jit
+def _dz_tile(z, zt, cols, y, valid, lse, ent, g_logp, g_ent, g_lse, kl, lse_t, g_kl, inv_t, KL: tl.constexpr):
+    """dz [BLOCK_N, BLOCK_V] of one recomputed logits tile (see vlmfast/ops/chunked.py for the formula);
+    every backward kernel uses this one formula."""
+    logp = z - lse[:, None]
+    p = tl.exp(logp)
+    c = -g_ent[:, None] * (logp + ent[:, None]) + (g_lse - g_logp)[:, None]
+    if KL != 0:
+        logq = zt - lse_t[:, None]
+        if KL == 1:  # reverse: p (log p - log q - KL)
+            dz = p * (c + g_kl[:, None] * (logp - logq - kl[:, None]))
+        else:  # forward: p - q
+            dz = p * (c + g_kl[:, None]) - g_kl[:, None] * tl.exp(logq)
+    else:
+        dz = p * c
+    # onehot term in fp32, after the p-terms: no bf16 cancellation as p_y -> 1
+    dz += tl.where(cols[None, :] == y[:, None], g_logp[:, None], 0.0)
+    # ignored rows carry lse = 0: their p may overflow, so zero them explicitly
+    return tl.where(valid[:, None], dz * inv_t, 0.0)
 
 
 @triton.jit
@@ -240,39 +360,18 @@ def _token_stats_bwd_kernel(
     rows = row0 + local
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < V
-
-    y = tl.load(y_ptr + rows, mask=row_mask, other=ignore_index)
-    valid = row_mask & (y != ignore_index)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    ent = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
-    g_logp = tl.load(g_logp_ptr + rows, mask=row_mask, other=0.0)
-    g_ent = tl.load(g_ent_ptr + rows, mask=row_mask, other=0.0)
-    g_lse = tl.load(g_lse_ptr + rows, mask=row_mask, other=0.0)
-
+    y, valid, lse, ent, g_logp, g_ent, g_lse, kl, lse_t, g_kl = _backward_rows(
+        y_ptr, lse_ptr, ent_ptr, kl_ptr, lse_t_ptr, g_logp_ptr, g_ent_ptr, g_kl_ptr, g_lse_ptr, rows, row_mask,
+        ignore_index, KL)
     # off-vocabulary columns get z = 0 (finite) and are never stored
     z = _student_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
                       inv_t, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, IEEE)
-    logp = z - lse[:, None]
-    p = tl.exp(logp)
-    c = -g_ent[:, None] * (logp + ent[:, None]) + (g_lse - g_logp)[:, None]
+    zt = z
     if KL != 0:
-        kl = tl.load(kl_ptr + rows, mask=row_mask, other=0.0)
-        lse_t = tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0)
-        g_kl = tl.load(g_kl_ptr + rows, mask=row_mask, other=0.0)
         zt = _teacher_tile(ht_ptr, wt_ptr, bt_ptr, zt_ptr, rows, cols, row_mask, col_mask, HT,
                            stride_ht, stride_wt, stride_zt, inv_t, TEACHER, HAS_TEACHER_BIAS,
                            BLOCK_N, BLOCK_V, BLOCK_H, IEEE)
-        logq = zt - lse_t[:, None]
-        if KL == 1:  # reverse: p (log p - log q - KL)
-            dz = p * (c + g_kl[:, None] * (logp - logq - kl[:, None]))
-        else:  # forward: p - q
-            dz = p * (c + g_kl[:, None]) - g_kl[:, None] * tl.exp(logq)
-    else:
-        dz = p * c
-    # onehot term in fp32, after the p-terms: no bf16 cancellation as p_y -> 1
-    dz += tl.where(cols[None, :] == y[:, None], g_logp[:, None], 0.0)
-    # ignored rows carry lse = 0: their p may overflow, so zero them explicitly
-    dz = tl.where(valid[:, None], dz * inv_t, 0.0)
+    dz = _dz_tile(z, zt, cols, y, valid, lse, ent, g_logp, g_ent, g_lse, kl, lse_t, g_kl, inv_t, KL)
     ptrs = dz_ptr + local.to(tl.int64)[:, None] * stride_dz + cols[None, :]
     tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
@@ -289,13 +388,51 @@ def _teacher_args(teacher, like: torch.Tensor):
     return TEACHER_HIDDEN, ht, wt, bt, like, ht.shape[1], ht.stride(0), wt.stride(0), 0
 
 
-def _auto_splits(n_blocks: int, V: int, block_v: int, device: torch.device) -> int:
+def _auto_splits(n_blocks: int, V: int, block_v: int, target: Target) -> int:
     """Vocabulary slices per row block: enough programs to fill the GPU, >= 8 tiles per slice."""
-    if device.type != "cuda":
+    if target.arch is None:
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = triton.cdiv(2 * sms, n_blocks)
+    want = triton.cdiv(2 * target.sms, n_blocks)
     return max(1, min(want, triton.cdiv(V, 8 * block_v)))
+
+
+def _descriptor_inputs(hidden, weight, teacher):
+    """The tensors a TMA kernel reads through descriptors (a logits teacher is read with plain loads)."""
+    if teacher is None or teacher.logits is not None:
+        return hidden, weight
+    return hidden, weight, teacher.hidden, teacher.weight
+
+
+def forward_launch(hidden, weight, bias, target, part, zy, *, teacher=None, temperature=1.0,
+                   where: Target) -> Launch:
+    """The forward kernel's launch over contiguous inputs into the [NUM_STATS, splits, N] buffer `part`
+    (see `forward_splits`) and zy [N]."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    mode, ht, wt, bt, zt, HT, s_ht, s_wt, s_zt = _teacher_args(teacher, hidden)
+    variant = kernel_variant(where, *_descriptor_inputs(hidden, weight, teacher))
+    cfg = pick_config("fwd", hidden.dtype, mode, where, variant)
+    v_per_split = triton.cdiv(triton.cdiv(V, part.shape[1]), cfg.block_v) * cfg.block_v
+    return Launch(
+        _kernel("fwd", variant), (triton.cdiv(N, cfg.block_n), part.shape[1]),
+        (hidden, weight, hidden if bias is None else bias, target, ht, wt, bt, zt, part, zy,
+         N, V, H, HT, 1.0 / temperature, v_per_split,
+         hidden.stride(0), weight.stride(0), s_ht, s_wt, s_zt),
+        dict(HAS_BIAS=bias is not None, TEACHER=mode,
+             HAS_TEACHER_BIAS=teacher is not None and teacher.bias is not None,
+             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, IEEE=hidden.dtype == torch.float32),
+        cfg)
+
+
+def forward_splits(hidden, weight, teacher, where: Target, splits=None) -> int:
+    """Vocabulary slices of the forward (whole tiles each; `splits` asks for a number, tests use it)."""
+    N, V = hidden.shape[0], weight.shape[0]
+    variant = kernel_variant(where, *_descriptor_inputs(hidden, weight, teacher))
+    cfg = pick_config("fwd", hidden.dtype, _teacher_args(teacher, hidden)[0], where, variant)
+    if splits is None:
+        splits = _auto_splits(triton.cdiv(N, cfg.block_n), V, cfg.block_v, where)
+    v_per_split = triton.cdiv(triton.cdiv(V, splits), cfg.block_v) * cfg.block_v
+    return triton.cdiv(V, v_per_split)
 
 
 def token_stats_forward(hidden, weight, bias, target, *, teacher=None, kl=None, temperature=1.0,
@@ -306,28 +443,15 @@ def token_stats_forward(hidden, weight, bias, target, *, teacher=None, kl=None, 
     of vocabulary slices (tests use it to exercise the merge on CPU).
     """
     hidden, weight, target = hidden.contiguous(), weight.contiguous(), target.contiguous()
-    N, H = hidden.shape
-    V = weight.shape[0]
-    mode, ht, wt, bt, zt, HT, s_ht, s_wt, s_zt = _teacher_args(teacher, hidden)
-    cfg = pick_config("fwd", hidden.dtype, mode, hidden.device)
-    n_blocks = triton.cdiv(N, cfg.block_n)
-    if splits is None:
-        splits = _auto_splits(n_blocks, V, cfg.block_v, hidden.device)
-    v_per_split = triton.cdiv(triton.cdiv(V, splits), cfg.block_v) * cfg.block_v
-    splits = triton.cdiv(V, v_per_split)
+    bias = None if bias is None else bias.contiguous()
+    N = hidden.shape[0]
+    where = device_target(hidden.device)
+    splits = forward_splits(hidden, weight, teacher, where, splits)
     part = torch.zeros(NUM_STATS, splits, N, dtype=torch.float32, device=hidden.device)
     zy = torch.zeros(N, dtype=torch.float32, device=hidden.device)
     if N:
-        _token_stats_fwd_kernel[(n_blocks, splits)](
-            hidden, weight, hidden if bias is None else bias.contiguous(), target, ht, wt, bt, zt, part, zy,
-            N, V, H, HT, 1.0 / temperature, v_per_split,
-            hidden.stride(0), weight.stride(0), s_ht, s_wt, s_zt,
-            HAS_BIAS=bias is not None, TEACHER=mode,
-            HAS_TEACHER_BIAS=teacher is not None and teacher.bias is not None,
-            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
-            IEEE=hidden.dtype == torch.float32,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+        forward_launch(hidden, weight, bias, target, part, zy, teacher=teacher, temperature=temperature,
+                       where=where)()
     out = combine(part, zy, kl=kl, with_teacher=teacher is not None)
     valid = target != ignore_index
     return {k: torch.where(valid, v, torch.zeros_like(v)) for k, v in out.items()}
@@ -362,6 +486,36 @@ def combine(part: torch.Tensor, zy: torch.Tensor, *, kl=None, with_teacher=False
 BWD_DZ_BYTES = int(os.environ.get("VLMFAST_DZ_BYTES", 2**30))
 
 
+def backward_chunk_rows(hidden, weight, teacher, where: Target) -> int:
+    """Rows of dz per backward chunk: as many as BWD_DZ_BYTES hold, whole row tiles."""
+    N, V = hidden.shape[0], weight.shape[0]
+    variant = kernel_variant(where, *_descriptor_inputs(hidden, weight, teacher))
+    cfg = pick_config("bwd", hidden.dtype, _teacher_args(teacher, hidden)[0], where, variant)
+    rows = max(cfg.block_n, BWD_DZ_BYTES // (V * hidden.element_size()))
+    return min(rows // cfg.block_n * cfg.block_n, max(N, 1))
+
+
+def backward_launch(hidden, weight, bias, target, stats, g, dz, r0, *, teacher=None, kl_mode=KL_NONE,
+                    temperature=1.0, ignore_index=-100, where: Target) -> Launch:
+    """The backward kernel's launch writing dz [n, V] for rows r0 .. r0 + n of contiguous inputs; `stats`
+    holds lse, entropy, kl, lse_t and `g` the upstream logp, entropy, kl, lse gradients, all [N] fp32."""
+    V, H = weight.shape
+    n = dz.shape[0]
+    mode, ht, wt, bt, zt, HT, s_ht, s_wt, s_zt = _teacher_args(teacher, hidden)
+    variant = kernel_variant(where, *_descriptor_inputs(hidden, weight, teacher))
+    cfg = pick_config("bwd", hidden.dtype, mode, where, variant)
+    return Launch(
+        _kernel("bwd", variant), (triton.cdiv(n, cfg.block_n), triton.cdiv(V, cfg.block_v)),
+        (hidden, weight, hidden if bias is None else bias, target, ht, wt, bt, zt,
+         stats["lse"], stats["entropy"], stats["kl"], stats["lse_t"], g["logp"], g["entropy"], g["kl"], g["lse"], dz,
+         r0, n, V, H, HT, 1.0 / temperature, ignore_index,
+         hidden.stride(0), weight.stride(0), s_ht, s_wt, s_zt, dz.stride(0)),
+        dict(HAS_BIAS=bias is not None, TEACHER=mode,
+             HAS_TEACHER_BIAS=teacher is not None and teacher.bias is not None, KL=kl_mode,
+             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, IEEE=hidden.dtype == torch.float32),
+        cfg)
+
+
 def token_stats_backward(hidden, weight, bias, target, stats, grads, *, teacher=None, kl=None,
                          temperature=1.0, ignore_index=-100, need_dh=True, need_dw=True, need_db=False,
                          chunk_rows=None):
@@ -371,22 +525,21 @@ def token_stats_backward(hidden, weight, bias, target, stats, grads, *, teacher=
     to [N] fp32 tensors (missing: zero).
     """
     hidden, weight, target = hidden.contiguous(), weight.contiguous(), target.contiguous()
+    bias = None if bias is None else bias.contiguous()
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
-    mode, ht, wt, bt, zt, HT, s_ht, s_wt, s_zt = _teacher_args(teacher, hidden)
+    where = device_target(dev)
     kl_mode = KL_NONE
     if teacher is not None and grads.get("kl") is not None:
         kl_mode = KL_REVERSE if kl == "reverse" else KL_FORWARD
-    cfg = pick_config("bwd", hidden.dtype, mode, hidden.device)
     zero = torch.zeros(N, dtype=torch.float32, device=dev)
     g = {k: zero if grads.get(k) is None else grads[k].float().contiguous()
          for k in ("logp", "entropy", "kl", "lse")}
-    kl_saved = stats.get("kl", zero).contiguous()
-    lse_t = stats.get("lse_t", zero).contiguous()
+    saved = {"lse": stats["lse"], "entropy": stats["entropy"], "kl": stats.get("kl", zero).contiguous(),
+             "lse_t": stats.get("lse_t", zero).contiguous()}
     if chunk_rows is None:
-        chunk_rows = max(cfg.block_n, BWD_DZ_BYTES // (V * hidden.element_size()))
-        chunk_rows = chunk_rows // cfg.block_n * cfg.block_n
+        chunk_rows = backward_chunk_rows(hidden, weight, teacher, where)
     chunk_rows = min(chunk_rows, max(N, 1))
     dz_buf = torch.empty(chunk_rows, V, dtype=hidden.dtype, device=dev)
     dh = torch.empty_like(hidden) if need_dh else None
@@ -395,30 +548,19 @@ def token_stats_backward(hidden, weight, bias, target, stats, grads, *, teacher=
     for r0 in range(0, N, chunk_rows):
         n = min(chunk_rows, N - r0)
         dz = dz_buf[:n]
-        grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(V, cfg.block_v))
-        _token_stats_bwd_kernel[grid](
-            hidden, weight, hidden if bias is None else bias.contiguous(), target, ht, wt, bt, zt,
-            stats["lse"], stats["entropy"], kl_saved, lse_t,
-            g["logp"], g["entropy"], g["kl"], g["lse"], dz,
-            r0, n, V, H, HT, 1.0 / temperature, ignore_index,
-            hidden.stride(0), weight.stride(0), s_ht, s_wt, s_zt, dz.stride(0),
-            HAS_BIAS=bias is not None, TEACHER=mode,
-            HAS_TEACHER_BIAS=teacher is not None and teacher.bias is not None, KL=kl_mode,
-            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
-            IEEE=hidden.dtype == torch.float32,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+        backward_launch(hidden, weight, bias, target, saved, g, dz, r0, teacher=teacher, kl_mode=kl_mode,
+                        temperature=temperature, ignore_index=ignore_index, where=where)()
         h = hidden[r0:r0 + n]
         if need_dh:
             if dz.is_cuda:
                 torch.mm(dz, weight, out=dh[r0:r0 + n])
             else:  # the interpreter's CPU tensors: no fast fp16 GEMM there
                 dh[r0:r0 + n] = (dz.float() @ weight.float()).to(dh.dtype)
-        if need_dw:
+        if need_dw:  # accumulated in place: no [V, H] temporary per chunk (2.2 GB fp32 at the 7B head)
             if dz.is_cuda and dz.dtype != torch.float32:
-                dw += torch.mm(dz.T, h, out_dtype=torch.float32)
+                torch.addmm(dw, dz.T, h, out_dtype=torch.float32, out=dw)
             else:
-                dw += dz.T.float() @ h.float()
+                dw.addmm_(dz.T.float(), h.float())
         if need_db:
             db += dz.sum(0, dtype=torch.float32)
     return dh, dw, db

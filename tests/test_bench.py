@@ -40,6 +40,12 @@ def test_a_wrong_provider_is_caught(monkeypatch):
 def test_flop_counts_and_registry():
     assert registry.matmul_flops(10, 20, 30, "forward") == 2 * 10 * 20 * 30
     assert registry.matmul_flops(10, 20, 30, "full") == 8 * 10 * 20 * 30
+    # OPD's fused teacher head: its logits in the forward and again in the backward's recompute
+    assert registry.matmul_flops(10, 20, 30, "forward", teacher_h=40) == 2 * 10 * 30 * (20 + 40)
+    assert registry.matmul_flops(10, 20, 30, "full", teacher_h=40) == 10 * 30 * (8 * 20 + 4 * 40)
+    # FLOPs are counted over the tokens a loss counts: build() masks each sequence's prompt
+    x = P.build("sft", 512, 8, 50)
+    assert P.counted_tokens(512) == int((x["labels"] != -100).sum()) == 512 - 2 * P.PROMPT
     assert registry.head("qwen25vl-7b") == (3584, 152064)
     with pytest.raises(SystemExit, match="unknown model"):
         registry.head("gpt-5")
@@ -68,3 +74,30 @@ def test_worker_and_summary(tmp_path):
     png = (tmp_path / "plots" / "cpu_grpo_cpu-small.png").read_bytes()
     assert png[:4] == b"\x89PNG" and len(png) > 5000
     json.dumps(rows)  # rows are JSON rows as written to results/
+
+
+def test_a_failing_case_is_a_row_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    """Out of GPU memory (or a crashed worker) in one case: that case's row says so, the others are measured,
+    and every row is on disk as soon as its case ends (a run killed later keeps them)."""
+    import argparse
+
+    from bench import suite
+
+    measured = []
+
+    def fake_case(module, argv):
+        op, provider, n = argv[:3]
+        if provider == "naive":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        rows = [json.loads(line) for line in (tmp_path / "cpu.jsonl").read_text().splitlines()]
+        measured.append(len(rows))  # the rows of the cases before this one are written already
+        return {m: {"time_s": 0.5, "peak_above_inputs_mb": 10.0} for m in ("forward", "full")}
+
+    monkeypatch.setattr(suite, "run_case", fake_case)
+    args = argparse.Namespace(device="cpu", threads=1, out=tmp_path, models=["cpu-small"], ops=["sft"], tokens=[256],
+                              providers=["naive", "vlmfast-chunked"], tolerance=2e-3, repeats=1)
+    rows = suite.run(args)
+    on_disk = [json.loads(line) for line in (tmp_path / "cpu.jsonl").read_text().splitlines()]
+    assert [r["provider"] for r in on_disk] == ["naive", "vlmfast-chunked", "vlmfast-chunked"]
+    assert "out of memory" in on_disk[0]["error"] and measured == [1]
+    assert [r["mode"] for r in rows] == ["forward", "full"] and all("error" not in r for r in rows)

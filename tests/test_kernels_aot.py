@@ -1,7 +1,8 @@
 """Every shipped Triton kernel config compiles ahead of time for sm_90 (H100) and sm_80 (A100) on
-this CPU machine, with no register spills, shared memory within the limit, and tensor-core
-instructions for 16-bit inputs. Runs `python -m vlmfast.kernels.inspect` in a subprocess: the test
-session itself runs with the interpreter on, which replaces the compiler."""
+this CPU machine exactly as the JIT specialises it for the 7B head (aligned-16), with no register
+spills, shared memory within the limit, tensor-core instructions for 16-bit inputs, and on sm_90 TMA
+and wgmma n >= 128. Runs `python -m vlmfast.kernels.inspect` in a subprocess: the test session itself
+runs with the interpreter on, which replaces the compiler."""
 
 import json
 import os
@@ -28,7 +29,9 @@ def test_every_shipped_config_compiles_for_both_archs(compiled):
 
     expected = {(k[0], f"sm_{arch}") for arch in (90, 80) for k in shipped_kernels(arch)}
     assert {(r["kernel"], r["arch"]) for r in compiled} == expected
-    assert len(expected) == 36  # 12 configs per arch; 16-bit ones in bf16 and fp16
+    # 12 configs per (arch, variant): sm_90 TMA, sm_90 portable (unaligned inputs), sm_80; 16-bit in bf16 and fp16
+    assert len(expected) == 54
+    assert all(r["specialization"] == "aligned-16" for r in compiled)
 
 
 def test_no_register_spills(compiled):
@@ -50,3 +53,23 @@ def test_16bit_kernels_use_tensor_cores(compiled):
             assert r["wgmma"], f"{r['kernel']} on sm_90 does not use wgmma"
         else:
             assert r["mma"], f"{r['kernel']} on sm_80 does not use mma"
+
+
+def test_sm90_tma_kernels_use_tma_and_wide_wgmma(compiled):
+    tma = [r for r in compiled if r["arch"] == "sm_90" and r["variant"] == "tma"]
+    assert len(tma) == 18 and all(r["tma"] for r in tma)
+    for r in tma:
+        if "fp32" in r["kernel"]:
+            continue
+        n = min(int(s.split("n")[1].split("k")[0]) for s in r["wgmma_shapes"])
+        # known gap: the forward with a teacher holds two logits tiles; at n = 128 it spills (docs/fused_ops.md)
+        wide = 64 if r["kernel"].startswith("token_stats_fwd_tma") and "teacher=none" not in r["kernel"] else 128
+        assert n >= wide, (r["kernel"], r["wgmma_shapes"])
+    # the no-teacher backward (every SFT / GRPO / DPO step) runs the full-width Hopper instruction
+    assert any(r["wgmma_shapes"] == ["m64n256k16"] for r in tma if r["kernel"].startswith("token_stats_bwd_tma"))
+
+
+def test_occupancy_and_waves_are_reported(compiled):
+    for r in compiled:
+        assert r["ctas_per_sm"] >= 1, r
+        assert r["waves"] > 0 and len(r["grid"]) == 2, r

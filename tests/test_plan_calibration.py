@@ -11,7 +11,7 @@ import sys
 import pytest
 from _launch import clean_env
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.memory, pytest.mark.timeout(900)]
 
 # Qwen2.5-0.5B's text widths and vocabulary, 12 of its 24 layers: 0.45B parameters, 7 GiB of fp32 training states
 TEXT = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=12, num_attention_heads=14,

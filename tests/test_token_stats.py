@@ -5,7 +5,9 @@ fp32: close to the fp32 ground truth. bf16/fp16: no worse than the naive same-dt
 measured against the fp32 ground truth on the same (rounded) inputs. The triton backend runs under
 TRITON_INTERPRET=1 (fp32 and fp16: bf16 arithmetic is wrong in the interpreter)."""
 
+import contextlib
 import math
+import os
 
 import pytest
 import torch
@@ -54,12 +56,28 @@ def _loss_and_grads(outputs: dict, g: dict, leaves):
     return {k: v.detach().float() for k, v in outputs.items()}, [x.float() for x in grads]
 
 
+@contextlib.contextmanager
+def kernel_variant(backend: str):
+    """"triton-tma": the triton backend with the Hopper (TMA) kernels, which the interpreter runs when
+    VLMFAST_TRITON_TMA=1; yields the backend name token_stats takes."""
+    if backend != "triton-tma":
+        yield backend
+        return
+    old = os.environ.get("VLMFAST_TRITON_TMA")
+    os.environ["VLMFAST_TRITON_TMA"] = "1"
+    try:
+        yield "triton"
+    finally:
+        os.environ.pop("VLMFAST_TRITON_TMA") if old is None else os.environ.__setitem__("VLMFAST_TRITON_TMA", old)
+
+
 def run_vlmfast(p, backend, dtype):
     h, W, b = (p[k].to(dtype).requires_grad_() for k in ("h", "W", "b"))
     outs = OUTPUTS + (("kl",) if p["kl"] else ())
-    r = token_stats(h, W, p["y"], bias=b, temperature=TEMPERATURE, teacher=_cast_teacher(p["teacher"], dtype),
-                    kl=p["kl"], outputs=outs, backend=backend)
-    return _loss_and_grads({k: getattr(r, k) for k in outs}, p["grads"], (h, W, b))
+    with kernel_variant(backend) as name:
+        r = token_stats(h, W, p["y"], bias=b, temperature=TEMPERATURE, teacher=_cast_teacher(p["teacher"], dtype),
+                        kl=p["kl"], outputs=outs, backend=name)
+        return _loss_and_grads({k: getattr(r, k) for k in outs}, p["grads"], (h, W, b))
 
 
 def run_naive(p, dtype, compute_dtype):
@@ -79,7 +97,8 @@ def _scale(t):
 
 
 def _backend_params():
-    return [pytest.param("chunked", id="chunked"), pytest.param("triton", id="triton")]
+    return [pytest.param("chunked", id="chunked"), pytest.param("triton", id="triton"),
+            pytest.param("triton-tma", id="triton-tma")]
 
 
 @pytest.mark.parametrize("backend", _backend_params())
@@ -99,6 +118,7 @@ LOW_PRECISION = [
     pytest.param("chunked", torch.bfloat16, id="chunked-bf16"),
     pytest.param("chunked", torch.float16, id="chunked-fp16"),
     pytest.param("triton", torch.float16, id="triton-fp16"),
+    pytest.param("triton-tma", torch.float16, id="triton-tma-fp16"),
 ]
 
 
@@ -165,7 +185,7 @@ def test_packed_sequences_with_cu_seqlens(backend):
     torch.testing.assert_close(g_seq, g_tok, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton"])
+@pytest.mark.parametrize("backend", ["chunked", "triton", "triton-tma"])
 def test_multiple_row_chunks_match_single_chunk(backend, monkeypatch):
     """Chunk boundaries (chunked: row blocks; triton backward: dz chunks) change nothing."""
     p = make_problem(150, 32, 600, "reverse", "hidden")
@@ -181,23 +201,26 @@ def test_multiple_row_chunks_match_single_chunk(backend, monkeypatch):
         torch.testing.assert_close(g2, g1, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("variant", ["triton", "triton-tma"])
 @pytest.mark.parametrize("kl", ["reverse", "forward"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_triton_kernels_directly_vocab_splits_and_ignored_rows(kl, dtype):
+def test_triton_kernels_directly_vocab_splits_and_ignored_rows(kl, dtype, variant):
     """The launchers as a GPU calls them: several vocabulary slices merged, ignored rows inside the
-    kernel (the CPU path of token_stats drops them before launching)."""
-    from vlmfast.kernels.token_stats import token_stats_backward, token_stats_forward
+    kernel (token_stats drops them before launching), the kernel variant asked for really launched."""
+    from vlmfast.kernels import token_stats as ts
 
     p = make_problem(70, 48, 1000, kl, "hidden", n_ignored=9)
     h, W, b = (p[k].to(dtype) for k in ("h", "W", "b"))
     teacher = Teacher(*_cast_teacher(p["teacher"], dtype))
     kw = dict(teacher=teacher, kl=kl, temperature=TEMPERATURE, ignore_index=-100)
     truth_out, truth_grads = run_naive(p, dtype, torch.float64)
-    for splits in (1, 3, 8):
-        stats = token_stats_forward(h, W, b, p["y"], splits=splits, **kw)
-        for k, t in truth_out.items():
-            assert _max_err(stats[k], t) <= 2e-4 * _scale(t), (splits, k)
-    dh, dw, db = token_stats_backward(h, W, b, p["y"], stats, p["grads"], need_db=True, **kw)
+    with kernel_variant(variant):
+        assert ts.kernel_variant(ts.device_target(h.device), h, W) == ("tma" if variant == "triton-tma" else "portable")
+        for splits in (1, 3, 8):
+            stats = ts.token_stats_forward(h, W, b, p["y"], splits=splits, **kw)
+            for k, t in truth_out.items():
+                assert _max_err(stats[k], t) <= 2e-4 * _scale(t), (splits, k)
+        dh, dw, db = ts.token_stats_backward(h, W, b, p["y"], stats, p["grads"], need_db=True, **kw)
     for name, g, tg in zip(("hidden", "weight", "bias"), (dh, dw, db), truth_grads):
         assert torch.isfinite(g).all(), name
         assert _max_err(g.float(), tg) <= 5e-3 * _scale(tg), name
@@ -299,3 +322,16 @@ def test_backends_agree_on_temperature_and_lse_gradient():
         for backend in ("chunked", "triton"):
             torch.testing.assert_close(res[backend][0], res["reference"][0], atol=2e-5, rtol=1e-5)
             torch.testing.assert_close(res[backend][1], res["reference"][1], atol=2e-5, rtol=1e-4)
+
+
+def test_unaligned_inputs_fall_back_to_the_portable_kernels():
+    """TMA needs 16-byte aligned base addresses and row strides: an fp16 hidden size of 37 (74-byte rows),
+    or a view one element into its storage, runs the portable kernels on sm_90."""
+    from vlmfast.kernels.token_stats import Target, kernel_variant
+
+    hopper = Target(90, 132, tma=True)
+    h, W = torch.randn(8, 64, dtype=torch.float16), torch.randn(100, 64, dtype=torch.float16)
+    assert kernel_variant(hopper, h, W) == "tma"
+    assert kernel_variant(Target(80, 108), h, W) == "portable"
+    assert kernel_variant(hopper, torch.randn(8, 37, dtype=torch.float16), torch.randn(100, 37).half()) == "portable"
+    assert kernel_variant(hopper, h.view(-1)[1:].view(-1)[:448].view(7, 64), W) == "portable"

@@ -30,3 +30,12 @@ def test_triton_bf16_no_worse_than_naive(N, H, V, kl, teacher_kind):
         assert _max_err(out[k], t) <= _max_err(naive_out[k], t) + 1e-3 * _scale(t), k
     for name, g, ng, tg in zip(("hidden", "weight", "bias"), grads, naive_grads, truth_grads):
         assert _max_err(g, tg) <= _max_err(ng, tg) + 2 * torch.finfo(torch.bfloat16).eps * _scale(tg), name
+
+
+def test_hopper_runs_the_tma_kernels_and_others_the_portable_ones():
+    from vlmfast.kernels.token_stats import device_target, kernel_variant
+
+    h = torch.randn(64, 896, device="cuda", dtype=torch.bfloat16)
+    W = torch.randn(1000, 896, device="cuda", dtype=torch.bfloat16)
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    assert kernel_variant(device_target(h.device), h, W) == ("tma" if hopper else "portable")

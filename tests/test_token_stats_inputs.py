@@ -43,6 +43,8 @@ def call(**over):
         (dict(teacher=torch.randn(N, V + 1), kl="forward"), ValueError, "teacher logits shape"),
         (dict(teacher=(torch.randn(N + 1, 4), torch.randn(V, 4)), kl="reverse"), ValueError, "teacher hidden shape"),
         (dict(teacher=(torch.randn(N, 4),), kl="reverse"), TypeError, "teacher must be"),
+        (dict(teacher=(torch.randn(N, 4, dtype=torch.float64), torch.randn(V, 4, dtype=torch.float64)),
+              kl="reverse"), TypeError, "teacher dtype torch.float64 differs from the student's torch.float32"),
         (dict(backend="cuda-magic"), ValueError, "unknown backend"),
         (dict(per_sequence=True), ValueError, r"\[B, T\]"),
         (dict(cu_seqlens=torch.tensor([0, 2, 5])), ValueError, "end at the token count 6"),

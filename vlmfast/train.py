@@ -167,12 +167,13 @@ def synthetic_paths(cfg: Config) -> dict[str, Path]:
     s = cfg.data.synthetic
     key = hashlib.sha1(json.dumps(dataclasses.asdict(s), sort_keys=True).encode()).hexdigest()[:10]
     root = Path(cfg.run.out_dir) / ".data" / f"synthetic-{key}"
-    if not all((root / f"{k}.parquet").exists() for k in ("train", "val", "ood")):
-        if _is_main():
-            build_task(root, sizes={"train": s.train, "val": s.val, "ood": s.ood}, seed=s.seed, image_size=s.image_size,
-                       question_types=s.question_types, max_shapes=s.max_shapes, size_range=s.size_range)
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+    if _is_main() and not all((root / f"{k}.parquet").exists() for k in ("train", "val", "ood")):
+        build_task(root, sizes={"train": s.train, "val": s.val, "ood": s.ood}, seed=s.seed, image_size=s.image_size,
+                   question_types=s.question_types, max_shapes=s.max_shapes, size_range=s.size_range)
+    if torch.distributed.is_initialized():
+        # every rank, always: a rank that saw the files rank 0 had just written and skipped the barrier
+        # left rank 0 waiting in it forever (a CI hang)
+        torch.distributed.barrier()
     return {k: root / f"{k}.parquet" for k in ("train", "val", "ood")}
 
 

@@ -82,13 +82,12 @@ def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> 
 
 
 def _compact_rows(c, ignore_index):
-    """On the CPU, drop ignored tokens before any compute (a host sync is free there)."""
-    if c.hidden.is_cuda:
-        return None
-    valid = c.target != ignore_index
-    if bool(valid.all()):
-        return None
-    return valid.nonzero().squeeze(1)
+    """Indices of the tokens that count, or None when all do: ignored tokens (a VLM's prompt and image
+    tokens, often most of a sequence) are dropped before any GEMM, forward and backward. Sizing the
+    compacted GEMMs takes the op's one host sync on a GPU (the count); computing the ignored rows instead
+    would cost their share of 8·N·H·V FLOP."""
+    rows = (c.target != ignore_index).nonzero().squeeze(1)
+    return None if rows.numel() == c.target.numel() else rows
 
 
 def _take(t, rows):
@@ -141,9 +140,10 @@ def token_stats(
         per_sequence: with [B, T] inputs, also return per-row sums and token counts.
         cu_seqlens: packed sequences [S + 1] over flat [N] inputs: per-sequence sums and counts.
         backend: "auto", "triton", "chunked" or "reference".
-        check_inputs: check target ranges and NaN/inf before any compute. These are the op's only
-            host syncs; pass False (or set VLMFAST_CHECK_INPUTS=0) on a hot GPU path. Shapes,
-            dtypes and devices are always checked (no sync).
+        check_inputs: check target ranges and NaN/inf before any compute (host syncs; pass False or
+            set VLMFAST_CHECK_INPUTS=0 on a hot GPU path). Shapes, dtypes and devices are always
+            checked (no sync). The op's one other sync is the count of non-ignored tokens, which sizes
+            the GEMMs: ignored tokens are dropped before any compute.
     """
     check_inputs = _check_inputs_default(check_inputs)
     c = check_token_stats(

@@ -133,7 +133,8 @@ def check_token_stats(
         )
     if check_values:
         _check_finite("hidden", hidden)
-    teacher = _check_teacher(Teacher.coerce(teacher), kl, target.shape, V, hidden.device, check_values)
+    teacher = _check_teacher(Teacher.coerce(teacher), kl, target.shape, V, hidden.device, check_values,
+                             student_dtype=hidden.dtype)
     segment, num_segments = _segments(per_sequence, cu_seqlens, target)
     return Checked(
         hidden=hidden.reshape(-1, H),
@@ -177,7 +178,8 @@ def check_from_logits(
     )
 
 
-def _check_teacher(teacher: Teacher | None, kl, lead_shape, V, device, check_values) -> Teacher | None:
+def _check_teacher(teacher: Teacher | None, kl, lead_shape, V, device, check_values,
+                   student_dtype=None) -> Teacher | None:
     if teacher is None:
         if kl is not None:
             raise ValueError(f"kl={kl!r} needs a teacher (hidden + weight, or logits)")
@@ -213,6 +215,11 @@ def _check_teacher(teacher: Teacher | None, kl, lead_shape, V, device, check_val
         )
     if teacher.hidden.dtype != teacher.weight.dtype:
         raise TypeError(f"teacher hidden {teacher.hidden.dtype} and weight {teacher.weight.dtype} differ")
+    if student_dtype is not None and teacher.hidden.dtype != student_dtype:
+        # one GEMM precision for both heads: an fp32 teacher beside a 16-bit student would run in TF32
+        raise TypeError(f"teacher dtype {teacher.hidden.dtype} differs from the student's {student_dtype}: "
+                        f"cast the teacher's hidden and weight to {student_dtype} (or the student to the "
+                        "teacher's); the fused op computes both heads' logits in one precision")
     parts = (("teacher hidden", teacher.hidden), ("teacher weight", teacher.weight), ("teacher bias", teacher.bias))
     for name, t in parts:
         if t is not None and t.device != device:
