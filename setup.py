@@ -17,9 +17,9 @@ VERSION = "0.1.0"
 # Bounds are the versions measured to work together (see ../shared/PLATFORM.md and docs/platform.md);
 # the upper bounds stop at the next major release, where these APIs are known to move.
 INSTALL_REQUIRES = [
-    "torch>=2.6",
+    "torch>=2.8",  # mm / addmm with out_dtype (fp32 dW from 16-bit inputs)
     "torchvision>=0.21",
-    "triton>=3.3; platform_system == 'Linux'",
+    "triton>=3.4; platform_system == 'Linux'",  # tl.make_tensor_descriptor (the sm_90 kernels)
     "transformers>=5.0,<6",
     "accelerate>=1.0,<2",
     "deepspeed>=0.17,<0.21",

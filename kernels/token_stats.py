@@ -125,8 +125,10 @@ def device_target(device: torch.device) -> Target:
     """sm_90 tiles on Hopper and newer, sm_80 tiles before; the interpreter (or a CPU tensor) otherwise."""
     if INTERPRET or device.type != "cuda":
         return Target(None, 1, tma=os.environ.get("VLMFAST_TRITON_TMA") == "1")
-    arch = 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
-    return Target(arch, torch.cuda.get_device_properties(device).multi_processor_count, tma=arch == 90)
+    major = torch.cuda.get_device_capability(device)[0]
+    arch = 90 if major >= 9 else 80
+    # the TMA tiles are sized for Hopper's shared memory; newer GPUs run the portable kernels until measured
+    return Target(arch, torch.cuda.get_device_properties(device).multi_processor_count, tma=major == 9)
 
 
 def kernel_variant(where: Target, *tensors) -> str:
@@ -397,10 +399,10 @@ def _auto_splits(n_blocks: int, V: int, block_v: int, target: Target) -> int:
 
 
 def _descriptor_inputs(hidden, weight, teacher):
-    """The tensors a TMA kernel reads through descriptors (a logits teacher is read with plain loads)."""
-    if teacher is None or teacher.logits is not None:
-        return hidden, weight
-    return hidden, weight, teacher.hidden, teacher.weight
+    """The tensors a TMA kernel reads through descriptors, as the kernel gets them (a logits teacher is read
+    with plain loads)."""
+    mode, ht, wt = _teacher_args(teacher, hidden)[:3]
+    return (hidden, weight, ht, wt) if mode == TEACHER_HIDDEN else (hidden, weight)
 
 
 def forward_launch(hidden, weight, bias, target, part, zy, *, teacher=None, temperature=1.0,

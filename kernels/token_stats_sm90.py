@@ -3,7 +3,7 @@
 What differs from the portable kernels is only how a logits tile is produced: h, W (and a fused teacher's
 h_t, W_t) are read through tensor descriptors (`tl.make_tensor_descriptor`: TMA copies into shared memory,
 no per-thread address tensors, tiles past the tensor's edge padded with zeros), and the tiles are wider
-(wgmma n >= 128, see `GPU_CONFIGS[90]`). The per-row formulas are the portable kernels' own helpers
+(wgmma n >= 128, see `GPU_CONFIGS[(90, "tma")]`). The per-row formulas are the portable kernels' own helpers
 (`_online_update`, `_store_partials`, `_backward_rows`, `_dz_tile`): one formula for every variant.
 
 Descriptors need 16-byte aligned base pointers and row strides (H a multiple of 8 in 16 bits, of 4 in
@@ -22,14 +22,16 @@ from .token_stats import _backward_rows, _dz_tile, _empty_stats, _online_update,
 
 
 def ensure_allocator() -> None:
-    """Device-side tensor descriptors take scratch memory from Triton's allocator: supply one (torch
-    memory on the tensors' device) unless the caller already has."""
+    """Device-side tensor descriptors take scratch memory from Triton's allocator: supply one (torch memory
+    on the current CUDA device, or the CPU under the interpreter) unless the caller already has."""
     from triton.runtime import _allocation
 
     from .token_stats import INTERPRET
 
     device = "cpu" if INTERPRET else "cuda"
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+    current = _allocation._allocator
+    current = current.get() if hasattr(current, "get") else current  # a ContextVar in Triton >= 3.4
+    if isinstance(current, _allocation.NullAllocator):
         triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=device))
 
 

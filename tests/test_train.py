@@ -298,3 +298,30 @@ def test_print_config_and_help_list_every_key(tmp_path, capsys):
         assert f"\n{section}:\n" in out
         for f in dataclasses.fields(cls):
             assert f"  {f.name} = " in out, f"{section}.{f.name}"
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_grpo_metrics_of_micro_batches_combine_exactly_on_the_model_device(device):
+    """Token means weigh each micro-batch by its tokens, a per-sequence pg_loss by its rows, extremes by
+    min/max; the weights live where the loss's metrics do (the meta device stands in for a GPU: CPU weights
+    times CUDA metrics raised on every GRPO step)."""
+    import torch
+
+    from vlmfast.rewards import Reward
+    from vlmfast.stages import _TOKEN_MEAN_METRICS, _grpo_metrics
+
+    def metrics(v, lo, hi):
+        m = {k: torch.tensor(v, device=device) for k in _TOKEN_MEAN_METRICS + ("pg_loss",)}
+        return {**m, "ratio_min": torch.tensor(lo, device=device), "ratio_max": torch.tensor(hi, device=device)}
+
+    parts = [(metrics(1.0, 0.9, 1.1), 3, 2), (metrics(3.0, 0.7, 1.05), 1, 2)]  # (metrics, tokens, rows)
+    ro = {"scores": [Reward(reward=r, accuracy=r, format=1.0, extracted=None) for r in (1.0, 0.0, 0.0, 1.0)],
+          "mismatch": 0.0, "rewards": torch.tensor([1.0, 0.0, 0.0, 1.0])}
+    whole = {"labels": torch.tensor([[1, 2, -100], [3, -100, -100], [4, -100, -100], [-100, -100, -100]])}
+    for aggregation, pg in (("token-mean", 1.5), ("seq-mean-token-mean", 2.0)):
+        m = _grpo_metrics(ro, slice(0, 4), whole, parts, aggregation)
+        assert m["entropy"].device.type == device
+        if device == "cpu":
+            assert m["entropy"].item() == pytest.approx(1.5) and m["pg_loss"].item() == pytest.approx(pg)
+            assert (m["ratio_min"].item(), m["ratio_max"].item()) == pytest.approx((0.7, 1.1))
+            assert m["reward"].item() == 0.5 and m["response_tokens"].item() == 1.0

@@ -350,8 +350,9 @@ def _grpo_forward(ctx: StageContext, ro: dict, sl: slice, n):
 def _grpo_metrics(ro: dict, update: slice, whole: dict, parts: list, aggregation: str) -> dict:
     """The update's metrics from its micro-batches' (token means weighted by tokens, pg_loss as aggregated)
     and the rollout's rewards of its rows."""
-    tokens = torch.tensor([t for _, t, _ in parts], dtype=torch.float64)
-    rows = torch.tensor([r for _, _, r in parts], dtype=torch.float64)
+    device = parts[0][0]["entropy"].device  # the loss's metrics live where the model does
+    tokens = torch.tensor([t for _, t, _ in parts], dtype=torch.float64, device=device)
+    rows = torch.tensor([r for _, _, r in parts], dtype=torch.float64, device=device)
 
     def weighted(key, w):
         return (torch.stack([m[key].double() for m, _, _ in parts]) * w).sum() / w.sum().clamp(min=1)

@@ -86,6 +86,8 @@ def _compact_rows(c, ignore_index):
     tokens, often most of a sequence) are dropped before any GEMM, forward and backward. Sizing the
     compacted GEMMs takes the op's one host sync on a GPU (the count); computing the ignored rows instead
     would cost their share of 8·N·H·V FLOP."""
+    if c.hidden.is_cuda and c.teacher is not None and c.teacher.logits is not None:
+        return None  # compacting would copy the teacher's [N, V] logits and keep the copy until backward
     rows = (c.target != ignore_index).nonzero().squeeze(1)
     return None if rows.numel() == c.target.numel() else rows
 
