@@ -61,7 +61,7 @@ class Config:
 # are smaller than the 64-row minimum of the 16-bit paths.
 GPU_CONFIGS = {
     (90, "tma"): {  # see docs/fused_ops.md, "Hopper tiles", for what wider tiles cost
-        ("fwd", "16bit", 0): Config(128, 128, 64, 8, 4),
+        ("fwd", "16bit", 0): Config(128, 256, 32, 8, 4),
         ("fwd", "16bit", 1): Config(64, 128, 64, 8, 3),
         ("fwd", "16bit", 2): Config(64, 128, 64, 8, 3),
         ("bwd", "16bit", 0): Config(128, 256, 64, 8, 3),
@@ -225,11 +225,14 @@ def _empty_stats(BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _online_update(z, zt, cols, col_mask, y, m, s0, a, zy, mt, t0, b, at, bt, TEACHER: tl.constexpr):
+def _online_update(z, zt, cols, col_mask, y, m, s0, a, zy, mt, t0, b, at, bt, TEACHER: tl.constexpr,
+                   TARGET_IN_TILE: tl.constexpr = True):
     """Fold one vocabulary tile of student logits z (and teacher logits zt) [BLOCK_N, BLOCK_V] into the
-    running per-row statistics (see the module docstring); every forward kernel uses this one formula."""
+    running per-row statistics (see the module docstring); every forward kernel uses this one formula.
+    TARGET_IN_TILE=False: the caller computes the target logit z_y itself (one tile temporary fewer)."""
     z = tl.where(col_mask[None, :], z, float("-inf"))
-    zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+    if TARGET_IN_TILE:
+        zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
     m_new = tl.maximum(m, tl.max(z, axis=1))
     alpha = tl.exp(m - m_new)
     d = tl.where(col_mask[None, :], z - m_new[:, None], 0.0)  # z - m, 0 off the vocabulary

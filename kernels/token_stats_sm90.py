@@ -57,6 +57,34 @@ def _tma_tile(x_desc, w_desc, row0, col0, K, BLOCK_N: tl.constexpr, BLOCK_V: tl.
 
 
 @triton.jit
+def _halves(x):
+    """[R, C] -> its column halves [R, C/2] (left, right), in registers."""
+    R: tl.constexpr = x.shape[0]
+    C: tl.constexpr = x.shape[1]
+    return tl.split(tl.permute(tl.reshape(x, [R, 2, C // 2]), [0, 2, 1]))
+
+
+@triton.jit
+def _target_logit(h_ptr, w_ptr, b_ptr, rows, row_mask, y, V, H, stride_h, stride_w, inv_t, HAS_BIAS: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
+    """z_y = (h · W[y] + b[y]) / T per row, fp32 (0 for an ignored row): computed once, so the wide tiles'
+    epilogue does not carry a [BLOCK_N, BLOCK_V] selection of the target column."""
+    has = row_mask & (y >= 0) & (y < V)
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_h
+    w_rows = w_ptr + tl.where(has, y, 0).to(tl.int64)[:, None] * stride_w
+    for k0 in range(0, H, BLOCK_H):
+        ks = k0 + tl.arange(0, BLOCK_H)
+        mask = has[:, None] & (ks < H)[None, :]
+        hk = tl.load(h_rows + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+        wk = tl.load(w_rows + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc += tl.sum(hk * wk, axis=1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + y, mask=has, other=0.0).to(tl.float32)
+    return tl.where(has, acc * inv_t, 0.0)
+
+
+@triton.jit
 def _logits_tiles(h_desc, w_desc, b_ptr, ht_desc, wt_desc, bt_ptr, zt_ptr, row0, v0, rows, cols, row_mask, col_mask,
                   H, HT, stride_zt, inv_t, HAS_BIAS: tl.constexpr, TEACHER: tl.constexpr,
                   HAS_TEACHER_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -119,8 +147,24 @@ def _token_stats_fwd_sm90_kernel(
         z, zt = _logits_tiles(h_desc, w_desc, b_ptr, ht_desc, wt_desc, bt_ptr, zt_ptr, row0, v0, rows, cols,
                               row_mask, col_mask, H, HT, stride_zt, inv_t, HAS_BIAS, TEACHER, HAS_TEACHER_BIAS,
                               BLOCK_N, BLOCK_V, BLOCK_H, IEEE)
-        m, s0, a, zy, mt, t0, b, at, bt = _online_update(z, zt, cols, col_mask, y, m, s0, a, zy, mt, t0, b, at, bt,
-                                                         TEACHER)
+        if TEACHER == 0 and BLOCK_V >= 128:
+            # the epilogue in four column slices (a 256-wide tile's temporaries at a quarter of its registers),
+            # the target logit computed once after the loop
+            z0, z1 = _halves(z)
+            z00, z01 = _halves(z0)
+            z10, z11 = _halves(z1)
+            quarters = (z00, z01, z10, z11)
+            for q in tl.static_range(4):
+                zq = quarters[q]
+                c = v0 + q * (BLOCK_V // 4) + tl.arange(0, BLOCK_V // 4)
+                m, s0, a, zy, mt, t0, b, at, bt = _online_update(zq, zq, c, c < v_end, y, m, s0, a, zy, mt, t0, b,
+                                                                 at, bt, TEACHER, False)
+        else:
+            m, s0, a, zy, mt, t0, b, at, bt = _online_update(z, zt, cols, col_mask, y, m, s0, a, zy, mt, t0, b, at,
+                                                             bt, TEACHER)
+    if TEACHER == 0 and BLOCK_V >= 128:
+        zy = _target_logit(h_ptr, w_ptr, b_ptr, rows, row_mask, y, V, H, stride_h, stride_w, inv_t, HAS_BIAS, BLOCK_N,
+                           BLOCK_H)
     _store_partials(part_ptr, zy_ptr, rows, row_mask, y, v_start, v_end, pid_s, N, m, s0, a, zy, mt, t0, b, at, bt,
                     TEACHER)
 

@@ -335,3 +335,19 @@ def test_unaligned_inputs_fall_back_to_the_portable_kernels():
     assert kernel_variant(Target(80, 108), h, W) == "portable"
     assert kernel_variant(hopper, torch.randn(8, 37, dtype=torch.float16), torch.randn(100, 37).half()) == "portable"
     assert kernel_variant(hopper, h.view(-1)[1:].view(-1)[:448].view(7, 64), W) == "portable"
+
+
+@pytest.mark.parametrize("block_v", [128, 64], ids=["sliced-epilogue", "whole-tile-epilogue"])
+def test_tma_forward_without_teacher_both_epilogues(block_v, monkeypatch):
+    """The Hopper forward without a teacher folds tiles of >= 128 columns in four column slices and takes the
+    target logit from its own pass (`_target_logit`); narrower tiles fold whole. Both against naive fp32."""
+    from vlmfast.kernels import token_stats as ts
+
+    monkeypatch.setattr(ts, "INTERPRET_CONFIG", ts.Config(64, block_v, 32, 4, 1))
+    p = make_problem(37, 48, 1000)
+    truth_out, _ = run_naive(p, torch.float32, torch.float64)
+    with kernel_variant("triton-tma"):
+        for splits in (1, 3):
+            stats = ts.token_stats_forward(p["h"], p["W"], p["b"], p["y"], splits=splits, temperature=TEMPERATURE)
+            for k, t in truth_out.items():
+                assert _max_err(stats[k], t) <= 2e-5 * _scale(t), (splits, k)
