@@ -62,7 +62,7 @@ class Config:
 GPU_CONFIGS = {
     (90, "tma"): {  # see docs/fused_ops.md, "Hopper tiles", for what wider tiles cost
         ("fwd", "16bit", 0): Config(128, 256, 32, 8, 4),
-        ("fwd", "16bit", 1): Config(64, 128, 64, 8, 3),
+        ("fwd", "16bit", 1): Config(128, 128, 64, 8, 3),
         ("fwd", "16bit", 2): Config(64, 128, 64, 8, 3),
         ("bwd", "16bit", 0): Config(128, 256, 64, 8, 3),
         ("bwd", "16bit", 1): Config(128, 128, 64, 8, 3),

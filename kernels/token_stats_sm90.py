@@ -65,6 +65,15 @@ def _halves(x):
 
 
 @triton.jit
+def _quarters(x):
+    """[R, C] -> its four column quarters [R, C/4], left to right, in registers."""
+    x0, x1 = _halves(x)
+    x00, x01 = _halves(x0)
+    x10, x11 = _halves(x1)
+    return x00, x01, x10, x11
+
+
+@triton.jit
 def _target_logit(h_ptr, w_ptr, b_ptr, rows, row_mask, y, V, H, stride_h, stride_w, inv_t, HAS_BIAS: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
     """z_y = (h · W[y] + b[y]) / T per row, fp32 (0 for an ignored row): computed once, so the wide tiles'
@@ -100,7 +109,7 @@ def _logits_tiles(h_desc, w_desc, b_ptr, ht_desc, wt_desc, bt_ptr, zt_ptr, row0,
         if HAS_TEACHER_BIAS:
             zt += tl.load(bt_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         zt = zt * inv_t
-    elif TEACHER == 2:
+    elif TEACHER == 2:  # plain loads: a logits tile arriving by TMA needs a layout conversion that spills
         zt = _teacher_tile(zt_ptr, zt_ptr, zt_ptr, zt_ptr, rows, cols, row_mask, col_mask, HT, 0, 0, stride_zt, inv_t,
                            TEACHER, False, BLOCK_N, BLOCK_V, BLOCK_H, IEEE)
     return z, zt
@@ -109,6 +118,7 @@ def _logits_tiles(h_desc, w_desc, b_ptr, ht_desc, wt_desc, bt_ptr, zt_ptr, row0,
 @triton.jit
 def _descriptors(h_ptr, w_ptr, ht_ptr, wt_ptr, N, V, H, HT, stride_h, stride_w, stride_ht, stride_wt,
                  TEACHER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Tensor descriptors of h, W and, when fused, the teacher's h_t, W_t."""
     h_desc = tl.make_tensor_descriptor(h_ptr, shape=[N, H], strides=[stride_h, 1], block_shape=[BLOCK_N, BLOCK_H])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[V, H], strides=[stride_w, 1], block_shape=[BLOCK_V, BLOCK_H])
     ht_desc = h_desc
@@ -147,22 +157,21 @@ def _token_stats_fwd_sm90_kernel(
         z, zt = _logits_tiles(h_desc, w_desc, b_ptr, ht_desc, wt_desc, bt_ptr, zt_ptr, row0, v0, rows, cols,
                               row_mask, col_mask, H, HT, stride_zt, inv_t, HAS_BIAS, TEACHER, HAS_TEACHER_BIAS,
                               BLOCK_N, BLOCK_V, BLOCK_H, IEEE)
-        if TEACHER == 0 and BLOCK_V >= 128:
-            # the epilogue in four column slices (a 256-wide tile's temporaries at a quarter of its registers),
+        if BLOCK_V >= 128:
+            # the epilogue in four column slices (a wide tile's temporaries at a quarter of its registers),
             # the target logit computed once after the loop
-            z0, z1 = _halves(z)
-            z00, z01 = _halves(z0)
-            z10, z11 = _halves(z1)
-            quarters = (z00, z01, z10, z11)
+            zs = _quarters(z)
+            zts = zs
+            if TEACHER != 0:
+                zts = _quarters(zt)
             for q in tl.static_range(4):
-                zq = quarters[q]
                 c = v0 + q * (BLOCK_V // 4) + tl.arange(0, BLOCK_V // 4)
-                m, s0, a, zy, mt, t0, b, at, bt = _online_update(zq, zq, c, c < v_end, y, m, s0, a, zy, mt, t0, b,
-                                                                 at, bt, TEACHER, False)
+                m, s0, a, zy, mt, t0, b, at, bt = _online_update(zs[q], zts[q], c, c < v_end, y, m, s0, a, zy, mt,
+                                                                 t0, b, at, bt, TEACHER, False)
         else:
             m, s0, a, zy, mt, t0, b, at, bt = _online_update(z, zt, cols, col_mask, y, m, s0, a, zy, mt, t0, b, at,
                                                              bt, TEACHER)
-    if TEACHER == 0 and BLOCK_V >= 128:
+    if BLOCK_V >= 128:
         zy = _target_logit(h_ptr, w_ptr, b_ptr, rows, row_mask, y, V, H, stride_h, stride_w, inv_t, HAS_BIAS, BLOCK_N,
                            BLOCK_H)
     _store_partials(part_ptr, zy_ptr, rows, row_mask, y, v_start, v_end, pid_s, N, m, s0, a, zy, mt, t0, b, at, bt,

@@ -337,17 +337,21 @@ def test_unaligned_inputs_fall_back_to_the_portable_kernels():
     assert kernel_variant(hopper, h.view(-1)[1:].view(-1)[:448].view(7, 64), W) == "portable"
 
 
+@pytest.mark.parametrize("kl,teacher_kind", TEACHERS)
 @pytest.mark.parametrize("block_v", [128, 64], ids=["sliced-epilogue", "whole-tile-epilogue"])
-def test_tma_forward_without_teacher_both_epilogues(block_v, monkeypatch):
-    """The Hopper forward without a teacher folds tiles of >= 128 columns in four column slices and takes the
-    target logit from its own pass (`_target_logit`); narrower tiles fold whole. Both against naive fp32."""
+def test_tma_forward_both_epilogues(block_v, kl, teacher_kind, monkeypatch):
+    """The Hopper forward folds tiles of >= 128 columns in four column slices (student and teacher alike) and
+    takes the target logit from its own pass (`_target_logit`); narrower tiles fold whole. Both against
+    naive fp32, over several vocabulary slices."""
     from vlmfast.kernels import token_stats as ts
 
     monkeypatch.setattr(ts, "INTERPRET_CONFIG", ts.Config(64, block_v, 32, 4, 1))
-    p = make_problem(37, 48, 1000)
+    p = make_problem(37, 48, 1000, kl, teacher_kind)
     truth_out, _ = run_naive(p, torch.float32, torch.float64)
+    teacher = None if p["teacher"] is None else Teacher.coerce(p["teacher"])
     with kernel_variant("triton-tma"):
         for splits in (1, 3):
-            stats = ts.token_stats_forward(p["h"], p["W"], p["b"], p["y"], splits=splits, temperature=TEMPERATURE)
+            stats = ts.token_stats_forward(p["h"], p["W"], p["b"], p["y"], splits=splits, temperature=TEMPERATURE,
+                                           teacher=teacher, kl=kl)
             for k, t in truth_out.items():
                 assert _max_err(stats[k], t) <= 2e-5 * _scale(t), (splits, k)
