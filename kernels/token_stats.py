@@ -401,11 +401,12 @@ def _auto_splits(n_blocks: int, V: int, block_v: int, target: Target) -> int:
     return max(1, min(want, triton.cdiv(V, 8 * block_v)))
 
 
-def _descriptor_inputs(hidden, weight, teacher):
-    """The tensors a TMA kernel reads through descriptors, as the kernel gets them (a logits teacher is read
-    with plain loads)."""
+def _variant_and_config(pass_: str, hidden, weight, teacher, where: Target) -> tuple[str, Config]:
+    """The kernel variant these inputs run and its tiles: TMA needs every tensor a descriptor reads (as the
+    kernel gets it; a logits teacher is read with plain loads) 16-byte aligned."""
     mode, ht, wt = _teacher_args(teacher, hidden)[:3]
-    return (hidden, weight, ht, wt) if mode == TEACHER_HIDDEN else (hidden, weight)
+    variant = kernel_variant(where, *((hidden, weight, ht, wt) if mode == TEACHER_HIDDEN else (hidden, weight)))
+    return variant, pick_config(pass_, hidden.dtype, mode, where, variant)
 
 
 def forward_launch(hidden, weight, bias, target, part, zy, *, teacher=None, temperature=1.0,
@@ -415,8 +416,7 @@ def forward_launch(hidden, weight, bias, target, part, zy, *, teacher=None, temp
     N, H = hidden.shape
     V = weight.shape[0]
     mode, ht, wt, bt, zt, HT, s_ht, s_wt, s_zt = _teacher_args(teacher, hidden)
-    variant = kernel_variant(where, *_descriptor_inputs(hidden, weight, teacher))
-    cfg = pick_config("fwd", hidden.dtype, mode, where, variant)
+    variant, cfg = _variant_and_config("fwd", hidden, weight, teacher, where)
     v_per_split = triton.cdiv(triton.cdiv(V, part.shape[1]), cfg.block_v) * cfg.block_v
     return Launch(
         _kernel("fwd", variant), (triton.cdiv(N, cfg.block_n), part.shape[1]),
@@ -432,8 +432,7 @@ def forward_launch(hidden, weight, bias, target, part, zy, *, teacher=None, temp
 def forward_splits(hidden, weight, teacher, where: Target, splits=None) -> int:
     """Vocabulary slices of the forward (whole tiles each; `splits` asks for a number, tests use it)."""
     N, V = hidden.shape[0], weight.shape[0]
-    variant = kernel_variant(where, *_descriptor_inputs(hidden, weight, teacher))
-    cfg = pick_config("fwd", hidden.dtype, _teacher_args(teacher, hidden)[0], where, variant)
+    cfg = _variant_and_config("fwd", hidden, weight, teacher, where)[1]
     if splits is None:
         splits = _auto_splits(triton.cdiv(N, cfg.block_n), V, cfg.block_v, where)
     v_per_split = triton.cdiv(triton.cdiv(V, splits), cfg.block_v) * cfg.block_v
@@ -494,8 +493,7 @@ BWD_DZ_BYTES = int(os.environ.get("VLMFAST_DZ_BYTES", 2**30))
 def backward_chunk_rows(hidden, weight, teacher, where: Target) -> int:
     """Rows of dz per backward chunk: as many as BWD_DZ_BYTES hold, whole row tiles."""
     N, V = hidden.shape[0], weight.shape[0]
-    variant = kernel_variant(where, *_descriptor_inputs(hidden, weight, teacher))
-    cfg = pick_config("bwd", hidden.dtype, _teacher_args(teacher, hidden)[0], where, variant)
+    cfg = _variant_and_config("bwd", hidden, weight, teacher, where)[1]
     rows = max(cfg.block_n, BWD_DZ_BYTES // (V * hidden.element_size()))
     return min(rows // cfg.block_n * cfg.block_n, max(N, 1))
 
@@ -507,8 +505,7 @@ def backward_launch(hidden, weight, bias, target, stats, g, dz, r0, *, teacher=N
     V, H = weight.shape
     n = dz.shape[0]
     mode, ht, wt, bt, zt, HT, s_ht, s_wt, s_zt = _teacher_args(teacher, hidden)
-    variant = kernel_variant(where, *_descriptor_inputs(hidden, weight, teacher))
-    cfg = pick_config("bwd", hidden.dtype, mode, where, variant)
+    variant, cfg = _variant_and_config("bwd", hidden, weight, teacher, where)
     return Launch(
         _kernel("bwd", variant), (triton.cdiv(n, cfg.block_n), triton.cdiv(V, cfg.block_v)),
         (hidden, weight, hidden if bias is None else bias, target, ht, wt, bt, zt,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .zero import frozen_weight, is_partitioned
+from .zero import forward_as, frozen_weight, is_partitioned
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
@@ -277,11 +277,8 @@ def call_head(model, hidden: torch.Tensor, fn):
     def forward(h):
         return fn(h, head.weight) if head.bias is None else fn(h, head.weight, head.bias)
 
-    head.forward = forward
-    try:
+    with forward_as(head, forward):
         return head(hidden)
-    finally:
-        del head.forward  # back to the class's forward
 
 
 def frozen_head_weight(model) -> torch.Tensor:

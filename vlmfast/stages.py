@@ -76,9 +76,14 @@ def rank_share_of_tokens(labels: torch.Tensor, device) -> torch.Tensor:
     return mean_over_ranks((labels != -100).sum().to(device=device, dtype=torch.float32))
 
 
+def rows_per_rank(stage, world_size: int) -> int:
+    """Sequences of one step's batch on each rank (a GRPO update: its prompts x group_size samples)."""
+    return stage.batch_size // world_size * (stage.group_size if stage.type == "grpo" else 1)
+
+
 def update_rows(ctx: StageContext) -> int:
     """Sequences of one GRPO update on this rank."""
-    return ctx.stage.batch_size // world()[1] * ctx.stage.group_size
+    return rows_per_rank(ctx.stage, world()[1])
 
 
 def forward_rows(ctx: StageContext) -> int:
@@ -92,7 +97,7 @@ def micro_batches_per_step(stage, world_size: int) -> int:
     """Backward passes per step: GRPO's update split into micro_batch_size rows per rank, else one."""
     if stage.type != "grpo" or not stage.micro_batch_size:
         return 1
-    return stage.batch_size // world_size * stage.group_size // stage.micro_batch_size
+    return rows_per_rank(stage, world_size) // stage.micro_batch_size
 
 
 def rank_positions(ctx: StageContext, n: int, parts: int = 1) -> list[int]:
@@ -138,6 +143,12 @@ def _counted(batch: dict, ctx: StageContext) -> dict:
     return batch
 
 
+def _policy_loss(ctx: StageContext, batch: dict, loss_fn):
+    """loss_fn(hidden, lm_head weight[, bias]) on the policy's trunk states of `batch`, as its training forward
+    (through the DeepSpeed engine; the head through its own module: ZeRO-3 safe)."""
+    return ctx.forward(lambda: call_head(ctx.model, trunk_hidden(ctx.model, **_counted(batch, ctx)), loss_fn))
+
+
 def _target(ctx, answer: str, ex=None) -> str:
     return target_response(reasoning_of(ctx.cfg, ex), answer)
 
@@ -166,10 +177,8 @@ def sft_step(ctx: StageContext, step: int):
                 [_target(ctx, e.answer, e) for e in exs])
     if s.gentle is None:
         n = rank_share_of_tokens(b["labels"], _device(ctx))
-        return ctx.forward(lambda: call_head(ctx.model, trunk_hidden(ctx.model, **_counted(b, ctx)),  # [B, T, H]
-                                             lambda h, w: sft_loss(h, w, b["labels"], temperature=s.temperature,
-                                                                   label_smoothing=s.label_smoothing,
-                                                                   num_items_in_batch=n)))
+        return _policy_loss(ctx, b, lambda h, w: sft_loss(h, w, b["labels"], temperature=s.temperature,
+                                                          label_smoothing=s.label_smoothing, num_items_in_batch=n))
     rngs = example_rngs(ctx, step, positions)
     nb = collate(ctx.processor, [e.problem for e in exs], [e.images for e in exs],
                  [_target(ctx, _dataset_negative(e, rng), e) for e, rng in zip(exs, rngs)])
@@ -343,7 +352,7 @@ def _grpo_forward(ctx: StageContext, ro: dict, sl: slice, n):
                          entropy_coef=s.entropy_coef, aggregation=s.aggregation, temperature=s.temperature,
                          num_items_in_batch=n)
 
-    loss, m = ctx.forward(lambda: call_head(ctx.model, trunk_hidden(ctx.model, **_counted(b, ctx)), loss_fn))
+    loss, m = _policy_loss(ctx, b, loss_fn)
     return loss, m, labels
 
 
@@ -388,10 +397,8 @@ def opd_step(ctx: StageContext, step: int):
         # the fused KL needs the teacher's head in the student's forward and backward: a plain copy
         # (gathered once under ZeRO-3), freed with the step's graph
         teacher = (th, frozen_head_weight(ctx.teacher))
-        loss, m = ctx.forward(lambda: call_head(ctx.model, trunk_hidden(ctx.model, **_counted(b, ctx)),
-                                                lambda h, w: opd_loss(h, w, b["labels"], teacher=teacher,
-                                                                      temperature=s.temperature,
-                                                                      num_items_in_batch=n)))
+        loss, m = _policy_loss(ctx, b, lambda h, w: opd_loss(h, w, b["labels"], teacher=teacher,
+                                                             temperature=s.temperature, num_items_in_batch=n))
         m["on_policy_share"] = torch.tensor(len(idx) / len(exs))
         return loss, m
     # sampled-token form: the teacher's per-token log-probs come from a generation engine's score()
@@ -402,9 +409,8 @@ def opd_step(ctx: StageContext, step: int):
     for i, lp in enumerate(scored):
         start = int(b["prompt_lengths"][i]) - 1
         t_logp[i, start : start + len(lp)] = torch.tensor(lp)
-    return ctx.forward(lambda: call_head(ctx.model, trunk_hidden(ctx.model, **_counted(b, ctx)),
-                                         lambda h, w: opd_loss(h, w, b["labels"], teacher_logp=t_logp,
-                                                               temperature=s.temperature, num_items_in_batch=n)))
+    return _policy_loss(ctx, b, lambda h, w: opd_loss(h, w, b["labels"], teacher_logp=t_logp,
+                                                      temperature=s.temperature, num_items_in_batch=n))
 
 
 def _preference_batch(ctx, exs, positions, step):
@@ -447,7 +453,7 @@ def dpo_step(ctx: StageContext, step: int):
         def loss_fn(h, w):
             return cw_dpo_loss(h, w, b["labels"], ref_c, ref_r, beta=s.beta, tau_c=s.tau_c, l_floor=ctx.l_floor,
                                temperature=s.temperature)
-    loss, m = ctx.forward(lambda: call_head(ctx.model, trunk_hidden(ctx.model, **_counted(b, ctx)), loss_fn))
+    loss, m = _policy_loss(ctx, b, loss_fn)
     m["on_policy_negatives"] = torch.tensor(on_policy_share)
     return loss, m
 

@@ -44,6 +44,7 @@ from .stages import (
     micro_batches_per_step,
     restore_rollout,
     rollout_state,
+    rows_per_rank,
 )
 from .zero import engine_forward, frozen_engine, gathered_for_generation, partitioned_loading
 
@@ -127,7 +128,7 @@ def check_ranks(cfg: Config, world: int) -> None:
     for si, stage in enumerate(cfg.stages):
         if stage.batch_size % world:
             raise ConfigError(f"stages[{si}].batch_size={stage.batch_size} is not divisible by the {world} ranks")
-        rows = stage.batch_size // world * stage.group_size
+        rows = rows_per_rank(stage, world)
         if stage.micro_batch_size and rows % stage.micro_batch_size:
             raise ConfigError(f"stages[{si}].micro_batch_size={stage.micro_batch_size} does not divide the {rows} "
                               f"sequences of an update on each of the {world} ranks")
@@ -384,7 +385,7 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
 
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     n_micro = micro_batches_per_step(stage, world)
-    micro = stage.batch_size // world * (stage.group_size if stage.type == "grpo" else 1) // n_micro
+    micro = rows_per_rank(stage, world) // n_micro
     optimizer = _optimizer(cfg, stage, model, next(model.parameters()).device.type)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    config=ds_config(cfg, micro, n_micro))

@@ -106,9 +106,16 @@ def engine_forward(engine, fn):
     copies (rather than adds) a gradient partition at micro-step 0, so without it only the last micro-batch of
     an accumulated update would survive; ZeRO-1/2 clear the previous step's accumulators there.
     """
-    module = engine.module
-    module.forward = lambda: fn()
-    try:
+    with forward_as(engine.module, fn):
         return engine()
+
+
+@contextlib.contextmanager
+def forward_as(module: torch.nn.Module, fn):
+    """Inside: `module(...)` runs fn as its forward, through the module's hooks (DeepSpeed's among them);
+    after: the class's forward again."""
+    module.forward = fn
+    try:
+        yield module
     finally:
-        del module.forward  # back to the class's forward
+        del module.forward
