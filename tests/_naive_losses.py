@@ -48,14 +48,19 @@ def opd_sampled(h, W, labels, teacher_logp, dtype=torch.float32):
 
 
 def grpo(h, W, labels, old, adv, ref=None, *, clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0,
-         entropy_coef=0.0, aggregation="token-mean", dtype=torch.float32):
+         entropy_coef=0.0, aggregation="token-mean", sampler=None, tis_cap=None, dtype=torch.float32):
+    """old None: on-policy (TRL: old_per_token_logps = per_token_logps.detach()); sampler + tis_cap: TRL's
+    vLLM importance-sampling correction, per_token_loss *= clamp(exp(old - sampler), max=cap), before KL."""
     lp, lsm, mask = token_logp(h, W, labels, dtype=dtype)
+    old = lp.detach() if old is None else old.to(dtype)
     a = adv[:, None] if adv.dim() == 1 else adv
     a = a.to(dtype)
-    ratio = torch.exp(torch.where(mask, lp - old.to(dtype), torch.zeros_like(lp)))
+    ratio = torch.exp(torch.where(mask, lp - old, torch.zeros_like(lp)))
     pg = torch.maximum(-a * ratio, -a * torch.clamp(ratio, 1 - clip_low, 1 + clip_high))
     if dual_clip is not None:
         pg = torch.where(a < 0, torch.minimum(pg, -a * dual_clip), pg)
+    if tis_cap is not None:
+        pg = pg * torch.clamp(torch.exp(old - sampler.to(dtype)), max=tis_cap)
     loss_tok = pg
     if ref is not None and kl_coef:
         d = torch.where(mask, ref.to(dtype) - lp, torch.zeros_like(lp))

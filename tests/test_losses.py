@@ -87,6 +87,19 @@ def _case_grpo(**kw):
             lambda h, W, dt: naive.grpo(h, W, y, old, adv, ref, dtype=dt, **kw))
 
 
+def _case_grpo_on_policy_tis(**kw):
+    """One update per rollout (old = the update's own log-probs) with a sampler that is off by up to ~0.5
+    nats, truncated importance sampling at a cap some tokens exceed."""
+    y = labels_with_prompt()
+    h0, W0 = problem()
+    with torch.no_grad():
+        lp, _, _ = naive.token_logp(h0, W0, y)
+    sampler = lp + torch.randn(B, T) * 0.3
+    adv = torch.tensor([1.0, -0.5, 2.0, -1.5])
+    return (lambda h, W, dt: grpo_loss(h, W, y, None, adv, sampler_logp=sampler, tis_cap=1.2, **kw)[0],
+            lambda h, W, dt: naive.grpo(h, W, y, None, adv, sampler=sampler, tis_cap=1.2, dtype=dt, **kw))
+
+
 def _case_dpo(cw=False):
     y = labels_with_prompt()
     ref_c, ref_r = -torch.rand(B // 2) * 30, -torch.rand(B // 2) * 30
@@ -107,6 +120,7 @@ CASES = {
     "grpo-kl-entropy": lambda: _case_grpo(kl_coef=0.05, entropy_coef=0.01, clip_high=0.28),
     "grpo-dual-clip-seq-mean": lambda: _case_grpo(dual_clip=2.0, aggregation="seq-mean-token-mean"),
     "grpo-seq-sum": lambda: _case_grpo(aggregation="seq-mean-token-sum"),
+    "grpo-on-policy-tis": _case_grpo_on_policy_tis,
     "dpo": _case_dpo,
     "cw-dpo": lambda: _case_dpo(cw=True),
 }
@@ -160,6 +174,32 @@ def test_grpo_at_ratio_one_is_policy_gradient():
     (g2,) = torch.autograd.grad(-naive.mmean(adv[:, None] * lp, mask), h2)
     torch.testing.assert_close(g1, g2, atol=1e-6, rtol=1e-5)
     assert abs(m["ratio_mean"].item() - 1) < 1e-5 and m["clip_frac_low"] == 0 and m["clip_frac_high"] == 0
+
+
+def test_grpo_on_policy_needs_no_old_logp_and_measures_the_sampler():
+    """old_logp=None (one update per rollout) is the update's own log-probs: the same loss and gradient as
+    passing them recomputed; the sampler mismatch is mean |old - sampler| over response tokens only."""
+    h, W = problem()
+    y = labels_with_prompt()
+    adv = torch.tensor([1.0, -0.5, 2.0, -1.5])
+    old, _, mask = naive.token_logp(h, W, y)
+    sampler = torch.where(mask, old + 0.1 * torch.randn(B, T), torch.full((B, T), 7.0))  # junk off the response
+    h1, h2 = h.clone().requires_grad_(), h.clone().requires_grad_()
+    loss1, m1 = grpo_loss(h1, W, y, None, adv, sampler_logp=sampler)
+    loss2, m2 = grpo_loss(h2, W, y, old, adv)
+    (g1,), (g2,) = torch.autograd.grad(loss1, h1), torch.autograd.grad(loss2, h2)
+    torch.testing.assert_close(loss1, loss2, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(g1, g2, atol=1e-6, rtol=1e-5)
+    want = ((old - sampler).abs() * mask).sum() / mask.sum()
+    assert abs(m1["sampler_mismatch"].item() - want.item()) < 1e-5 and "sampler_mismatch" not in m2
+    # a cap no token reaches changes nothing; tis_cap without the sampler's log-probs is an error
+    loss3, m3 = grpo_loss(h, W, y, None, adv, sampler_logp=old, tis_cap=2.0)
+    torch.testing.assert_close(loss3, loss2.detach(), atol=1e-6, rtol=1e-5)
+    assert m3["tis_truncated_frac"].item() == 0 and abs(m3["tis_weight_mean"].item() - 1) < 1e-6
+    with pytest.raises(ValueError, match="tis_cap needs sampler_logp"):
+        grpo_loss(h, W, y, None, adv, tis_cap=2.0)
+    with pytest.raises(ValueError, match="tis_cap"):
+        grpo_loss(h, W, y, None, adv, sampler_logp=old, tis_cap=0.0)
 
 
 def test_grpo_clipping_kicks_in_exactly_at_the_bounds():

@@ -46,7 +46,7 @@ def test_sft_loss_falls_and_run_dir_is_complete(tmp_path):
         assert key in ev[-1], key
     assert ev[0]["dlogp_pos"] == 0.0 and ev[-1]["dlogp_pos"] > 0  # SFT raises the positives' log-prob
     # what config validation lets early stopping watch is exactly what an evaluation records
-    recorded = set(ev[-1]) - {"stage", "stage_index", "step", "kind", "pass_curves"}
+    recorded = set(ev[-1]) - {"stage", "stage_index", "step", "kind", "pass_curves", "timing/eval_s"}
     assert recorded == eval_metric_names(cfg)
     run_dir = tmp_path / "t"
     assert (run_dir / "config.yaml").exists() and (run_dir / "samples.jsonl").exists()
@@ -316,7 +316,7 @@ def test_grpo_metrics_of_micro_batches_combine_exactly_on_the_model_device(devic
 
     parts = [(metrics(1.0, 0.9, 1.1), 3, 2), (metrics(3.0, 0.7, 1.05), 1, 2)]  # (metrics, tokens, rows)
     ro = {"scores": [Reward(reward=r, accuracy=r, format=1.0, extracted=None) for r in (1.0, 0.0, 0.0, 1.0)],
-          "mismatch": 0.0, "rewards": torch.tensor([1.0, 0.0, 0.0, 1.0])}
+          "truncated": torch.tensor([1.0, 0.0, 0.0, 0.0]), "rewards": torch.tensor([1.0, 0.0, 0.0, 1.0])}
     whole = {"labels": torch.tensor([[1, 2, -100], [3, -100, -100], [4, -100, -100], [-100, -100, -100]])}
     for aggregation, pg in (("token-mean", 1.5), ("seq-mean-token-mean", 2.0)):
         m = _grpo_metrics(ro, slice(0, 4), whole, parts, aggregation)
@@ -324,4 +324,4 @@ def test_grpo_metrics_of_micro_batches_combine_exactly_on_the_model_device(devic
         if device == "cpu":
             assert m["entropy"].item() == pytest.approx(1.5) and m["pg_loss"].item() == pytest.approx(pg)
             assert (m["ratio_min"].item(), m["ratio_max"].item()) == pytest.approx((0.7, 1.1))
-            assert m["reward"].item() == 0.5 and m["response_tokens"].item() == 1.0
+            assert m["reward"].item() == 0.5 and m["response_tokens"].item() == 1.0 and m["truncated"].item() == 0.25

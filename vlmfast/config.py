@@ -134,6 +134,9 @@ class StageConfig:
     dual_clip: float | None = None  # grpo: dual-clip bound (> 1) for negative advantages
     kl_coef: float = 0.0  # grpo: k3 KL to the reference (the policy at stage start)
     entropy_coef: float = 0.0  # grpo: entropy bonus
+    # grpo: truncated importance sampling, each token's policy gradient weighed by min(pi_old/pi_sampler, cap)
+    # (TRL's and verl's correction for a sampler that is not exactly the trainer, e.g. vLLM in bf16); off: None
+    tis_cap: float | None = None
     aggregation: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum
     advantage_scale: str = "group"  # group | batch | none (Dr. GRPO)
     # dpo / cw_dpo
@@ -426,7 +429,7 @@ def _check_stage_losses(key: str, s: StageConfig) -> None:
     elif s.type == "grpo":
         _reuse_check(key, _check_grpo, clip_low=s.clip_low, clip_high=s.clip_high, dual_clip=s.dual_clip,
                      kl_coef=s.kl_coef, entropy_coef=s.entropy_coef, aggregation=s.aggregation,
-                     temperature=s.temperature)
+                     temperature=s.temperature, tis_cap=s.tis_cap)
         if s.advantage_scale not in SCALINGS:
             raise ConfigError(f"{key}.advantage_scale: must be one of {SCALINGS}, got {s.advantage_scale!r}")
     elif s.type == "opd":
@@ -509,6 +512,8 @@ def validate(cfg: Config) -> None:
             bad(f"{key}.updates_per_rollout", f"must be >= 1, got {s.updates_per_rollout}")
         if s.type == "grpo" and s.group_size < 2:
             bad(f"{key}.group_size", f"GRPO needs >= 2 samples per prompt, got {s.group_size}")
+        if s.tis_cap is not None and s.type != "grpo":
+            bad(f"{key}.tis_cap", f"truncated importance sampling is for grpo stages, not {s.type!r}")
         if s.micro_batch_size is not None:
             if s.type != "grpo":
                 bad(f"{key}.micro_batch_size", f"micro-batched updates are for grpo stages, not {s.type!r}")

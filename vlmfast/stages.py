@@ -25,7 +25,8 @@ from .losses import cw_dpo_loss, dpo_loss, group_advantages, grpo_loss, opd_loss
 from .models import call_head, frozen_head_weight, head_token_stats, trunk_hidden
 from .ops import sequence_mean
 from .rewards import Reward, extract_answer, is_correct, score
-from .rollout import Sampling, mismatch
+from .rollout import Sampling
+from .timing import StepTimer
 
 
 @dataclass
@@ -42,11 +43,26 @@ class StageContext:
     l_floor: float | str | None = None
     extra: dict = field(default_factory=dict)
     engine_forward: object = None  # fn -> fn() run as the DeepSpeed engine's forward (zero.engine_forward)
+    timer: StepTimer = field(default_factory=StepTimer)
+    engine_stale: bool = False  # the engine holds weights older than the policy's (set after each update)
 
     def forward(self, fn):
         """fn() as the policy's training forward: through the DeepSpeed engine when there is one, which
         counts the micro-steps a gradient accumulates over."""
         return fn() if self.engine_forward is None else self.engine_forward(fn)
+
+    def policy_updated(self) -> None:
+        """The policy's weights changed (an optimizer step, a checkpoint loaded): an engine with weights of
+        its own must be synced before it samples again. Syncing is lazy: once per rollout, not per update."""
+        self.engine_stale = getattr(self.engine, "holds_weights", False)
+
+    def ready_engine(self):
+        """The generation engine, synced with the policy when it is stale (timed as the step's sync)."""
+        if self.engine_stale:
+            with self.timer("sync"):
+                self.engine.sync_weights(self.model)
+            self.engine_stale = False
+        return self.engine
 
 
 def step_seed(ctx: StageContext, step: int) -> int:
@@ -196,7 +212,9 @@ def sft_step(ctx: StageContext, step: int):
 def _sample(ctx, exs, n, step, positions: list[int]):
     """n samples per example, seeded by the examples' places in the step's global batch."""
     s = ctx.stage
-    return ctx.engine.generate([e.problem for e in exs], [e.images for e in exs], n=n,
+    engine = ctx.ready_engine()
+    with ctx.timer("generate"):
+        return engine.generate([e.problem for e in exs], [e.images for e in exs], n=n,
                                sampling=Sampling(temperature=s.temperature, max_new_tokens=s.max_new_tokens),
                                seeds=position_seeds(ctx, step, positions))
 
@@ -229,8 +247,10 @@ def _sampler_logp_grid(completions, batch) -> torch.Tensor:
 @torch.no_grad()
 def _rollout(ctx: StageContext, index: int) -> dict:
     """One rollout batch: batch_size * updates_per_rollout prompts x group_size samples, rewards,
-    group advantages, and the old log-probs of the policy that sampled them (recomputed by the
-    trainer, so the ratio is exactly 1 at the first update and the sampler mismatch is measured)."""
+    group advantages, the sampler's log-probs, and the old log-probs of the policy that sampled them:
+    recomputed by the trainer when several updates share the rollout (so the ratio is exactly 1 at the
+    first update); with one update per rollout none (the update's own log-probs, detached, are exactly
+    those: no extra pass)."""
     s = ctx.stage
     exs, positions = _rollout_examples(ctx, index)
     groups = _sample(ctx, exs, s.group_size, index, positions)
@@ -250,14 +270,12 @@ def _rollout(ctx: StageContext, index: int) -> dict:
         return torch.cat([head_token_stats(model, trunk_hidden(model, **_rows(b, sl)), labels[sl],
                                            temperature=s.temperature, outputs=("logp",)).logp for sl in slices])
 
-    old = logp_of(ctx.model)
-    ref = logp_of(ctx.reference) if ctx.reference is not None and s.kl_coef > 0 else None
-    mask = labels != -100
-    sampler = _sampler_logp_grid(flat, b)
+    with ctx.timer("logprobs"):
+        old = logp_of(ctx.model) if s.updates_per_rollout > 1 else None
+        ref = logp_of(ctx.reference) if ctx.reference is not None and s.kl_coef > 0 else None
     return {"index": index, "batch": b, "adv": adv, "old": old, "ref": ref, "rewards": rewards, "scores": scores,
-            "token_ids": [c.token_ids for c in flat],
-            "mismatch": mismatch([sampler[i][mask[i]].tolist() for i in range(len(flat))],
-                                 [old[i][mask[i]].tolist() for i in range(len(flat))])}
+            "token_ids": [c.token_ids for c in flat], "sampler": _sampler_logp_grid(flat, b),
+            "truncated": torch.tensor([c.finish_reason == "length" for c in flat], dtype=torch.float32)}
 
 
 def _rollout_examples(ctx: StageContext, index: int) -> tuple[list, list[int]]:
@@ -274,7 +292,7 @@ def rollout_state(ctx: StageContext) -> dict | None:
     ro = ctx.extra.get("rollout")
     if ro is None:
         return None
-    keep = ("index", "adv", "old", "ref", "rewards", "token_ids", "mismatch")
+    keep = ("index", "adv", "old", "ref", "rewards", "token_ids", "sampler", "truncated")
     return {**{k: ro[k] for k in keep}, "scores": [dataclasses.asdict(x) for x in ro["scores"]]}
 
 
@@ -317,7 +335,8 @@ def grpo_step(ctx: StageContext, step: int):
 
 
 # token means combine weighted by tokens; extremes by min / max
-_TOKEN_MEAN_METRICS = ("entropy", "kl", "clip_frac_low", "clip_frac_high", "ratio_mean")
+_TOKEN_MEAN_METRICS = ("entropy", "kl", "clip_frac_low", "clip_frac_high", "ratio_mean", "sampler_mismatch",
+                       "tis_weight_mean", "tis_truncated_frac")
 
 
 def _grpo_update(ctx: StageContext, ro: dict, update: slice):
@@ -345,12 +364,13 @@ def _grpo_forward(ctx: StageContext, ro: dict, sl: slice, n):
     b = _rows(ro["batch"], sl)
     labels = b["labels"]
     ref = None if ro["ref"] is None else ro["ref"][sl]
+    old = None if ro["old"] is None else ro["old"][sl]  # None: on-policy, the update's own log-probs
 
     def loss_fn(h, w):
-        return grpo_loss(h, w, labels, ro["old"][sl], ro["adv"][sl], ref_logp=ref, clip_low=s.clip_low,
+        return grpo_loss(h, w, labels, old, ro["adv"][sl], ref_logp=ref, clip_low=s.clip_low,
                          clip_high=s.clip_high, dual_clip=s.dual_clip, kl_coef=s.kl_coef,
                          entropy_coef=s.entropy_coef, aggregation=s.aggregation, temperature=s.temperature,
-                         num_items_in_batch=n)
+                         num_items_in_batch=n, sampler_logp=ro["sampler"][sl], tis_cap=s.tis_cap)
 
     loss, m = _policy_loss(ctx, b, loss_fn)
     return loss, m, labels
@@ -366,13 +386,13 @@ def _grpo_metrics(ro: dict, update: slice, whole: dict, parts: list, aggregation
     def weighted(key, w):
         return (torch.stack([m[key].double() for m, _, _ in parts]) * w).sum() / w.sum().clamp(min=1)
 
-    m = {k: weighted(k, tokens).float() for k in _TOKEN_MEAN_METRICS}
+    m = {k: weighted(k, tokens).float() for k in _TOKEN_MEAN_METRICS if k in parts[0][0]}
     m["pg_loss"] = weighted("pg_loss", tokens if aggregation == "token-mean" else rows).float()
     m["ratio_min"] = torch.stack([p["ratio_min"] for p, _, _ in parts]).min()
     m["ratio_max"] = torch.stack([p["ratio_max"] for p, _, _ in parts]).max()
     scores = ro["scores"][update]
-    m["sampler_mismatch"] = torch.tensor(ro["mismatch"])
     m["reward"] = ro["rewards"][update].mean()
+    m["truncated"] = ro["truncated"][update].mean()  # completions that ran out of max_new_tokens
     m["accuracy"] = torch.tensor(sum(x.accuracy for x in scores) / len(scores))
     m["format"] = torch.tensor(sum(x.format for x in scores) / len(scores))
     m["response_tokens"] = (whole["labels"] != -100).sum(1).float().mean()
@@ -392,7 +412,7 @@ def opd_step(ctx: StageContext, step: int):
     b = collate_token_responses(ctx.processor, [e.problem for e in exs], [e.images for e in exs], responses)
     n = rank_share_of_tokens(b["labels"], _device(ctx))
     if s.opd_mode == "full":
-        with torch.no_grad():  # the teacher sees exactly the same image and prompt
+        with torch.no_grad(), ctx.timer("logprobs"):  # the teacher sees exactly the same image and prompt
             th = trunk_hidden(ctx.teacher, **b)
         # the fused KL needs the teacher's head in the student's forward and backward: a plain copy
         # (gathered once under ZeRO-3), freed with the step's graph
@@ -403,8 +423,9 @@ def opd_step(ctx: StageContext, step: int):
         return loss, m
     # sampled-token form: the teacher's per-token log-probs come from a generation engine's score()
     # (a teacher too large to sit beside the student would be served there)
-    scored = ctx.extra["teacher_engine"].score([e.problem for e in exs], [e.images for e in exs],
-                                               responses, temperature=s.temperature)
+    with ctx.timer("logprobs"):
+        scored = ctx.extra["teacher_engine"].score([e.problem for e in exs], [e.images for e in exs],
+                                                   responses, temperature=s.temperature)
     t_logp = torch.zeros(b["labels"].shape)
     for i, lp in enumerate(scored):
         start = int(b["prompt_lengths"][i]) - 1
@@ -441,7 +462,7 @@ def dpo_step(ctx: StageContext, step: int):
     exs, positions = batch_examples(ctx, step, s.batch_size)
     b, on_policy_share = _preference_batch(ctx, exs, positions, step)
     B = len(exs)
-    with torch.no_grad():  # pi_ref: the policy at stage start
+    with torch.no_grad(), ctx.timer("logprobs"):  # pi_ref: the policy at stage start
         rh = trunk_hidden(ctx.reference, **b)
         r = head_token_stats(ctx.reference, rh, b["labels"], temperature=s.temperature, outputs=("logp",),
                              per_sequence=True)

@@ -5,9 +5,10 @@
     vlmfast train --config recipes/X.yaml
 
 Per step:  batch -> trunk hidden states [B, T, H] -> loss (vlmfast.losses, through the lm_head's
-forward) -> engine.backward -> engine.step -> metrics.jsonl.  Every eval.every steps and at stage
-boundaries: greedy accuracy, pass@k, diversity, ECE, entropy on own samples, Δlog p probes, on the
-validation split and every extra eval split. Early stopping keeps the best checkpoint and the next
+forward) -> engine.backward -> engine.step -> metrics.jsonl, with the step's time split into phases
+(timing/generate_s, logprobs_s, sync_s, update_s). Every eval.every steps and at stage boundaries, on the
+stage's generation engine (timing/eval_s, never charged to a step): greedy accuracy, pass@k, diversity,
+ECE, entropy on own samples, Δlog p probes, on the validation split and every extra eval split. Early stopping keeps the best checkpoint and the next
 stage starts from it. Checkpoints are atomic; `run.resume: auto` continues a killed run.
 """
 
@@ -393,14 +394,11 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
     ctx = StageContext(cfg=cfg, stage=stage, index=si, model=policy, processor=processor, train=data["train"],
                        engine_forward=lambda fn: engine_forward(engine, fn))
     device = next(policy.parameters()).device.type
-    # colocated vLLM on a GPU sleeps through the optimizer step (frees its KV cache)
-    engine_kw = {"sleep_mode": True, "gpu_memory_utilization": stage.vllm_memory_share} \
-        if stage.engine == "vllm" and device == "cuda" else {}
-    generation = _generation_options(cfg, engine)
     if stage.engine == "hf":
-        engine_kw = generation
-    ctx.engine = make_engine(stage.engine, policy, processor, **engine_kw)
-    eval_engine = ctx.engine if stage.engine == "hf" else make_engine("hf", policy, processor, **generation)
+        engine_kw = _generation_options(cfg, engine)
+    else:  # colocated vLLM on a GPU sleeps through the update (frees its KV cache) and wakes on first use
+        engine_kw = {"sleep_mode": True, "gpu_memory_utilization": stage.vllm_memory_share} if device == "cuda" else {}
+    ctx.engine = make_engine(stage.engine, policy, processor, **engine_kw)  # evaluation samples from it too
     frozen = []  # reference / teacher engines: kept alive with the stage
     if stage.type in ("dpo", "cw_dpo") or (stage.type == "grpo" and stage.kl_coef > 0):
         frozen.append(_frozen_model(cfg, start_path, device, processor, micro))  # pi_ref <- policy at stage start
@@ -424,8 +422,7 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
         ckpt.set_rng_state(mine.get("rng", state["rng"]))  # this rank's generators (older checkpoints: rank 0's)
         if mine.get("rollout") is not None:  # killed inside a rollout batch: continue it, do not redraw it
             restore_rollout(ctx, mine["rollout"])
-        if stage.engine == "vllm":  # the engine was built from the stage-start weights
-            ctx.engine.sync_weights(policy)
+        ctx.policy_updated()  # an engine with its own weights has the stage-start ones: synced before it samples
         start_step = state["step"]
         best_tag = state.get("best_tag")
         if stopper is not None and state.get("early_stopping"):
@@ -444,9 +441,10 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
             "timings": timings, "results": results, **extra}, rank_state={"rollout": rollout_state(ctx)})
 
     def do_eval(step):
-        m, shown = evaluate(cfg, name, policy, processor, data, probe, seed=cfg.run.seed, engine=eval_engine)
+        t = time.perf_counter()
+        m, shown = evaluate(cfg, name, policy, processor, data, probe, seed=cfg.run.seed, engine=ctx.ready_engine())
         _kill_if(f"{si}:eval:{step}")
-        rec = {"stage": name, "stage_index": si, "step": step, "kind": "eval",
+        rec = {"stage": name, "stage_index": si, "step": step, "kind": "eval", "timing/eval_s": time.perf_counter() - t,
                **{k: v for k, v in m.items() if not isinstance(v, list)}, "pass_curves": {
                    k: v for k, v in m.items() if isinstance(v, list)}}
         log.write(rec)
@@ -459,7 +457,7 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
     last_eval = None
     if start_step == 0 and not cfg.eval.at_start and probe is not None and not probe.baseline:
         # no evaluation at the start, but Δlog p is measured from here: record the probes' baseline
-        probe_metrics(cfg, eval_engine, policy, processor, probe)
+        probe_metrics(cfg, ctx.ready_engine(), policy, processor, probe)
     if start_step == 0 and cfg.eval.at_start:
         last_eval = do_eval(0)
         if stopper is not None and stopper.update(0, last_eval)[0]:
@@ -468,13 +466,13 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
     bar = tqdm(range(start_step, stage.steps), desc=f"{name}", initial=start_step, total=stage.steps,
                disable=not _is_main(), dynamic_ncols=True)
     stopped_early, done = False, start_step
-    t_last = time.time()
     for step in bar:
         if fail_at == f"{si}:{step}":
             raise SimulatedKill(f"simulated kill at stage {si} step {step}")
         _kill_if(f"{si}:{step}")
         _set_lr(optimizer, stage, step)
         policy.train()
+        ctx.timer.start()
         out = step_fn(ctx, step)  # rollouts (if any) happen in here
         if engine_kw.get("sleep_mode"):
             ctx.engine.sleep()
@@ -484,18 +482,14 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
             engine.backward(share / cfg.deepspeed.grad_accum, scale_wrt_gas=False)
             engine.step()  # the optimizer steps at the accumulation boundary only
             loss, metrics = loss + share.detach(), m if m is not None else metrics
-        if stage.engine == "vllm":  # the rollout engine samples from the weights just updated
-            if engine_kw.get("sleep_mode"):
-                ctx.engine.wake_up()
-            ctx.engine.sync_weights(policy)
+        ctx.policy_updated()  # the engine (if it holds weights) syncs before it next samples: once per rollout
         done = step + 1
-        now = time.time()
-        rec = {"stage": name, "stage_index": si, "step": done, "kind": "train",
-               "loss": mean_over_ranks(loss.float()).item(),  # each rank's loss is its share of the global one
+        loss = mean_over_ranks(loss.float()).item()  # each rank's loss is its share of the global one
+        timing = ctx.timer.stop()
+        rec = {"stage": name, "stage_index": si, "step": done, "kind": "train", "loss": loss,
                **{k: _scalar(v) for k, v in metrics.items() if k != "loss"}, "lr": optimizer.param_groups[0]["lr"],
-               "step_time_s": now - t_last, "tokens_per_s": ctx.extra.pop("tokens", 0) / max(now - t_last, 1e-9),
+               **timing, "tokens_per_s": ctx.extra.pop("tokens", 0) / max(timing["step_time_s"], 1e-9),
                "peak_mem_mb": _peak_memory_mb()}
-        t_last = now
         if done % cfg.run.log_every == 0:
             log.write(rec)
         bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("loss", "reward", "entropy") if k in rec})

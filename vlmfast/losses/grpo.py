@@ -1,15 +1,18 @@
 """GRPO: clipped policy gradient on G samples per prompt with group-normalised advantages.
 
     A_i   = (r_i - mean_group) / (std_group + 1e-6)       (scale: "group", "batch" or "none")
-    rho   = exp(logp - logp_old)
+    rho   = exp(logp - logp_old)                          logp_old = detached logp when on-policy (None)
     pg    = max(-A rho, -A clip(rho, 1 - eps_low, 1 + eps_high))
             dual clip (A < 0): min(pg, -A * dual_clip)
+    tis   = min(exp(logp_old - logp_sampler), tis_cap)     truncated importance sampling (optional): pg *= tis
     k3    = exp(ref - logp) - (ref - logp) - 1                KL to a reference, if given
     loss  = agg(pg + kl_coef * k3 - entropy_coef * H)
     agg   = "token-mean" (all response tokens), "seq-mean-token-mean", "seq-mean-token-sum"
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -54,7 +57,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "gr
 
 
 def _check_grpo(*, clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0, entropy_coef=0.0,
-                aggregation="token-mean", temperature=1.0, **_):
+                aggregation="token-mean", temperature=1.0, tis_cap=None, **_):
     check_nonnegative("clip_low", clip_low)
     check_nonnegative("clip_high", clip_high)
     if clip_low >= 1:
@@ -65,6 +68,8 @@ def _check_grpo(*, clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0, ent
     check_nonnegative("entropy_coef", entropy_coef)
     check_choice("aggregation", aggregation, AGGREGATIONS)
     check_positive("temperature", temperature)
+    if tis_cap is not None:
+        check_positive("tis_cap", tis_cap)
 
 
 def aggregate(x: torch.Tensor, mask: torch.Tensor, aggregation: str, num_items_in_batch=None) -> torch.Tensor:
@@ -77,21 +82,28 @@ def aggregate(x: torch.Tensor, mask: torch.Tensor, aggregation: str, num_items_i
 
 def grpo_loss(hidden, weight, labels, old_logp, advantages, *, ref_logp=None, clip_low=0.2, clip_high=0.2,
               dual_clip=None, kl_coef=0.0, entropy_coef=0.0, aggregation="token-mean", bias=None,
-              temperature=1.0, ignore_index=-100, backend="auto", num_items_in_batch=None):
+              temperature=1.0, ignore_index=-100, backend="auto", num_items_in_batch=None, sampler_logp=None,
+              tis_cap=None):
     """Clipped policy-gradient loss of GRPO on sampled responses.
 
     hidden [B, T, H], weight [V, H], labels [B, T] (the sampled tokens; -100 elsewhere),
-    old_logp [B, T] (log-probs under the sampling policy, same temperature), advantages [B] or
+    old_logp [B, T] (log-probs under the sampling policy, same temperature) or None: on-policy, the
+    update's own log-probs detached (one update per rollout: no recompute pass), advantages [B] or
     [B, T], ref_logp [B, T] for the k3 KL penalty (needed when kl_coef > 0).
+    sampler_logp [B, T]: the generation engine's log-probs of the sampled tokens; adds the metric
+    sampler_mismatch = mean |logp_old - logp_sampler| and, with tis_cap, weighs each token's policy
+    gradient by min(exp(logp_old - logp_sampler), tis_cap) (truncated importance sampling, TRL's and
+    verl's correction for a sampler that is not exactly the trainer; before the KL term, as TRL).
     num_items_in_batch (token-mean only): the response-token count the summed loss divides by when this
     call holds part of a larger batch (TRL's "dapo" normalisation: all ranks' tokens / number of ranks,
     since DeepSpeed averages the ranks' gradients).
     Metrics: entropy, kl, clip_frac_low, clip_frac_high, ratio_mean/min/max, pg_loss.
     """
     _check_grpo(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
-                entropy_coef=entropy_coef, aggregation=aggregation, temperature=temperature)
+                entropy_coef=entropy_coef, aggregation=aggregation, temperature=temperature, tis_cap=tis_cap)
     B, T = check_batch_time(hidden, labels)
-    check_shape("old_logp", old_logp, (B, T), "per-token log-probs of the sampling policy")
+    if old_logp is not None:
+        check_shape("old_logp", old_logp, (B, T), "per-token log-probs of the sampling policy")
     if not isinstance(advantages, torch.Tensor) or tuple(advantages.shape) not in ((B,), (B, T)):
         got = tuple(advantages.shape) if isinstance(advantages, torch.Tensor) else type(advantages).__name__
         raise ValueError(f"advantages must be [B] = ({B},) or [B, T] = ({B}, {T}), got {got}")
@@ -103,17 +115,31 @@ def grpo_loss(hidden, weight, labels, old_logp, advantages, *, ref_logp=None, cl
         raise ValueError("kl_coef > 0 needs ref_logp (per-token log-probs of the reference policy)")
     if ref_logp is not None:
         check_shape("ref_logp", ref_logp, (B, T), "per-token log-probs of the reference policy")
+    if sampler_logp is not None:
+        check_shape("sampler_logp", sampler_logp, (B, T), "per-token log-probs of the generation engine")
+    elif tis_cap is not None:
+        raise ValueError("tis_cap needs sampler_logp (the generation engine's per-token log-probs)")
 
     r = token_stats(hidden, weight, labels, bias=bias, temperature=temperature, outputs=("logp", "entropy"),
                     ignore_index=ignore_index, backend=backend)
     mask = response_mask(labels, ignore_index)
     adv = (advantages[:, None] if advantages.dim() == 1 else advantages).detach().float()
+    old = r.logp.detach() if old_logp is None else old_logp.detach().float()
     # masked tokens get log-ratio 0 so exp() never overflows on padding
-    log_ratio = torch.where(mask, r.logp - old_logp.detach().float(), torch.zeros_like(r.logp))
+    log_ratio = torch.where(mask, r.logp - old, torch.zeros_like(r.logp))
     ratio = torch.exp(log_ratio)
     pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high))
     if dual_clip is not None:
         pg = torch.where(adv < 0, torch.minimum(pg, -adv * dual_clip), pg)
+    extra = {}
+    if sampler_logp is not None:
+        sampler_gap = torch.where(mask, old - sampler_logp.detach().float(), torch.zeros_like(old))
+        extra["sampler_mismatch"] = masked_mean(sampler_gap.abs(), mask)
+        if tis_cap is not None:
+            tis = torch.exp(sampler_gap).clamp(max=tis_cap)
+            pg = pg * tis
+            extra["tis_weight_mean"] = masked_mean(tis, mask)
+            extra["tis_truncated_frac"] = masked_mean((sampler_gap > math.log(tis_cap)).float(), mask)
     per_token = pg
     kl = torch.zeros(())
     if ref_logp is not None:
@@ -135,7 +161,7 @@ def grpo_loss(hidden, weight, labels, old_logp, advantages, *, ref_logp=None, cl
         r_max = torch.where(mask, ratio, torch.full_like(ratio, -big)).max()
     return loss, detached(loss=loss, pg_loss=aggregate(pg, mask, aggregation), entropy=masked_mean(r.entropy, mask),
                           kl=kl, clip_frac_low=low, clip_frac_high=high, ratio_mean=masked_mean(ratio, mask),
-                          ratio_min=r_min, ratio_max=r_max)
+                          ratio_min=r_min, ratio_max=r_max, **extra)
 
 
 class GRPOLoss(LossModule):

