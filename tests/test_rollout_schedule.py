@@ -6,13 +6,12 @@ import time
 
 import pytest
 import torch
+from test_train import recipe, records
 
 from vlmfast import stages as S
 from vlmfast import train as T
 from vlmfast.rollout.hf import HFEngine
 from vlmfast.train import FAIL_AT_ENV, SimulatedKill, run
-
-from test_train import recipe, records
 
 pytestmark = pytest.mark.slow
 
