@@ -9,7 +9,8 @@ forward) -> engine.backward -> engine.step -> metrics.jsonl, with the step's tim
 (timing/generate_s, logprobs_s, sync_s, update_s). Every eval.every steps and at stage boundaries, on the
 stage's generation engine (timing/eval_s, never charged to a step): greedy accuracy, pass@k, diversity,
 ECE, entropy on own samples, Δlog p probes, on the validation split and every extra eval split. Early
-stopping keeps the best checkpoint and the next stage starts from it. Checkpoints are atomic; `run.resume: auto` continues a killed run.
+stopping keeps the best checkpoint and the next stage starts from it. Checkpoints are atomic;
+`run.resume: auto` continues a killed run.
 """
 
 from __future__ import annotations
