@@ -36,7 +36,8 @@ def _model(hidden: int, intermediate: int, layers: int):
     tok = build_tokenizer(corpus())
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>")}
     cfg = Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
-                      num_hidden_layers=layers, num_attention_heads=hidden // 32, num_key_value_heads=hidden // 32, max_position_embeddings=512,
+                      num_hidden_layers=layers, num_attention_heads=hidden // 32, num_key_value_heads=hidden // 32,
+                      max_position_embeddings=512,
                       tie_word_embeddings=False, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                       pad_token_id=ids["<|endoftext|>"])
     torch.manual_seed(0)
@@ -64,31 +65,31 @@ def _file_sync(engine, model):
     engine.llm.reset_prefix_cache()
 
 
+def _engine_times(other_process: bool, model, tok, repeats: int, memcpy=None) -> dict:
+    """Median sync times through an engine in this process (and the file path, and memcpy after the engine
+    starts: vLLM sets this process's torch threads for serving, and the copy runs on them) or in another."""
+    from vlmfast.rollout.vllm_engine import VLLMEngine
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if other_process else "0"
+    engine = VLLMEngine.from_model(model, tok, dtype="float32", enforce_eager=True, max_model_len=256)
+    if other_process:
+        return {"shared-buffer": _median_s(lambda: engine.sync_weights(model), repeats)}
+    return {"memcpy": _median_s(memcpy, repeats), "in-process": _median_s(lambda: engine.sync_weights(model), repeats),
+            "file": _median_s(lambda: _file_sync(engine, model), repeats)}
+
+
 def measure(size: str, repeats: int) -> list[dict]:
     import gc
 
     import torch
 
-    from vlmfast.rollout.vllm_engine import VLLMEngine
-
     model, tok = _model(*SIZES[size])
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     params = list(model.parameters())
     copies = [torch.empty_like(p) for p in params]
-    kw = dict(dtype="float32", enforce_eager=True, max_model_len=256)
-    times = {}
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    engine = VLLMEngine.from_model(model, tok, **kw)
-    # after the engine starts: vLLM sets this process's torch threads for serving, and the copy runs on them
-    times["memcpy"] = _median_s(lambda: [c.copy_(p) for c, p in zip(copies, params)], repeats)
-    times["in-process"] = _median_s(lambda: engine.sync_weights(model), repeats)
-    times["file"] = _median_s(lambda: _file_sync(engine, model), repeats)
-    del engine
+    times = _engine_times(False, model, tok, repeats, memcpy=lambda: [c.copy_(p) for c, p in zip(copies, params)])
     gc.collect()
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
-    engine = VLLMEngine.from_model(model, tok, **kw)
-    times["shared-buffer"] = _median_s(lambda: engine.sync_weights(model), repeats)
-    del engine
+    times.update(_engine_times(True, model, tok, repeats))
     gc.collect()
     return [{"model": size, "mode": m, "seconds": times[m], "vs_memcpy": times[m] / times["memcpy"],
              "model_mb": nbytes / 2**20, "threads": torch.get_num_threads()} for m in MODES]

@@ -46,6 +46,8 @@ def test_shipped_recipes_load():
          r"stages\[0\].micro_batch_size: must divide the update's 10 sequences"),
         (cfg(stages=[{"type": "grpo", "micro_batch_size": 0}]), r"stages\[0\].micro_batch_size: must divide"),
         (cfg(stages=[{"type": "sft", "micro_batch_size": 4}]), r"stages\[0\].micro_batch_size: micro-batched"),
+        (cfg(stages=[{"type": "grpo", "tis_cap": 0}]), r"stages\[0\].tis_cap: must be a finite number > 0"),
+        (cfg(stages=[{"type": "dpo", "tis_cap": 2.0}]), r"stages\[0\].tis_cap: truncated importance"),
         (cfg(stages=[{"type": "sft", "lr": "fast"}]), r"stages\[0\].lr: expected a number"),
         (cfg(stages=[{"type": "opd"}]), r"stages\[0\].teacher: opd needs a teacher"),
         (cfg(stages=[{"type": "opd", "teacher": "/no/such/teacher"}]),

@@ -151,3 +151,51 @@ def test_tiny_models_use_the_matmul_patch_embed(student):
     from vlmfast.models import PatchConv3d
 
     assert any(isinstance(m, PatchConv3d) for m in student[0].modules())
+
+
+def test_an_image_repeated_in_consecutive_rows_is_encoded_once(student):
+    """GRPO's group of samples of one prompt: the vision tower sees each distinct image once, yet the
+    hidden states equal the plain forward's and every gradient (the vision tower's sums over the copies)
+    matches to fp32 summation order; generation from the shared encode gives the same tokens."""
+    from vlmfast.models import shared_images
+    from vlmfast.rollout import HFEngine, Sampling
+
+    model, proc = copy.deepcopy(student)
+    rows = generate("train", 2, seed=1)
+    imgs = [[Image.open(io.BytesIO(r["images"][0]["bytes"]))] for r in rows]
+    problems = [r["problem"] for r in rows for _ in range(3)]
+    images = [im for im in imgs for _ in range(3)]
+    b = collate(proc, problems, images, [f"<think>x</think> \\boxed{{{k}}}" for k in range(6)])
+    seen = []
+    hook = model.model.visual.register_forward_hook(
+        lambda mod, args, kwargs, out: seen.append(int(kwargs["grid_thw"].shape[0])), with_kwargs=True)
+    plain = {k: v for k, v in model_inputs(b).items()}
+    g = torch.randn(*b["input_ids"].shape, model.config.text_config.hidden_size,
+                    generator=torch.Generator().manual_seed(0))
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = []
+    for inputs in (plain, "shared"):
+        inputs = shared_images(model, plain) if inputs == "shared" else inputs
+        h = model.model(**inputs, use_cache=False).last_hidden_state
+        grads.append((h.detach(), torch.autograd.grad((h * g).sum(), params, allow_unused=True)))
+    hook.remove()
+    assert seen == [6, 2]  # images through the vision tower: every copy, then each distinct image once
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=1e-6)
+    for a, c in zip(grads[0][1], grads[1][1]):
+        if a is not None:
+            assert (a - c).abs().max() <= 1e-5 * a.abs().max().clamp(min=1e-12)
+    assert trunk_hidden(model, **b).shape == grads[0][0].shape
+    # nothing repeats: the batch goes through unchanged
+    assert shared_images(model, model_inputs(collate(proc, [r["problem"] for r in rows], imgs, ["a", "b"]))) \
+        .get("mm_encoder_outputs") is None
+    engine = HFEngine(model, proc)
+    greedy = Sampling(temperature=0.0, max_new_tokens=6)
+    shared = engine.generate([r["problem"] for r in rows], imgs, n=3, sampling=greedy)
+    import vlmfast.rollout.hf as hf
+
+    real, hf.shared_images = hf.shared_images, lambda model, batch: batch
+    try:
+        unshared = engine.generate([r["problem"] for r in rows], imgs, n=3, sampling=greedy)
+    finally:
+        hf.shared_images = real
+    assert [[c.token_ids for c in g] for g in shared] == [[c.token_ids for c in g] for g in unshared]

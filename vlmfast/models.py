@@ -255,9 +255,55 @@ NOT_MODEL_INPUTS = ("labels", "truncated", "prompt_lengths", "response_lengths")
 
 def trunk_hidden(model, **batch) -> torch.Tensor:
     """Last hidden states [B, T, H] of the language model (after its final norm), images included;
-    the lm_head is not applied."""
+    the lm_head is not applied. An image repeated in consecutive rows is encoded once (shared_images)."""
     batch = {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
-    return model.model(**batch, use_cache=False).last_hidden_state
+    return model.model(**shared_images(model, batch), use_cache=False).last_hidden_state
+
+
+def _takes_encoder_outputs(model) -> bool:
+    inner = getattr(model, "model", None)
+    return (hasattr(inner, "get_image_features")
+            and "mm_encoder_outputs" in inspect.signature(inner.forward).parameters)
+
+
+def _every_rank_agrees(model, flag: bool) -> bool:
+    """flag on every rank. Under ZeRO-3 the shared encode changes the order in which modules gather their
+    parameters (vision tower before the embedding): ranks taking different paths would issue their
+    collectives out of order, so all take the shared path or none (one all-reduce per forward)."""
+    if not (is_partitioned(model) and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return flag
+    t = torch.tensor([int(flag)], device=next(model.parameters()).device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def shared_images(model, batch: dict) -> dict:
+    """`batch` with each run of identical consecutive images through the vision tower once.
+
+    A GRPO batch holds group_size samples of each prompt, and generation n copies of it: the same image
+    in consecutive rows, which the model would encode (and backpropagate through) once per copy. The
+    unique images are encoded once and their features handed to the model as transformers' precomputed
+    `mm_encoder_outputs`, each copy a reference to its image's features (autograd sums the copies'
+    gradients). Unchanged when nothing repeats or the model does not take precomputed features.
+    """
+    if not _takes_encoder_outputs(model):
+        return batch
+    pixels, grid = batch.get("pixel_values"), batch.get("image_grid_thw")
+    unique, owner = [], []  # unique images (first index) and each image's place among them
+    if pixels is not None and grid is not None:
+        sizes = grid.prod(-1).tolist()
+        chunks = pixels.split(sizes)
+        for i, chunk in enumerate(chunks):
+            j = unique[-1] if unique else None
+            if j is None or sizes[j] != sizes[i] or not torch.equal(chunks[j], chunk):
+                unique.append(i)
+            owner.append(len(unique) - 1)
+    if not _every_rank_agrees(model, len(unique) < len(owner)):  # every rank calls this, images or not
+        return batch
+    encoded = model.model.get_image_features(torch.cat([chunks[i] for i in unique]), grid[unique], return_dict=True)
+    encoded.pooler_output = tuple(encoded.pooler_output[k] for k in owner)
+    rest = {k: v for k, v in batch.items() if k != "pixel_values"}
+    return {**rest, "mm_encoder_outputs": {"image": encoded}}
 
 
 def head_vocab(model) -> int:

@@ -81,7 +81,13 @@ def processor_inputs(processor, texts: list[str], images: list | None) -> dict:
 
 
 def _prompt_texts(processor, problems):
-    return [processor.apply_chat_template(messages(p), add_generation_prompt=True, tokenize=False) for p in problems]
+    """The chat-templated prompt of each problem, each distinct problem templated once (a GRPO batch repeats
+    every prompt group_size times)."""
+    texts = {}
+    for p in problems:
+        if p not in texts:
+            texts[p] = processor.apply_chat_template(messages(p), add_generation_prompt=True, tokenize=False)
+    return [texts[p] for p in problems]
 
 
 def _images_arg(images):

@@ -12,7 +12,7 @@ import contextlib
 import torch
 
 from ..data.collate import collate, collate_token_responses
-from ..models import head_token_stats, trunk_hidden
+from ..models import head_token_stats, shared_images, trunk_hidden
 from .base import Completion, Sampling, check_batch, end_of_completion, vision_token_ids
 
 
@@ -122,7 +122,7 @@ class HFEngine:
                       logits_processor=LogitsProcessorList([seeded]))
         else:
             kw.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
-        res = self.model.generate(**batch, **kw)
+        res = self.model.generate(**shared_images(self.model, batch), **kw)  # n copies, one image encode
         new = res.sequences[:, batch["input_ids"].shape[1] :]
         # log-probs under the distribution each token was drawn from (greedy: temperature 1)
         steps = torch.stack(seeded.logps if seeded else res.scores, 1).float()  # [B, L, V]
