@@ -126,7 +126,7 @@ def _in_fresh_process(provider: str, python: str, steps: int, threads: int) -> d
         return json.loads(out.read_text())
 
 
-def _table(rows: list[dict]) -> str:
+def table(rows: list[dict]) -> str:
     r0 = rows[0]
     lines = [f"# The GRPO step: vlmfast vs TRL (measured {r0['timestamp']}, {r0['device']}, torch {r0['torch']})", "",
              f"Tiny Qwen2.5-VL student, {PROMPTS} prompts x {GROUP} samples, up to {NEW_TOKENS} new tokens, HF "
@@ -147,7 +147,7 @@ def _table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.grpo_step", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--worker", choices=("vlmfast", "trl"), help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -156,18 +156,25 @@ def main(argv=None) -> int:
         row = (run_vlmfast if args.worker == "vlmfast" else run_trl)(args.steps, args.threads)
         Path(args.out).write_text(json.dumps(row))
         return 0
+    rows = compare(args.steps, args.threads)
+    print(table(rows))
+    return 0
+
+
+def compare(steps: int = 10, threads: int = 2) -> list[dict]:
+    """Both trainers' rows (written to bench/results/grpo_step.jsonl and grpo_step.md); `make bench` runs it
+    for its end-to-end section."""
     from ._runner import append_rows
     from .suite import RESULTS, environment
 
-    env = environment("cpu", args.threads)
-    rows = [_in_fresh_process("vlmfast", sys.executable, args.steps, args.threads)]
-    rows.append(_in_fresh_process("trl", str(TRL_PYTHON), args.steps, args.threads) if TRL_PYTHON.exists()
+    env = environment("cpu", threads)
+    rows = [_in_fresh_process("vlmfast", sys.executable, steps, threads)]
+    rows.append(_in_fresh_process("trl", str(TRL_PYTHON), steps, threads) if TRL_PYTHON.exists()
                 else {"provider": "trl", "error": "TRL's venv is missing: make bench-grpo makes it"})
     rows = [{**r, **env, "prompts": PROMPTS, "group": GROUP, "max_new_tokens": NEW_TOKENS} for r in rows]
     append_rows(RESULTS / "grpo_step.jsonl", rows)
-    (RESULTS / "grpo_step.md").write_text(_table(rows))
-    print(_table(rows))
-    return 0
+    (RESULTS / "grpo_step.md").write_text(table(rows))
+    return rows
 
 
 if __name__ == "__main__":

@@ -216,6 +216,10 @@ def main(argv=None) -> int:
 
         extra["e2e"] = e2e_rows(args.device, args.threads)
         append_rows(args.out / f"{args.device}_e2e.jsonl", extra["e2e"])
+        if args.device == "cpu":  # the whole GRPO step by phase, vs TRL's trainer (when its venv exists)
+            from .grpo_step import compare
+
+            extra["grpo_step"] = compare(threads=args.threads)
     path = write_summary(rows, args.out, args.device, **extra)
     print(f"\nsummary: {path}")
     return 0

@@ -113,7 +113,8 @@ def e2e_table(e2e) -> str:
     return "\n".join(lines)
 
 
-def write_summary(rows, out: Path, device: str, *, cpu_peak_tflops: float | None = None, e2e=None) -> Path:
+def write_summary(rows, out: Path, device: str, *, cpu_peak_tflops: float | None = None, e2e=None,
+                  grpo_step=None) -> Path:
     rows = [r for r in rows if "error" not in r]  # failed cases are rows of their own in the .jsonl
     out.mkdir(parents=True, exist_ok=True)
     figs = plots(rows, out, device)
@@ -142,6 +143,11 @@ def write_summary(rows, out: Path, device: str, *, cpu_peak_tflops: float | None
         parts += ["## End to end: one stage step on the tiny model", "", e2e_table(e2e), "",
                   "The tiny model's vocabulary is 512 tokens: there the head is a small part of the step, so "
                   "this shows the overhead of the fused losses, not their gain (which grows with V·N).", ""]
+    if grpo_step:
+        from .grpo_step import table
+
+        parts += ["## End to end: the whole GRPO step by phase, vs TRL", "",
+                  table(grpo_step).split("\n", 2)[2], ""]  # the table without its title line
     parts += ["## Static GPU report (Triton kernels compiled for sm_90, no GPU needed)", "", gpu_static_report(), ""]
     parts += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in figs] + [""]
     path = out / f"summary_{device}.md"

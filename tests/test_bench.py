@@ -67,8 +67,14 @@ def test_worker_and_summary(tmp_path):
     assert "2.00x" in line and "| 4.0x |" in line and "0.600 s" in line  # backward = full - forward
     path = write_summary(rows, tmp_path, "cpu", cpu_peak_tflops=0.1,
                          e2e=[{"stage": "sft", "provider": "vlmfast", "time_s": 0.1, "tokens_per_s": 5000.0,
-                               "peak_mb": 300.0}])
+                               "peak_mb": 300.0}],
+                         grpo_step=[{"provider": "vlmfast", "step_s": 0.4, "generate": 0.2, "logprobs": 0.0,
+                                     "sync": 0.0, "update": 0.2, "peak_mb": 1000.0, "timestamp": "now",
+                                     "device": "cpu (test)", "torch": "x"},
+                                    {"provider": "trl", "step_s": 0.6, "peak_mb": 1100.0}])
     text = path.read_text()
+    phases = next(r for r in text.splitlines() if r.startswith("| vlmfast | 0.400 s"))
+    assert "| 1.50x | 0.200 s | 0.000 s | 0.000 s | 0.200 s | 1000 MB |" in phases
     assert "## vs naive" in text and "## vs Liger-Kernel" in text and "## Roofline" in text
     assert "## End to end" in text and "plots/cpu_grpo_cpu-small.png" in text
     png = (tmp_path / "plots" / "cpu_grpo_cpu-small.png").read_bytes()

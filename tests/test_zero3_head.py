@@ -72,3 +72,11 @@ def test_no_code_reads_the_head_weight_outside_its_owner():
                 offenders.append(f"{rel}:{n}: {line.strip()}")
     assert not offenders, "read the head through vlmfast.models.call_head / head_token_stats:\n" + "\n".join(
         offenders)
+
+
+def test_weight_sync_buckets_gather_one_bucket_at_a_time(measured):
+    """What a vLLM sync sends under ZeRO-3: every parameter whole and equal to the plain model's, gathered a
+    bucket at a time (never the whole model at once), partitioned again afterwards."""
+    sync = measured["sync"]
+    assert sync["all_sent"] and sync["max_diff"] == 0.0 and sync["partitioned_after"]
+    assert sync["buckets"] > 4 and sync["max_gathered"] < sync["params"] / 2

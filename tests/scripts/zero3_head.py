@@ -123,5 +123,19 @@ out["after_gather_numel"] = model.lm_head.weight.numel()  # partitioned again af
 out["partitioned_same_tokens"] = tokens(HFEngine(model, proc)) == plain_tokens
 # the hooks are back: the training path still gathers the head and gives the same loss
 out["loss_after_generate"] = loss_and_grads(model, proc, lambda loss: None)
+
+# a weight sync's buckets: whole tensors equal to the plain model's, one small bucket gathered at a time
+from vlmfast.rollout.weight_sync import weight_buckets  # noqa: E402
+
+plain_params = dict(plain.named_parameters())
+whole_at_once, diffs, names_sent = [], [], []
+for bucket in weight_buckets(model, 64 * 1024, trainable_only=False):
+    whole_at_once.append(sum(p.numel() > 0 for p in model.parameters()))  # gathered right now
+    for name, t in bucket:
+        diffs.append((t - plain_params[name]).abs().max().item() if t.shape == plain_params[name].shape else 1e9)
+        names_sent.append(name)
+out["sync"] = {"buckets": len(whole_at_once), "max_gathered": max(whole_at_once), "params": len(plain_params),
+               "max_diff": max(diffs), "all_sent": sorted(names_sent) == sorted(plain_params),
+               "partitioned_after": model.lm_head.weight.numel() == 0}
 print(json.dumps(out))
 sys.stdout.flush()
