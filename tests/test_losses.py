@@ -370,3 +370,70 @@ def test_modules_carry_hyperparameters():
                                grpo_loss(h, W, y, old, adv, clip_low=0.1, clip_high=0.3,
                                          aggregation="seq-mean-token-sum")[0])
     assert "clip_low=0.1" in repr(mod)
+
+
+# --- packed rows (cu_seqlens) --------------------------------------------------------------------
+
+
+def _padded(packed, lengths, fill):
+    """[N, ...] -> [B, T, ...] by a plain loop (independent of the library's layout code)."""
+    T = max(lengths)
+    out = torch.full((len(lengths), T, *packed.shape[1:]), fill, dtype=packed.dtype)
+    start = 0
+    for b, n in enumerate(lengths):
+        out[b, :n] = packed[start : start + n]
+        start += n
+    return out
+
+
+@pytest.mark.parametrize("name", ["sft", "grpo", "opd", "dpo", "cw_dpo"])
+def test_packed_rows_with_cu_seqlens_equal_the_padded_batch(name):
+    """Sequences back to back ([N, H], offsets cu_seqlens) give the padded batch's loss, metrics and gradient
+    (per-sequence means included: GRPO per sequence, DPO's sequence sums)."""
+    torch.manual_seed(3)
+    lengths, H, V = [5, 9, 3, 7], 32, 300
+    N = sum(lengths)
+    cu = torch.tensor([0, 5, 14, 17, 24])
+    h = torch.randn(N, H)
+    W = torch.randn(V, H) * 0.5
+    y = torch.randint(0, V, (N,))
+    y[[0, 1, 5, 14]] = -100  # prompt tokens
+    per_token = {"old": -torch.rand(N) * 3, "sampler": -torch.rand(N) * 3, "teacher_h": torch.randn(N, 16)}
+    Wt = torch.randn(V, 16)
+    adv = torch.tensor([1.0, -0.5, 2.0, -1.0])
+    ref = -torch.rand(2) * 20
+
+    def loss(hh, yy, old, sampler, th, **kw):
+        if name == "sft":
+            return sft_loss(hh, W, yy, **kw)
+        if name == "grpo":
+            return grpo_loss(hh, W, yy, old, adv, sampler_logp=sampler, aggregation="seq-mean-token-mean", **kw)
+        if name == "opd":
+            return opd_loss(hh, W, yy, teacher=(th, Wt), **kw)
+        if name == "dpo":
+            return dpo_loss(hh, W, yy, ref, ref - 1, beta=0.5, **kw)
+        return cw_dpo_loss(hh, W, yy, ref, ref - 1, beta=0.5, tau_c=2.0, l_floor="batch", **kw)
+
+    hp = h.clone().requires_grad_()
+    got, got_m = loss(hp, y, per_token["old"], per_token["sampler"], per_token["teacher_h"], cu_seqlens=cu)
+    (gp,) = torch.autograd.grad(got, hp)
+    hb = _padded(h, lengths, 0.0).requires_grad_()
+    want, want_m = loss(hb, _padded(y, lengths, -100), _padded(per_token["old"], lengths, 0.0),
+                        _padded(per_token["sampler"], lengths, 0.0), _padded(per_token["teacher_h"], lengths, 0.0))
+    (gb,) = torch.autograd.grad(want, hb)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gp, torch.cat([gb[b, :n] for b, n in enumerate(lengths)]), atol=1e-6, rtol=1e-5)
+    for k in want_m:
+        torch.testing.assert_close(got_m[k], want_m[k], atol=1e-6, rtol=1e-5)
+
+
+def test_packed_rows_errors_are_named():
+    h, W, y = torch.randn(10, 8), torch.randn(50, 8), torch.randint(0, 50, (10,))
+    with pytest.raises(ValueError, match="rise from 0 to N = 10"):
+        sft_loss(h, W, y, cu_seqlens=torch.tensor([0, 4, 9]))
+    with pytest.raises(ValueError, match="1-D integer tensor"):
+        sft_loss(h, W, y, cu_seqlens=torch.tensor([0.0, 10.0]))
+    with pytest.raises(ValueError, match=r"packed rows \[N, H\]"):
+        sft_loss(h[None], W, y, cu_seqlens=torch.tensor([0, 10]))
+    with pytest.raises(ValueError, match=r"labels must be \[N\] = \(10,\)"):
+        sft_loss(h, W, y[:9], cu_seqlens=torch.tensor([0, 10]))

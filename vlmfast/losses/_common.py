@@ -7,6 +7,7 @@ take the policy's last hidden states and lm_head weight and call `vlmfast.token_
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 
@@ -81,6 +82,65 @@ def check_batch_time(hidden: torch.Tensor, labels: torch.Tensor, name: str = "hi
         got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ValueError(f"labels for {name} must be [B, T] = {tuple(hidden.shape[:2])}, got {got}")
     return hidden.shape[0], hidden.shape[1]
+
+
+def accepts_packed(*per_token: str):
+    """Let a loss also take packed rows, as flash-attention's varlen layout and TRL's padding-free batches hold
+    them: hidden [N, H], labels [N] and the per-token tensors named here [N] (a teacher's hidden states too),
+    sequences back to back at offsets `cu_seqlens` [B + 1]. They are laid out as [B, T, ...] (labels padded with
+    ignore_index, the rest with 0) before the loss, so per-sequence sums and means see the sequences; the
+    gradient flows back to the packed rows. Without cu_seqlens the loss is called as it is."""
+    def decorate(fn):
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args, cu_seqlens=None, **kwargs):
+            if cu_seqlens is None:
+                return fn(*args, **kwargs)
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            hidden, labels = a["hidden"], a["labels"]
+            if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
+                got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+                raise ValueError(f"with cu_seqlens, hidden must be packed rows [N, H], got {got}")
+            n = hidden.shape[0]
+            if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (n,):
+                got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+                raise ValueError(f"with cu_seqlens, labels must be [N] = ({n},), got {got}")
+            index = packed_index(cu_seqlens, n, hidden.device)
+            a["hidden"] = _pad_rows(hidden, index, 0)
+            a["labels"] = _pad_rows(labels, index, a["ignore_index"])
+            for name in per_token:
+                v = a.get(name)
+                if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == n:
+                    a[name] = _pad_rows(v, index, 0)
+                elif isinstance(v, tuple) and v and isinstance(v[0], torch.Tensor) and v[0].shape[0] == n:
+                    a[name] = (_pad_rows(v[0], index, 0), *v[1:])  # a teacher: (hidden [N, Ht], weight)
+            return fn(*bound.args, **bound.kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+def packed_index(cu_seqlens, n: int, device) -> torch.Tensor:
+    """[B, T] row of each packed position (-1 past a sequence's end) from offsets cu_seqlens [B + 1]."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 \
+            or cu_seqlens.is_floating_point():
+        raise ValueError("cu_seqlens must be a 1-D integer tensor of B + 1 sequence offsets [0, ..., N]")
+    cu = cu_seqlens.to(device=device, dtype=torch.long)
+    lengths = cu[1:] - cu[:-1]
+    if int(cu[0]) != 0 or int(cu[-1]) != n or bool((lengths < 0).any()):
+        raise ValueError(f"cu_seqlens must rise from 0 to N = {n} (the packed rows), got {cu_seqlens.tolist()}")
+    t = torch.arange(int(lengths.max()), device=device)
+    return torch.where(t[None, :] < lengths[:, None], cu[:-1, None] + t[None, :], torch.full((), -1, device=device))
+
+
+def _pad_rows(x: torch.Tensor, index: torch.Tensor, fill) -> torch.Tensor:
+    out = x[index.clamp(min=0)]
+    keep = (index >= 0).reshape(*index.shape, *([1] * (x.dim() - 1)))
+    return torch.where(keep, out, torch.full((), fill, dtype=x.dtype, device=x.device))
 
 
 def detached(**values) -> dict:

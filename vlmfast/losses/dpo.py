@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import cooling_weight, sequence_mean, token_stats
-from ._common import LossModule, check_batch_time, check_positive, check_shape, detached
+from ._common import LossModule, accepts_packed, check_batch_time, check_positive, check_shape, detached
 
 
 def _check_dpo(*, beta=0.1, temperature=1.0, **_):
@@ -57,6 +57,7 @@ def _metrics(loss, beta, d_w, d_l, S, lbar, B, **extra):
                         mean_logp_chosen=lbar[:B].mean(), mean_logp_rejected=lbar[B:].mean(), **extra)
 
 
+@accepts_packed()
 def dpo_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, *, beta=0.1, bias=None,
              temperature=1.0, ignore_index=-100, backend="auto"):
     """DPO: -log sigmoid(beta ((S_pi(yw) - S_ref(yw)) - (S_pi(yl) - S_ref(yl)))), mean over pairs.
@@ -73,6 +74,7 @@ def dpo_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, *, be
     return loss, _metrics(loss, beta, d_w, d_l, S, lbar, B)
 
 
+@accepts_packed()
 def cw_dpo_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, *, beta=0.1, tau_c=0.5,
                 l_floor="batch", bias=None, temperature=1.0, ignore_index=-100, backend="auto"):
     """Cooling-Weighted DPO: -log sigmoid(beta (Dw - w_c Dl)), w_c = sigmoid((lbar_pi(yl) - l_floor)/tau_c).

@@ -19,6 +19,7 @@ import torch
 from ..ops import token_stats
 from ._common import (
     LossModule,
+    accepts_packed,
     check_batch_time,
     check_choice,
     check_nonnegative,
@@ -80,6 +81,7 @@ def aggregate(x: torch.Tensor, mask: torch.Tensor, aggregation: str, num_items_i
     return (x * mask.to(x.dtype)).sum(-1).mean()
 
 
+@accepts_packed("old_logp", "advantages", "ref_logp", "sampler_logp")
 def grpo_loss(hidden, weight, labels, old_logp, advantages, *, ref_logp=None, clip_low=0.2, clip_high=0.2,
               dual_clip=None, kl_coef=0.0, entropy_coef=0.0, aggregation="token-mean", bias=None,
               temperature=1.0, ignore_index=-100, backend="auto", num_items_in_batch=None, sampler_logp=None,

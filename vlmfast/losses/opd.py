@@ -11,6 +11,7 @@ from __future__ import annotations
 from ..ops import Teacher, token_stats
 from ._common import (
     LossModule,
+    accepts_packed,
     check_batch_time,
     check_num_items,
     check_positive,
@@ -25,6 +26,7 @@ def _check_opd(*, temperature=1.0, **_):
     check_positive("temperature", temperature)
 
 
+@accepts_packed("teacher", "teacher_logp")
 def opd_loss(hidden, weight, labels, *, teacher=None, teacher_logp=None, bias=None, temperature=1.0,
              ignore_index=-100, backend="auto", num_items_in_batch=None):
     """Reverse-KL distillation on the student's own samples.

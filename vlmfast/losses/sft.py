@@ -14,6 +14,7 @@ import torch
 from ..ops import token_stats
 from ._common import (
     LossModule,
+    accepts_packed,
     check_batch_time,
     check_choice,
     check_nonnegative,
@@ -52,6 +53,7 @@ def _nll_and_entropy(hidden, weight, labels, *, bias, temperature, ignore_index,
     return loss, nll, masked_mean(r.entropy, mask), mask
 
 
+@accepts_packed()
 def sft_loss(hidden, weight, labels, *, bias=None, label_smoothing=0.0, temperature=1.0, ignore_index=-100,
              backend="auto", num_items_in_batch=None):
     """Mean token NLL over response tokens.
