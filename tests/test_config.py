@@ -69,6 +69,7 @@ def test_shipped_recipes_load():
          "needs the student's own samples"),
         # ranges and the loss modules' own checks, each named by its key (issue 16)
         (cfg(stages=[{"type": "sft", "warmup_steps": -5}]), r"stages\[0\].warmup_steps: must be >= 0"),
+        (cfg(stages=[{"type": "sft", "lr_schedule": "step"}]), r"stages\[0\].lr_schedule: must be one of"),
         (cfg(eval={"every": 0}), r"eval.every: must be >= 1"),
         (cfg(stages=[{"type": "sft"}, {"type": "grpo", "aggregation": "token_mean"}]),
          r"stages\[1\].aggregation: must be one of"),
@@ -152,3 +153,26 @@ def test_batches_that_do_not_split_over_the_ranks_are_named():
         check_ranks(c, 2)
     with pytest.raises(ConfigError, match=r"stages\[0\].batch_size=8 is not divisible by the 3 ranks"):
         check_ranks(c, 3)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_lr_schedules_follow_their_formulas(schedule):
+    """transformers' schedules as the trainer reads them per step: warm-up counts the step taken (step 0 at
+    1/warmup, never 0), then constant, linear (T - s)/(T - w) or cosine 0.5(1 + cos(pi (s - w)/(T - w)))."""
+    import math
+
+    from vlmfast.config import StageConfig
+    from vlmfast.train import lr_scale
+
+    T, w = 10, 3
+    scale = lr_scale(StageConfig(steps=T, warmup_steps=w, lr_schedule=schedule))
+    for s in range(T):
+        if s < w:
+            want = (s + 1) / w
+        elif schedule == "constant":
+            want = 1.0
+        elif schedule == "linear":
+            want = (T - s) / (T - w)
+        else:
+            want = 0.5 * (1 + math.cos(math.pi * (s - w) / (T - w)))
+        assert scale(s) == pytest.approx(want, abs=1e-9), (schedule, s)

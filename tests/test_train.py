@@ -29,14 +29,21 @@ def records(tmp_path, name="t", kind="train"):
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
-def test_sft_loss_falls_and_run_dir_is_complete(tmp_path):
+def test_sft_loss_falls_and_run_dir_is_complete(tmp_path, capsys):
     from vlmfast.config import eval_metric_names
 
-    cfg = recipe(tmp_path, [{"type": "sft", "name": "sft", "steps": 12, "lr": 3e-3, "batch_size": 8}])
+    cfg = recipe(tmp_path, [{"type": "sft", "name": "sft", "steps": 12, "lr": 3e-3, "batch_size": 8,
+                             "warmup_steps": 2, "lr_schedule": "cosine"}])
     run(cfg)
+    out, err = capsys.readouterr()
+    # each evaluation printed, a closing line; one progress bar per stage, no checkpoint-writing bars
+    assert "[sft] eval at step 0" in out and "[sft] eval at step 12" in out and "val/accuracy" in out
+    assert f"done: results in {tmp_path / 't' / 'results.json'}, final model" in out
+    assert "Writing model shards" not in err and "Loading weights" not in err
     tr = records(tmp_path)
     assert len(tr) == 12 and all(r["stage"] == "sft" for r in tr)
     assert all(r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0 for r in tr)
+    assert [r["lr"] for r in tr[:2]] == pytest.approx([1.5e-3, 3e-3]) and tr[-1]["lr"] < 1e-4  # warm-up, cosine
     first, last = sum(r["loss"] for r in tr[:3]) / 3, sum(r["loss"] for r in tr[-3:]) / 3
     assert last < 0.7 * first
     ev = records(tmp_path, kind="eval")

@@ -17,6 +17,7 @@ from .data.prompts import DEFAULT_REASONING
 from .data.synthetic import QUESTION_TYPES, SIZE_RANGE, check_options
 
 STAGE_TYPES = ("sft", "opd", "grpo", "dpo", "cw_dpo")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 class ConfigError(ValueError):
@@ -110,7 +111,8 @@ class StageConfig:
     steps: int = 100  # optimizer steps
     lr: float = 1e-3  # peak learning rate (AdamW)
     weight_decay: float = 0.0  # AdamW weight decay
-    warmup_steps: int = 0  # linear warm-up steps, then constant
+    warmup_steps: int = 0  # linear warm-up steps, then lr_schedule
+    lr_schedule: str = "constant"  # after warm-up: constant | linear | cosine (decay to 0 at the last step)
     batch_size: int = 32  # sequences (sft, opd) / pairs (dpo) / prompts (grpo) per step
     temperature: float = 1.0  # softmax temperature of the loss and of sampling
     max_new_tokens: int = 32  # generation budget of a rollout / on-policy sample
@@ -409,6 +411,8 @@ def _check_ranges(cfg: Config) -> None:
         for name in ("steps", "batch_size", "max_new_tokens"):
             at_least(f"{key}.{name}", getattr(s, name), 1)
         at_least(f"{key}.warmup_steps", s.warmup_steps, 0)
+        if s.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"{key}.lr_schedule: must be one of {LR_SCHEDULES}, got {s.lr_schedule!r}")
         at_least(f"{key}.weight_decay", s.weight_decay, 0)
         if s.early_stopping is not None:
             at_least(f"{key}.early_stopping.patience", s.early_stopping.patience, 1)

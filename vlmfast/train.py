@@ -155,11 +155,22 @@ def _optimizer(cfg: Config, stage, model, device: str):
     return torch.optim.AdamW(groups, lr=stage.lr, weight_decay=stage.weight_decay)
 
 
-def _set_lr(optimizer, stage, step: int) -> None:
-    """Linear warm-up then constant: a pure function of the step (nothing to checkpoint)."""
-    scale = min(1.0, (step + 1) / stage.warmup_steps) if stage.warmup_steps else 1.0
+def lr_scale(stage):
+    """step (0-based) -> lr multiplier from transformers' schedule (`get_scheduler`): linear warm-up that counts
+    the step being taken (step 0 trains at 1/warmup_steps, not at 0), then constant, linear or cosine decay
+    that reaches its last value at the stage's last step. A pure function of the step: a resumed run needs no
+    scheduler state to land on the same learning rates."""
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup"}.get(stage.lr_schedule, stage.lr_schedule)
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    lam = get_scheduler(name, dummy, num_warmup_steps=stage.warmup_steps, num_training_steps=stage.steps).lr_lambdas[0]
+    return lambda step: lam(step + 1) if step < stage.warmup_steps else lam(step)
+
+
+def _set_lr(optimizer, scale, step: int) -> None:
     for g in optimizer.param_groups:
-        g["lr"] = g["base_lr"] * scale
+        g["lr"] = g["base_lr"] * scale(step)
 
 
 def synthetic_paths(cfg: Config) -> dict[str, Path]:
@@ -260,11 +271,10 @@ class MetricsLog:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            gstep = record["stage_index"] * 1_000_000 + record["step"]
+        if self.writer is not None:  # one section per stage, on the stage's own steps
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("step", "stage_index"):
-                    self.writer.add_scalar(f"{record['stage']}/{k}", v, gstep)
+                    self.writer.add_scalar(f"{record['stage']}/{k}", v, record["step"])
 
 
 def _peak_memory_mb() -> float:
@@ -274,6 +284,17 @@ def _peak_memory_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def eval_line(stage: str, step: int, rec: dict) -> str:
+    """One printed line per evaluation: each split's greedy accuracy, pass@k and entropy."""
+    def shown(key: str) -> bool:
+        split, _, metric = key.partition("/")
+        return split != "timing" and (metric in ("accuracy", "entropy") or
+                                      (metric.startswith("pass@") and not metric.endswith(("_lo", "_hi"))))
+
+    parts = [f"{k} {v:.3f}" for k, v in rec.items() if isinstance(v, (int, float)) and shown(k)]
+    return f"[{stage}] eval at step {step} ({rec['timing/eval_s']:.1f} s): " + ", ".join(parts)
 
 
 def _scalar(v):
@@ -327,6 +348,9 @@ def _make_probe(cfg: Config, data: dict) -> DeltaLogpProbe | None:
 def run(cfg: Config) -> dict:
     """Run every stage of the recipe in order; returns {stage name: final eval metrics}."""
     torch.set_num_threads(cfg.run.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per stage: no "Writing model shards" / "Loading weights" bars
     device = cfg.run.device if cfg.run.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     _init_distributed(device)
     check_ranks(cfg, torch.distributed.get_world_size())
@@ -378,6 +402,7 @@ def run(cfg: Config) -> dict:
     if _is_main():
         (run_dir / "results.json").write_text(json.dumps({"results": results, "timings_s": timings,
                                                           "final_model": policy_path}, indent=1))
+        print(f"done: results in {run_dir / 'results.json'}, final model {policy_path}", flush=True)
     return results
 
 
@@ -432,6 +457,7 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
     if stage.type == "cw_dpo" and ctx.l_floor is None:
         ctx.l_floor = auto_l_floor(ctx) if stage.l_floor == "auto" else stage.l_floor
     step_fn = STEP_FUNCTIONS[stage.type]
+    scale = lr_scale(stage)
     fail_at = os.environ.get(FAIL_AT_ENV)
 
     def save(tag, step, **extra):
@@ -450,6 +476,7 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
                    k: v for k, v in m.items() if isinstance(v, list)}}
         log.write(rec)
         if _is_main():
+            tqdm.write(eval_line(name, step, rec))
             with (cfg.run_dir / "samples.jsonl").open("a") as f:
                 for x in shown:
                     f.write(json.dumps({"stage": name, "step": step, **x}) + "\n")
@@ -471,7 +498,7 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
         if fail_at == f"{si}:{step}":
             raise SimulatedKill(f"simulated kill at stage {si} step {step}")
         _kill_if(f"{si}:{step}")
-        _set_lr(optimizer, stage, step)
+        _set_lr(optimizer, scale, step)
         policy.train()
         ctx.timer.start()
         out = step_fn(ctx, step)  # rollouts (if any) happen in here
