@@ -70,6 +70,9 @@ def test_shipped_recipes_load():
         # ranges and the loss modules' own checks, each named by its key (issue 16)
         (cfg(stages=[{"type": "sft", "warmup_steps": -5}]), r"stages\[0\].warmup_steps: must be >= 0"),
         (cfg(stages=[{"type": "sft", "lr_schedule": "step"}]), r"stages\[0\].lr_schedule: must be one of"),
+        (cfg(run={"report_to": ["tensorbored"]}), r"run.report_to: must be a list of"),
+        (cfg(run={"report_to": ["none", "tensorboard"]}), r"run.report_to: none goes alone"),
+        (cfg(run={"report_to": ["wandb"]}), r"run.report_to: wandb is not installed \(pip install wandb\)"),
         (cfg(eval={"every": 0}), r"eval.every: must be >= 1"),
         (cfg(stages=[{"type": "sft"}, {"type": "grpo", "aggregation": "token_mean"}]),
          r"stages\[1\].aggregation: must be one of"),

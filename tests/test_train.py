@@ -332,3 +332,31 @@ def test_grpo_metrics_of_micro_batches_combine_exactly_on_the_model_device(devic
             assert m["entropy"].item() == pytest.approx(1.5) and m["pg_loss"].item() == pytest.approx(pg)
             assert (m["ratio_min"].item(), m["ratio_max"].item()) == pytest.approx((0.7, 1.1))
             assert m["reward"].item() == 0.5 and m["response_tokens"].item() == 1.0 and m["truncated"].item() == 0.25
+
+
+def test_report_to_sends_every_record_to_each_tracker(tmp_path, monkeypatch):
+    """run.report_to through the adapter: a wandb-like tracker (a stand-in module: wandb is not installed
+    here) gets one run with the recipe as its config and each stage's metrics on the stage's own step axis;
+    report_to: none leaves only metrics.jsonl."""
+    import importlib.machinery
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda **kw: calls.append(("init", kw))
+    fake.define_metric = lambda *a, **kw: calls.append(("define", a, kw))
+    fake.log = lambda d: calls.append(("log", d))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    stages = [{"type": "sft", "name": "sft", "steps": 2, "lr": 1e-3, "batch_size": 4}]
+    run(recipe(tmp_path, stages, name="w", run={"report_to": ["wandb", "tensorboard"]}))
+    init = [c for c in calls if c[0] == "init"]
+    assert len(init) == 1 and init[0][1]["name"] == "w" and init[0][1]["config"]["stages"][0]["type"] == "sft"
+    assert ("define", ("sft/*",), {"step_metric": "sft/step"}) in calls
+    logged = [c[1] for c in calls if c[0] == "log"]
+    train = [d for d in logged if "sft/loss" in d]
+    assert [d["sft/step"] for d in train] == [1, 2] and any("sft/val/accuracy" in d for d in logged)
+    assert list((tmp_path / "w" / "tensorboard").glob("events.out.tfevents.*"))
+    run(recipe(tmp_path, stages, name="n", run={"report_to": ["none"]}))
+    assert (tmp_path / "n" / "metrics.jsonl").exists() and not (tmp_path / "n" / "tensorboard").exists()

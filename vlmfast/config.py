@@ -34,6 +34,7 @@ class RunConfig:
     threads: int = 2  # torch CPU threads per process
     log_every: int = 1  # write a train record every this many steps
     checkpoint_every: int = 50  # steps between resumable checkpoints (a multiple of updates_per_rollout)
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, trackio, mlflow; none
 
 
 @dataclass
@@ -206,9 +207,10 @@ def describe_keys() -> str:
 
 
 def identity(cfg: Config) -> dict:
-    """What identifies the training a recipe describes: every key but how to continue (run.resume)."""
+    """What identifies the training a recipe describes: every key but how to continue and where records go
+    (run.resume, run.report_to)."""
     d = cfg.to_dict()
-    d["run"] = {k: v for k, v in d["run"].items() if k != "resume"}
+    d["run"] = {k: v for k, v in d["run"].items() if k not in ("resume", "report_to")}
     return d
 
 
@@ -387,6 +389,18 @@ def _reuse_check(key: str, check, **values) -> None:
         raise ConfigError(f"{key}: {msg}") from None
 
 
+def _check_report_to(names) -> None:
+    from .tracking import TRACKERS, missing
+
+    if not isinstance(names, list) or not names or any(n not in TRACKERS for n in names):
+        raise ConfigError(f"run.report_to: must be a list of {TRACKERS}, got {names!r}")
+    if "none" in names and len(names) > 1:
+        raise ConfigError(f"run.report_to: none goes alone, got {names}")
+    if missing(names):
+        raise ConfigError(f"run.report_to: {', '.join(missing(names))} is not installed (pip install "
+                          f"{' '.join(missing(names))}), or leave it out of run.report_to")
+
+
 def _check_ranges(cfg: Config) -> None:
     """Every numeric key's range, each failing with the key's path."""
     def at_least(key, value, lo):
@@ -465,6 +479,7 @@ def validate(cfg: Config) -> None:
 
     if cfg.run.resume not in ("auto", "never"):
         bad("run.resume", f"must be auto or never, got {cfg.run.resume!r}")
+    _check_report_to(cfg.run.report_to)
     if cfg.run.device not in ("auto", "cpu", "cuda"):
         bad("run.device", f"must be auto, cpu or cuda, got {cfg.run.device!r}")
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):

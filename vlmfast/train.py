@@ -48,6 +48,7 @@ from .stages import (
     rollout_state,
     rows_per_rank,
 )
+from .tracking import open_trackers
 from .zero import engine_forward, frozen_engine, gathered_for_generation, partitioned_loading
 
 FAIL_AT_ENV = "VLMFAST_FAIL_AT_STEP"  # tests: "stage:step" raises there, as a killed run would stop
@@ -245,11 +246,11 @@ def _generation_options(cfg: Config, engine) -> dict:
 
 
 class MetricsLog:
-    """metrics.jsonl (+ TensorBoard events when tensorboard is installed), written by rank 0."""
+    """metrics.jsonl and the trackers of run.report_to (vlmfast.tracking), written by rank 0."""
 
-    def __init__(self, run_dir: Path, keep_until: tuple[int, int] | None):
-        self.path = run_dir / "metrics.jsonl"
-        self.writer = None
+    def __init__(self, cfg: Config, keep_until: tuple[int, int] | None):
+        self.path = cfg.run_dir / "metrics.jsonl"
+        self.trackers = []
         if not _is_main():
             return
         if keep_until is not None and self.path.exists():
@@ -259,22 +260,15 @@ class MetricsLog:
             self.path.write_text("".join(line + "\n" for line in kept))
         elif keep_until is None and self.path.exists():
             self.path.unlink()
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-        except ImportError:
-            self.writer = None
+        self.trackers = open_trackers(cfg.run.report_to, cfg.run_dir, cfg.run.name, cfg.to_dict())
 
     def write(self, record: dict) -> None:
         if not _is_main():
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.writer is not None:  # one section per stage, on the stage's own steps
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "stage_index"):
-                    self.writer.add_scalar(f"{record['stage']}/{k}", v, record["step"])
+        for tracker in self.trackers:
+            tracker.log(record)
 
 
 def _peak_memory_mb() -> float:
@@ -374,7 +368,7 @@ def run(cfg: Config) -> dict:
     resume_from = ckpt.latest(ckpt_root) if cfg.run.resume == "auto" else None
     state = ckpt.read_state(resume_from) if resume_from else None
     keep = (state["stage_index"], state["step"]) if state else None
-    log = MetricsLog(run_dir, keep)
+    log = MetricsLog(cfg, keep)
     probe = _make_probe(cfg, data)
     if probe is not None and state and state.get("probe_baseline"):
         probe.baseline = state["probe_baseline"]

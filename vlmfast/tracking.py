@@ -1,0 +1,103 @@
+"""Where a run's records go besides metrics.jsonl: `run.report_to`, one small adapter per tracker.
+
+    tensorboard (default)  events in <run dir>/tensorboard
+    wandb, trackio         one run named after run.name (project "vlmfast"), the recipe as its config
+    mlflow                 one run named after run.name, the recipe's keys as params
+    none                   metrics.jsonl only
+
+Every tracker sees each stage's metrics under "<stage>/<metric>" on the stage's own steps (train and eval
+records alike). A tracker that is not installed is a config error before any work starts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow", "none")
+_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
+
+
+def missing(names: list[str]) -> list[str]:
+    """The trackers in `names` whose package is not installed."""
+    return [n for n in names if n in _MODULES and importlib.util.find_spec(_MODULES[n]) is None]
+
+
+def scalars(record: dict) -> dict[str, float]:
+    """"<stage>/<metric>" -> value for every number of a record (its step and stage index excepted)."""
+    return {f"{record['stage']}/{k}": float(v) for k, v in record.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "stage_index")}
+
+
+class TensorBoard:
+    def __init__(self, run_dir: Path, name: str, config: dict):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, record: dict) -> None:
+        for k, v in scalars(record).items():
+            self.writer.add_scalar(k, v, record["step"])
+        self.writer.flush()
+
+
+class WandbLike:
+    """wandb, and trackio (the same API): each stage's metrics on its own step axis."""
+
+    def __init__(self, module_name: str, run_dir: Path, name: str, config: dict):
+        import importlib
+
+        self.mod = importlib.import_module(module_name)
+        kwargs = {"project": "vlmfast", "name": name, "config": config}
+        if module_name == "wandb":
+            kwargs.update(dir=str(run_dir), resume="allow")
+        self.mod.init(**kwargs)
+        self.stages = set()
+
+    def log(self, record: dict) -> None:
+        stage = record["stage"]
+        if stage not in self.stages and hasattr(self.mod, "define_metric"):
+            self.mod.define_metric(f"{stage}/step")
+            self.mod.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
+            self.stages.add(stage)
+        self.mod.log({**scalars(record), f"{stage}/step": record["step"]})
+
+
+class MLflow:
+    def __init__(self, run_dir: Path, name: str, config: dict):
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.start_run(run_name=name)
+        mlflow.log_params({k: str(v)[:250] for k, v in _flat(config).items()})
+
+    def log(self, record: dict) -> None:
+        # mlflow's metric names take letters, digits and _-./ and space: pass@k -> pass_at_k
+        self.mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in scalars(record).items()}, step=record["step"])
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for i, x in enumerate(v):
+                out.update(_flat(x, f"{key}.{i}."))
+        else:
+            out[key] = v
+    return out
+
+
+def open_trackers(names: list[str], run_dir: Path, name: str, config: dict) -> list:
+    """The trackers of `names` (run.report_to), opened for this run."""
+    made = []
+    for n in names:
+        if n == "tensorboard":
+            made.append(TensorBoard(run_dir, name, config))
+        elif n in ("wandb", "trackio"):
+            made.append(WandbLike(n, run_dir, name, config))
+        elif n == "mlflow":
+            made.append(MLflow(run_dir, name, config))
+    return made
