@@ -25,7 +25,7 @@ TRL_VENV  := .venv-trl
 TRL_STAMP := $(TRL_VENV)/.vlmfast-installed
 TRL_PIN   := trl==1.16.0
 
-.PHONY: demo test test-fast test-fallback test-vllm lint bench bench-sync bench-grpo inspect-kernels gpu-check clean
+.PHONY: demo test test-fast test-fallback test-vllm test-trl lint bench bench-sync bench-grpo inspect-kernels gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -70,8 +70,12 @@ $(TRL_STAMP): $(STAMP)
 test-vllm: $(VLLM_STAMP)
 	VLMFAST_NATIVE=0 $(VLLM_VENV)/bin/python -m pytest tests_vllm -p no:cacheprovider
 
+# vlmfast inside TRL's trainers, against TRL's own path (TRL 1.16 in .venv-trl)
+test-trl: $(TRL_STAMP)
+	$(TRL_VENV)/bin/python -m pytest tests_trl -p no:cacheprovider
+
 lint: $(STAMP)
-	$(PY) -m ruff check vlmfast kernels tests tests_vllm bench
+	$(PY) -m ruff check vlmfast kernels tests tests_vllm tests_trl bench
 
 bench: $(STAMP)
 	$(PY) -m bench
