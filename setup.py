@@ -45,9 +45,10 @@ EXTRAS_REQUIRE = {
         "pytest-timeout>=2.3",
         "hypothesis>=6.100",
         "ruff>=0.6",
+        "datasets>=3",  # hub / save_to_disk datasets (tested on local saves)
     ],
     # Never installed on CPU set-ups: flash-attn builds only against CUDA.
-    "gpu": ["flash-attn>=2.7", "vllm>=0.10"],
+    "gpu": ["flash-attn>=2.7", "vllm>=0.10", "datasets>=3"],  # datasets: hub names such as hiyouga/geometry3k
 }
 
 class CMakeExtension(Extension):

@@ -7,6 +7,7 @@ from collections import deque
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from vlmfast.data import RowError, read_geometry3k, read_mathvista, read_preference_pairs
@@ -206,17 +207,69 @@ def test_build_task_writes_readable_splits(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_hub_names_go_through_the_datasets_library(monkeypatch):
-    """A source that is not a local file is loaded with `datasets.load_dataset(name, split=...)`."""
-    import sys
-    import types
+def _saved_dataset(tmp_path, rows):
+    """The rows as a `datasets` table with a real image column (a list of images per row), saved to disk."""
+    import datasets
 
+    features = datasets.Features({"images": datasets.Sequence(datasets.Image()), "problem": datasets.Value("string"),
+                                  "answer": datasets.Value("string")})
+    table = datasets.Dataset.from_dict({"images": [[{"bytes": im["bytes"], "path": None} for im in r["images"]]
+                                                   for r in rows],
+                                        "problem": [r["problem"] for r in rows],
+                                        "answer": [r["answer"] for r in rows]}, features=features)
+    table.save_to_disk(str(tmp_path / "saved"))
+    return table, tmp_path / "saved"
+
+
+def test_a_datasets_table_is_read_lazily(tmp_path, monkeypatch):
+    """A `save_to_disk` folder (and a hub name, through load_dataset) reads as the parquet file does, but no
+    image is decoded until it is used; an image in use is the same object on every access."""
+    import datasets
+
+    from vlmfast.data import formats
+
+    rows = generate("train", 5, seed=4)
+    write_parquet(rows, tmp_path / "g.parquet")
+    eager = read_geometry3k(tmp_path / "g.parquet")
+    _, folder = _saved_dataset(tmp_path, rows)
+    decoded = []
+    real = formats._image
+    monkeypatch.setattr(formats, "_image", lambda *a: decoded.append(1) or real(*a))
+    lazy = read_geometry3k(folder)
+    assert decoded == []  # reading decoded nothing
+    assert isinstance(lazy[0].images, formats.LazyImages) and len(lazy[0].images) == 1
+    held = [b.images[0] for b in lazy]
+    for a, b, img in zip(eager, lazy, held):
+        assert (a.problem, a.answer) == (b.problem, b.answer)
+        assert np.array_equal(np.asarray(a.images[0]), np.asarray(img))
+    assert len(decoded) == 5
+    assert lazy[0].images[0] is held[0] and len(decoded) == 5  # in use: not decoded again
+    from vlmfast.data.collate import collate
+    from vlmfast.data.synthetic import corpus
+    from vlmfast.models import build_processor, build_tokenizer
+
+    proc = build_processor(build_tokenizer(corpus()))
+    batches = [collate(proc, [e.problem for e in exs], [e.images for e in exs], ["\\boxed{1}"] * 5)
+               for exs in (eager, lazy)]
+    assert all(torch.equal(batches[0][k], batches[1][k]) for k in batches[0])  # the same batch, lazily
     calls = []
 
     def load_dataset(name, split):
         calls.append((name, split))
-        return [{"images": [{"bytes": _png(), "path": None}], "problem": "<image>q", "answer": "4"}]
+        return datasets.load_from_disk(str(folder))
 
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    (ex,) = read_geometry3k("hiyouga/geometry3k:test")
-    assert calls == [("hiyouga/geometry3k", "test")] and ex.answer == "4"
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    (first, *_) = read_geometry3k("hiyouga/geometry3k:test")
+    assert calls == [("hiyouga/geometry3k", "test")] and first.answer == rows[0]["answer"]
+
+
+def test_a_datasets_row_without_its_image_is_named(tmp_path):
+    import datasets
+
+    features = datasets.Features({"images": datasets.Sequence(datasets.Image()), "problem": datasets.Value("string"),
+                                  "answer": datasets.Value("string")})
+    table = datasets.Dataset.from_dict({"images": [[{"bytes": _png(), "path": None}], []], "problem": ["q", "q"],
+                                        "answer": ["1", "2"]}, features=features)
+    table.save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(RowError, match=r"bad row 1: missing image"):
+        read_geometry3k(tmp_path / "bad")

@@ -1,5 +1,8 @@
 """Dataset readers: the published Geometry3K and MathVista formats and preference pairs, from local
-parquet or jsonl (+ image files), or through the `datasets` library when it is installed.
+parquet or jsonl (+ image files), or through the `datasets` library when it is installed: a hub name
+(`hiyouga/geometry3k`, `name:split`) or a folder written by `Dataset.save_to_disk`. A `datasets` source stays
+in its memory-mapped Arrow table: each image is decoded when it is used (`LazyImages`), never the whole
+split at once.
 
 Every reader returns a list of `Example`; a malformed row (missing image, missing answer, an answer
 that does not match its declared type) raises a ValueError that names the file and the row.
@@ -9,6 +12,8 @@ from __future__ import annotations
 
 import io
 import json
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,8 +47,89 @@ class RowError(ValueError):
     pass
 
 
+class _Stored:
+    """An image column's entry left in a `datasets` table (undecoded): fetched and decoded on use."""
+
+    def __init__(self, table, row: int, column: str, count: int):
+        self.table, self.row, self.column, self.count = table, row, column, count
+
+    def fetch(self) -> list:
+        value = self.table[self.row][self.column]
+        return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+class LazyImages(Sequence):
+    """An example's images from a `datasets` table, decoded when used. While an image is in use (held by
+    a batch, or by the processor's feature cache) the same PIL object is returned, so caches keyed on it
+    hit; once nothing holds it, it is freed and decoded again on the next use."""
+
+    def __init__(self, stored: _Stored, where: str):
+        self.stored, self.where = stored, where
+        self.refs: list = [None] * stored.count
+
+    def __len__(self) -> int:
+        return self.stored.count
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(len(self)))]
+        if not -len(self) <= k < len(self):
+            raise IndexError(k)
+        k %= len(self)
+        img = self.refs[k]() if self.refs[k] is not None else None
+        if img is None:
+            img = _image(self.stored.fetch()[k], Path("."), self.where)
+            self.refs[k] = weakref.ref(img)
+        return img
+
+
+def _image_columns(features) -> list[str]:
+    from datasets import Image as ImageFeature
+
+    def is_image(f):
+        inner = getattr(f, "feature", None)
+        return isinstance(f, ImageFeature) or (inner is not None and is_image(inner)) or \
+            (isinstance(f, list) and len(f) == 1 and is_image(f[0]))
+
+    return [name for name, f in features.items() if is_image(f)]
+
+
+def _datasets_rows(source: str) -> list[dict]:
+    """Rows of a hub dataset (`name` or `name:split`) or a `save_to_disk` folder: text columns as values, image
+    columns as `_Stored` entries (their count checked now, their pixels decoded only when used)."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise FileNotFoundError(f"{source}: no such file, and the `datasets` library is not installed to "
+                                "load it as a hub dataset (pip install datasets)") from e
+    name, _, split = str(source).partition(":")
+    if Path(name).is_dir():
+        table = datasets.load_from_disk(name)
+        if isinstance(table, datasets.DatasetDict):
+            table = table[split or "train"]
+    else:
+        table = datasets.load_dataset(name, split=split or "train")
+    images = _image_columns(table.features)
+    for col in images:  # rows hand out the stored bytes, not decoded pixels
+        feature = table.features[col]
+        undecoded = datasets.Image(decode=False)
+        table = table.cast_column(col, [undecoded] if isinstance(feature, list) else
+                                  (datasets.Sequence(undecoded) if hasattr(feature, "feature") else undecoded))
+    text = table.remove_columns(images).to_list() if images else table.to_list()
+    for i, row in enumerate(text):
+        for col in images:
+            value = table[i][col]
+            count = 0 if value is None else (len(value) if isinstance(value, (list, tuple)) else 1)
+            row[col] = _Stored(table, i, col, count) if count else value  # None or []: named by the reader
+    return text
+
+
 def _rows(source) -> tuple[list[dict], Path]:
-    """Rows of a parquet/jsonl file or a folder of them; a hub name goes through `datasets`."""
+    """Rows of a parquet/jsonl file or a folder of them; a hub name or a `save_to_disk` folder goes through
+    `datasets`."""
+    p = Path(source.partition(":")[0] if isinstance(source, str) else source)
+    if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists()):
+        return _datasets_rows(str(source)), p
     p = Path(source)
     if p.is_dir():
         files = sorted([*p.glob("*.parquet"), *p.glob("*.jsonl")])
@@ -62,13 +148,7 @@ def _rows(source) -> tuple[list[dict], Path]:
             return [json.loads(line) for line in f if line.strip()], p.parent
     if p.exists():
         raise ValueError(f"{p}: unsupported file type {p.suffix!r} (use .parquet or .jsonl)")
-    try:
-        import datasets
-    except ImportError as e:
-        raise FileNotFoundError(f"{source}: no such file, and the `datasets` library is not installed to "
-                                "load it as a hub dataset") from e
-    name, _, split = str(source).partition(":")
-    return list(datasets.load_dataset(name, split=split or "train")), Path(".")
+    return _datasets_rows(str(source)), Path(".")
 
 
 def _image(entry, root: Path, where: str) -> Image.Image:
@@ -87,6 +167,16 @@ def _image(entry, root: Path, where: str) -> Image.Image:
                 return Image.open(candidate).convert("RGB")
         raise RowError(f"{where}: image {entry!r} not found (looked in {root} and {root / 'images'})")
     raise RowError(f"{where}: missing image")
+
+
+def _images(value, root: Path, where: str):
+    """An example's images: PIL images (local files, bytes), or LazyImages (left in a `datasets` table)."""
+    if isinstance(value, _Stored):
+        return LazyImages(value, where)
+    entries = value if isinstance(value, (list, tuple)) else ([] if value is None else [value])
+    if not entries:
+        raise RowError(f"{where}: missing image")
+    return [_image(e, root, where) for e in entries]
 
 
 def _where(path, i, row) -> str:
@@ -114,10 +204,7 @@ def read_geometry3k(source) -> list[Example]:
         for key in ("images", "problem", "answer"):
             if key not in row or row[key] is None:
                 raise RowError(f"{where}: missing column {key!r}")
-        images = row["images"] if isinstance(row["images"], (list, tuple)) else [row["images"]]
-        if not images:
-            raise RowError(f"{where}: missing image")
-        imgs = [_image(e, root, where) for e in images]
+        imgs = _images(row["images"], root, where)
         problem = str(row["problem"])
         if problem.count(IMAGE_MARKER) == 0:
             problem = IMAGE_MARKER * len(imgs) + problem
@@ -145,8 +232,7 @@ def read_mathvista(source) -> list[Example]:
         for key in ("question", "answer"):
             if row.get(key) is None:
                 raise RowError(f"{where}: missing column {key!r}")
-        img_entry = row.get("decoded_image") or row.get("image")
-        img = _image(img_entry, root, where)
+        imgs = _images(row.get("decoded_image") or row.get("image"), root, where)
         qtype, atype = row.get("question_type", "free_form"), row.get("answer_type", "text")
         if qtype not in ("multi_choice", "free_form"):
             raise RowError(f"{where}: unknown question_type {qtype!r} (multi_choice or free_form)")
@@ -163,7 +249,7 @@ def read_mathvista(source) -> list[Example]:
         if qtype == "multi_choice" and not choices:
             raise RowError(f"{where}: multi_choice question without choices")
         out.append(Example(id=str(row.get("pid", row.get("id", i))), problem=IMAGE_MARKER + str(row["question"]),
-                           images=[img], answer=answer, choices=choices, question_type=qtype,
+                           images=imgs, answer=answer, choices=choices, question_type=qtype,
                            meta={"answer_type": atype, **{k: v for k, v in row.items() if k in ("unit", "precision")}}))
     return out
 
@@ -177,10 +263,7 @@ def read_preference_pairs(source) -> list[PreferencePair]:
         for key in ("prompt", "chosen", "rejected"):
             if not isinstance(row.get(key), str):
                 raise RowError(f"{where}: missing text column {key!r}")
-        entries = row.get("images") or ([row["image"]] if row.get("image") is not None else [])
-        if not entries:
-            raise RowError(f"{where}: missing image")
-        imgs = [_image(e, root, where) for e in entries]
+        imgs = _images(row.get("images") or row.get("image"), root, where)
         prompt = row["prompt"] if IMAGE_MARKER in row["prompt"] else IMAGE_MARKER * len(imgs) + row["prompt"]
         out.append(PreferencePair(id=str(row.get("id", i)), prompt=prompt, images=imgs, chosen=row["chosen"],
                                   rejected=row["rejected"]))
