@@ -26,3 +26,18 @@ def _restore_native_switch():
 
     with keep_native_switch():
         yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _free_deepspeed_shm_buffers():
+    """DeepSpeed's CPU shared-memory all-reduce leaves two /dev/shm buffers (tens of MB each) behind for every
+    process that initialised it, killed or not: a full run made ~4 GB of them, and a few runs exhaust the
+    machine's memory. Remove the ones this session's processes created."""
+    from pathlib import Path
+
+    shm = Path("/dev/shm")
+    before = set(shm.glob("deepspeed_allreduce_buffer_*")) if shm.is_dir() else set()
+    yield
+    if shm.is_dir():
+        for f in set(shm.glob("deepspeed_allreduce_buffer_*")) - before:
+            f.unlink(missing_ok=True)

@@ -11,6 +11,10 @@ forward, so ZeRO-3 gathers it), each repeated image (a group's samples) through 
     trainer = VLMFastGRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(...), train_dataset=...)
 
 Anything else (generation, a forward without `fused_lm_head`) reaches the forward TRL left in place.
+
+`CWDPOTrainer` is TRL's DPOTrainer with the Cooling-Weighted DPO loss (vlmfast.losses.dpo):
+-log sigmoid(beta (Dw - w_c Dl)), w_c = sigmoid((lbar_pi(yl) - l_floor) / tau_c) a stop-gradient weight per
+pair, logged the TRL way (rewards/*, logps/*, entropy) plus cooling_weight/mean and /frac_below_0.1.
 """
 
 from __future__ import annotations
@@ -77,7 +81,82 @@ def _grpo_trainer_class():
     return VLMFastGRPOTrainer
 
 
+@functools.cache
+def _cw_dpo_trainer_class():
+    import torch
+    import torch.nn.functional as F
+    from trl import DPOTrainer
+
+    from ..ops import cooling_weight
+
+    class CWDPOTrainer(DPOTrainer):
+        """TRL's DPOTrainer with the Cooling-Weighted DPO loss. `tau_c` > 0; `l_floor` a number (e.g. the mean
+        lbar of the negatives under the starting policy) or "batch" (the mean lbar of the batch's rejected).
+        Takes the plain sigmoid DPO set-up (loss_type sigmoid, reverse KL, no length or WPO weighting)."""
+
+        def __init__(self, *args, tau_c: float = 0.5, l_floor="batch", **kwargs):
+            super().__init__(*args, **kwargs)
+            if not (isinstance(tau_c, (int, float)) and tau_c > 0):
+                raise ValueError(f"tau_c must be > 0, got {tau_c!r}")
+            if l_floor != "batch" and not isinstance(l_floor, (int, float)):
+                raise ValueError(f'l_floor must be a number or "batch", got {l_floor!r}')
+            unsupported = {"loss_type": list(self.loss_types) != ["sigmoid"],
+                           "f_divergence_type": self.f_divergence_type != "reverse_kl",
+                           "ld_alpha": self.ld_alpha is not None, "use_weighting": self.use_weighting,
+                           "aux loss (MoE)": self.aux_loss_enabled}
+            bad = [k for k, v in unsupported.items() if v]
+            if bad:
+                raise ValueError(f"CWDPOTrainer implements the sigmoid DPO loss only; unsupported: {', '.join(bad)}")
+            self.tau_c, self.l_floor = tau_c, l_floor
+
+        def _sequence_logps(self, model, model_kwargs, labels, seq_len):
+            out = model(**model_kwargs, labels=labels, fused_lm_head=True)
+            return out, out.log_probs[:, -seq_len:].sum(1)
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            mode = "train" if self.model.training else "eval"
+            model_kwargs = {k: v for k, v in inputs.items()
+                            if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
+            model_kwargs["use_cache"] = False
+            completion_mask = inputs["completion_mask"]
+            mask = completion_mask[..., 1:]
+            labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+            outputs, logps = self._sequence_logps(model, model_kwargs, labels, mask.size(1))
+            if self.precompute_ref_logps:
+                ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+            else:
+                with torch.no_grad():
+                    ref_chosen, ref_rejected = self._sequence_logps(self.ref_model, model_kwargs, labels,
+                                                                    mask.size(1))[1].chunk(2)
+            chosen, rejected = logps.chunk(2)  # the batch is [chosen, rejected]
+            d_w, d_l = chosen - ref_chosen, rejected - ref_rejected
+            lbar_l = (rejected / mask.chunk(2)[1].sum(1).clamp(min=1)).detach()
+            floor = lbar_l.mean() if self.l_floor == "batch" else float(self.l_floor)
+            w_c = cooling_weight(lbar_l, floor, self.tau_c)
+            loss = -F.logsigmoid(self.beta * (d_w - w_c * d_l)).mean()
+
+            gather = self.accelerator.gather_for_metrics
+            m = self._metrics[mode]
+            r_c, r_l = self.beta * d_w.detach(), self.beta * d_l.detach()
+            m["rewards/chosen"].append(gather(r_c).mean().item())
+            m["rewards/rejected"].append(gather(r_l).mean().item())
+            m["rewards/accuracies"].append(gather((r_c > r_l).float()).mean().item())
+            m["rewards/margins"].append(gather(r_c - r_l).mean().item())
+            m["logps/chosen"].append(gather(chosen.detach()).mean().item())
+            m["logps/rejected"].append(gather(rejected.detach()).mean().item())
+            entropy = outputs.entropy[:, -mask.size(1):].detach()
+            m["entropy"].append((gather((entropy * mask).sum()).sum() / gather(mask.sum()).sum().clamp(min=1)).item())
+            m["cooling_weight/mean"].append(gather(w_c).mean().item())
+            m["cooling_weight/frac_below_0.1"].append(gather((w_c < 0.1).float()).mean().item())
+            return (loss, outputs) if return_outputs else loss
+
+    return CWDPOTrainer
+
+
+_TRAINERS = {"VLMFastGRPOTrainer": _grpo_trainer_class, "CWDPOTrainer": _cw_dpo_trainer_class}
+
+
 def __getattr__(name):  # the trainer classes need TRL: built on first use
-    if name == "VLMFastGRPOTrainer":
-        return _grpo_trainer_class()
+    if name in _TRAINERS:
+        return _TRAINERS[name]()
     raise AttributeError(name)
