@@ -40,6 +40,7 @@ def test_sft_loss_falls_and_run_dir_is_complete(tmp_path, capsys):
     assert "[sft] eval at step 0" in out and "[sft] eval at step 12" in out and "val/accuracy" in out
     assert f"done: results in {tmp_path / 't' / 'results.json'}, final model" in out
     assert "Writing model shards" not in err and "Loading weights" not in err
+    assert "sft [update]" in err and "sft [eval]" in err  # the bar names the phase that runs
     tr = records(tmp_path)
     assert len(tr) == 12 and all(r["stage"] == "sft" for r in tr)
     assert all(r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0 for r in tr)

@@ -24,13 +24,16 @@ class StepTimer:
     """`with timer("generate"): ...` inside a step; `timer.start()` at its start and `timer.stop()` at its
     end return the step's record: timing/<phase>_s for each phase, and step_time_s, their sum."""
 
-    def __init__(self):
+    def __init__(self, on_phase=None):
         self.spent: dict[str, float] = {}
         self.t0 = None
+        self.on_phase = on_phase  # called with each phase as it starts (the progress bar shows it)
 
     def start(self) -> None:
         _device_sync()
         self.spent = {}
+        if self.on_phase is not None:
+            self.on_phase("update")
         self.t0 = time.perf_counter()
 
     @contextlib.contextmanager
@@ -38,12 +41,16 @@ class StepTimer:
         if phase not in PHASES or phase == "update":
             raise ValueError(f"phase must be one of {PHASES[:-1]} (update is the rest), got {phase!r}")
         _device_sync()
+        if self.on_phase is not None:
+            self.on_phase(phase)
         t = time.perf_counter()
         try:
             yield
         finally:
             _device_sync()
             self.spent[phase] = self.spent.get(phase, 0.0) + time.perf_counter() - t
+            if self.on_phase is not None:
+                self.on_phase("update")  # what follows a timed phase inside a step is the update's work
 
     def stop(self) -> dict:
         _device_sync()

@@ -462,6 +462,8 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
             "timings": timings, "results": results, **extra}, rank_state={"rollout": rollout_state(ctx)})
 
     def do_eval(step):
+        if bar is not None:
+            bar.set_description_str(f"{name} [eval]")
         t = time.perf_counter()
         m, shown = evaluate(cfg, name, policy, processor, data, probe, seed=cfg.run.seed, engine=ctx.ready_engine())
         _kill_if(f"{si}:eval:{step}")
@@ -476,7 +478,7 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
                     f.write(json.dumps({"stage": name, "step": step, **x}) + "\n")
         return rec
 
-    last_eval = None
+    last_eval, bar = None, None
     if start_step == 0 and not cfg.eval.at_start and probe is not None and not probe.baseline:
         # no evaluation at the start, but Δlog p is measured from here: record the probes' baseline
         probe_metrics(cfg, ctx.ready_engine(), policy, processor, probe)
@@ -487,6 +489,7 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
             save(best_tag, 0)
     bar = tqdm(range(start_step, stage.steps), desc=f"{name}", initial=start_step, total=stage.steps,
                disable=not _is_main(), dynamic_ncols=True)
+    ctx.timer.on_phase = lambda phase: bar.set_description_str(f"{name} [{phase}]")  # the bar says what runs now
     stopped_early, done = False, start_step
     for step in bar:
         if fail_at == f"{si}:{step}":

@@ -12,6 +12,10 @@ forward, so ZeRO-3 gathers it), each repeated image (a group's samples) through 
 
 Anything else (generation, a forward without `fused_lm_head`) reaches the forward TRL left in place.
 
+`GentleSFTTrainer` is TRL's SFTTrainer with gentle negatives (vlmfast.losses.sft): a `negative` column beside
+`prompt` / `completion`, tokenised by TRL's own preparation, and the loss NLL(y+) + lam relu(margin - NLL(y-))
+("hinge") or NLL(y+) + alpha NLL(y-) ("extend").
+
 `CWDPOTrainer` is TRL's DPOTrainer with the Cooling-Weighted DPO loss (vlmfast.losses.dpo):
 -log sigmoid(beta (Dw - w_c Dl)), w_c = sigmoid((lbar_pi(yl) - l_floor) / tau_c) a stop-gradient weight per
 pair, logged the TRL way (rewards/*, logps/*, entropy) plus cooling_weight/mean and /frac_below_0.1.
@@ -37,9 +41,9 @@ def use_vlmfast_head(model, *, temperature: float = 1.0, backend: str = "auto"):
 
     @functools.wraps(previous)
     def forward(*args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
-        if not fused_lm_head:
-            return previous(*args, fused_lm_head=False, labels=labels, shift_labels=shift_labels,
-                            num_items_in_batch=num_items_in_batch, **kwargs)
+        if not fused_lm_head:  # TRL's forward (or the model's own, when TRL has not patched it)
+            given = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
+            return previous(*args, **{k: v for k, v in given.items() if v is not None}, **kwargs)
         kwargs["use_cache"] = False
         hidden = model.base_model(*args, **shared_images(model, kwargs)).last_hidden_state
         if shift_labels is None:  # position t scores label t + 1
@@ -153,7 +157,73 @@ def _cw_dpo_trainer_class():
     return CWDPOTrainer
 
 
-_TRAINERS = {"VLMFastGRPOTrainer": _grpo_trainer_class, "CWDPOTrainer": _cw_dpo_trainer_class}
+@functools.cache
+def _gentle_sft_trainer_class():
+    import torch
+    from trl import SFTTrainer
+
+    from ..losses.sft import _check_gentle
+
+    class GentleSFTTrainer(SFTTrainer):
+        """TRL's SFTTrainer with gentle negatives: `train_dataset` has prompt / completion / negative columns
+        (text); the negative goes through TRL's own preparation as a completion of the same prompt."""
+
+        def __init__(self, *args, train_dataset=None, variant="hinge", lam=0.1, margin=3.0, alpha=0.05, **kwargs):
+            _check_gentle(variant=variant, lam=lam, margin=margin, alpha=alpha)
+            columns = getattr(train_dataset, "column_names", None) or []
+            missing = [c for c in ("prompt", "completion", "negative") if c not in columns]
+            if missing:
+                raise ValueError(f"GentleSFTTrainer needs train_dataset columns prompt, completion and negative; "
+                                 f"missing: {', '.join(missing)}")
+            super().__init__(*args, train_dataset=train_dataset.remove_columns("negative"), **kwargs)
+            if self._is_vision_dataset:
+                raise ValueError("GentleSFTTrainer takes text datasets (TRL prepares image datasets in its collator)")
+            negatives = self._prepare_dataset(train_dataset.remove_columns("completion").rename_column(
+                "negative", "completion"), self.processing_class, self.args, False, None, "train-negatives")
+            for col in ("input_ids", "labels"):
+                self.train_dataset = self.train_dataset.add_column(f"negative_{col}", negatives[col])
+            self.gentle = {"variant": variant, "lam": lam, "margin": margin, "alpha": alpha}
+            collate = self.data_collator
+
+            def paired(examples):  # positives and negatives padded as TRL pads them, side by side
+                pos = collate([{k: v for k, v in ex.items() if not k.startswith("negative_")} for ex in examples])
+                neg = collate([{k.removeprefix("negative_"): v for k, v in ex.items() if k.startswith("negative_")}
+                               for ex in examples])
+                return {**pos, **{f"negative_{k}": v for k, v in neg.items()}}
+
+            self.data_collator = paired
+
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            self._signature_columns = [*self._signature_columns, "negative_input_ids", "negative_labels"]
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            mode = "train" if self.model.training else "eval"
+            neg = {k.removeprefix("negative_"): inputs.pop(k) for k in list(inputs) if k.startswith("negative_")}
+
+            def nll(batch):
+                out = model(**batch, use_cache=False, fused_lm_head=True)
+                return -out.log_probs.sum() / out.label_mask.sum().clamp(min=1), out
+
+            nll_pos, out = nll(inputs)
+            nll_neg, _ = nll(neg)
+            g = self.gentle
+            if g["variant"] == "hinge":
+                push = torch.relu(g["margin"] - nll_neg)
+                loss = nll_pos + g["lam"] * push
+                self._metrics[mode]["hinge_active"].append(float(push.item() > 0))
+            else:
+                loss = nll_pos + g["alpha"] * nll_neg
+            gather = self.accelerator.gather_for_metrics
+            self._metrics[mode]["nll_pos"].append(gather(nll_pos.detach()).mean().item())
+            self._metrics[mode]["nll_neg"].append(gather(nll_neg.detach()).mean().item())
+            return (loss, out) if return_outputs else loss
+
+    return GentleSFTTrainer
+
+
+_TRAINERS = {"VLMFastGRPOTrainer": _grpo_trainer_class, "CWDPOTrainer": _cw_dpo_trainer_class,
+             "GentleSFTTrainer": _gentle_sft_trainer_class}
 
 
 def __getattr__(name):  # the trainer classes need TRL: built on first use

@@ -1,0 +1,98 @@
+"""SFT with gentle negatives in TRL's SFTTrainer, for real (TRL 1.16, CPU, a tiny Qwen2 text model): with lam = 0
+it is TRL's own SFT loss and gradients; with the hinge active its loss is NLL(y+) + lam (margin - NLL(y-))
+computed here from the model's materialised logits; training moves the weights and logs nll_pos / nll_neg."""
+
+import copy
+
+import pytest
+import torch
+from test_trl_cw_dpo import _model_and_tokenizer
+
+
+def _data():
+    from datasets import Dataset
+
+    return Dataset.from_dict({
+        "prompt": [f"How many red shapes? {n}" for n in range(8)],
+        "completion": [f"<think>I count.</think> \\boxed{{{n}}}" for n in range(8)],
+        "negative": [f"\\boxed{{{n + 1}}}" for n in range(8)],
+    })
+
+
+def _args(tmp_path, name):
+    from trl import SFTConfig
+
+    return SFTConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=4, max_steps=3, learning_rate=5e-3,
+                     logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, bf16=False, seed=0)
+
+
+def _nll(model, batch):
+    """Mean token NLL of the labelled tokens, from full logits (HF's unshifted labels)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    return -(lp * mask).sum() / mask.sum()
+
+
+def _grads(trainer, inputs):
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, dict(inputs))
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+def test_gentle_sft_is_trls_sft_at_lam_0_and_the_formula_with_the_hinge(tmp_path):
+    from trl import SFTTrainer
+
+    from vlmfast.integrations.trl import GentleSFTTrainer
+
+    model, tok = _model_and_tokenizer()
+    data = _data()
+    gentle = GentleSFTTrainer(model=copy.deepcopy(model), args=_args(tmp_path, "g"), train_dataset=data,
+                              processing_class=tok, lam=0.0)
+    batch = gentle._prepare_inputs(next(iter(gentle.get_train_dataloader())))
+    assert "negative_input_ids" in batch and batch["negative_labels"].ne(-100).sum() > 0
+    plain = SFTTrainer(model=copy.deepcopy(model), args=_args(tmp_path, "p"), train_dataset=data.remove_columns(
+        "negative"), processing_class=tok)
+    positives = {k: v for k, v in batch.items() if not k.startswith("negative_")}
+    want, want_g = _grads(plain, positives)
+    got, got_g = _grads(gentle, batch)
+    assert abs(got.item() - want.item()) <= 1e-6 * abs(want.item())
+    assert set(got_g) == set(want_g) and len(want_g) > 10
+    for n in want_g:
+        assert (got_g[n] - want_g[n]).abs().max() <= 1e-5 * want_g[n].abs().max().clamp(min=1e-8), n
+    # the hinge: margin above NLL(y-), so it pushes
+    hinge = GentleSFTTrainer(model=copy.deepcopy(model), args=_args(tmp_path, "h"), train_dataset=data,
+                             processing_class=tok, lam=0.5, margin=50.0)
+    loss = hinge.compute_loss(hinge.model, dict(batch)).item()
+    negatives = {k.removeprefix("negative_"): v for k, v in batch.items() if k.startswith("negative_")}
+    with torch.no_grad():
+        want = _nll(hinge.model, positives) + 0.5 * (50.0 - _nll(hinge.model, negatives))
+    assert abs(loss - want.item()) < 1e-4 * abs(want.item())
+
+
+def test_gentle_sft_trains_and_logs(tmp_path):
+    from vlmfast.integrations.trl import GentleSFTTrainer
+
+    model, tok = _model_and_tokenizer()
+    trainer = GentleSFTTrainer(model=model, args=_args(tmp_path, "t"), train_dataset=_data(), processing_class=tok,
+                               lam=0.5, margin=50.0)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert sum(not torch.equal(before[n], p.detach()) for n, p in trainer.model.named_parameters()) > 10
+    logs = [h for h in trainer.state.log_history if "nll_pos" in h]
+    assert len(logs) == 3 and all(h["hinge_active"] == 1.0 for h in logs)
+    assert logs[-1]["nll_pos"] < logs[0]["nll_pos"]
+
+
+def test_gentle_sft_needs_its_negative_column(tmp_path):
+    from vlmfast.integrations.trl import GentleSFTTrainer
+
+    model, tok = _model_and_tokenizer()
+    with pytest.raises(ValueError, match="missing: negative"):
+        GentleSFTTrainer(model=model, args=_args(tmp_path, "e"), train_dataset=_data().remove_columns("negative"),
+                         processing_class=tok)
+    with pytest.raises(ValueError, match="variant"):
+        GentleSFTTrainer(model=model, args=_args(tmp_path, "e"), train_dataset=_data(), processing_class=tok,
+                         variant="push")
