@@ -124,6 +124,21 @@ out["partitioned_same_tokens"] = tokens(HFEngine(model, proc)) == plain_tokens
 # the hooks are back: the training path still gathers the head and gives the same loss
 out["loss_after_generate"] = loss_and_grads(model, proc, lambda loss: None)
 
+# apply_vlmfast on the partitioned model: transformers' own loss of the plain model, through the head module
+from vlmfast.integrations.transformers import apply_vlmfast, remove_vlmfast  # noqa: E402
+
+hf_inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw",
+                                   "mm_token_type_ids") if k in batch}
+hf_labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+with torch.no_grad():
+    want = plain(**hf_inputs, labels=hf_labels).loss.item()
+apply_vlmfast(model)
+got = model(**hf_inputs, labels=hf_labels)
+engine.backward(got.loss)
+out["apply_vlmfast"] = {"loss": [want, got.loss.item()], "logits": got.logits is None,
+                        "head_grad": deepspeed.utils.safe_get_full_grad(model.lm_head.weight).abs().sum().item()}
+remove_vlmfast(model)
+
 # a weight sync's buckets: whole tensors equal to the plain model's, one small bucket gathered at a time
 from vlmfast.rollout.weight_sync import weight_buckets  # noqa: E402
 
