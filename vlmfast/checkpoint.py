@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .zero import is_partitioned
+from .zero import gathered
 
 LATEST = "latest"
 
@@ -64,14 +64,9 @@ def read_rank_state(path: Path) -> dict | None:
 
 def save_hf(model, processor, path: Path) -> None:
     """The full HF model (gathered under ZeRO-3) + processor, written by rank 0."""
-    if is_partitioned(model):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            if _is_main():
-                model.save_pretrained(path)
-    elif _is_main():
-        model.save_pretrained(path)
+    with gathered(list(model.parameters())):
+        if _is_main():
+            model.save_pretrained(path)
     if _is_main():
         processor.save_pretrained(path)
 

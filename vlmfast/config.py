@@ -396,9 +396,10 @@ def _check_report_to(names) -> None:
         raise ConfigError(f"run.report_to: must be a list of {TRACKERS}, got {names!r}")
     if "none" in names and len(names) > 1:
         raise ConfigError(f"run.report_to: none goes alone, got {names}")
-    if missing(names):
-        raise ConfigError(f"run.report_to: {', '.join(missing(names))} is not installed (pip install "
-                          f"{' '.join(missing(names))}), or leave it out of run.report_to")
+    absent = missing(names)
+    if absent:
+        raise ConfigError(f"run.report_to: {', '.join(absent)} is not installed (pip install {' '.join(absent)}), "
+                          "or leave it out of run.report_to")
 
 
 def _check_ranges(cfg: Config) -> None:

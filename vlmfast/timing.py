@@ -27,13 +27,19 @@ class StepTimer:
     def __init__(self, on_phase=None):
         self.spent: dict[str, float] = {}
         self.t0 = None
+        self.phase = None
         self.on_phase = on_phase  # called with each phase as it starts (the progress bar shows it)
+
+    def show(self, phase: str | None) -> None:
+        """What runs now (also "eval", outside a step's phases): told to on_phase."""
+        self.phase = phase
+        if self.on_phase is not None and phase is not None:
+            self.on_phase(phase)
 
     def start(self) -> None:
         _device_sync()
         self.spent = {}
-        if self.on_phase is not None:
-            self.on_phase("update")
+        self.show("update")  # the rest of a step is the update's work
         self.t0 = time.perf_counter()
 
     @contextlib.contextmanager
@@ -41,16 +47,15 @@ class StepTimer:
         if phase not in PHASES or phase == "update":
             raise ValueError(f"phase must be one of {PHASES[:-1]} (update is the rest), got {phase!r}")
         _device_sync()
-        if self.on_phase is not None:
-            self.on_phase(phase)
+        around = self.phase
+        self.show(phase)
         t = time.perf_counter()
         try:
             yield
         finally:
             _device_sync()
             self.spent[phase] = self.spent.get(phase, 0.0) + time.perf_counter() - t
-            if self.on_phase is not None:
-                self.on_phase("update")  # what follows a timed phase inside a step is the update's work
+            self.show(around)
 
     def stop(self) -> dict:
         _device_sync()

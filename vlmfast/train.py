@@ -462,8 +462,7 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
             "timings": timings, "results": results, **extra}, rank_state={"rollout": rollout_state(ctx)})
 
     def do_eval(step):
-        if bar is not None:
-            bar.set_description_str(f"{name} [eval]")
+        ctx.timer.show("eval")
         t = time.perf_counter()
         m, shown = evaluate(cfg, name, policy, processor, data, probe, seed=cfg.run.seed, engine=ctx.ready_engine())
         _kill_if(f"{si}:eval:{step}")
@@ -478,7 +477,7 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
                     f.write(json.dumps({"stage": name, "step": step, **x}) + "\n")
         return rec
 
-    last_eval, bar = None, None
+    last_eval = None
     if start_step == 0 and not cfg.eval.at_start and probe is not None and not probe.baseline:
         # no evaluation at the start, but Δlog p is measured from here: record the probes' baseline
         probe_metrics(cfg, ctx.ready_engine(), policy, processor, probe)

@@ -87,6 +87,16 @@ def gathered_for_generation(engine):
             offload._register_deepspeed_module(offload.module)
 
 
+def gathered(params: list):
+    """Under ZeRO-3, the parameters whole inside the block (a collective: every rank enters it); otherwise
+    nothing to do."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
 def frozen_weight(param: torch.Tensor) -> torch.Tensor:
     """A frozen parameter as a plain tensor: itself when whole; under ZeRO-3 gathered and copied (the
     copy lives as long as its user: the OPD teacher's head, V x H_t, for one step)."""

@@ -23,7 +23,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..models import call_head
+from ..models import call_head, head_token_stats
 from ..zero import forward_as
 
 # model_type -> where the trunk's last hidden states go through the head (every entry: `lm_head`)
@@ -79,17 +79,11 @@ def remove_vlmfast(model):
 def _fused_loss(model, hidden, labels, num_items_in_batch, return_token_stats: bool, backend: str):
     """HF's loss: sum of token NLLs over labelled tokens / (num_items_in_batch, or their count)."""
     from ..losses import sft_loss
-    from ..ops import token_stats
+    from ..losses._common import masked_mean
 
     if not return_token_stats:
         return call_head(model, hidden, lambda h, w, b=None: sft_loss(
             h, w, labels, bias=b, num_items_in_batch=num_items_in_batch, backend=backend)[0]), None
-
-    def fn(h, w, b=None):
-        r = token_stats(h, w, labels, bias=b, outputs=("logp", "entropy"), backend=backend)
-        mask = labels != IGNORE_INDEX
-        n = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        return {"loss": -(r.logp * mask).sum() / n, "logp": r.logp, "entropy": r.entropy}
-
-    out = call_head(model, hidden, fn)
-    return out["loss"], (out["logp"].detach(), out["entropy"].detach())
+    r = head_token_stats(model, hidden, labels, outputs=("logp", "entropy"), backend=backend)
+    loss = -masked_mean(r.logp, labels != IGNORE_INDEX, num_items_in_batch)
+    return loss, (r.logp.detach(), r.entropy.detach())

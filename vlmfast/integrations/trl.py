@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import functools
 
-from ..models import call_head, shared_images
+from ..losses._common import masked_mean
+from ..models import head_token_stats, shared_images
 
 IGNORE_INDEX = -100
 
@@ -34,8 +35,6 @@ def use_vlmfast_head(model, *, temperature: float = 1.0, backend: str = "auto"):
     """Make `model(..., labels=..., fused_lm_head=True)` compute TRL's FusedCausalLMOutput with vlmfast's op
     (patch in place after TRL's own `add_fused_lm_head`; also returns the model)."""
     from trl.trainer.utils import FusedCausalLMOutput
-
-    from ..ops import token_stats
 
     previous = model.forward
 
@@ -53,15 +52,11 @@ def use_vlmfast_head(model, *, temperature: float = 1.0, backend: str = "auto"):
         labels = labels.to(hidden.device)
         mask = labels != IGNORE_INDEX
 
-        def fn(h, w, b=None):  # a dict of tensors: DeepSpeed's hooks see every output
-            return token_stats(h, w, labels, bias=b, temperature=temperature, outputs=("logp", "entropy"),
-                               backend=backend).as_dict()
-
-        stats = call_head(model, hidden, fn)
-        count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        logp = stats["logp"].masked_fill(~mask, 0)
-        return FusedCausalLMOutput(loss=-logp.sum() / count, log_probs=logp,
-                                   entropy=stats["entropy"].masked_fill(~mask, 0), label_mask=mask)
+        stats = head_token_stats(model, hidden, labels, temperature=temperature, outputs=("logp", "entropy"),
+                                 backend=backend)
+        logp = stats.logp.masked_fill(~mask, 0)
+        return FusedCausalLMOutput(loss=-masked_mean(logp, mask, num_items_in_batch), log_probs=logp,
+                                   entropy=stats.entropy.masked_fill(~mask, 0), label_mask=mask)
 
     model.forward = forward
     return model

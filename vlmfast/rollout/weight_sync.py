@@ -13,11 +13,12 @@ shared buffer: one copy in, one copy out. A 7B policy in bf16 syncs as ~15 GB of
 
 from __future__ import annotations
 
-import contextlib
 import io
 import pickle
 
 import torch
+
+from ..zero import gathered
 
 ALIGN = 64  # bytes: every tensor in the shared buffer starts at an offset its dtype can view
 
@@ -25,15 +26,6 @@ ALIGN = 64  # bytes: every tensor in the shared buffer starts at an offset its d
 def _nbytes(param: torch.Tensor) -> int:
     """Bytes of the whole parameter (under ZeRO-3 `param` holds a shard: its full size is ds_numel)."""
     return getattr(param, "ds_numel", param.numel()) * param.element_size()
-
-
-def _gathered(params: list):
-    """Under ZeRO-3, gather these parameters (a collective: every rank calls it); otherwise nothing."""
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    return contextlib.nullcontext()
 
 
 def weight_buckets(model: torch.nn.Module, cap: int, *, trainable_only: bool = True):
@@ -45,7 +37,7 @@ def weight_buckets(model: torch.nn.Module, cap: int, *, trainable_only: bool = T
         group.append((name, p))
         size += _nbytes(p)
         if size >= cap or i == len(params) - 1:
-            with _gathered([q for _, q in group]):
+            with gathered([q for _, q in group]):
                 yield [(n, q.detach()) for n, q in group]
             group, size = [], 0
 
