@@ -83,13 +83,14 @@ def test_fast_prompt_lengths_equal_the_processor_count(proc, rows):
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_cached_image_features_equal_the_processor(proc, rows, side):
-    """processor_inputs (image features computed once per image) gives the processor's own tensors,
-    also on a second call served from the cache and with two images in one example."""
+    """processor_inputs (image features computed once per image, each distinct text tokenised once) gives the
+    processor's own tensors, also on a second call served from the cache, with two images in one example and
+    with rows repeated as in a GRPO batch."""
     from vlmfast.data.collate import _prompt_texts, processor_inputs
 
     problems, images = rows
-    problems = problems[:2] + ["<image>left<image>right: which has more shapes?"]
-    images = images[:2] + [[images[0][0], images[2][0]]]
+    problems = problems[:2] + ["<image>left<image>right: which has more shapes?"] + problems[1:2] * 3
+    images = images[:2] + [[images[0][0], images[2][0]]] + images[1:2] * 3
     texts = _prompt_texts(proc, problems)
     flat = [im for ims in images for im in ims]
     proc.tokenizer.padding_side = side

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .rope_index import use_prefix_rope_index
 from .zero import forward_as, frozen_weight, is_partitioned
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -113,6 +114,7 @@ def tiny_vlm(size: str = "student", *, processor=None, texts: list[str] | None =
                                                bos_token_id=cfg.bos_token_id)
     model.config._attn_implementation = "sdpa"
     use_matmul_patch_embed(model)
+    use_prefix_rope_index(model)
     return model, processor
 
 
@@ -205,6 +207,7 @@ def load_model(name_or_path, *, dtype="float32", attn_implementation="auto", gra
                                                         attn_implementation=attn_implementation)
     processor = AutoProcessor.from_pretrained(name_or_path)
     use_matmul_patch_embed(model)
+    use_prefix_rope_index(model)
     if not is_partitioned(model):  # zero.Init already placed its partitions
         model.to(device)
     if gradient_checkpointing:

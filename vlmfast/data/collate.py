@@ -73,7 +73,14 @@ def processor_inputs(processor, texts: list[str], images: list | None) -> dict:
         expanded.append(pieces[0] + "".join(token * next(counts) + rest for rest in pieces[1:]))
     if next(counts, None) is not None:
         raise ValueError(f"{len(images)} images but fewer {token} markers in the texts")
-    batch = dict(processor.tokenizer(expanded, padding=True, return_tensors="pt"))
+    # each distinct text tokenised once (a GRPO batch repeats every prompt group_size times); padding to the
+    # longest distinct text is padding to the longest text
+    distinct = list(dict.fromkeys(expanded))
+    batch = dict(processor.tokenizer(distinct, padding=True, return_tensors="pt"))
+    if len(distinct) < len(expanded):
+        where = {t: i for i, t in enumerate(distinct)}
+        rows = torch.tensor([where[t] for t in expanded])
+        batch = {k: v[rows] for k, v in batch.items()}
     batch["mm_token_type_ids"] = (batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids(token)).long()
     batch["pixel_values"] = torch.cat([pv for pv, _ in feats])
     batch["image_grid_thw"] = torch.stack([thw for _, thw in feats])

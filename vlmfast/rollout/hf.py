@@ -45,6 +45,16 @@ class _RowSeededSampler:
         if sampling.top_p < 1.0:
             self.warpers.append(TopPLogitsWarper(sampling.top_p))
         self.logps: list[torch.Tensor] = []
+        self.noise: list[torch.Tensor] = []  # uniforms drawn ahead, one [rows, V] per decoding step
+
+    def _uniforms(self, V: int, device) -> torch.Tensor:
+        # a block of decoding steps per generator call (one call per row per step is most of the sampler's
+        # time); the block depends on V alone, never on the batch, so a row's noise still depends on its seed only
+        if not self.noise:
+            steps = max(1, min(16, (1 << 20) // V))
+            block = torch.stack([torch.rand(steps, V, generator=g, device=device) for g in self.gens], 1)
+            self.noise = list(block.unbind(0))[::-1]
+        return self.noise.pop()
 
     def __call__(self, input_ids, scores):
         s = scores.float()
@@ -52,8 +62,8 @@ class _RowSeededSampler:
             s = w(input_ids, s)
         logp = torch.log_softmax(s, -1)
         self.logps.append(logp)
-        u = torch.stack([torch.rand(s.shape[-1], generator=g, device=s.device) for g in self.gens])
-        gumbel = -torch.log(-torch.log(u.clamp_(1e-20, 1.0 - 1e-7)))
+        u = self._uniforms(s.shape[-1], s.device)
+        gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
         return logp + gumbel
 
 
