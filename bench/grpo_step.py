@@ -8,7 +8,9 @@ samples, up to 20 new tokens, temperature 1, one update per rollout, no KL, the 
 
 vlmfast's row splits its step into the trainer's own phases (timing/generate_s, logprobs_s, sync_s,
 update_s); TRL runs in its venv (`.venv-trl`, made by `make bench-grpo`). Step time is the median over the
-steps after the first (warm-up); peak memory is the process's peak RSS. Rows go to
+steps after the first (warm-up); peak memory is the process's peak RSS. TRL's step time moves with its sampled
+completion lengths (0.6-0.7 s between runs), so the pair runs `--repeats` times, alternating, and the table
+gives each trainer's median over the runs, their range, and the ratio of the medians. Rows go to
 bench/results/grpo_step.jsonl, the table to grpo_step.md.
 """
 
@@ -126,22 +128,36 @@ def _in_fresh_process(provider: str, python: str, steps: int, threads: int) -> d
         return json.loads(out.read_text())
 
 
+def _per_provider(rows: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r["provider"], []).append(r)
+    return out
+
+
 def table(rows: list[dict]) -> str:
     r0 = rows[0]
+    by = _per_provider(rows)
+    runs = max(len(v) for v in by.values())
     lines = [f"# The GRPO step: vlmfast vs TRL (measured {r0['timestamp']}, {r0['device']}, torch {r0['torch']})", "",
              f"Tiny Qwen2.5-VL student, {PROMPTS} prompts x {GROUP} samples, up to {NEW_TOKENS} new tokens, HF "
-             "generate in both, median step after a warm-up, fresh process each (`python -m bench.grpo_step`).", "",
-             "| trainer | step | vs TRL | generate | logprobs | sync | update | peak RSS |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    trl = next((r for r in rows if r["provider"] == "trl" and "error" not in r), None)
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['provider']} | failed: {r['error'].strip().splitlines()[-1][:120]} |||||||")
+             f"generate in both, median step after a warm-up, fresh process each, {runs} runs alternating "
+             "(`python -m bench.grpo_step`): the median over the runs, [min, max] beside it.", "",
+             "| trainer | step | runs | vs TRL | generate | logprobs | sync | update | peak RSS |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    ok = {p: [r for r in v if "error" not in r] for p, v in by.items()}
+    trl = statistics.median(r["step_s"] for r in ok["trl"]) if ok.get("trl") else None
+    for provider, good in ok.items():
+        if not good:
+            err = by[provider][-1]["error"].strip().splitlines()[-1][:120]
+            lines.append(f"| {provider} | failed: {err} ||||||||")
             continue
-        vs = f"{trl['step_s'] / r['step_s']:.2f}x" if trl else "-"
-        phases = [f"{r[p]:.3f} s" if p in r else "-" for p in PHASES]
-        lines.append(f"| {r['provider']} | {r['step_s']:.3f} s | {vs} | " + " | ".join(phases)
-                     + f" | {r['peak_mb']:.0f} MB |")
+        steps = [r["step_s"] for r in good]
+        step = statistics.median(steps)
+        vs = f"{trl / step:.2f}x" if trl else "-"
+        phases = [f"{statistics.median(r[p] for r in good):.3f} s" if p in good[0] else "-" for p in PHASES]
+        lines.append(f"| {provider} | {step:.3f} s [{min(steps):.3f}, {max(steps):.3f}] | {len(good)} | {vs} | "
+                     + " | ".join(phases) + f" | {statistics.median(r['peak_mb'] for r in good):.0f} MB |")
     return "\n".join(lines) + "\n"
 
 
@@ -149,6 +165,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.grpo_step", description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of the pair, alternating (default 3)")
     ap.add_argument("--worker", choices=("vlmfast", "trl"), help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -156,21 +173,24 @@ def main(argv=None) -> int:
         row = (run_vlmfast if args.worker == "vlmfast" else run_trl)(args.steps, args.threads)
         Path(args.out).write_text(json.dumps(row))
         return 0
-    rows = compare(args.steps, args.threads)
+    rows = compare(args.steps, args.threads, args.repeats)
     print(table(rows))
     return 0
 
 
-def compare(steps: int = 10, threads: int = 2) -> list[dict]:
-    """Both trainers' rows (written to bench/results/grpo_step.jsonl and grpo_step.md); `make bench` runs it
-    for its end-to-end section."""
+def compare(steps: int = 10, threads: int = 2, repeats: int = 3) -> list[dict]:
+    """Both trainers' rows, `repeats` runs each, alternating (written to bench/results/grpo_step.jsonl and
+    grpo_step.md); `make bench` runs it for its end-to-end section."""
     from ._runner import append_rows
     from .suite import RESULTS, environment
 
     env = environment("cpu", threads)
-    rows = [_in_fresh_process("vlmfast", sys.executable, steps, threads)]
-    rows.append(_in_fresh_process("trl", str(TRL_PYTHON), steps, threads) if TRL_PYTHON.exists()
-                else {"provider": "trl", "error": "TRL's venv is missing: make bench-grpo makes it"})
+    rows = []
+    for run in range(repeats):
+        rows.append({**_in_fresh_process("vlmfast", sys.executable, steps, threads), "run": run})
+        rows.append({**(_in_fresh_process("trl", str(TRL_PYTHON), steps, threads) if TRL_PYTHON.exists()
+                        else {"provider": "trl", "error": "TRL's venv is missing: make bench-grpo makes it"}),
+                     "run": run})
     rows = [{**r, **env, "prompts": PROMPTS, "group": GROUP, "max_new_tokens": NEW_TOKENS} for r in rows]
     append_rows(RESULTS / "grpo_step.jsonl", rows)
     (RESULTS / "grpo_step.md").write_text(table(rows))

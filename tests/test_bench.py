@@ -68,13 +68,16 @@ def test_worker_and_summary(tmp_path):
     path = write_summary(rows, tmp_path, "cpu", cpu_peak_tflops=0.1,
                          e2e=[{"stage": "sft", "provider": "vlmfast", "time_s": 0.1, "tokens_per_s": 5000.0,
                                "peak_mb": 300.0}],
-                         grpo_step=[{"provider": "vlmfast", "step_s": 0.4, "generate": 0.2, "logprobs": 0.0,
-                                     "sync": 0.0, "update": 0.2, "peak_mb": 1000.0, "timestamp": "now",
-                                     "device": "cpu (test)", "torch": "x"},
-                                    {"provider": "trl", "step_s": 0.6, "peak_mb": 1100.0}])
+                         grpo_step=[row for v, t, gen in ((0.4, 0.6, 0.2), (0.3, 0.7, 0.1), (0.35, 0.66, 0.15))
+                                    for row in ({"provider": "vlmfast", "step_s": v, "generate": gen, "logprobs": 0.0,
+                                                 "sync": 0.0, "update": 0.2, "peak_mb": 1000.0, "timestamp": "now",
+                                                 "device": "cpu (test)", "torch": "x"},
+                                                {"provider": "trl", "step_s": t, "peak_mb": 1100.0})])
     text = path.read_text()
-    phases = next(r for r in text.splitlines() if r.startswith("| vlmfast | 0.400 s"))
-    assert "| 1.50x | 0.200 s | 0.000 s | 0.000 s | 0.200 s | 1000 MB |" in phases
+    # three runs each: medians 0.35 s and 0.66 s, the ratio of the medians, the range beside the median
+    phases = next(r for r in text.splitlines() if r.startswith("| vlmfast | 0.350 s [0.300, 0.400] | 3 |"))
+    assert "| 1.89x | 0.150 s | 0.000 s | 0.000 s | 0.200 s | 1000 MB |" in phases
+    assert "| trl | 0.660 s [0.600, 0.700] | 3 | 1.00x |" in text
     assert "## vs naive" in text and "## vs Liger-Kernel" in text and "## Roofline" in text
     assert "## End to end" in text and "plots/cpu_grpo_cpu-small.png" in text
     png = (tmp_path / "plots" / "cpu_grpo_cpu-small.png").read_bytes()

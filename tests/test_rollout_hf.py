@@ -144,3 +144,40 @@ def test_seeded_sampling_draws_from_the_tempered_distribution(prompts):
     share = first.count(a) / len(first)
     assert set(first) <= {a, b} and abs(share - 0.881) < 0.05  # 400 draws: sd 0.016
     assert abs(out[0][0].logprobs[0] - (math.log(0.881) if first[0] == a else math.log(0.119))) < 1e-3
+
+
+def test_prompt_prefill_runs_once_per_prompt_and_changes_nothing(engine, prompts):
+    """n copies of a prompt: its prefill runs on one row (all but its last token), the cache is repeated for
+    the copies, and the samples and their log-probs are those of the plain n-row generation."""
+    problems, images = prompts
+    n, s = 4, Sampling(temperature=1.0, max_new_tokens=8)
+    rep_p, rep_i = [p for p in problems for _ in range(n)], [i for i in images for _ in range(n)]
+    seeds = list(range(len(rep_p)))
+    inner = engine.model.model
+    rows_seen = []
+    hook = inner.register_forward_pre_hook(lambda m, a, k: rows_seen.append(tuple(k["input_ids"].shape)),
+                                           with_kwargs=True)
+    try:
+        with torch.no_grad():
+            shared = engine._generate_batch(rep_p, rep_i, s, seeds, copies=n)
+            first_call, rows_seen[:] = rows_seen[0], []
+            plain = engine._generate_batch(rep_p, rep_i, s, seeds, copies=1)
+    finally:
+        hook.remove()
+    prompt_len = rows_seen[0][1]
+    assert first_call == (len(problems), prompt_len - 1)  # one row per prompt, all but its last token
+    assert rows_seen[0] == (len(rep_p), prompt_len)  # the plain path's prefill: every copy, every token
+    assert [c.token_ids for c in shared] == [c.token_ids for c in plain]
+    assert mismatch([c.logprobs for c in shared], [c.logprobs for c in plain]) < 1e-5
+
+
+def test_prompt_prefill_needs_runs_of_identical_rows(engine, prompts):
+    from vlmfast.data.collate import collate
+    from vlmfast.rollout.hf import _first_of_runs
+
+    problems, images = prompts
+    runs = collate(engine.processor, [p for p in problems for _ in range(2)], [i for i in images for _ in range(2)])
+    assert _first_of_runs(runs, 2).tolist() == [0, 2, 4]
+    assert _first_of_runs(runs, 3) is None  # 6 rows are not runs of 3
+    mixed = collate(engine.processor, problems + problems, images + images)
+    assert _first_of_runs(mixed, 2) is None  # rows 0 and 1 differ

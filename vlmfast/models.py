@@ -269,7 +269,7 @@ def _takes_encoder_outputs(model) -> bool:
             and "mm_encoder_outputs" in inspect.signature(inner.forward).parameters)
 
 
-def _every_rank_agrees(model, flag: bool) -> bool:
+def every_rank_agrees(model, flag: bool) -> bool:
     """flag on every rank. Under ZeRO-3 the shared encode changes the order in which modules gather their
     parameters (vision tower before the embedding): ranks taking different paths would issue their
     collectives out of order, so all take the shared path or none (one all-reduce per forward)."""
@@ -301,7 +301,7 @@ def shared_images(model, batch: dict) -> dict:
             if j is None or sizes[j] != sizes[i] or not torch.equal(chunks[j], chunk):
                 unique.append(i)
             owner.append(len(unique) - 1)
-    if not _every_rank_agrees(model, len(unique) < len(owner)):  # every rank calls this, images or not
+    if not every_rank_agrees(model, len(unique) < len(owner)):  # every rank calls this, images or not
         return batch
     encoded = model.model.get_image_features(torch.cat([chunks[i] for i in unique]), grid[unique], return_dict=True)
     encoded.pooler_output = tuple(encoded.pooler_output[k] for k in owner)

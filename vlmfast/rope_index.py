@@ -26,34 +26,42 @@ def prefix_rope_index(own_rope_index, input_ids: torch.Tensor, mm_token_type_ids
                               attention_mask=attention_mask, video_grid_thw=video_grid_thw,
                               second_per_grid_ts=second_per_grid_ts)
     B, T = input_ids.shape
+    dev = input_ids.device
     keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    is_vision = (mm_token_type_ids != 0) & keep
+    # each row's kept tokens first, in order (a stable sort moves the padding behind them)
+    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices
+    ids, types = input_ids.gather(1, order), mm_token_type_ids.gather(1, order)
+    n = keep.sum(1)
+    j = torch.arange(T, device=dev).expand(B, T)
+    vision = (types != 0) & (j < n[:, None])
     # images start where a vision run starts; they are consumed in row order, as the model's walk does
-    starts = is_vision & ~torch.nn.functional.pad(is_vision[:, :-1], (1, 0), value=False)
-    images_per_row = starts.sum(1).tolist()
-    position_ids = torch.zeros(3, B, T, dtype=input_ids.dtype, device=input_ids.device)
-    deltas, prefixes, first_image = [], {}, 0
+    starts = vision & ~torch.nn.functional.pad(vision[:, :-1], (1, 0), value=False)
+    first_image = torch.cumsum(starts.sum(1), 0) - starts.sum(1)
+    last_vision = torch.where(vision, j, -1).max(1).values
+    cut = torch.where(last_vision >= 0, torch.minimum(n, last_vision + 2), 0)  # through the next text token
+    compact = torch.zeros(3, B, T, dtype=input_ids.dtype, device=dev)
+    nxt = torch.zeros(B, dtype=input_ids.dtype, device=dev)  # position of a row's first token after its prefix
+    groups: dict[tuple, list[int]] = {}
+    ids_list, cut_list = ids.tolist(), cut.tolist()
+    starts_list, first_list = starts.sum(1).tolist(), first_image.tolist()
     for b in range(B):
-        ids, types = input_ids[b][keep[b]], mm_token_type_ids[b][keep[b]]
-        n = len(ids)
-        grids = image_grid_thw[first_image : first_image + images_per_row[b]] if images_per_row[b] else None
-        first_image += images_per_row[b]
-        vision_at = types.nonzero()
-        cut = min(n, int(vision_at[-1]) + 2) if len(vision_at) else 0  # through the first text token after
-        if cut:
-            key = (ids[:cut].cpu().numpy().tobytes(), grids.cpu().numpy().tobytes())
-            if key not in prefixes:
-                pos, _ = own_rope_index(ids[None, :cut], types[None, :cut], image_grid_thw=grids)
-                prefixes[key] = pos[:, 0]
-            head = prefixes[key]
-            nxt = head[0, -1] + 1
-            tail = (nxt + torch.arange(n - cut, device=ids.device)).expand(3, -1)
-            row = torch.cat([head, tail], 1)
-        else:
-            row = torch.arange(n, device=ids.device).expand(3, -1)
-        position_ids[:, b, keep[b]] = row.to(position_ids.dtype)
-        deltas.append(row.max() + 1 - n if n else row.new_zeros(()))
-    return position_ids, torch.stack(deltas).view(B, 1).to(input_ids.device)
+        if cut_list[b]:
+            grids = image_grid_thw[first_list[b] : first_list[b] + starts_list[b]]
+            groups.setdefault((tuple(ids_list[b][: cut_list[b]]), tuple(grids.flatten().tolist())), []).append(b)
+    for rows in groups.values():
+        b, c = rows[0], cut_list[rows[0]]
+        grids = image_grid_thw[first_list[b] : first_list[b] + starts_list[b]]
+        head, _ = own_rope_index(ids[b : b + 1, :c], types[b : b + 1, :c], image_grid_thw=grids)
+        rows_t = torch.tensor(rows, device=dev)
+        compact[:, rows_t, :c] = head[:, :1].to(compact.dtype)
+        nxt[rows_t] = head[0, 0, -1].to(nxt.dtype) + 1
+    # after the prefix every token is text: one position more per token
+    tail = nxt[:, None] + (j - cut[:, None])
+    compact = torch.where((j >= cut[:, None]) & (j < n[:, None]), tail.expand(3, B, T), compact)
+    compact = torch.where(j < n[:, None], compact, 0)
+    position_ids = torch.zeros_like(compact).scatter_(2, order.expand(3, B, T), compact)
+    deltas = compact.amax((0, 2)) + 1 - n
+    return position_ids, deltas.view(B, 1)
 
 
 def use_prefix_rope_index(model) -> bool:

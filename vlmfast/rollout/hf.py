@@ -8,11 +8,12 @@ temperature on the generated tokens.
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 
 from ..data.collate import collate, collate_token_responses
-from ..models import head_token_stats, shared_images, trunk_hidden
+from ..models import every_rank_agrees, head_token_stats, shared_images, trunk_hidden
 from .base import Completion, Sampling, check_batch, end_of_completion, vision_token_ids
 
 
@@ -67,6 +68,66 @@ class _RowSeededSampler:
         return logp + gumbel
 
 
+def _cache_kwarg(model) -> str:
+    # transformers renamed generate's and the models' `past_key_values` to `cache` (5.2x)
+    return "cache" if "cache" in inspect.signature(type(model.model).forward).parameters else "past_key_values"
+
+
+def _first_of_runs(batch: dict, copies: int) -> torch.Tensor | None:
+    """The first row of each run of `copies` identical prompt rows, if the batch is made of such runs."""
+    ids = batch["input_ids"]
+    rows = ids.shape[0]
+    if copies < 2 or rows % copies or ids.shape[1] < 2:
+        return None
+    first = torch.arange(0, rows, copies, device=ids.device)
+    grid = batch.get("image_grid_thw")
+    if grid is not None and grid.shape[0] % rows:
+        return None  # not the same number of images per row
+    for k, v in batch.items():
+        if k not in ("pixel_values", "image_grid_thw") and not torch.equal(v[first].repeat_interleave(copies, 0), v):
+            return None
+    if "mm_token_type_ids" in batch and batch["mm_token_type_ids"][:, -1].any():
+        return None  # the token generation reads first must be text
+    return first
+
+
+def shared_prompt_prefill(model, batch: dict, copies: int, *, synced_ranks: bool = False) -> dict:
+    """`generate` inputs for a batch whose rows come in runs of `copies` identical prompts (n samples each):
+    every prompt but its last token goes through the model once, its KV cache repeated for the copies, so
+    generation's prefill runs on one row per prompt instead of n (it then reads the last token only).
+
+    Other batches get the plain inputs (images still encoded once per run: `shared_images`). With
+    `synced_ranks` (a partitioned model gathering in every forward) all ranks take the same path.
+    """
+    from transformers import DynamicCache
+
+    first = _first_of_runs(batch, copies) if hasattr(model, "model") else None
+    if synced_ranks:
+        first = first if every_rank_agrees(model, first is not None) else None
+    if first is None:
+        return shared_images(model, batch)
+    unique = {k: v[first] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
+    if "image_grid_thw" in batch:  # the images of the first row of each run
+        per_row = batch["image_grid_thw"].shape[0] // batch["input_ids"].shape[0]
+        take = (first[:, None] * per_row + torch.arange(per_row, device=first.device)).flatten().tolist()
+        chunks = batch["pixel_values"].split(batch["image_grid_thw"].prod(-1).tolist())
+        unique["image_grid_thw"] = batch["image_grid_thw"][take]
+        unique["pixel_values"] = torch.cat([chunks[i] for i in take])
+    for k in ("input_ids", "attention_mask", "mm_token_type_ids"):  # all but the last prompt token
+        if k in unique:
+            unique[k] = unique[k][:, :-1]
+    try:
+        cache = DynamicCache(config=model.config)
+    except TypeError:  # older transformers
+        cache = DynamicCache()
+    model.model(**shared_images(model, unique), use_cache=True, **{_cache_kwarg(model): cache})
+    cache.batch_repeat_interleave(copies)
+    if getattr(model.model, "rope_deltas", None) is not None:  # Qwen-VL: the 3D positions' offset, per row
+        model.model.rope_deltas = model.model.rope_deltas.repeat_interleave(copies, 0)
+    rest = {k: v for k, v in batch.items() if k != "pixel_values"}
+    return {**rest, _cache_kwarg(model): cache}
+
+
 class HFEngine:
     """`gather`: a context-manager factory entered once around each `generate` call; under ZeRO-3 the
     trainer passes `vlmfast.zero.gathered_for_generation` of its engine, so decoding runs on whole
@@ -111,11 +172,12 @@ class HFEngine:
                 # sample j of a prompt with seed s draws its noise from seed (s, j) alone
                 row_seeds = None if seeds is None else [seeds[i + k] * 1009 + j for k in range(len(ps))
                                                         for j in range(n)]
-                flat = self._generate_batch(rep_p, rep_i, sampling, row_seeds)
+                flat = self._generate_batch(rep_p, rep_i, sampling, row_seeds, copies=n)
                 out += [flat[j * n : (j + 1) * n] for j in range(len(ps))]
         return out
 
-    def _generate_batch(self, problems, images, sampling: Sampling, row_seeds=None) -> list[Completion]:
+    def _generate_batch(self, problems, images, sampling: Sampling, row_seeds=None, copies: int = 1
+                        ) -> list[Completion]:
         from transformers import LogitsProcessorList
 
         batch = collate(self.processor, problems, images)
@@ -123,6 +185,9 @@ class HFEngine:
         batch = {k: v.to(device) for k, v in batch.items()}
         kw = dict(max_new_tokens=sampling.max_new_tokens, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
                   return_dict_in_generate=True, output_scores=True, synced_gpus=self.synced_ranks)
+        prompt_len = batch["input_ids"].shape[1]
+        # n copies of a prompt: its prefill once
+        inputs = shared_prompt_prefill(self.model, batch, copies, synced_ranks=self.synced_ranks)
         seeded = None
         if sampling.greedy:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -132,8 +197,8 @@ class HFEngine:
                       logits_processor=LogitsProcessorList([seeded]))
         else:
             kw.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
-        res = self.model.generate(**shared_images(self.model, batch), **kw)  # n copies, one image encode
-        new = res.sequences[:, batch["input_ids"].shape[1] :]
+        res = self.model.generate(**inputs, **kw)
+        new = res.sequences[:, prompt_len:]
         # log-probs under the distribution each token was drawn from (greedy: temperature 1)
         steps = torch.stack(seeded.logps if seeded else res.scores, 1).float()  # [B, L, V]
         logp = torch.log_softmax(steps, -1).gather(-1, new[..., None])[..., 0]
