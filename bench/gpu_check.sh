@@ -7,9 +7,10 @@
 #   2. vlmfast installed without its CPU extension or dependencies (the GPU checks need torch and triton);
 #   3. the Triton kernels compiled for this GPU (TRITON_INTERPRET=0) against the naive bf16 computation:
 #      tests/test_token_stats_gpu.py (on Hopper the TMA kernels, elsewhere the portable ones);
-#   4. python -m bench --device cuda at the Qwen2.5-VL-7B head, each case written as it finishes.
+#   4. the CUDA IPC weight-sync buffer mapped by another process (tests/test_shared_buffer.py);
+#   5. python -m bench --device cuda at the Qwen2.5-VL-7B head, each case written as it finishes.
 #
-# Everything lands in $GPU_CHECK_OUT (default bench/results): cuda_device.txt, cuda_tests.txt,
+# Everything lands in $GPU_CHECK_OUT (default bench/results): cuda_device.txt, cuda_tests.txt, cuda_ipc.txt,
 # cuda.jsonl, summary_cuda.md and plots. Target: under 8 minutes on an H100/H200, install included.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +43,13 @@ fi
 status=0
 timeout 300 "$PY" -m pytest tests/test_token_stats_gpu.py -q -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+# the weight-sync buffer an engine in another process maps through CUDA IPC (vlmfast.rollout needs transformers)
+if "$PY" -c "import transformers" 2>/dev/null; then
+    timeout 120 "$PY" -m pytest tests/test_shared_buffer.py -q -p no:cacheprovider 2>&1 | tee "$OUT/cuda_ipc.txt"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+else
+    echo "not run: transformers is not installed in $PY" | tee "$OUT/cuda_ipc.txt"
+fi
 # --no-e2e: the end-to-end step needs the tiny VLM stack (transformers, pyarrow), not installed here
 timeout 360 "$PY" -m bench --device cuda --models qwen25vl-7b --ops sft token_stats grpo opd --tokens 2048 8192 32768 \
     --no-e2e --out "$OUT" || status=1
