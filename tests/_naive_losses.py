@@ -27,11 +27,24 @@ def sft(h, W, labels, *, label_smoothing=0.0, T=1.0, dtype=torch.float32):
 
 
 def gentle(h, W, labels, hn, ln, *, variant, lam, margin, alpha, dtype=torch.float32):
+    """SFT-C with each negative's NLL over its tokens after the prefix it shares with its positive, one row at a
+    time: the hinge per sequence (mean over negatives with tokens of their own), extend a token mean."""
     nll_p = -mmean(token_logp(h, W, labels, dtype=dtype)[0], labels != -100)
-    nll_n = -mmean(token_logp(hn, W, ln, dtype=dtype)[0], ln != -100)
+    lp_n = token_logp(hn, W, ln, dtype=dtype)[0]
+    pushes, own_logps = [], []
+    for i in range(len(labels)):
+        pos = [int(t) for t in labels[i] if t != -100]
+        where = [t for t in range(ln.shape[1]) if ln[i, t] != -100]
+        k = 0
+        while k < min(len(pos), len(where)) and int(ln[i, where[k]]) == pos[k]:
+            k += 1
+        own = [lp_n[i, t] for t in where[k:]]
+        if own:
+            own_logps += own
+            pushes.append(torch.relu(margin + torch.stack(own).mean()))  # relu(margin - NLL_i)
     if variant == "hinge":
-        return nll_p + lam * torch.relu(margin - nll_n)
-    return nll_p + alpha * nll_n
+        return nll_p + lam * (torch.stack(pushes).mean() if pushes else 0.0)
+    return nll_p + alpha * (-torch.stack(own_logps).mean() if own_logps else 0.0)
 
 
 def opd_full(h, W, labels, ht, Wt, dtype=torch.float32):

@@ -53,8 +53,22 @@ def _case_sft_temperature():
             lambda h, W, dt: naive.sft(h, W, y, T=1.7, dtype=dt))
 
 
+def _gentle_pairs():
+    """Negatives that share a prefix of their positive's response (the same reasoning, another answer), with
+    another prompt length (so another response start); row 3's negative equals its positive."""
+    y = labels_with_prompt()
+    yn = torch.full_like(y, -100)
+    for i, (start, keep) in enumerate(((2, 3), (4, 1), (1, 0), (2, None))):
+        resp = y[i][y[i] != -100].clone()
+        if keep is not None:
+            resp[keep:] = (resp[keep:] + 1) % V
+        n = min(len(resp), T - start)
+        yn[i, start : start + n] = resp[:n]
+    return y, yn
+
+
 def _case_gentle(variant):
-    y, yn = labels_with_prompt(), labels_with_prompt(prompt=(2, 4, 6, 1))
+    y, yn = _gentle_pairs()
     hn = torch.randn(B, T, H)
     kw = dict(variant=variant, lam=0.5, margin=50.0, alpha=0.1)  # margin: hinge active
     return (lambda h, W, dt: sft_gentle_negatives_loss(h, W, y, hn.to(h.dtype), yn, **kw)[0],
@@ -242,6 +256,32 @@ def test_cw_dpo_cold_negatives_get_no_gradient():
     (g,) = torch.autograd.grad(loss, hh)
     assert g[2:].abs().max() == 0 and g[:2].abs().max() > 0  # rows 2, 3 are the rejected ones
     assert m["cooling_weight_frac_below_0_1"].item() == 1.0
+
+
+def test_gentle_negatives_push_only_their_own_tokens_and_each_sequence_has_its_hinge():
+    """Only a negative's tokens after the prefix it shares with its positive get a gradient (the shared
+    reasoning is not pushed down with the wrong answer); a negative equal to its positive pushes nothing; the
+    hinge gates each sequence: one past the margin stops while another still pushes."""
+    from vlmfast.losses.sft import divergent_tokens
+
+    h, W = problem()
+    y, yn = _gentle_pairs()
+    own = divergent_tokens(y, yn)
+    assert own.sum(1).tolist() == [int((y[0] != -100).sum()) - 3, int((y[1] != -100).sum()) - 1,
+                                   int((y[2] != -100).sum()), 0]
+    hn = torch.randn(B, T, H, requires_grad=True)
+    loss, m = sft_gentle_negatives_loss(h, W, y, hn, yn, lam=1.0, margin=100.0)
+    (g,) = torch.autograd.grad(loss, hn)
+    assert (g.abs().sum(-1) > 0).equal(own)  # exactly the negatives' own tokens
+    assert m["shared_tokens"].item() == pytest.approx((3 + 1 + 0 + int((y[3] != -100).sum())) / 4)
+    # per-sequence hinge: a margin between rows 0's and 1's NLL_i(y-) pushes one of them only
+    lp = naive.token_logp(hn.detach(), W, torch.where(own, yn, -100))[0]
+    seq = -(lp.sum(1) / own.sum(1).clamp(min=1))[:3]
+    lo, hi = sorted(seq.tolist()[:2])
+    loss, m = sft_gentle_negatives_loss(h, W, y, hn, yn, lam=1.0, margin=(lo + hi) / 2)
+    (g,) = torch.autograd.grad(loss, hn)
+    pushed = [bool(g[i].abs().sum() > 0) for i in range(2)]
+    assert pushed == [bool(seq[0] < seq[1]), bool(seq[1] < seq[0])]  # the one past the margin stopped
 
 
 def test_sft_gentle_with_inactive_hinge_equals_sft():

@@ -1,6 +1,7 @@
 """SFT with gentle negatives in TRL's SFTTrainer, for real (TRL 1.16, CPU, a tiny Qwen2 text model): with lam = 0
-it is TRL's own SFT loss and gradients; with the hinge active its loss is NLL(y+) + lam (margin - NLL(y-))
-computed here from the model's materialised logits; training moves the weights and logs nll_pos / nll_neg."""
+it is TRL's own SFT loss and gradients; with the hinge active its loss is NLL(y+) + lam mean_i (margin - NLL_i(y-)),
+each negative's NLL over its tokens after the reasoning it shares with its completion, computed here row by row
+from the model's materialised logits; training moves the weights and logs nll_pos / nll_neg."""
 
 import copy
 
@@ -15,7 +16,7 @@ def _data():
     return Dataset.from_dict({
         "prompt": [f"How many red shapes? {n}" for n in range(8)],
         "completion": [f"<think>I count.</think> \\boxed{{{n}}}" for n in range(8)],
-        "negative": [f"\\boxed{{{n + 1}}}" for n in range(8)],
+        "negative": [f"<think>I count.</think> \\boxed{{{n + 1}}}" for n in range(8)],  # same reasoning
     })
 
 
@@ -33,6 +34,22 @@ def _nll(model, batch):
     mask = labels != -100
     lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
     return -(lp * mask).sum() / mask.sum()
+
+
+def _own_nll_per_negative(model, positives, negatives):
+    """[B] mean NLL of each negative's tokens after the prefix its labelled tokens share with its positive's."""
+    logits = model(input_ids=negatives["input_ids"], attention_mask=negatives["attention_mask"]).logits[:, :-1]
+    lp = torch.log_softmax(logits.float(), -1)
+    out = []
+    for i in range(len(logits)):
+        pos = [int(t) for t in positives["labels"][i, 1:] if t != -100]
+        where = [t for t, tok in enumerate(negatives["labels"][i, 1:].tolist()) if tok != -100]
+        k = 0
+        while k < min(len(pos), len(where)) and int(negatives["labels"][i, 1 + where[k]]) == pos[k]:
+            k += 1
+        assert 0 < k < len(where)  # the test's negatives share their reasoning, then differ
+        out.append(-torch.stack([lp[i, t, negatives["labels"][i, 1 + t]] for t in where[k:]]).mean())
+    return torch.stack(out)
 
 
 def _grads(trainer, inputs):
@@ -68,7 +85,8 @@ def test_gentle_sft_is_trls_sft_at_lam_0_and_the_formula_with_the_hinge(tmp_path
     loss = hinge.compute_loss(hinge.model, dict(batch)).item()
     negatives = {k.removeprefix("negative_"): v for k, v in batch.items() if k.startswith("negative_")}
     with torch.no_grad():
-        want = _nll(hinge.model, positives) + 0.5 * (50.0 - _nll(hinge.model, negatives))
+        want = _nll(hinge.model, positives) + 0.5 * (50.0 - _own_nll_per_negative(hinge.model, positives,
+                                                                                   negatives)).mean()
     assert abs(loss - want.item()) < 1e-4 * abs(want.item())
 
 

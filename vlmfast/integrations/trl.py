@@ -13,8 +13,9 @@ forward, so ZeRO-3 gathers it), each repeated image (a group's samples) through 
 Anything else (generation, a forward without `fused_lm_head`) reaches the forward TRL left in place.
 
 `GentleSFTTrainer` is TRL's SFTTrainer with gentle negatives (vlmfast.losses.sft): a `negative` column beside
-`prompt` / `completion`, tokenised by TRL's own preparation, and the loss NLL(y+) + lam relu(margin - NLL(y-))
-("hinge") or NLL(y+) + alpha NLL(y-) ("extend").
+`prompt` / `completion`, tokenised by TRL's own preparation, and vlmfast's loss: NLL(y+) + lam mean_i
+relu(margin - NLL_i(y-)) ("hinge") or NLL(y+) + alpha NLL(y-) ("extend"), each negative's NLL over its tokens
+after the prefix it shares with its completion (vlmfast.losses.sft).
 
 `CWDPOTrainer` is TRL's DPOTrainer with the Cooling-Weighted DPO loss (vlmfast.losses.dpo):
 -log sigmoid(beta (Dw - w_c Dl)), w_c = sigmoid((lbar_pi(yl) - l_floor) / tau_c) a stop-gradient weight per
@@ -157,7 +158,7 @@ def _gentle_sft_trainer_class():
     import torch
     from trl import SFTTrainer
 
-    from ..losses.sft import _check_gentle
+    from ..losses.sft import _check_gentle, divergent_tokens, gentle_penalty
 
     class GentleSFTTrainer(SFTTrainer):
         """TRL's SFTTrainer with gentle negatives: `train_dataset` has prompt / completion / negative columns
@@ -196,19 +197,16 @@ def _gentle_sft_trainer_class():
             mode = "train" if self.model.training else "eval"
             neg = {k.removeprefix("negative_"): inputs.pop(k) for k in list(inputs) if k.startswith("negative_")}
 
-            def nll(batch):
-                out = model(**batch, use_cache=False, fused_lm_head=True)
-                return -out.log_probs.sum() / out.label_mask.sum().clamp(min=1), out
-
-            nll_pos, out = nll(inputs)
-            nll_neg, _ = nll(neg)
-            g = self.gentle
-            if g["variant"] == "hinge":
-                push = torch.relu(g["margin"] - nll_neg)
-                loss = nll_pos + g["lam"] * push
-                self._metrics[mode]["hinge_active"].append(float(push.item() > 0))
-            else:
-                loss = nll_pos + g["alpha"] * nll_neg
+            # the negatives' own tokens: after the prefix each shares with its positive (out.log_probs score
+            # labels[:, 1:])
+            own = divergent_tokens(inputs["labels"][:, 1:], neg["labels"][:, 1:]).to(self.accelerator.device)
+            out = model(**inputs, use_cache=False, fused_lm_head=True)
+            nll_pos = -out.log_probs.sum() / out.label_mask.sum().clamp(min=1)
+            neg_out = model(**neg, use_cache=False, fused_lm_head=True)
+            penalty, m = gentle_penalty(neg_out.log_probs, own, **self.gentle)
+            loss, nll_neg = nll_pos + penalty, m["nll_neg"]
+            if self.gentle["variant"] == "hinge":
+                self._metrics[mode]["hinge_active"].append(m["hinge_active"].item())
             gather = self.accelerator.gather_for_metrics
             self._metrics[mode]["nll_pos"].append(gather(nll_pos.detach()).mean().item())
             self._metrics[mode]["nll_neg"].append(gather(nll_neg.detach()).mean().item())

@@ -1,10 +1,15 @@
 """Stage-1 supervised losses: SFT, and SFT with gentle negatives (SFT-C).
 
     SFT    = mean over response tokens of -log p(y_t)                 (optionally label-smoothed)
-    SFT-C  = NLL(y+) + lam * relu(C - NLL(y-))        variant "hinge": stop pushing a negative once
-                                                      its NLL exceeds the margin C
-           = NLL(y+) + alpha * NLL(y-)                variant "extend": low-weight supervision on y-
-    NLL    = batch-mean token NLL over response tokens
+    SFT-C  = NLL(y+) + lam * mean_i relu(C - NLL_i(y-))  variant "hinge": stop pushing negative i once
+                                                         its NLL exceeds the margin C
+           = NLL(y+) + alpha * NLL(y-)                   variant "extend": low-weight supervision on y-
+    NLL(y+)   = batch-mean token NLL over the positives' response tokens
+    NLL_i(y-) = mean NLL of negative i's tokens after the prefix it shares with its positive y+_i;
+    NLL(y-)   = the token mean of those tokens over the batch
+
+A negative usually shares most of its positive (the same reasoning, another answer): counting the shared
+tokens would push the gold prefix down with the negative. Negatives equal to their positive push nothing.
 """
 
 from __future__ import annotations
@@ -81,37 +86,77 @@ def _check_gentle(*, variant="hinge", lam=0.1, margin=3.0, alpha=0.05, temperatu
     _check_sft(temperature=temperature)
 
 
+def divergent_tokens(labels: torch.Tensor, neg_labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """[B, T'] mask of each negative's response tokens after the prefix it shares with its positive (row i of
+    `labels`, the same example): response tokens are compared in order, wherever each row's response starts."""
+    pos_mask, neg_mask = response_mask(labels, ignore_index), response_mask(neg_labels, ignore_index)
+    width = max(labels.shape[1], neg_labels.shape[1])
+
+    def packed(lab, mask, fill):  # each row's response tokens first, in order, then `fill`
+        order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices
+        toks = torch.where(mask, lab, fill).gather(1, order)
+        return torch.nn.functional.pad(toks, (0, width - toks.shape[1]), value=fill)
+
+    same = packed(labels, pos_mask, -1) == packed(neg_labels, neg_mask, -2)  # fills never match
+    shared = same.long().cumprod(1).sum(1)  # [B] tokens of the shared prefix
+    rank = neg_mask.long().cumsum(1) - 1  # place of each negative token within its response
+    return neg_mask & (rank >= shared[:, None])
+
+
 def sft_gentle_negatives_loss(hidden, weight, labels, neg_hidden, neg_labels, *, variant="hinge", lam=0.1,
                               margin=3.0, alpha=0.05, bias=None, temperature=1.0, ignore_index=-100,
                               backend="auto", mean_over_parts=None):
-    """SFT-C: NLL(y+) + lam * relu(margin - NLL(y-)) ("hinge") or NLL(y+) + alpha * NLL(y-) ("extend").
+    """SFT-C: NLL(y+) + lam * mean_i relu(margin - NLL_i(y-)) ("hinge") or NLL(y+) + alpha * NLL(y-) ("extend"),
+    the negatives' NLL over their tokens after the prefix shared with their positive (module docstring).
 
-    Positives: hidden [B, T, H], labels [B, T]; negatives: neg_hidden [B', T', H], neg_labels [B', T'].
-    mean_over_parts: when this call holds one part of a batch (a data-parallel rank's), a function that
-    averages a tensor over the parts (an all-reduce / world size). NLL(y+), NLL(y-) and the hinge's gate are
-    then the whole batch's, and the loss is this part's share: the parts' losses (and gradients) average to
-    the whole batch's, as DeepSpeed averages ranks. Metrics: nll_pos, nll_neg (this part's), hinge_active
-    (1 while the hinge still pushes), entropy.
+    Positives: hidden [B, T, H], labels [B, T]; negatives: neg_hidden [B, T', H], neg_labels [B, T'], row i the
+    negative of positive i (same prompt). mean_over_parts: when this call holds one part of a batch (a
+    data-parallel rank's), a function that averages a tensor over the parts (an all-reduce / world size): the
+    token and sequence means are then the whole batch's and the loss is this part's share, so the parts'
+    losses (and gradients) average to the whole batch's, as DeepSpeed averages ranks. Metrics: nll_pos, nll_neg
+    (this part's divergent-token mean), hinge_active (share of this part's negatives still pushed), shared_tokens
+    (mean shared prefix), entropy.
     """
     _check_gentle(variant=variant, lam=lam, margin=margin, alpha=alpha, temperature=temperature)
     check_batch_time(hidden, labels)
     check_batch_time(neg_hidden, neg_labels, "neg_hidden")
+    if neg_labels.shape[0] != labels.shape[0]:
+        raise ValueError(f"negatives pair with positives row for row: {labels.shape[0]} positives but "
+                         f"{neg_labels.shape[0]} negatives")
     kw = dict(bias=bias, temperature=temperature, ignore_index=ignore_index, backend=backend)
-    share = {}
-    if mean_over_parts is not None:  # tokens per part, averaged: sum / this is the part's share of the mean
-        for key, lab in (("pos", labels), ("neg", neg_labels)):
-            share[key] = mean_over_parts(response_mask(lab, ignore_index).sum().to(hidden.device, torch.float32))
-    pos, nll_pos, entropy, _ = _nll_and_entropy(hidden, weight, labels, num_items_in_batch=share.get("pos"), **kw)
-    neg, nll_neg, _, _ = _nll_and_entropy(neg_hidden, weight, neg_labels, num_items_in_batch=share.get("neg"), **kw)
+    own = divergent_tokens(labels, neg_labels, ignore_index)
+    pos_share = None if mean_over_parts is None else mean_over_parts(
+        response_mask(labels, ignore_index).sum().to(hidden.device, torch.float32))
+    pos, nll_pos, entropy, _ = _nll_and_entropy(hidden, weight, labels, num_items_in_batch=pos_share, **kw)
+    neg_logp = token_stats(neg_hidden, weight, torch.where(own, neg_labels, ignore_index), outputs=("logp",),
+                           **kw).logp
+    penalty, m = gentle_penalty(neg_logp, own, variant=variant, lam=lam, margin=margin, alpha=alpha,
+                                mean_over_parts=mean_over_parts)
+    loss = pos + penalty
+    m["shared_tokens"] = (response_mask(neg_labels, ignore_index).sum(1) - own.sum(1)).float().mean()
+    return loss, detached(loss=loss, nll_pos=nll_pos, entropy=entropy, **m)
+
+
+def gentle_penalty(neg_logp: torch.Tensor, own: torch.Tensor, *, variant="hinge", lam=0.1, margin=3.0, alpha=0.05,
+                   mean_over_parts=None) -> tuple[torch.Tensor, dict]:
+    """The negatives' term of SFT-C from their per-token log-probs [B, T] and the mask of their own tokens
+    (`divergent_tokens`): lam * mean_i relu(margin - NLL_i(y-)) over the negatives with tokens of their own
+    ("hinge"), or alpha * their token-mean NLL ("extend"). Returns (penalty, {nll_neg, hinge_active})."""
+    counts = own.sum(1)
+    pushed = counts > 0  # a negative equal to its positive has nothing of its own to push
+    nll_neg = masked_mean(-neg_logp, own)
     if variant == "hinge":
-        # relu(margin - NLL(y-)) of the whole batch, written as gate * (margin - this part's share)
-        batch_nll_neg = neg.detach() if mean_over_parts is None else mean_over_parts(neg.detach())
-        active = (margin - batch_nll_neg > 0).float()
-        loss = pos + lam * active * (margin - neg)
-    else:
-        loss = pos + alpha * neg
-        active = torch.ones(())
-    return loss, detached(loss=loss, nll_pos=nll_pos, nll_neg=nll_neg, hinge_active=active, entropy=entropy)
+        seq_nll = -(neg_logp * own).sum(1) / counts.clamp(min=1)  # [B] NLL_i(y-)
+        rows = pushed.sum().to(neg_logp.device, torch.float32)
+        if mean_over_parts is not None:  # this part's share of the whole batch's sequence mean
+            rows = mean_over_parts(rows)
+        push = torch.relu(margin - seq_nll) * pushed
+        active = (push.detach() > 0).sum() / pushed.sum().clamp(min=1)
+        return lam * push.sum() / rows.clamp(min=1e-12), {"nll_neg": nll_neg, "hinge_active": active.float()}
+    tokens = None
+    if mean_over_parts is not None:
+        tokens = mean_over_parts(own.sum().to(neg_logp.device, torch.float32)).clamp(min=1e-12)
+    return alpha * masked_mean(-neg_logp, own, tokens), {"nll_neg": nll_neg, "hinge_active": torch.ones(())}
 
 
 class SFTLoss(LossModule):
