@@ -101,6 +101,42 @@ def test_preference_stages_raise_the_margin(tmp_path, stage_type):
         assert len({round(r["l_floor"], 6) for r in tr}) == 1  # l_floor: auto, fixed at stage start
 
 
+def test_on_policy_negatives_are_the_policys_own_samples_whole(tmp_path, monkeypatch):
+    """CW-DPO's on-policy rejected response is one of the policy's wrong samples token for token (its own
+    reasoning and answer, its end of turn), not the gold template with the sampled answer pasted in; the chosen
+    one is the gold target."""
+    from vlmfast import stages as S
+
+    samples, batches = [], []
+    real_sample, real_collate = S._sample_subset, S.collate_token_responses
+
+    def sample_spy(*a, **k):
+        out = real_sample(*a, **k)
+        samples.append(out)
+        return out
+
+    def collate_spy(processor, problems, images, responses):
+        batches.append(responses)
+        return real_collate(processor, problems, images, responses)
+
+    monkeypatch.setattr(S, "_sample_subset", sample_spy)
+    monkeypatch.setattr(S, "collate_token_responses", collate_spy)
+    stages = [{"type": "cw_dpo", "name": "cw_dpo", "steps": 1, "lr": 1e-4, "batch_size": 4, "beta": 0.5,
+               "on_policy_fraction": 1.0, "max_new_tokens": 6}]
+    cfg = recipe(tmp_path, stages, eval={"at_start": False, "probes": 0})
+    run(cfg)
+    (groups,), (responses,) = samples, batches[-1:]
+    chosen, rejected = responses[:4], responses[4:]
+    assert records(tmp_path)[0]["on_policy_negatives"] == 1.0  # random weights: every sample is wrong
+    assert rejected == [g[0].token_ids for g in groups]  # the first wrong sample, whole
+    from vlmfast.data.synthetic import corpus
+    from vlmfast.models import build_tokenizer
+
+    tok = build_tokenizer(corpus())  # tiny:student's vocabulary
+    gold = [tok.decode(c) for c in chosen]
+    assert all(text.endswith("<|im_end|>") and "\\boxed{" in text for text in gold)
+
+
 def test_opd_reduces_kl_to_teacher(tmp_path):
     teacher_dir = tmp_path / "teacher"
     run(recipe(tmp_path, [{"type": "sft", "name": "t", "steps": 8, "lr": 3e-3, "batch_size": 8}], name="teacher"))

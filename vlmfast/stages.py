@@ -24,7 +24,7 @@ from .data.prompts import reasoning_of, target_response
 from .losses import cw_dpo_loss, dpo_loss, group_advantages, grpo_loss, opd_loss, sft_gentle_negatives_loss, sft_loss
 from .models import call_head, frozen_head_weight, head_token_stats, trunk_hidden
 from .ops import sequence_mean
-from .rewards import Reward, extract_answer, is_correct, score
+from .rewards import Reward, score
 from .rollout import Sampling
 from .timing import StepTimer
 
@@ -435,26 +435,27 @@ def opd_step(ctx: StageContext, step: int):
 
 
 def _preference_batch(ctx, exs, positions, step):
-    """Chosen = the gold answer; rejected = the policy's own wrong answer with probability rho_mix
-    (when it produces one), else a dataset negative."""
+    """Chosen = the gold target; rejected = with probability on_policy_fraction one of the policy's own wrong
+    samples, whole and as sampled (its token ids: its reasoning, not the gold one with its answer pasted in),
+    when one of its 4 samples is wrong; else a dataset negative in the gold template."""
     s = ctx.stage
+    tok = ctx.processor.tokenizer
     rngs = example_rngs(ctx, step, positions)
     on_policy = [rng.random() < s.on_policy_fraction for rng in rngs]
-    rejected = [None] * len(exs)
+    rejected: list[list[int] | None] = [None] * len(exs)
     idx = [i for i, flag in enumerate(on_policy) if flag]
     for i, g in zip(idx, _sample_subset(ctx, exs, positions, idx, 4, step)):
-        for c in g:
-            ans = extract_answer(c.text)
-            if ans is not None and not is_correct(ans, exs[i].answer, exs[i].choices):
-                rejected[i] = _target(ctx, ans, exs[i])
-                break
+        wrong = next((c for c in g if not score(c.text, exs[i].answer, exs[i].choices).accuracy), None)
+        if wrong is not None and wrong.token_ids:
+            rejected[i] = list(wrong.token_ids)
     n_on = sum(r is not None for r in rejected)
-    rejected = [r if r is not None else _target(ctx, _dataset_negative(e, rng), e)
+    rejected = [r if r is not None else
+                tok(_target(ctx, _dataset_negative(e, rng), e) + END_OF_TURN, add_special_tokens=False)["input_ids"]
                 for r, e, rng in zip(rejected, exs, rngs)]
-    chosen = [_target(ctx, e.answer, e) for e in exs]
+    chosen = [_target_ids(ctx, e) for e in exs]
     problems = [e.problem for e in exs] * 2
     images = [e.images for e in exs] * 2
-    return collate(ctx.processor, problems, images, chosen + rejected), n_on / len(exs)
+    return collate_token_responses(ctx.processor, problems, images, chosen + rejected), n_on / len(exs)
 
 
 def dpo_step(ctx: StageContext, step: int):

@@ -155,7 +155,6 @@ def _cw_dpo_trainer_class():
 
 @functools.cache
 def _gentle_sft_trainer_class():
-    import torch
     from trl import SFTTrainer
 
     from ..losses.sft import _check_gentle, divergent_tokens, gentle_penalty
