@@ -28,24 +28,33 @@ REDUCED = [
 
 def test_plan_has_every_run_and_its_dependencies():
     study, runs = plan(yaml.safe_load(RECIPE.read_text()))
+    assert study["seeds"] == [0, 1, 2]  # at least three seeds by default
     names = [r.name for r in runs]
-    assert names[0] == "teacher" and set(STAGE1_RUNS) <= set(names)
-    assert {"sft_early-grpo", "sft_over-grpo", "opd-grpo", "sft_gentle-cw_dpo", "sft_gentle-dpo"} <= set(names)
+    assert names[0] == "teacher" and names.count("teacher") == 1  # trained once, shared by the seeds
+    per_seed = {"sft_early", "sft_over", "opd", "sft_gentle", "sft_early-grpo", "sft_over-grpo", "opd-grpo",
+                "sft_gentle-cw_dpo", "sft_gentle-dpo"}
+    for seed in (0, 1, 2):
+        assert {n.split("/")[1] for n in names if n.startswith(f"seed{seed}/")} == per_seed
     by = {r.name: r for r in runs}
-    assert by["opd"].needs == ["teacher"] and by["opd"].teacher_from == "teacher"
-    assert by["sft_gentle-dpo"].start_from == "sft_gentle"
-    # every warm-start starts from the same initial weights: same model path and seed
-    inits = {(by[n].raw["model"]["path"], by[n].raw["run"]["seed"]) for n in STAGE1_RUNS}
-    assert inits == {("tiny:student", 0)}
+    assert by["seed1/opd"].needs == ["teacher"] and by["seed1/opd"].teacher_from == "teacher"
+    assert by["seed2/sft_gentle-dpo"].start_from == "seed2/sft_gentle"
+    # within a seed every warm-start starts from the same initial weights: same model path and seed
+    for seed in (0, 1, 2):
+        inits = {(by[f"seed{seed}/{n}"].raw["model"]["path"], by[f"seed{seed}/{n}"].raw["run"]["seed"])
+                 for n in STAGE1_RUNS}
+        assert inits == {("tiny:student", seed)}
+        assert by[f"seed{seed}/sft_over-grpo"].raw["run"]["out_dir"].endswith(f"tiny_study/seed{seed}")
     assert by["teacher"].raw["model"]["path"] == "tiny:teacher"
 
 
 @pytest.mark.parametrize("override, message", [
     ("stage1.sft_erly={}", "stage1: needs exactly"),
     ("stage2.grpo.from=[sft_late]", "stage2.grpo.from"),
-    ("stage1.sft_over.stage.stepz=3", "run sft_over: stages\\[0\\]: unknown key"),
+    ("stage1.sft_over.stage.stepz=3", "run seed0/sft_over: stages\\[0\\]: unknown key"),
     ("study.workerz=2", "study: unknown key"),
     ("base.eval.k=[1, 9]", "eval.k"),
+    ("study.seeds=0", "study.seeds: a count"),
+    ("study.seeds=[1, 1]", "study.seeds: a count"),
 ])
 def test_bad_study_recipes_fail_before_any_work(override, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
@@ -59,7 +68,7 @@ def _finite_cells(table: str) -> list[float]:
 
 @pytest.mark.slow
 def test_reduced_study_end_to_end_killed_then_resumed(tmp_path, monkeypatch):
-    raw = load_study(RECIPE, REDUCED + [f"study.out_dir={tmp_path}"])
+    raw = load_study(RECIPE, REDUCED + ["study.seeds=2", f"study.out_dir={tmp_path}"])
     sdir = tmp_path / "tiny_study"
     # as left behind by a one-process run in this process (or a launcher): runs must not inherit them
     for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29533")):
@@ -68,22 +77,26 @@ def test_reduced_study_end_to_end_killed_then_resumed(tmp_path, monkeypatch):
     monkeypatch.setenv("VLMFAST_FAIL_AT_STEP", "0:3")
     with pytest.raises(RuntimeError, match="study runs failed"):
         run_study(raw, progress=False)
-    assert not (sdir / "sft_early-grpo").exists()
+    assert not (sdir / "seed0" / "sft_early-grpo").exists()
     monkeypatch.delenv("VLMFAST_FAIL_AT_STEP")
     report = run_study(raw, progress=False)  # the same command again: resumes and finishes
-    text = report.read_text()
+    assert report == sdir / "report.md"
 
-    # every run finished; a resumed run's metrics hold each step once
-    for name in ("teacher", *STAGE1_RUNS, "sft_early-grpo", "sft_over-grpo", "opd-grpo", "sft_gentle-cw_dpo",
-                 "sft_gentle-dpo"):
+    # every run finished, the teacher once, the rest once per seed; a resumed run's metrics hold each step once
+    names = ["teacher"] + [f"seed{s}/{n}" for s in (0, 1) for n in (*STAGE1_RUNS, "sft_early-grpo", "sft_over-grpo",
+                                                                   "opd-grpo", "sft_gentle-cw_dpo", "sft_gentle-dpo")]
+    for name in names:
         res = json.loads((sdir / name / "results.json").read_text())
         assert Path(res["final_model"]).is_dir(), name
         steps = [json.loads(line)["step"] for line in (sdir / name / "metrics.jsonl").read_text().splitlines()
                  if json.loads(line)["kind"] == "train"]
         assert steps == sorted(set(steps)), name
-    assert json.loads((sdir / "sft_over" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 6
+    assert json.loads((sdir / "seed1" / "sft_over" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 6
+    opd = yaml.safe_load((sdir / "seed1" / "opd" / "study_recipe.yaml").read_text())
+    assert opd["run"]["seed"] == 1 and opd["stages"][0]["teacher"].startswith(str(sdir / "teacher"))
 
-    # the table: a row per model, Stage-1 -> Stage-2 cells, finite numbers in range
+    # each seed's report: a row per model, Stage-1 -> Stage-2 cells, finite numbers in range
+    text = (sdir / "seed0" / "report.md").read_text()
     table = text.split("## pass@k")[0]
     rows = [line for line in table.splitlines() if line.startswith("| ") and "model" not in line]
     assert [r.split("|")[1].strip() for r in rows] == ["teacher", "sft_early → grpo", "sft_over → grpo",
@@ -96,20 +109,33 @@ def test_reduced_study_end_to_end_killed_then_resumed(tmp_path, monkeypatch):
     assert all(0.0 <= a <= 1.0 for a in accs)
     # figures exist, are PNGs, and the report links them
     for fig in ("entropy.png", "reward_accuracy.png", "dlogp.png", "pass_at_k.png", "cooling_weight.png"):
-        data = (sdir / fig).read_bytes()
+        data = (sdir / "seed0" / fig).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, fig
         assert f"]({fig})" in text
-    # the summary and what reproduces the run
     assert "## Summary" in text and "Entropy at RL entry" in text and "out of domain" in text
-    assert "torch" in text and "seeds: run seed 0" in text and "wall time per run" in text
+    assert "torch" in text and "seeds: run seed 0 (the teacher's: 0)" in text and "wall time per run" in text
     assert yaml.safe_load((sdir / "study.yaml").read_text()) == raw
 
+    # the study's report across seeds: every arm with its interval, every claim with a verdict
+    text = report.read_text()
+    assert "2 seeds" in text and "[seed 1](seed1/report.md)" in text
+    verdicts = json.loads((sdir / "verdicts.json").read_text())
+    assert len(verdicts) == 5 and all(v["verdict"] in ("holds", "contradicted", "inside the noise") for v in verdicts)
+    assert all(set(v["values"]) == {"0", "1"} for v in verdicts)  # computable in every seed
+    for v in verdicts:
+        assert f"**{v['verdict']}**" in text
+    assert "sft_early (Stage 1) | " in text and "sft_gentle → dpo | " in text and "## Stage 2 at its plateau?" in text
+    assert (sdir / "seeds.png").read_bytes()[:4] == b"\x89PNG"
+
     # a third call finds everything done: no run starts again
-    mtimes = {p.parent.name: p.stat().st_mtime for p in sdir.glob("*/metrics.jsonl")}
+    def mtimes():
+        return {str(p.parent.relative_to(sdir)): p.stat().st_mtime for p in sdir.glob("**/metrics.jsonl")}
+
+    before = mtimes()
     run_study(raw, progress=False)
-    assert {p.parent.name: p.stat().st_mtime for p in sdir.glob("*/metrics.jsonl")} == mtimes
-    # a changed warm-start reruns it and the Stage-2 run built on its weights, nothing else
+    assert mtimes() == before
+    # a changed warm-start reruns it and the Stage-2 run built on its weights, in every seed, nothing else
     raw["stage1"]["opd"]["stage"]["lr"] = 5e-4
     run_study(raw, progress=False)
-    now = {p.parent.name: p.stat().st_mtime for p in sdir.glob("*/metrics.jsonl")}
-    assert {n for n in now if now[n] != mtimes[n]} == {"opd", "opd-grpo"}
+    now = mtimes()
+    assert {n for n in now if now[n] != before[n]} == {f"seed{s}/{n}" for s in (0, 1) for n in ("opd", "opd-grpo")}

@@ -35,6 +35,7 @@ import yaml
 from .config import ConfigError, _set_override, load_config
 
 STUDY_KEYS = {"study", "base", "teacher", "stage1", "stage2"}
+STUDY_SETTINGS = {"name", "out_dir", "workers", "seeds"}
 STAGE1_RUNS = ("sft_early", "sft_over", "opd", "sft_gentle")
 NODE_KEYS = {"stage", "model", "eval", "run", "from"}
 # relative cost of one step per stage type (measured on the tiny study: sampling dominates opd and grpo)
@@ -53,6 +54,12 @@ class Run:
     start_from: str | None = None  # model.path <- this run's final weights
     teacher_from: str | None = None  # stages[0].teacher <- this run's final weights
     role: str = "stage1"  # teacher | stage1 | stage2
+    seed: int | None = None  # the study seed of a per-seed run (None: shared by every seed, the teacher)
+
+    @property
+    def arm(self) -> str:
+        """The run's name within its seed: sft_early, sft_early-grpo, teacher."""
+        return self.name.rsplit("/", 1)[-1]
 
     @property
     def steps(self) -> int:
@@ -72,8 +79,9 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _node(raw_study: dict, where: str, node, name: str, out_dir: str) -> dict:
-    """The train recipe of one run: base <- the node's model/eval/run sections, one stage."""
+def _node(raw_study: dict, where: str, node, name: str, out_dir: str, seed: int | None = None) -> dict:
+    """The train recipe of one run: base <- the node's model/eval/run sections, one stage; `seed` sets
+    run.seed (a study seed's runs), else the recipe's own."""
     if not isinstance(node, dict) or "stage" not in node:
         raise ConfigError(f"{where}: expected a mapping with a `stage` (and optional model/eval/run)")
     unknown = set(node) - NODE_KEYS
@@ -81,10 +89,26 @@ def _node(raw_study: dict, where: str, node, name: str, out_dir: str) -> dict:
         raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(NODE_KEYS)}")
     raw = _merge(raw_study.get("base") or {}, {k: node[k] for k in ("model", "eval", "run") if k in node})
     raw.setdefault("run", {}).update(name=name, out_dir=out_dir)
+    if seed is not None:
+        raw["run"]["seed"] = seed
     stage = dict(node["stage"])
     stage.setdefault("name", name.split("-")[-1])
     raw["stages"] = [stage]
     return raw
+
+
+def seed_dir(seed: int) -> str:
+    return f"seed{seed}"
+
+
+def _seeds(value) -> list[int]:
+    """study.seeds: a count n (seeds 0..n-1) or a list of distinct integer seeds."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return list(range(value))
+    if (isinstance(value, list) and value and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+            and len(set(value)) == len(value)):
+        return list(value)
+    raise ConfigError(f"study.seeds: a count >= 1 or a list of distinct integers, got {value!r}")
 
 
 def plan(raw_study: dict) -> tuple[dict, list[Run]]:
@@ -92,35 +116,42 @@ def plan(raw_study: dict) -> tuple[dict, list[Run]]:
     unknown = set(raw_study) - STUDY_KEYS
     if unknown:
         raise ConfigError(f"unknown key(s) {sorted(unknown)}; a study has {sorted(STUDY_KEYS)}")
-    study = {"name": "study", "out_dir": "runs", "workers": 2, **(raw_study.get("study") or {})}
-    bad = set(study) - {"name", "out_dir", "workers"}
+    study = {"name": "study", "out_dir": "runs", "workers": 2, "seeds": 3, **(raw_study.get("study") or {})}
+    bad = set(study) - STUDY_SETTINGS
     if bad:
-        raise ConfigError(f"study: unknown key(s) {sorted(bad)}; known: ['name', 'out_dir', 'workers']")
+        raise ConfigError(f"study: unknown key(s) {sorted(bad)}; known: {sorted(STUDY_SETTINGS)}")
     if not isinstance(study["workers"], int) or study["workers"] < 1:
         raise ConfigError(f"study.workers: must be an integer >= 1, got {study['workers']!r}")
+    study["seeds"] = _seeds(study["seeds"])
     out_dir = str(Path(study["out_dir"]) / study["name"])
     runs = []
     if "teacher" not in raw_study:
         raise ConfigError("teacher: the study trains a teacher for opd (a mapping with `stage`)")
+    # the teacher is trained once and shared by every seed (its seed is the base recipe's run.seed)
     runs.append(Run("teacher", _node(raw_study, "teacher", raw_study["teacher"], "teacher", out_dir), role="teacher"))
     stage1 = raw_study.get("stage1") or {}
     missing = [k for k in STAGE1_RUNS if k not in stage1]
     if missing or set(stage1) - set(STAGE1_RUNS):
         raise ConfigError(f"stage1: needs exactly the warm-starts {list(STAGE1_RUNS)}; missing {missing}, "
                           f"unknown {sorted(set(stage1) - set(STAGE1_RUNS))}")
-    for name in STAGE1_RUNS:
-        r = Run(name, _node(raw_study, f"stage1.{name}", stage1[name], name, out_dir))
-        if r.raw["stages"][0].get("type") == "opd":
-            r.needs, r.teacher_from = ["teacher"], "teacher"
-        runs.append(r)
-    for name, node in (raw_study.get("stage2") or {}).items():
+    stage2 = raw_study.get("stage2") or {}
+    for name, node in stage2.items():
         froms = node.get("from") if isinstance(node, dict) else None
         if not isinstance(froms, list) or not froms or set(froms) - set(STAGE1_RUNS):
             raise ConfigError(f"stage2.{name}.from: a list of warm-starts from {list(STAGE1_RUNS)}, got {froms!r}")
-        for parent in froms:
-            run_name = f"{parent}-{name}"
-            runs.append(Run(run_name, _node(raw_study, f"stage2.{name}", node, run_name, out_dir), needs=[parent],
-                            start_from=parent, role="stage2"))
+    for seed in study["seeds"]:  # every arm once per seed: run.seed <- seed, in out_dir/seed<k>/<run>
+        sd = seed_dir(seed)
+        where = str(Path(out_dir) / sd)
+        for name in STAGE1_RUNS:
+            r = Run(f"{sd}/{name}", _node(raw_study, f"stage1.{name}", stage1[name], name, where, seed), seed=seed)
+            if r.raw["stages"][0].get("type") == "opd":
+                r.needs, r.teacher_from = ["teacher"], "teacher"
+            runs.append(r)
+        for name, node in stage2.items():
+            for parent in node["from"]:
+                run_name = f"{parent}-{name}"
+                runs.append(Run(f"{sd}/{run_name}", _node(raw_study, f"stage2.{name}", node, run_name, where, seed),
+                                needs=[f"{sd}/{parent}"], start_from=f"{sd}/{parent}", role="stage2", seed=seed))
     for r in runs:  # validate each recipe now; weights of other runs are stand-ins until they exist
         trial = copy.deepcopy(r.raw)
         if r.start_from:
@@ -294,11 +325,28 @@ def run_study(raw_study: dict, *, progress: bool = True) -> Path:
     if failed:
         raise RuntimeError(f"study runs failed: {failed}; their logs are in {sdir}/<run>/log.txt. "
                            "Re-run the same command to retry: finished runs are kept.")
-    from .study_report import write_report
-
     meta = {"environment": environment(), "wall_s_total": time.time() - t_start,
             "wall_s": {n: done[n] for n in by_name}, "chance": chance}
-    return write_report(sdir, raw_study, [r.name for r in runs], meta)
+    return write_reports(sdir, raw_study, meta)
+
+
+def write_reports(sdir: Path, raw_study: dict, meta: dict) -> Path:
+    """Each seed's report (seed<k>/report.md: its runs and the shared teacher), then the study's report across
+    seeds (report.md: every arm's mean and interval, each claim's verdict); returns the latter's path."""
+    from .study_report import write_report
+    from .study_verdicts import write_study_report
+
+    study, runs = plan(raw_study)
+    sdir = Path(sdir)
+    per_seed = {}
+    for seed in study["seeds"]:
+        mine = [r for r in runs if r.seed == seed]
+        paths = {"teacher": sdir / "teacher", **{r.arm: sdir / r.name for r in mine}}
+        seed_meta = {**meta, "wall_s": {k: v for k, v in meta.get("wall_s", {}).items()
+                                        if k == "teacher" or k.startswith(f"{seed_dir(seed)}/")}}
+        write_report(sdir / seed_dir(seed), raw_study, paths, seed_meta, seed=seed)
+        per_seed[seed] = paths
+    return write_study_report(sdir, raw_study, per_seed, meta)
 
 
 def _headline(res: dict) -> str:

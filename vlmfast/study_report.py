@@ -61,10 +61,12 @@ def _with_interval(e: dict, k: str) -> str:
     return _f(e[k])
 
 
-def pipelines(study_dir: Path, names: list[str]) -> list[dict]:
+def pipelines(paths: dict[str, Path]) -> list[dict]:
     """One row per model: teacher, then each (warm-start -> stage 2) pair; warm-starts without a
-    stage-2 child get a row of their own."""
-    runs = {n: read_run(study_dir / n) for n in names if (study_dir / n / "metrics.jsonl").exists()}
+    stage-2 child get a row of their own. `paths`: each run's directory by its name within a seed
+    (teacher, sft_early, sft_early-grpo, ...)."""
+    names = list(paths)
+    runs = {n: read_run(p) for n, p in paths.items() if (Path(p) / "metrics.jsonl").exists()}
     rows = []
     if "teacher" in runs:
         rows.append({"model": "teacher", "stage1": runs["teacher"], "stage2": None})
@@ -349,13 +351,15 @@ def chance_rates(train_parquet, val_parquet) -> dict:
     return {"overall": sum(every) / len(every), **{k: sum(v) / len(v) for k, v in hits.items()}}
 
 
-def write_report(study_dir, raw_study: dict, names: list[str], meta: dict) -> Path:
+def write_report(study_dir, raw_study: dict, paths: dict[str, Path], meta: dict, *, seed: int | None = None) -> Path:
+    """One seed's report (report.md and its figures in `study_dir`) from its runs' directories."""
     study_dir = Path(study_dir)
-    rows = pipelines(study_dir, names)
+    rows = pipelines(paths)
     figs = figures(rows, study_dir)
     n_eval = (raw_study.get("base") or {}).get("eval", {}).get("num_problems")
     chance = meta.get("chance")
-    parts = [f"# Warm-start study: {raw_study.get('study', {}).get('name', study_dir.name)}", "",
+    title = raw_study.get("study", {}).get("name", study_dir.name) + ("" if seed is None else f", seed {seed}")
+    parts = [f"# Warm-start study: {title}", "",
              "Every model at its Stage-1 endpoint → **Stage-2 endpoint** (greedy accuracy on "
              f"{n_eval or 'the'} validation / out-of-domain problems; entropy of the model's own samples).", ""]
     if chance:
@@ -370,7 +374,8 @@ def write_report(study_dir, raw_study: dict, names: list[str], meta: dict) -> Pa
     parts += ["## Reproduce", "", f"- command: `python -m vlmfast.study --config {study_dir / 'study.yaml'}` (the "
               "whole recipe, overrides applied, saved beside this report; each run's exact training recipe is "
               "`<run>/study_recipe.yaml`)",
-              f"- seeds: run seed {raw_study.get('base', {}).get('run', {}).get('seed', 0)}, data seed "
+              f"- seeds: run seed {seed if seed is not None else raw_study.get('base', {}).get('run', {}).get('seed', 0)}"
+              f" (the teacher's: {raw_study.get('base', {}).get('run', {}).get('seed', 0)}), data seed "
               f"{raw_study.get('base', {}).get('data', {}).get('synthetic', {}).get('seed', 0)}",
               "- versions: " + ", ".join(f"{k} {v}" for k, v in env.items()),
               f"- wall time per run (two at a time, {sum(meta.get('wall_s', {}).values()):.0f} s summed): "
@@ -392,11 +397,10 @@ def main(argv=None) -> int:
         return 2
     d = Path(argv[0])
     raw = yaml.safe_load((d / "study.yaml").read_text())
-    from .study import plan
+    from .study import write_reports
 
-    _, runs = plan(raw)
     meta = json.loads((d / "report_meta.json").read_text()) if (d / "report_meta.json").exists() else {}
-    print(write_report(d, raw, [r.name for r in runs], meta))
+    print(write_reports(d, raw, meta))
     return 0
 
 

@@ -7,7 +7,8 @@ Splits (deterministic from a seed):
   (the MathVista role: same skills, different surface).
 
 Question types: count_all, count_colour, count_shape, largest_colour (multiple choice), more_than
-(a difference of counts). Every example also carries plausible wrong answers (`negatives`) for
+(a difference of counts); and `describe` (the shapes, largest first: "red circle, blue square"), the
+perception task the study's base model is pretrained on, not asked by default. Every example also carries plausible wrong answers (`negatives`) for
 dataset negatives in SFT-C and DPO, and its scene (JSON) so answers can be re-derived.
 Shapes never overlap (rejection sampling), so every shape is one connected blob of its colour.
 """
@@ -25,7 +26,8 @@ from PIL import Image, ImageDraw
 
 COLOURS = {"red": (220, 50, 47), "green": (40, 160, 60), "blue": (38, 100, 220), "yellow": (235, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
-QUESTION_TYPES = ("count_all", "count_colour", "count_shape", "largest_colour", "more_than")
+QUESTION_TYPES = ("count_all", "count_colour", "count_shape", "largest_colour", "more_than")  # the default
+PRETRAIN_TYPES = ("describe",)
 BACKGROUND = {"in_domain": (245, 245, 245), "ood": (35, 35, 40)}
 
 TEMPLATES = {
@@ -35,6 +37,7 @@ TEMPLATES = {
         "count_shape": "How many {shape}s are in the image?",
         "largest_colour": "What is the colour of the largest shape?",
         "more_than": "How many more {colour} shapes than {colour2} shapes are there?",
+        "describe": "What shapes are in the image? Name each by colour and shape, largest first.",
     },
     "ood": {
         "count_all": "Count every object drawn in the picture. What is the total?",
@@ -42,6 +45,7 @@ TEMPLATES = {
         "count_shape": "Tell me the number of {shape} objects in this picture.",
         "largest_colour": "Which colour does the biggest object in the picture have?",
         "more_than": "By how much does the number of {colour} objects exceed the number of {colour2} ones?",
+        "describe": "List every object in this picture by colour and shape, the biggest one first.",
     },
 }
 SPLITS = {"train": "in_domain", "val": "in_domain", "ood": "ood"}
@@ -117,6 +121,16 @@ def make_question(rng: random.Random, shapes: list[Shape], qtype: str, domain: s
     t = TEMPLATES[domain][qtype]
     colours = [s.colour for s in shapes]
     choices = None
+    if qtype == "describe":  # the scene in words; the wrong ones change one shape's colour
+        listed = _listing(shapes)
+        negatives = []
+        for i in rng.sample(range(len(listed)), min(3, len(listed))):
+            colour, kind = listed[i]
+            wrong = list(listed)
+            wrong[i] = (rng.choice([c for c in COLOURS if c != colour]), kind)
+            negatives.append(", ".join(f"{c} {k}" for c, k in wrong))
+        return {"problem": "<image>" + t, "answer": ", ".join(f"{c} {k}" for c, k in listed), "choices": None,
+                "negatives": negatives}
     if qtype == "count_all":
         q, truth = t, len(shapes)
     elif qtype == "count_colour":
@@ -142,11 +156,14 @@ def make_question(rng: random.Random, shapes: list[Shape], qtype: str, domain: s
     return {"problem": "<image>" + q, "answer": str(truth), "choices": None, "negatives": _count_negatives(rng, truth)}
 
 
+def _listing(shapes: list[Shape]) -> list[tuple[str, str]]:
+    return [(s.colour, s.kind) for s in sorted(shapes, key=lambda s: -s.size)]
+
+
 def describe(shapes: list[Shape]) -> str:
     """The scene in words, largest shape first: the reasoning of an SFT target (every word of it is
     read off the image, so SFT teaches perception densely, not through one answer token)."""
-    ordered = sorted(shapes, key=lambda s: -s.size)
-    return "I see " + ", ".join(f"{s.colour} {s.kind}" for s in ordered) + "."
+    return "I see " + ", ".join(f"{c} {k}" for c, k in _listing(shapes)) + "."
 
 
 def _png(img: Image.Image) -> bytes:
@@ -193,9 +210,10 @@ def write_parquet(rows: list[dict], path: Path) -> Path:
 
 def check_options(question_types, max_shapes, size_range) -> None:
     """The task options, each error naming its option (build_task and the config both check here)."""
-    unknown = set(question_types) - set(QUESTION_TYPES)
+    known = QUESTION_TYPES + PRETRAIN_TYPES
+    unknown = set(question_types) - set(known)
     if unknown or not question_types:
-        raise ValueError(f"question_types: {sorted(unknown) or 'empty'}; choose from {list(QUESTION_TYPES)}")
+        raise ValueError(f"question_types: {sorted(unknown) or 'empty'}; choose from {list(known)}")
     lo_hi = list(size_range)
     if len(lo_hi) != 2 or not all(isinstance(x, (int, float)) for x in lo_hi) or not 0 < lo_hi[0] <= lo_hi[1] < 0.5:
         raise ValueError(f"size_range: must be [lo, hi] with 0 < lo <= hi < 0.5, got {lo_hi}")

@@ -1,0 +1,65 @@
+"""The study's verdicts across seeds: the t-interval is the textbook one, the three verdicts follow the
+interval's side of the threshold, each claim's per-seed statistic comes from that seed's numbers only, and a
+Stage-2 run is flat only when its last quarter does not move."""
+
+import math
+
+import pytest
+
+from vlmfast.study_verdicts import claims, interval, plateau, verdict
+
+
+def test_interval_is_the_student_t_interval():
+    mean, lo, hi, sd = interval([1.0, 2.0, 3.0])
+    half = 4.303 * 1.0 / math.sqrt(3)  # t(0.975, df=2) * sd / sqrt(n), sd = 1
+    assert mean == 2.0 and sd == pytest.approx(1.0)
+    assert (lo, hi) == pytest.approx((2.0 - half, 2.0 + half), abs=1e-3)
+    assert interval([0.5]) == (0.5, -math.inf, math.inf, pytest.approx(float("nan"), nan_ok=True))
+
+
+@pytest.mark.parametrize("values, threshold, side, want", [
+    ([0.10, 0.12, 0.11], 0.0, ">", "holds"),
+    ([-0.10, -0.12, -0.11], 0.0, ">", "contradicted"),
+    ([-0.10, 0.10, 0.05], 0.0, ">", "inside the noise"),
+    ([0.02, 0.03, 0.04], 0.10, "<", "holds"),  # a spread below the band
+    ([0.30, 0.32, 0.31], 0.10, "<", "contradicted"),
+    ([0.30], 0.0, ">", "inside the noise"),  # one seed can never decide
+])
+def test_verdicts_follow_the_interval(values, threshold, side, want):
+    assert verdict(values, threshold, side) == want
+
+
+def _seed(early_ood, over_ood, accs, h_opd, cw=(0.6, 0.5), dpo=(0.6, 0.3)):
+    ev = {a: {"val/accuracy": acc, "ood/accuracy": 0.2, "val/entropy": 0.3, "val/pass@4": 0.5}
+          for a, acc in zip(("sft_early", "sft_over", "opd", "sft_gentle"), accs)}
+    ev["sft_early"]["ood/accuracy"], ev["sft_over"]["ood/accuracy"] = early_ood, over_ood
+    ev["opd"]["val/entropy"] = h_opd
+    for arm, (before, after) in (("sft_gentle → cw_dpo", cw), ("sft_gentle → dpo", dpo)):
+        ev[arm] = {"val/accuracy": after, "_before": {"val/accuracy": before}, "_run": None}
+    for k, (b, a) in {"sft_early → grpo": (0.3, 0.6), "opd → grpo": (0.7, 0.62)}.items():
+        ev[k] = {"val/pass@4": a, "_before": {"val/pass@4": b}, "_run": None}
+    return ev
+
+
+def test_each_claim_is_computed_per_seed_from_that_seeds_runs():
+    per_seed = {0: _seed(0.30, 0.20, (0.5, 0.6, 0.55, 0.52), 0.40),
+                7: _seed(0.25, 0.22, (0.5, 0.8, 0.55, 0.52), 0.20, cw=(0.6, 0.55))}
+    got = {c["key"]: c["values"] for c in claims(per_seed)}
+    assert got["narrow_band"] == {0: pytest.approx(0.10), 7: pytest.approx(0.30)}  # max - min of four accuracies
+    assert got["opd_entropy"] == {0: pytest.approx(0.10), 7: pytest.approx(-0.10)}  # minus the higher SFT entropy
+    assert got["pass_gone"] == {0: pytest.approx(0.40 - 0.02), 7: pytest.approx(0.40 - 0.02)}  # spread before - after
+    assert got["early_ood"] == {0: pytest.approx(0.10), 7: pytest.approx(0.03)}
+    assert got["cooling_stable"] == {0: pytest.approx(-0.1 + 0.3), 7: pytest.approx(-0.05 + 0.3)}
+
+
+def test_plateau_reads_the_last_quarter():
+    def run(rewards, accs):
+        recs = [{"kind": "train", "stage": "grpo", "step": s, "reward": r} for s, r in enumerate(rewards, 1)]
+        recs += [{"kind": "eval", "stage": "grpo", "step": s, "val/accuracy": a} for s, a in accs]
+        return {"records": recs}
+
+    flat = run([0.2] * 20 + [0.6] * 20 + [0.6] * 40, [(60, 0.5), (80, 0.51)])
+    assert plateau(flat, "reward", 80) == pytest.approx(0.0) and plateau(flat, "val/accuracy", 80) == pytest.approx(0.01)
+    rising = run([0.1 * (s // 10) for s in range(80)], [(60, 0.4), (70, 0.5), (80, 0.6)])
+    assert plateau(rising, "reward", 80) > 0.15 and plateau(rising, "val/accuracy", 80) == pytest.approx(0.2)
+    assert plateau(run([0.1] * 80, [(80, 0.5)]), "val/accuracy", 80) is None  # one evaluation: unknown

@@ -1,0 +1,289 @@
+"""The study across seeds: every arm as a mean with its interval over seeds, and each published claim's
+verdict from a paired test across seeds (runs/<study>/report.md; each seed's own report is seed<k>/report.md).
+
+Verdict rule, one per claim: for each seed s the claim's paired statistic d_s, computed from that seed's runs
+only (e.g. sft_early's OOD accuracy minus sft_over's); their mean and 95% t-interval over seeds (df = seeds - 1).
+The claim *holds* when the interval lies entirely on its side of the threshold, is *contradicted* when it lies
+entirely on the other side, and is *inside the noise* otherwise (always, with fewer than two seeds).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .report import series
+from .study_report import _endpoint, _pass_keys, pipelines, stage1_endpoint
+
+# two-sided 95% Student-t quantiles by degrees of freedom (1.96 beyond 30)
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+       12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
+BAND = 0.10  # "a narrow band": the warm-starts' in-domain accuracies within 0.10 of each other
+SPREAD_TARGET = 0.05  # across-seed standard deviation of an arm's Stage-1 in-domain accuracy the study aims for
+PLATEAU_TOL = 0.05  # "flat": reward and accuracy move less than this over the last quarter of Stage 2
+STAGE1 = ("sft_early", "sft_over", "opd", "sft_gentle")
+
+
+def t95(df: int) -> float:
+    if df <= 0:
+        return float("inf")
+    return T95.get(df) or next((T95[k] for k in sorted(T95) if k >= df), 1.96)
+
+
+def interval(values: list[float]) -> tuple[float, float, float, float]:
+    """(mean, low, high, sd) of values over seeds: the mean's 95% t-interval."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, -math.inf, math.inf, float("nan")
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = t95(n - 1) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half, sd
+
+
+def verdict(values: list[float], threshold: float = 0.0, side: str = ">") -> str:
+    """holds / contradicted / inside the noise, for the claim "mean d {side} threshold"."""
+    _, lo, hi, _ = interval(values)
+    above, below = lo > threshold, hi < threshold
+    if side == ">":
+        return "holds" if above else ("contradicted" if below else "inside the noise")
+    return "holds" if below else ("contradicted" if above else "inside the noise")
+
+
+def _num(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def seed_endpoints(paths: dict[str, Path]) -> dict[str, dict]:
+    """One seed's evaluations: each warm-start at the Stage-1 endpoint handed to Stage 2 (key: its name), each
+    pipeline at its Stage-2 endpoint (key: "sft_early → grpo"), with the Stage-2 run's records for the plateau."""
+    out = {}
+    for row in pipelines(paths):
+        first = row["model"].split(" ")[0]
+        out.setdefault(first, stage1_endpoint(row))
+        if row["stage2"]:
+            out[row["model"]] = {**_endpoint(row["stage2"]), "_run": row["stage2"], "_before": stage1_endpoint(row)}
+    return out
+
+
+def _range(ev: dict, arms, key) -> float | None:
+    vals = [_num(ev.get(a, {}).get(key)) for a in arms]
+    return None if None in vals or not vals else max(vals) - min(vals)
+
+
+def claims(per_seed: dict[int, dict]) -> list[dict]:
+    """Each claim's per-seed statistic (seeds where it can be computed), threshold and side."""
+    some = next(iter(per_seed.values()), {})
+    grpo = [k for k in some if k.endswith("→ grpo")]
+    pass_keys = _pass_keys([e for ev in per_seed.values() for e in ev.values() if isinstance(e, dict)])
+    kmax = pass_keys[-1] if pass_keys else None
+    out = []
+
+    def add(key, name, text, fn, threshold=0.0, side=">"):
+        vals = {s: fn(ev) for s, ev in per_seed.items()}
+        out.append({"key": key, "claim": name, "statistic": text, "threshold": threshold, "side": side,
+                    "values": {s: v for s, v in vals.items() if v is not None}})
+
+    def diff(a, b, key):
+        return lambda ev: (None if _num(ev.get(a, {}).get(key)) is None or _num(ev.get(b, {}).get(key)) is None
+                           else ev[a][key] - ev[b][key])
+
+    add("narrow_band", "The warm-starts end Stage 1 in a narrow in-domain band",
+        f"max - min of the four warm-starts' in-domain accuracy, below {BAND}",
+        lambda ev: _range(ev, STAGE1, "val/accuracy"), BAND, "<")
+    add("opd_entropy", "OPD enters RL with higher entropy than SFT",
+        "OPD's entropy on own samples minus the higher of sft_early's and sft_over's, above 0",
+        lambda ev: (None if None in [_num(ev.get(a, {}).get("val/entropy")) for a in ("opd", "sft_early", "sft_over")]
+                    else ev["opd"]["val/entropy"] - max(ev["sft_early"]["val/entropy"],
+                                                         ev["sft_over"]["val/entropy"])))
+    if kmax and grpo:
+        def narrowed(ev):
+            before = [_num(ev[k]["_before"].get(kmax)) for k in grpo if k in ev]
+            after = [_num(ev[k].get(kmax)) for k in grpo if k in ev]
+            if None in before + after or len(before) < 2:
+                return None
+            return (max(before) - min(before)) - (max(after) - min(after))
+        add("pass_gone", f"The {kmax.split('/')[1]} advantage between warm-starts is gone after RL",
+            f"spread of the GRPO pipelines' {kmax.split('/')[1]} before RL minus after, above 0", narrowed)
+    add("early_ood", "Early-stopped SFT generalises better out of domain than over-trained SFT",
+        "sft_early's OOD accuracy minus sft_over's, above 0", diff("sft_early", "sft_over", "ood/accuracy"))
+
+    def stabler(ev):
+        cw, dpo = ev.get("sft_gentle → cw_dpo"), ev.get("sft_gentle → dpo")
+        if not cw or not dpo:
+            return None
+        deltas = [_num(x.get("val/accuracy")) for x in (cw, cw["_before"], dpo, dpo["_before"])]
+        return None if None in deltas else (deltas[0] - deltas[1]) - (deltas[2] - deltas[3])
+    add("cooling_stable", "The cooling weight makes preference training more stable than DPO",
+        "CW-DPO's change of in-domain accuracy minus DPO's (same warm-start), above 0", stabler)
+    return out
+
+
+def plateau(run: dict, key: str, steps: int) -> float | None:
+    """Change of `key` over the last quarter of a Stage-2 run: train records (reward) as the mean of the last
+    quarter minus the mean of the quarter before; eval records (accuracy) as the last minus the first evaluation
+    at or after three quarters."""
+    x, y = series(run, "train", key)
+    if x:
+        q3 = [v for s, v in zip(x, y) if steps / 2 < s <= 3 * steps / 4]
+        q4 = [v for s, v in zip(x, y) if s > 3 * steps / 4]
+        return sum(q4) / len(q4) - sum(q3) / len(q3) if q3 and q4 else None
+    x, y = series(run, "eval", key)
+    tail = [v for s, v in zip(x, y) if s >= 3 * steps / 4]
+    return tail[-1] - tail[0] if len(tail) >= 2 else None
+
+
+def _cell(values: list[float], digits=3) -> str:
+    if not values:
+        return "–"
+    mean, lo, hi, sd = interval(values)
+    if len(values) < 2:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} [{lo:.2f}, {hi:.2f}] sd {sd:.3f}"
+
+
+METRICS = (("val/accuracy", "in-domain acc"), ("ood/accuracy", "OOD acc"), ("val/entropy", "entropy (own samples)"))
+
+
+def arm_table(per_seed: dict[int, dict], n_eval: int | None) -> str:
+    arms = list(next(iter(per_seed.values()), {}))
+    pass_keys = _pass_keys([e for ev in per_seed.values() for e in ev.values() if isinstance(e, dict)])
+    cols = list(METRICS) + ([(pass_keys[-1], pass_keys[-1].split("/")[1])] if pass_keys else [])
+    lines = ["| model (endpoint) | " + " | ".join(t for _, t in cols) + " | seeds |", "|---|" + "---|" * (len(cols) + 1)]
+    for arm in arms:
+        if arm == "teacher":
+            continue
+        cells = []
+        for key, _ in cols:
+            vals = [v for ev in per_seed.values() if (v := _num(ev.get(arm, {}).get(key))) is not None]
+            cells.append(_cell(vals))
+        label = arm if "→" in arm else f"{arm} (Stage 1)"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(per_seed)} |")
+    return "\n".join(lines)
+
+
+def spread_lines(per_seed: dict[int, dict]) -> list[str]:
+    out = []
+    for arm in STAGE1:
+        vals = [v for ev in per_seed.values() if (v := _num(ev.get(arm, {}).get("val/accuracy"))) is not None]
+        if len(vals) >= 2:
+            sd = interval(vals)[3]
+            ok = "meets" if sd <= SPREAD_TARGET else "EXCEEDS"
+            out.append(f"- {arm}: across-seed sd of Stage-1 in-domain accuracy {sd:.3f} ({ok} the {SPREAD_TARGET} "
+                       f"target); per seed " + ", ".join(f"{v:.2f}" for v in vals))
+    return out
+
+
+def verdict_table(found: list[dict]) -> str:
+    lines = ["| claim | statistic | per seed | mean [95% CI] | verdict |", "|---|---|---|---|---|"]
+    for c in found:
+        vals = list(c["values"].values())
+        if not vals:
+            lines.append(f"| {c['claim']} | {c['statistic']} | – | – | not measured |")
+            continue
+        mean, lo, hi, _ = interval(vals)
+        ci = f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]" if len(vals) > 1 else f"{mean:+.3f}"
+        per = ", ".join(f"{v:+.3f}" for v in vals)
+        lines.append(f"| {c['claim']} | {c['statistic']} | {per} | {ci} | **{verdict(vals, c['threshold'], c['side'])}** |")
+    return "\n".join(lines)
+
+
+def plateau_table(per_seed: dict[int, dict]) -> tuple[str, bool]:
+    """Each Stage-2 pipeline's change over its last quarter, per seed; whether every one is flat."""
+    lines = ["| pipeline | seed | reward change | accuracy change | flat |", "|---|---|---|---|---|"]
+    every_flat = True
+    for seed, ev in per_seed.items():
+        for arm, e in ev.items():
+            if "→" not in arm:
+                continue
+            run = e["_run"]
+            steps = max((r["step"] for r in run["records"] if r["kind"] == "train"), default=0)
+            reward = plateau(run, "reward", steps) if "grpo" in arm else None
+            acc = plateau(run, "val/accuracy", steps)
+            flat = all(v is None or abs(v) <= PLATEAU_TOL for v in (reward, acc)) and acc is not None
+            every_flat &= flat
+            fmt = (lambda v: "–" if v is None else f"{v:+.3f}")
+            lines.append(f"| {arm} | {seed} | {fmt(reward)} | {fmt(acc)} | {'yes' if flat else 'no'} |")
+    return "\n".join(lines), every_flat
+
+
+def seeds_figure(per_seed: dict[int, dict], out: Path) -> str | None:
+    """In-domain and OOD accuracy of every arm: one dot per seed, the mean and its interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = [a for a in next(iter(per_seed.values()), {}) if a != "teacher"]
+    if not arms:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(arms) + 1.6), sharey=True)
+    for ax, (key, title) in zip(axes, METRICS[:2]):
+        for i, arm in enumerate(arms):
+            vals = [v for ev in per_seed.values() if (v := _num(ev.get(arm, {}).get(key))) is not None]
+            if not vals:
+                continue
+            ax.plot(vals, [i] * len(vals), "o", color="tab:blue", alpha=0.5, markersize=4)
+            mean, lo, hi, _ = interval(vals)
+            if len(vals) > 1:
+                ax.plot([max(lo, 0), min(hi, 1)], [i, i], "-", color="black", linewidth=1)
+            ax.plot([mean], [i], "|", color="black", markersize=12)
+        ax.set(title=f"{title}: seeds (dots), mean and 95% CI", xlim=(0, 1))
+        ax.grid(alpha=0.3)
+    axes[0].set_yticks(range(len(arms)), [a if "→" in a else f"{a} (Stage 1)" for a in arms], fontsize=8)
+    axes[0].invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(out / "seeds.png", dpi=110)
+    plt.close(fig)
+    return "seeds.png"
+
+
+def write_study_report(sdir: Path, raw_study: dict, per_seed_paths: dict[int, dict[str, Path]], meta: dict) -> Path:
+    sdir = Path(sdir)
+    per_seed = {s: seed_endpoints(paths) for s, paths in per_seed_paths.items()}
+    n_eval = (raw_study.get("base") or {}).get("eval", {}).get("num_problems")
+    seeds = list(per_seed)
+    found = claims(per_seed)
+    plateaus, all_flat = plateau_table(per_seed)
+    fig = seeds_figure(per_seed, sdir)
+    teacher = next((ev.get("teacher") for ev in per_seed.values() if ev.get("teacher")), {})
+    half = 1.96 * math.sqrt(0.25 / n_eval) if n_eval else float("nan")
+    name = raw_study.get("study", {}).get("name", sdir.name)
+    parts = [f"# Warm-start study: {name}, {len(seeds)} seeds", "",
+             f"Seeds {', '.join(map(str, seeds))}: every warm-start and Stage-2 run trained once per seed (the seed "
+             "sets the initial student weights, the data order and every sample); the teacher once, shared. Cells: "
+             "the mean over seeds [its 95% t-interval] and the across-seed standard deviation. One evaluation's own "
+             f"sampling interval on {n_eval} problems is at most ±{half:.3f} (greedy accuracy). Each seed's full "
+             "report: " + ", ".join(f"[seed {s}](seed{s}/report.md)" for s in seeds) + ".", "",
+             arm_table(per_seed, n_eval), "",
+             f"Teacher: in-domain {teacher.get('val/accuracy', float('nan')):.3f}, OOD "
+             f"{teacher.get('ood/accuracy', float('nan')):.3f}.", "",
+             "## Seed spread of Stage 1", "", *spread_lines(per_seed), "",
+             "## Verdicts (paired across seeds)", "",
+             f"Each claim's statistic is computed per seed from that seed's runs; the verdict is *holds* when its 95% "
+             "t-interval over seeds lies on the claimed side of the threshold, *contradicted* when it lies on the "
+             "other side, *inside the noise* otherwise.", "", verdict_table(found), "",
+             "## Stage 2 at its plateau?", "",
+             f"Change over the last quarter of each Stage-2 run (reward: mean of the last quarter minus the quarter "
+             f"before, GRPO only; accuracy: last minus first evaluation in the last quarter); flat when both move "
+             f"less than {PLATEAU_TOL}. "
+             + ("Every Stage-2 run is flat." if all_flat else "**Not every Stage-2 run is flat: the Stage-2 "
+                "verdicts describe runs still moving.**"), "", plateaus, ""]
+    if fig:
+        parts += ["## Seeds", "", f"![seeds]({fig})", ""]
+    env = meta.get("environment", {})
+    parts += ["## Reproduce", "", f"- command: `python -m vlmfast.study --config {sdir / 'study.yaml'}`",
+              "- versions: " + ", ".join(f"{k} {v}" for k, v in env.items()),
+              f"- wall time: {meta.get('wall_s_total', 0):.0f} s for the last invocation; "
+              f"{sum(meta.get('wall_s', {}).values()):.0f} s of runs summed", ""]
+    path = sdir / "report.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(parts))
+    tmp.replace(path)
+    (sdir / "report_meta.json").write_text(json.dumps(meta, indent=1))
+    (sdir / "verdicts.json").write_text(json.dumps(
+        [{**c, "values": {str(k): v for k, v in c["values"].items()},
+          "verdict": verdict(list(c["values"].values()), c["threshold"], c["side"]) if c["values"] else None}
+         for c in found], indent=1))
+    return path
