@@ -59,7 +59,8 @@ def test_plateau_reads_the_last_quarter():
         return {"records": recs}
 
     flat = run([0.2] * 20 + [0.6] * 20 + [0.6] * 40, [(60, 0.5), (80, 0.51)])
-    assert plateau(flat, "reward", 80) == pytest.approx(0.0) and plateau(flat, "val/accuracy", 80) == pytest.approx(0.01)
+    assert plateau(flat, "reward", 80) == pytest.approx(0.0)
+    assert plateau(flat, "val/accuracy", 80) == pytest.approx(0.01)
     rising = run([0.1 * (s // 10) for s in range(80)], [(60, 0.4), (70, 0.5), (80, 0.6)])
     assert plateau(rising, "reward", 80) > 0.15 and plateau(rising, "val/accuracy", 80) == pytest.approx(0.2)
     assert plateau(run([0.1] * 80, [(80, 0.5)]), "val/accuracy", 80) is None  # one evaluation: unknown

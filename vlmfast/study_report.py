@@ -354,6 +354,7 @@ def chance_rates(train_parquet, val_parquet) -> dict:
 def write_report(study_dir, raw_study: dict, paths: dict[str, Path], meta: dict, *, seed: int | None = None) -> Path:
     """One seed's report (report.md and its figures in `study_dir`) from its runs' directories."""
     study_dir = Path(study_dir)
+    base_seed = raw_study.get("base", {}).get("run", {}).get("seed", 0)
     rows = pipelines(paths)
     figs = figures(rows, study_dir)
     n_eval = (raw_study.get("base") or {}).get("eval", {}).get("num_problems")
@@ -374,8 +375,7 @@ def write_report(study_dir, raw_study: dict, paths: dict[str, Path], meta: dict,
     parts += ["## Reproduce", "", f"- command: `python -m vlmfast.study --config {study_dir / 'study.yaml'}` (the "
               "whole recipe, overrides applied, saved beside this report; each run's exact training recipe is "
               "`<run>/study_recipe.yaml`)",
-              f"- seeds: run seed {seed if seed is not None else raw_study.get('base', {}).get('run', {}).get('seed', 0)}"
-              f" (the teacher's: {raw_study.get('base', {}).get('run', {}).get('seed', 0)}), data seed "
+              f"- seeds: run seed {base_seed if seed is None else seed} (the teacher's: {base_seed}), data seed "
               f"{raw_study.get('base', {}).get('data', {}).get('synthetic', {}).get('seed', 0)}",
               "- versions: " + ", ".join(f"{k} {v}" for k, v in env.items()),
               f"- wall time per run (two at a time, {sum(meta.get('wall_s', {}).values()):.0f} s summed): "

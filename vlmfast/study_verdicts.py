@@ -150,7 +150,8 @@ def arm_table(per_seed: dict[int, dict], n_eval: int | None) -> str:
     arms = list(next(iter(per_seed.values()), {}))
     pass_keys = _pass_keys([e for ev in per_seed.values() for e in ev.values() if isinstance(e, dict)])
     cols = list(METRICS) + ([(pass_keys[-1], pass_keys[-1].split("/")[1])] if pass_keys else [])
-    lines = ["| model (endpoint) | " + " | ".join(t for _, t in cols) + " | seeds |", "|---|" + "---|" * (len(cols) + 1)]
+    lines = ["| model (endpoint) | " + " | ".join(t for _, t in cols) + " | seeds |",
+             "|---|" + "---|" * (len(cols) + 1)]
     for arm in arms:
         if arm == "teacher":
             continue
@@ -185,7 +186,8 @@ def verdict_table(found: list[dict]) -> str:
         mean, lo, hi, _ = interval(vals)
         ci = f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]" if len(vals) > 1 else f"{mean:+.3f}"
         per = ", ".join(f"{v:+.3f}" for v in vals)
-        lines.append(f"| {c['claim']} | {c['statistic']} | {per} | {ci} | **{verdict(vals, c['threshold'], c['side'])}** |")
+        said = verdict(vals, c["threshold"], c["side"])
+        lines.append(f"| {c['claim']} | {c['statistic']} | {per} | {ci} | **{said}** |")
     return "\n".join(lines)
 
 
@@ -261,7 +263,7 @@ def write_study_report(sdir: Path, raw_study: dict, per_seed_paths: dict[int, di
              f"{teacher.get('ood/accuracy', float('nan')):.3f}.", "",
              "## Seed spread of Stage 1", "", *spread_lines(per_seed), "",
              "## Verdicts (paired across seeds)", "",
-             f"Each claim's statistic is computed per seed from that seed's runs; the verdict is *holds* when its 95% "
+             "Each claim's statistic is computed per seed from that seed's runs; the verdict is *holds* when its 95% "
              "t-interval over seeds lies on the claimed side of the threshold, *contradicted* when it lies on the "
              "other side, *inside the noise* otherwise.", "", verdict_table(found), "",
              "## Stage 2 at its plateau?", "",

@@ -8,7 +8,8 @@ Splits (deterministic from a seed):
 
 Question types: count_all, count_colour, count_shape, largest_colour (multiple choice), more_than
 (a difference of counts); and `describe` (the shapes, largest first: "red circle, blue square"), the
-perception task the study's base model is pretrained on, not asked by default. Every example also carries plausible wrong answers (`negatives`) for
+perception task the study's base model is pretrained on, not asked by default. Every example also
+carries plausible wrong answers (`negatives`) for
 dataset negatives in SFT-C and DPO, and its scene (JSON) so answers can be re-derived.
 Shapes never overlap (rejection sampling), so every shape is one connected blob of its colour.
 """
