@@ -49,3 +49,32 @@ def test_ece_on_hand_built_bins():
 
 def test_diversity():
     assert answer_diversity([["3", "3", "4"], ["red", None, "red"], [None]]) == pytest.approx((2 + 1 + 0) / 3)
+
+
+def test_greedy_on_every_problem_samples_on_the_first_ones():
+    """sample_problems: accuracy from the greedy answer of every problem, pass@k from n samples of the first
+    sample_problems only (the engine is asked for exactly those)."""
+    from types import SimpleNamespace
+
+    from vlmfast.evaluate import evaluate_policy
+    from vlmfast.rollout import Completion
+
+    class Engine:  # greedy answers "1"; sampled answers "2"; it records what it was asked
+        def __init__(self):
+            self.asked = []
+
+        def generate(self, problems, images, n=1, sampling=None, seeds=None):
+            self.asked.append((len(problems), n))
+            ans = "1" if sampling.temperature == 0 else "2"
+            return [[Completion(token_ids=[5], text=f"<think>x</think> \\boxed{{{ans}}}", logprobs=[-0.1],
+                                finish_reason="stop") for _ in range(n)] for _ in problems]
+
+    exs = [SimpleNamespace(problem=f"p{i}", images=[], answer="1" if i < 4 else "2", choices=None) for i in range(6)]
+    engine = Engine()
+    tok = SimpleNamespace(convert_tokens_to_ids=lambda t: 0, decode=lambda ids: "1")
+    m, samples = evaluate_policy(engine, SimpleNamespace(tokenizer=tok), exs, n_samples=3, ks=[1, 3], temperature=1.0,
+                                 max_new_tokens=8, sample_problems=2)
+    assert engine.asked == [(6, 1), (2, 3)]
+    assert m["accuracy"] == pytest.approx(4 / 6)  # greedy "1" is right on the first four of six
+    assert m["pass@1"] == 0.0 and m["pass@3"] == 0.0  # the two sampled problems want "1", samples say "2"
+    assert len(samples["problems"]) == 2 and len(samples["completions"]) == 6

@@ -90,6 +90,7 @@ class EvalConfig:
     every: int = 50  # steps between evaluations (and at every stage's end)
     num_problems: int = 64  # problems per evaluation split
     n_samples: int = 4  # samples per problem for pass@k and diversity
+    sample_problems: int | None = None  # of those, how many are sampled (pass@k, diversity, entropy); None: all
     k: list[int] = field(default_factory=lambda: [1, 4])  # pass@k for each k (<= n_samples)
     temperature: float = 1.0  # sampling temperature of the evaluation samples
     max_new_tokens: int = 32  # generation budget of an evaluation response
@@ -418,6 +419,11 @@ def _check_ranges(cfg: Config) -> None:
     for key in ("every", "num_problems", "n_samples", "max_new_tokens"):
         at_least(f"eval.{key}", getattr(e, key), 1)
     at_least("eval.probes", e.probes, 0)
+    if e.sample_problems is not None:
+        at_least("eval.sample_problems", e.sample_problems, 1)
+        if e.sample_problems > e.num_problems:
+            raise ConfigError(f"eval.sample_problems: {e.sample_problems} is more than eval.num_problems="
+                              f"{e.num_problems} (the sampled problems are the first of the greedy ones)")
     at_least("eval.temperature", e.temperature, 0)  # 0: greedy samples
     if not e.k:
         raise ConfigError("eval.k: give at least one k for pass@k")

@@ -107,10 +107,11 @@ def split_metric_names(ks) -> list[str]:
 
 
 def evaluate_policy(engine, processor, examples, *, n_samples: int, ks, temperature: float, max_new_tokens: int,
-                    seed: int = 0) -> tuple[dict, dict]:
-    """Greedy accuracy (with a 95% interval), ECE, pass@k with bootstrap intervals, answer diversity,
-    mean reward and format rate on `examples`. Returns (metrics, samples): samples hold the
-    policy's own completions (for entropy) and a few generations to show."""
+                    seed: int = 0, sample_problems: int | None = None) -> tuple[dict, dict]:
+    """Greedy accuracy (with a 95% interval), ECE and format rate on `examples`; pass@k with bootstrap
+    intervals, answer diversity and mean reward from n_samples samples of each of the first `sample_problems`
+    (default all: sampling costs n_samples greedy passes, so a large split is sampled on a subset). Returns
+    (metrics, samples): samples hold the policy's own completions (for entropy) and a few generations to show."""
     from .rewards import extract_answer, score
     from .rollout import Sampling
 
@@ -124,6 +125,8 @@ def evaluate_policy(engine, processor, examples, *, n_samples: int, ks, temperat
     metrics["accuracy"], metrics["accuracy_ci95"] = mean_confidence_interval(acc)
     metrics["format"] = sum(s.format for s in g_scores) / len(g_scores)
     metrics["ece"] = expected_calibration_error(conf, [a > 0 for a in acc])
+    m = len(examples) if sample_problems is None else min(sample_problems, len(examples))
+    problems, images = problems[:m], images[:m]
     sampled = engine.generate(problems, images, n=n_samples,
                               sampling=Sampling(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed))
     correct, answers, rewards = [], [], []

@@ -307,7 +307,8 @@ def evaluate(cfg: Config, stage_name: str, model, processor, data: dict, probe: 
             continue
         part = examples[: e.num_problems]
         m, samples = evaluate_policy(engine, processor, part, n_samples=e.n_samples, ks=e.k,
-                                     temperature=e.temperature, max_new_tokens=e.max_new_tokens, seed=seed)
+                                     temperature=e.temperature, max_new_tokens=e.max_new_tokens, seed=seed,
+                                     sample_problems=e.sample_problems)
         reps = [p for p in samples["problems"] for _ in range(e.n_samples)]
         imgs = [i for i in samples["images"] for _ in range(e.n_samples)]
         m.update(sample_entropy(model, processor, reps, imgs, samples["completions"]))
