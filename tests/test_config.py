@@ -58,7 +58,7 @@ def test_shipped_recipes_load():
         (cfg(data={"train": "/no/such.parquet"}), "data.train: /no/such.parquet not found"),
         (cfg(data={}), "data: give data.synthetic or data.train"),
         (cfg(eval={"n_samples": 2, "k": [1, 4]}), "eval.k"),
-        (cfg(eval={"num_problems": 8, "sample_problems": 9}), "eval.sample_problems: 9 is more than eval.num_problems=8"),
+        (cfg(eval={"num_problems": 8, "sample_problems": 9}), "eval.sample_problems: 9 is more than"),
         (cfg(model={"path": "tiny:giant"}), "model.path: tiny models"),
         (cfg(deepspeed={"zero_stage": 4}), "deepspeed.zero_stage"),
         (cfg(data={"synthetic": {"question_types": ["count_all", "shade"]}}),
