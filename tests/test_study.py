@@ -22,7 +22,9 @@ REDUCED = [
     "stage2.dpo.stage.steps=2", "base.eval.every=2", "stage2.grpo.eval.every=2", "stage2.cw_dpo.eval.every=2",
     "stage2.dpo.eval.every=2", "base.eval.num_problems=4", "base.eval.n_samples=2", "base.eval.k=[1, 2]",
     "base.eval.max_new_tokens=8", "base.eval.probes=2", "base.data.synthetic.train=32", "base.data.synthetic.val=8",
-    "base.data.synthetic.ood=8", "base.run.checkpoint_every=2",
+    "base.data.synthetic.ood=8", "base.run.checkpoint_every=2", "base.eval.sample_problems=4",
+    "pretrain.stage.steps=3", "pretrain.eval.every=2", "pretrain.eval.num_problems=4",
+    "stage1.sft_early.eval.every=2", "stage1.sft_over.eval.every=2",
 ]
 
 
@@ -30,20 +32,20 @@ def test_plan_has_every_run_and_its_dependencies():
     study, runs = plan(yaml.safe_load(RECIPE.read_text()))
     assert study["seeds"] == [0, 1, 2]  # at least three seeds by default
     names = [r.name for r in runs]
-    assert names[0] == "teacher" and names.count("teacher") == 1  # trained once, shared by the seeds
+    assert names[:2] == ["teacher", "pretrain"]  # each trained once, shared by the seeds
     per_seed = {"sft_early", "sft_over", "opd", "sft_gentle", "sft_early-grpo", "sft_over-grpo", "opd-grpo",
                 "sft_gentle-cw_dpo", "sft_gentle-dpo"}
     for seed in (0, 1, 2):
         assert {n.split("/")[1] for n in names if n.startswith(f"seed{seed}/")} == per_seed
     by = {r.name: r for r in runs}
-    assert by["seed1/opd"].needs == ["teacher"] and by["seed1/opd"].teacher_from == "teacher"
+    assert by["seed1/opd"].needs == ["teacher", "pretrain"] and by["seed1/opd"].teacher_from == "teacher"
+    # every warm-start of every seed starts from the pretrained student
+    assert all(by[f"seed{s}/{n}"].start_from == "pretrain" for s in (0, 1, 2) for n in STAGE1_RUNS)
     assert by["seed2/sft_gentle-dpo"].start_from == "seed2/sft_gentle"
-    # within a seed every warm-start starts from the same initial weights: same model path and seed
+    # each seed's runs carry its seed
     for seed in (0, 1, 2):
-        inits = {(by[f"seed{seed}/{n}"].raw["model"]["path"], by[f"seed{seed}/{n}"].raw["run"]["seed"])
-                 for n in STAGE1_RUNS}
-        assert inits == {("tiny:student", seed)}
-        assert by[f"seed{seed}/sft_over-grpo"].raw["run"]["out_dir"].endswith(f"tiny_study/seed{seed}")
+        assert {by[f"seed{seed}/{n}"].raw["run"]["seed"] for n in STAGE1_RUNS} == {seed}
+        assert by[f"seed{seed}/sft_over-grpo"].raw["run"]["name"] == f"seed{seed}/sft_over-grpo"
     assert by["teacher"].raw["model"]["path"] == "tiny:teacher"
 
 
@@ -83,8 +85,8 @@ def test_reduced_study_end_to_end_killed_then_resumed(tmp_path, monkeypatch):
     assert report == sdir / "report.md"
 
     # every run finished, the teacher once, the rest once per seed; a resumed run's metrics hold each step once
-    names = ["teacher"] + [f"seed{s}/{n}" for s in (0, 1) for n in (*STAGE1_RUNS, "sft_early-grpo", "sft_over-grpo",
-                                                                   "opd-grpo", "sft_gentle-cw_dpo", "sft_gentle-dpo")]
+    arms = (*STAGE1_RUNS, "sft_early-grpo", "sft_over-grpo", "opd-grpo", "sft_gentle-cw_dpo", "sft_gentle-dpo")
+    names = ["pretrain", "teacher"] + [f"seed{s}/{n}" for s in (0, 1) for n in arms]
     for name in names:
         res = json.loads((sdir / name / "results.json").read_text())
         assert Path(res["final_model"]).is_dir(), name
@@ -94,6 +96,12 @@ def test_reduced_study_end_to_end_killed_then_resumed(tmp_path, monkeypatch):
     assert json.loads((sdir / "seed1" / "sft_over" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 6
     opd = yaml.safe_load((sdir / "seed1" / "opd" / "study_recipe.yaml").read_text())
     assert opd["run"]["seed"] == 1 and opd["stages"][0]["teacher"].startswith(str(sdir / "teacher"))
+    # every warm-start of every seed starts from the one pretrained student
+    pretrained = json.loads((sdir / "pretrain" / "results.json").read_text())["final_model"]
+    for s in (0, 1):
+        for n in STAGE1_RUNS:
+            recipe = yaml.safe_load((sdir / f"seed{s}" / n / "study_recipe.yaml").read_text())
+            assert recipe["model"]["path"] == pretrained
 
     # each seed's report: a row per model, Stage-1 -> Stage-2 cells, finite numbers in range
     text = (sdir / "seed0" / "report.md").read_text()
@@ -139,3 +147,15 @@ def test_reduced_study_end_to_end_killed_then_resumed(tmp_path, monkeypatch):
     run_study(raw, progress=False)
     now = mtimes()
     assert {n for n in now if now[n] != before[n]} == {f"seed{s}/{n}" for s in (0, 1) for n in ("opd", "opd-grpo")}
+
+
+def test_presets_are_valid_recipes_and_the_command_line_comes_last(tmp_path, capsys):
+    from vlmfast.study import PRESETS, main
+
+    study, runs = plan(load_study(RECIPE, PRESETS["full"]))
+    assert study["seeds"] == [0, 1, 2, 3, 4] and study["name"] == "tiny_study_full"
+    assert runs[-1].raw["data"]["synthetic"]["val"] == 500 and runs[-1].raw["eval"]["num_problems"] == 500
+    # a bad key after the preset: exit 2, the key named, nothing run
+    assert main(["--preset", "full", "study.seedz=3", f"study.out_dir={tmp_path}"]) == 2
+    assert "unknown key(s) ['seedz']" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

@@ -5,14 +5,16 @@
 One recipe describes the whole study; each of its training runs is an ordinary `vlmfast.train` run
 (its own directory, metrics.jsonl, checkpoints, resume) started as a subprocess:
 
-    teacher                              SFT of the larger model
-    sft_early, sft_over, sft_gentle      Stage 1 from the same initial student weights
-    opd                                  Stage 1: on-policy distillation from the teacher   (after teacher)
-    <warm-start>-<stage 2>               Stage 2 from that warm-start's final weights         (after it)
+    pretrain (optional)                  the student pretrained on perception, once: every warm-start's start
+    teacher                              SFT of the larger model, once
+    seed<k>/sft_early, sft_over, sft_gentle   Stage 1 from the same initial student weights, per seed
+    seed<k>/opd                          Stage 1: on-policy distillation from the teacher    (after teacher)
+    seed<k>/<warm-start>-<stage 2>       Stage 2 from that warm-start's final weights          (after it)
 
-Runs whose inputs are ready start side by side (`study.workers` processes); a killed study re-run
-with the same recipe skips finished runs and resumes the interrupted ones from their checkpoints.
-At the end the report (table, figures, generated summary) is written to runs/<name>/report.md.
+`study.seeds` (default 3) repeats every warm-start and Stage-2 run with run.seed = k. Runs whose inputs are
+ready start side by side (`study.workers` processes); a killed study re-run with the same recipe skips finished
+runs and resumes the interrupted ones from their checkpoints. At the end each seed's report is written to
+runs/<name>/seed<k>/report.md and the study's, across seeds (verdicts with intervals), to runs/<name>/report.md.
 """
 
 from __future__ import annotations
@@ -34,10 +36,10 @@ import yaml
 
 from .config import ConfigError, _set_override, load_config
 
-STUDY_KEYS = {"study", "base", "teacher", "stage1", "stage2"}
+STUDY_KEYS = {"study", "base", "pretrain", "teacher", "stage1", "stage2"}
 STUDY_SETTINGS = {"name", "out_dir", "workers", "seeds"}
 STAGE1_RUNS = ("sft_early", "sft_over", "opd", "sft_gentle")
-NODE_KEYS = {"stage", "model", "eval", "run", "from"}
+NODE_KEYS = {"stage", "model", "data", "eval", "run", "from"}
 # relative cost of one step per stage type (measured on the tiny study: sampling dominates opd and grpo)
 STEP_COST = {"sft": 1.0, "sft_gentle": 2.0, "opd": 3.0, "grpo": 8.0, "dpo": 3.0, "cw_dpo": 3.0}
 PLACEHOLDER_MODEL = "tiny:student"  # stands in for a checkpoint that does not exist yet, when validating
@@ -53,7 +55,7 @@ class Run:
     needs: list[str] = field(default_factory=list)
     start_from: str | None = None  # model.path <- this run's final weights
     teacher_from: str | None = None  # stages[0].teacher <- this run's final weights
-    role: str = "stage1"  # teacher | stage1 | stage2
+    role: str = "stage1"  # pretrain | teacher | stage1 | stage2
     seed: int | None = None  # the study seed of a per-seed run (None: shared by every seed, the teacher)
 
     @property
@@ -80,15 +82,16 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def _node(raw_study: dict, where: str, node, name: str, out_dir: str, seed: int | None = None) -> dict:
-    """The train recipe of one run: base <- the node's model/eval/run sections, one stage; `seed` sets
-    run.seed (a study seed's runs), else the recipe's own."""
+    """The train recipe of one run: base <- the node's model/data/eval/run sections, one stage; `seed` sets
+    run.seed (a study seed's runs, named seed<k>/<arm>), else the recipe's own. Every run shares out_dir, so
+    one copy of the synthetic task (out_dir/.data) serves them all."""
     if not isinstance(node, dict) or "stage" not in node:
         raise ConfigError(f"{where}: expected a mapping with a `stage` (and optional model/eval/run)")
     unknown = set(node) - NODE_KEYS
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(NODE_KEYS)}")
-    raw = _merge(raw_study.get("base") or {}, {k: node[k] for k in ("model", "eval", "run") if k in node})
-    raw.setdefault("run", {}).update(name=name, out_dir=out_dir)
+    raw = _merge(raw_study.get("base") or {}, {k: node[k] for k in ("model", "data", "eval", "run") if k in node})
+    raw.setdefault("run", {}).update(name=name if seed is None else f"{seed_dir(seed)}/{name}", out_dir=out_dir)
     if seed is not None:
         raw["run"]["seed"] = seed
     stage = dict(node["stage"])
@@ -127,8 +130,13 @@ def plan(raw_study: dict) -> tuple[dict, list[Run]]:
     runs = []
     if "teacher" not in raw_study:
         raise ConfigError("teacher: the study trains a teacher for opd (a mapping with `stage`)")
-    # the teacher is trained once and shared by every seed (its seed is the base recipe's run.seed)
+    # the teacher (and the pretrained student, if any) are trained once and shared by every seed (their seed is
+    # the base recipe's run.seed)
     runs.append(Run("teacher", _node(raw_study, "teacher", raw_study["teacher"], "teacher", out_dir), role="teacher"))
+    pretrain = "pretrain" in raw_study
+    if pretrain:  # the student every warm-start starts from, as a pretrained VLM would be
+        runs.append(Run("pretrain", _node(raw_study, "pretrain", raw_study["pretrain"], "pretrain", out_dir),
+                        role="pretrain"))
     stage1 = raw_study.get("stage1") or {}
     missing = [k for k in STAGE1_RUNS if k not in stage1]
     if missing or set(stage1) - set(STAGE1_RUNS):
@@ -141,16 +149,17 @@ def plan(raw_study: dict) -> tuple[dict, list[Run]]:
             raise ConfigError(f"stage2.{name}.from: a list of warm-starts from {list(STAGE1_RUNS)}, got {froms!r}")
     for seed in study["seeds"]:  # every arm once per seed: run.seed <- seed, in out_dir/seed<k>/<run>
         sd = seed_dir(seed)
-        where = str(Path(out_dir) / sd)
         for name in STAGE1_RUNS:
-            r = Run(f"{sd}/{name}", _node(raw_study, f"stage1.{name}", stage1[name], name, where, seed), seed=seed)
+            r = Run(f"{sd}/{name}", _node(raw_study, f"stage1.{name}", stage1[name], name, out_dir, seed), seed=seed)
             if r.raw["stages"][0].get("type") == "opd":
                 r.needs, r.teacher_from = ["teacher"], "teacher"
+            if pretrain:
+                r.needs, r.start_from = r.needs + ["pretrain"], "pretrain"
             runs.append(r)
         for name, node in stage2.items():
             for parent in node["from"]:
                 run_name = f"{parent}-{name}"
-                runs.append(Run(f"{sd}/{run_name}", _node(raw_study, f"stage2.{name}", node, run_name, where, seed),
+                runs.append(Run(f"{sd}/{run_name}", _node(raw_study, f"stage2.{name}", node, run_name, out_dir, seed),
                                 needs=[f"{sd}/{parent}"], start_from=f"{sd}/{parent}", role="stage2", seed=seed))
     for r in runs:  # validate each recipe now; weights of other runs are stand-ins until they exist
         trial = copy.deepcopy(r.raw)
@@ -396,13 +405,24 @@ def load_study(path, overrides: list[str] | None = None) -> dict:
     return raw
 
 
+# overrides each preset applies to the recipe before the command line's: `quick` is the recipe as shipped
+# (make demo, ~20 minutes on 2 cores), `full` more seeds and larger evaluation splits for tighter intervals
+PRESETS = {
+    "quick": [],
+    "full": ["study.name=tiny_study_full", "study.seeds=5", "base.data.synthetic.val=500",
+             "base.data.synthetic.ood=500", "base.eval.num_problems=500", "base.eval.sample_problems=96"],
+}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="vlmfast study", description="the warm-start study (see vlmfast/study.py)")
     ap.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "recipes" / "tiny_study.yaml"))
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="quick",
+                    help="quick: the recipe as shipped; full: " + " ".join(PRESETS["full"]))
     ap.add_argument("overrides", nargs="*", help="key=value, e.g. stage1.sft_over.stage.steps=900 study.workers=1")
     args = ap.parse_args(argv)
     try:
-        raw = load_study(args.config, args.overrides)
+        raw = load_study(args.config, PRESETS[args.preset] + args.overrides)
     except ConfigError as e:
         print(f"study config error: {e}", file=sys.stderr)
         return 2

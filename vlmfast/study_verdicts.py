@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from .report import series
+from .report import read_run, series
 from .study_report import _endpoint, _pass_keys, pipelines, stage1_endpoint
 
 # two-sided 95% Student-t quantiles by degrees of freedom (1.96 beyond 30)
@@ -241,6 +241,14 @@ def seeds_figure(per_seed: dict[int, dict], out: Path) -> str | None:
     return "seeds.png"
 
 
+def _pretrain_line(sdir: Path) -> str:
+    if not (sdir / "pretrain" / "metrics.jsonl").exists():
+        return ""
+    e = _endpoint(read_run(sdir / "pretrain"))
+    return (f" Pretrained student (every warm-start's start): names every shape of a scene, largest first, exactly "
+            f"right on {e.get('val/accuracy', float('nan')):.3f} of the validation scenes.")
+
+
 def write_study_report(sdir: Path, raw_study: dict, per_seed_paths: dict[int, dict[str, Path]], meta: dict) -> Path:
     sdir = Path(sdir)
     per_seed = {s: seed_endpoints(paths) for s, paths in per_seed_paths.items()}
@@ -260,7 +268,7 @@ def write_study_report(sdir: Path, raw_study: dict, per_seed_paths: dict[int, di
              "report: " + ", ".join(f"[seed {s}](seed{s}/report.md)" for s in seeds) + ".", "",
              arm_table(per_seed, n_eval), "",
              f"Teacher: in-domain {teacher.get('val/accuracy', float('nan')):.3f}, OOD "
-             f"{teacher.get('ood/accuracy', float('nan')):.3f}.", "",
+             f"{teacher.get('ood/accuracy', float('nan')):.3f}." + _pretrain_line(sdir), "",
              "## Seed spread of Stage 1", "", *spread_lines(per_seed), "",
              "## Verdicts (paired across seeds)", "",
              "Each claim's statistic is computed per seed from that seed's runs; the verdict is *holds* when its 95% "
