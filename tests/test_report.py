@@ -29,3 +29,18 @@ def test_report_from_a_pipeline_run(tmp_path):
         assert f"({name})" in text and path.exists(), name
         img = Image.open(path).convert("L")
         assert img.getextrema()[0] < 200  # something was drawn
+
+
+def test_pass_at_k_compares_the_last_stage_start_and_end_not_random_weights():
+    from vlmfast.report import pass_curve_endpoints
+
+    def ev(stage, step):
+        return {"kind": "eval", "stage": stage, "step": step, "pass_curves": {"val/pass_curve": [0.1, 0.2]}}
+
+    sft_grpo = {"records": [ev("sft", 0), ev("sft", 50), ev("grpo", 0), ev("grpo", 20)]}
+    assert [(lab, r["stage"], r["step"]) for lab, r, _ in pass_curve_endpoints(sft_grpo)] == [
+        ("start", "grpo", 0), ("end", "grpo", 20)]
+    no_step0 = {"records": [ev("sft", 0), ev("sft", 50), ev("grpo", 10), ev("grpo", 20)]}
+    assert [(r["stage"], r["step"]) for _, r, _ in pass_curve_endpoints(no_step0)] == [("sft", 50), ("grpo", 20)]
+    one_stage = {"records": [ev("sft", 50)]}
+    assert [lab for lab, _, _ in pass_curve_endpoints(one_stage)] == ["end"]

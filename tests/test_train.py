@@ -397,3 +397,15 @@ def test_report_to_sends_every_record_to_each_tracker(tmp_path, monkeypatch):
     assert list((tmp_path / "w" / "tensorboard").glob("events.out.tfevents.*"))
     run(recipe(tmp_path, stages, name="n", run={"report_to": ["none"]}))
     assert (tmp_path / "n" / "metrics.jsonl").exists() and not (tmp_path / "n" / "tensorboard").exists()
+
+
+def test_early_stopping_hands_on_the_best_step_and_says_which(tmp_path):
+    """With early stopping the weights handed on are the best evaluation's; results.json names its step (the
+    study's figures start Stage 2 there, not at Stage 1's last evaluation)."""
+    stages = [{"type": "sft", "name": "sft", "steps": 12, "lr": 1e-3, "batch_size": 4,
+               "early_stopping": {"metric": "val/accuracy", "mode": "max", "patience": 1, "min_delta": 10.0}}]
+    run(recipe(tmp_path, stages, eval={"every": 2, "at_start": False, "probes": 0}))
+    res = json.loads((tmp_path / "t" / "results.json").read_text())
+    evals = [r["step"] for r in records(tmp_path, kind="eval")]
+    assert evals == [2, 4]  # nothing beats the first evaluation by 10: stopped at the second
+    assert res["results"]["sft"]["handoff_step"] == 2 and res["final_model"].endswith("best-0/hf")

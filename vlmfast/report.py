@@ -20,7 +20,14 @@ def read_run(run_dir) -> dict:
     run_dir = Path(run_dir)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     stages = list(dict.fromkeys(r["stage"] for r in records))
-    return {"name": run_dir.name, "records": records, "stages": stages}
+    done = run_dir / "results.json"  # a finished run: each stage's last evaluation and the step it handed on
+    results = json.loads(done.read_text()).get("results", {}) if done.exists() else {}
+    return {"name": run_dir.name, "records": records, "stages": stages, "results": results}
+
+
+def handoff_step(run: dict, stage: str) -> int | None:
+    """The step of the weights `stage` handed on (its best evaluation's under early stopping, else its last)."""
+    return run.get("results", {}).get(stage, {}).get("handoff_step")
 
 
 def stage_endpoints(run: dict) -> dict:
@@ -81,6 +88,20 @@ def stage_starts(run) -> list[tuple[int, str]]:
     return starts
 
 
+def pass_curve_endpoints(run: dict) -> list[tuple[str, dict, str]]:
+    """(label, eval record, line style) of the pass@k curves a run's report compares: its last stage at its start
+    (that stage's step-0 evaluation, else the previous stage's last: the weights it started from) and at its end.
+    Not the run's first evaluation: before Stage 1 that is random weights, not where RL started."""
+    evals = [r for r in run["records"] if r["kind"] == "eval" and r.get("pass_curves", {}).get("val/pass_curve")]
+    if not evals:
+        return []
+    last = evals[-1]["stage"]
+    mine = [r for r in evals if r["stage"] == last]
+    before = [r for r in evals if r["stage"] != last]
+    start = mine[0] if mine[0]["step"] == 0 else (before[-1] if before else None)
+    return ([("start", start, "--")] if start is not None and start is not mine[-1] else []) + [("end", mine[-1], "-")]
+
+
 def figures(runs: list[dict], out: Path) -> list[tuple[str, str]]:
     import matplotlib
 
@@ -117,15 +138,14 @@ def figures(runs: list[dict], out: Path) -> list[tuple[str, str]]:
     panel("dlogp.png", "Δlog p probes", [("eval", "dlogp_pos", "o-"), ("eval", "dlogp_neg", "s-"),
                                          ("eval", "dlogp_greedy", "^-")], "Δ mean token log-prob")
     panel("cooling_weight.png", "Mean cooling weight (CW-DPO)", [("train", "cooling_weight_mean", "-")], "w_c")
-    # pass@k curves: first and last evaluation of each run
+    # pass@k curves: where the run's last stage started and where it ended
     fig, ax = plt.subplots(figsize=(7, 3.8))
     drawn = False
     for run in runs:
-        evals = [r for r in run["records"] if r["kind"] == "eval" and r.get("pass_curves", {}).get("val/pass_curve")]
-        for r, style in ((evals[0], "--"), (evals[-1], "-")) if evals else ():
+        for label, r, style in pass_curve_endpoints(run):
             curve = r["pass_curves"]["val/pass_curve"]
             ax.plot(range(1, len(curve) + 1), curve, style + "o", markersize=3,
-                    label=f"{run['name']}: {r['stage']} step {r['step']}")
+                    label=f"{run['name']}: {label} ({r['stage']} step {r['step']})")
             drawn = True
     if drawn:
         ax.set(title="pass@k (validation)", xlabel="k", ylabel="pass@k", ylim=(0, 1.02))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from .report import read_run, series, stage_endpoints  # study runs have one stage: no step offsets
+from .report import handoff_step, read_run, series, stage_endpoints  # study runs have one stage: no step offsets
 
 # (metric key, column title) of the main table
 MAIN_METRICS = (("val/accuracy", "in-domain acc"), ("ood/accuracy", "OOD acc"),
@@ -106,6 +106,13 @@ def pass_table(rows) -> str:
     return "\n".join(lines)
 
 
+def _handed_on(run: dict, xs) -> int:
+    """Where Stage 2's curves start: the step of the checkpoint Stage 1 handed on (early stopping's best), not its
+    last evaluation."""
+    step = handoff_step(run, run["stages"][-1]) if run["stages"] else None
+    return step if step is not None else max(xs, default=0)
+
+
 def _smooth(ys, k=10):
     out, acc = [], []
     for y in ys:
@@ -139,7 +146,7 @@ def figures(rows, out: Path) -> list[tuple[str, str, str]]:
         for i, row in enumerate(students):
             c = colours[i % len(colours)]
             x1, y1 = series(row["stage1"], "eval", key)
-            end = max(x1, default=0)
+            end = _handed_on(row["stage1"], x1)
             ax.plot(x1, y1, "o-", color=c, markersize=3, label=row["model"])
             if row["stage2"]:
                 x2, y2 = series(row["stage2"], "eval", key)
@@ -158,7 +165,7 @@ def figures(rows, out: Path) -> list[tuple[str, str, str]]:
     for i, row in enumerate(students):
         c = colours[i % len(colours)]
         x1, y1 = series(row["stage1"], "eval", "val/accuracy")
-        end = max(x1, default=0)
+        end = _handed_on(row["stage1"], x1)
         axes[0].plot(x1, y1, "o-", color=c, markersize=3, label=row["model"])
         if row["stage2"]:
             x2, y2 = series(row["stage2"], "eval", "val/accuracy")

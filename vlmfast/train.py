@@ -537,6 +537,8 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
     final_tag = best_tag if (stopper is not None and best_tag) else f"final-{si}"
     if final_tag == f"final-{si}":
         save(final_tag, done)
+    # the step whose weights go on (the best evaluation's under early stopping): where the next stage starts
+    last_eval = {**(last_eval or {}), "handoff_step": stopper.best_step if final_tag == best_tag else done}
     final_path = ckpt_root / final_tag / "hf"
     ckpt.save(ckpt_root, f"done-{si}", engine, policy, processor, {
         "stage_index": si, "stage": name, "step": stage.steps, "tag": f"done-{si}", "stage_done": True,
