@@ -58,9 +58,11 @@ def test_plateau_reads_the_last_quarter():
         recs += [{"kind": "eval", "stage": "grpo", "step": s, "val/accuracy": a} for s, a in accs]
         return {"records": recs}
 
-    flat = run([0.2] * 20 + [0.6] * 20 + [0.6] * 40, [(60, 0.5), (80, 0.51)])
+    flat = run([0.2] * 20 + [0.6] * 20 + [0.6] * 40, [(20, 0.3), (60, 0.5), (80, 0.51)])
     assert plateau(flat, "reward", 80) == pytest.approx(0.0)
     assert plateau(flat, "val/accuracy", 80) == pytest.approx(0.01)
-    rising = run([0.1 * (s // 10) for s in range(80)], [(60, 0.4), (70, 0.5), (80, 0.6)])
+    rising = run([0.1 * (s // 10) for s in range(80)], [(40, 0.3), (60, 0.4), (70, 0.5), (80, 0.6)])
     assert plateau(rising, "reward", 80) > 0.15 and plateau(rising, "val/accuracy", 80) == pytest.approx(0.2)
     assert plateau(run([0.1] * 80, [(80, 0.5)]), "val/accuracy", 80) is None  # one evaluation: unknown
+    quarters = run([0.1] * 60, [(0, 0.2), (20, 0.4), (40, 0.5), (60, 0.52)])  # DPO: evaluated every 20 of 60
+    assert plateau(quarters, "val/accuracy", 60) == pytest.approx(0.02)  # 60 vs 40, the last at or before 45

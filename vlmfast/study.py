@@ -132,11 +132,18 @@ def plan(raw_study: dict) -> tuple[dict, list[Run]]:
         raise ConfigError("teacher: the study trains a teacher for opd (a mapping with `stage`)")
     # the teacher (and the pretrained student, if any) are trained once and shared by every seed (their seed is
     # the base recipe's run.seed)
-    runs.append(Run("teacher", _node(raw_study, "teacher", raw_study["teacher"], "teacher", out_dir), role="teacher"))
+    teacher = Run("teacher", _node(raw_study, "teacher", raw_study["teacher"], "teacher", out_dir), role="teacher")
+    runs.append(teacher)
     pretrain = "pretrain" in raw_study
     if pretrain:  # the student every warm-start starts from, as a pretrained VLM would be
         runs.append(Run("pretrain", _node(raw_study, "pretrain", raw_study["pretrain"], "pretrain", out_dir),
                         role="pretrain"))
+    teacher_from = raw_study["teacher"].get("from") if isinstance(raw_study["teacher"], dict) else None
+    if teacher_from is not None:  # teacher.from: pretrain — the teacher continues from the pretrained student
+        if teacher_from != "pretrain" or not pretrain:
+            raise ConfigError(f"teacher.from: a teacher can start only from `pretrain` (with a pretrain node in the "
+                              f"recipe), got {teacher_from!r}")
+        teacher.needs, teacher.start_from = ["pretrain"], "pretrain"
     stage1 = raw_study.get("stage1") or {}
     missing = [k for k in STAGE1_RUNS if k not in stage1]
     if missing or set(stage1) - set(STAGE1_RUNS):

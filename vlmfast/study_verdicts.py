@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from .report import read_run, series
+from .report import handoff_step, read_run, series
 from .study_report import _endpoint, _pass_keys, pipelines, stage1_endpoint
 
 # two-sided 95% Student-t quantiles by degrees of freedom (1.96 beyond 30)
@@ -122,16 +122,16 @@ def claims(per_seed: dict[int, dict]) -> list[dict]:
 
 def plateau(run: dict, key: str, steps: int) -> float | None:
     """Change of `key` over the last quarter of a Stage-2 run: train records (reward) as the mean of the last
-    quarter minus the mean of the quarter before; eval records (accuracy) as the last minus the first evaluation
-    at or after three quarters."""
+    quarter minus the mean of the quarter before; eval records (accuracy) as the last evaluation minus the last
+    one at or before three quarters of the steps (None without both)."""
     x, y = series(run, "train", key)
     if x:
         q3 = [v for s, v in zip(x, y) if steps / 2 < s <= 3 * steps / 4]
         q4 = [v for s, v in zip(x, y) if s > 3 * steps / 4]
         return sum(q4) / len(q4) - sum(q3) / len(q3) if q3 and q4 else None
     x, y = series(run, "eval", key)
-    tail = [v for s, v in zip(x, y) if s >= 3 * steps / 4]
-    return tail[-1] - tail[0] if len(tail) >= 2 else None
+    before = [v for s, v in zip(x, y) if s <= 3 * steps / 4]
+    return y[-1] - before[-1] if before and x[-1] > 3 * steps / 4 else None
 
 
 def _cell(values: list[float], digits=3) -> str:
@@ -174,6 +174,24 @@ def spread_lines(per_seed: dict[int, dict]) -> list[str]:
             out.append(f"- {arm}: across-seed sd of Stage-1 in-domain accuracy {sd:.3f} ({ok} the {SPREAD_TARGET} "
                        f"target); per seed " + ", ".join(f"{v:.2f}" for v in vals))
     return out
+
+
+def stopping_line(per_seed_paths: dict[int, dict[str, Path]]) -> str:
+    """Where sft_early stopped and which step it handed on, per seed, against sft_over's steps: the early-vs-over
+    claim compares a stopping rule with over-training only when the rule stopped sft_early well before."""
+    parts = []
+    for seed, paths in per_seed_paths.items():
+        runs = {a: read_run(paths[a]) for a in ("sft_early", "sft_over")
+                if a in paths and (Path(paths[a]) / "metrics.jsonl").exists()}
+        if len(runs) < 2:
+            continue
+        last = {a: max((r["step"] for r in run["records"] if r["kind"] == "train"), default=0)
+                for a, run in runs.items()}
+        early = runs["sft_early"]
+        handed = handoff_step(early, early["stages"][-1]) if early["stages"] else None
+        parts.append(f"seed {seed}: sft_early ran {last['sft_early']} steps and handed on step {handed}, sft_over "
+                     f"ran {last['sft_over']}")
+    return ("Early stopping: " + "; ".join(parts) + ".") if parts else ""
 
 
 def verdict_table(found: list[dict]) -> str:
@@ -269,7 +287,7 @@ def write_study_report(sdir: Path, raw_study: dict, per_seed_paths: dict[int, di
              arm_table(per_seed, n_eval), "",
              f"Teacher: in-domain {teacher.get('val/accuracy', float('nan')):.3f}, OOD "
              f"{teacher.get('ood/accuracy', float('nan')):.3f}." + _pretrain_line(sdir), "",
-             "## Seed spread of Stage 1", "", *spread_lines(per_seed), "",
+             "## Seed spread of Stage 1", "", *spread_lines(per_seed), "", stopping_line(per_seed_paths), "",
              "## Verdicts (paired across seeds)", "",
              "Each claim's statistic is computed per seed from that seed's runs; the verdict is *holds* when its 95% "
              "t-interval over seeds lies on the claimed side of the threshold, *contradicted* when it lies on the "
