@@ -46,7 +46,8 @@ def test_plan_has_every_run_and_its_dependencies():
     for seed in (0, 1, 2):
         assert {by[f"seed{seed}/{n}"].raw["run"]["seed"] for n in STAGE1_RUNS} == {seed}
         assert by[f"seed{seed}/sft_over-grpo"].raw["run"]["name"] == f"seed{seed}/sft_over-grpo"
-    assert by["teacher"].raw["model"]["path"] == "tiny:teacher"
+    # the teacher continues from the pretrained student (teacher.from: pretrain)
+    assert by["teacher"].start_from == "pretrain" and by["teacher"].needs == ["pretrain"]
 
 
 @pytest.mark.parametrize("override, message", [

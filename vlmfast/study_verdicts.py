@@ -280,7 +280,8 @@ def write_study_report(sdir: Path, raw_study: dict, per_seed_paths: dict[int, di
     name = raw_study.get("study", {}).get("name", sdir.name)
     parts = [f"# Warm-start study: {name}, {len(seeds)} seeds", "",
              f"Seeds {', '.join(map(str, seeds))}: every warm-start and Stage-2 run trained once per seed (the seed "
-             "sets the initial student weights, the data order and every sample); the teacher once, shared. Cells: "
+             "sets the data order and every sample, and the initial student weights unless a pretrained student is "
+             "shared); the teacher once, shared. Cells: "
              "the mean over seeds [its 95% t-interval] and the across-seed standard deviation. One evaluation's own "
              f"sampling interval on {n_eval} problems is at most ±{half:.3f} (greedy accuracy). Each seed's full "
              "report: " + ", ".join(f"[seed {s}](seed{s}/report.md)" for s in seeds) + ".", "",
@@ -294,7 +295,8 @@ def write_study_report(sdir: Path, raw_study: dict, per_seed_paths: dict[int, di
              "other side, *inside the noise* otherwise.", "", verdict_table(found), "",
              "## Stage 2 at its plateau?", "",
              f"Change over the last quarter of each Stage-2 run (reward: mean of the last quarter minus the quarter "
-             f"before, GRPO only; accuracy: last minus first evaluation in the last quarter); flat when both move "
+             f"before, GRPO only; accuracy: the last evaluation minus the last one at or before three quarters); "
+             f"flat when both move "
              f"less than {PLATEAU_TOL}. "
              + ("Every Stage-2 run is flat." if all_flat else "**Not every Stage-2 run is flat: the Stage-2 "
                 "verdicts describe runs still moving.**"), "", plateaus, ""]
