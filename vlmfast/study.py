@@ -275,10 +275,14 @@ def run_study(raw_study: dict, *, progress: bool = True) -> Path:
         paths = synthetic_paths(cfg0)
         chance = chance_rates(paths["train"], paths["val"])
     done = {}
-    for r in runs:
-        rd = sdir / r.name
-        if rd.exists() and all(n in done for n in r.needs) and _is_done(r, sdir):
-            done[r.name] = json.loads((rd / "results.json").read_text()).get("wall_s", 0.0)
+    found = True
+    while found:  # until nothing more is found: a run is listed before the run it needs (teacher <- pretrain)
+        found = False
+        for r in runs:
+            rd = sdir / r.name
+            if r.name not in done and rd.exists() and all(n in done for n in r.needs) and _is_done(r, sdir):
+                done[r.name] = json.loads((rd / "results.json").read_text()).get("wall_s", 0.0)
+                found = True
     pending = [r for r in runs if r.name not in done]
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     failed: list[str] = []
