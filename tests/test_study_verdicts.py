@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from vlmfast.study_verdicts import claims, interval, plateau, verdict
+from vlmfast.study_verdicts import claims, interval, plateau, plateau_noise, verdict
 
 
 def test_interval_is_the_student_t_interval():
@@ -66,3 +66,14 @@ def test_plateau_reads_the_last_quarter():
     assert plateau(run([0.1] * 80, [(80, 0.5)]), "val/accuracy", 80) is None  # one evaluation: unknown
     quarters = run([0.1] * 60, [(0, 0.2), (20, 0.4), (40, 0.5), (60, 0.52)])  # DPO: evaluated every 20 of 60
     assert plateau(quarters, "val/accuracy", 60) == pytest.approx(0.02)  # 60 vs 40, the last at or before 45
+
+
+def test_plateau_noise_is_two_standard_errors_of_the_quarter_means():
+    """Quarters of 4 steps each (16-step run): q3 = steps 9-12, q4 = steps 13-16; the textbook Welch standard
+    error of a difference of means, sqrt(s3^2/n3 + s4^2/n4), computed by hand."""
+    rewards = [0.0] * 8 + [0.5, 0.7, 0.5, 0.7] + [0.6, 1.0, 0.6, 1.0]
+    run = {"records": [{"kind": "train", "stage": "grpo", "step": s, "reward": r} for s, r in enumerate(rewards, 1)]}
+    s3, s4 = 0.1 * 0.1 * 4 / 3, 0.2 * 0.2 * 4 / 3  # sample variances: deviations of +-0.1 and +-0.2
+    assert plateau(run, "reward", 16) == pytest.approx(0.8 - 0.6)
+    assert plateau_noise(run, "reward", 16) == pytest.approx(2 * (s3 / 4 + s4 / 4) ** 0.5)
+    assert plateau_noise({"records": run["records"][:13]}, "reward", 16) is None  # one value in the last quarter

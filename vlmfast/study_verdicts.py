@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 from .report import handoff_step, read_run, series
@@ -120,18 +121,32 @@ def claims(per_seed: dict[int, dict]) -> list[dict]:
     return out
 
 
+def _quarters(run: dict, key: str, steps: int) -> tuple[list, list]:
+    """A train series' values in the third and the last quarter of a run's steps."""
+    x, y = series(run, "train", key)
+    return ([v for s, v in zip(x, y) if steps / 2 < s <= 3 * steps / 4],
+            [v for s, v in zip(x, y) if s > 3 * steps / 4])
+
+
 def plateau(run: dict, key: str, steps: int) -> float | None:
     """Change of `key` over the last quarter of a Stage-2 run: train records (reward) as the mean of the last
     quarter minus the mean of the quarter before; eval records (accuracy) as the last evaluation minus the last
     one at or before three quarters of the steps (None without both)."""
-    x, y = series(run, "train", key)
-    if x:
-        q3 = [v for s, v in zip(x, y) if steps / 2 < s <= 3 * steps / 4]
-        q4 = [v for s, v in zip(x, y) if s > 3 * steps / 4]
+    q3, q4 = _quarters(run, key, steps)
+    if q3 or q4:
         return sum(q4) / len(q4) - sum(q3) / len(q3) if q3 and q4 else None
     x, y = series(run, "eval", key)
     before = [v for s, v in zip(x, y) if s <= 3 * steps / 4]
     return y[-1] - before[-1] if before and x[-1] > 3 * steps / 4 else None
+
+
+def plateau_noise(run: dict, key: str, steps: int) -> float | None:
+    """Two standard errors of plateau()'s difference of quarter means (train series with two or more values in
+    each quarter; None otherwise): a change inside it is the steps' own batch-to-batch noise, not a trend."""
+    q3, q4 = _quarters(run, key, steps)
+    if len(q3) < 2 or len(q4) < 2:
+        return None
+    return 2 * math.sqrt(statistics.variance(q3) / len(q3) + statistics.variance(q4) / len(q4))
 
 
 def _cell(values: list[float], digits=3) -> str:
@@ -211,7 +226,8 @@ def verdict_table(found: list[dict]) -> str:
 
 def plateau_table(per_seed: dict[int, dict]) -> tuple[str, bool]:
     """Each Stage-2 pipeline's change over its last quarter, per seed; whether every one is flat."""
-    lines = ["| pipeline | seed | reward change | accuracy change | flat |", "|---|---|---|---|---|"]
+    lines = ["| pipeline | seed | reward change | its noise (2 SE) | accuracy change | flat |",
+             "|---|---|---|---|---|---|"]
     every_flat = True
     for seed, ev in per_seed.items():
         for arm, e in ev.items():
@@ -220,11 +236,14 @@ def plateau_table(per_seed: dict[int, dict]) -> tuple[str, bool]:
             run = e["_run"]
             steps = max((r["step"] for r in run["records"] if r["kind"] == "train"), default=0)
             reward = plateau(run, "reward", steps) if "grpo" in arm else None
+            noise = (plateau_noise(run, "reward", steps) if "grpo" in arm else None) or 0.0
             acc = plateau(run, "val/accuracy", steps)
-            flat = all(v is None or abs(v) <= PLATEAU_TOL for v in (reward, acc)) and acc is not None
+            flat = (acc is not None and abs(acc) <= PLATEAU_TOL
+                    and (reward is None or abs(reward) <= max(PLATEAU_TOL, noise)))
             every_flat &= flat
             fmt = (lambda v: "–" if v is None else f"{v:+.3f}")
-            lines.append(f"| {arm} | {seed} | {fmt(reward)} | {fmt(acc)} | {'yes' if flat else 'no'} |")
+            lines.append(f"| {arm} | {seed} | {fmt(reward)} | {f'{noise:.3f}' if noise else '–'} | {fmt(acc)} | "
+                         f"{'yes' if flat else 'no'} |")
     return "\n".join(lines), every_flat
 
 
@@ -295,9 +314,10 @@ def write_study_report(sdir: Path, raw_study: dict, per_seed_paths: dict[int, di
              "other side, *inside the noise* otherwise.", "", verdict_table(found), "",
              "## Stage 2 at its plateau?", "",
              f"Change over the last quarter of each Stage-2 run (reward: mean of the last quarter minus the quarter "
-             f"before, GRPO only; accuracy: the last evaluation minus the last one at or before three quarters); "
-             f"flat when both move "
-             f"less than {PLATEAU_TOL}. "
+             f"before, GRPO only, logged every step; accuracy: the last evaluation minus the last one at or before "
+             f"three quarters); flat when accuracy moves less than {PLATEAU_TOL} and reward less than {PLATEAU_TOL} "
+             f"or than its own step-to-step noise (two standard errors of the difference of the quarter means: a "
+             f"training batch's reward is a mean over its few prompts). "
              + ("Every Stage-2 run is flat." if all_flat else "**Not every Stage-2 run is flat: the Stage-2 "
                 "verdicts describe runs still moving.**"), "", plateaus, ""]
     if fig:
