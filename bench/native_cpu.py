@@ -1,12 +1,13 @@
 """The native CPU kernels (issue #10) against the pure-PyTorch chunked path and the naive reference,
 side by side in one run on this CPU:
 
-    python -m bench.native_cpu                       # N=2048, H=896, V=151936 (Qwen2's head), ~5 min
+    python -m bench.native_cpu                       # N=1024, H=896, V=151936 (Qwen2's head), fp32 and bf16
     python -m bench.native_cpu --tokens 512 --repeats 1
 
-1. The fused op (token_stats: logp + entropy, forward and forward+backward): naive (materialised
-   fp32 logits), vlmfast-chunked (PyTorch epilogue), vlmfast-native (C++ epilogue); each case in a
-   fresh process (its peak RSS is its own); checked against naive before timing.
+1. The fused op (token_stats: logp + entropy, forward and forward+backward) on fp32 and on bf16
+   inputs: naive (materialised logits in the input dtype), vlmfast-chunked (PyTorch epilogue),
+   vlmfast-native (C++ epilogue; bf16: bf16 GEMMs with fp32 results, kernels/cpu/gemm_wide.cpp); each
+   case in a fresh process (its peak RSS is its own); checked against naive before timing.
 2. The per-block epilogue alone, on one block of logits already in memory: forward (block ->
    lse, logp, entropy) and backward (block -> dz), PyTorch ops vs the native kernel.
 
@@ -67,22 +68,28 @@ def epilogue_rows(rows: int, vocab: int, repeats: int, threads: int) -> list[dic
              "ns_per_logit": t / (rows * vocab) * 1e9} for (mode, impl), t in times.items()]
 
 
-def op_rows(n: int, repeats: int, threads: int, tolerance: float = 2e-3) -> list[dict]:
-    agree = P.agreement("token_stats", H, V, n=min(n, 256))
+DTYPES = {"float32": 2e-3, "bfloat16": 2e-2}  # input dtype: agreement with naive (same dtype) to time it
+
+
+def op_rows(n: int, repeats: int, threads: int, dtypes=tuple(DTYPES)) -> list[dict]:
+    import torch
+
     rows = []
-    for provider in OP_PROVIDERS:
-        err = agree.get(provider)
-        if not isinstance(err, float) or err > tolerance:
-            print(f"  {provider}: not timed ({err})", flush=True)
-            continue
-        res = run_case("bench.suite", ["token_stats", provider, str(n), str(H), str(V), "--repeats", str(repeats),
-                                       "--threads", str(threads)])
-        for mode, r in res.items():
-            rows.append({"bench": "op", "op": "token_stats", "provider": provider, "n": n, "h": H, "v": V,
-                         "mode": mode, "time_s": r["time_s"], "peak_above_inputs_mb": r["peak_above_inputs_mb"],
-                         "agreement_rel_err": err})
-        print(f"  token_stats N={n} {provider:16} forward {res['forward']['time_s']:7.2f} s  full "
-              f"{res['full']['time_s']:7.2f} s  peak {res['full']['peak_above_inputs_mb']:6.0f} MB", flush=True)
+    for dtype in dtypes:
+        agree = P.agreement("token_stats", H, V, n=min(n, 256), dtype=getattr(torch, dtype))
+        for provider in OP_PROVIDERS:
+            err = agree.get(provider)
+            if not isinstance(err, float) or err > DTYPES[dtype]:
+                print(f"  {provider} {dtype}: not timed ({err})", flush=True)
+                continue
+            res = run_case("bench.suite", ["token_stats", provider, str(n), str(H), str(V), "--repeats",
+                                           str(repeats), "--threads", str(threads), "--dtype", dtype])
+            for mode, r in res.items():
+                rows.append({"bench": "op", "op": "token_stats", "provider": provider, "dtype": dtype, "n": n,
+                             "h": H, "v": V, "mode": mode, "time_s": r["time_s"],
+                             "peak_above_inputs_mb": r["peak_above_inputs_mb"], "agreement_rel_err": err})
+            print(f"  token_stats N={n} {dtype:8} {provider:16} forward {res['forward']['time_s']:7.2f} s  full "
+                  f"{res['full']['time_s']:7.2f} s  peak {res['full']['peak_above_inputs_mb']:6.0f} MB", flush=True)
     return rows
 
 
@@ -90,18 +97,26 @@ def markdown(op: list[dict], epi: list[dict], env: dict) -> str:
     lines = [f"# Native CPU kernels vs the PyTorch chunked path ({env['device']}, torch {env['torch']}, "
              f"{env['timestamp']})", "",
              f"## The fused op: token_stats (logp + entropy), H={H}, V={V}", "",
-             "| N | provider | forward | full (fwd+bwd) | backward | speed-up (full) vs vlmfast-chunked | "
-             "peak above inputs |", "|---|---|---|---|---|---|---|"]
-    idx = {(r["n"], r["provider"], r["mode"]): r for r in op}
+             "Each row's inputs (hidden, W) in its dtype; outputs and gradients no worse than naive in the same "
+             "dtype against fp32 (tests/test_token_stats.py). `vs naive`: naive's full time over the row's, same "
+             "dtype; `vs fp32`: the same provider's fp32 full time over the row's.", "",
+             "| N | dtype | provider | forward | full (fwd+bwd) | backward | vs naive (full) | vs fp32 (full) | "
+             "peak above inputs |", "|---|---|---|---|---|---|---|---|---|"]
+    idx = {(r["n"], r.get("dtype", "float32"), r["provider"], r["mode"]): r for r in op}
     for n in sorted({r["n"] for r in op}):
-        base = idx.get((n, "vlmfast-chunked", "full"))
-        for provider in OP_PROVIDERS:
-            f, fw = idx.get((n, provider, "full")), idx.get((n, provider, "forward"))
-            if f is None:
-                continue
-            speed = f"{base['time_s'] / f['time_s']:.2f}x" if base else "–"
-            lines.append(f"| {n} | {provider} | {fw['time_s']:.2f} s | {f['time_s']:.2f} s | "
-                         f"{f['time_s'] - fw['time_s']:.2f} s | {speed} | {f['peak_above_inputs_mb']:.0f} MB |")
+        for dtype in DTYPES:
+            base = idx.get((n, dtype, "naive", "full"))
+            for provider in OP_PROVIDERS:
+                f, fw = idx.get((n, dtype, provider, "full")), idx.get((n, dtype, provider, "forward"))
+                if f is None:
+                    continue
+                fp32 = idx.get((n, "float32", provider, "full"))
+                vs_naive = f"{base['time_s'] / f['time_s']:.2f}x" if base else "–"
+                vs_fp32 = f"{fp32['time_s'] / f['time_s']:.2f}x" if fp32 and dtype != "float32" else "–"
+                slow = " **slower than naive**" if base and f["time_s"] > base["time_s"] else ""
+                lines.append(f"| {n} | {dtype} | {provider} | {fw['time_s']:.2f} s | {f['time_s']:.2f} s | "
+                             f"{f['time_s'] - fw['time_s']:.2f} s | {vs_naive}{slow} | {vs_fp32} | "
+                             f"{f['peak_above_inputs_mb']:.0f} MB |")
     lines += ["", "## The per-block epilogue alone (one fp32 block of logits already in memory)", "",
               "| block | pass | PyTorch | native | speed-up |", "|---|---|---|---|---|"]
     e = {(r["mode"], r["impl"]): r for r in epi}
@@ -117,7 +132,8 @@ def markdown(op: list[dict], epi: list[dict], env: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.native_cpu", description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", nargs="+", type=int, default=[2048])
+    ap.add_argument("--tokens", nargs="+", type=int, default=[1024])
+    ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--block-rows", type=int, default=110, help="rows of the epilogue block (64 MB at V=151936)")
@@ -129,7 +145,7 @@ def main(argv=None) -> int:
         print(f"native kernels not built: {native._LOAD_ERROR}", file=sys.stderr)
         return 2
     env = environment("cpu", args.threads)
-    op = [r for n in args.tokens for r in op_rows(n, args.repeats, args.threads)]
+    op = [r for n in args.tokens for r in op_rows(n, args.repeats, args.threads, args.dtypes)]
     epi = epilogue_rows(args.block_rows, V, max(3, args.repeats), args.threads)
     rows = [{**r, **env} for r in op + epi]
     append_rows(args.out / "native_cpu.jsonl", rows)

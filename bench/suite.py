@@ -44,13 +44,15 @@ def _step(fn, x, full: bool):
 
 
 def measure_case(op: str, provider: str, n: int, h: int, v: int, *, device: str = "cpu", repeats: int = 2,
-                 threads: int = 2) -> dict:
+                 threads: int = 2, dtype: str | None = None) -> dict:
     """Time forward, then full (forward + backward), each with its own peak memory. On a CPU this
-    runs in a fresh worker process (its peak RSS is its own); on a GPU in-process, in bf16."""
+    runs in a fresh worker process (its peak RSS is its own), in fp32 unless `dtype` says otherwise;
+    on a GPU in-process, in bf16."""
     import torch
 
     torch.set_num_threads(threads)
-    x = P.build(op, n, h, v, device=device, dtype=torch.bfloat16 if device == "cuda" else None)
+    dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device == "cuda" else None)
+    x = P.build(op, n, h, v, device=device, dtype=dtype)
     fn = P.providers(op, device)[provider]
     out = {}
     for mode in MODES:
@@ -188,11 +190,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end step benchmark")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default=None, help=argparse.SUPPRESS)  # a worker's input dtype (CPU rows)
     args = ap.parse_args(argv)
     if args.worker:
         op, provider, n, h, v = args.worker
         print(json.dumps(measure_case(op, provider, int(n), int(h), int(v), repeats=args.repeats,
-                                      threads=args.threads)))
+                                      threads=args.threads, dtype=args.dtype)))
         return 0
     if args.device == "cuda":
         import torch

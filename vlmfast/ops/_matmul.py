@@ -15,8 +15,9 @@ def mm_wide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b with an fp32 (fp64 for fp64 inputs) result.
 
     On CUDA, bf16/fp16 inputs stay on tensor cores with fp32 accumulation and an fp32 output
-    (`torch.mm(..., out_dtype=)`). Elsewhere the inputs are upcast: the CPU has no fast bf16 GEMM
-    and the upcast is exact.
+    (`torch.mm(..., out_dtype=)`). Elsewhere the inputs are upcast (exact): torch has no CPU
+    out_dtype. The chunked backend's native path does not come here for 16-bit CPU inputs: it runs
+    16-bit GEMMs with fp32 results through the native library (native.mm_wide_).
     """
     if a.is_cuda and a.dtype in _LOW_PRECISION and a.dtype == b.dtype:
         return torch.mm(a, b, out_dtype=torch.float32)

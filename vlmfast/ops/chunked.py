@@ -54,10 +54,16 @@ class LinearHead:
 
     def __init__(self, hidden, weight, bias=None, *, need_dh=False, need_dw=False, need_db=False):
         self.hidden, self.bias = hidden, bias
-        # On the CPU, one fp32 copy of W serves every block (no fast bf16 GEMM there); on CUDA
-        # bf16 stays on tensor cores with fp32 output.
         self.dtype = wide_dtype(weight.dtype)  # fp32 (fp64 for gradcheck)
-        self.weight = weight if weight.is_cuda else weight.to(self.dtype)
+        # 16-bit CPU inputs stay 16-bit: the native path's GEMMs take them as they are with an fp32
+        # result (native.mm_wide_). Otherwise, on the CPU, one fp32 copy of W serves every block; on
+        # CUDA 16-bit stays on tensor cores with fp32 output.
+        self.low_precision = (not weight.is_cuda and hidden.dtype == weight.dtype
+                              and native.wide_gemm(weight.dtype))
+        if self.low_precision:
+            self.hidden = hidden.contiguous()  # the GEMMs' row-major operand
+        self.weight = weight if weight.is_cuda or self.low_precision else weight.to(self.dtype)
+        self.w_t = None  # the low-precision path's [H, C] block of W^T, reused
         self.vocab = weight.shape[0]
         self.need_dh, self.need_dw, self.need_db = need_dh, need_dw, need_db
         self.dh = torch.empty_like(hidden) if need_dh else None
@@ -80,22 +86,49 @@ class LinearHead:
         if self.buffer is None or self.buffer.numel() < n:
             self.buffer = torch.empty(n, dtype=self.dtype)
         out = self.buffer[:n].view(r1 - r0, c1 - c0)
+        if self.low_precision:
+            return self._block_low_precision(r0, r1, c0, c1, out)
         h = self.hidden[r0:r1].to(self.dtype)
         w = self.weight[c0:c1]
         if self.bias is None:
             return torch.mm(h, w.T, out=out)
         return torch.addmm(self.bias[c0:c1].to(self.dtype), h, w.T, out=out)
 
+    def _block_low_precision(self, r0, r1, c0, c1, out):
+        """h W^T in fp32 from 16-bit h and W: W's block transposed into a reused [H, C] buffer (the GEMM
+        takes row-major operands), no conversion of either."""
+        cols, H = c1 - c0, self.weight.shape[1]
+        if self.w_t is None or self.w_t.numel() < cols * H:
+            self.w_t = torch.empty(cols * H, dtype=self.weight.dtype)
+        w_t = native.transpose_into_(self.w_t[:cols * H].view(H, cols), self.weight[c0:c1])
+        native.mm_wide_(out, self.hidden[r0:r1], w_t, accumulate=False)
+        return out if self.bias is None else out.add_(self.bias[c0:c1])
+
     def grad_block(self, r0: int, r1: int, c0: int, c1: int, z: torch.Tensor) -> torch.Tensor:
         return z  # dz goes over the fresh logits block
 
     def accumulate_block(self, r0: int, r1: int, c0: int, c1: int, dz: torch.Tensor) -> None:
+        if self.low_precision:
+            return self._accumulate_low_precision(r0, r1, c0, c1, dz)
         if self.need_dh:  # summed over column blocks in fp32, cast once in finish_grads
             if self.dh32 is None:
                 self.dh32 = torch.zeros(self.hidden.shape, dtype=self.dtype)
             self.dh32[r0:r1].addmm_(dz, self.weight[c0:c1])
         if self.need_dw:
             self.dw[c0:c1].addmm_(dz.T, self.hidden[r0:r1].to(self.dtype))
+        if self.need_db:
+            self.db[c0:c1] += dz.sum(0)
+
+    def _accumulate_low_precision(self, r0, r1, c0, c1, dz):
+        """dh += dz W and dW += dz^T h with dz rounded to the inputs' dtype (as autograd's 16-bit dlogits
+        are), products summed in fp32."""
+        if self.need_dh:
+            if self.dh32 is None:
+                self.dh32 = torch.zeros(self.hidden.shape, dtype=self.dtype)
+            native.mm_wide_(self.dh32[r0:r1], dz.to(self.weight.dtype), self.weight[c0:c1], accumulate=True)
+        if self.need_dw:
+            dz_t = native.transpose_into_(torch.empty(dz.shape[::-1], dtype=self.weight.dtype), dz)
+            native.mm_wide_(self.dw[c0:c1], dz_t, self.hidden[r0:r1], accumulate=True)
         if self.need_db:
             self.db[c0:c1] += dz.sum(0)
 

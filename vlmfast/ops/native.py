@@ -106,6 +106,25 @@ def usable(*blocks: torch.Tensor | None) -> bool:
     )
 
 
+def wide_gemm(dtype: torch.dtype) -> bool:
+    """Whether `mm_wide_` (kernels/cpu/gemm_wide.cpp) takes operands of `dtype`: 16-bit, built (a
+    library from before it lacks the op) and enabled."""
+    return (dtype in (torch.bfloat16, torch.float16) and enabled()
+            and hasattr(torch.ops.vlmfast, "mm_wide_") and hasattr(torch.ops.vlmfast, "transpose_into_"))
+
+
+def mm_wide_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: bool) -> torch.Tensor:
+    """out (+)= a @ b: 16-bit row-major a [M, K] and b [K, N], products summed and stored in fp32 out [M, N]."""
+    torch.ops.vlmfast.mm_wide_(out, a, b, accumulate)
+    return out
+
+
+def transpose_into_(out: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """out = src.T in out's 16-bit dtype (src fp32 or out's dtype): the GEMMs' row-major operands."""
+    torch.ops.vlmfast.transpose_into_(out, src)
+    return out
+
+
 def _same_dtype(z, zt):
     """The kernels read student and teacher blocks as one dtype: widen both when they differ."""
     if zt is None or zt.dtype == z.dtype:
@@ -188,6 +207,16 @@ if available():
     @torch.library.register_fake("vlmfast::token_stats_accumulate_")
     def _accumulate_fake(state, logits, target, teacher_logits, inv_t, kl_mode, ignore_index, col_offset):
         return None
+
+    if hasattr(torch.ops.vlmfast, "mm_wide_"):
+
+        @torch.library.register_fake("vlmfast::mm_wide_")
+        def _mm_wide_fake(out, a, b, accumulate):
+            return None
+
+        @torch.library.register_fake("vlmfast::transpose_into_")
+        def _transpose_fake(out, src):
+            return None
 
     @torch.library.register_fake("vlmfast::token_stats_block_grad")
     def _grad_fake(logits, target, teacher_logits, lse, entropy, kl, lse_t, g_logp, g_entropy, g_kl, g_lse,
