@@ -4,8 +4,8 @@
 // torch.mm on bf16 runs oneDNN's avx512_bf16 kernels (~2.6x fp32 on the development machine) but rounds
 // its result to bf16: logits and gradient partial sums must not be rounded, and torch has no CPU out_dtype.
 // ATen's cpublas::brgemm takes bf16 x bf16 -> fp32 with an optional accumulate; given plain (non-VNNI)
-// row-major operands it runs ATen's bf16 x bf16 -> fp32 GEMM (oneDNN's matmul with an fp32 destination
-// where the CPU supports it). It is the one exported entry point to that GEMM.
+// row-major operands it runs ATen's bf16 x bf16 -> fp32 GEMM, the one exported entry point to it. On the
+// development machine (AMD, no AMX) that GEMM runs at fp32 speed, not oneDNN's bf16 speed (docs/platform.md).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -15,10 +15,10 @@
 namespace vlmfast {
 namespace {
 
-void check_operand(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "mm_wide_: ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == 2, "mm_wide_: ", name, " must be 2-D, got shape ", t.sizes());
-  TORCH_CHECK(t.stride(1) == 1 || t.size(1) <= 1, "mm_wide_: ", name,
+void check_operand(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", t.sizes());
+  TORCH_CHECK(t.stride(1) == 1 || t.size(1) <= 1, op, ": ", name,
               " must be row-major (inner stride 1), got strides ", t.strides());
 }
 
@@ -31,9 +31,9 @@ void run(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumul
 }
 
 void mm_wide_(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
-  check_operand(out, "out");
-  check_operand(a, "a");
-  check_operand(b, "b");
+  check_operand("mm_wide_", out, "out");
+  check_operand("mm_wide_", a, "a");
+  check_operand("mm_wide_", b, "b");
   TORCH_CHECK(out.scalar_type() == at::kFloat, "mm_wide_: out must be float32, got ", out.scalar_type());
   TORCH_CHECK(a.scalar_type() == b.scalar_type() &&
                   (a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf),
@@ -82,8 +82,8 @@ void transpose_from(at::Tensor& out, const at::Tensor& src) {
 }
 
 void transpose_into_(at::Tensor out, const at::Tensor& src) {
-  check_operand(out, "out");
-  check_operand(src, "src");
+  check_operand("transpose_into_", out, "out");
+  check_operand("transpose_into_", src, "src");
   TORCH_CHECK(out.scalar_type() == at::kBFloat16 || out.scalar_type() == at::kHalf,
               "transpose_into_: out must be bfloat16 or float16, got ", out.scalar_type());
   TORCH_CHECK(src.scalar_type() == at::kFloat || src.scalar_type() == out.scalar_type(),

@@ -63,14 +63,13 @@ class LinearHead:
         if self.low_precision:
             self.hidden = hidden.contiguous()  # the GEMMs' row-major operand
         self.weight = weight if weight.is_cuda or self.low_precision else weight.to(self.dtype)
-        self.w_t = None  # the low-precision path's [H, C] block of W^T, reused
         self.vocab = weight.shape[0]
         self.need_dh, self.need_dw, self.need_db = need_dh, need_dw, need_db
         self.dh = torch.empty_like(hidden) if need_dh else None
         self.dw = torch.zeros(weight.shape, dtype=self.dtype, device=weight.device) if need_dw else None
         self.db = torch.zeros(self.vocab, dtype=self.dtype, device=weight.device) if need_db else None
         self.dh32 = None
-        self.buffer = None  # the native path's block buffer
+        self.scratch = {}  # the native path's buffers, reused from block to block (see _scratch)
 
     def logits(self, r0: int, r1: int) -> torch.Tensor:
         z = mm_wide(self.hidden[r0:r1], self.weight.T)
@@ -78,14 +77,19 @@ class LinearHead:
 
     # -- the native path: blocks of rows x columns (CPU, fp32 math) ------------------------------
 
+    def _scratch(self, name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        """A [rows, cols] view of a buffer kept from block to block, valid until the next request of
+        `name`: a fresh 64 MB tensor per block would cost its page faults every time (~15% of the GEMM
+        on a CPU)."""
+        buf = self.scratch.get(name)
+        if buf is None or buf.numel() < rows * cols:
+            buf = self.scratch[name] = torch.empty(rows * cols, dtype=dtype)
+        return buf[:rows * cols].view(rows, cols)
+
     def block(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
         """The fp32 block h[r0:r1] W[c0:c1]^T + b[c0:c1] (the bias rides in the GEMM), written into
-        one buffer reused from block to block: valid until the next call. A fresh 64 MB tensor per
-        block would cost its page faults every time (~15% of the GEMM on a CPU)."""
-        n = (r1 - r0) * (c1 - c0)
-        if self.buffer is None or self.buffer.numel() < n:
-            self.buffer = torch.empty(n, dtype=self.dtype)
-        out = self.buffer[:n].view(r1 - r0, c1 - c0)
+        one buffer reused from block to block: valid until the next call."""
+        out = self._scratch("logits", r1 - r0, c1 - c0, self.dtype)
         if self.low_precision:
             return self._block_low_precision(r0, r1, c0, c1, out)
         h = self.hidden[r0:r1].to(self.dtype)
@@ -97,10 +101,8 @@ class LinearHead:
     def _block_low_precision(self, r0, r1, c0, c1, out):
         """h W^T in fp32 from 16-bit h and W: W's block transposed into a reused [H, C] buffer (the GEMM
         takes row-major operands), no conversion of either."""
-        cols, H = c1 - c0, self.weight.shape[1]
-        if self.w_t is None or self.w_t.numel() < cols * H:
-            self.w_t = torch.empty(cols * H, dtype=self.weight.dtype)
-        w_t = native.transpose_into_(self.w_t[:cols * H].view(H, cols), self.weight[c0:c1])
+        w_t = native.transpose_into_(self._scratch("w_t", self.weight.shape[1], c1 - c0, self.weight.dtype),
+                                     self.weight[c0:c1])
         native.mm_wide_(out, self.hidden[r0:r1], w_t, accumulate=False)
         return out if self.bias is None else out.add_(self.bias[c0:c1])
 
@@ -127,7 +129,7 @@ class LinearHead:
                 self.dh32 = torch.zeros(self.hidden.shape, dtype=self.dtype)
             native.mm_wide_(self.dh32[r0:r1], dz.to(self.weight.dtype), self.weight[c0:c1], accumulate=True)
         if self.need_dw:
-            dz_t = native.transpose_into_(torch.empty(dz.shape[::-1], dtype=self.weight.dtype), dz)
+            dz_t = native.transpose_into_(self._scratch("dz_t", c1 - c0, r1 - r0, self.weight.dtype), dz)
             native.mm_wide_(self.dw[c0:c1], dz_t, self.hidden[r0:r1], accumulate=True)
         if self.need_db:
             self.db[c0:c1] += dz.sum(0)

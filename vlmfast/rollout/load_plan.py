@@ -119,9 +119,10 @@ class LoadPlan:
     def _storage(self) -> tuple:
         return tuple(t.data_ptr() for t in self._tensors())
 
-    def _owned(self, dst: torch.Tensor) -> bool:
-        p = dst.data_ptr()
-        return any(t.data_ptr() <= p < t.data_ptr() + t.numel() * t.element_size() for t in self._tensors())
+    def _owned(self, writes: list) -> bool:
+        """Whether every write's destination lies in one of the model's parameters or buffers."""
+        spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in self._tensors()]
+        return all(any(lo <= dst.data_ptr() < hi for lo, hi in spans) for _, dst, _, _ in writes)
 
     def load(self, bucket: list) -> None:
         bucket = list(bucket)
@@ -144,13 +145,13 @@ class LoadPlan:
         recorder = _Recorder(bucket)
         with recorder:
             self.model.load_weights(weights=bucket)
-        void = recorder.void
-        if void is None and self._storage() != storage:
+        void, after = recorder.void, self._storage()
+        if void is None and after != storage:
             void = "load_weights rebuilt a parameter"
-        if void is None and not all(self._owned(dst) for _, dst, _, _ in recorder.writes):
+        if void is None and not self._owned(recorder.writes):
             void = "load_weights wrote into a tensor the model does not hold"
         self.plans[key] = None if void else recorder.writes
         if void:
             self.void[key] = void
-        self.storage = self._storage()
+        self.storage = after
         self.last = "recorded"
