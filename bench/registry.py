@@ -18,6 +18,9 @@ DEFAULT_TOKENS = {"cpu": {"cpu-small": [256, 1024], "qwen2-0.5b": [512]},
 # ops per model when --ops is not given (all by default): on a CPU the full Qwen vocabulary costs ~30 s a
 # case, so its default sweep keeps the three that show the pattern (plain CE, statistics, a policy loss)
 DEFAULT_OPS = {"cpu": {"qwen2-0.5b": ["sft", "token_stats", "grpo"]}}
+# input dtypes per model: every CPU case in fp32; the full-vocabulary head also in bf16 (the CPU's bf16 GEMMs
+# run at ~2x fp32: issue 21), each compared with naive in its own dtype; GPUs in bf16
+DEFAULT_DTYPES = {"cpu": {"*": ["float32"], "qwen2-0.5b": ["float32", "bfloat16"]}, "cuda": {"*": ["bfloat16"]}}
 # dense bf16 tensor-core peak, TFLOP/s (for the roofline on GPUs; the CPU's is measured)
 GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
 
@@ -25,6 +28,11 @@ GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
 def tokens_for(device: str, model: str) -> list[int]:
     table = DEFAULT_TOKENS[device]
     return table.get(model) or table.get("*") or [2048]
+
+
+def dtypes_for(device: str, model: str) -> list[str]:
+    table = DEFAULT_DTYPES[device]
+    return table.get(model) or table["*"]
 
 
 def ops_for(device: str, model: str, all_ops) -> list[str]:

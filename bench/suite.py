@@ -125,51 +125,62 @@ def cpu_gemm_tflops(threads: int, h: int = 896, v: int = 32768, n: int = 1024) -
 def run(args) -> list[dict]:
     """Every case; each row is appended to <out>/<device>.jsonl as soon as it is measured, and a case that
     fails (out of GPU memory, a crashed worker) leaves a row with its error instead of ending the sweep."""
-    import torch
-
     device = args.device
     env = environment(device, args.threads)
     path = args.out / f"{device}.jsonl"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rows = []
     for model in args.models:
         h, v = registry.head(model)
-        for op in args.ops or registry.ops_for(device, model, P.OPS):
-            agree = P.agreement(op, h, v, device=device, n=256 if device == "cpu" else 512, dtype=dtype)
-            ok = {p: e for p, e in agree.items() if isinstance(e, float) and e < args.tolerance}
-            for p, e in agree.items():
-                if p not in ok:
-                    print(f"  {op} {p}: not timed ({e if isinstance(e, str) else f'disagrees with naive: {e:.1e}'})",
-                          flush=True)
-            for n in args.tokens or registry.tokens_for(device, model):
-                for provider in [p for p in args.providers or ok if p in ok]:
-                    case = {"op": op, "provider": provider, "model": model, "n": n, "h": h, "v": v,
-                            "dtype": str(dtype).removeprefix("torch."), **env}
-                    try:
-                        if device == "cuda":
-                            res = measure_case(op, provider, n, h, v, device="cuda")
-                        else:
-                            res = run_case("bench.suite", [op, provider, str(n), str(h), str(v), "--repeats",
-                                                           str(args.repeats), "--threads", str(args.threads)])
-                    except Exception as e:  # noqa: BLE001 - one case's failure is that case's row
-                        if device == "cuda":
-                            torch.cuda.empty_cache()
-                        error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                        append_rows(path, [{**case, "error": error}])
-                        print(f"  {model:11} {op:11} N={n:<6} {provider:16} FAILED: {error}", flush=True)
-                        continue
-                    new = []
-                    for mode, r in res.items():
-                        flops = registry.matmul_flops(P.counted_tokens(n), h, v, mode,
-                                                      teacher_h=h if op == "opd" else 0)
-                        new.append({**case, "mode": mode, "time_s": r["time_s"],
-                                    "peak_above_inputs_mb": r["peak_above_inputs_mb"],
-                                    "tflops": flops / r["time_s"] / 1e12, "agreement_rel_err": ok[provider]})
-                    append_rows(path, new)
-                    rows += new
-                    print(f"  {model:11} {op:11} N={n:<6} {provider:16} forward {res['forward']['time_s']:7.3f} s  "
-                          f"full {res['full']['time_s']:7.3f} s  peak {res['full']['peak_above_inputs_mb']:7.0f} MB",
-                          flush=True)
+        for dtype_name in args.dtypes or registry.dtypes_for(device, model):
+            rows += _run_model_dtype(args, model, h, v, dtype_name, env, path)
+    return rows
+
+
+def _run_model_dtype(args, model: str, h: int, v: int, dtype_name: str, env: dict, path: Path) -> list[dict]:
+    """Every op and provider on one head in one input dtype, each provider checked against naive in that
+    dtype first (fp32: 2e-3, 16-bit: 3e-2 unless --tolerance)."""
+    import torch
+
+    device, dtype = args.device, getattr(torch, dtype_name)
+    tolerance = args.tolerance if args.tolerance is not None else (2e-3 if dtype == torch.float32 else 3e-2)
+    rows = []
+    for op in args.ops or registry.ops_for(device, model, P.OPS):
+        agree = P.agreement(op, h, v, device=device, n=256 if device == "cpu" else 512, dtype=dtype)
+        ok = {p: e for p, e in agree.items() if isinstance(e, float) and e < tolerance}
+        for p, e in agree.items():
+            if p not in ok:
+                print(f"  {op} {dtype_name} {p}: not timed "
+                      f"({e if isinstance(e, str) else f'disagrees with naive: {e:.1e}'})", flush=True)
+        for n in args.tokens or registry.tokens_for(device, model):
+            for provider in [p for p in args.providers or ok if p in ok]:
+                case = {"op": op, "provider": provider, "model": model, "n": n, "h": h, "v": v,
+                        "dtype": dtype_name, **env}
+                try:
+                    if device == "cuda":
+                        res = measure_case(op, provider, n, h, v, device="cuda", dtype=dtype_name)
+                    else:
+                        res = run_case("bench.suite", [op, provider, str(n), str(h), str(v), "--repeats",
+                                                       str(args.repeats), "--threads", str(args.threads),
+                                                       "--dtype", dtype_name])
+                except Exception as e:  # noqa: BLE001 - one case's failure is that case's row
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+                    error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                    append_rows(path, [{**case, "error": error}])
+                    print(f"  {model:11} {op:11} {dtype_name:8} N={n:<6} {provider:16} FAILED: {error}", flush=True)
+                    continue
+                new = []
+                for mode, r in res.items():
+                    flops = registry.matmul_flops(P.counted_tokens(n), h, v, mode,
+                                                  teacher_h=h if op == "opd" else 0)
+                    new.append({**case, "mode": mode, "time_s": r["time_s"],
+                                "peak_above_inputs_mb": r["peak_above_inputs_mb"],
+                                "tflops": flops / r["time_s"] / 1e12, "agreement_rel_err": ok[provider]})
+                append_rows(path, new)
+                rows += new
+                print(f"  {model:11} {op:11} {dtype_name:8} N={n:<6} {provider:16} forward "
+                      f"{res['forward']['time_s']:7.3f} s  full {res['full']['time_s']:7.3f} s  "
+                      f"peak {res['full']['peak_above_inputs_mb']:7.0f} MB", flush=True)
     return rows
 
 
@@ -184,9 +195,11 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", nargs="+", type=int, default=None, help="token counts to sweep")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--dtypes", nargs="+", default=None, choices=("float32", "bfloat16", "float16"),
+                    help="input dtypes (default per model, see registry: CPU fp32, plus bf16 on the full vocabulary)")
     ap.add_argument("--tolerance", type=float, default=None,
-                    help="max relative error vs naive to be timed (default: 2e-3 in fp32 on a CPU, 3e-2 in bf16 "
-                         "on a GPU)")
+                    help="max relative error vs naive (same dtype) to be timed (default: 2e-3 in fp32, 3e-2 in "
+                         "16-bit)")
     ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end step benchmark")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
@@ -204,8 +217,6 @@ def main(argv=None) -> int:
             print("--device cuda: no CUDA device is visible to torch", file=sys.stderr)
             return 2
     args.models = args.models or registry.DEFAULT_MODELS[args.device]
-    if args.tolerance is None:
-        args.tolerance = 3e-2 if args.device == "cuda" else 2e-3
     for m in args.models:
         registry.head(m)
     rows = run(args)  # written to <out>/<device>.jsonl as each case finishes

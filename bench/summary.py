@@ -10,8 +10,12 @@ from . import registry
 from .providers import counted_tokens
 
 
+def _dtype(r) -> str:
+    return r.get("dtype", "float32")  # rows from before the dtype column were fp32 on a CPU
+
+
 def _index(rows):
-    return {(r["op"], r["model"], r["n"], r["mode"], r["provider"]): r for r in rows}
+    return {(r["op"], r["model"], r["n"], _dtype(r), r["mode"], r["provider"]): r for r in rows}
 
 
 def plots(rows, out: Path, device: str) -> list[Path]:
@@ -26,11 +30,13 @@ def plots(rows, out: Path, device: str) -> list[Path]:
     for op, model in dict.fromkeys((r["op"], r["model"]) for r in rows):
         sel = [r for r in rows if r["op"] == op and r["model"] == model and r["mode"] == "full"]
         fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 3.6))
-        for provider in dict.fromkeys(r["provider"] for r in sel):
-            pts = sorted((r["n"], r["time_s"], r["peak_above_inputs_mb"]) for r in sel if r["provider"] == provider)
+        for provider, dtype in dict.fromkeys((r["provider"], _dtype(r)) for r in sel):
+            pts = sorted((r["n"], r["time_s"], r["peak_above_inputs_mb"]) for r in sel
+                         if (r["provider"], _dtype(r)) == (provider, dtype))
             ns = [p[0] for p in pts]
-            ax_t.plot(ns, [p[1] for p in pts], "o-", label=provider)
-            ax_m.plot(ns, [p[2] for p in pts], "o-", label=provider)
+            label = provider if dtype == "float32" else f"{provider} ({dtype})"
+            ax_t.plot(ns, [p[1] for p in pts], "o-" if dtype == "float32" else "s--", label=label)
+            ax_m.plot(ns, [p[2] for p in pts], "o-" if dtype == "float32" else "s--", label=label)
         h, v = registry.head(model)
         for ax, title, unit in ((ax_t, "time, forward+backward", "s"), (ax_m, "peak memory above inputs", "MB")):
             ax.set(title=f"{op} · {model} (H={h}, V={v}) · {title}", xlabel="tokens N", ylabel=unit)
@@ -47,24 +53,40 @@ def plots(rows, out: Path, device: str) -> list[Path]:
 
 
 def ratio_table(rows, baseline: str) -> str:
-    """Per (op, model, N): each provider's full time and peak memory, as ratios to `baseline`."""
+    """Per (op, model, N, dtype): each provider's full time and peak memory, as ratios to `baseline` in the
+    same dtype; a provider slower than it is flagged."""
     idx = _index(rows)
-    lines = [f"| op | model | N | provider | full time | backward | speed-up vs {baseline} | peak | {baseline} peak / "
-             "peak |", "|---|---|---|---|---|---|---|---|---|"]
-    cases = dict.fromkeys((r["op"], r["model"], r["n"]) for r in rows)
-    for op, model, n in cases:
-        base = idx.get((op, model, n, "full", baseline))
+    lines = [f"| op | model | N | dtype | provider | full time | backward | speed-up vs {baseline} | peak | "
+             f"{baseline} peak / peak |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for op, model, n, dtype in dict.fromkeys((r["op"], r["model"], r["n"], _dtype(r)) for r in rows):
+        base = idx.get((op, model, n, dtype, "full", baseline))
         if base is None:
             continue
-        for provider in dict.fromkeys(r["provider"] for r in rows if (r["op"], r["model"], r["n"]) == (op, model, n)):
-            full, fwd = idx.get((op, model, n, "full", provider)), idx.get((op, model, n, "forward", provider))
+        same = [r for r in rows if (r["op"], r["model"], r["n"], _dtype(r)) == (op, model, n, dtype)]
+        for provider in dict.fromkeys(r["provider"] for r in same):
+            full = idx.get((op, model, n, dtype, "full", provider))
+            fwd = idx.get((op, model, n, dtype, "forward", provider))
             if full is None or provider == baseline:
                 continue
             bwd = f"{full['time_s'] - fwd['time_s']:.3f} s" if fwd else "–"
-            lines.append(f"| {op} | {model} | {n} | {provider} | {full['time_s']:.3f} s | {bwd} | "
-                         f"{base['time_s'] / full['time_s']:.2f}x | {full['peak_above_inputs_mb']:.0f} MB | "
+            speed = base["time_s"] / full["time_s"]
+            flag = f" **slower than {baseline}**" if speed < 1.0 else ""
+            lines.append(f"| {op} | {model} | {n} | {dtype} | {provider} | {full['time_s']:.3f} s | {bwd} | "
+                         f"{speed:.2f}x{flag} | {full['peak_above_inputs_mb']:.0f} MB | "
                          f"{base['peak_above_inputs_mb'] / max(full['peak_above_inputs_mb'], 1.0):.1f}x |")
     return "\n".join(lines)
+
+
+def slower_than_naive(rows) -> list[str]:
+    """vlmfast's (op, model, N, dtype, provider) cases whose full time is above naive's in the same dtype."""
+    idx = _index(rows)
+    out = []
+    for r in rows:
+        base = idx.get((r["op"], r["model"], r["n"], _dtype(r), "full", "naive"))
+        if r["mode"] == "full" and r["provider"].startswith("vlmfast") and base and r["time_s"] > base["time_s"]:
+            out.append(f"{r['op']} {r['model']} N={r['n']} {_dtype(r)} {r['provider']} "
+                       f"({base['time_s'] / r['time_s']:.2f}x)")
+    return out
 
 
 def roofline(rows, peak_tflops: float, label: str) -> str:
@@ -73,6 +95,8 @@ def roofline(rows, peak_tflops: float, label: str) -> str:
              "fraction of the limit |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if not r["provider"].startswith("vlmfast") or r["op"] not in ("sft", "token_stats"):
+            continue
+        if str(r.get("device", "")).startswith("cpu") and _dtype(r) != "float32":  # the CPU peak: its fp32 GEMM
             continue
         mode = "forward" if r["mode"] == "forward" else "full"
         bound = registry.matmul_flops(counted_tokens(r["n"]), r["h"], r["v"], mode)  # sft, token_stats: no teacher
@@ -113,6 +137,13 @@ def e2e_table(e2e) -> str:
     return "\n".join(lines)
 
 
+def _slower_line(rows) -> str:
+    slow = slower_than_naive(rows)
+    if not slow:
+        return "No vlmfast case is slower than naive in the same dtype."
+    return (f"**{len(slow)} vlmfast case(s) slower than naive in the same dtype:** " + "; ".join(slow) + ".")
+
+
 def write_summary(rows, out: Path, device: str, *, cpu_peak_tflops: float | None = None, e2e=None,
                   grpo_step=None) -> Path:
     rows = [r for r in rows if "error" not in r]  # failed cases are rows of their own in the .jsonl
@@ -122,9 +153,9 @@ def write_summary(rows, out: Path, device: str, *, cpu_peak_tflops: float | None
     parts = [f"# Benchmark summary: {device}", "",
              f"Device: {env.get('device', '?')}; torch {env.get('torch', '?')}; liger-kernel "
              f"{env.get('liger_kernel')}; {env.get('timestamp', '')}. Every provider was checked against the naive "
-             "fp32 result (loss and both gradients) before timing; `full` = forward + backward, "
+             "result in the same dtype (loss and both gradients) before timing; `full` = forward + backward, "
              "backward = full - forward; peak = peak memory above the inputs.", "",
-             "## vs naive (materialised logits)", "", ratio_table(rows, "naive"), ""]
+             "## vs naive (materialised logits)", "", _slower_line(rows), "", ratio_table(rows, "naive"), ""]
     if any(r["provider"] == "liger" for r in rows):
         parts += ["## vs Liger-Kernel", "", ratio_table(rows, "liger"), ""]
     if any(r["provider"] == "vlmfast-native" for r in rows):

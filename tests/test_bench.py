@@ -8,7 +8,7 @@ import pytest
 
 from bench import providers as P
 from bench import registry
-from bench.summary import ratio_table, write_summary
+from bench.summary import ratio_table, slower_than_naive, write_summary
 
 
 def test_every_provider_agrees_with_naive_on_every_op(monkeypatch):
@@ -85,6 +85,30 @@ def test_worker_and_summary(tmp_path):
     json.dumps(rows)  # rows are JSON rows as written to results/
 
 
+def test_each_dtype_is_compared_with_naive_in_its_own_dtype_and_slower_cases_are_flagged():
+    """fp32 and bf16 rows of the same case: each provider's ratio is to naive in its own dtype (a bf16 naive
+    faster than the fp32 one must not make fp32 look slow), and a case below 1.0x is flagged, in its row and
+    in the list at the top of the summary."""
+    rows = []
+    times = {("float32", "naive"): 2.0, ("float32", "vlmfast-native"): 1.0,
+             ("bfloat16", "naive"): 0.5, ("bfloat16", "vlmfast-native"): 1.0}
+    for (dtype, provider), t in times.items():
+        for mode, f in (("forward", 0.4), ("full", 1.0)):
+            rows.append({"op": "sft", "provider": provider, "model": "qwen2-0.5b", "n": 512, "h": 896, "v": 151936,
+                         "dtype": dtype, "mode": mode, "time_s": t * f, "peak_above_inputs_mb": 100.0,
+                         "device": "cpu (test)"})
+    table = ratio_table(rows, "naive").splitlines()
+    fp32 = next(r for r in table if "| float32 | vlmfast-native |" in r)
+    bf16 = next(r for r in table if "| bfloat16 | vlmfast-native |" in r)
+    assert "| 2.00x |" in fp32 and "slower" not in fp32
+    assert "| 0.50x **slower than naive** |" in bf16
+    assert slower_than_naive(rows) == ["sft qwen2-0.5b N=512 bfloat16 vlmfast-native (0.50x)"]
+    del rows[0]["dtype"], rows[1]["dtype"]  # naive's fp32 rows as written before the dtype column: fp32
+    assert any("| float32 | vlmfast-native | 1.000 s" in r for r in ratio_table(rows, "naive").splitlines())
+    assert registry.dtypes_for("cpu", "qwen2-0.5b") == ["float32", "bfloat16"]
+    assert registry.dtypes_for("cpu", "cpu-small") == ["float32"] and registry.dtypes_for("cuda", "x") == ["bfloat16"]
+
+
 def test_a_failing_case_is_a_row_and_the_sweep_goes_on(tmp_path, monkeypatch):
     """Out of GPU memory (or a crashed worker) in one case: that case's row says so, the others are measured,
     and every row is on disk as soon as its case ends (a run killed later keeps them)."""
@@ -104,7 +128,7 @@ def test_a_failing_case_is_a_row_and_the_sweep_goes_on(tmp_path, monkeypatch):
 
     monkeypatch.setattr(suite, "run_case", fake_case)
     args = argparse.Namespace(device="cpu", threads=1, out=tmp_path, models=["cpu-small"], ops=["sft"], tokens=[256],
-                              providers=["naive", "vlmfast-chunked"], tolerance=2e-3, repeats=1)
+                              providers=["naive", "vlmfast-chunked"], tolerance=2e-3, repeats=1, dtypes=None)
     rows = suite.run(args)
     on_disk = [json.loads(line) for line in (tmp_path / "cpu.jsonl").read_text().splitlines()]
     assert [r["provider"] for r in on_disk] == ["naive", "vlmfast-chunked", "vlmfast-chunked"]

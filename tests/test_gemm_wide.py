@@ -1,6 +1,7 @@
 """16-bit GEMMs with an fp32 result (kernels/cpu/gemm_wide.cpp, `native.mm_wide_`) against the fp64 product
-of the same 16-bit operands, on odd shapes; and the fused op's 16-bit CPU path that uses them: no fp32 copy
-of W, the same numbers whatever the blocks."""
+of the same 16-bit operands, on odd shapes and every operand layout, through both GEMMs (our vdpbf16ps one,
+kernels/cpu/gemm_bf16_avx512.cpp, where the CPU has AVX512-BF16, and ATen's brgemm); and the fused op's
+16-bit CPU path that uses them: no fp32 copy of W, the same numbers whatever the blocks."""
 
 import pytest
 import torch
@@ -17,10 +18,36 @@ def _fp64_product(a, b):
     return a.double() @ b.double()
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,K,N", [(37, 64, 1000), (5, 2049, 33), (1, 7, 1), (130, 896, 257)])
-def test_products_are_summed_and_stored_in_fp32(dtype, M, K, N):
-    a, b = torch.randn(M, K).to(dtype), torch.randn(K, N).to(dtype)
+# (dtype, GEMM): bf16 through ours where this CPU has it, and through brgemm (VLMFAST_WIDE_GEMM=brgemm)
+PATHS = [(torch.bfloat16, "brgemm"), (torch.float16, "brgemm")]
+if native.wide_gemm_path(torch.bfloat16) == "avx512_bf16":
+    PATHS.insert(0, (torch.bfloat16, "avx512_bf16"))
+
+
+@pytest.fixture(params=PATHS, ids=lambda p: f"{str(p[0])[6:]}-{p[1]}")
+def path(request, monkeypatch):
+    dtype, gemm = request.param
+    if gemm == "brgemm":
+        monkeypatch.setenv("VLMFAST_WIDE_GEMM", "brgemm")
+    assert native.wide_gemm_path(dtype) == gemm
+    return dtype
+
+
+def _operand(rows, cols, dtype, transposed):
+    """A [rows, cols] operand, row-major or as the transposed view of a [cols, rows] tensor (W^T, dz^T)."""
+    x = torch.randn(cols, rows).to(dtype).T if transposed else torch.randn(rows, cols).to(dtype)
+    assert x.stride(0 if transposed else 1) == 1
+    return x
+
+
+# Shapes past every edge of the blocking: K odd (a lone last k-pair) and past one block of 256 pairs, M past
+# one 96-row block and not a multiple of the 12-row tile, N not a multiple of the 32-column panel, N narrow
+# enough that the threads split the rows, and single rows / columns.
+@pytest.mark.parametrize("M,K,N", [(37, 64, 1000), (5, 2049, 33), (1, 7, 1), (130, 896, 257), (130, 3, 33)])
+@pytest.mark.parametrize("layout", ["nn", "nt", "tn", "tt"])
+def test_products_are_summed_and_stored_in_fp32(path, M, K, N, layout):
+    dtype = path
+    a, b = _operand(M, K, dtype, layout[0] == "t"), _operand(K, N, dtype, layout[1] == "t")
     truth = _fp64_product(a, b)
     bound = 1e-5 * (a.double().abs() @ b.double().abs()).max().item()  # fp32 summation of K products
     out = torch.full((M, N), float("nan"))
@@ -34,11 +61,13 @@ def test_products_are_summed_and_stored_in_fp32(dtype, M, K, N):
         assert (torch.mm(a, b).double() - truth).abs().max().item() > 10 * err
 
 
-def test_row_strides_are_taken_as_leading_dimensions():
+@pytest.mark.parametrize("transposed", [False, True])
+def test_row_strides_are_taken_as_leading_dimensions(path, transposed):
     """Operands and result as row slices / column windows of larger buffers (the fused op writes dh and dW
-    blocks in place)."""
-    big_a, big_b, big_out = torch.randn(20, 50).bfloat16(), torch.randn(40, 90).bfloat16(), torch.zeros(20, 100)
-    a, b, out = big_a[3:14, 5:37], big_b[2:34, 10:71], big_out[3:14, 7:68]
+    blocks in place, and reads W's column block as a transposed window)."""
+    big_a, big_b, big_out = torch.randn(20, 50).to(path), torch.randn(40, 90).to(path), torch.zeros(20, 100)
+    a, out = big_a[3:14, 5:37], big_out[3:14, 7:68]
+    b = big_b.T.contiguous().T[2:34, 10:71] if transposed else big_b[2:34, 10:71]
     native.mm_wide_(out, a, b, accumulate=False)
     truth = _fp64_product(a, b)
     assert (out.double() - truth).abs().max().item() < 1e-4
@@ -51,7 +80,9 @@ def test_row_strides_are_taken_as_leading_dimensions():
     ((torch.zeros(3, 4), torch.zeros(3, 5).bfloat16(), torch.zeros(5, 4).half()), "bfloat16 or both float16"),
     ((torch.zeros(3, 4), torch.zeros(3, 5).bfloat16(), torch.zeros(6, 4).bfloat16()), "do not chain"),
     ((torch.zeros(3, 4).bfloat16(), torch.zeros(3, 5).bfloat16(), torch.zeros(5, 4).bfloat16()), "float32"),
-    ((torch.zeros(3, 4), torch.zeros(3, 5).bfloat16(), torch.zeros(4, 5).bfloat16().T), "row-major"),
+    ((torch.zeros(3, 4), torch.zeros(3, 5).bfloat16(), torch.zeros(10, 8).bfloat16()[::2, ::2]), "transposed view"),
+    ((torch.zeros(4, 3).T, torch.zeros(3, 5).bfloat16(), torch.zeros(5, 4).bfloat16()),
+     "out must be row-major"),
 ])
 def test_bad_operands_name_the_problem(args, message):
     if message is None:
@@ -81,36 +112,16 @@ def test_fused_16bit_path_keeps_w_and_blocks_change_nothing(dtype, monkeypatch):
     y[::7] = -100
     teacher = (torch.randn(N, 16).to(dtype), (torch.randn(V, 16) / 2).to(dtype))
     g = torch.randn(3, N)
-    head = LinearHead(h, W)
+    head = LinearHead(h, W, need_dw=True)
     assert head.low_precision and head.weight is W
+    assert head.dw.dtype == dtype  # one band of rows: each dW block rounded straight in, no fp32 [V, H]
     one = _fused(h, W, b, y, teacher, g)
     monkeypatch.setattr("vlmfast.ops.chunked.NATIVE_MIN_COLS", 128)
     monkeypatch.setattr("vlmfast.ops.chunked.BLOCK_BYTES", 4 * 64 * 128)
     assert native_block_shape(LinearHead(h, W), N) == (64, 128)
+    assert LinearHead(h, W, need_dw=True).dw.dtype == torch.float32  # three bands: summed in fp32
     many = _fused(h, W, b, y, teacher, g)
     for x, ref in zip(many, one):
         # fp32 sums in another order, then the 16-bit gradients rounded once: a rounding step apart at most
         torch.testing.assert_close(x.float(), ref.float(), atol=2 * torch.finfo(dtype).eps * ref.abs().max().item(),
                                    rtol=0)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("src_dtype", ["float32", "same"])
-@pytest.mark.parametrize("R,C", [(37, 1000), (1, 33), (65, 31)])
-def test_transpose_into_equals_torchs_transpose_and_rounding(dtype, src_dtype, R, C):
-    """The GEMMs' transposed operands (W's column block, dz): out = src.T rounded to out's dtype exactly
-    as torch rounds (nearest even), from a row window of a larger buffer."""
-    big = torch.randn(R + 3, C + 5) * 100
-    src = big[2:2 + R, 3:3 + C]
-    if src_dtype == "same":
-        src = src.to(dtype)
-    out = torch.full((C, R), float("nan")).to(dtype)
-    native.transpose_into_(out, src)
-    assert torch.equal(out, src.T.to(dtype))
-
-
-def test_transpose_into_names_a_bad_shape():
-    with pytest.raises(RuntimeError, match="not the transpose"):
-        native.transpose_into_(torch.empty(4, 3).bfloat16(), torch.zeros(4, 3))
-    with pytest.raises(RuntimeError, match="bfloat16 or float16"):
-        native.transpose_into_(torch.empty(3, 4), torch.zeros(4, 3))

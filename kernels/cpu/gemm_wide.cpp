@@ -3,14 +3,21 @@
 //
 // torch.mm on bf16 runs oneDNN's avx512_bf16 kernels (~2.6x fp32 on the development machine) but rounds
 // its result to bf16: logits and gradient partial sums must not be rounded, and torch has no CPU out_dtype.
-// ATen's cpublas::brgemm takes bf16 x bf16 -> fp32 with an optional accumulate; given plain (non-VNNI)
-// row-major operands it runs ATen's bf16 x bf16 -> fp32 GEMM, the one exported entry point to it. On the
-// development machine (AMD, no AMX) that GEMM runs at fp32 speed, not oneDNN's bf16 speed (docs/platform.md).
+// So bf16 runs our own vdpbf16ps GEMM where the CPU has AVX512-BF16 (gemm_bf16_avx512.cpp: either operand
+// row-major or a transposed view). fp16, and bf16 on other CPUs, go to ATen's cpublas::brgemm with plain
+// row-major operands (a transposed view is copied row-major first): ATen's 16-bit x 16-bit -> fp32 GEMM,
+// which runs at fp32 speed without AMX (docs/platform.md). VLMFAST_WIDE_GEMM=brgemm forces that path (tests).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "gemm_bf16_avx512.h"
 
 namespace vlmfast {
 namespace {
@@ -22,8 +29,50 @@ void check_operand(const char* op, const at::Tensor& t, const char* name) {
               " must be row-major (inner stride 1), got strides ", t.strides());
 }
 
+// a or b of mm_wide_: row-major or a transposed view (one unit stride; a size-1 dimension's stride is free)
+bool unit_stride(const at::Tensor& t) {
+  return t.stride(1) == 1 || t.size(1) <= 1 || t.stride(0) == 1 || t.size(0) <= 1;
+}
+
+Bf16View view_of(const at::Tensor& t) {
+  return {reinterpret_cast<const uint16_t*>(t.const_data_ptr()), t.size(0), t.size(1),
+          t.size(0) <= 1 ? 1 : t.stride(0), t.size(1) <= 1 ? 1 : t.stride(1)};
+}
+
+bool use_avx512_bf16(at::ScalarType dtype) {
+  const char* forced = std::getenv("VLMFAST_WIDE_GEMM");  // read per call (tests switch it): ~100 ns
+  return dtype == at::kBFloat16 && gemm_bf16_avx512_supported() &&
+         (forced == nullptr || std::strcmp(forced, "brgemm") != 0);
+}
+
+// out[j, i] = src[i, j]: brgemm takes row-major operands, so a transposed view (W's block of columns for
+// h W^T, dz for dz^T h) is copied row-major first. torch's strided copy of a transposed 16-bit view runs at
+// ~1 GB/s here (an element at a time); tiles that fit in L1 make it a memory pass.
 template <typename T>
-void run(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+void transpose_tiles(const T* src, int64_t src_ld, T* out, int64_t out_ld, int64_t rows, int64_t cols) {
+  constexpr int64_t kTile = 32;
+  const int64_t row_tiles = (rows + kTile - 1) / kTile, col_tiles = (cols + kTile - 1) / kTile;
+  at::parallel_for(0, row_tiles * col_tiles, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i0 = (t / col_tiles) * kTile, j0 = (t % col_tiles) * kTile;
+      const int64_t i1 = std::min(rows, i0 + kTile), j1 = std::min(cols, j0 + kTile);
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t i = i0; i < i1; ++i) out[j * out_ld + i] = src[i * src_ld + j];
+    }
+  });
+}
+
+template <typename T>
+at::Tensor row_major(const at::Tensor& t) {
+  if (t.stride(1) == 1 || t.size(1) <= 1) return t;
+  at::Tensor out = at::empty({t.size(0), t.size(1)}, t.options());  // t^T is row-major with rows t.stride(1) apart
+  transpose_tiles(t.const_data_ptr<T>(), t.stride(1), out.data_ptr<T>(), t.size(1), t.size(1), t.size(0));
+  return out;
+}
+
+template <typename T>
+void run_brgemm(at::Tensor& out, const at::Tensor& a_any, const at::Tensor& b_any, bool accumulate) {
+  const at::Tensor a = row_major<T>(a_any), b = row_major<T>(b_any);
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   at::native::cpublas::brgemm(M, N, K, std::max<int64_t>(a.stride(0), K), std::max<int64_t>(b.stride(0), N),
                               std::max<int64_t>(out.stride(0), N), accumulate, a.const_data_ptr<T>(),
@@ -32,8 +81,12 @@ void run(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumul
 
 void mm_wide_(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
   check_operand("mm_wide_", out, "out");
-  check_operand("mm_wide_", a, "a");
-  check_operand("mm_wide_", b, "b");
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{a, "a"}, {b, "b"}}) {
+    TORCH_CHECK(t.device().is_cpu(), "mm_wide_: ", name, " must be a CPU tensor, got ", t.device());
+    TORCH_CHECK(t.dim() == 2, "mm_wide_: ", name, " must be 2-D, got shape ", t.sizes());
+    TORCH_CHECK(unit_stride(t), "mm_wide_: ", name,
+                " must be row-major or a transposed view (one stride 1), got strides ", t.strides());
+  }
   TORCH_CHECK(out.scalar_type() == at::kFloat, "mm_wide_: out must be float32, got ", out.scalar_type());
   TORCH_CHECK(a.scalar_type() == b.scalar_type() &&
                   (a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf),
@@ -46,67 +99,30 @@ void mm_wide_(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool acc
     if (!accumulate) out.zero_();
     return;
   }
-  if (a.scalar_type() == at::kBFloat16) {
-    run<at::BFloat16>(out, a, b, accumulate);
+  if (use_avx512_bf16(a.scalar_type())) {
+    gemm_bf16_avx512(view_of(a), view_of(b), out.data_ptr<float>(), std::max<int64_t>(out.stride(0), out.size(1)),
+                     accumulate);
+  } else if (a.scalar_type() == at::kBFloat16) {
+    run_brgemm<at::BFloat16>(out, a, b, accumulate);
   } else {
-    run<at::Half>(out, a, b, accumulate);
+    run_brgemm<at::Half>(out, a, b, accumulate);
   }
 }
 
-// out[j, i] = src[i, j], converted to out's dtype: the GEMM's operands are row-major, so W's block of
-// columns (for h W^T) and dz (for dz^T h) are transposed first. torch's strided copy of a transposed
-// 16-bit view runs at ~1 GB/s here (an element at a time); tiles that fit in L1 make it a memory pass.
-template <typename S, typename D>
-void transpose_tiles(const S* src, int64_t src_ld, D* out, int64_t out_ld, int64_t rows, int64_t cols) {
-  constexpr int64_t kTile = 32;
-  const int64_t row_tiles = (rows + kTile - 1) / kTile, col_tiles = (cols + kTile - 1) / kTile;
-  at::parallel_for(0, row_tiles * col_tiles, 16, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t i0 = (t / col_tiles) * kTile, j0 = (t % col_tiles) * kTile;
-      const int64_t i1 = std::min(rows, i0 + kTile), j1 = std::min(cols, j0 + kTile);
-      for (int64_t j = j0; j < j1; ++j)
-        for (int64_t i = i0; i < i1; ++i) out[j * out_ld + i] = static_cast<D>(static_cast<float>(src[i * src_ld + j]));
-    }
-  });
-}
-
-template <typename S>
-void transpose_from(at::Tensor& out, const at::Tensor& src) {
-  const auto* s = src.const_data_ptr<S>();
-  const int64_t sl = std::max<int64_t>(src.stride(0), src.size(1)), ol = std::max<int64_t>(out.stride(0), out.size(1));
-  if (out.scalar_type() == at::kBFloat16) {
-    transpose_tiles(s, sl, out.data_ptr<at::BFloat16>(), ol, src.size(0), src.size(1));
-  } else {
-    transpose_tiles(s, sl, out.data_ptr<at::Half>(), ol, src.size(0), src.size(1));
-  }
-}
-
-void transpose_into_(at::Tensor out, const at::Tensor& src) {
-  check_operand("transpose_into_", out, "out");
-  check_operand("transpose_into_", src, "src");
-  TORCH_CHECK(out.scalar_type() == at::kBFloat16 || out.scalar_type() == at::kHalf,
-              "transpose_into_: out must be bfloat16 or float16, got ", out.scalar_type());
-  TORCH_CHECK(src.scalar_type() == at::kFloat || src.scalar_type() == out.scalar_type(),
-              "transpose_into_: src must be float32 or out's dtype, got ", src.scalar_type());
-  TORCH_CHECK(out.size(0) == src.size(1) && out.size(1) == src.size(0), "transpose_into_: out ", out.sizes(),
-              " is not the transpose of src ", src.sizes());
-  switch (src.scalar_type()) {
-    case at::kFloat: transpose_from<float>(out, src); break;
-    case at::kBFloat16: transpose_from<at::BFloat16>(out, src); break;
-    default: transpose_from<at::Half>(out, src); break;
-  }
+std::string wide_gemm_path(at::ScalarType dtype) {
+  if (dtype != at::kBFloat16 && dtype != at::kHalf) return "none";
+  return use_avx512_bf16(dtype) ? "avx512_bf16" : "brgemm";
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(vlmfast, m) {
   m.def("mm_wide_(Tensor(a!) out, Tensor a, Tensor b, bool accumulate) -> ()");
-  m.def("transpose_into_(Tensor(a!) out, Tensor src) -> ()");
+  m.def("wide_gemm_path(ScalarType dtype) -> str", &wide_gemm_path);  // no tensor: not dispatched
 }
 
 TORCH_LIBRARY_IMPL(vlmfast, CPU, m) {
   m.impl("mm_wide_", &mm_wide_);
-  m.impl("transpose_into_", &transpose_into_);
 }
 
 }  // namespace vlmfast

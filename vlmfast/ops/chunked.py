@@ -66,7 +66,12 @@ class LinearHead:
         self.vocab = weight.shape[0]
         self.need_dh, self.need_dw, self.need_db = need_dh, need_dw, need_db
         self.dh = torch.empty_like(hidden) if need_dh else None
-        self.dw = torch.zeros(weight.shape, dtype=self.dtype, device=weight.device) if need_dw else None
+        self.dw = None
+        if need_dw:
+            # 16-bit with one band of rows (the native path's rule): each dW block is complete once computed,
+            # so it is rounded straight into a dW of W's dtype, no [V, H] fp32 accumulator (545 MB at 7B's head)
+            direct = self.low_precision and native_block_shape(self, hidden.shape[0])[0] >= hidden.shape[0]
+            self.dw = torch.zeros(weight.shape, dtype=weight.dtype if direct else self.dtype, device=weight.device)
         self.db = torch.zeros(self.vocab, dtype=self.dtype, device=weight.device) if need_db else None
         self.dh32 = None
         self.scratch = {}  # the native path's buffers, reused from block to block (see _scratch)
@@ -99,11 +104,9 @@ class LinearHead:
         return torch.addmm(self.bias[c0:c1].to(self.dtype), h, w.T, out=out)
 
     def _block_low_precision(self, r0, r1, c0, c1, out):
-        """h W^T in fp32 from 16-bit h and W: W's block transposed into a reused [H, C] buffer (the GEMM
-        takes row-major operands), no conversion of either."""
-        w_t = native.transpose_into_(self._scratch("w_t", self.weight.shape[1], c1 - c0, self.weight.dtype),
-                                     self.weight[c0:c1])
-        native.mm_wide_(out, self.hidden[r0:r1], w_t, accumulate=False)
+        """h W^T in fp32 from 16-bit h and W, W's block read in place as a transposed view (the GEMM packs
+        either layout): no conversion, no copy."""
+        native.mm_wide_(out, self.hidden[r0:r1], self.weight[c0:c1].T, accumulate=False)
         return out if self.bias is None else out.add_(self.bias[c0:c1])
 
     def grad_block(self, r0: int, r1: int, c0: int, c1: int, z: torch.Tensor) -> torch.Tensor:
@@ -122,15 +125,18 @@ class LinearHead:
             self.db[c0:c1] += dz.sum(0)
 
     def _accumulate_low_precision(self, r0, r1, c0, c1, dz):
-        """dh += dz W and dW += dz^T h with dz rounded to the inputs' dtype (as autograd's 16-bit dlogits
-        are), products summed in fp32."""
+        """dh += dz W and dW += dz^T h with dz rounded once to the inputs' dtype (as autograd's 16-bit dlogits
+        are), products summed in fp32; dz^T is a view."""
+        dz16 = self._scratch("dz16", r1 - r0, c1 - c0, self.weight.dtype).copy_(dz)
         if self.need_dh:
             if self.dh32 is None:
                 self.dh32 = torch.zeros(self.hidden.shape, dtype=self.dtype)
-            native.mm_wide_(self.dh32[r0:r1], dz.to(self.weight.dtype), self.weight[c0:c1], accumulate=True)
-        if self.need_dw:
-            dz_t = native.transpose_into_(self._scratch("dz_t", c1 - c0, r1 - r0, self.weight.dtype), dz)
-            native.mm_wide_(self.dw[c0:c1], dz_t, self.hidden[r0:r1], accumulate=True)
+            native.mm_wide_(self.dh32[r0:r1], dz16, self.weight[c0:c1], accumulate=True)
+        if self.need_dw and self.dw.dtype == self.dtype:  # several bands of rows: summed in fp32
+            native.mm_wide_(self.dw[c0:c1], dz16.T, self.hidden[r0:r1], accumulate=True)
+        elif self.need_dw:
+            dw = self._scratch("dw", c1 - c0, self.hidden.shape[1], self.dtype)
+            self.dw[c0:c1].copy_(native.mm_wide_(dw, dz16.T, self.hidden[r0:r1], accumulate=False))
         if self.need_db:
             self.db[c0:c1] += dz.sum(0)
 

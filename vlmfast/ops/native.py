@@ -110,19 +110,20 @@ def wide_gemm(dtype: torch.dtype) -> bool:
     """Whether `mm_wide_` (kernels/cpu/gemm_wide.cpp) takes operands of `dtype`: 16-bit, built (a
     library from before it lacks the op) and enabled."""
     return (dtype in (torch.bfloat16, torch.float16) and enabled()
-            and hasattr(torch.ops.vlmfast, "mm_wide_") and hasattr(torch.ops.vlmfast, "transpose_into_"))
+            and hasattr(torch.ops.vlmfast, "wide_gemm_path"))
 
 
 def mm_wide_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: bool) -> torch.Tensor:
-    """out (+)= a @ b: 16-bit row-major a [M, K] and b [K, N], products summed and stored in fp32 out [M, N]."""
+    """out (+)= a @ b: 16-bit a [M, K] and b [K, N], each row-major or a transposed view, products summed and
+    stored in fp32 out [M, N] (row-major)."""
     torch.ops.vlmfast.mm_wide_(out, a, b, accumulate)
     return out
 
 
-def transpose_into_(out: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """out = src.T in out's 16-bit dtype (src fp32 or out's dtype): the GEMMs' row-major operands."""
-    torch.ops.vlmfast.transpose_into_(out, src)
-    return out
+def wide_gemm_path(dtype: torch.dtype) -> str:
+    """Which GEMM `mm_wide_` runs for `dtype` on this CPU: "avx512_bf16" (ours, vdpbf16ps), "brgemm"
+    (ATen's, fp32 speed without AMX; VLMFAST_WIDE_GEMM=brgemm forces it) or "none" (not 16-bit)."""
+    return torch.ops.vlmfast.wide_gemm_path(dtype) if wide_gemm(dtype) else "none"
 
 
 def _same_dtype(z, zt):
@@ -212,10 +213,6 @@ if available():
 
         @torch.library.register_fake("vlmfast::mm_wide_")
         def _mm_wide_fake(out, a, b, accumulate):
-            return None
-
-        @torch.library.register_fake("vlmfast::transpose_into_")
-        def _transpose_fake(out, src):
             return None
 
     @torch.library.register_fake("vlmfast::token_stats_block_grad")
