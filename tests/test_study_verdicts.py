@@ -4,6 +4,7 @@ Stage-2 run is flat only when its last quarter does not move."""
 
 import math
 
+import numpy as np
 import pytest
 
 from vlmfast.study_verdicts import claims, interval, plateau, plateau_noise, verdict
@@ -58,14 +59,22 @@ def test_plateau_reads_the_last_quarter():
         recs += [{"kind": "eval", "stage": "grpo", "step": s, "val/accuracy": a} for s, a in accs]
         return {"records": recs}
 
-    flat = run([0.2] * 20 + [0.6] * 20 + [0.6] * 40, [(20, 0.3), (60, 0.5), (80, 0.51)])
+    flat = run([0.2] * 20 + [0.6] * 20 + [0.6] * 40, [(20, 0.3), (40, 0.5), (60, 0.52), (80, 0.5)])
     assert plateau(flat, "reward", 80) == pytest.approx(0.0)
-    assert plateau(flat, "val/accuracy", 80) == pytest.approx(0.01)
+    x, y = [40, 60, 80], [0.5, 0.52, 0.5]  # the second half's evaluations; numpy's fit as the reference
+    assert plateau(flat, "val/accuracy", 80) == pytest.approx(np.polyfit(x, y, 1)[0] * 20, abs=1e-12)
+    assert plateau(flat, "val/accuracy", 80) == pytest.approx(0.0, abs=1e-12)  # symmetric: no trend
     rising = run([0.1 * (s // 10) for s in range(80)], [(40, 0.3), (60, 0.4), (70, 0.5), (80, 0.6)])
-    assert plateau(rising, "reward", 80) > 0.15 and plateau(rising, "val/accuracy", 80) == pytest.approx(0.2)
-    assert plateau(run([0.1] * 80, [(80, 0.5)]), "val/accuracy", 80) is None  # one evaluation: unknown
-    quarters = run([0.1] * 60, [(0, 0.2), (20, 0.4), (40, 0.5), (60, 0.52)])  # DPO: evaluated every 20 of 60
-    assert plateau(quarters, "val/accuracy", 60) == pytest.approx(0.02)  # 60 vs 40, the last at or before 45
+    assert plateau(rising, "reward", 80) > 0.15
+    slope = np.polyfit([40, 60, 70, 80], [0.3, 0.4, 0.5, 0.6], 1)[0]
+    assert plateau(rising, "val/accuracy", 80) == pytest.approx(slope * 20)
+    assert plateau(run([0.1] * 80, [(40, 0.4), (80, 0.5)]), "val/accuracy", 80) is None  # two evaluations: unknown
+    # DPO evaluated every 5 of 40: one low evaluation (step 30) moves the trend a fraction of its dip, while
+    # the last-minus-earlier difference would read the whole dip
+    wobble = run([0.1] * 40, [(s, 0.86) for s in range(0, 45, 5) if s != 30] + [(30, 0.76)])
+    assert abs(plateau(wobble, "val/accuracy", 40)) < 0.02
+    falling = run([0.1] * 40, [(s, 0.86 - 0.006 * max(0, s - 20)) for s in range(0, 45, 5)])
+    assert plateau(falling, "val/accuracy", 40) == pytest.approx(-0.06)  # 0.006 per step for 10 steps
 
 
 def test_plateau_noise_is_two_standard_errors_of_the_quarter_means():

@@ -129,15 +129,21 @@ def _quarters(run: dict, key: str, steps: int) -> tuple[list, list]:
 
 
 def plateau(run: dict, key: str, steps: int) -> float | None:
-    """Change of `key` over the last quarter of a Stage-2 run: train records (reward) as the mean of the last
-    quarter minus the mean of the quarter before; eval records (accuracy) as the last evaluation minus the last
-    one at or before three quarters of the steps (None without both)."""
+    """Change of `key` over the last quarter of a Stage-2 run. Train records (reward, one per step): the mean of
+    the last quarter minus the mean of the quarter before. Eval records (accuracy, a few per run): the
+    least-squares slope through the evaluations of the run's second half times a quarter of the steps, so one
+    evaluation's wobble (a step can flip a few greedy answers) counts a fraction of what a trend does; None
+    with fewer than three evaluations there."""
     q3, q4 = _quarters(run, key, steps)
     if q3 or q4:
         return sum(q4) / len(q4) - sum(q3) / len(q3) if q3 and q4 else None
     x, y = series(run, "eval", key)
-    before = [v for s, v in zip(x, y) if s <= 3 * steps / 4]
-    return y[-1] - before[-1] if before and x[-1] > 3 * steps / 4 else None
+    half = [(s, v) for s, v in zip(x, y) if s >= steps / 2]
+    if len(half) < 3:
+        return None
+    mx, my = sum(s for s, _ in half) / len(half), sum(v for _, v in half) / len(half)
+    slope = sum((s - mx) * (v - my) for s, v in half) / sum((s - mx) ** 2 for s, _ in half)
+    return slope * steps / 4
 
 
 def plateau_noise(run: dict, key: str, steps: int) -> float | None:
@@ -314,10 +320,11 @@ def write_study_report(sdir: Path, raw_study: dict, per_seed_paths: dict[int, di
              "other side, *inside the noise* otherwise.", "", verdict_table(found), "",
              "## Stage 2 at its plateau?", "",
              f"Change over the last quarter of each Stage-2 run (reward: mean of the last quarter minus the quarter "
-             f"before, GRPO only, logged every step; accuracy: the last evaluation minus the last one at or before "
-             f"three quarters); flat when accuracy moves less than {PLATEAU_TOL} and reward less than {PLATEAU_TOL} "
-             f"or than its own step-to-step noise (two standard errors of the difference of the quarter means: a "
-             f"training batch's reward is a mean over its few prompts). "
+             f"before, GRPO only, logged every step; accuracy: the least-squares slope through the evaluations of "
+             f"the run's second half, times a quarter of the steps); flat when accuracy moves less than "
+             f"{PLATEAU_TOL} and reward less than {PLATEAU_TOL} or than its own step-to-step noise (two standard "
+             f"errors of the difference of the quarter means: a training batch's reward is a mean over its few "
+             f"prompts). "
              + ("Every Stage-2 run is flat." if all_flat else "**Not every Stage-2 run is flat: the Stage-2 "
                 "verdicts describe runs still moving.**"), "", plateaus, ""]
     if fig:
