@@ -22,16 +22,18 @@
 namespace vlmfast {
 namespace {
 
-void check_operand(const char* op, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", t.sizes());
-  TORCH_CHECK(t.stride(1) == 1 || t.size(1) <= 1, op, ": ", name,
-              " must be row-major (inner stride 1), got strides ", t.strides());
-}
-
-// a or b of mm_wide_: row-major or a transposed view (one unit stride; a size-1 dimension's stride is free)
-bool unit_stride(const at::Tensor& t) {
-  return t.stride(1) == 1 || t.size(1) <= 1 || t.stride(0) == 1 || t.size(0) <= 1;
+// out must be row-major; a and b may also be transposed views (one unit stride; a size-1 dimension's stride
+// is free): the bf16 GEMM packs either layout, brgemm's path copies a transposed one row-major first
+void check_operand(const at::Tensor& t, const char* name, bool transposed_ok) {
+  TORCH_CHECK(t.device().is_cpu(), "mm_wide_: ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 2, "mm_wide_: ", name, " must be 2-D, got shape ", t.sizes());
+  const bool row_major = t.stride(1) == 1 || t.size(1) <= 1;
+  if (transposed_ok) {
+    TORCH_CHECK(row_major || t.stride(0) == 1 || t.size(0) <= 1, "mm_wide_: ", name,
+                " must be row-major or a transposed view (one stride 1), got strides ", t.strides());
+  } else {
+    TORCH_CHECK(row_major, "mm_wide_: ", name, " must be row-major (inner stride 1), got strides ", t.strides());
+  }
 }
 
 Bf16View view_of(const at::Tensor& t) {
@@ -80,13 +82,9 @@ void run_brgemm(at::Tensor& out, const at::Tensor& a_any, const at::Tensor& b_an
 }
 
 void mm_wide_(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
-  check_operand("mm_wide_", out, "out");
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{a, "a"}, {b, "b"}}) {
-    TORCH_CHECK(t.device().is_cpu(), "mm_wide_: ", name, " must be a CPU tensor, got ", t.device());
-    TORCH_CHECK(t.dim() == 2, "mm_wide_: ", name, " must be 2-D, got shape ", t.sizes());
-    TORCH_CHECK(unit_stride(t), "mm_wide_: ", name,
-                " must be row-major or a transposed view (one stride 1), got strides ", t.strides());
-  }
+  check_operand(out, "out", /*transposed_ok=*/false);
+  check_operand(a, "a", /*transposed_ok=*/true);
+  check_operand(b, "b", /*transposed_ok=*/true);
   TORCH_CHECK(out.scalar_type() == at::kFloat, "mm_wide_: out must be float32, got ", out.scalar_type());
   TORCH_CHECK(a.scalar_type() == b.scalar_type() &&
                   (a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf),
