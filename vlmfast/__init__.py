@@ -15,7 +15,7 @@ from .losses import (
     sft_gentle_negatives_loss,
     sft_loss,
 )
-from .ops import Teacher, TokenStats, cooling_weight, sequence_mean, token_stats, token_stats_from_logits
+from .ops import Teacher, TokenStats, cooling_weight, sequence_mean, token_loss, token_stats, token_stats_from_logits
 
 __version__ = "0.1.0"
 
@@ -38,5 +38,6 @@ __all__ = [
     "cooling_weight",
     "sequence_mean",
     "token_stats",
+    "token_loss",
     "token_stats_from_logits",
 ]

@@ -26,11 +26,12 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, num_items_in_batch=None) ->
     sum over mask / num_items_in_batch, so the parts of one batch (ranks, accumulation steps) add up to
     its exact token mean instead of a mean of per-part means.
     """
-    mask = mask.to(x.dtype)
-    total = (x * mask).sum()
-    if num_items_in_batch is None:
-        return total / mask.sum().clamp(min=1)
-    return total / num_items_in_batch
+    return (x * mask.to(x.dtype)).sum() / token_count(mask, num_items_in_batch)
+
+
+def token_count(mask: torch.Tensor, num_items_in_batch=None):
+    """What a token mean over mask divides by: the mask's count (at least 1), or num_items_in_batch."""
+    return mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
 
 
 def check_num_items(num_items_in_batch) -> None:

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from ..ops import token_stats
+from ..ops import token_loss
 from ._common import (
     LossModule,
     accepts_packed,
@@ -28,8 +28,8 @@ from ._common import (
     check_shape,
     detached,
     masked_mean,
-    per_row_mean,
     response_mask,
+    token_count,
 )
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
@@ -73,12 +73,47 @@ def _check_grpo(*, clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0, ent
         check_positive("tis_cap", tis_cap)
 
 
-def aggregate(x: torch.Tensor, mask: torch.Tensor, aggregation: str, num_items_in_batch=None) -> torch.Tensor:
+def aggregation_weights(mask: torch.Tensor, aggregation: str, num_items_in_batch=None) -> torch.Tensor:
+    """[B, T] weight of each token in the loss, Σ weight * per-token term: 1 / the token count ("token-mean"),
+    1 / (B * the row's token count) ("seq-mean-token-mean"), 1 / B ("seq-mean-token-sum"); 0 off the mask."""
+    m = mask.float()
     if aggregation == "token-mean":
-        return masked_mean(x, mask, num_items_in_batch)
+        return m / token_count(mask, num_items_in_batch)
     if aggregation == "seq-mean-token-mean":
-        return per_row_mean(x, mask).mean()
-    return (x * mask.to(x.dtype)).sum(-1).mean()
+        return m / (mask.shape[0] * m.sum(-1, keepdim=True).clamp(min=1))
+    return m / mask.shape[0]
+
+
+def aggregate(x: torch.Tensor, mask: torch.Tensor, aggregation: str, num_items_in_batch=None) -> torch.Tensor:
+    return (x * aggregation_weights(mask, aggregation, num_items_in_batch)).sum()
+
+
+def policy_terms(logp, entropy, adv, old, ref=None, sampler=None, *, clip_low, clip_high, dual_clip=None,
+                 tis_cap=None, kl_coef=0.0, entropy_coef=0.0) -> dict:
+    """GRPO's per-token terms (module docstring) of response tokens, every tensor of one shape: "per_token" (what
+    the loss aggregates), "pg", "ratio", and "k3", "sampler_gap", "tis" where their inputs are given. old=None:
+    on-policy, the update's own log-probs detached."""
+    old = logp.detach() if old is None else old
+    ratio = torch.exp(logp - old)
+    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high))
+    if dual_clip is not None:
+        pg = torch.where(adv < 0, torch.minimum(pg, -adv * dual_clip), pg)
+    out = {"ratio": ratio}
+    if sampler is not None:
+        out["sampler_gap"] = old.detach() - sampler
+        if tis_cap is not None:
+            out["tis"] = torch.exp(out["sampler_gap"]).clamp(max=tis_cap)
+            pg = pg * out["tis"]  # before the KL term, as TRL
+    out["pg"] = per_token = pg
+    if ref is not None:
+        d = ref - logp
+        out["k3"] = torch.exp(d) - d - 1
+        if kl_coef > 0:
+            per_token = per_token + kl_coef * out["k3"]
+    if entropy_coef > 0:
+        per_token = per_token - entropy_coef * entropy
+    out["per_token"] = per_token
+    return out
 
 
 @accepts_packed("old_logp", "advantages", "ref_logp", "sampler_logp")
@@ -122,49 +157,49 @@ def grpo_loss(hidden, weight, labels, old_logp, advantages, *, ref_logp=None, cl
     elif tis_cap is not None:
         raise ValueError("tis_cap needs sampler_logp (the generation engine's per-token log-probs)")
 
-    r = token_stats(hidden, weight, labels, bias=bias, temperature=temperature, outputs=("logp", "entropy"),
-                    ignore_index=ignore_index, backend=backend)
     mask = response_mask(labels, ignore_index)
-    adv = (advantages[:, None] if advantages.dim() == 1 else advantages).detach().float()
-    old = r.logp.detach() if old_logp is None else old_logp.detach().float()
-    # masked tokens get log-ratio 0 so exp() never overflows on padding
-    log_ratio = torch.where(mask, r.logp - old, torch.zeros_like(r.logp))
-    ratio = torch.exp(log_ratio)
-    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high))
-    if dual_clip is not None:
-        pg = torch.where(adv < 0, torch.minimum(pg, -adv * dual_clip), pg)
-    extra = {}
-    if sampler_logp is not None:
-        sampler_gap = torch.where(mask, old - sampler_logp.detach().float(), torch.zeros_like(old))
-        extra["sampler_mismatch"] = masked_mean(sampler_gap.abs(), mask)
-        if tis_cap is not None:
-            tis = torch.exp(sampler_gap).clamp(max=tis_cap)
-            pg = pg * tis
-            extra["tis_weight_mean"] = masked_mean(tis, mask)
-            extra["tis_truncated_frac"] = masked_mean((sampler_gap > math.log(tis_cap)).float(), mask)
-    per_token = pg
-    kl = torch.zeros(())
-    if ref_logp is not None:
-        d = torch.where(mask, ref_logp.detach().float() - r.logp, torch.zeros_like(r.logp))
-        k3 = torch.exp(d) - d - 1
-        kl = masked_mean(k3, mask)
-        if kl_coef > 0:
-            per_token = per_token + kl_coef * k3
-    if entropy_coef > 0:
-        per_token = per_token - entropy_coef * r.entropy
-    loss = aggregate(per_token, mask, aggregation, num_items_in_batch)
+    adv = advantages[:, None] if advantages.dim() == 1 else advantages
+    # per-token constants, flat like the target: the one-pass loss reads them at its tokens' positions
+    consts = {k: None if v is None else v.detach().float().expand(B, T).reshape(-1)
+              for k, v in (("adv", adv), ("old", old_logp), ("ref", ref_logp), ("sampler", sampler_logp))}
+    weights = aggregation_weights(mask, aggregation, num_items_in_batch).reshape(-1)
+    hp = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, tis_cap=tis_cap, kl_coef=kl_coef,
+              entropy_coef=entropy_coef)
 
-    with torch.no_grad():
+    def terms(logp, entropy, index):
+        return policy_terms(logp, entropy, **{k: None if v is None else v[index] for k, v in consts.items()}, **hp)
+
+    def per_token(s, index):  # every weight is a constant per token: one pass (token_loss)
+        return terms(s["logp"], s["entropy"], index)["per_token"] * weights[index]
+
+    loss, r = token_loss(hidden, weight, labels, per_token, bias=bias, temperature=temperature,
+                         ignore_index=ignore_index, backend=backend)
+
+    with torch.no_grad():  # metrics: the same terms over every response token, laid out [B, T] (0 elsewhere)
+        index = mask.reshape(-1).nonzero().squeeze(1)
+        t = terms(r.logp.reshape(-1)[index], r.entropy.reshape(-1)[index], index)
+
+        def grid(x):
+            return torch.zeros(B * T, device=x.device).index_copy(0, index, x.float()).view(B, T)
+
+        ratio, adv_bt = grid(t["ratio"]), consts["adv"].view(B, T)
         n = mask.sum().clamp(min=1)
-        low = (mask & (adv < 0) & (ratio < 1 - clip_low)).sum() / n
-        high = (mask & (adv > 0) & (ratio > 1 + clip_high)).sum() / n
+        extra = {}
+        if "sampler_gap" in t:
+            gap = grid(t["sampler_gap"])
+            extra["sampler_mismatch"] = masked_mean(gap.abs(), mask)
+            if "tis" in t:
+                extra["tis_weight_mean"] = masked_mean(grid(t["tis"]), mask)
+                extra["tis_truncated_frac"] = masked_mean((gap > math.log(tis_cap)).float(), mask)
+        kl = masked_mean(grid(t["k3"]), mask) if "k3" in t else torch.zeros(())
+        low = (mask & (adv_bt < 0) & (ratio < 1 - clip_low)).sum() / n
+        high = (mask & (adv_bt > 0) & (ratio > 1 + clip_high)).sum() / n
         big = torch.finfo(ratio.dtype).max
         r_min = torch.where(mask, ratio, torch.full_like(ratio, big)).min()
         r_max = torch.where(mask, ratio, torch.full_like(ratio, -big)).max()
-    return loss, detached(loss=loss, pg_loss=aggregate(pg, mask, aggregation), entropy=masked_mean(r.entropy, mask),
-                          kl=kl, clip_frac_low=low, clip_frac_high=high, ratio_mean=masked_mean(ratio, mask),
-                          ratio_min=r_min, ratio_max=r_max, **extra)
-
+    return loss, detached(loss=loss, pg_loss=aggregate(grid(t["pg"]), mask, aggregation),
+                          entropy=masked_mean(r.entropy, mask), kl=kl, clip_frac_low=low, clip_frac_high=high,
+                          ratio_mean=masked_mean(ratio, mask), ratio_min=r_min, ratio_max=r_max, **extra)
 
 class GRPOLoss(LossModule):
     fn = staticmethod(grpo_loss)

@@ -8,7 +8,7 @@ scores it, and the student minimises, per response token,
 
 from __future__ import annotations
 
-from ..ops import Teacher, token_stats
+from ..ops import Teacher, token_loss
 from ._common import (
     LossModule,
     accepts_packed,
@@ -19,6 +19,7 @@ from ._common import (
     detached,
     masked_mean,
     response_mask,
+    token_count,
 )
 
 
@@ -44,19 +45,24 @@ def opd_loss(hidden, weight, labels, *, teacher=None, teacher_logp=None, bias=No
     if (teacher is None) == (teacher_logp is None):
         raise ValueError("opd_loss needs exactly one of teacher= (full KL) or teacher_logp= (sampled-token form)")
     mask = response_mask(labels, ignore_index)
+    count = token_count(mask, num_items_in_batch)
     kw = dict(bias=bias, temperature=temperature, ignore_index=ignore_index, backend=backend)
+    # a token mean of per-token terms: one pass (token_loss)
     if teacher is not None:
         teacher = Teacher.coerce(teacher)
-        r = token_stats(hidden, weight, labels, teacher=teacher, kl="reverse", outputs=("entropy", "kl"), **kw)
+        loss, r = token_loss(hidden, weight, labels, lambda s, index: s["kl"] / count, teacher=teacher,
+                             kl="reverse", **kw)
         kl = masked_mean(r.kl, mask)
-        loss = kl if num_items_in_batch is None else masked_mean(r.kl, mask, num_items_in_batch)
     else:
         check_shape("teacher_logp", teacher_logp, (B, T), "the teacher's log-prob of each sampled token")
-        r = token_stats(hidden, weight, labels, outputs=("logp", "entropy"), **kw)
-        log_ratio = r.logp.detach() - teacher_logp.detach().float()
-        advantage = -log_ratio
-        loss = -masked_mean(advantage * r.logp, mask, num_items_in_batch)
-        kl = masked_mean(log_ratio, mask)
+        teacher_flat = teacher_logp.detach().float().reshape(-1)
+
+        def per_token(s, index):
+            advantage = teacher_flat[index] - s["logp"].detach()  # -(log pi_s - log pi_t), a constant
+            return -advantage * s["logp"] / count
+
+        loss, r = token_loss(hidden, weight, labels, per_token, **kw)
+        kl = masked_mean(r.logp - teacher_logp.detach().float(), mask)
     return loss, detached(loss=loss, kl=kl, entropy=masked_mean(r.entropy, mask))
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops import token_stats
+from ..ops import token_loss, token_stats
 from ._common import (
     LossModule,
     accepts_packed,
@@ -27,6 +27,7 @@ from ._common import (
     detached,
     masked_mean,
     response_mask,
+    token_count,
 )
 
 
@@ -40,22 +41,28 @@ def _check_sft(*, label_smoothing=0.0, temperature=1.0, **_):
 def _nll_and_entropy(hidden, weight, labels, *, bias, temperature, ignore_index, backend, label_smoothing=0.0,
                      num_items_in_batch=None):
     """Batch-mean token NLL (label-smoothed if asked) and mean entropy over response tokens; the loss
-    divides by num_items_in_batch when given (the nll metric stays this call's own mean)."""
-    outputs = ("logp", "entropy") + (("lse",) if label_smoothing else ())
-    r = token_stats(hidden, weight, labels, bias=bias, temperature=temperature, outputs=outputs,
-                    ignore_index=ignore_index, backend=backend)
+    divides by num_items_in_batch when given (the nll metric stays this call's own mean). One pass
+    (token_loss): each token's gradient is known once its own statistics are."""
     mask = response_mask(labels, ignore_index)
-    nll = masked_mean(-r.logp, mask)
-    loss = nll if num_items_in_batch is None else masked_mean(-r.logp, mask, num_items_in_batch)
-    if label_smoothing:
-        # uniform target: mean_v(-log p_v) = lse - mean_v z_v, and mean_v z_v = (h . sum_v W_v + sum b) / (V T)
+    count = token_count(mask, num_items_in_batch)
+    eps = label_smoothing
+
+    def per_token(s, index):
+        # uniform target: mean_v(-log p_v) = lse - mean_v z_v; the mean_v z_v part is linear in h and W (below)
+        nll_t = -s["logp"]
+        return ((1 - eps) * nll_t + eps * s["lse"] if eps else nll_t) / count
+
+    loss, r = token_loss(hidden, weight, labels, per_token, bias=bias, temperature=temperature,
+                         ignore_index=ignore_index, backend=backend)
+    if eps:
+        # mean_v z_v = (h . sum_v W_v + sum b) / (V T)
         V = weight.shape[0]
         z_mean = hidden.float() @ weight.sum(0, dtype=torch.float32)
         if bias is not None:
             z_mean = z_mean + bias.float().sum()
         z_mean = z_mean / (V * temperature)
-        loss = (1 - label_smoothing) * loss + label_smoothing * masked_mean(r.lse - z_mean, mask, num_items_in_batch)
-    return loss, nll, masked_mean(r.entropy, mask), mask
+        loss = loss - eps * masked_mean(z_mean, mask, num_items_in_batch)
+    return loss, masked_mean(-r.logp, mask), masked_mean(r.entropy, mask), mask
 
 
 @accepts_packed()
@@ -128,10 +135,15 @@ def sft_gentle_negatives_loss(hidden, weight, labels, neg_hidden, neg_labels, *,
     pos_share = None if mean_over_parts is None else mean_over_parts(
         response_mask(labels, ignore_index).sum().to(hidden.device, torch.float32))
     pos, nll_pos, entropy, _ = _nll_and_entropy(hidden, weight, labels, num_items_in_batch=pos_share, **kw)
-    neg_logp = token_stats(neg_hidden, weight, torch.where(own, neg_labels, ignore_index), outputs=("logp",),
-                           **kw).logp
-    penalty, m = gentle_penalty(neg_logp, own, variant=variant, lam=lam, margin=margin, alpha=alpha,
-                                mean_over_parts=mean_over_parts)
+    neg_target = torch.where(own, neg_labels, ignore_index)
+    if variant == "extend":  # a token mean: one pass
+        scale = extend_scale(own, alpha, mean_over_parts)
+        penalty, r = token_loss(neg_hidden, weight, neg_target, lambda s, index: -s["logp"] * scale, **kw)
+        m = {"nll_neg": masked_mean(-r.logp, own), "hinge_active": torch.ones(())}
+    else:  # each negative's hinge reads its whole sequence: the statistics first
+        neg_logp = token_stats(neg_hidden, weight, neg_target, outputs=("logp",), **kw).logp
+        penalty, m = gentle_penalty(neg_logp, own, variant=variant, lam=lam, margin=margin, alpha=alpha,
+                                    mean_over_parts=mean_over_parts)
     loss = pos + penalty
     m["shared_tokens"] = (response_mask(neg_labels, ignore_index).sum(1) - own.sum(1)).float().mean()
     return loss, detached(loss=loss, nll_pos=nll_pos, entropy=entropy, **m)
@@ -153,10 +165,17 @@ def gentle_penalty(neg_logp: torch.Tensor, own: torch.Tensor, *, variant="hinge"
         push = torch.relu(margin - seq_nll) * pushed
         active = (push.detach() > 0).sum() / pushed.sum().clamp(min=1)
         return lam * push.sum() / rows.clamp(min=1e-12), {"nll_neg": nll_neg, "hinge_active": active.float()}
-    tokens = None
-    if mean_over_parts is not None:
-        tokens = mean_over_parts(own.sum().to(neg_logp.device, torch.float32)).clamp(min=1e-12)
-    return alpha * masked_mean(-neg_logp, own, tokens), {"nll_neg": nll_neg, "hinge_active": torch.ones(())}
+    penalty = (-neg_logp * own).sum() * extend_scale(own, alpha, mean_over_parts)
+    return penalty, {"nll_neg": nll_neg, "hinge_active": torch.ones(())}
+
+
+def extend_scale(own: torch.Tensor, alpha: float, mean_over_parts=None) -> torch.Tensor:
+    """The "extend" penalty's weight per negative token: alpha / the negatives' token count (the whole batch's
+    mean count over parts with mean_over_parts)."""
+    tokens = own.sum().to(torch.float32)
+    if mean_over_parts is None:
+        return alpha / tokens.clamp(min=1)
+    return alpha / mean_over_parts(tokens).clamp(min=1e-12)
 
 
 class SFTLoss(LossModule):

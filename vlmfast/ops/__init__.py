@@ -27,12 +27,14 @@ import torch
 
 from ._inputs import BACKENDS, Teacher, check_from_logits, check_token_stats
 from .function import FusedLinearTokenStats, LogitsTokenStats
+from .one_pass import FusedLinearTokenLoss
 from .reference import reference_token_stats
 
 __all__ = [
     "Teacher",
     "TokenStats",
     "token_stats",
+    "token_loss",
     "token_stats_from_logits",
     "cooling_weight",
     "sequence_mean",
@@ -174,6 +176,60 @@ def token_stats(
         if c.teacher is not None:
             per_token["kl"] = kl_out
     return _finish(c, per_token, outputs, rows)
+
+
+def token_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    per_token_loss,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    teacher=None,
+    kl: str | None = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    check_inputs: bool | None = None,
+) -> tuple[torch.Tensor, TokenStats]:
+    """A loss summed over tokens, L = Σ_t ℓ_t(stats of token t), fused with the lm_head in one pass.
+
+    `per_token_loss(stats, index)` gets the statistics of some counted tokens (a dict of [n] fp32 tensors:
+    "logp", "entropy", "lse", and "kl" with a teacher) and their positions `index` [n] in the flattened target,
+    and returns each token's loss [n]; it must be differentiable in the statistics only (anything else it reads,
+    such as advantages or 1 / token count, is a constant) and must not mix tokens. On the chunked backend the
+    forward computes the gradient as it goes (one_pass.py: 3 GEMMs instead of token_stats' 4); on the others
+    the loss is token_stats' statistics fed to the same function (same value and gradient).
+
+    Arguments as `token_stats`. Returns (loss, stats): the scalar loss (fp32; fp64 for fp64 inputs), and TokenStats logp, entropy, lse
+    (+ kl), detached, shaped like target, 0 on ignored tokens.
+    """
+    check_inputs = _check_inputs_default(check_inputs)
+    outputs = ("logp", "entropy", "lse") + (("kl",) if teacher is not None else ())
+    c = check_token_stats(
+        hidden, weight, target, bias=bias, temperature=temperature, teacher=teacher, kl=kl, outputs=outputs,
+        ignore_index=ignore_index, per_sequence=False, cu_seqlens=None, check_values=check_inputs,
+    )
+    backend = _resolve_backend(backend, hidden.device, hidden.dtype)
+    c.valid = c.target != ignore_index
+    rows = c.valid.nonzero().squeeze(1)
+    if backend != "chunked":  # the recomputing kernels, the same function
+        r = token_stats(hidden, weight, target, bias=bias, temperature=temperature, teacher=teacher, kl=kl,
+                        outputs=outputs, ignore_index=ignore_index, backend=backend, check_inputs=False)
+        stats = {k: getattr(r, k).reshape(-1).index_select(0, rows) for k in outputs}
+        loss = per_token_loss(stats, rows).to(stats["logp"].dtype).sum()
+        return loss, TokenStats(**{k: getattr(r, k).detach() for k in outputs})
+    t = c.teacher
+    if t is not None:
+        t = Teacher(hidden=_take(t.hidden, rows), weight=t.weight, bias=t.bias, logits=_take(t.logits, rows))
+    grad_on = torch.is_grad_enabled()
+    needs = tuple(grad_on and x is not None and x.requires_grad for x in (c.hidden, c.weight, c.bias))
+    loss, *per_token = FusedLinearTokenLoss.apply(
+        _take(c.hidden, rows), c.weight, c.bias, _take(c.target, rows), t, c.kl, c.temperature, ignore_index,
+        per_token_loss, rows, needs,
+    )
+    per_token = dict(zip(("logp", "entropy", "kl", "lse"), per_token))
+    return loss, _finish(c, {k: per_token[k] for k in outputs}, outputs, rows)
 
 
 def token_stats_from_logits(

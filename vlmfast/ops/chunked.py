@@ -52,7 +52,7 @@ def native_block_shape(head, n_rows: int) -> tuple[int, int]:
 class LinearHead:
     """Logits h W^T + b of a block of rows, computed on demand, with gradient accumulation."""
 
-    def __init__(self, hidden, weight, bias=None, *, need_dh=False, need_dw=False, need_db=False):
+    def __init__(self, hidden, weight, bias=None, *, need_dh=False, need_dw=False, need_db=False, rows_per_band=None):
         self.hidden, self.bias = hidden, bias
         self.dtype = wide_dtype(weight.dtype)  # fp32 (fp64 for gradcheck)
         # 16-bit CPU inputs stay 16-bit: the native path's GEMMs take them as they are with an fp32
@@ -68,9 +68,11 @@ class LinearHead:
         self.dh = torch.empty_like(hidden) if need_dh else None
         self.dw = None
         if need_dw:
-            # 16-bit with one band of rows (the native path's rule): each dW block is complete once computed,
-            # so it is rounded straight into a dW of W's dtype, no [V, H] fp32 accumulator (545 MB at 7B's head)
-            direct = self.low_precision and native_block_shape(self, hidden.shape[0])[0] >= hidden.shape[0]
+            # 16-bit with one band of rows (the native path's blocks, or rows_per_band): each dW block is complete
+            # once computed, so it is rounded straight into a dW of W's dtype, no [V, H] fp32 accumulator (545 MB
+            # at 7B's head)
+            rows = rows_per_band or native_block_shape(self, hidden.shape[0])[0]
+            direct = self.low_precision and rows >= hidden.shape[0]
             self.dw = torch.zeros(weight.shape, dtype=weight.dtype if direct else self.dtype, device=weight.device)
         self.db = torch.zeros(self.vocab, dtype=self.dtype, device=weight.device) if need_db else None
         self.dh32 = None
@@ -252,6 +254,43 @@ def _backward_native(student, target, stats, g, *, inv_t, teacher, kl, ignore_in
     student.finish_grads()
 
 
+def rows_stats(student, teacher, r0, r1, safe_target, *, inv_t, kl):
+    """The PyTorch epilogue's statistics of rows [r0, r1) from their whole-vocabulary logits: ({lse, logp,
+    entropy (+ kl, lse_t)}, log p [R, V], log q [R, V] or None); the log-softmax blocks are for rows_grad_."""
+    lse, logp_all = _block(student, r0, r1, inv_t)
+    p = logp_all.exp()
+    out = {"lse": lse, "logp": logp_all.gather(1, safe_target[:, None])[:, 0], "entropy": -(p * logp_all).sum(-1)}
+    logq_all = None
+    if teacher is not None:
+        out["lse_t"], logq_all = _block(teacher, r0, r1, inv_t)
+        if kl == "reverse":
+            out["kl"] = (p * (logp_all - logq_all)).sum(-1)
+        else:
+            out["kl"] = (logq_all.exp() * (logq_all - logp_all)).sum(-1)
+    return out, logp_all, logq_all
+
+
+def rows_grad_(logp_all, logq_all, safe_target, stats: dict, g: dict, *, inv_t, kl):
+    """dz [R, V] of rows whose log-softmax is logp_all (overwritten), for per-row upstream gradients g (all four
+    names, zeros where absent; the KL term only with logq_all) and their statistics (module docstring)."""
+    p = logp_all.exp()
+    # coefficient of p_j, per token and column
+    c = (logp_all + stats["entropy"][:, None]).mul_(-g["entropy"][:, None])
+    c += (g["lse"] - g["logp"])[:, None]
+    if logq_all is not None:
+        gk = g["kl"][:, None]
+        if kl == "reverse":
+            c += gk * (logp_all - logq_all - stats["kl"][:, None])
+            dz = p.mul_(c)
+        else:
+            dz = p.mul_(c + gk) - gk * logq_all.exp()
+    else:
+        dz = p.mul_(c)
+    # onehot term added in fp32 after the p-terms: no cancellation as p_y -> 1
+    dz.scatter_add_(1, safe_target[:, None], g["logp"][:, None])
+    return dz.mul_(inv_t)
+
+
 def forward(student, target, *, temperature, teacher=None, kl=None, ignore_index=-100, chunk_rows=None):
     """Per-token fp32 statistics: dict with lse, logp, entropy (+ kl, lse_t with a teacher)."""
     if _native_ok(student, teacher):
@@ -268,18 +307,9 @@ def forward(student, target, *, temperature, teacher=None, kl=None, ignore_index
     inv_t = 1.0 / temperature
     for r0 in range(0, N, chunk_rows):
         r1 = min(N, r0 + chunk_rows)
-        lse, logp_all = _block(student, r0, r1, inv_t)
-        p = logp_all.exp()
-        out["lse"][r0:r1] = lse
-        out["logp"][r0:r1] = logp_all.gather(1, safe[r0:r1, None])[:, 0]
-        out["entropy"][r0:r1] = -(p * logp_all).sum(-1)
-        if teacher is not None:
-            lse_t, logq_all = _block(teacher, r0, r1, inv_t)
-            out["lse_t"][r0:r1] = lse_t
-            if kl == "reverse":
-                out["kl"][r0:r1] = (p * (logp_all - logq_all)).sum(-1)
-            else:
-                out["kl"][r0:r1] = (logq_all.exp() * (logq_all - logp_all)).sum(-1)
+        stats, _, _ = rows_stats(student, teacher, r0, r1, safe[r0:r1], inv_t=inv_t, kl=kl)
+        for k, v in stats.items():
+            out[k][r0:r1] = v
     for k, v in out.items():
         out[k] = torch.where(valid, v, torch.zeros_like(v))
     return finish(out)
@@ -315,24 +345,10 @@ def backward(student, target, stats, grads, *, temperature, teacher=None, kl=Non
         return student
     for r0 in range(0, N, chunk_rows):
         r1 = min(N, r0 + chunk_rows)
-        rows = slice(r0, r1)
         _, logp_all = _block(student, r0, r1, inv_t)
-        p = logp_all.exp()
-        # coefficient of p_j, per token and column
-        c = (logp_all + stats["entropy"][rows, None]).mul_(-g["entropy"][rows, None])
-        c += (g["lse"][rows] - g["logp"][rows])[:, None]
-        if use_kl:
-            _, logq_all = _block(teacher, r0, r1, inv_t)
-            gk = g["kl"][rows, None]
-            if kl == "reverse":
-                c += gk * (logp_all - logq_all - stats["kl"][rows, None])
-                dz = p.mul_(c)
-            else:
-                dz = p.mul_(c + gk) - gk * logq_all.exp_()
-        else:
-            dz = p.mul_(c)
-        # onehot term added in fp32 after the p-terms: no cancellation as p_y -> 1
-        dz.scatter_add_(1, safe[rows, None], g["logp"][rows, None])
-        student.accumulate(r0, r1, dz.mul_(inv_t))
+        logq_all = _block(teacher, r0, r1, inv_t)[1] if use_kl else None
+        dz = rows_grad_(logp_all, logq_all, safe[r0:r1], {k: v[r0:r1] for k, v in stats.items()},
+                        {k: v[r0:r1] for k, v in g.items()}, inv_t=inv_t, kl=kl)
+        student.accumulate(r0, r1, dz)
     return student
 

@@ -1,0 +1,213 @@
+"""token_loss, the one-pass path (vlmfast/ops/one_pass.py): a per-token loss over every statistic against autograd
+through materialised fp64 logits (value, d hidden, d weight, d bias), on odd shapes, one band and several, the
+native epilogue and the PyTorch one, fp32 and 16-bit; then the mechanism itself, counted: the losses that
+qualify run 3 GEMMs (6nHV) where token_stats runs 4 (8nHV)."""
+
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import vlmfast
+from vlmfast.ops import chunked, native, one_pass
+
+N, H, V, HT = 37, 24, 1000, 16
+NATIVE = [True, False] if native.available() else [False]
+
+
+class GemmFlops(TorchDispatchMode):
+    """FLOPs of every GEMM dispatched (mm, addmm, addmm_ and the native mm_wide_), by the shapes it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        a, b = {"mm": (0, 1), "addmm": (1, 2), "addmm_": (1, 2), "mm_wide_": (1, 2)}.get(name, (None, None))
+        if a is not None:
+            self.flops += 2 * args[a].shape[0] * args[a].shape[1] * args[b].shape[1]
+        return func(*args, **(kwargs or {}))
+
+
+def inputs(dtype, teacher_kind, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, H, generator=g)
+    W = torch.randn(V, H, generator=g) * (2 / math.sqrt(H))
+    b = torch.randn(V, generator=g) * 0.5
+    y = torch.randint(0, V, (N,), generator=g)
+    y[::6] = -100
+    teacher = None
+    if teacher_kind == "head":
+        teacher = (torch.randn(N, HT, generator=g), torch.randn(V, HT, generator=g) * 0.5)
+    elif teacher_kind == "logits":
+        teacher = torch.randn(N, V, generator=g) * 2
+    cast = (lambda t: t.to(dtype)) if dtype != torch.float64 else (lambda t: t.double())
+    if teacher is not None:
+        teacher = cast(teacher) if isinstance(teacher, torch.Tensor) else tuple(cast(t) for t in teacher)
+    return cast(h), cast(W), cast(b), y, teacher
+
+
+ADV = torch.linspace(-1.0, 1.5, N, dtype=torch.float64)
+
+
+def per_token(s, index, kl=True):
+    """Every statistic, nonlinearly, with a per-token constant: a gradient wrong for any one of them shows."""
+    a = ADV.to(s["logp"].dtype)[index]
+    out = a * torch.exp(s["logp"]) + 0.3 * s["entropy"] ** 2 - 0.1 * s["lse"] - 0.5 * s["logp"]
+    return out + 0.7 * s["kl"] if kl and "kl" in s else out
+
+
+def naive(h, W, b, y, teacher, kl, temperature):
+    """The same per-token loss on statistics from materialised fp64 logits, differentiated by autograd."""
+    z = (h.double() @ W.double().T + b.double()) / temperature
+    logp_all = torch.log_softmax(z, -1)
+    keep = (y != -100).nonzero().squeeze(1)
+    s = {"logp": logp_all[keep, y[keep]], "entropy": -(logp_all.exp() * logp_all).sum(-1)[keep],
+         "lse": torch.logsumexp(z, -1)[keep]}
+    if teacher is not None:
+        zt = teacher.double() if isinstance(teacher, torch.Tensor) else teacher[0].double() @ teacher[1].double().T
+        logq_all = torch.log_softmax(zt / temperature, -1)
+        p, q = logp_all.exp(), logq_all.exp()
+        kl_all = (p * (logp_all - logq_all)).sum(-1) if kl == "reverse" else (q * (logq_all - logp_all)).sum(-1)
+        s["kl"] = kl_all[keep]
+    return per_token(s, keep).sum()
+
+
+def value_and_grads(fn, h, W, b, compute_dtype=None):
+    leaves = [t.detach().to(compute_dtype or t.dtype).requires_grad_() for t in (h, W, b)]
+    loss = fn(*leaves)
+    return [loss.detach().double()] + [g.double() for g in torch.autograd.grad(2.5 * loss, leaves)]
+
+
+def fused(y, teacher, kl, temperature):
+    def fn(h, W, b):
+        return vlmfast.token_loss(h, W, y, per_token, bias=b, temperature=temperature, teacher=teacher, kl=kl,
+                                  backend="chunked")[0]
+    return fn
+
+
+@pytest.fixture(params=["one band", "bands of 8 rows"])
+def bands(request, monkeypatch):
+    if request.param != "one band":
+        monkeypatch.setattr(one_pass, "MIN_BAND_ROWS", 8)
+        monkeypatch.setattr(chunked, "BLOCK_BYTES", 8 * 4 * V)
+    return request.param
+
+
+@pytest.mark.parametrize("use_native", NATIVE)
+@pytest.mark.parametrize("teacher_kind,kl", [(None, None), ("head", "reverse"), ("logits", "forward")])
+def test_fp32_matches_autograd_through_materialised_logits(bands, use_native, teacher_kind, kl, monkeypatch):
+    monkeypatch.setenv("VLMFAST_NATIVE", "1" if use_native else "0")
+    h, W, b, y, teacher = inputs(torch.float32, teacher_kind)
+    got = value_and_grads(fused(y, teacher, kl, 1.3), h, W, b)
+    want = value_and_grads(lambda *t: naive(*t, y, teacher, kl, 1.3), h, W, b, torch.float64)
+    for what, a, w in zip(("loss", "d hidden", "d weight", "d bias"), got, want):
+        assert (a - w).abs().max() <= 2e-5 * max(1.0, w.abs().max().item()), what
+    assert want[1].abs().max() > 0.1  # the gradient is not trivially zero
+
+
+@pytest.mark.parametrize("use_native", NATIVE)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_no_worse_than_naive_same_dtype(bands, use_native, dtype, monkeypatch):
+    """Against the fp64 truth, the fused 16-bit result is within the naive 16-bit computation's error (logits
+    rounded to the dtype, as a trainer's materialised logits are) plus 2 ulp of the largest value."""
+    monkeypatch.setenv("VLMFAST_NATIVE", "1" if use_native else "0")
+    h, W, b, y, teacher = inputs(dtype, "head")
+    got = value_and_grads(fused(y, teacher, "reverse", 1.0), h, W, b)
+    truth = value_and_grads(lambda *t: naive(*t, y, teacher, "reverse", 1.0), h, W, b, torch.float64)
+
+    def naive_low(h, W, b):  # the materialised computation in the dtype: logits rounded to it
+        z = (h @ W.T + b).float()
+        zt = (teacher[0] @ teacher[1].T).float()
+        return naive(z, torch.eye(V), torch.zeros(V), y, zt, "reverse", 1.0)
+
+    base = value_and_grads(naive_low, h, W, b)
+    for what, a, n, t in zip(("loss", "d hidden", "d weight", "d bias"), got, base, truth):
+        tol = 2 * torch.finfo(dtype).eps * max(1.0, t.abs().max().item())
+        assert (a - t).abs().max() <= (n - t).abs().max() + tol, what
+
+
+def test_statistics_returned_match_token_stats():
+    h, W, b, y, teacher = inputs(torch.float32, "head")
+    _, got = vlmfast.token_loss(h, W, y, per_token, bias=b, teacher=teacher, kl="reverse")
+    want = vlmfast.token_stats(h, W, y, bias=b, teacher=teacher, kl="reverse", outputs=("logp", "entropy", "lse", "kl"))
+    for k in ("logp", "entropy", "lse", "kl"):
+        torch.testing.assert_close(getattr(got, k), getattr(want, k), rtol=1e-5, atol=1e-5)
+        assert not getattr(got, k).requires_grad
+    assert (got.logp[y == -100] == 0).all() and (got.logp <= 0).all() and (got.kl >= 0).all()
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["triton"] if vlmfast.ops.os.environ.get("TRITON_INTERPRET") == "1"
+                                                      else []))
+def test_other_backends_feed_token_stats_to_the_same_function(backend):
+    h, W, b, y, teacher = inputs(torch.float32, "head")
+
+    def fn(backend):
+        return lambda h, W, b: vlmfast.token_loss(h, W, y, per_token, bias=b, teacher=teacher, kl="reverse",
+                                                  backend=backend)[0]
+
+    for a, w in zip(value_and_grads(fn(backend), h, W, b), value_and_grads(fn("chunked"), h, W, b)):
+        assert (a - w).abs().max() <= 2e-5 * max(1.0, w.abs().max().item())
+
+
+# --- the mechanism: 3 GEMMs for the losses that qualify, 4 for token_stats ---------------------------------
+
+
+def _flops(fn, *leaves):
+    with GemmFlops() as count:
+        loss = fn()
+        if leaves:
+            torch.autograd.grad(loss, leaves)
+    return count.flops
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_losses_that_qualify_run_three_gemms(dtype):
+    B, T = 3, 13
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(B, T, H, generator=g).to(dtype).requires_grad_()
+    W = (torch.randn(V, H, generator=g) * 0.2).to(dtype).requires_grad_()
+    y = torch.randint(0, V, (B, T), generator=g)
+    y[:, :4] = -100
+    n = int((y != -100).sum())
+    ht, Wt = torch.randn(B, T, HT, generator=g).to(dtype), torch.randn(V, HT, generator=g).to(dtype)
+    adv = torch.randn(B, generator=g)
+    neg_h = torch.randn(B, T, H, generator=g).to(dtype).requires_grad_()
+    neg_y = torch.where(y == -100, y, (y + 1) % V)  # every response token its own
+    one_pass_losses = {
+        "sft": (lambda: vlmfast.sft_loss(h, W, y)[0], 6 * n * H * V),
+        "sft, gentle extend": (lambda: vlmfast.sft_gentle_negatives_loss(h, W, y, neg_h, neg_y, variant="extend")[0],
+                               2 * 6 * n * H * V),
+        "opd, fused teacher": (lambda: vlmfast.opd_loss(h, W, y, teacher=(ht, Wt))[0], 6 * n * H * V + 2 * n * HT * V),
+        "grpo": (lambda: vlmfast.grpo_loss(h, W, y, None, adv, aggregation="seq-mean-token-mean")[0], 6 * n * H * V),
+    }
+    for name, (fn, want) in one_pass_losses.items():
+        assert _flops(fn, h, W) == want, name
+    # token_stats takes any upstream gradient: it recomputes the logits in its backward
+    stats = lambda: vlmfast.token_stats(h, W, y).logp.sum()  # noqa: E731
+    assert _flops(stats, h, W) == 8 * n * H * V
+    # the gentle hinge reads each negative's sequence sum: its negatives stay on token_stats
+    hinge = lambda: vlmfast.sft_gentle_negatives_loss(h, W, y, neg_h, neg_y, variant="hinge")[0]  # noqa: E731
+    assert _flops(hinge, h, W) == 6 * n * H * V + 8 * n * H * V
+    # without gradients, one GEMM
+    with torch.no_grad():
+        assert _flops(lambda: vlmfast.sft_loss(h, W, y)[0]) == 2 * n * H * V
+
+
+def test_frozen_head_gets_no_weight_gradient_work():
+    h, W, b, y, _ = inputs(torch.float32, None)
+    h.requires_grad_()
+    n = int((y != -100).sum())
+    flops = _flops(lambda: vlmfast.token_loss(h, W, y, per_token)[0], h)
+    assert flops == 4 * n * H * V  # logits and dh; no dW
+    loss, _ = vlmfast.token_loss(h, W, y, per_token)
+    (gh,) = torch.autograd.grad(loss, h)
+    assert gh.abs().max() > 0
+
+
+def test_per_token_loss_of_the_wrong_shape_is_named():
+    h, W, b, y, _ = inputs(torch.float32, None)
+    with pytest.raises(ValueError, match=r"one loss per token, shape \(30,\); got \(\)"):
+        vlmfast.token_loss(h, W, y, lambda s, index: s["logp"].sum())
