@@ -201,8 +201,8 @@ def token_loss(
     forward computes the gradient as it goes (one_pass.py: 3 GEMMs instead of token_stats' 4); on the others
     the loss is token_stats' statistics fed to the same function (same value and gradient).
 
-    Arguments as `token_stats`. Returns (loss, stats): the scalar loss (fp32; fp64 for fp64 inputs), and TokenStats logp, entropy, lse
-    (+ kl), detached, shaped like target, 0 on ignored tokens.
+    Arguments as `token_stats`. Returns (loss, stats): the scalar loss (fp32; fp64 for fp64 inputs), and
+    TokenStats logp, entropy, lse (+ kl), detached, shaped like target, 0 on ignored tokens.
     """
     check_inputs = _check_inputs_default(check_inputs)
     outputs = ("logp", "entropy", "lse") + (("kl",) if teacher is not None else ())
