@@ -211,3 +211,15 @@ def test_per_token_loss_of_the_wrong_shape_is_named():
     h, W, b, y, _ = inputs(torch.float32, None)
     with pytest.raises(ValueError, match=r"one loss per token, shape \(30,\); got \(\)"):
         vlmfast.token_loss(h, W, y, lambda s, index: s["logp"].sum())
+
+
+def test_backward_scales_the_forward_gradients_once():
+    h, W, b, y, _ = inputs(torch.float32, None)
+    h.requires_grad_()
+    loss, _ = vlmfast.token_loss(h, W, y, per_token)
+    (g1,) = torch.autograd.grad(loss, h, retain_graph=True)
+    loss2, _ = vlmfast.token_loss(h, W, y, per_token)
+    (g3,) = torch.autograd.grad(3 * loss2, h)
+    torch.testing.assert_close(g3, 3 * g1)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        torch.autograd.grad(loss, h)

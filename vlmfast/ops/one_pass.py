@@ -128,9 +128,13 @@ class FusedLinearTokenLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, *_):
+        if getattr(ctx, "done", False):
+            raise RuntimeError("token_loss: backward ran twice through the same forward (retain_graph); the "
+                               "gradients computed in its forward were handed out the first time")
+        ctx.done = True
         dh, dw, db = ctx.saved_tensors
 
-        def scaled(t):
-            return None if t is None else t * g_loss.to(t.dtype)
+        def scaled(t):  # in place: a copy of dW would be another [V, H] at the memory peak
+            return None if t is None else t.mul_(g_loss.to(t.dtype))
 
         return scaled(dh), scaled(dw), scaled(db), None, None, None, None, None, None, None, None
