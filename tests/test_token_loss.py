@@ -223,3 +223,39 @@ def test_backward_scales_the_forward_gradients_once():
     torch.testing.assert_close(g3, 3 * g1)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         torch.autograd.grad(loss, h)
+
+
+class LargestFloat32(TorchDispatchMode):
+    """The largest fp32 tensor any op produces (numel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.skipif(not native.wide_gemm(torch.bfloat16), reason="needs the native 16-bit GEMM (built library)")
+def test_bf16_needs_an_fp32_dw_only_with_several_bands(monkeypatch):
+    """One band rounds dW straight into bf16; several must sum it in fp32 ([V, H], twice W's bytes), so a band
+    takes all rows while its buffers cost no more than that accumulator (band_rows). GEMMs in slices of 256
+    columns, as of 16384 on a real vocabulary: a slice's fp32 dW block is not [V, H]."""
+    monkeypatch.setattr(chunked, "NATIVE_MAX_COLS", 256)
+    monkeypatch.setattr(chunked, "BLOCK_BYTES", 4 * V * 8)  # as on a real vocabulary: bands of MIN_BAND_ROWS
+    Hb = 512
+    g = torch.Generator().manual_seed(0)
+    W = (torch.randn(V, Hb, generator=g) * 0.2).bfloat16().requires_grad_()
+    for n, several in ((300, False), (600, True)):  # 300 > MIN_BAND_ROWS: one band by the memory rule
+        h = torch.randn(n, Hb, generator=g).bfloat16().requires_grad_()
+        y = torch.randint(0, V, (n,), generator=g)
+        assert (one_pass.band_rows(n, V, Hb, True) < n) == several
+        with LargestFloat32() as seen:
+            loss, _ = vlmfast.token_loss(h, W, y, lambda s, index, n=n: -s["logp"] / n)
+            loss.backward()
+        assert (seen.largest >= V * Hb) == several, (n, seen.largest)
+        W.grad = None

@@ -33,6 +33,7 @@ from ._matmul import mm_wide, wide_dtype
 
 BLOCK_BYTES = int(os.environ.get("VLMFAST_CHUNK_BYTES", 64 * 2**20))
 NATIVE_MIN_COLS = 2048  # the native path's blocks: as many rows as fit with at least this many columns
+NATIVE_MAX_COLS = 16384  # columns per 16-bit GEMM call (see LinearHead._block_low_precision)
 
 
 def default_chunk_rows(vocab: int) -> int:
@@ -107,16 +108,24 @@ class LinearHead:
 
     def _block_low_precision(self, r0, r1, c0, c1, out):
         """h W^T in fp32 from 16-bit h and W, W's block read in place as a transposed view (the GEMM packs
-        either layout): no conversion, no copy."""
-        native.mm_wide_(out, self.hidden[r0:r1], self.weight[c0:c1].T, accumulate=False)
+        either layout): no conversion, no copy. A whole-vocabulary block (one_pass.py's bands) goes in slices of
+        NATIVE_MAX_COLS columns: brgemm's path (CPUs without AVX512-BF16) copies a transposed operand row-major
+        and widens its operands to fp32, so a call over all of W would hold another [V, H] in fp32 at the peak
+        (+890 MB at N=512 on the full Qwen vocabulary)."""
+        for k0 in range(c0, c1, NATIVE_MAX_COLS):
+            k1 = min(c1, k0 + NATIVE_MAX_COLS)
+            native.mm_wide_(out[:, k0 - c0:k1 - c0], self.hidden[r0:r1], self.weight[k0:k1].T, accumulate=False)
         return out if self.bias is None else out.add_(self.bias[c0:c1])
 
     def grad_block(self, r0: int, r1: int, c0: int, c1: int, z: torch.Tensor) -> torch.Tensor:
         return z  # dz goes over the fresh logits block
 
     def accumulate_block(self, r0: int, r1: int, c0: int, c1: int, dz: torch.Tensor) -> None:
-        if self.low_precision:
-            return self._accumulate_low_precision(r0, r1, c0, c1, dz)
+        if self.low_precision:  # in slices of columns, as _block_low_precision: brgemm's copies stay a slice's
+            for k0 in range(c0, c1, NATIVE_MAX_COLS):
+                k1 = min(c1, k0 + NATIVE_MAX_COLS)
+                self._accumulate_low_precision(r0, r1, k0, k1, dz[:, k0 - c0:k1 - c0])
+            return None
         if self.need_dh:  # summed over column blocks in fp32, cast once in finish_grads
             if self.dh32 is None:
                 self.dh32 = torch.zeros(self.hidden.shape, dtype=self.dtype)

@@ -15,7 +15,7 @@ db by the loss's upstream gradient (Liger's fused linear cross-entropy does the 
 A band holds whole rows because dz_j = g (p_j - onehot_j) needs the row's final lse: the native path's tall
 column blocks (all rows x a slice of V) cannot produce it in the forward. Bands are at least MIN_BAND_ROWS
 rows: every band reads W twice and adds its dW into the [V, H] accumulator, so short bands on a large
-vocabulary pay in memory traffic what they save in GEMM time.
+vocabulary pay in memory traffic what they save in GEMM time (band_rows).
 
 Losses whose token gradients depend on other tokens (DPO's and the gentle hinge's sequence sums) stay on
 `token_stats`. Like it, this runs on the chunked backend: the native CPU epilogue when built, PyTorch otherwise.
@@ -31,9 +31,16 @@ from ._inputs import OUTPUT_NAMES
 MIN_BAND_ROWS = 256
 
 
-def band_rows(n_rows: int, vocab: int) -> int:
-    """Rows per band: as many as BLOCK_BYTES of fp32 logits hold, at least MIN_BAND_ROWS, at most n_rows."""
-    return max(1, min(n_rows, max(MIN_BAND_ROWS, chunked.BLOCK_BYTES // (4 * vocab))))
+def band_rows(n_rows: int, vocab: int, hidden_size: int = 0, low_precision: bool = False) -> int:
+    """Rows per band: as many as BLOCK_BYTES of fp32 logits hold, at least MIN_BAND_ROWS, at most n_rows.
+
+    16-bit inputs take all rows in one band when its buffers (fp32 logits and 16-bit dz: 6 bytes a logit) cost
+    no more than the fp32 [V, H] dW accumulator that several bands need (one band rounds dW straight into W's
+    dtype): up to 2H/3 rows, 597 on Qwen2-0.5B's head."""
+    rows = max(MIN_BAND_ROWS, chunked.BLOCK_BYTES // (4 * vocab))
+    if low_precision and n_rows * 6 <= max(rows * 6, 4 * hidden_size):
+        rows = n_rows
+    return max(1, min(n_rows, rows))
 
 
 def token_grads(per_token_loss, stats: dict, index: torch.Tensor):
@@ -52,12 +59,11 @@ def token_grads(per_token_loss, stats: dict, index: torch.Tensor):
     return total.detach(), {k: g for k, g in zip(leaves, grads) if g is not None}
 
 
-def _bands_native(student, teacher, target, per_token_loss, index, *, inv_t, kl, ignore_index):
+def _bands_native(student, teacher, target, per_token_loss, index, *, rows, inv_t, kl, ignore_index):
     N, V = target.numel(), student.vocab
-    R = band_rows(N, V)
     stats_out, loss = {}, torch.zeros((), dtype=student.dtype)
-    for r0 in range(0, N, R):
-        r1 = min(N, r0 + R)
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
         z = student.block(r0, r1, 0, V)  # [R, V] fp32 logits (a buffer reused by every band)
         zt = teacher.block(r0, r1, 0, V) if teacher is not None else None
         stats = chunked.finish(native.block_stats(z, target[r0:r1], zt, inv_t=inv_t, kl=kl, ignore_index=ignore_index))
@@ -73,12 +79,11 @@ def _bands_native(student, teacher, target, per_token_loss, index, *, inv_t, kl,
     return loss, stats_out
 
 
-def _bands_torch(student, teacher, target, per_token_loss, index, *, inv_t, kl):
-    N, V = target.numel(), student.vocab
-    R = band_rows(N, V)
+def _bands_torch(student, teacher, target, per_token_loss, index, *, rows, inv_t, kl):
+    N = target.numel()
     stats_out, loss = {}, torch.zeros((), dtype=student.dtype, device=target.device)
-    for r0 in range(0, N, R):
-        r1 = min(N, r0 + R)
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
         stats, logp_all, logq_all = chunked.rows_stats(student, teacher, r0, r1, target[r0:r1], inv_t=inv_t, kl=kl)
         stats = chunked.finish(stats)
         part, grads = token_grads(per_token_loss, stats, index[r0:r1])
@@ -109,15 +114,18 @@ class FusedLinearTokenLoss(torch.autograd.Function):
                 needs):
         need_dh, need_dw, need_db = needs
         N = target.numel()
+        low = hidden.dtype in (torch.bfloat16, torch.float16)
+        rows = band_rows(N, weight.shape[0], weight.shape[1], low)
         student = chunked.LinearHead(hidden, weight, bias, need_dh=need_dh, need_dw=need_dw, need_db=need_db,
-                                     rows_per_band=band_rows(N, weight.shape[0]))
+                                     rows_per_band=rows)
         teacher_head = chunked.teacher_head(teacher)
-        kw = dict(inv_t=1.0 / temperature, kl=kl if teacher is not None else None)
+        kw = dict(rows=rows, inv_t=1.0 / temperature, kl=kl if teacher is not None else None)
         if chunked._native_ok(student, teacher_head):
             loss, stats = _bands_native(student, teacher_head, target, per_token_loss, index,
                                         ignore_index=ignore_index, **kw)
         else:
             loss, stats = _bands_torch(student, teacher_head, target, per_token_loss, index, **kw)
+        student.scratch.clear()  # the band buffers, before dW's conversion: not both at the peak
         dw = None if student.dw is None else student.dw.to(weight.dtype)  # the fp32 accumulator freed here
         db = None if student.db is None else student.db.to(bias.dtype)
         ctx.save_for_backward(student.dh, dw, db)
