@@ -45,10 +45,23 @@ def head(model: str) -> tuple[int, int]:
     return MODELS[model]
 
 
-def matmul_flops(n: int, h: int, v: int, mode: str, teacher_h: int = 0) -> float:
+# the losses vlmfast's chunked backend computes in one pass (token_loss: the gradients in the forward, 3 GEMMs);
+# token_stats, the others and the Triton backend recompute the logits in the backward
+ONE_PASS_OPS = ("sft", "opd", "grpo")
+
+
+def matmul_flops(n: int, h: int, v: int, mode: str, teacher_h: int = 0, one_pass: bool = False) -> float:
     """FLOPs of the head's GEMMs over n tokens: 2NHV forward; forward+backward with the logits recomputed
-    in the backward is 8NHV (forward, recompute, dH, dW). A fused teacher head (OPD) adds its logits,
-    computed in the forward and again in the backward's recompute: 2NH_tV and 4NH_tV (it gets no gradient)."""
+    in the backward is 8NHV (forward, recompute, dH, dW), in one pass 6NHV. A fused teacher head (OPD) adds
+    its logits, computed in the forward and again in the backward's recompute: 2NH_tV and 4NH_tV (it gets no
+    gradient), once in one pass."""
     if mode == "forward":
         return 2 * n * v * (h + teacher_h)
+    if one_pass:
+        return n * v * (6 * h + 2 * teacher_h)
     return n * v * (8 * h + 4 * teacher_h)
+
+
+def runs_one_pass(op: str, provider: str) -> bool:
+    """Whether a provider's path for op is the one-pass path: vlmfast's chunked backend on a one-pass loss."""
+    return op in ONE_PASS_OPS and provider in ("vlmfast-chunked", "vlmfast-native")

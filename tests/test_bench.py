@@ -43,6 +43,8 @@ def test_flop_counts_and_registry():
     # OPD's fused teacher head: its logits in the forward and again in the backward's recompute
     assert registry.matmul_flops(10, 20, 30, "forward", teacher_h=40) == 2 * 10 * 30 * (20 + 40)
     assert registry.matmul_flops(10, 20, 30, "full", teacher_h=40) == 10 * 30 * (8 * 20 + 4 * 40)
+    # one pass: forward, dH, dW; the teacher's logits once
+    assert registry.matmul_flops(10, 20, 30, "full", teacher_h=40, one_pass=True) == 10 * 30 * (6 * 20 + 2 * 40)
     # FLOPs are counted over the tokens a loss counts: build() masks each sequence's prompt
     x = P.build("sft", 512, 8, 50)
     assert P.counted_tokens(512) == int((x["labels"] != -100).sum()) == 512 - 2 * P.PROMPT
