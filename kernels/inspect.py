@@ -142,10 +142,53 @@ def ctas_per_sm(registers: int, shared: int, num_warps: int, arch: int) -> int:
 
 
 def compile_one(pass_: str, dtype: str, teacher_mode: int, arch: int = 90, variant: str = "portable") -> dict:
+    return compile_launch(planned_launch(pass_, dtype, teacher_mode, arch, variant), arch)
+
+
+def epilogue_launches(arch: int) -> list:
+    """(name, launch) of kernels/logits_epilogue.py's kernels as the one-pass path plans them for the 7B head:
+    bands of fp32 logits as large as the backward's dz budget, dz in bf16, without and with teacher logits."""
+    import torch
+
+    from . import logits_epilogue as ep
+    from . import token_stats as ts
+
+    rows = ts.BWD_DZ_BYTES // (4 * VOCAB)
+
+    def meta(*shape, dtype=torch.float32):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    where = ts.Target(arch, SMS)
+    z, y = meta(rows, VOCAB), meta(rows, dtype=torch.int64)
+    per_row = {k: meta(rows) for k in ("lse", "entropy", "kl", "lse_t", "logp")}
+    out = []
+    for zt in (None, meta(rows, VOCAB)):
+        part = meta(ts.NUM_STATS, ep.stats_splits(rows, VOCAB, where), rows)
+        teacher = "none" if zt is None else "logits"
+        out.append((f"logits_stats[fp32, teacher={teacher}]",
+                    ep.stats_launch(z, y, zt, part, meta(rows), temperature=1.0, where=where)))
+        out.append((f"logits_grad[fp32 -> bf16, teacher={teacher}]",
+                    ep.grad_launch(z, y, zt, per_row, per_row, meta(rows, VOCAB, dtype=torch.bfloat16),
+                                   kl_mode=ts.KL_NONE if zt is None else ts.KL_REVERSE, temperature=1.0,
+                                   ignore_index=-100, where=where)))
+    return out
+
+
+def epilogue_report(archs=(90, 80)) -> list[dict]:
+    """Compile the one-pass epilogue kernels for every arch (a handful: no process pool)."""
+    rows = []
+    for arch in archs:
+        for name, launch in epilogue_launches(arch):
+            cfg = launch.config
+            rows.append({"kernel": name, "config": {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_H": 0},
+                         **compile_launch(launch, arch)})
+    return rows
+
+
+def compile_launch(launch, arch: int) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    launch = planned_launch(pass_, dtype, teacher_mode, arch, variant)
     src, options, attrs = jit_source(launch, arch)
     k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
     ptx = k.asm["ptx"]
@@ -201,9 +244,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[90, 80])
     ap.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    ap.add_argument("--epilogue", action="store_true",
+                    help="the one-pass path's epilogue kernels (kernels/logits_epilogue.py) instead")
     args = ap.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    rows = report(tuple(args.arch))
+    if args.epilogue and os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the compiler")
+    rows = epilogue_report(tuple(args.arch)) if args.epilogue else report(tuple(args.arch))
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0

@@ -552,17 +552,21 @@ def token_stats_backward(hidden, weight, bias, target, stats, grads, *, teacher=
         dz = dz_buf[:n]
         backward_launch(hidden, weight, bias, target, saved, g, dz, r0, teacher=teacher, kl_mode=kl_mode,
                         temperature=temperature, ignore_index=ignore_index, where=where)()
-        h = hidden[r0:r0 + n]
-        if need_dh:
-            if dz.is_cuda:
-                torch.mm(dz, weight, out=dh[r0:r0 + n])
-            else:  # the interpreter's CPU tensors: no fast fp16 GEMM there
-                dh[r0:r0 + n] = (dz.float() @ weight.float()).to(dh.dtype)
-        if need_dw:  # accumulated in place: no [V, H] temporary per chunk (2.2 GB fp32 at the 7B head)
-            if dz.is_cuda and dz.dtype != torch.float32:
-                torch.addmm(dw, dz.T, h, out_dtype=torch.float32, out=dw)
-            else:
-                dw.addmm_(dz.T.float(), h.float())
-        if need_db:
-            db += dz.sum(0, dtype=torch.float32)
+        accumulate_dz(dz, hidden[r0:r0 + n], weight, None if dh is None else dh[r0:r0 + n], dw, db)
     return dh, dw, db
+
+
+def accumulate_dz(dz, h, weight, dh_rows, dw, db) -> None:
+    """dh_rows = dz W, dW += dz^T h (fp32), db += Σ dz for a chunk of rows' dz [n, V]; None: not wanted."""
+    if dh_rows is not None:
+        if dz.is_cuda:
+            torch.mm(dz, weight, out=dh_rows)
+        else:  # the interpreter's CPU tensors: no fast fp16 GEMM there
+            dh_rows.copy_(dz.float() @ weight.float())
+    if dw is not None:  # accumulated in place: no [V, H] temporary per chunk (2.2 GB fp32 at the 7B head)
+        if dz.is_cuda and dz.dtype != torch.float32:
+            torch.addmm(dw, dz.T, h, out_dtype=torch.float32, out=dw)
+        else:
+            dw.addmm_(dz.T.float(), h.float())
+    if db is not None:
+        db += dz.sum(0, dtype=torch.float32)

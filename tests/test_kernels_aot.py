@@ -74,3 +74,19 @@ def test_occupancy_and_waves_are_reported(compiled):
     for r in compiled:
         assert r["ctas_per_sm"] >= 1, r
         assert r["waves"] > 0 and len(r["grid"]) == 2, r
+
+
+@pytest.mark.timeout(600)
+def test_one_pass_epilogue_kernels_compile_without_spills(tmp_path):
+    """kernels/logits_epilogue.py (the one-pass path on the Triton backend), planned for the 7B head's bands."""
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
+    res = subprocess.run([sys.executable, "-m", "vlmfast.kernels.inspect", "--epilogue", "--json"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    rows = json.loads(res.stdout)
+    names = {(r["kernel"].split("[")[0], r["arch"]) for r in rows}
+    assert names == {(k, a) for k in ("logits_stats", "logits_grad") for a in ("sm_90", "sm_80")}
+    assert len(rows) == 8  # with and without teacher logits
+    for r in rows:
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+        assert r["ctas_per_sm"] >= 1 and r["specialization"] == "aligned-16", r

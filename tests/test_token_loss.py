@@ -81,10 +81,10 @@ def value_and_grads(fn, h, W, b, compute_dtype=None):
     return [loss.detach().double()] + [g.double() for g in torch.autograd.grad(2.5 * loss, leaves)]
 
 
-def fused(y, teacher, kl, temperature):
+def fused(y, teacher, kl, temperature, backend="chunked"):
     def fn(h, W, b):
         return vlmfast.token_loss(h, W, y, per_token, bias=b, temperature=temperature, teacher=teacher, kl=kl,
-                                  backend="chunked")[0]
+                                  backend=backend)[0]
     return fn
 
 
@@ -259,3 +259,74 @@ def test_bf16_needs_an_fp32_dw_only_with_several_bands(monkeypatch):
             loss.backward()
         assert (seen.largest >= V * Hb) == several, (n, seen.largest)
         W.grad = None
+
+
+# --- the Triton backend's one pass (kernels/logits_epilogue.py), under the interpreter on the CPU ----------------
+
+INTERPRETER = vlmfast.ops.os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.fixture
+def triton_one_pass(monkeypatch):
+    """Every hidden size takes the Triton one pass (by default only H >= 2048 does), in bands of 8 rows."""
+    from vlmfast.kernels import token_stats as kernels
+
+    monkeypatch.setattr(one_pass, "TRITON_MIN_HIDDEN", 0)
+    monkeypatch.setattr(kernels, "BWD_DZ_BYTES", 8 * 4 * V)
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="the Triton kernels run on the CPU under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("teacher_kind,kl", [(None, None), ("head", "reverse"), ("logits", "forward")])
+def test_triton_one_pass_fp32_matches_autograd_through_materialised_logits(triton_one_pass, teacher_kind, kl):
+    h, W, b, y, teacher = inputs(torch.float32, teacher_kind)
+    got = value_and_grads(fused(y, teacher, kl, 1.3, backend="triton"), h, W, b)
+    want = value_and_grads(lambda *t: naive(*t, y, teacher, kl, 1.3), h, W, b, torch.float64)
+    for what, a, w in zip(("loss", "d hidden", "d weight", "d bias"), got, want):
+        assert (a - w).abs().max() <= 2e-5 * max(1.0, w.abs().max().item()), what
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="the Triton kernels run on the CPU under TRITON_INTERPRET=1")
+def test_triton_one_pass_fp16_no_worse_than_naive_fp16(triton_one_pass):
+    h, W, b, y, teacher = inputs(torch.float16, "head")
+    got = value_and_grads(fused(y, teacher, "reverse", 1.0, backend="triton"), h, W, b)
+    truth = value_and_grads(lambda *t: naive(*t, y, teacher, "reverse", 1.0), h, W, b, torch.float64)
+
+    def naive_low(h, W, b):
+        return naive((h @ W.T + b).float(), torch.eye(V), torch.zeros(V), y, (teacher[0] @ teacher[1].T).float(),
+                     "reverse", 1.0)
+
+    base = value_and_grads(naive_low, h, W, b)
+    for what, a, n, t in zip(("loss", "d hidden", "d weight", "d bias"), got, base, truth):
+        tol = 2 * torch.finfo(torch.float16).eps * max(1.0, t.abs().max().item())
+        assert (a - t).abs().max() <= (n - t).abs().max() + tol, what
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="the Triton kernels run on the CPU under TRITON_INTERPRET=1")
+def test_triton_one_pass_runs_three_gemms(triton_one_pass):
+    """Logits, dh and dW are torch GEMMs here (the epilogue kernels do none): 6nHV in all, the teacher's once."""
+    h, W, b, y, teacher = inputs(torch.float32, "head")
+    h.requires_grad_(), W.requires_grad_()
+    n = int((y != -100).sum())
+    flops = _flops(lambda: vlmfast.token_loss(h, W, y, per_token, teacher=teacher, kl="reverse",
+                                              backend="triton")[0], h, W)
+    assert flops == 6 * n * H * V + 2 * n * HT * V
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="the Triton kernels run on the CPU under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("splits", [1, 3])
+def test_logits_epilogue_statistics_over_vocabulary_slices(splits):
+    """The statistics kernel's vocabulary slices (a GPU splits V to fill its SMs) merge to the fp64 truth."""
+    from vlmfast.kernels.logits_epilogue import logits_stats
+
+    g = torch.Generator().manual_seed(3)
+    z, zt = torch.randn(N, V, generator=g) * 4, torch.randn(N, V, generator=g) * 4
+    y = torch.randint(0, V, (N,), generator=g)
+    y[::5] = -100
+    got = logits_stats(z, y, zt, kl="reverse", temperature=1.3, splits=splits)
+    lp, lq = torch.log_softmax(z.double() / 1.3, -1), torch.log_softmax(zt.double() / 1.3, -1)
+    keep = y != -100
+    want = {"logp": lp[keep, y[keep]], "entropy": -(lp.exp() * lp).sum(-1)[keep],
+            "kl": (lp.exp() * (lp - lq)).sum(-1)[keep], "lse": torch.logsumexp(z.double() / 1.3, -1)[keep]}
+    for k, w in want.items():
+        torch.testing.assert_close(got[k][keep].double(), w, rtol=1e-5, atol=1e-5)
+        assert (got[k][~keep] == 0).all()

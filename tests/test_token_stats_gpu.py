@@ -39,3 +39,42 @@ def test_hopper_runs_the_tma_kernels_and_others_the_portable_ones():
     W = torch.randn(1000, 896, device="cuda", dtype=torch.bfloat16)
     hopper = torch.cuda.get_device_capability()[0] == 9
     assert kernel_variant(device_target(h.device), h, W) == ("tma" if hopper else "portable")
+
+
+@pytest.mark.parametrize("teacher", [False, True])
+def test_token_loss_one_pass_bf16_no_worse_than_naive(teacher):
+    """token_loss on the Triton backend at H >= 2048 (the one pass: logits by a GEMM, kernels/logits_epilogue.py)
+    in bf16, against the naive bf16 loss through materialised logits, both against fp32."""
+    import vlmfast
+
+    N, H, V, Ht = 1024, 2048, 32000, 256
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(N, H, device="cuda", generator=g)
+    W = torch.randn(V, H, device="cuda", generator=g) * H**-0.5
+    y = torch.randint(0, V, (N,), device="cuda", generator=g)
+    y[::7] = -100
+    zt = torch.randn(N, Ht, device="cuda", generator=g) @ torch.randn(Ht, V, device="cuda", generator=g) * 0.1
+    n = (y != -100).sum()
+
+    def per_token(s, index):
+        return (0.7 * s["kl"] if teacher else 0) - s["logp"] / n + 0.01 * s["entropy"]
+
+    def naive(h, W):
+        lp = torch.log_softmax((h @ W.T).float(), -1)
+        keep = y != -100
+        s = {"logp": lp[keep, y[keep]], "entropy": -(lp.exp() * lp).sum(-1)[keep]}
+        if teacher:
+            s["kl"] = (lp.exp() * (lp - torch.log_softmax(zt.float(), -1))).sum(-1)[keep]
+        return per_token(s, None).sum()
+
+    def run(fn, dtype):
+        a, b = h.to(dtype).requires_grad_(), W.to(dtype).requires_grad_()
+        loss = fn(a, b)
+        return [loss.float()] + [t.float() for t in torch.autograd.grad(loss, (a, b))]
+
+    fused = run(lambda a, b: vlmfast.token_loss(a, b, y, per_token, teacher=zt.to(a.dtype) if teacher else None,
+                                                kl="reverse" if teacher else None, backend="triton")[0],
+                torch.bfloat16)
+    base, truth = run(naive, torch.bfloat16), run(naive, torch.float32)
+    for what, f, b, t in zip(("loss", "d hidden", "d weight"), fused, base, truth):
+        assert _max_err(f, t) <= _max_err(b, t) + 2 * torch.finfo(torch.bfloat16).eps * _scale(t), what

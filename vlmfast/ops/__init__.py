@@ -25,6 +25,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from . import one_pass
 from ._inputs import BACKENDS, Teacher, check_from_logits, check_token_stats
 from .function import FusedLinearTokenStats, LogitsTokenStats
 from .one_pass import FusedLinearTokenLoss
@@ -213,7 +214,8 @@ def token_loss(
     backend = _resolve_backend(backend, hidden.device, hidden.dtype)
     c.valid = c.target != ignore_index
     rows = c.valid.nonzero().squeeze(1)
-    if backend != "chunked":  # the recomputing kernels, the same function
+    if backend == "reference" or (backend == "triton" and not one_pass.triton_one_pass(c.weight.shape[1])):
+        # token_stats' statistics (its kernels recompute the logits), the same function
         r = token_stats(hidden, weight, target, bias=bias, temperature=temperature, teacher=teacher, kl=kl,
                         outputs=outputs, ignore_index=ignore_index, backend=backend, check_inputs=False)
         stats = {k: getattr(r, k).reshape(-1).index_select(0, rows) for k in outputs}
@@ -226,7 +228,7 @@ def token_loss(
     needs = tuple(grad_on and x is not None and x.requires_grad for x in (c.hidden, c.weight, c.bias))
     loss, *per_token = FusedLinearTokenLoss.apply(
         _take(c.hidden, rows), c.weight, c.bias, _take(c.target, rows), t, c.kl, c.temperature, ignore_index,
-        per_token_loss, rows, needs,
+        per_token_loss, rows, needs, backend,
     )
     per_token = dict(zip(("logp", "entropy", "kl", "lse"), per_token))
     return loss, _finish(c, {k: per_token[k] for k in outputs}, outputs, rows)

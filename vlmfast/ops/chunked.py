@@ -59,8 +59,7 @@ class LinearHead:
         # 16-bit CPU inputs stay 16-bit: the native path's GEMMs take them as they are with an fp32
         # result (native.mm_wide_). Otherwise, on the CPU, one fp32 copy of W serves every block; on
         # CUDA 16-bit stays on tensor cores with fp32 output.
-        self.low_precision = (not weight.is_cuda and hidden.dtype == weight.dtype
-                              and native.wide_gemm(weight.dtype))
+        self.low_precision = self.keeps_16bit(hidden, weight)
         if self.low_precision:
             self.hidden = hidden.contiguous()  # the GEMMs' row-major operand
         self.weight = weight if weight.is_cuda or self.low_precision else weight.to(self.dtype)
@@ -78,6 +77,11 @@ class LinearHead:
         self.db = torch.zeros(self.vocab, dtype=self.dtype, device=weight.device) if need_db else None
         self.dh32 = None
         self.scratch = {}  # the native path's buffers, reused from block to block (see _scratch)
+
+    @staticmethod
+    def keeps_16bit(hidden, weight) -> bool:
+        """Whether 16-bit CPU inputs stay 16-bit (the native GEMM takes them), rather than W copied to fp32."""
+        return not weight.is_cuda and hidden.dtype == weight.dtype and native.wide_gemm(weight.dtype)
 
     def logits(self, r0: int, r1: int) -> torch.Tensor:
         z = mm_wide(self.hidden[r0:r1], self.weight.T)

@@ -27,6 +27,7 @@ import torch
 
 from . import chunked, native
 from ._inputs import OUTPUT_NAMES
+from ._matmul import mm_wide
 
 MIN_BAND_ROWS = 256
 
@@ -34,9 +35,9 @@ MIN_BAND_ROWS = 256
 def band_rows(n_rows: int, vocab: int, hidden_size: int = 0, low_precision: bool = False) -> int:
     """Rows per band: as many as BLOCK_BYTES of fp32 logits hold, at least MIN_BAND_ROWS, at most n_rows.
 
-    16-bit inputs take all rows in one band when its buffers (fp32 logits and 16-bit dz: 6 bytes a logit) cost
-    no more than the fp32 [V, H] dW accumulator that several bands need (one band rounds dW straight into W's
-    dtype): up to 2H/3 rows, 597 on Qwen2-0.5B's head."""
+    16-bit inputs kept 16-bit (the native GEMM) take all rows in one band when its buffers (fp32 logits and 16-bit
+    dz: 6 bytes a logit) cost no more than the fp32 [V, H] dW accumulator that several bands need (one band
+    rounds dW straight into W's dtype): up to 2H/3 rows, 597 on Qwen2-0.5B's head."""
     rows = max(MIN_BAND_ROWS, chunked.BLOCK_BYTES // (4 * vocab))
     if low_precision and n_rows * 6 <= max(rows * 6, 4 * hidden_size):
         rows = n_rows
@@ -98,11 +99,73 @@ def _bands_torch(student, teacher, target, per_token_loss, index, *, rows, inv_t
     return loss, stats_out
 
 
+# On the Triton backend a band's logits come from a tensor-core GEMM and are read twice from memory by
+# kernels/logits_epilogue.py instead of recomputed: worth it where a logit's 2H FLOP cost more than its ~12 bytes
+# of traffic (H >= ~1800 on an H100 by the peaks; not yet measured). Below, token_loss runs token_stats' kernels.
+TRITON_MIN_HIDDEN = 2048
+
+
+def triton_one_pass(hidden_size: int) -> bool:
+    return hidden_size >= TRITON_MIN_HIDDEN
+
+
+def _bands_triton(hidden, weight, bias, teacher, target, per_token_loss, index, *, needs, temperature, kl,
+                  ignore_index):
+    """One pass on the Triton backend: per band, logits by a GEMM with an fp32 result (tensor cores on CUDA), the
+    statistics and dz by kernels/logits_epilogue.py, dh and dW by two more GEMMs (token_stats' accumulate_dz)."""
+    from vlmfast.kernels import logits_epilogue as epilogue
+    from vlmfast.kernels import token_stats as kernels
+
+    N, H = hidden.shape
+    V = weight.shape[0]
+    need_dh, need_dw, need_db = needs
+    dev = hidden.device
+    dh = torch.empty_like(hidden) if need_dh else None
+    dw = torch.zeros(V, H, dtype=torch.float32, device=dev) if need_dw else None
+    db = torch.zeros(V, dtype=torch.float32, device=dev) if need_db else None
+    rows = max(1, min(N, kernels.BWD_DZ_BYTES // (4 * V)))  # 1 GiB of fp32 logits, as the backward's dz chunks
+    stats_out, loss = {}, torch.zeros((), dtype=torch.float32, device=dev)
+    dz_buf = torch.empty(rows, V, dtype=hidden.dtype, device=dev) if any(needs) else None
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        z = mm_wide(hidden[r0:r1], weight.T)  # [R, V] fp32
+        if bias is not None:
+            z += bias.float()
+        zt = None
+        if teacher is not None and teacher.logits is not None:
+            zt = teacher.logits[r0:r1]
+        elif teacher is not None:
+            zt = mm_wide(teacher.hidden[r0:r1], teacher.weight.T)
+            if teacher.bias is not None:
+                zt += teacher.bias.float()
+        kw = dict(kl=kl, temperature=temperature, ignore_index=ignore_index)
+        stats = chunked.finish(epilogue.logits_stats(z, target[r0:r1], zt, **kw))
+        part, grads = token_grads(per_token_loss, stats, index[r0:r1])
+        loss += part
+        _collect(stats_out, stats, r0, N)
+        if dz_buf is not None:
+            dz = epilogue.logits_grad(z, target[r0:r1], zt, stats, grads, dz_buf[:r1 - r0], **kw)
+            del z
+            kernels.accumulate_dz(dz, hidden[r0:r1], weight, None if dh is None else dh[r0:r1], dw, db)
+    return loss, stats_out, dh, dw, db
+
+
 def _collect(out: dict, stats: dict, r0: int, n: int) -> None:
     for k, v in stats.items():
         if k not in out:
             out[k] = torch.zeros(n, dtype=v.dtype, device=v.device)
         out[k][r0:r0 + v.numel()] = v
+
+
+def _finish_forward(ctx, loss, stats, hidden, weight, bias, dh, dw, db, n):
+    """Save dh and dW, db in the inputs' dtypes (an fp32 accumulator freed here) and return the outputs."""
+    dw = None if dw is None else dw.to(weight.dtype)
+    db = None if db is None else db.to(bias.dtype)
+    ctx.save_for_backward(dh, dw, db)
+    empty = torch.zeros(n, dtype=loss.dtype, device=hidden.device)
+    outs = [stats.get(k, empty) for k in OUTPUT_NAMES]
+    ctx.mark_non_differentiable(*outs)
+    return (loss.to(hidden.device), *outs)
 
 
 class FusedLinearTokenLoss(torch.autograd.Function):
@@ -111,11 +174,16 @@ class FusedLinearTokenLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, teacher, kl, temperature, ignore_index, per_token_loss, index,
-                needs):
-        need_dh, need_dw, need_db = needs
+                needs, backend):
         N = target.numel()
-        low = hidden.dtype in (torch.bfloat16, torch.float16)
-        rows = band_rows(N, weight.shape[0], weight.shape[1], low)
+        if backend == "triton":
+            loss, stats, dh, dw, db = _bands_triton(
+                hidden.contiguous(), weight.contiguous(), bias, teacher, target.contiguous(), per_token_loss, index,
+                needs=needs, temperature=temperature, kl=kl if teacher is not None else None,
+                ignore_index=ignore_index)
+            return _finish_forward(ctx, loss, stats, hidden, weight, bias, dh, dw, db, N)
+        need_dh, need_dw, need_db = needs
+        rows = band_rows(N, weight.shape[0], weight.shape[1], chunked.LinearHead.keeps_16bit(hidden, weight))
         student = chunked.LinearHead(hidden, weight, bias, need_dh=need_dh, need_dw=need_dw, need_db=need_db,
                                      rows_per_band=rows)
         teacher_head = chunked.teacher_head(teacher)
@@ -126,13 +194,7 @@ class FusedLinearTokenLoss(torch.autograd.Function):
         else:
             loss, stats = _bands_torch(student, teacher_head, target, per_token_loss, index, **kw)
         student.scratch.clear()  # the band buffers, before dW's conversion: not both at the peak
-        dw = None if student.dw is None else student.dw.to(weight.dtype)  # the fp32 accumulator freed here
-        db = None if student.db is None else student.db.to(bias.dtype)
-        ctx.save_for_backward(student.dh, dw, db)
-        empty = torch.zeros(N, dtype=student.dtype, device=hidden.device)
-        outs = [stats.get(k, empty) for k in OUTPUT_NAMES]
-        ctx.mark_non_differentiable(*outs)
-        return (loss.to(hidden.device), *outs)
+        return _finish_forward(ctx, loss, stats, hidden, weight, bias, student.dh, student.dw, student.db, N)
 
     @staticmethod
     def backward(ctx, g_loss, *_):
@@ -145,4 +207,4 @@ class FusedLinearTokenLoss(torch.autograd.Function):
         def scaled(t):  # in place: a copy of dW would be another [V, H] at the memory peak
             return None if t is None else t.mul_(g_loss.to(t.dtype))
 
-        return scaled(dh), scaled(dw), scaled(db), None, None, None, None, None, None, None, None
+        return scaled(dh), scaled(dw), scaled(db), None, None, None, None, None, None, None, None, None
