@@ -18,7 +18,8 @@ rows: every band reads W twice and adds its dW into the [V, H] accumulator, so s
 vocabulary pay in memory traffic what they save in GEMM time (band_rows).
 
 Losses whose token gradients depend on other tokens (DPO's and the gentle hinge's sequence sums) stay on
-`token_stats`. Like it, this runs on the chunked backend: the native CPU epilogue when built, PyTorch otherwise.
+`token_stats`. Epilogues: on the chunked backend the native CPU kernels when built, PyTorch otherwise; on the
+Triton backend (from TRITON_MIN_HIDDEN) kernels/logits_epilogue.py over logits from a tensor-core GEMM.
 """
 
 from __future__ import annotations
