@@ -78,6 +78,13 @@ def grad_launch(z, target, zt, row: dict, g: dict, dz, *, kl_mode, temperature, 
 
 
 @triton.jit
+def _scaled_tile(ptr, rows, cols, stride, mask, inv_t):
+    """A [BLOCK_N, BLOCK_V] tile of logits in memory, in fp32, divided by the temperature."""
+    z = tl.load(ptr + rows.to(tl.int64)[:, None] * stride + cols[None, :], mask=mask, other=0.0)
+    return z.to(tl.float32) * inv_t
+
+
+@triton.jit
 def _logits_stats_kernel(z_ptr, zt_ptr, y_ptr, part_ptr, zy_ptr, N, V, inv_t, v_per_split, stride_z, stride_zt,
                          TEACHER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
     """One program per (BLOCK_N rows) x (slice of the vocabulary), as token_stats' forward."""
@@ -92,12 +99,10 @@ def _logits_stats_kernel(z_ptr, zt_ptr, y_ptr, part_ptr, zy_ptr, N, V, inv_t, v_
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
         mask = row_mask[:, None] & col_mask[None, :]
-        z = tl.load(z_ptr + rows.to(tl.int64)[:, None] * stride_z + cols[None, :], mask=mask, other=0.0)
-        z = z.to(tl.float32) * inv_t
+        z = _scaled_tile(z_ptr, rows, cols, stride_z, mask, inv_t)
         zt = z
         if TEACHER != 0:
-            zt = tl.load(zt_ptr + rows.to(tl.int64)[:, None] * stride_zt + cols[None, :], mask=mask, other=0.0)
-            zt = zt.to(tl.float32) * inv_t
+            zt = _scaled_tile(zt_ptr, rows, cols, stride_zt, mask, inv_t)
         m, s0, a, zy, mt, t0, b, at, bt = _online_update(z, zt, cols, col_mask, y, m, s0, a, zy, mt, t0, b, at, bt,
                                                          TEACHER)
     _store_partials(part_ptr, zy_ptr, rows, row_mask, y, v_start, v_end, pid_s, N, m, s0, a, zy, mt, t0, b, at, bt,
@@ -115,12 +120,10 @@ def _logits_grad_kernel(z_ptr, zt_ptr, y_ptr, lse_ptr, ent_ptr, kl_ptr, lse_t_pt
     y, valid, lse, ent, g_logp, g_ent, g_lse, kl, lse_t, g_kl = _backward_rows(
         y_ptr, lse_ptr, ent_ptr, kl_ptr, lse_t_ptr, g_logp_ptr, g_ent_ptr, g_kl_ptr, g_lse_ptr, rows, row_mask,
         ignore_index, KL)
-    z = tl.load(z_ptr + rows.to(tl.int64)[:, None] * stride_z + cols[None, :], mask=mask, other=0.0)
-    z = z.to(tl.float32) * inv_t
+    z = _scaled_tile(z_ptr, rows, cols, stride_z, mask, inv_t)
     zt = z
     if KL != 0:
-        zt = tl.load(zt_ptr + rows.to(tl.int64)[:, None] * stride_zt + cols[None, :], mask=mask, other=0.0)
-        zt = zt.to(tl.float32) * inv_t
+        zt = _scaled_tile(zt_ptr, rows, cols, stride_zt, mask, inv_t)
     dz = _dz_tile(z, zt, cols, y, valid, lse, ent, g_logp, g_ent, g_lse, kl, lse_t, g_kl, inv_t, KL)
     tl.store(dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
              mask=mask)
