@@ -201,6 +201,7 @@ def grpo_loss(hidden, weight, labels, old_logp, advantages, *, ref_logp=None, cl
                           entropy=masked_mean(r.entropy, mask), kl=kl, clip_frac_low=low, clip_frac_high=high,
                           ratio_mean=masked_mean(ratio, mask), ratio_min=r_min, ratio_max=r_max, **extra)
 
+
 class GRPOLoss(LossModule):
     fn = staticmethod(grpo_loss)
     check = staticmethod(_check_grpo)

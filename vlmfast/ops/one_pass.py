@@ -28,7 +28,6 @@ import torch
 
 from . import chunked, native
 from ._inputs import OUTPUT_NAMES
-from ._matmul import mm_wide
 
 MIN_BAND_ROWS = 256
 
@@ -61,43 +60,61 @@ def token_grads(per_token_loss, stats: dict, index: torch.Tensor):
     return total.detach(), {k: g for k, g in zip(leaves, grads) if g is not None}
 
 
-def _bands_native(student, teacher, target, per_token_loss, index, *, rows, inv_t, kl, ignore_index):
-    N, V = target.numel(), student.vocab
-    stats_out, loss = {}, torch.zeros((), dtype=student.dtype)
-    for r0 in range(0, N, rows):
-        r1 = min(N, r0 + rows)
-        z = student.block(r0, r1, 0, V)  # [R, V] fp32 logits (a buffer reused by every band)
-        zt = teacher.block(r0, r1, 0, V) if teacher is not None else None
-        stats = chunked.finish(native.block_stats(z, target[r0:r1], zt, inv_t=inv_t, kl=kl, ignore_index=ignore_index))
+def _bands(n: int, rows: int, per_token_loss, index, dtype, device, band_stats, band_grad):
+    """The band loop every epilogue shares: `band_stats(r0, r1)` -> (statistics, what the band's gradient needs);
+    the loss's per-token gradients; `band_grad(r0, r1, stats, grads, state)` (None: no gradient wanted)."""
+    stats_out, loss = {}, torch.zeros((), dtype=dtype, device=device)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        stats, state = band_stats(r0, r1)
         part, grads = token_grads(per_token_loss, stats, index[r0:r1])
         loss += part
-        _collect(stats_out, stats, r0, N)
-        if student.need_dh or student.need_dw or student.need_db:
-            use_kl = grads.get("kl") is not None
-            native.block_grad_(z, target[r0:r1], zt if use_kl else None, stats, grads, z, inv_t=inv_t,
-                               kl=kl if use_kl else None, ignore_index=ignore_index)
-            student.accumulate_block(r0, r1, 0, V, z)  # dh rows = dz W, dW += dz^T h, db += Σ dz
-    student.finish_grads()
+        _collect(stats_out, stats, r0, n)
+        if band_grad is not None:
+            band_grad(r0, r1, stats, grads, state)
+        del state  # the band's logits: never alive beside the next band's
     return loss, stats_out
+
+
+def _bands_native(student, teacher, target, per_token_loss, index, *, rows, inv_t, kl, ignore_index):
+    V = student.vocab
+
+    def band_stats(r0, r1):
+        z = student.block(r0, r1, 0, V)  # [R, V] fp32 logits (a buffer reused by every band)
+        zt = teacher.block(r0, r1, 0, V) if teacher is not None else None
+        stats = native.block_stats(z, target[r0:r1], zt, inv_t=inv_t, kl=kl, ignore_index=ignore_index)
+        return chunked.finish(stats), (z, zt)
+
+    def band_grad(r0, r1, stats, grads, state):
+        z, zt = state
+        use_kl = grads.get("kl") is not None
+        native.block_grad_(z, target[r0:r1], zt if use_kl else None, stats, grads, z, inv_t=inv_t,
+                           kl=kl if use_kl else None, ignore_index=ignore_index)
+        student.accumulate_block(r0, r1, 0, V, z)  # dh rows = dz W, dW += dz^T h, db += Σ dz
+
+    wanted = student.need_dh or student.need_dw or student.need_db
+    out = _bands(target.numel(), rows, per_token_loss, index, student.dtype, target.device, band_stats,
+                 band_grad if wanted else None)
+    student.finish_grads()
+    return out
 
 
 def _bands_torch(student, teacher, target, per_token_loss, index, *, rows, inv_t, kl):
-    N = target.numel()
-    stats_out, loss = {}, torch.zeros((), dtype=student.dtype, device=target.device)
-    for r0 in range(0, N, rows):
-        r1 = min(N, r0 + rows)
+    def band_stats(r0, r1):
         stats, logp_all, logq_all = chunked.rows_stats(student, teacher, r0, r1, target[r0:r1], inv_t=inv_t, kl=kl)
-        stats = chunked.finish(stats)
-        part, grads = token_grads(per_token_loss, stats, index[r0:r1])
-        loss += part
-        _collect(stats_out, stats, r0, N)
-        if student.need_dh or student.need_dw or student.need_db:
-            zero = torch.zeros_like(stats["lse"])
-            g = {k: grads[k].to(zero.dtype) if k in grads else zero for k in OUTPUT_NAMES}
-            dz = chunked.rows_grad_(logp_all, logq_all if "kl" in grads else None, target[r0:r1], stats, g,
-                                    inv_t=inv_t, kl=kl)
-            student.accumulate(r0, r1, dz)
-    return loss, stats_out
+        return chunked.finish(stats), (logp_all, logq_all)
+
+    def band_grad(r0, r1, stats, grads, state):
+        logp_all, logq_all = state
+        zero = torch.zeros_like(stats["lse"])
+        g = {k: grads[k].to(zero.dtype) if k in grads else zero for k in OUTPUT_NAMES}
+        dz = chunked.rows_grad_(logp_all, logq_all if "kl" in grads else None, target[r0:r1], stats, g,
+                                inv_t=inv_t, kl=kl)
+        student.accumulate(r0, r1, dz)
+
+    wanted = student.need_dh or student.need_dw or student.need_db
+    return _bands(target.numel(), rows, per_token_loss, index, student.dtype, target.device, band_stats,
+                  band_grad if wanted else None)
 
 
 # On the Triton backend a band's logits come from a tensor-core GEMM and are read twice from memory by
@@ -125,29 +142,26 @@ def _bands_triton(hidden, weight, bias, teacher, target, per_token_loss, index, 
     dw = torch.zeros(V, H, dtype=torch.float32, device=dev) if need_dw else None
     db = torch.zeros(V, dtype=torch.float32, device=dev) if need_db else None
     rows = max(1, min(N, kernels.BWD_DZ_BYTES // (4 * V)))  # 1 GiB of fp32 logits, as the backward's dz chunks
-    stats_out, loss = {}, torch.zeros((), dtype=torch.float32, device=dev)
     dz_buf = torch.empty(rows, V, dtype=hidden.dtype, device=dev) if any(needs) else None
-    for r0 in range(0, N, rows):
-        r1 = min(N, r0 + rows)
-        z = mm_wide(hidden[r0:r1], weight.T)  # [R, V] fp32
-        if bias is not None:
-            z += bias.float()
-        zt = None
+    student = chunked.LinearHead(hidden, weight, bias)  # logits only: its gradients are accumulate_dz's
+    teacher_head = chunked.LinearHead(teacher.hidden, teacher.weight, teacher.bias) \
+        if teacher is not None and teacher.logits is None else None
+    kw = dict(kl=kl, temperature=temperature, ignore_index=ignore_index)
+
+    def band_stats(r0, r1):
+        z = student.logits(r0, r1)  # [R, V] fp32
+        zt = teacher_head.logits(r0, r1) if teacher_head is not None else None
         if teacher is not None and teacher.logits is not None:
-            zt = teacher.logits[r0:r1]
-        elif teacher is not None:
-            zt = mm_wide(teacher.hidden[r0:r1], teacher.weight.T)
-            if teacher.bias is not None:
-                zt += teacher.bias.float()
-        kw = dict(kl=kl, temperature=temperature, ignore_index=ignore_index)
-        stats = chunked.finish(epilogue.logits_stats(z, target[r0:r1], zt, **kw))
-        part, grads = token_grads(per_token_loss, stats, index[r0:r1])
-        loss += part
-        _collect(stats_out, stats, r0, N)
-        if dz_buf is not None:
-            dz = epilogue.logits_grad(z, target[r0:r1], zt, stats, grads, dz_buf[:r1 - r0], **kw)
-            del z
-            kernels.accumulate_dz(dz, hidden[r0:r1], weight, None if dh is None else dh[r0:r1], dw, db)
+            zt = teacher.logits[r0:r1]  # read in place: the kernels widen it
+        return chunked.finish(epilogue.logits_stats(z, target[r0:r1], zt, **kw)), [z, zt]
+
+    def band_grad(r0, r1, stats, grads, state):
+        dz = epilogue.logits_grad(state[0], target[r0:r1], state[1], stats, grads, dz_buf[:r1 - r0], **kw)
+        state.clear()  # the fp32 logits (1 GiB) freed before the two GEMMs
+        kernels.accumulate_dz(dz, hidden[r0:r1], weight, None if dh is None else dh[r0:r1], dw, db)
+
+    loss, stats_out = _bands(N, rows, per_token_loss, index, torch.float32, dev, band_stats,
+                             band_grad if dz_buf is not None else None)
     return loss, stats_out, dh, dw, db
 
 
