@@ -20,6 +20,9 @@ from ._runner import keep_native_switch
 OPS = ("sft", "token_stats", "sft_gentle", "opd", "grpo", "dpo", "cw_dpo")
 SEQ_LEN = 256  # tokens per sequence: B = N / SEQ_LEN
 PROMPT = 64  # prompt tokens per sequence (ignored by every loss)
+# CW-DPO's l_floor as the trainer runs it (l_floor: auto, a number fixed at the stage's start: each pair's loss reads
+# only its own sequences); about the mean log-prob of these random heads' tokens, so w_c is spread, not 0 or 1
+L_FLOOR = -10.5
 
 
 def counted_tokens(n: int) -> int:
@@ -103,7 +106,7 @@ def naive(op: str, x: dict):
     if op == "dpo":
         return -F.logsigmoid(0.1 * (d_w - d_l)).mean()
     lbar = (S[B:] / mask[B:].sum(-1)).detach()
-    w = torch.sigmoid((lbar - lbar.mean()) / 0.5)
+    w = torch.sigmoid((lbar - L_FLOOR) / 0.5)
     return -F.logsigmoid(0.1 * (d_w - w * d_l)).mean()
 
 
@@ -135,8 +138,7 @@ def vlmfast_loss(op: str, x: dict, backend: str, native_epilogue: bool | None = 
         return vlmfast.grpo_loss(h, W, y, x["old_logp"], x["advantages"], clip_high=0.28, **kw)[0]
     if op == "dpo":
         return vlmfast.dpo_loss(h, W, y, x["ref_c"], x["ref_r"], beta=0.1, **kw)[0]
-    # cw_dpo with l_floor = the batch mean (the naive version's)
-    return vlmfast.cw_dpo_loss(h, W, y, x["ref_c"], x["ref_r"], beta=0.1, tau_c=0.5, l_floor="batch", **kw)[0]
+    return vlmfast.cw_dpo_loss(h, W, y, x["ref_c"], x["ref_r"], beta=0.1, tau_c=0.5, l_floor=L_FLOOR, **kw)[0]
 
 
 # --- PyTorch's own fused linear cross entropy (plain CE only) ---------------------------------------

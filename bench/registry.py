@@ -45,9 +45,10 @@ def head(model: str) -> tuple[int, int]:
     return MODELS[model]
 
 
-# the losses vlmfast's chunked backend computes in one pass (token_loss: the gradients in the forward, 3 GEMMs);
-# token_stats, the others and the Triton backend recompute the logits in the backward
-ONE_PASS_OPS = ("sft", "opd", "grpo")
+# the losses vlmfast computes in one pass (token_loss: the gradients in the forward, 3 GEMMs; DPO's pairs and the
+# gentle hinge's negatives as groups of tokens, whole in a band): every op but token_stats, whose backward takes any
+# upstream gradient and recomputes the logits
+ONE_PASS_OPS = ("sft", "sft_gentle", "opd", "grpo", "dpo", "cw_dpo")
 
 
 def matmul_flops(n: int, h: int, v: int, mode: str, teacher_h: int = 0, one_pass: bool = False) -> float:
@@ -62,6 +63,12 @@ def matmul_flops(n: int, h: int, v: int, mode: str, teacher_h: int = 0, one_pass
     return n * v * (8 * h + 4 * teacher_h)
 
 
-def runs_one_pass(op: str, provider: str) -> bool:
-    """Whether a provider's path for op is the one-pass path: vlmfast's chunked backend on a one-pass loss."""
-    return op in ONE_PASS_OPS and provider in ("vlmfast-chunked", "vlmfast-native")
+def runs_one_pass(op: str, provider: str, hidden_size: int) -> bool:
+    """Whether a provider's path for op is the one-pass path: vlmfast's chunked backend on a one-pass loss, or its
+    Triton backend from one_pass.TRITON_MIN_HIDDEN (below, token_stats' fused kernels recompute)."""
+    from vlmfast.ops.one_pass import TRITON_MIN_HIDDEN
+
+    if op not in ONE_PASS_OPS:
+        return False
+    return provider in ("vlmfast-chunked", "vlmfast-native") or (
+        provider == "vlmfast-triton" and hidden_size >= TRITON_MIN_HIDDEN)

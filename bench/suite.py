@@ -172,7 +172,7 @@ def _run_model_dtype(args, model: str, h: int, v: int, dtype_name: str, env: dic
                 new = []
                 for mode, r in res.items():
                     flops = registry.matmul_flops(P.counted_tokens(n), h, v, mode, teacher_h=h if op == "opd" else 0,
-                                                  one_pass=device == "cpu" and registry.runs_one_pass(op, provider))
+                                                  one_pass=registry.runs_one_pass(op, provider, h))
                     new.append({**case, "mode": mode, "time_s": r["time_s"],
                                 "peak_above_inputs_mb": r["peak_above_inputs_mb"],
                                 "tflops": flops / r["time_s"] / 1e12, "agreement_rel_err": ok[provider]})

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vlmfast.ops.one_pass import TRITON_MIN_HIDDEN
+
 from . import registry
 from .providers import counted_tokens
 
@@ -99,13 +101,14 @@ def roofline(rows, peak_tflops: float, label: str) -> str:
         if str(r.get("device", "")).startswith("cpu") and _dtype(r) != "float32":  # the CPU peak: its fp32 GEMM
             continue
         mode = "forward" if r["mode"] == "forward" else "full"
-        one_pass = str(r.get("device", "")).startswith("cpu") and registry.runs_one_pass(r["op"], r["provider"])
+        one_pass = registry.runs_one_pass(r["op"], r["provider"], r["h"])
         bound = registry.matmul_flops(counted_tokens(r["n"]), r["h"], r["v"], mode, one_pass=one_pass)  # no teacher
         bound /= peak_tflops * 1e12
         lines.append(f"| {r['op']} | {r['model']} | {r['n']} | {r['mode']} | {r['provider']} | {bound:.3f} s | "
                      f"{r['time_s']:.3f} s | {bound / r['time_s']:.2f} |")
     lines.append(f"\nFLOPs counted: 2NHV forward; forward+backward 8NHV for token_stats (logits recomputed in the "
-                 f"backward), 6NHV for sft on the CPU's chunked backend (one pass: gradients in the forward); N the "
+                 f"backward), 6NHV for sft in one pass (gradients in the forward: the chunked backend, Triton's from "
+                 f"H = {TRITON_MIN_HIDDEN}); N the "
                  f"tokens a loss counts (the prompt's are ignored); peak: {label}.")
     return "\n".join(lines)
 

@@ -114,9 +114,12 @@ def _case_grpo_on_policy_tis(**kw):
             lambda h, W, dt: naive.grpo(h, W, y, None, adv, sampler=sampler, tis_cap=1.2, dtype=dt, **kw))
 
 
-def _case_dpo(cw=False):
+def _case_dpo(cw=False, l_floor="batch"):
     y = labels_with_prompt()
     ref_c, ref_r = -torch.rand(B // 2) * 30, -torch.rand(B // 2) * 30
+    if cw and l_floor != "batch":  # a number (the trainer's l_floor: auto): w_c about 0.2 and 0.7 here
+        return (lambda h, W, dt: cw_dpo_loss(h, W, y, ref_c, ref_r, beta=0.1, tau_c=0.5, l_floor=l_floor)[0],
+                lambda h, W, dt: naive.dpo(h, W, y, ref_c, ref_r, beta=0.1, tau_c=0.5, l_floor=l_floor, dtype=dt))
     if cw:
         return (lambda h, W, dt: cw_dpo_loss(h, W, y, ref_c, ref_r, beta=0.1, tau_c=2.0, l_floor="batch")[0],
                 lambda h, W, dt: naive.dpo(h, W, y, ref_c, ref_r, beta=0.1, tau_c=2.0, l_floor="batch", dtype=dt))
@@ -137,7 +140,20 @@ CASES = {
     "grpo-on-policy-tis": _case_grpo_on_policy_tis,
     "dpo": _case_dpo,
     "cw-dpo": lambda: _case_dpo(cw=True),
+    "cw-dpo-floor": lambda: _case_dpo(cw=True, l_floor=-8.4),
 }
+
+
+@pytest.fixture(params=["one band", "bands of 8 rows"])
+def bands(request, monkeypatch):
+    """The one-pass losses in one band, or in bands of 8 rows: a preference pair (~12 counted rows) then stretches
+    a band (one_pass.GROUP_STRETCH), CW-DPO's batch floor (one group of ~24 rows) falls back to the recompute."""
+    from vlmfast.ops import chunked, one_pass
+
+    if request.param != "one band":
+        monkeypatch.setattr(one_pass, "MIN_BAND_ROWS", 8)
+        monkeypatch.setattr(chunked, "BLOCK_BYTES", 8 * 4 * V)
+    return request.param
 
 
 def _value_and_grads(fn, h, W, in_dtype, compute_dtype):
@@ -149,7 +165,7 @@ def _value_and_grads(fn, h, W, in_dtype, compute_dtype):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_fp32_matches_naive(name):
+def test_fp32_matches_naive(name, bands):
     torch.manual_seed(1)
     fused_fn, naive_fn = CASES[name]()
     h, W = problem()

@@ -59,8 +59,8 @@ def per_token(s, index, kl=True):
     return out + 0.7 * s["kl"] if kl and "kl" in s else out
 
 
-def naive(h, W, b, y, teacher, kl, temperature):
-    """The same per-token loss on statistics from materialised fp64 logits, differentiated by autograd."""
+def naive_stats(h, W, b, y, teacher, kl, temperature):
+    """The counted tokens' statistics from materialised fp64 logits (differentiable), and their positions."""
     z = (h.double() @ W.double().T + b.double()) / temperature
     logp_all = torch.log_softmax(z, -1)
     keep = (y != -100).nonzero().squeeze(1)
@@ -72,6 +72,12 @@ def naive(h, W, b, y, teacher, kl, temperature):
         p, q = logp_all.exp(), logq_all.exp()
         kl_all = (p * (logp_all - logq_all)).sum(-1) if kl == "reverse" else (q * (logq_all - logp_all)).sum(-1)
         s["kl"] = kl_all[keep]
+    return s, keep
+
+
+def naive(h, W, b, y, teacher, kl, temperature):
+    """The same per-token loss on statistics from materialised fp64 logits, differentiated by autograd."""
+    s, keep = naive_stats(h, W, b, y, teacher, kl, temperature)
     return per_token(s, keep).sum()
 
 
@@ -164,7 +170,7 @@ def _flops(fn, *leaves):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_losses_that_qualify_run_three_gemms(dtype):
+def test_losses_that_qualify_run_three_gemms(dtype, monkeypatch):
     B, T = 3, 13
     g = torch.Generator().manual_seed(0)
     h = torch.randn(B, T, H, generator=g).to(dtype).requires_grad_()
@@ -176,12 +182,21 @@ def test_losses_that_qualify_run_three_gemms(dtype):
     adv = torch.randn(B, generator=g)
     neg_h = torch.randn(B, T, H, generator=g).to(dtype).requires_grad_()
     neg_y = torch.where(y == -100, y, (y + 1) % V)  # every response token its own
+    hp, yp = torch.cat([h, neg_h]), torch.cat([y, neg_y])  # 3 preference pairs
+    npair, ref = 2 * n, torch.zeros(B)
     one_pass_losses = {
         "sft": (lambda: vlmfast.sft_loss(h, W, y)[0], 6 * n * H * V),
         "sft, gentle extend": (lambda: vlmfast.sft_gentle_negatives_loss(h, W, y, neg_h, neg_y, variant="extend")[0],
                                2 * 6 * n * H * V),
         "opd, fused teacher": (lambda: vlmfast.opd_loss(h, W, y, teacher=(ht, Wt))[0], 6 * n * H * V + 2 * n * HT * V),
         "grpo": (lambda: vlmfast.grpo_loss(h, W, y, None, adv, aggregation="seq-mean-token-mean")[0], 6 * n * H * V),
+        # groups of tokens: each negative's hinge, each preference pair (rows b and b + B // 2)
+        "sft, gentle hinge": (lambda: vlmfast.sft_gentle_negatives_loss(h, W, y, neg_h, neg_y, variant="hinge")[0],
+                              2 * 6 * n * H * V),
+        "dpo": (lambda: vlmfast.dpo_loss(hp, W, yp, ref, ref)[0], 6 * npair * H * V),
+        "cw_dpo, l_floor a number": (lambda: vlmfast.cw_dpo_loss(hp, W, yp, ref, ref, l_floor=-7.0)[0],
+                                     6 * npair * H * V),
+        "cw_dpo, batch floor in one band": (lambda: vlmfast.cw_dpo_loss(hp, W, yp, ref, ref)[0], 6 * npair * H * V),
     }
     for name, (fn, want) in one_pass_losses.items():
         assert _flops(fn, h, W) == want, name
@@ -190,7 +205,14 @@ def test_losses_that_qualify_run_three_gemms(dtype):
     assert _flops(stats, h, W) == 8 * n * H * V
     # the gentle hinge reads each negative's sequence sum: its negatives stay on token_stats
     hinge = lambda: vlmfast.sft_gentle_negatives_loss(h, W, y, neg_h, neg_y, variant="hinge")[0]  # noqa: E731
-    assert _flops(hinge, h, W) == 6 * n * H * V + 8 * n * H * V
+    assert _flops(hinge, h, W) == 2 * 6 * n * H * V
+    # CW-DPO's batch floor: every pair reads the whole batch, one group; larger than a band may stretch to, the
+    # recompute
+    monkeypatch.setattr(one_pass, "MIN_BAND_ROWS", npair // (2 * one_pass.GROUP_STRETCH))
+    monkeypatch.setattr(chunked, "BLOCK_BYTES", 4 * V)
+    monkeypatch.setattr(one_pass, "band_rows", lambda n_rows, *a: min(n_rows, one_pass.MIN_BAND_ROWS))
+    assert _flops(lambda: vlmfast.cw_dpo_loss(hp, W, yp, ref, ref)[0], h, W) == 8 * npair * H * V
+    assert _flops(lambda: vlmfast.dpo_loss(hp, W, yp, ref, ref)[0], h, W) == 6 * npair * H * V
     # without gradients, one GEMM
     with torch.no_grad():
         assert _flops(lambda: vlmfast.sft_loss(h, W, y)[0]) == 2 * n * H * V
@@ -207,10 +229,11 @@ def test_frozen_head_gets_no_weight_gradient_work():
     assert gh.abs().max() > 0
 
 
-def test_per_token_loss_of_the_wrong_shape_is_named():
+def test_per_token_loss_of_the_wrong_shape_is_named_before_any_gemm():
     h, W, b, y, _ = inputs(torch.float32, None)
-    with pytest.raises(ValueError, match=r"one loss per token, shape \(30,\); got \(\)"):
+    with GemmFlops() as count, pytest.raises(ValueError, match=r"one loss per token, \[n\].*; got \(\)"):
         vlmfast.token_loss(h, W, y, lambda s, index: s["logp"].sum())
+    assert count.flops == 0
 
 
 def test_backward_scales_the_forward_gradients_once():
@@ -330,3 +353,106 @@ def test_logits_epilogue_statistics_over_vocabulary_slices(splits):
     for k, w in want.items():
         torch.testing.assert_close(got[k][keep].double(), w, rtol=1e-5, atol=1e-5)
         assert (got[k][~keep] == 0).all()
+
+
+# --- groups: a loss over sums of groups of tokens (preference pairs, a negative's hinge), whole groups per band ----
+
+GROUP_OF_ROW = torch.arange(N) * 7 % 3  # 3 groups of ~10 counted tokens, interleaved in row order
+COEF = torch.tensor([0.5, -1.0, 2.0, 0.3], dtype=torch.float64)
+
+
+def per_group_loss(group_of_row, groups=4):
+    """A nonlinear function of each group's sums of every statistic (a gradient routed to the wrong group shows);
+    group 3 has no token: its loss is the function's on empty sums."""
+    def fn(s, index):
+        g = group_of_row[index]
+
+        def total(x):
+            return x.new_zeros(groups).index_add(0, g, x)
+
+        count = total(torch.ones_like(s["logp"]))
+        c = COEF[:groups].to(s["logp"].dtype)
+        out = torch.nn.functional.softplus(c * total(s["logp"]) / (count + 1)) + 0.05 * total(s["entropy"]) ** 2
+        out = out - 0.1 * c * total(s["lse"])
+        return out + 0.7 * total(s["kl"]) if "kl" in s else out
+    return fn
+
+
+def grouped(y, teacher, kl, group_of_row=GROUP_OF_ROW, groups=4, backend="chunked"):
+    def fn(h, W, b):
+        return vlmfast.token_loss(h, W, y, per_group_loss(group_of_row, groups), groups=group_of_row, bias=b,
+                                  temperature=1.3, teacher=teacher, kl=kl, backend=backend)[0]
+    return fn
+
+
+def naive_grouped(h, W, b, y, teacher, kl, group_of_row=GROUP_OF_ROW, groups=4):
+    s, keep = naive_stats(h, W, b, y, teacher, kl, 1.3)
+    return per_group_loss(group_of_row, groups)(s, keep).sum()
+
+
+def assert_matches(got, want, tol=2e-5):
+    for what, a, w in zip(("loss", "d hidden", "d weight", "d bias"), got, want):
+        assert (a - w).abs().max() <= tol * max(1.0, w.abs().max().item()), what
+    assert want[1].abs().max() > 0.1  # the gradient is not trivially zero
+
+
+@pytest.mark.parametrize("use_native", NATIVE)
+@pytest.mark.parametrize("teacher_kind,kl", [(None, None), ("head", "reverse")])
+def test_groups_fp32_match_autograd_through_materialised_logits(bands, use_native, teacher_kind, kl, monkeypatch):
+    """In bands of 8 rows every group (~10 rows) stretches a band to itself (one_pass.GROUP_STRETCH)."""
+    monkeypatch.setenv("VLMFAST_NATIVE", "1" if use_native else "0")
+    h, W, b, y, teacher = inputs(torch.float32, teacher_kind)
+    got = value_and_grads(grouped(y, teacher, kl), h, W, b)
+    assert_matches(got, value_and_grads(lambda *t: naive_grouped(*t, y, teacher, kl), h, W, b, torch.float64))
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="the Triton kernels run on the CPU under TRITON_INTERPRET=1")
+def test_groups_triton_one_pass_fp32_matches_autograd(triton_one_pass):
+    h, W, b, y, teacher = inputs(torch.float32, "head")
+    got = value_and_grads(grouped(y, teacher, "reverse", backend="triton"), h, W, b)
+    assert_matches(got, value_and_grads(lambda *t: naive_grouped(*t, y, teacher, "reverse"), h, W, b,
+                                        torch.float64))
+
+
+def test_bands_hold_whole_groups_and_stretch_to_one_group_at_most():
+    assert one_pass.plan_bands(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert one_pass.plan_bands(12, 4, [3, 1, 2, 5, 1]) == [(0, 4), (4, 6), (6, 11), (11, 12)]
+    assert one_pass.plan_bands(9, 4, [1, 8]) == [(0, 1), (1, 9)]  # 8 = GROUP_STRETCH * 4
+    assert one_pass.plan_bands(10, 4, [1, 9]) is None
+    assert one_pass.plan_bands(0, 4, []) == []
+
+
+def test_a_group_larger_than_a_band_may_stretch_to_runs_the_recompute(monkeypatch):
+    """One group of every token (31 rows) against bands of 8 rows (16 stretched): token_stats' recompute, the same
+    loss and gradients, 8nHV; groups of ~10 rows the same size of band: one pass, 6nHV."""
+    monkeypatch.setattr(one_pass, "MIN_BAND_ROWS", 8)
+    monkeypatch.setattr(chunked, "BLOCK_BYTES", 8 * 4 * V)
+    h, W, b, y, _ = inputs(torch.float32, None)
+    one = torch.zeros(N, dtype=torch.long)
+    got = value_and_grads(grouped(y, None, None, one, 1), h, W, b)
+    assert_matches(got, value_and_grads(lambda *t: naive_grouped(*t, y, None, None, one, 1), h, W, b, torch.float64))
+    n = int((y != -100).sum())
+    h.requires_grad_(), W.requires_grad_()
+    assert _flops(lambda: grouped(y, None, None, one, 1)(h, W, None), h, W) == 8 * n * H * V
+    assert _flops(lambda: grouped(y, None, None)(h, W, None), h, W) == 6 * n * H * V
+
+
+def test_bad_groups_are_named_before_any_gemm():
+    h, W, b, y, _ = inputs(torch.float32, None)
+    fn = per_group_loss(GROUP_OF_ROW)
+    bad = {
+        "integer tensor shaped like target": GROUP_OF_ROW.float(),
+        r"groups has shape \(36,\); expected target's \(37,\)": GROUP_OF_ROW[:-1],
+        r"groups\[1\] \(flattened\) = 5 is outside \[0, 4\)": GROUP_OF_ROW + (torch.arange(N) == 1) * 4,
+    }
+    for match, groups in bad.items():
+        with GemmFlops() as count, pytest.raises(ValueError, match=match):
+            vlmfast.token_loss(h, W, y, fn, groups=groups)
+        assert count.flops == 0, match
+    with GemmFlops() as count, pytest.raises(ValueError, match=r"one loss per group, \[G\]; got \(\)"):
+        vlmfast.token_loss(h, W, y, lambda s, index: s["logp"].sum(), groups=GROUP_OF_ROW)
+    assert count.flops == 0
+    ignored = GROUP_OF_ROW.clone()
+    ignored[y == -100] = -5  # an ignored token's group is never read
+    torch.testing.assert_close(vlmfast.token_loss(h, W, y, fn, groups=ignored)[0],
+                               vlmfast.token_loss(h, W, y, fn, groups=GROUP_OF_ROW)[0])

@@ -78,3 +78,37 @@ def test_token_loss_one_pass_bf16_no_worse_than_naive(teacher):
     base, truth = run(naive, torch.bfloat16), run(naive, torch.float32)
     for what, f, b, t in zip(("loss", "d hidden", "d weight"), fused, base, truth):
         assert _max_err(f, t) <= _max_err(b, t) + 2 * torch.finfo(torch.bfloat16).eps * _scale(t), what
+
+
+@pytest.mark.parametrize("l_floor", [None, -10.0])
+def test_preference_pairs_one_pass_bf16_no_worse_than_naive(l_floor):
+    """dpo_loss and cw_dpo_loss (l_floor a number, as the trainer runs it) on the Triton backend at H >= 2048: a
+    group per preference pair, whole in a band (one_pass.plan_bands), in bf16, against the naive bf16 loss through
+    materialised logits (tests/_naive_losses.py), both against fp32."""
+    import _naive_losses as naive
+
+    import vlmfast
+
+    B, T, H, V = 8, 256, 2048, 32000
+    g = torch.Generator(device="cuda").manual_seed(1)
+    h = torch.randn(B, T, H, device="cuda", generator=g)
+    W = torch.randn(V, H, device="cuda", generator=g) * H**-0.5
+    y = torch.randint(0, V, (B, T), device="cuda", generator=g)
+    y[:, :64] = -100
+    ref_c, ref_r = -torch.rand(B // 2, device="cuda") * 30 - 1900, -torch.rand(B // 2, device="cuda") * 30 - 1900
+    cw = dict(tau_c=0.5, l_floor=l_floor) if l_floor is not None else {}
+
+    def fused(a, b):
+        fn = vlmfast.cw_dpo_loss if cw else vlmfast.dpo_loss
+        return fn(a, b, y, ref_c, ref_r, beta=0.1, backend="triton", **cw)[0]
+
+    def run(fn, dtype):
+        a, b = h.to(dtype).requires_grad_(), W.to(dtype).requires_grad_()
+        loss = fn(a, b)
+        return [loss.float()] + [t.float() for t in torch.autograd.grad(loss, (a, b))]
+
+    got = run(fused, torch.bfloat16)
+    base = run(lambda a, b: naive.dpo(a, b, y, ref_c, ref_r, beta=0.1, dtype=torch.bfloat16, **cw), torch.bfloat16)
+    truth = run(lambda a, b: naive.dpo(a, b, y, ref_c, ref_r, beta=0.1, dtype=torch.float32, **cw), torch.float32)
+    for what, f, b, t in zip(("loss", "d hidden", "d weight"), got, base, truth):
+        assert _max_err(f, t) <= _max_err(b, t) + 2 * torch.finfo(torch.bfloat16).eps * _scale(t), what

@@ -8,7 +8,9 @@
              stop being pushed down; hard ones get w_c ~ 1.
 
 Chosen and rejected come in one batch: rows [:B] of hidden/labels are the chosen responses, rows
-[B:] the rejected ones (one fused-op call for both).
+[B:] the rejected ones (one fused-op call for both). A pair's loss reads only its two sequences' sums, so the
+lm_head runs one pass (token_loss with a group per pair: each band holds whole pairs, 3 GEMMs); with
+l_floor="batch" every pair reads the batch's mean, so the batch is one group (one pass while it fits in a band).
 """
 
 from __future__ import annotations
@@ -16,8 +18,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..ops import cooling_weight, sequence_mean, token_stats
-from ._common import LossModule, accepts_packed, check_batch_time, check_positive, check_shape, detached
+from ..ops import cooling_weight, sequence_mean, token_loss
+from ._common import (
+    LossModule,
+    accepts_packed,
+    check_batch_time,
+    check_positive,
+    check_shape,
+    detached,
+    response_mask,
+)
 
 
 def _check_dpo(*, beta=0.1, temperature=1.0, **_):
@@ -32,7 +42,11 @@ def _check_cw_dpo(*, beta=0.1, tau_c=0.5, l_floor="batch", temperature=1.0, **_)
         raise ValueError(f"l_floor must be a number or 'batch', got {l_floor!r}")
 
 
-def _sequence_logps(hidden, weight, labels, ref_chosen, ref_rejected, *, bias, temperature, ignore_index, backend):
+def _preference_loss(hidden, weight, labels, ref_chosen, ref_rejected, *, beta, cooling=None, bias, temperature,
+                     ignore_index, backend):
+    """-log sigmoid(beta (Dw - w Dl)) averaged over pairs, w = 1 (DPO) or cooling(S_pi(yl), |yl|) (CW-DPO: a
+    number l_floor, or the batch mean's for None), through token_loss. Returns (loss, S [2B], lbar [2B], d_w, d_l,
+    B, w) with S and what follows detached (metrics)."""
     rows, T = check_batch_time(hidden, labels)
     if rows % 2:
         raise ValueError(f"chosen and rejected must have the same batch size: hidden has {rows} rows "
@@ -40,12 +54,38 @@ def _sequence_logps(hidden, weight, labels, ref_chosen, ref_rejected, *, bias, t
     B = rows // 2
     check_shape("ref_chosen_logps", ref_chosen, (B,), "reference sequence log-prob of each chosen response")
     check_shape("ref_rejected_logps", ref_rejected, (B,), "reference sequence log-prob of each rejected response")
-    r = token_stats(hidden, weight, labels, bias=bias, temperature=temperature, outputs=("logp",),
-                    ignore_index=ignore_index, per_sequence=True, backend=backend)
-    S, lbar = r.seq_logp, sequence_mean(r.seq_logp, r.seq_count)
-    d_w = S[:B] - ref_chosen.detach().float()
-    d_l = S[B:] - ref_rejected.detach().float()
-    return S, lbar, d_w, d_l, B
+    counts = response_mask(labels, ignore_index).sum(1)  # [2B]
+    ref = torch.cat([ref_chosen.detach(), ref_rejected.detach()]).to(labels.device)
+    whole_batch = cooling is not None and cooling.floor is None  # l_floor="batch": every pair reads every other
+
+    def pair_terms(S):  # S [2B] sequence sums -> (d_w, d_l, w)
+        d = S - ref.to(S.dtype)
+        w = 1.0 if cooling is None else cooling(sequence_mean(S[B:], counts[B:].to(S.device)))
+        return d[:B], d[B:], w
+
+    def pair_losses(s, index):  # the pairs' losses from these tokens' log-probs (whole pairs: token_loss's groups)
+        d_w, d_l, w = pair_terms(s["logp"].new_zeros(2 * B).index_add(0, index // T, s["logp"]))
+        losses = -F.logsigmoid(beta * (d_w - w * d_l)) / B
+        return losses.sum(0, keepdim=True) if whole_batch else losses
+
+    pair = torch.arange(rows, device=labels.device).remainder(B)[:, None].expand(rows, T)
+    loss, r = token_loss(hidden, weight, labels, pair_losses, groups=torch.zeros_like(pair) if whole_batch else pair,
+                         bias=bias, temperature=temperature, ignore_index=ignore_index, backend=backend)
+    S = r.logp.sum(-1)  # 0 on ignored tokens
+    d_w, d_l, w = pair_terms(S)
+    return loss, S, sequence_mean(S, counts.to(S.device)), d_w, d_l, B, w
+
+
+class _Cooling:
+    """CW-DPO's w_c = sigmoid((lbar_pi(yl) - l_floor) / tau_c) (ops.cooling_weight) for a number l_floor, or the
+    mean lbar of the batch's rejected responses (floor None)."""
+
+    def __init__(self, floor, tau_c):
+        self.floor, self.tau_c = floor, tau_c
+
+    def __call__(self, lbar_rejected):
+        lbar = lbar_rejected.detach()
+        return cooling_weight(lbar, lbar.mean() if self.floor is None else self.floor, self.tau_c)
 
 
 def _metrics(loss, beta, d_w, d_l, S, lbar, B, **extra):
@@ -67,10 +107,9 @@ def dpo_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, *, be
     logps and mean per-token logps of chosen and rejected (the Δlog p signals).
     """
     _check_dpo(beta=beta, temperature=temperature)
-    S, lbar, d_w, d_l, B = _sequence_logps(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps,
-                                           bias=bias, temperature=temperature, ignore_index=ignore_index,
-                                           backend=backend)
-    loss = -F.logsigmoid(beta * (d_w - d_l)).mean()
+    loss, S, lbar, d_w, d_l, B, _ = _preference_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps,
+                                                     beta=beta, bias=bias, temperature=temperature,
+                                                     ignore_index=ignore_index, backend=backend)
     return loss, _metrics(loss, beta, d_w, d_l, S, lbar, B)
 
 
@@ -84,13 +123,11 @@ def cw_dpo_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, *,
     Metrics: those of dpo_loss, plus cooling_weight_mean and cooling_weight_frac_below_0.1.
     """
     _check_cw_dpo(beta=beta, tau_c=tau_c, l_floor=l_floor, temperature=temperature)
-    S, lbar, d_w, d_l, B = _sequence_logps(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps,
-                                           bias=bias, temperature=temperature, ignore_index=ignore_index,
-                                           backend=backend)
-    lbar_l = lbar[B:].detach()
-    floor = lbar_l.mean() if l_floor == "batch" else float(l_floor)
-    w_c = cooling_weight(lbar_l, floor, tau_c)
-    loss = -F.logsigmoid(beta * (d_w - w_c * d_l)).mean()
+    cooling = _Cooling(None if l_floor == "batch" else float(l_floor), tau_c)
+    loss, S, lbar, d_w, d_l, B, w_c = _preference_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps,
+                                                       beta=beta, cooling=cooling, bias=bias, temperature=temperature,
+                                                       ignore_index=ignore_index, backend=backend)
+    floor = lbar[B:].mean() if l_floor == "batch" else float(l_floor)
     return loss, _metrics(loss, beta, d_w, d_l, S, lbar, B, cooling_weight_mean=w_c.mean(),
                           cooling_weight_frac_below_0_1=(w_c < 0.1).float().mean(), l_floor=torch.as_tensor(floor))
 

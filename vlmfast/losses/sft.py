@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops import token_loss, token_stats
+from ..ops import token_loss
 from ._common import (
     LossModule,
     accepts_packed,
@@ -139,11 +139,16 @@ def sft_gentle_negatives_loss(hidden, weight, labels, neg_hidden, neg_labels, *,
     if variant == "extend":  # a token mean: one pass
         scale = extend_scale(own, alpha, mean_over_parts)
         penalty, r = token_loss(neg_hidden, weight, neg_target, lambda s, index: -s["logp"] * scale, **kw)
-        m = {"nll_neg": masked_mean(-r.logp, own), "hinge_active": torch.ones(())}
-    else:  # each negative's hinge reads its whole sequence: the statistics first
-        neg_logp = token_stats(neg_hidden, weight, neg_target, outputs=("logp",), **kw).logp
-        penalty, m = gentle_penalty(neg_logp, own, variant=variant, lam=lam, margin=margin, alpha=alpha,
-                                    mean_over_parts=mean_over_parts)
+    else:  # each negative's hinge reads its own tokens' sum: one pass with a group per negative
+        Tn, rows = neg_labels.shape[1], hinge_rows(own, mean_over_parts)
+
+        def hinge_losses(s, index):
+            seq_logp = s["logp"].new_zeros(own.shape[0]).index_add(0, index // Tn, s["logp"])
+            return lam * hinge_push(seq_logp, own, margin) / rows
+
+        group = torch.arange(own.shape[0], device=neg_target.device)[:, None].expand_as(neg_target)
+        penalty, r = token_loss(neg_hidden, weight, neg_target, hinge_losses, groups=group, **kw)
+    m = gentle_metrics(r.logp, own, variant=variant, margin=margin)
     loss = pos + penalty
     m["shared_tokens"] = (response_mask(neg_labels, ignore_index).sum(1) - own.sum(1)).float().mean()
     return loss, detached(loss=loss, nll_pos=nll_pos, entropy=entropy, **m)
@@ -154,19 +159,37 @@ def gentle_penalty(neg_logp: torch.Tensor, own: torch.Tensor, *, variant="hinge"
     """The negatives' term of SFT-C from their per-token log-probs [B, T] and the mask of their own tokens
     (`divergent_tokens`): lam * mean_i relu(margin - NLL_i(y-)) over the negatives with tokens of their own
     ("hinge"), or alpha * their token-mean NLL ("extend"). Returns (penalty, {nll_neg, hinge_active})."""
-    counts = own.sum(1)
-    pushed = counts > 0  # a negative equal to its positive has nothing of its own to push
-    nll_neg = masked_mean(-neg_logp, own)
     if variant == "hinge":
-        seq_nll = -(neg_logp * own).sum(1) / counts.clamp(min=1)  # [B] NLL_i(y-)
-        rows = pushed.sum().to(neg_logp.device, torch.float32)
-        if mean_over_parts is not None:  # this part's share of the whole batch's sequence mean
-            rows = mean_over_parts(rows)
-        push = torch.relu(margin - seq_nll) * pushed
-        active = (push.detach() > 0).sum() / pushed.sum().clamp(min=1)
-        return lam * push.sum() / rows.clamp(min=1e-12), {"nll_neg": nll_neg, "hinge_active": active.float()}
-    penalty = (-neg_logp * own).sum() * extend_scale(own, alpha, mean_over_parts)
-    return penalty, {"nll_neg": nll_neg, "hinge_active": torch.ones(())}
+        seq_logp = (neg_logp * own).sum(1)
+        penalty = lam * hinge_push(seq_logp, own, margin).sum() / hinge_rows(own, mean_over_parts)
+    else:
+        penalty = (-neg_logp * own).sum() * extend_scale(own, alpha, mean_over_parts)
+    return penalty, gentle_metrics(neg_logp.detach(), own, variant=variant, margin=margin)
+
+
+def hinge_push(seq_logp: torch.Tensor, own: torch.Tensor, margin: float) -> torch.Tensor:
+    """[B] relu(margin - NLL_i(y-)) from each negative's summed log-prob over its own tokens; 0 for a negative
+    with none (equal to its positive: nothing of its own to push)."""
+    counts = own.sum(1).to(seq_logp.device)
+    return torch.relu(margin + seq_logp / counts.clamp(min=1)) * (counts > 0)
+
+
+def hinge_rows(own: torch.Tensor, mean_over_parts=None) -> torch.Tensor:
+    """What the hinge's mean over negatives divides by: this part's pushed negatives, or the whole batch's mean
+    count over parts (mean_over_parts: one collective, outside the loss's bands)."""
+    rows = (own.sum(1) > 0).sum().to(torch.float32)
+    return (rows if mean_over_parts is None else mean_over_parts(rows)).clamp(min=1e-12)
+
+
+def gentle_metrics(neg_logp: torch.Tensor, own: torch.Tensor, *, variant: str, margin: float) -> dict:
+    """nll_neg (this part's token mean over the negatives' own tokens) and hinge_active (the share of its
+    negatives with tokens of their own that the hinge still pushes)."""
+    nll_neg = masked_mean(-neg_logp, own)
+    if variant != "hinge":
+        return {"nll_neg": nll_neg, "hinge_active": torch.ones(())}
+    pushed = own.sum(1) > 0
+    active = (hinge_push((neg_logp * own).sum(1), own, margin) > 0).sum() / pushed.sum().clamp(min=1)
+    return {"nll_neg": nll_neg, "hinge_active": active.float()}
 
 
 def extend_scale(own: torch.Tensor, alpha: float, mean_over_parts=None) -> torch.Tensor:

@@ -185,6 +185,7 @@ def token_loss(
     target: torch.Tensor,
     per_token_loss,
     *,
+    groups: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     teacher=None,
@@ -193,14 +194,23 @@ def token_loss(
     backend: str = "auto",
     check_inputs: bool | None = None,
 ) -> tuple[torch.Tensor, TokenStats]:
-    """A loss summed over tokens, L = Σ_t ℓ_t(stats of token t), fused with the lm_head in one pass.
+    """A loss summed over tokens, L = Σ_t ℓ_t(stats of token t), or over groups of tokens, fused with the lm_head
+    in one pass.
 
     `per_token_loss(stats, index)` gets the statistics of some counted tokens (a dict of [n] fp32 tensors:
     "logp", "entropy", "lse", and "kl" with a teacher) and their positions `index` [n] in the flattened target,
     and returns each token's loss [n]; it must be differentiable in the statistics only (anything else it reads,
-    such as advantages or 1 / token count, is a constant) and must not mix tokens. On the chunked backend the
-    forward computes the gradient as it goes (one_pass.py: 3 GEMMs instead of token_stats' 4); on the others
-    the loss is token_stats' statistics fed to the same function (same value and gradient).
+    such as advantages or 1 / token count, is a constant) and must not mix tokens.
+
+    `groups` (integers shaped like target): the loss is a sum over groups of tokens instead, L = Σ_g L_g(stats of
+    g's tokens) (DPO's pairs of sequences, a negative's hinge); per_token_loss then returns [G], every group's loss
+    computed from the tokens it is given alone (a group given none of its tokens: from empty sums), and is always
+    given all counted tokens of a group together. The group ids of counted tokens lie in [0, G).
+
+    per_token_loss is called once on no tokens (n = 0) before any work, to check the shape it returns. On the
+    chunked backend (and Triton's from one_pass.TRITON_MIN_HIDDEN) the forward computes the gradient as it goes
+    (one_pass.py: 3 GEMMs instead of token_stats' 4), a group's tokens in one band; elsewhere, or for a group too
+    large for a band, the loss is token_stats' statistics fed to the same function (same value and gradient).
 
     Arguments as `token_stats`. Returns (loss, stats): the scalar loss (fp32; fp64 for fp64 inputs), and
     TokenStats logp, entropy, lse (+ kl), detached, shaped like target, 0 on ignored tokens.
@@ -214,12 +224,25 @@ def token_loss(
     backend = _resolve_backend(backend, hidden.device, hidden.dtype)
     c.valid = c.target != ignore_index
     rows = c.valid.nonzero().squeeze(1)
-    if backend == "reference" or (backend == "triton" and not one_pass.triton_one_pass(c.weight.shape[1])):
+    stat_dtype = torch.float64 if c.hidden.dtype == torch.float64 else torch.float32
+    absent = _loss_on_no_tokens(per_token_loss, outputs, stat_dtype, c.target.device, groups is not None)
+    group_sizes, group_of_row = None, None
+    if groups is not None:
+        group_of_row = _check_groups(groups, target, c.valid, absent.numel()).index_select(0, rows)
+        group_of_row, order = torch.sort(group_of_row, stable=True)  # each group's rows side by side
+        rows = rows.index_select(0, order)
+        group_sizes = torch.unique_consecutive(group_of_row, return_counts=True)[1].tolist()
+    band_loss = one_pass.BandLoss(per_token_loss, rows, group_of_row, absent)
+    bands = None
+    if backend == "chunked" or (backend == "triton" and one_pass.triton_one_pass(c.weight.shape[1])):
+        n = rows.numel()
+        bands = one_pass.plan_bands(n, one_pass.budget_rows(backend, n, c.hidden, c.weight), group_sizes)
+    if bands is None:
         # token_stats' statistics (its kernels recompute the logits), the same function
         r = token_stats(hidden, weight, target, bias=bias, temperature=temperature, teacher=teacher, kl=kl,
                         outputs=outputs, ignore_index=ignore_index, backend=backend, check_inputs=False)
         stats = {k: getattr(r, k).reshape(-1).index_select(0, rows) for k in outputs}
-        loss = per_token_loss(stats, rows).to(stats["logp"].dtype).sum()
+        loss = band_loss(stats, 0, rows.numel()) + band_loss.absent_groups(stats["logp"].dtype)
         return loss, TokenStats(**{k: getattr(r, k).detach() for k in outputs})
     t = c.teacher
     if t is not None:
@@ -228,10 +251,40 @@ def token_loss(
     needs = tuple(grad_on and x is not None and x.requires_grad for x in (c.hidden, c.weight, c.bias))
     loss, *per_token = FusedLinearTokenLoss.apply(
         _take(c.hidden, rows), c.weight, c.bias, _take(c.target, rows), t, c.kl, c.temperature, ignore_index,
-        per_token_loss, rows, needs, backend,
+        band_loss, bands, needs, backend,
     )
     per_token = dict(zip(("logp", "entropy", "kl", "lse"), per_token))
     return loss, _finish(c, {k: per_token[k] for k in outputs}, outputs, rows)
+
+
+def _loss_on_no_tokens(per_token_loss, outputs, dtype, device, grouped: bool) -> torch.Tensor:
+    """per_token_loss on no tokens, before any work: a wrong shape is named now, not after a GEMM; with groups,
+    the losses of groups without counted tokens."""
+    empty = {k: torch.zeros(0, dtype=dtype, device=device) for k in outputs}
+    with torch.no_grad():
+        out = per_token_loss(empty, torch.zeros(0, dtype=torch.long, device=device))
+    if not (isinstance(out, torch.Tensor) and out.dim() == 1 and (grouped or out.numel() == 0)):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        want = "one loss per group, [G]" if grouped else "one loss per token, [n] (called on n = 0 tokens: (0,))"
+        raise ValueError(f"per_token_loss must return {want}; got {got}")
+    return out.detach()
+
+
+def _check_groups(groups, target: torch.Tensor, valid: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """groups as [N] int64 after checking it: integers shaped like target, in [0, G) on counted tokens."""
+    if not isinstance(groups, torch.Tensor) or groups.is_floating_point() or groups.is_complex() \
+            or groups.dtype == torch.bool:
+        got = groups.dtype if isinstance(groups, torch.Tensor) else type(groups).__name__
+        raise ValueError(f"groups must be an integer tensor shaped like target, got {got}")
+    if tuple(groups.shape) != tuple(target.shape):
+        raise ValueError(f"groups has shape {tuple(groups.shape)}; expected target's {tuple(target.shape)}")
+    g = groups.reshape(-1).to(device=valid.device, dtype=torch.long)
+    bad = valid & ((g < 0) | (g >= n_groups))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"groups[{i}] (flattened) = {int(g[i])} is outside [0, {n_groups}): per_token_loss "
+                         f"returned {n_groups} group losses")
+    return g
 
 
 def token_stats_from_logits(

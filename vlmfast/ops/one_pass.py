@@ -17,9 +17,14 @@ column blocks (all rows x a slice of V) cannot produce it in the forward. Bands 
 rows: every band reads W twice and adds its dW into the [V, H] accumulator, so short bands on a large
 vocabulary pay in memory traffic what they save in GEMM time (band_rows).
 
-Losses whose token gradients depend on other tokens (DPO's and the gentle hinge's sequence sums) stay on
-`token_stats`. Epilogues: on the chunked backend the native CPU kernels when built, PyTorch otherwise; on the
-Triton backend (from TRITON_MIN_HIDDEN) kernels/logits_epilogue.py over logits from a tensor-core GEMM.
+A loss whose tokens' gradients depend on other tokens through sums over groups of them (DPO's pairs of
+sequences, the gentle hinge's negatives), L = Σ_g L_g(stats of group g's tokens), runs one pass too when its bands
+hold whole groups: a band's statistics then decide its groups' losses and so its tokens' gradients (plan_bands).
+A band may stretch to GROUP_STRETCH times its size to hold one group; a larger group runs token_stats' recompute
+(ops.token_loss decides before any work).
+
+Epilogues: on the chunked backend the native CPU kernels when built, PyTorch otherwise; on the Triton backend
+(from TRITON_MIN_HIDDEN) kernels/logits_epilogue.py over logits from a tensor-core GEMM.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from . import chunked, native
 from ._inputs import OUTPUT_NAMES
 
 MIN_BAND_ROWS = 256
+GROUP_STRETCH = 2
 
 
 def band_rows(n_rows: int, vocab: int, hidden_size: int = 0, low_precision: bool = False) -> int:
@@ -44,30 +50,89 @@ def band_rows(n_rows: int, vocab: int, hidden_size: int = 0, low_precision: bool
     return max(1, min(n_rows, rows))
 
 
-def token_grads(per_token_loss, stats: dict, index: torch.Tensor):
-    """(Σ ℓ over the band's tokens, {stat: ∂ℓ/∂stat [R]}) by autograd on the band's statistics (fp32; fp64
-    for fp64 inputs)."""
+def budget_rows(backend: str, n: int, hidden: torch.Tensor, weight: torch.Tensor) -> int:
+    """Rows per band of n on this backend: band_rows on the chunked one; on Triton's, as many as the backward's
+    dz chunks hold (BWD_DZ_BYTES, 1 GiB of fp32 logits)."""
+    V, H = weight.shape
+    if backend == "triton":
+        from vlmfast.kernels import token_stats as kernels
+        return max(1, min(n, kernels.BWD_DZ_BYTES // (4 * V)))
+    return band_rows(n, V, H, chunked.LinearHead.keeps_16bit(hidden, weight))
+
+
+class BandLoss:
+    """The loss as each band computes it. Per token (groups None): fn(stats, index) -> [n] losses, summed. By
+    groups (group id of each compacted row, whole groups per band): fn(stats, index) -> [G] losses of every group
+    from these tokens alone, of which the band counts its own groups'; `absent` [G] (fn on no tokens) gives the
+    groups with no counted token theirs."""
+
+    def __init__(self, fn, index: torch.Tensor, groups: torch.Tensor | None = None, absent=None):
+        self.fn, self.index, self.groups, self.absent = fn, index, groups, absent
+
+    def __call__(self, stats: dict, r0: int, r1: int) -> torch.Tensor:
+        out = self.fn(stats, self.index[r0:r1])
+        want = (r1 - r0,) if self.groups is None else tuple(self.absent.shape)
+        check_loss_shape(out, want, self.groups is not None)
+        out = out.to(stats["logp"].dtype)
+        if self.groups is None:
+            return out.sum()
+        return out[self.groups[r0:r1].unique()].sum()
+
+    def absent_groups(self, dtype) -> torch.Tensor:
+        """Σ of the losses of the groups no band holds (constant: they have no counted token)."""
+        if self.groups is None:
+            return torch.zeros((), dtype=dtype, device=self.index.device)
+        held = torch.zeros(self.absent.numel(), dtype=torch.bool, device=self.absent.device)
+        held[self.groups] = True
+        return self.absent.to(dtype)[~held].sum()
+
+
+def check_loss_shape(out, want: tuple, grouped: bool) -> None:
+    if isinstance(out, torch.Tensor) and tuple(out.shape) == tuple(want):
+        return
+    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    what = "one loss per group" if grouped else "one loss per token"
+    raise ValueError(f"per_token_loss must return {what}, shape {tuple(want)}; got {got}")
+
+
+def plan_bands(n: int, rows: int, group_sizes: list[int] | None = None) -> list[tuple[int, int]] | None:
+    """Row ranges [r0, r1) of the bands: `rows` each; with groups (sizes of the consecutive groups the rows are
+    sorted into), whole groups packed up to `rows` a band, a band stretched to one group of up to
+    GROUP_STRETCH * rows. None: a group is larger (its tokens' gradients would need more logits alive at once)."""
+    if group_sizes is None:
+        return [(r0, min(n, r0 + rows)) for r0 in range(0, n, rows)]
+    bands, r0, r1 = [], 0, 0
+    for size in group_sizes:
+        if size > GROUP_STRETCH * rows:
+            return None
+        if r1 > r0 and r1 + size - r0 > rows:
+            bands.append((r0, r1))
+            r0 = r1
+        r1 += size
+    if r1 > r0:
+        bands.append((r0, r1))
+    return bands
+
+
+def token_grads(band_loss: BandLoss, stats: dict, r0: int, r1: int):
+    """(the band's loss, {stat: ∂loss/∂stat [R]}) by autograd on the band's statistics (fp32; fp64 for fp64
+    inputs)."""
     with torch.enable_grad():
         leaves = {k: stats[k].detach().requires_grad_() for k in OUTPUT_NAMES if k in stats}
-        loss = per_token_loss(dict(leaves), index)
-        if not isinstance(loss, torch.Tensor) or tuple(loss.shape) != tuple(index.shape):
-            got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ValueError(f"per_token_loss must return one loss per token, shape {tuple(index.shape)}; got {got}")
-        total = loss.to(leaves["logp"].dtype).sum()
+        total = band_loss(dict(leaves), r0, r1)
         if not total.requires_grad:  # a loss that reads no statistic: no gradient
             return total.detach(), {}
         grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
     return total.detach(), {k: g for k, g in zip(leaves, grads) if g is not None}
 
 
-def _bands(n: int, rows: int, per_token_loss, index, dtype, device, band_stats, band_grad):
+def _bands(bands, band_loss, n, dtype, device, band_stats, band_grad):
     """The band loop every epilogue shares: `band_stats(r0, r1)` -> (statistics, what the band's gradient needs);
-    the loss's per-token gradients; `band_grad(r0, r1, stats, grads, state)` (None: no gradient wanted)."""
-    stats_out, loss = {}, torch.zeros((), dtype=dtype, device=device)
-    for r0 in range(0, n, rows):
-        r1 = min(n, r0 + rows)
+    the loss's gradients in the statistics; `band_grad(r0, r1, stats, grads, state)` (None: no gradient wanted)."""
+    stats_out, loss = {}, band_loss.absent_groups(dtype)
+    for r0, r1 in bands:
         stats, state = band_stats(r0, r1)
-        part, grads = token_grads(per_token_loss, stats, index[r0:r1])
+        part, grads = token_grads(band_loss, stats, r0, r1)
         loss += part
         _collect(stats_out, stats, r0, n)
         if band_grad is not None:
@@ -76,7 +141,7 @@ def _bands(n: int, rows: int, per_token_loss, index, dtype, device, band_stats, 
     return loss, stats_out
 
 
-def _bands_native(student, teacher, target, per_token_loss, index, *, rows, inv_t, kl, ignore_index):
+def _bands_native(student, teacher, target, band_loss, bands, *, inv_t, kl, ignore_index):
     V = student.vocab
 
     def band_stats(r0, r1):
@@ -93,13 +158,13 @@ def _bands_native(student, teacher, target, per_token_loss, index, *, rows, inv_
         student.accumulate_block(r0, r1, 0, V, z)  # dh rows = dz W, dW += dz^T h, db += Σ dz
 
     wanted = student.need_dh or student.need_dw or student.need_db
-    out = _bands(target.numel(), rows, per_token_loss, index, student.dtype, target.device, band_stats,
+    out = _bands(bands, band_loss, target.numel(), student.dtype, target.device, band_stats,
                  band_grad if wanted else None)
     student.finish_grads()
     return out
 
 
-def _bands_torch(student, teacher, target, per_token_loss, index, *, rows, inv_t, kl):
+def _bands_torch(student, teacher, target, band_loss, bands, *, inv_t, kl):
     def band_stats(r0, r1):
         stats, logp_all, logq_all = chunked.rows_stats(student, teacher, r0, r1, target[r0:r1], inv_t=inv_t, kl=kl)
         return chunked.finish(stats), (logp_all, logq_all)
@@ -113,7 +178,7 @@ def _bands_torch(student, teacher, target, per_token_loss, index, *, rows, inv_t
         student.accumulate(r0, r1, dz)
 
     wanted = student.need_dh or student.need_dw or student.need_db
-    return _bands(target.numel(), rows, per_token_loss, index, student.dtype, target.device, band_stats,
+    return _bands(bands, band_loss, target.numel(), student.dtype, target.device, band_stats,
                   band_grad if wanted else None)
 
 
@@ -127,7 +192,7 @@ def triton_one_pass(hidden_size: int) -> bool:
     return hidden_size >= TRITON_MIN_HIDDEN
 
 
-def _bands_triton(hidden, weight, bias, teacher, target, per_token_loss, index, *, needs, temperature, kl,
+def _bands_triton(hidden, weight, bias, teacher, target, band_loss, bands, *, needs, temperature, kl,
                   ignore_index):
     """One pass on the Triton backend: per band, logits by a GEMM with an fp32 result (tensor cores on CUDA), the
     statistics and dz by kernels/logits_epilogue.py, dh and dW by two more GEMMs (token_stats' accumulate_dz)."""
@@ -141,7 +206,7 @@ def _bands_triton(hidden, weight, bias, teacher, target, per_token_loss, index, 
     dh = torch.empty_like(hidden) if need_dh else None
     dw = torch.zeros(V, H, dtype=torch.float32, device=dev) if need_dw else None
     db = torch.zeros(V, dtype=torch.float32, device=dev) if need_db else None
-    rows = max(1, min(N, kernels.BWD_DZ_BYTES // (4 * V)))  # 1 GiB of fp32 logits, as the backward's dz chunks
+    rows = max((r1 - r0 for r0, r1 in bands), default=1)
     dz_buf = torch.empty(rows, V, dtype=hidden.dtype, device=dev) if any(needs) else None
     student = chunked.LinearHead(hidden, weight, bias)  # logits only: its gradients are accumulate_dz's
     teacher_head = chunked.LinearHead(teacher.hidden, teacher.weight, teacher.bias) \
@@ -160,7 +225,7 @@ def _bands_triton(hidden, weight, bias, teacher, target, per_token_loss, index, 
         state.clear()  # the fp32 logits (1 GiB) freed before the two GEMMs
         kernels.accumulate_dz(dz, hidden[r0:r1], weight, None if dh is None else dh[r0:r1], dw, db)
 
-    loss, stats_out = _bands(N, rows, per_token_loss, index, torch.float32, dev, band_stats,
+    loss, stats_out = _bands(bands, band_loss, N, torch.float32, dev, band_stats,
                              band_grad if dz_buf is not None else None)
     return loss, stats_out, dh, dw, db
 
@@ -188,26 +253,25 @@ class FusedLinearTokenLoss(torch.autograd.Function):
     the per-token statistics logp, entropy, kl, lse [N] (detached); dh, dW, db computed in the forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, teacher, kl, temperature, ignore_index, per_token_loss, index,
+    def forward(ctx, hidden, weight, bias, target, teacher, kl, temperature, ignore_index, band_loss, bands,
                 needs, backend):
         N = target.numel()
         if backend == "triton":
             loss, stats, dh, dw, db = _bands_triton(
-                hidden.contiguous(), weight.contiguous(), bias, teacher, target.contiguous(), per_token_loss, index,
+                hidden.contiguous(), weight.contiguous(), bias, teacher, target.contiguous(), band_loss, bands,
                 needs=needs, temperature=temperature, kl=kl if teacher is not None else None,
                 ignore_index=ignore_index)
             return _finish_forward(ctx, loss, stats, hidden, weight, bias, dh, dw, db, N)
         need_dh, need_dw, need_db = needs
-        rows = band_rows(N, weight.shape[0], weight.shape[1], chunked.LinearHead.keeps_16bit(hidden, weight))
         student = chunked.LinearHead(hidden, weight, bias, need_dh=need_dh, need_dw=need_dw, need_db=need_db,
-                                     rows_per_band=rows)
+                                     rows_per_band=max((r1 - r0 for r0, r1 in bands), default=1))
         teacher_head = chunked.teacher_head(teacher)
-        kw = dict(rows=rows, inv_t=1.0 / temperature, kl=kl if teacher is not None else None)
+        kw = dict(inv_t=1.0 / temperature, kl=kl if teacher is not None else None)
         if chunked._native_ok(student, teacher_head):
-            loss, stats = _bands_native(student, teacher_head, target, per_token_loss, index,
-                                        ignore_index=ignore_index, **kw)
+            loss, stats = _bands_native(student, teacher_head, target, band_loss, bands, ignore_index=ignore_index,
+                                        **kw)
         else:
-            loss, stats = _bands_torch(student, teacher_head, target, per_token_loss, index, **kw)
+            loss, stats = _bands_torch(student, teacher_head, target, band_loss, bands, **kw)
         student.scratch.clear()  # the band buffers, before dW's conversion: not both at the peak
         return _finish_forward(ctx, loss, stats, hidden, weight, bias, student.dh, student.dw, student.db, N)
 
