@@ -79,6 +79,36 @@ def ratio_table(rows, baseline: str) -> str:
     return "\n".join(lines)
 
 
+def glance_table(rows) -> str:
+    """One line per (op, model, N, dtype): naive's and each vlmfast provider's full time and peak, which path
+    vlmfast ran (one pass or recompute), and the last vlmfast provider (native on a CPU, Triton on a GPU) against
+    naive in the same dtype (the README's table)."""
+    idx = _index(rows)
+    ours = list(dict.fromkeys(r["provider"] for r in rows if r["provider"].startswith("vlmfast")))
+    names = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+    lines = [f"| op | path | head (H x V) | N | dtype | naive | {' | '.join(ours)} | {ours[-1]} vs naive: time, peak |"
+             if ours else "", "|---" * (6 + len(ours) + 1) + "|"]
+    for op, model, n, dtype in dict.fromkeys((r["op"], r["model"], r["n"], _dtype(r)) for r in rows):
+        base = idx.get((op, model, n, dtype, "full", "naive"))
+        cells = [idx.get((op, model, n, dtype, "full", p)) for p in ours]
+        if base is None or not ours:
+            continue
+        h, v = cells[-1]["h"] if cells[-1] else base["h"], base["v"]
+        path = "one pass" if registry.runs_one_pass(op, ours[-1], h) else "recompute"
+        ratio = "-"
+        if cells[-1]:
+            speed = base["time_s"] / cells[-1]["time_s"]
+            ratio = (f"{speed:.2f}x{' (slower)' if speed < 1 else ''}, "
+                     f"{base['peak_above_inputs_mb'] / max(cells[-1]['peak_above_inputs_mb'], 1.0):.1f}x less")
+
+        def cell(r):
+            return f"{r['time_s']:.2f} s, {r['peak_above_inputs_mb']:.0f} MB" if r else "-"
+
+        lines.append(f"| {op} | {path} | {h} x {v} | {n} | {names.get(dtype, dtype)} | {cell(base)} | "
+                     + " | ".join(cell(r) for r in cells) + f" | {ratio} |")
+    return "\n".join(lines)
+
+
 def slower_than_naive(rows) -> list[str]:
     """vlmfast's (op, model, N, dtype, provider) cases whose full time is above naive's in the same dtype."""
     idx = _index(rows)
@@ -160,6 +190,7 @@ def write_summary(rows, out: Path, device: str, *, cpu_peak_tflops: float | None
              f"{env.get('liger_kernel')}; {env.get('timestamp', '')}. Every provider was checked against the naive "
              "result in the same dtype (loss and both gradients) before timing; `full` = forward + backward, "
              "backward = full - forward; peak = peak memory above the inputs.", "",
+             "## At a glance", "", glance_table(rows), "",
              "## vs naive (materialised logits)", "", _slower_line(rows), "", ratio_table(rows, "naive"), ""]
     if any(r["provider"] == "liger" for r in rows):
         parts += ["## vs Liger-Kernel", "", ratio_table(rows, "liger"), ""]

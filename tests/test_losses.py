@@ -146,14 +146,21 @@ CASES = {
 
 @pytest.fixture(params=["one band", "bands of 8 rows"])
 def bands(request, monkeypatch):
-    """The one-pass losses in one band, or in bands of 8 rows: a preference pair (~12 counted rows) then stretches
-    a band (one_pass.GROUP_STRETCH), CW-DPO's batch floor (one group of ~24 rows) falls back to the recompute."""
+    """The one-pass losses in one band, or in bands of 8 rows: a preference pair (12-16 counted rows) then stretches
+    a band (one_pass.GROUP_STRETCH), CW-DPO's batch floor (one group of 28 rows) falls back to the recompute. Yields
+    the band plans token_loss made (None: the recompute)."""
     from vlmfast.ops import chunked, one_pass
 
+    plans, plan = [], one_pass.plan_bands
+    monkeypatch.setattr(one_pass, "plan_bands", lambda *a: plans.append(plan(*a)) or plans[-1])
     if request.param != "one band":
         monkeypatch.setattr(one_pass, "MIN_BAND_ROWS", 8)
         monkeypatch.setattr(chunked, "BLOCK_BYTES", 8 * 4 * V)
-    return request.param
+    yield request.param, plans
+
+
+# in bands of 8 rows: the losses over groups of tokens run one pass in several bands, CW-DPO's batch floor recomputes
+GROUPED = {"dpo": "one pass", "cw-dpo-floor": "one pass", "sft-gentle-hinge": "one pass", "cw-dpo": "recompute"}
 
 
 def _value_and_grads(fn, h, W, in_dtype, compute_dtype):
@@ -174,6 +181,13 @@ def test_fp32_matches_naive(name, bands):
     for what, a, b in zip(("loss", "d hidden", "d weight"), got, want):
         assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item()), (name, what)
     assert got[0].abs() > 0
+    kind, plans = bands
+    if kind != "one band" and name in GROUPED:  # the mechanism these inputs are meant to exercise
+        assert plans, name
+        if GROUPED[name] == "recompute":
+            assert plans[-1] is None, name
+        else:
+            assert all(p is not None for p in plans) and max(len(p) for p in plans) > 1, (name, plans)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -87,3 +87,22 @@ def test_sft_recipe_stage_fits_and_bad_input_is_named(capsys):
     assert "sft: peak" in capsys.readouterr().out
     assert main(["--config", sft, "--gpu-memory", "lots"]) == 2
     assert "plan error" in capsys.readouterr().err
+
+
+def test_fused_op_buffers_hold_the_one_pass_band_the_kernels_plan():
+    """At the 7B head (H >= one_pass.TRITON_MIN_HIDDEN) the plan counts the band token_loss really allocates on the
+    Triton backend (budget_rows: fp32 logits and their bf16 dz), twice for a loss over groups (a band may stretch to
+    a preference pair); below, token_stats' dz chunk."""
+    import torch
+
+    from vlmfast.ops import one_pass
+    from vlmfast.plan import fused_op_bytes
+
+    V, H, tokens = 152064, 3584, 100_000
+    dw = 2 * 4 * V * H
+    meta = torch.empty(tokens, H, dtype=torch.bfloat16, device="meta"), torch.empty(V, H, device="meta")
+    band = one_pass.budget_rows("triton", tokens, *meta) * V  # logits of one band
+    assert abs(fused_op_bytes(V, H, tokens, 2) - dw - band * (4 + 2)) <= 6 * V  # rows rounded down
+    stretched = fused_op_bytes(V, H, tokens, 2, grouped=True) - dw
+    assert abs(stretched - one_pass.GROUP_STRETCH * band * (4 + 2)) <= 6 * V * one_pass.GROUP_STRETCH
+    assert fused_op_bytes(V, 896, 10, 2) == 2 * 4 * V * 896 + 10 * V * 2  # token_stats' dz chunk (H < 2048)

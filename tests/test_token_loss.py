@@ -249,7 +249,7 @@ def test_backward_scales_the_forward_gradients_once():
 
 
 class LargestFloat32(TorchDispatchMode):
-    """The largest fp32 tensor any op produces (numel)."""
+    """The largest fp32 tensor any op produces (numel), views of its inputs (no new memory) aside."""
 
     def __init__(self):
         super().__init__()
@@ -257,8 +257,11 @@ class LargestFloat32(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor)}
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32 \
+                    and t.untyped_storage().data_ptr() not in inputs:
                 self.largest = max(self.largest, t.numel())
         return out
 
@@ -456,3 +459,22 @@ def test_bad_groups_are_named_before_any_gemm():
     ignored[y == -100] = -5  # an ignored token's group is never read
     torch.testing.assert_close(vlmfast.token_loss(h, W, y, fn, groups=ignored)[0],
                                vlmfast.token_loss(h, W, y, fn, groups=GROUP_OF_ROW)[0])
+
+
+def test_teacher_logits_are_read_a_band_at_a_time(monkeypatch):
+    """Given teacher logits [N, V], token_loss gathers each band's counted rows from them: no compacted [n, V] copy
+    (n = 30 counted rows; bands of 8; dW is [V, H] = 24 V), and the input check reads them in slices."""
+    from vlmfast.ops import _inputs
+
+    monkeypatch.setattr(one_pass, "MIN_BAND_ROWS", 8)
+    monkeypatch.setattr(chunked, "BLOCK_BYTES", 8 * 4 * V)
+    monkeypatch.setattr(_inputs, "FINITE_CHECK_ELEMS", 8 * V)
+    h, W, b, y, teacher = inputs(torch.float32, "logits")
+    n = int((y != -100).sum())
+    for use_native in NATIVE:
+        monkeypatch.setenv("VLMFAST_NATIVE", "1" if use_native else "0")
+        h.requires_grad_(), W.requires_grad_()
+        with LargestFloat32() as seen:
+            loss, _ = vlmfast.token_loss(h, W, y, per_token, teacher=teacher, kl="forward")
+            loss.backward()
+        assert seen.largest < n * V, (use_native, seen.largest)

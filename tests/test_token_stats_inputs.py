@@ -67,6 +67,20 @@ def test_nan_in_hidden_is_named():
         call(teacher=t, kl="reverse")
 
 
+@pytest.mark.parametrize("row", [0, N // 2, N - 1])
+def test_nan_is_found_in_any_slice_of_the_finite_check(row, monkeypatch):
+    """The check reads inputs in slices of FINITE_CHECK_ELEMS (bounded temporaries at a 7B head): a NaN in the
+    first, a middle or the last slice is named; a clean input passes."""
+    from vlmfast.ops import _inputs
+
+    monkeypatch.setattr(_inputs, "FINITE_CHECK_ELEMS", 2 * V)  # slices of 2 rows of the teacher logits
+    t = torch.randn(N, V)
+    call(teacher=t.clone(), kl="reverse")
+    t[row, V - 1] = float("nan")
+    with pytest.raises(ValueError, match="teacher logits contains NaN or inf"):
+        call(teacher=t, kl="reverse")
+
+
 def test_checks_can_be_skipped_on_a_hot_path():
     """check_inputs=False skips the value checks (the only host syncs), not the shape checks."""
     h = torch.randn(N, H)

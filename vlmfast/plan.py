@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from .config import Config, ConfigError, load_config
 
 GiB = 2**30
-FUSED_DZ_BYTES = 1 * GiB  # kernels/token_stats.py BWD_DZ_BYTES: the backward's dz chunk
+FUSED_DZ_BYTES = 1 * GiB  # kernels/token_stats.py BWD_DZ_BYTES: the backward's dz chunk, the one pass's band
 
 # Published configs (config.json of Qwen/Qwen2.5-VL-*-Instruct): only the sizes a parameter count needs.
 _VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=None,
@@ -170,9 +170,10 @@ def plan(cfg: Config, *, gpus: int, gpu_memory: int, prompt_tokens: int = 1024) 
         if s.micro_batch_size:  # the update runs one micro-batch's forward and backward at a time
             rows = min(rows, s.micro_batch_size)
         tokens = max(1, rows) * (prompt_tokens + s.max_new_tokens)
+        grouped = s.type in ("dpo", "cw_dpo") or (s.type == "sft" and s.gentle is not None
+                                                   and s.gentle.get("variant", "hinge") == "hinge")
         p.update = {**shared, "activations": activation_bytes(size, tokens, m.gradient_checkpointing, word),
-                    "fused op buffers": 2 * 4 * size.vocab * size.hidden + min(FUSED_DZ_BYTES,
-                                                                            tokens * size.vocab * word)}
+                    "fused op buffers": fused_op_bytes(size.vocab, size.hidden, tokens, word, grouped)}
         if teacher is not None and s.opd_mode == "full":
             p.update["teacher head copy"] = word * teacher.vocab * teacher.hidden
         p.rollout = dict(shared)
@@ -182,6 +183,19 @@ def plan(cfg: Config, *, gpus: int, gpu_memory: int, prompt_tokens: int = 1024) 
             p.rollout["policy gathered for generate"] = word * size.params  # evaluation generates through HF
         out.append(p)
     return out
+
+
+def fused_op_bytes(vocab: int, hidden: int, tokens: int, word: int, grouped: bool = False) -> int:
+    """The fused head's buffers on a GPU: 2 x 4 V H for the head's fp32 gradient buffers, plus, from
+    one_pass.TRITON_MIN_HIDDEN, the one pass's band (fp32 logits and their dz in the input dtype, FUSED_DZ_BYTES of
+    logits; a loss over groups of tokens, DPO's pairs or the gentle hinge's negatives, may stretch a band to
+    one_pass.GROUP_STRETCH of them) or, below, token_stats' dz chunk."""
+    from .ops import one_pass
+
+    if hidden < one_pass.TRITON_MIN_HIDDEN:
+        return 2 * 4 * vocab * hidden + min(FUSED_DZ_BYTES, tokens * vocab * word)
+    logits = min(FUSED_DZ_BYTES * (one_pass.GROUP_STRETCH if grouped else 1), tokens * vocab * 4)
+    return 2 * 4 * vocab * hidden + logits + logits * word // 4
 
 
 def check_fits(cfg: Config, *, gpus: int, gpu_memory: int) -> None:

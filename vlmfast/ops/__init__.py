@@ -207,10 +207,12 @@ def token_loss(
     computed from the tokens it is given alone (a group given none of its tokens: from empty sums), and is always
     given all counted tokens of a group together. The group ids of counted tokens lie in [0, G).
 
-    per_token_loss is called once on no tokens (n = 0) before any work, to check the shape it returns. On the
+    per_token_loss is called once on no tokens (n = 0) before any work, to check the shape it returns, then once
+    per band (how many depends on the data: it must hold no collective, which ranks would call unequally). On the
     chunked backend (and Triton's from one_pass.TRITON_MIN_HIDDEN) the forward computes the gradient as it goes
-    (one_pass.py: 3 GEMMs instead of token_stats' 4), a group's tokens in one band; elsewhere, or for a group too
-    large for a band, the loss is token_stats' statistics fed to the same function (same value and gradient).
+    (one_pass.py: 3 GEMMs instead of token_stats' 4), a group's tokens in one band; elsewhere, or when a group is
+    larger than a band may stretch to (one_pass.GROUP_STRETCH), the whole call is token_stats' statistics fed to
+    the same function (same value and gradient, 4 GEMMs).
 
     Arguments as `token_stats`. Returns (loss, stats): the scalar loss (fp32; fp64 for fp64 inputs), and
     TokenStats logp, entropy, lse (+ kl), detached, shaped like target, 0 on ignored tokens.
@@ -226,13 +228,14 @@ def token_loss(
     rows = c.valid.nonzero().squeeze(1)
     stat_dtype = torch.float64 if c.hidden.dtype == torch.float64 else torch.float32
     absent = _loss_on_no_tokens(per_token_loss, outputs, stat_dtype, c.target.device, groups is not None)
-    group_sizes, group_of_row = None, None
+    group_ids, group_sizes = None, None
     if groups is not None:
         group_of_row = _check_groups(groups, target, c.valid, absent.numel()).index_select(0, rows)
         group_of_row, order = torch.sort(group_of_row, stable=True)  # each group's rows side by side
         rows = rows.index_select(0, order)
-        group_sizes = torch.unique_consecutive(group_of_row, return_counts=True)[1].tolist()
-    band_loss = one_pass.BandLoss(per_token_loss, rows, group_of_row, absent)
+        group_ids, group_sizes = torch.unique_consecutive(group_of_row, return_counts=True)
+        group_sizes = group_sizes.tolist()
+    band_loss = one_pass.BandLoss(per_token_loss, rows, group_ids, group_sizes, absent)
     bands = None
     if backend == "chunked" or (backend == "triton" and one_pass.triton_one_pass(c.weight.shape[1])):
         n = rows.numel()
@@ -245,12 +248,12 @@ def token_loss(
         loss = band_loss(stats, 0, rows.numel()) + band_loss.absent_groups(stats["logp"].dtype)
         return loss, TokenStats(**{k: getattr(r, k).detach() for k in outputs})
     t = c.teacher
-    if t is not None:
-        t = Teacher(hidden=_take(t.hidden, rows), weight=t.weight, bias=t.bias, logits=_take(t.logits, rows))
+    if t is not None:  # teacher logits stay where they are: a band gathers its rows (no compacted [n, V] copy)
+        t = Teacher(hidden=_take(t.hidden, rows), weight=t.weight, bias=t.bias, logits=t.logits)
     grad_on = torch.is_grad_enabled()
     needs = tuple(grad_on and x is not None and x.requires_grad for x in (c.hidden, c.weight, c.bias))
     loss, *per_token = FusedLinearTokenLoss.apply(
-        _take(c.hidden, rows), c.weight, c.bias, _take(c.target, rows), t, c.kl, c.temperature, ignore_index,
+        _take(c.hidden, rows), c.weight, c.bias, _take(c.target, rows), t, rows, c.kl, c.temperature, ignore_index,
         band_loss, bands, needs, backend,
     )
     per_token = dict(zip(("logp", "entropy", "kl", "lse"), per_token))

@@ -175,16 +175,20 @@ class LinearHead:
 
 
 class LogitsHead:
-    """Rows of logits given directly; the gradient w.r.t. them is dz itself."""
+    """Rows of logits given directly; the gradient w.r.t. them is dz itself. `rows`: row r of this head is row
+    rows[r] of `logits` (token_loss's counted rows, gathered a band at a time: no compacted copy of [n, V])."""
 
-    def __init__(self, logits, *, need_grad=False):
-        self.x = logits
+    def __init__(self, logits, *, need_grad=False, rows=None):
+        self.x, self.rows = logits, rows
         self.dtype = wide_dtype(logits.dtype)
         self.vocab = logits.shape[-1]
         self.dx = torch.empty_like(logits) if need_grad else None
 
+    def _x(self, r0: int, r1: int) -> torch.Tensor:
+        return self.x[r0:r1] if self.rows is None else self.x.index_select(0, self.rows[r0:r1])
+
     def logits(self, r0: int, r1: int) -> torch.Tensor:
-        return self.x[r0:r1].to(self.dtype, copy=True)  # _block scales it in place
+        return self._x(r0, r1).to(self.dtype, copy=True)  # _block scales it in place
 
     def accumulate(self, r0: int, r1: int, dz: torch.Tensor) -> None:
         if self.dx is not None:
@@ -193,7 +197,7 @@ class LogitsHead:
     # -- the native path reads the logits as they are and writes dz straight into the gradient --
 
     def block(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
-        return self.x[r0:r1, c0:c1]
+        return self.x[r0:r1, c0:c1] if self.rows is None else self._x(r0, r1)[:, c0:c1]
 
     def grad_block(self, r0: int, r1: int, c0: int, c1: int, z: torch.Tensor) -> torch.Tensor:
         return self.dx[r0:r1, c0:c1]
@@ -205,11 +209,11 @@ class LogitsHead:
         pass
 
 
-def teacher_head(teacher: Teacher | None):
+def teacher_head(teacher: Teacher | None, rows=None):
     if teacher is None:
         return None
     if teacher.logits is not None:
-        return LogitsHead(teacher.logits)
+        return LogitsHead(teacher.logits, rows=rows)
     return LinearHead(teacher.hidden, teacher.weight, teacher.bias)
 
 

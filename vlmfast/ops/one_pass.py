@@ -20,14 +20,17 @@ vocabulary pay in memory traffic what they save in GEMM time (band_rows).
 A loss whose tokens' gradients depend on other tokens through sums over groups of them (DPO's pairs of
 sequences, the gentle hinge's negatives), L = Σ_g L_g(stats of group g's tokens), runs one pass too when its bands
 hold whole groups: a band's statistics then decide its groups' losses and so its tokens' gradients (plan_bands).
-A band may stretch to GROUP_STRETCH times its size to hold one group; a larger group runs token_stats' recompute
-(ops.token_loss decides before any work).
+A band may stretch to GROUP_STRETCH times its size to hold one group; a larger group sends the whole call to
+token_stats' recompute (ops.token_loss decides before any work).
 
 Epilogues: on the chunked backend the native CPU kernels when built, PyTorch otherwise; on the Triton backend
 (from TRITON_MIN_HIDDEN) kernels/logits_epilogue.py over logits from a tensor-core GEMM.
 """
 
 from __future__ import annotations
+
+import bisect
+import itertools
 
 import torch
 
@@ -61,30 +64,33 @@ def budget_rows(backend: str, n: int, hidden: torch.Tensor, weight: torch.Tensor
 
 
 class BandLoss:
-    """The loss as each band computes it. Per token (groups None): fn(stats, index) -> [n] losses, summed. By
-    groups (group id of each compacted row, whole groups per band): fn(stats, index) -> [G] losses of every group
-    from these tokens alone, of which the band counts its own groups'; `absent` [G] (fn on no tokens) gives the
-    groups with no counted token theirs."""
+    """The loss as each band computes it. Per token (no groups): fn(stats, index) -> [n] losses, summed. By groups
+    (the rows sorted by group: `group_ids` [K] the groups present in row order, `group_sizes` their rows; whole
+    groups per band): fn(stats, index) -> [G] losses of every group from these tokens alone, of which the band
+    counts its own groups'; `absent` [G] (fn on no tokens) gives the groups with no counted token theirs."""
 
-    def __init__(self, fn, index: torch.Tensor, groups: torch.Tensor | None = None, absent=None):
-        self.fn, self.index, self.groups, self.absent = fn, index, groups, absent
+    def __init__(self, fn, index: torch.Tensor, group_ids=None, group_sizes=None, absent=None):
+        self.fn, self.index, self.group_ids, self.absent = fn, index, group_ids, absent
+        self.starts = None if group_sizes is None else [0, *itertools.accumulate(group_sizes)]
 
     def __call__(self, stats: dict, r0: int, r1: int) -> torch.Tensor:
         out = self.fn(stats, self.index[r0:r1])
-        want = (r1 - r0,) if self.groups is None else tuple(self.absent.shape)
-        check_loss_shape(out, want, self.groups is not None)
+        grouped = self.group_ids is not None
+        check_loss_shape(out, tuple(self.absent.shape) if grouped else (r1 - r0,), grouped)
         out = out.to(stats["logp"].dtype)
-        if self.groups is None:
+        if not grouped:
             return out.sum()
-        return out[self.groups[r0:r1].unique()].sum()
+        # the band's groups, from the host-side plan (no device sync): bands start and end on group boundaries
+        k0, k1 = bisect.bisect_left(self.starts, r0), bisect.bisect_left(self.starts, r1)
+        return out[self.group_ids[k0:k1]].sum()
 
     def absent_groups(self, dtype) -> torch.Tensor:
         """Σ of the losses of the groups no band holds (constant: they have no counted token)."""
-        if self.groups is None:
+        if self.group_ids is None:
             return torch.zeros((), dtype=dtype, device=self.index.device)
         held = torch.zeros(self.absent.numel(), dtype=torch.bool, device=self.absent.device)
-        held[self.groups] = True
-        return self.absent.to(dtype)[~held].sum()
+        held.index_fill_(0, self.group_ids.to(held.device), True)
+        return torch.where(held, 0, self.absent.to(dtype)).sum()
 
 
 def check_loss_shape(out, want: tuple, grouped: bool) -> None:
@@ -192,7 +198,7 @@ def triton_one_pass(hidden_size: int) -> bool:
     return hidden_size >= TRITON_MIN_HIDDEN
 
 
-def _bands_triton(hidden, weight, bias, teacher, target, band_loss, bands, *, needs, temperature, kl,
+def _bands_triton(hidden, weight, bias, teacher, teacher_rows, target, band_loss, bands, *, needs, temperature, kl,
                   ignore_index):
     """One pass on the Triton backend: per band, logits by a GEMM with an fp32 result (tensor cores on CUDA), the
     statistics and dz by kernels/logits_epilogue.py, dh and dW by two more GEMMs (token_stats' accumulate_dz)."""
@@ -217,12 +223,12 @@ def _bands_triton(hidden, weight, bias, teacher, target, band_loss, bands, *, ne
         z = student.logits(r0, r1)  # [R, V] fp32
         zt = teacher_head.logits(r0, r1) if teacher_head is not None else None
         if teacher is not None and teacher.logits is not None:
-            zt = teacher.logits[r0:r1]  # read in place: the kernels widen it
+            zt = teacher.logits.index_select(0, teacher_rows[r0:r1])  # the band's rows (16-bit: the kernels widen)
         return chunked.finish(epilogue.logits_stats(z, target[r0:r1], zt, **kw)), [z, zt]
 
     def band_grad(r0, r1, stats, grads, state):
         dz = epilogue.logits_grad(state[0], target[r0:r1], state[1], stats, grads, dz_buf[:r1 - r0], **kw)
-        state.clear()  # the fp32 logits (1 GiB) freed before the two GEMMs
+        state.clear()  # the fp32 logits (up to 1 GiB; twice, stretched) freed before the two GEMMs
         kernels.accumulate_dz(dz, hidden[r0:r1], weight, None if dh is None else dh[r0:r1], dw, db)
 
     loss, stats_out = _bands(bands, band_loss, N, torch.float32, dev, band_stats,
@@ -250,22 +256,23 @@ def _finish_forward(ctx, loss, stats, hidden, weight, bias, dh, dw, db, n):
 
 class FusedLinearTokenLoss(torch.autograd.Function):
     """(hidden [N, H], weight [V, H], bias [V] | None, target [N], every target counted) -> the loss Σ_t ℓ_t and
-    the per-token statistics logp, entropy, kl, lse [N] (detached); dh, dW, db computed in the forward."""
+    the per-token statistics logp, entropy, kl, lse [N] (detached); dh, dW, db computed in the forward. A teacher's
+    hidden rows are the same N; its logits, if given, are read at rows `teacher_rows` (the counted positions)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, teacher, kl, temperature, ignore_index, band_loss, bands,
-                needs, backend):
+    def forward(ctx, hidden, weight, bias, target, teacher, teacher_rows, kl, temperature, ignore_index, band_loss,
+                bands, needs, backend):
         N = target.numel()
         if backend == "triton":
             loss, stats, dh, dw, db = _bands_triton(
-                hidden.contiguous(), weight.contiguous(), bias, teacher, target.contiguous(), band_loss, bands,
-                needs=needs, temperature=temperature, kl=kl if teacher is not None else None,
+                hidden.contiguous(), weight.contiguous(), bias, teacher, teacher_rows, target.contiguous(), band_loss,
+                bands, needs=needs, temperature=temperature, kl=kl if teacher is not None else None,
                 ignore_index=ignore_index)
             return _finish_forward(ctx, loss, stats, hidden, weight, bias, dh, dw, db, N)
         need_dh, need_dw, need_db = needs
         student = chunked.LinearHead(hidden, weight, bias, need_dh=need_dh, need_dw=need_dw, need_db=need_db,
                                      rows_per_band=max((r1 - r0 for r0, r1 in bands), default=1))
-        teacher_head = chunked.teacher_head(teacher)
+        teacher_head = chunked.teacher_head(teacher, teacher_rows)
         kw = dict(inv_t=1.0 / temperature, kl=kl if teacher is not None else None)
         if chunked._native_ok(student, teacher_head):
             loss, stats = _bands_native(student, teacher_head, target, band_loss, bands, ignore_index=ignore_index,
@@ -286,4 +293,4 @@ class FusedLinearTokenLoss(torch.autograd.Function):
         def scaled(t):  # in place: a copy of dW would be another [V, H] at the memory peak
             return None if t is None else t.mul_(g_loss.to(t.dtype))
 
-        return scaled(dh), scaled(dw), scaled(db), None, None, None, None, None, None, None, None, None
+        return scaled(dh), scaled(dw), scaled(db), *[None] * 10
