@@ -51,6 +51,6 @@ else
     echo "not run: transformers is not installed in $PY" | tee "$OUT/cuda_ipc.txt"
 fi
 # --no-e2e: the end-to-end step needs the tiny VLM stack (transformers, pyarrow), not installed here
-timeout 360 "$PY" -m bench --device cuda --models qwen25vl-7b --ops sft token_stats grpo opd --tokens 2048 8192 32768 \
+timeout 420 "$PY" -m bench --device cuda --models qwen25vl-7b --ops sft token_stats grpo opd dpo --tokens 2048 8192 32768 \
     --no-e2e --out "$OUT" || status=1
 exit $status

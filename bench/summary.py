@@ -81,17 +81,20 @@ def ratio_table(rows, baseline: str) -> str:
 
 def glance_table(rows) -> str:
     """One line per (op, model, N, dtype): naive's and each vlmfast provider's full time and peak, which path
-    vlmfast ran (one pass or recompute), and the last vlmfast provider (native on a CPU, Triton on a GPU) against
+    vlmfast ran (one pass or recompute), and vlmfast's default path (native on a CPU, Triton on a GPU) against
     naive in the same dtype (the README's table)."""
     idx = _index(rows)
-    ours = list(dict.fromkeys(r["provider"] for r in rows if r["provider"].startswith("vlmfast")))
+    order = ("vlmfast-chunked", "vlmfast-native", "vlmfast-triton")  # the default path last: native, Triton
+    ours = sorted({r["provider"] for r in rows if r["provider"] in order}, key=order.index)
+    if not ours:
+        return ""
     names = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-    lines = [f"| op | path | head (H x V) | N | dtype | naive | {' | '.join(ours)} | {ours[-1]} vs naive: time, peak |"
-             if ours else "", "|---" * (6 + len(ours) + 1) + "|"]
+    lines = [f"| op | path | head (H x V) | N | dtype | naive | {' | '.join(ours)} | {ours[-1]} vs naive: time, peak |",
+             "|---" * (6 + len(ours) + 1) + "|"]
     for op, model, n, dtype in dict.fromkeys((r["op"], r["model"], r["n"], _dtype(r)) for r in rows):
         base = idx.get((op, model, n, dtype, "full", "naive"))
         cells = [idx.get((op, model, n, dtype, "full", p)) for p in ours]
-        if base is None or not ours:
+        if base is None:
             continue
         h, v = cells[-1]["h"] if cells[-1] else base["h"], base["v"]
         path = "one pass" if registry.runs_one_pass(op, ours[-1], h) else "recompute"

@@ -136,3 +136,23 @@ def test_a_failing_case_is_a_row_and_the_sweep_goes_on(tmp_path, monkeypatch):
     assert [r["provider"] for r in on_disk] == ["naive", "vlmfast-chunked", "vlmfast-chunked"]
     assert "out of memory" in on_disk[0]["error"] and measured == [1]
     assert [r["mode"] for r in rows] == ["forward", "full"] and all("error" not in r for r in rows)
+
+
+def test_glance_table_compares_the_default_path_whatever_the_row_order():
+    """The README's table: vlmfast's default path (native on a CPU, Triton on a GPU) against naive, named one pass
+    or recompute by the op and provider, whichever order the rows came in; nothing without a vlmfast row."""
+    from bench.summary import glance_table
+
+    def row(op, provider, t, h=3584):
+        return {"op": op, "provider": provider, "model": "m", "n": 2048, "h": h, "v": 152064, "dtype": "bfloat16",
+                "mode": "full", "time_s": t, "peak_above_inputs_mb": 100.0 * t}
+
+    gpu = [row("dpo", "vlmfast-triton", 1.0), row("dpo", "naive", 2.0), row("dpo", "vlmfast-chunked", 4.0),
+           row("token_stats", "naive", 1.0), row("token_stats", "vlmfast-triton", 2.0, h=896)]
+    lines = glance_table(gpu).splitlines()
+    assert "| vlmfast-chunked | vlmfast-triton | vlmfast-triton vs naive" in lines[0]
+    assert lines[2].startswith("| dpo | one pass | 3584 x 152064 |") and "| 2.00x, 2.0x less |" in lines[2]
+    assert lines[3].startswith("| token_stats | recompute |") and "0.50x (slower)" in lines[3]
+    cpu = [row("sft", "vlmfast-native", 1.0, 896), row("sft", "vlmfast-chunked", 2.0, 896), row("sft", "naive", 3.0)]
+    assert "vlmfast-native vs naive" in glance_table(cpu).splitlines()[0]
+    assert glance_table([row("sft", "naive", 1.0), row("sft", "liger", 1.0)]) == ""

@@ -105,4 +105,6 @@ def test_fused_op_buffers_hold_the_one_pass_band_the_kernels_plan():
     assert abs(fused_op_bytes(V, H, tokens, 2) - dw - band * (4 + 2)) <= 6 * V  # rows rounded down
     stretched = fused_op_bytes(V, H, tokens, 2, grouped=True) - dw
     assert abs(stretched - one_pass.GROUP_STRETCH * band * (4 + 2)) <= 6 * V * one_pass.GROUP_STRETCH
+    with_teacher = fused_op_bytes(V, H, tokens, 2, teacher_head=True) - dw  # a fused teacher's band of fp32 logits
+    assert abs(with_teacher - band * (4 + 4 + 2)) <= 10 * V
     assert fused_op_bytes(V, 896, 10, 2) == 2 * 4 * V * 896 + 10 * V * 2  # token_stats' dz chunk (H < 2048)

@@ -9,8 +9,8 @@ plan needs no download). Per GPU, for each stage, the larger of two phases:
 - update: the policy's model states (DeepSpeed's own estimator for the ZeRO stage: 16-bit weights, fp32
   master weights and Adam moments, gradients, the largest layer gathered), the frozen reference / teacher
   engines, activations of one forward (a GRPO update's micro_batch_size sequences, else the rank's whole
-  batch; with or without gradient checkpointing), the fused op's buffers (fp32 dW accumulator and its
-  per-chunk product, 1 GiB of dz), and the OPD teacher head's gathered copy;
+  batch; with or without gradient checkpointing), the fused op's buffers (fused_op_bytes: the head's fp32
+  gradient buffers, and the one pass's band or token_stats' dz chunk), and the OPD teacher head's gathered copy;
 - rollout: the same states and engines, plus the policy gathered whole for HF generate (ZeRO-3) or vLLM's
   memory share (weights and KV cache; it sleeps through the update).
 
@@ -173,7 +173,8 @@ def plan(cfg: Config, *, gpus: int, gpu_memory: int, prompt_tokens: int = 1024) 
         grouped = s.type in ("dpo", "cw_dpo") or (s.type == "sft" and s.gentle is not None
                                                    and s.gentle.get("variant", "hinge") == "hinge")
         p.update = {**shared, "activations": activation_bytes(size, tokens, m.gradient_checkpointing, word),
-                    "fused op buffers": fused_op_bytes(size.vocab, size.hidden, tokens, word, grouped)}
+                    "fused op buffers": fused_op_bytes(size.vocab, size.hidden, tokens, word, grouped,
+                                                       teacher is not None and s.opd_mode == "full")}
         if teacher is not None and s.opd_mode == "full":
             p.update["teacher head copy"] = word * teacher.vocab * teacher.hidden
         p.rollout = dict(shared)
@@ -185,17 +186,19 @@ def plan(cfg: Config, *, gpus: int, gpu_memory: int, prompt_tokens: int = 1024) 
     return out
 
 
-def fused_op_bytes(vocab: int, hidden: int, tokens: int, word: int, grouped: bool = False) -> int:
+def fused_op_bytes(vocab: int, hidden: int, tokens: int, word: int, grouped: bool = False,
+                   teacher_head: bool = False) -> int:
     """The fused head's buffers on a GPU: 2 x 4 V H for the head's fp32 gradient buffers, plus, from
     one_pass.TRITON_MIN_HIDDEN, the one pass's band (fp32 logits and their dz in the input dtype, FUSED_DZ_BYTES of
     logits; a loss over groups of tokens, DPO's pairs or the gentle hinge's negatives, may stretch a band to
-    one_pass.GROUP_STRETCH of them) or, below, token_stats' dz chunk."""
+    one_pass.GROUP_STRETCH of them; a fused teacher head's fp32 logits of the band beside them) or, below,
+    token_stats' dz chunk."""
     from .ops import one_pass
 
     if hidden < one_pass.TRITON_MIN_HIDDEN:
         return 2 * 4 * vocab * hidden + min(FUSED_DZ_BYTES, tokens * vocab * word)
     logits = min(FUSED_DZ_BYTES * (one_pass.GROUP_STRETCH if grouped else 1), tokens * vocab * 4)
-    return 2 * 4 * vocab * hidden + logits + logits * word // 4
+    return 2 * 4 * vocab * hidden + logits * (2 if teacher_head else 1) + logits * word // 4
 
 
 def check_fits(cfg: Config, *, gpus: int, gpu_memory: int) -> None:

@@ -1,5 +1,6 @@
 """The autograd Functions of the fused ops: forward through a backend, backward that takes ANY
-per-token upstream gradient on every output (GRPO, DPO and cooling weights give each token its own)."""
+per-token upstream gradient on every output (whatever a caller computes from the statistics; vlmfast's own
+losses know theirs in the forward and take one_pass.py instead)."""
 
 from __future__ import annotations
 
