@@ -83,9 +83,11 @@ class _Cooling:
     def __init__(self, floor, tau_c):
         self.floor, self.tau_c = floor, tau_c
 
+    def floor_of(self, lbar_rejected):
+        return lbar_rejected.detach().mean() if self.floor is None else self.floor
+
     def __call__(self, lbar_rejected):
-        lbar = lbar_rejected.detach()
-        return cooling_weight(lbar, lbar.mean() if self.floor is None else self.floor, self.tau_c)
+        return cooling_weight(lbar_rejected.detach(), self.floor_of(lbar_rejected), self.tau_c)
 
 
 def _metrics(loss, beta, d_w, d_l, S, lbar, B, **extra):
@@ -127,7 +129,7 @@ def cw_dpo_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, *,
     loss, S, lbar, d_w, d_l, B, w_c = _preference_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps,
                                                        beta=beta, cooling=cooling, bias=bias, temperature=temperature,
                                                        ignore_index=ignore_index, backend=backend)
-    floor = lbar[B:].mean() if l_floor == "batch" else float(l_floor)
+    floor = cooling.floor_of(lbar[B:])
     return loss, _metrics(loss, beta, d_w, d_l, S, lbar, B, cooling_weight_mean=w_c.mean(),
                           cooling_weight_frac_below_0_1=(w_c < 0.1).float().mean(), l_floor=torch.as_tensor(floor))
 

@@ -71,10 +71,12 @@ FINITE_CHECK_ELEMS = 1 << 24
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
     """NaN/inf check in slices along dim 0, one host sync at the end."""
-    step = max(1, FINITE_CHECK_ELEMS // max(1, t[0].numel())) if t.dim() > 1 and t.shape[0] else max(1, t.numel())
+    t = t.reshape(1) if t.dim() == 0 else t
+    row = t[0].numel() if t.shape[0] else 1  # elements per index of dim 0
+    step = max(1, FINITE_CHECK_ELEMS // max(1, row))
     ok = torch.ones((), dtype=torch.bool, device=t.device)
-    for r0 in range(0, t.shape[0] if t.dim() else 1, step):
-        ok &= torch.isfinite(t[r0:r0 + step] if t.dim() else t).all()
+    for r0 in range(0, t.shape[0], step):
+        ok &= torch.isfinite(t[r0:r0 + step]).all()
     if not bool(ok):
         raise ValueError(f"{name} contains NaN or inf")
 

@@ -197,7 +197,7 @@ class LogitsHead:
     # -- the native path reads the logits as they are and writes dz straight into the gradient --
 
     def block(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
-        return self.x[r0:r1, c0:c1] if self.rows is None else self._x(r0, r1)[:, c0:c1]
+        return self._x(r0, r1)[:, c0:c1]
 
     def grad_block(self, r0: int, r1: int, c0: int, c1: int, z: torch.Tensor) -> torch.Tensor:
         return self.dx[r0:r1, c0:c1]

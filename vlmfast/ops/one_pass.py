@@ -132,7 +132,7 @@ def token_grads(band_loss: BandLoss, stats: dict, r0: int, r1: int):
     return total.detach(), {k: g for k, g in zip(leaves, grads) if g is not None}
 
 
-def _bands(bands, band_loss, n, dtype, device, band_stats, band_grad):
+def _bands(bands, band_loss, n, dtype, band_stats, band_grad):
     """The band loop every epilogue shares: `band_stats(r0, r1)` -> (statistics, what the band's gradient needs);
     the loss's gradients in the statistics; `band_grad(r0, r1, stats, grads, state)` (None: no gradient wanted)."""
     stats_out, loss = {}, band_loss.absent_groups(dtype)
@@ -164,7 +164,7 @@ def _bands_native(student, teacher, target, band_loss, bands, *, inv_t, kl, igno
         student.accumulate_block(r0, r1, 0, V, z)  # dh rows = dz W, dW += dz^T h, db += Σ dz
 
     wanted = student.need_dh or student.need_dw or student.need_db
-    out = _bands(bands, band_loss, target.numel(), student.dtype, target.device, band_stats,
+    out = _bands(bands, band_loss, target.numel(), student.dtype, band_stats,
                  band_grad if wanted else None)
     student.finish_grads()
     return out
@@ -184,7 +184,7 @@ def _bands_torch(student, teacher, target, band_loss, bands, *, inv_t, kl):
         student.accumulate(r0, r1, dz)
 
     wanted = student.need_dh or student.need_dw or student.need_db
-    return _bands(bands, band_loss, target.numel(), student.dtype, target.device, band_stats,
+    return _bands(bands, band_loss, target.numel(), student.dtype, band_stats,
                   band_grad if wanted else None)
 
 
@@ -231,7 +231,7 @@ def _bands_triton(hidden, weight, bias, teacher, teacher_rows, target, band_loss
         state.clear()  # the fp32 logits (up to 1 GiB; twice, stretched) freed before the two GEMMs
         kernels.accumulate_dz(dz, hidden[r0:r1], weight, None if dh is None else dh[r0:r1], dw, db)
 
-    loss, stats_out = _bands(bands, band_loss, N, torch.float32, dev, band_stats,
+    loss, stats_out = _bands(bands, band_loss, N, torch.float32, band_stats,
                              band_grad if dz_buf is not None else None)
     return loss, stats_out, dh, dw, db
 
