@@ -8,7 +8,10 @@ Two ways through the blocks, same results:
   vocabulary columns, [up to 8192 rows, C], so every GEMM is tall (all the rows against a slice of
   W); one C++ pass per block folds it into online per-row sums (forward) or turns it into dz in
   place (backward). `VLMFAST_NATIVE=0` turns it off.
-- PyTorch (everywhere else): blocks of whole rows [rows, V] and the epilogue in torch ops.
+- PyTorch (everywhere else): blocks of whole rows [rows, V] and the epilogue in torch ops (RowsSoftmax,
+  rows_stats, rows_grad_): one log_softmax kernel, exp over the logits' buffer, only the gradient terms that are
+  given, all in two buffers per head reused from block to block (fresh [rows, V] memory per block cost the CPU its
+  page faults: more than the math).
 
 Backward recomputes each block from the saved O(N) statistics and applies, per token,
 
@@ -40,6 +43,18 @@ def default_chunk_rows(vocab: int) -> int:
     return max(16, BLOCK_BYTES // (4 * vocab))
 
 
+def reused(store: dict, name: str, rows: int, cols: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """A [rows, cols] view of a buffer kept in `store` from block to block, valid until the next request of `name`:
+    a fresh 64 MB tensor per block would cost its page faults every time on a CPU (~15% of the GEMM; the PyTorch
+    epilogue's ops took 3-5x their in-cache time on fresh memory). CUDA's caching allocator reuses blocks itself."""
+    if torch.device(device).type != "cpu":
+        return torch.empty(rows, cols, dtype=dtype, device=device)
+    buf = store.get(name)
+    if buf is None or buf.numel() < rows * cols or buf.dtype != dtype:
+        buf = store[name] = torch.empty(rows * cols, dtype=dtype)
+    return buf[:rows * cols].view(rows, cols)
+
+
 def native_block_shape(head, n_rows: int) -> tuple[int, int]:
     """(rows, columns) of the native path's blocks: tall for a matmul head (the GEMMs' efficiency
     grows with the rows), whole rows for given logits (no GEMM; the block is a view)."""
@@ -63,7 +78,7 @@ class LinearHead:
         if self.low_precision:
             self.hidden = hidden.contiguous()  # the GEMMs' row-major operand
         self.weight = weight if weight.is_cuda or self.low_precision else weight.to(self.dtype)
-        self.vocab = weight.shape[0]
+        self.vocab, self.device = weight.shape[0], weight.device
         self.need_dh, self.need_dw, self.need_db = need_dh, need_dw, need_db
         self.dh = torch.empty_like(hidden) if need_dh else None
         self.dw = None
@@ -90,13 +105,12 @@ class LinearHead:
     # -- the native path: blocks of rows x columns (CPU, fp32 math) ------------------------------
 
     def _scratch(self, name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-        """A [rows, cols] view of a buffer kept from block to block, valid until the next request of
-        `name`: a fresh 64 MB tensor per block would cost its page faults every time (~15% of the GEMM
-        on a CPU)."""
-        buf = self.scratch.get(name)
-        if buf is None or buf.numel() < rows * cols:
-            buf = self.scratch[name] = torch.empty(rows * cols, dtype=dtype)
-        return buf[:rows * cols].view(rows, cols)
+        return reused(self.scratch, name, rows, cols, dtype, self.device)
+
+    def rows_logits(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows [r0, r1)'s fp32 logits over the whole vocabulary, for the PyTorch epilogue to overwrite: on the CPU
+        block()'s reused buffer (valid until the next call), on CUDA a fresh tensor."""
+        return self.logits(r0, r1) if self.weight.is_cuda else self.block(r0, r1, 0, self.vocab)
 
     def block(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
         """The fp32 block h[r0:r1] W[c0:c1]^T + b[c0:c1] (the bias rides in the GEMM), written into
@@ -181,14 +195,16 @@ class LogitsHead:
     def __init__(self, logits, *, need_grad=False, rows=None):
         self.x, self.rows = logits, rows
         self.dtype = wide_dtype(logits.dtype)
-        self.vocab = logits.shape[-1]
+        self.vocab, self.device = logits.shape[-1], logits.device
         self.dx = torch.empty_like(logits) if need_grad else None
+        self.scratch = {}
 
     def _x(self, r0: int, r1: int) -> torch.Tensor:
         return self.x[r0:r1] if self.rows is None else self.x.index_select(0, self.rows[r0:r1])
 
-    def logits(self, r0: int, r1: int) -> torch.Tensor:
-        return self._x(r0, r1).to(self.dtype, copy=True)  # _block scales it in place
+    def rows_logits(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows [r0, r1) widened into a reused buffer (LinearHead.rows_logits): the epilogue overwrites it."""
+        return reused(self.scratch, "logits", r1 - r0, self.vocab, self.dtype, self.device).copy_(self._x(r0, r1))
 
     def accumulate(self, r0: int, r1: int, dz: torch.Tensor) -> None:
         if self.dx is not None:
@@ -215,13 +231,6 @@ def teacher_head(teacher: Teacher | None, rows=None):
     if teacher.logits is not None:
         return LogitsHead(teacher.logits, rows=rows)
     return LinearHead(teacher.hidden, teacher.weight, teacher.bias)
-
-
-def _block(head, r0, r1, inv_t):
-    """Scaled logits z of rows [r0, r1), their lse, and log-softmax (in place over z)."""
-    z = head.logits(r0, r1).mul_(inv_t)
-    lse = torch.logsumexp(z, dim=-1)
-    return lse, z.sub_(lse[:, None])
 
 
 def _native_ok(student, teacher) -> bool:
@@ -265,47 +274,98 @@ def _backward_native(student, target, stats, g, *, inv_t, teacher, kl, ignore_in
         zt = teacher.block(r0, r1, c0, c1) if teacher is not None else None
         dz = student.grad_block(r0, r1, c0, c1, z)
         native.block_grad_(z, target[r0:r1], zt, {k: v[r0:r1] for k, v in stats.items()},
-                           {k: v[r0:r1] for k, v in g.items()}, dz, inv_t=inv_t, kl=kl, ignore_index=ignore_index,
-                           col_offset=c0)
+                           {k: v[r0:r1] for k, v in g.items() if v is not None}, dz, inv_t=inv_t, kl=kl,
+                           ignore_index=ignore_index, col_offset=c0)
         student.accumulate_block(r0, r1, c0, c1, dz)
     student.finish_grads()
 
 
+ROW_DOT_COLS = 8192  # columns per slice of _row_dot's product: its temporary stays [R, 8192]
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_j a_ij b_ij per row (Σ_j a_ij (b_ij - c_ij) with c), the product in slices of ROW_DOT_COLS columns: no
+    [R, V] temporary. torch's sum, not a batched dot product: bmm sums sequentially (entropy off by 1.6e-3 at
+    V = 151936 in fp32, against 8e-7 here)."""
+    out = torch.zeros(a.shape[0], dtype=a.dtype, device=a.device)
+    for c0 in range(0, a.shape[1], ROW_DOT_COLS):
+        cols = slice(c0, c0 + ROW_DOT_COLS)
+        prod = b[:, cols] * a[:, cols] if c is None else torch.sub(b[:, cols], c[:, cols]).mul_(a[:, cols])
+        out += prod.sum(-1)
+    return out
+
+
+class RowsSoftmax:
+    """The PyTorch epilogue's softmax of rows [r0, r1) of a head at temperature T: lse [R], log p [R, V] and (with
+    need_p) p [R, V] over the logits' buffer, in the head's reused buffers (valid until the head's next rows): a few
+    passes over [R, V] and no fresh [R, V] memory, whose page faults cost the CPU more than the math."""
+
+    @torch.no_grad()  # out= takes no autograd inputs (a caller's own leaves, as in the property tests)
+    def __init__(self, head, r0: int, r1: int, inv_t: float, *, need_p: bool = True):
+        z = head.rows_logits(r0, r1)
+        if inv_t != 1.0:
+            z.mul_(inv_t)
+        logp = reused(head.scratch, "logp", z.shape[0], head.vocab, head.dtype, head.device)
+        self.logp = torch.log_softmax(z, -1, out=logp)  # one ATen kernel: max, Σ exp, write
+        # lse from the max column, where log_softmax wrote -log Σ exp(z - max): as exact as logsumexp, one read
+        zmax, top = z.max(-1, keepdim=True)
+        self.lse = (zmax - self.logp.gather(1, top))[:, 0]
+        self.p = torch.exp(self.logp, out=z) if need_p else None
+        self.free = None if need_p else z  # the logits' buffer, for the caller's temporaries
+
+
+def rows_softmax(student, teacher, r0, r1, *, inv_t, kl):
+    """What the statistics and rows_grad_ need of rows [r0, r1): (the student's RowsSoftmax, the teacher's or None,
+    log p - log q [R, V] for the reverse KL (over the teacher's logits) or None); the teacher's p for the forward KL."""
+    s = RowsSoftmax(student, r0, r1, inv_t)
+    if teacher is None:
+        return s, None, None
+    t = RowsSoftmax(teacher, r0, r1, inv_t, need_p=kl == "forward")
+    return s, t, torch.sub(s.logp, t.logp, out=t.free) if kl == "reverse" else None
+
+
 def rows_stats(student, teacher, r0, r1, safe_target, *, inv_t, kl):
     """The PyTorch epilogue's statistics of rows [r0, r1) from their whole-vocabulary logits: ({lse, logp,
-    entropy (+ kl, lse_t)}, log p [R, V], log q [R, V] or None); the log-softmax blocks are for rows_grad_."""
-    lse, logp_all = _block(student, r0, r1, inv_t)
-    p = logp_all.exp()
-    out = {"lse": lse, "logp": logp_all.gather(1, safe_target[:, None])[:, 0], "entropy": -(p * logp_all).sum(-1)}
-    logq_all = None
-    if teacher is not None:
-        out["lse_t"], logq_all = _block(teacher, r0, r1, inv_t)
-        if kl == "reverse":
-            out["kl"] = (p * (logp_all - logq_all)).sum(-1)
-        else:
-            out["kl"] = (logq_all.exp() * (logq_all - logp_all)).sum(-1)
-    return out, logp_all, logq_all
+    entropy (+ kl, lse_t)}, rows_softmax's state for rows_grad_)."""
+    rows = s, t, diff = rows_softmax(student, teacher, r0, r1, inv_t=inv_t, kl=kl)
+    out = {"lse": s.lse, "logp": s.logp.gather(1, safe_target[:, None])[:, 0], "entropy": -_row_dot(s.p, s.logp)}
+    if t is not None:
+        out["lse_t"] = t.lse
+        # reverse: Σ p (log p - log q); forward: Σ q (log q - log p)
+        out["kl"] = _row_dot(s.p, diff) if kl == "reverse" else _row_dot(t.p, t.logp, s.logp)
+    return out, rows
 
 
-def rows_grad_(logp_all, logq_all, safe_target, stats: dict, g: dict, *, inv_t, kl):
-    """dz [R, V] of rows whose log-softmax is logp_all (overwritten), for per-row upstream gradients g (all four
-    names, zeros where absent; the KL term only with logq_all) and their statistics (module docstring)."""
-    p = logp_all.exp()
-    # coefficient of p_j, per token and column
-    c = (logp_all + stats["entropy"][:, None]).mul_(-g["entropy"][:, None])
-    c += (g["lse"] - g["logp"])[:, None]
-    if logq_all is not None:
-        gk = g["kl"][:, None]
-        if kl == "reverse":
-            c += gk * (logp_all - logq_all - stats["kl"][:, None])
-            dz = p.mul_(c)
-        else:
-            dz = p.mul_(c + gk) - gk * logq_all.exp()
-    else:
-        dz = p.mul_(c)
-    # onehot term added in fp32 after the p-terms: no cancellation as p_y -> 1
-    dz.scatter_add_(1, safe_target[:, None], g["logp"][:, None])
-    return dz.mul_(inv_t)
+def rows_grad_(rows, safe_target, stats: dict, g: dict, *, inv_t, kl):
+    """dz [R, V] of rows_softmax's `rows` (written over p; log p and the KL difference overwritten) for per-row
+    upstream gradients g ("logp", "entropy", "kl", "lse"; missing or None: zero) and their statistics. The module
+    docstring's formula, as p_j times a per-row constant plus only the per-column terms whose gradient is given."""
+    s, t, diff = rows
+
+    def row(name):  # [R, 1], with 1/T folded in
+        v = g.get(name)
+        return None if v is None else (v * inv_t)[:, None]
+
+    g_logp, g_ent, g_lse = row("logp"), row("entropy"), row("lse")
+    g_kl = row("kl") if t is not None else None
+    a = torch.zeros_like(s.lse)[:, None]  # the per-row part of p_j's coefficient
+    if g_lse is not None:
+        a = a + g_lse
+    if g_logp is not None:
+        a = a - g_logp
+    if g_ent is not None:
+        a = a - g_ent * stats["entropy"][:, None]
+    if g_kl is not None:
+        a = a + g_kl if kl == "forward" else a - g_kl * stats["kl"][:, None]
+    c = s.logp.mul_(-g_ent) if g_ent is not None else None  # -g_H log p_j
+    if g_kl is not None and kl == "reverse":  # + g_KL (log p_j - log q_j)
+        c = diff.mul_(g_kl) if c is None else c.addcmul_(diff, g_kl)
+    dz = s.p.mul_(a) if c is None else s.p.mul_(c.add_(a))
+    if g_kl is not None and kl == "forward":
+        dz.addcmul_(t.p, -g_kl)
+    if g_logp is not None:  # the onehot term added after the p-terms: no cancellation as p_y -> 1
+        dz.scatter_add_(1, safe_target[:, None], g_logp)
+    return dz
 
 
 def forward(student, target, *, temperature, teacher=None, kl=None, ignore_index=-100, chunk_rows=None):
@@ -324,7 +384,7 @@ def forward(student, target, *, temperature, teacher=None, kl=None, ignore_index
     inv_t = 1.0 / temperature
     for r0 in range(0, N, chunk_rows):
         r1 = min(N, r0 + chunk_rows)
-        stats, _, _ = rows_stats(student, teacher, r0, r1, safe[r0:r1], inv_t=inv_t, kl=kl)
+        stats, _ = rows_stats(student, teacher, r0, r1, safe[r0:r1], inv_t=inv_t, kl=kl)
         for k, v in stats.items():
             out[k][r0:r1] = v
     for k, v in out.items():
@@ -352,7 +412,7 @@ def backward(student, target, stats, grads, *, temperature, teacher=None, kl=Non
     valid = target != ignore_index
     safe = torch.where(valid, target, torch.zeros_like(target))
     zero = torch.zeros(N, dtype=student.dtype, device=target.device)
-    g = {k: zero if grads.get(k) is None else torch.where(valid, grads[k].to(zero.dtype), zero)
+    g = {k: None if grads.get(k) is None else torch.where(valid, grads[k].to(zero.dtype), zero)
          for k in ("logp", "entropy", "kl", "lse")}
     use_kl = teacher is not None and grads.get("kl") is not None
     inv_t = 1.0 / temperature
@@ -362,10 +422,9 @@ def backward(student, target, stats, grads, *, temperature, teacher=None, kl=Non
         return student
     for r0 in range(0, N, chunk_rows):
         r1 = min(N, r0 + chunk_rows)
-        _, logp_all = _block(student, r0, r1, inv_t)
-        logq_all = _block(teacher, r0, r1, inv_t)[1] if use_kl else None
-        dz = rows_grad_(logp_all, logq_all, safe[r0:r1], {k: v[r0:r1] for k, v in stats.items()},
-                        {k: v[r0:r1] for k, v in g.items()}, inv_t=inv_t, kl=kl)
+        rows = rows_softmax(student, teacher if use_kl else None, r0, r1, inv_t=inv_t, kl=kl)
+        dz = rows_grad_(rows, safe[r0:r1], {k: v[r0:r1] for k, v in stats.items()},
+                        {k: v[r0:r1] for k, v in g.items() if v is not None}, inv_t=inv_t, kl=kl)
         student.accumulate(r0, r1, dz)
     return student
 

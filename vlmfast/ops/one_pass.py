@@ -172,15 +172,12 @@ def _bands_native(student, teacher, target, band_loss, bands, *, inv_t, kl, igno
 
 def _bands_torch(student, teacher, target, band_loss, bands, *, inv_t, kl):
     def band_stats(r0, r1):
-        stats, logp_all, logq_all = chunked.rows_stats(student, teacher, r0, r1, target[r0:r1], inv_t=inv_t, kl=kl)
-        return chunked.finish(stats), (logp_all, logq_all)
+        stats, rows = chunked.rows_stats(student, teacher, r0, r1, target[r0:r1], inv_t=inv_t, kl=kl)
+        return chunked.finish(stats), rows
 
-    def band_grad(r0, r1, stats, grads, state):
-        logp_all, logq_all = state
-        zero = torch.zeros_like(stats["lse"])
-        g = {k: grads[k].to(zero.dtype) if k in grads else zero for k in OUTPUT_NAMES}
-        dz = chunked.rows_grad_(logp_all, logq_all if "kl" in grads else None, target[r0:r1], stats, g,
-                                inv_t=inv_t, kl=kl)
+    def band_grad(r0, r1, stats, grads, rows):
+        g = {k: v.to(stats["lse"].dtype) for k, v in grads.items()}
+        dz = chunked.rows_grad_(rows, target[r0:r1], stats, g, inv_t=inv_t, kl=kl)
         student.accumulate(r0, r1, dz)
 
     wanted = student.need_dh or student.need_dw or student.need_db
