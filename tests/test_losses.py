@@ -288,6 +288,20 @@ def test_cw_dpo_cold_negatives_get_no_gradient():
     assert m["cooling_weight_frac_below_0_1"].item() == 1.0
 
 
+@pytest.mark.parametrize("fn", [dpo_loss, cw_dpo_loss])
+def test_preference_losses_report_the_policys_entropy_over_response_tokens(fn):
+    """The Stage-2 entropy signal for DPO runs too: the mean over chosen and rejected response tokens (prompt and
+    padding out), from fp64 materialised logits."""
+    h, W = problem()
+    y = labels_with_prompt()
+    _, m = fn(h, W, y, -torch.rand(2) * 30, -torch.rand(2) * 30, beta=0.1)
+    _, lsm, mask = naive.token_logp(h, W, y, dtype=torch.float64)
+    entropy = -(lsm.exp() * lsm).sum(-1)
+    want = naive.mmean(entropy, mask)
+    assert abs(m["entropy"].item() - want.item()) <= 1e-5 * want.item()
+    assert abs(entropy.mean().item() - want.item()) > 1e-3  # the prompt's tokens would change it
+
+
 def test_gentle_negatives_push_only_their_own_tokens_and_each_sequence_has_its_hinge():
     """Only a negative's tokens after the prefix it shares with its positive get a gradient (the shared
     reasoning is not pushed down with the wrong answer); a negative equal to its positive pushes nothing; the

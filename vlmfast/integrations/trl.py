@@ -19,7 +19,9 @@ after the prefix it shares with its completion (vlmfast.losses.sft).
 
 `CWDPOTrainer` is TRL's DPOTrainer with the Cooling-Weighted DPO loss (vlmfast.losses.dpo):
 -log sigmoid(beta (Dw - w_c Dl)), w_c = sigmoid((lbar_pi(yl) - l_floor) / tau_c) a stop-gradient weight per
-pair, logged the TRL way (rewards/*, logps/*, entropy) plus cooling_weight/mean and /frac_below_0.1.
+pair, computed by `vlmfast.cw_dpo_loss` in the policy's forward (one pass over the head: its gradients come out of
+that forward, 3 GEMMs where log-probs then a loss take 4), logged the TRL way (rewards/*, logps/*, entropy) plus
+cooling_weight/mean and /frac_below_0.1.
 """
 
 from __future__ import annotations
@@ -27,20 +29,25 @@ from __future__ import annotations
 import functools
 
 from ..losses._common import masked_mean
-from ..models import head_token_stats, shared_images
+from ..models import call_head, head_token_stats, shared_images
 
 IGNORE_INDEX = -100
 
 
 def use_vlmfast_head(model, *, temperature: float = 1.0, backend: str = "auto"):
     """Make `model(..., labels=..., fused_lm_head=True)` compute TRL's FusedCausalLMOutput with vlmfast's op
-    (patch in place after TRL's own `add_fused_lm_head`; also returns the model)."""
+    (patch in place after TRL's own `add_fused_lm_head`; also returns the model).
+
+    With `vlmfast_loss=fn` as well, the forward returns fn(hidden, lm_head weight, labels, bias=...) instead: a
+    vlmfast loss over the head (e.g. cw_dpo_loss with its other arguments bound), computed in one pass as the
+    lm_head's own forward (ZeRO-3 gathers it) inside the model's forward (DDP and DeepSpeed see a loss made there)."""
     from trl.trainer.utils import FusedCausalLMOutput
 
     previous = model.forward
 
     @functools.wraps(previous)
-    def forward(*args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+    def forward(*args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, vlmfast_loss=None,
+                **kwargs):
         if not fused_lm_head:  # TRL's forward (or the model's own, when TRL has not patched it)
             given = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
             return previous(*args, **{k: v for k, v in given.items() if v is not None}, **kwargs)
@@ -51,6 +58,8 @@ def use_vlmfast_head(model, *, temperature: float = 1.0, backend: str = "auto"):
         else:
             labels = shift_labels
         labels = labels.to(hidden.device)
+        if vlmfast_loss is not None:
+            return call_head(model, hidden, lambda h, w, b=None: vlmfast_loss(h, w, labels, bias=b))
         mask = labels != IGNORE_INDEX
 
         stats = head_token_stats(model, hidden, labels, temperature=temperature, outputs=("logp", "entropy"),
@@ -84,15 +93,16 @@ def _grpo_trainer_class():
 @functools.cache
 def _cw_dpo_trainer_class():
     import torch
-    import torch.nn.functional as F
     from trl import DPOTrainer
 
-    from ..ops import cooling_weight
+    from ..losses import cw_dpo_loss
 
     class CWDPOTrainer(DPOTrainer):
         """TRL's DPOTrainer with the Cooling-Weighted DPO loss. `tau_c` > 0; `l_floor` a number (e.g. the mean
         lbar of the negatives under the starting policy) or "batch" (the mean lbar of the batch's rejected).
-        Takes the plain sigmoid DPO set-up (loss_type sigmoid, reverse KL, no length or WPO weighting)."""
+        Takes the plain sigmoid DPO set-up (loss_type sigmoid, reverse KL, no length or WPO weighting). The
+        reference's log-probs come first (precomputed, or its forward under no_grad, through vlmfast's head); then
+        the policy's forward computes the loss in one pass (`use_vlmfast_head`'s vlmfast_loss)."""
 
         def __init__(self, *args, tau_c: float = 0.5, l_floor="batch", **kwargs):
             super().__init__(*args, **kwargs)
@@ -107,11 +117,14 @@ def _cw_dpo_trainer_class():
             bad = [k for k, v in unsupported.items() if v]
             if bad:
                 raise ValueError(f"CWDPOTrainer implements the sigmoid DPO loss only; unsupported: {', '.join(bad)}")
+            if self.ref_model is None and not self.precompute_ref_logps:
+                raise ValueError("CWDPOTrainer needs a ref_model or precompute_ref_log_probs=True (a PEFT adapter "
+                                 "as its own reference is not supported)")
             self.tau_c, self.l_floor = tau_c, l_floor
-
-        def _sequence_logps(self, model, model_kwargs, labels, seq_len):
-            out = model(**model_kwargs, labels=labels, fused_lm_head=True)
-            return out, out.log_probs[:, -seq_len:].sum(1)
+            policy = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            use_vlmfast_head(policy)
+            if self.ref_model is not None:
+                use_vlmfast_head(self.ref_model)
 
         def _compute_loss(self, model, inputs, return_outputs):
             mode = "train" if self.model.training else "eval"
@@ -119,36 +132,30 @@ def _cw_dpo_trainer_class():
                             if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
             model_kwargs["use_cache"] = False
             completion_mask = inputs["completion_mask"]
-            mask = completion_mask[..., 1:]
             labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-            outputs, logps = self._sequence_logps(model, model_kwargs, labels, mask.size(1))
             if self.precompute_ref_logps:
                 ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
             else:
                 with torch.no_grad():
-                    ref_chosen, ref_rejected = self._sequence_logps(self.ref_model, model_kwargs, labels,
-                                                                    mask.size(1))[1].chunk(2)
-            chosen, rejected = logps.chunk(2)  # the batch is [chosen, rejected]
-            d_w, d_l = chosen - ref_chosen, rejected - ref_rejected
-            lbar_l = (rejected / mask.chunk(2)[1].sum(1).clamp(min=1)).detach()
-            floor = lbar_l.mean() if self.l_floor == "batch" else float(self.l_floor)
-            w_c = cooling_weight(lbar_l, floor, self.tau_c)
-            loss = -F.logsigmoid(self.beta * (d_w - w_c * d_l)).mean()
+                    ref = self.ref_model(**model_kwargs, labels=labels, fused_lm_head=True).log_probs.sum(1)
+                ref_chosen, ref_rejected = ref.chunk(2)  # the batch is [chosen, rejected]
+            loss_fn = functools.partial(cw_dpo_loss, ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
+                                        beta=self.beta, tau_c=self.tau_c, l_floor=self.l_floor)
+            loss, metrics = model(**model_kwargs, labels=labels, fused_lm_head=True, vlmfast_loss=loss_fn)
 
-            gather = self.accelerator.gather_for_metrics
-            m = self._metrics[mode]
-            r_c, r_l = self.beta * d_w.detach(), self.beta * d_l.detach()
-            m["rewards/chosen"].append(gather(r_c).mean().item())
-            m["rewards/rejected"].append(gather(r_l).mean().item())
-            m["rewards/accuracies"].append(gather((r_c > r_l).float()).mean().item())
-            m["rewards/margins"].append(gather(r_c - r_l).mean().item())
-            m["logps/chosen"].append(gather(chosen.detach()).mean().item())
-            m["logps/rejected"].append(gather(rejected.detach()).mean().item())
-            entropy = outputs.entropy[:, -mask.size(1):].detach()
-            m["entropy"].append((gather((entropy * mask).sum()).sum() / gather(mask.sum()).sum().clamp(min=1)).item())
-            m["cooling_weight/mean"].append(gather(w_c).mean().item())
-            m["cooling_weight/frac_below_0.1"].append(gather((w_c < 0.1).float()).mean().item())
-            return (loss, outputs) if return_outputs else loss
+            # TRL's names; each process's means, averaged over processes
+            names = {"rewards/chosen": "rewards_chosen", "rewards/rejected": "rewards_rejected",
+                     "rewards/accuracies": "reward_accuracy", "rewards/margins": "reward_margin",
+                     "logps/chosen": "logps_chosen", "logps/rejected": "logps_rejected", "entropy": "entropy",
+                     "cooling_weight/mean": "cooling_weight_mean",
+                     "cooling_weight/frac_below_0.1": "cooling_weight_frac_below_0_1"}
+            for trl_name, name in names.items():
+                value = metrics[name].reshape(1).to(self.accelerator.device)
+                self._metrics[mode][trl_name].append(self.accelerator.gather_for_metrics(value).mean().item())
+            if not return_outputs:
+                return loss
+            with torch.no_grad():  # logits for compute_metrics: another forward, as TRL's own DPOTrainer does
+                return loss, model(**model_kwargs)
 
     return CWDPOTrainer
 

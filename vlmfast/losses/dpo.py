@@ -26,6 +26,7 @@ from ._common import (
     check_positive,
     check_shape,
     detached,
+    masked_mean,
     response_mask,
 )
 
@@ -46,7 +47,7 @@ def _preference_loss(hidden, weight, labels, ref_chosen, ref_rejected, *, beta, 
                      ignore_index, backend):
     """-log sigmoid(beta (Dw - w Dl)) averaged over pairs, w = 1 (DPO) or cooling(S_pi(yl), |yl|) (CW-DPO: a
     number l_floor, or the batch mean's for None), through token_loss. Returns (loss, S [2B], lbar [2B], d_w, d_l,
-    B, w) with S and what follows detached (metrics)."""
+    B, w, mean entropy over the response tokens) with S and what follows detached (metrics)."""
     rows, T = check_batch_time(hidden, labels)
     if rows % 2:
         raise ValueError(f"chosen and rejected must have the same batch size: hidden has {rows} rows "
@@ -54,7 +55,8 @@ def _preference_loss(hidden, weight, labels, ref_chosen, ref_rejected, *, beta, 
     B = rows // 2
     check_shape("ref_chosen_logps", ref_chosen, (B,), "reference sequence log-prob of each chosen response")
     check_shape("ref_rejected_logps", ref_rejected, (B,), "reference sequence log-prob of each rejected response")
-    counts = response_mask(labels, ignore_index).sum(1)  # [2B]
+    mask = response_mask(labels, ignore_index)
+    counts = mask.sum(1)  # [2B]
     ref = torch.cat([ref_chosen.detach(), ref_rejected.detach()]).to(labels.device)
     whole_batch = cooling is not None and cooling.floor is None  # l_floor="batch": every pair reads every other
 
@@ -73,7 +75,7 @@ def _preference_loss(hidden, weight, labels, ref_chosen, ref_rejected, *, beta, 
                          bias=bias, temperature=temperature, ignore_index=ignore_index, backend=backend)
     S = r.logp.sum(-1)  # 0 on ignored tokens
     d_w, d_l, w = pair_terms(S)
-    return loss, S, sequence_mean(S, counts.to(S.device)), d_w, d_l, B, w
+    return loss, S, sequence_mean(S, counts.to(S.device)), d_w, d_l, B, w, masked_mean(r.entropy, mask)
 
 
 class _Cooling:
@@ -90,13 +92,14 @@ class _Cooling:
         return cooling_weight(lbar_rejected.detach(), self.floor_of(lbar_rejected), self.tau_c)
 
 
-def _metrics(loss, beta, d_w, d_l, S, lbar, B, **extra):
+def _metrics(loss, beta, d_w, d_l, S, lbar, B, entropy, **extra):
     with torch.no_grad():
         rw, rl = beta * d_w, beta * d_l
         return detached(loss=loss, rewards_chosen=rw.mean(), rewards_rejected=rl.mean(),
                         reward_margin=(rw - rl).mean(), reward_accuracy=(rw > rl).float().mean(),
                         logps_chosen=S[:B].mean(), logps_rejected=S[B:].mean(),
-                        mean_logp_chosen=lbar[:B].mean(), mean_logp_rejected=lbar[B:].mean(), **extra)
+                        mean_logp_chosen=lbar[:B].mean(), mean_logp_rejected=lbar[B:].mean(), entropy=entropy,
+                        **extra)
 
 
 @accepts_packed()
@@ -106,13 +109,14 @@ def dpo_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, *, be
 
     hidden [2B, T, H] and labels [2B, T]: chosen rows first, then rejected; ref_*_logps [B]: the
     reference model's sequence sums (precomputed). Metrics: rewards chosen/rejected/margin/accuracy,
-    logps and mean per-token logps of chosen and rejected (the Δlog p signals).
+    logps and mean per-token logps of chosen and rejected (the Δlog p signals), the policy's mean entropy over
+    the response tokens.
     """
     _check_dpo(beta=beta, temperature=temperature)
-    loss, S, lbar, d_w, d_l, B, _ = _preference_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps,
-                                                     beta=beta, bias=bias, temperature=temperature,
-                                                     ignore_index=ignore_index, backend=backend)
-    return loss, _metrics(loss, beta, d_w, d_l, S, lbar, B)
+    loss, S, lbar, d_w, d_l, B, _, entropy = _preference_loss(
+        hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, beta=beta, bias=bias, temperature=temperature,
+        ignore_index=ignore_index, backend=backend)
+    return loss, _metrics(loss, beta, d_w, d_l, S, lbar, B, entropy)
 
 
 @accepts_packed()
@@ -126,11 +130,11 @@ def cw_dpo_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, *,
     """
     _check_cw_dpo(beta=beta, tau_c=tau_c, l_floor=l_floor, temperature=temperature)
     cooling = _Cooling(None if l_floor == "batch" else float(l_floor), tau_c)
-    loss, S, lbar, d_w, d_l, B, w_c = _preference_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps,
-                                                       beta=beta, cooling=cooling, bias=bias, temperature=temperature,
-                                                       ignore_index=ignore_index, backend=backend)
+    loss, S, lbar, d_w, d_l, B, w_c, entropy = _preference_loss(
+        hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, beta=beta, cooling=cooling, bias=bias,
+        temperature=temperature, ignore_index=ignore_index, backend=backend)
     floor = cooling.floor_of(lbar[B:])
-    return loss, _metrics(loss, beta, d_w, d_l, S, lbar, B, cooling_weight_mean=w_c.mean(),
+    return loss, _metrics(loss, beta, d_w, d_l, S, lbar, B, entropy, cooling_weight_mean=w_c.mean(),
                           cooling_weight_frac_below_0_1=(w_c < 0.1).float().mean(), l_floor=torch.as_tensor(floor))
 
 
