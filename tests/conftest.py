@@ -41,3 +41,18 @@ def _free_deepspeed_shm_buffers():
     if shm.is_dir():
         for f in set(shm.glob("deepspeed_allreduce_buffer_*")) - before:
             f.unlink(missing_ok=True)
+
+
+@pytest.fixture(params=["one band", "bands of 8 rows"])
+def bands(request, monkeypatch):
+    """token_loss's one pass in one band, or in bands of 8 rows (on the requesting module's vocabulary V): groups
+    of tokens larger than that stretch a band (one_pass.GROUP_STRETCH) or fall back to the recompute. Yields (which,
+    the band plans token_loss made: None for the recompute)."""
+    from vlmfast.ops import chunked, one_pass
+
+    plans, plan = [], one_pass.plan_bands
+    monkeypatch.setattr(one_pass, "plan_bands", lambda *a: plans.append(plan(*a)) or plans[-1])
+    if request.param != "one band":
+        monkeypatch.setattr(one_pass, "MIN_BAND_ROWS", 8)
+        monkeypatch.setattr(chunked, "BLOCK_BYTES", 8 * 4 * request.module.V)
+    yield request.param, plans

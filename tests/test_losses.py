@@ -144,21 +144,6 @@ CASES = {
 }
 
 
-@pytest.fixture(params=["one band", "bands of 8 rows"])
-def bands(request, monkeypatch):
-    """The one-pass losses in one band, or in bands of 8 rows: a preference pair (12-16 counted rows) then stretches
-    a band (one_pass.GROUP_STRETCH), CW-DPO's batch floor (one group of 28 rows) falls back to the recompute. Yields
-    the band plans token_loss made (None: the recompute)."""
-    from vlmfast.ops import chunked, one_pass
-
-    plans, plan = [], one_pass.plan_bands
-    monkeypatch.setattr(one_pass, "plan_bands", lambda *a: plans.append(plan(*a)) or plans[-1])
-    if request.param != "one band":
-        monkeypatch.setattr(one_pass, "MIN_BAND_ROWS", 8)
-        monkeypatch.setattr(chunked, "BLOCK_BYTES", 8 * 4 * V)
-    yield request.param, plans
-
-
 # in bands of 8 rows: the losses over groups of tokens run one pass in several bands, CW-DPO's batch floor recomputes
 GROUPED = {"dpo": "one pass", "cw-dpo-floor": "one pass", "sft-gentle-hinge": "one pass", "cw-dpo": "recompute"}
 

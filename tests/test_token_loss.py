@@ -94,14 +94,6 @@ def fused(y, teacher, kl, temperature, backend="chunked"):
     return fn
 
 
-@pytest.fixture(params=["one band", "bands of 8 rows"])
-def bands(request, monkeypatch):
-    if request.param != "one band":
-        monkeypatch.setattr(one_pass, "MIN_BAND_ROWS", 8)
-        monkeypatch.setattr(chunked, "BLOCK_BYTES", 8 * 4 * V)
-    return request.param
-
-
 @pytest.mark.parametrize("use_native", NATIVE)
 @pytest.mark.parametrize("teacher_kind,kl", [(None, None), ("head", "reverse"), ("logits", "forward")])
 def test_fp32_matches_autograd_through_materialised_logits(bands, use_native, teacher_kind, kl, monkeypatch):

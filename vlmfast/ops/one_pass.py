@@ -120,6 +120,11 @@ def plan_bands(n: int, rows: int, group_sizes: list[int] | None = None) -> list[
     return bands
 
 
+def widest(bands) -> int:
+    """Rows of the widest band (a stretched one holds a whole group)."""
+    return max((r1 - r0 for r0, r1 in bands), default=1)
+
+
 def token_grads(band_loss: BandLoss, stats: dict, r0: int, r1: int):
     """(the band's loss, {stat: ∂loss/∂stat [R]}) by autograd on the band's statistics (fp32; fp64 for fp64
     inputs)."""
@@ -209,7 +214,7 @@ def _bands_triton(hidden, weight, bias, teacher, teacher_rows, target, band_loss
     dh = torch.empty_like(hidden) if need_dh else None
     dw = torch.zeros(V, H, dtype=torch.float32, device=dev) if need_dw else None
     db = torch.zeros(V, dtype=torch.float32, device=dev) if need_db else None
-    rows = max((r1 - r0 for r0, r1 in bands), default=1)
+    rows = widest(bands)
     dz_buf = torch.empty(rows, V, dtype=hidden.dtype, device=dev) if any(needs) else None
     student = chunked.LinearHead(hidden, weight, bias)  # logits only: its gradients are accumulate_dz's
     teacher_head = chunked.LinearHead(teacher.hidden, teacher.weight, teacher.bias) \
@@ -268,7 +273,7 @@ class FusedLinearTokenLoss(torch.autograd.Function):
             return _finish_forward(ctx, loss, stats, hidden, weight, bias, dh, dw, db, N)
         need_dh, need_dw, need_db = needs
         student = chunked.LinearHead(hidden, weight, bias, need_dh=need_dh, need_dw=need_dw, need_db=need_db,
-                                     rows_per_band=max((r1 - r0 for r0, r1 in bands), default=1))
+                                     rows_per_band=widest(bands))
         teacher_head = chunked.teacher_head(teacher, teacher_rows)
         kw = dict(inv_t=1.0 / temperature, kl=kl if teacher is not None else None)
         if chunked._native_ok(student, teacher_head):
