@@ -90,6 +90,20 @@ def test_gentle_sft_is_trls_sft_at_lam_0_and_the_formula_with_the_hinge(tmp_path
     assert abs(loss - want.item()) < 1e-4 * abs(want.item())
 
 
+def test_gentle_sft_runs_the_head_in_one_pass(tmp_path, head_calls):
+    """Positives and negatives each through vlmfast's one pass (token_loss), in the positives' forward; nothing
+    recomputes the head in a backward."""
+    from vlmfast.integrations.trl import GentleSFTTrainer
+
+    model, tok = _model_and_tokenizer()
+    trainer = GentleSFTTrainer(model=model, args=_args(tmp_path, "o"), train_dataset=_data(), processing_class=tok,
+                               lam=0.5, margin=50.0)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer.compute_loss(trainer.model, dict(batch)).backward()
+    assert head_calls == {"FusedLinearTokenLoss.forward": 2}, head_calls
+    assert trainer.model.lm_head.weight.grad.abs().max() > 0
+
+
 def test_gentle_sft_trains_and_logs(tmp_path):
     from vlmfast.integrations.trl import GentleSFTTrainer
 

@@ -15,7 +15,7 @@ Anything else (generation, a forward without `fused_lm_head`) reaches the forwar
 `GentleSFTTrainer` is TRL's SFTTrainer with gentle negatives (vlmfast.losses.sft): a `negative` column beside
 `prompt` / `completion`, tokenised by TRL's own preparation, and vlmfast's loss: NLL(y+) + lam mean_i
 relu(margin - NLL_i(y-)) ("hinge") or NLL(y+) + alpha NLL(y-) ("extend"), each negative's NLL over its tokens
-after the prefix it shares with its completion (vlmfast.losses.sft).
+after the prefix it shares with its completion (vlmfast.losses.sft), in one pass over the head.
 
 `CWDPOTrainer` is TRL's DPOTrainer with the Cooling-Weighted DPO loss (vlmfast.losses.dpo):
 -log sigmoid(beta (Dw - w_c Dl)), w_c = sigmoid((lbar_pi(yl) - l_floor) / tau_c) a stop-gradient weight per
@@ -40,14 +40,16 @@ def use_vlmfast_head(model, *, temperature: float = 1.0, backend: str = "auto"):
 
     With `vlmfast_loss=fn` as well, the forward returns fn(hidden, lm_head weight, labels, bias=...) instead: a
     vlmfast loss over the head (e.g. cw_dpo_loss with its other arguments bound), computed in one pass as the
-    lm_head's own forward (ZeRO-3 gathers it) inside the model's forward (DDP and DeepSpeed see a loss made there)."""
+    lm_head's own forward (ZeRO-3 gathers it) inside the model's forward (DDP and DeepSpeed see a loss made there).
+    With `vlmfast_trunk=True` it returns the trunk's hidden states and the labels they score, [B, T - 1, H] and
+    [B, T - 1], the head untouched: rows another call's vlmfast_loss takes (the gentle negatives)."""
     from trl.trainer.utils import FusedCausalLMOutput
 
     previous = model.forward
 
     @functools.wraps(previous)
     def forward(*args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, vlmfast_loss=None,
-                **kwargs):
+                vlmfast_trunk=False, **kwargs):
         if not fused_lm_head:  # TRL's forward (or the model's own, when TRL has not patched it)
             given = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
             return previous(*args, **{k: v for k, v in given.items() if v is not None}, **kwargs)
@@ -58,6 +60,8 @@ def use_vlmfast_head(model, *, temperature: float = 1.0, backend: str = "auto"):
         else:
             labels = shift_labels
         labels = labels.to(hidden.device)
+        if vlmfast_trunk:
+            return hidden, labels
         if vlmfast_loss is not None:
             return call_head(model, hidden, lambda h, w, b=None: vlmfast_loss(h, w, labels, bias=b))
         mask = labels != IGNORE_INDEX
@@ -162,13 +166,16 @@ def _cw_dpo_trainer_class():
 
 @functools.cache
 def _gentle_sft_trainer_class():
+    import torch
     from trl import SFTTrainer
 
-    from ..losses.sft import _check_gentle, divergent_tokens, gentle_penalty
+    from ..losses.sft import _check_gentle, sft_gentle_negatives_loss
 
     class GentleSFTTrainer(SFTTrainer):
         """TRL's SFTTrainer with gentle negatives: `train_dataset` has prompt / completion / negative columns
-        (text); the negative goes through TRL's own preparation as a completion of the same prompt."""
+        (text); the negative goes through TRL's own preparation as a completion of the same prompt. The negatives'
+        trunk runs first; then the positives' forward computes `vlmfast.sft_gentle_negatives_loss` over the head
+        for both (one pass each: the gradients come out of that forward)."""
 
         def __init__(self, *args, train_dataset=None, variant="hinge", lam=0.1, margin=3.0, alpha=0.05, **kwargs):
             _check_gentle(variant=variant, lam=lam, margin=margin, alpha=alpha)
@@ -194,6 +201,7 @@ def _gentle_sft_trainer_class():
                 return {**pos, **{f"negative_{k}": v for k, v in neg.items()}}
 
             self.data_collator = paired
+            use_vlmfast_head(self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model)
 
         def _set_signature_columns_if_needed(self):
             super()._set_signature_columns_if_needed()
@@ -202,21 +210,19 @@ def _gentle_sft_trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             mode = "train" if self.model.training else "eval"
             neg = {k.removeprefix("negative_"): inputs.pop(k) for k in list(inputs) if k.startswith("negative_")}
+            neg_hidden, neg_labels = model(**neg, use_cache=False, fused_lm_head=True, vlmfast_trunk=True)
 
-            # the negatives' own tokens: after the prefix each shares with its positive (out.log_probs score
-            # labels[:, 1:])
-            own = divergent_tokens(inputs["labels"][:, 1:], neg["labels"][:, 1:]).to(self.accelerator.device)
-            out = model(**inputs, use_cache=False, fused_lm_head=True)
-            nll_pos = -out.log_probs.sum() / out.label_mask.sum().clamp(min=1)
-            neg_out = model(**neg, use_cache=False, fused_lm_head=True)
-            penalty, m = gentle_penalty(neg_out.log_probs, own, **self.gentle)
-            loss, nll_neg = nll_pos + penalty, m["nll_neg"]
-            if self.gentle["variant"] == "hinge":
-                self._metrics[mode]["hinge_active"].append(m["hinge_active"].item())
+            def loss_fn(h, w, labels, bias=None):  # the positives' rows and the negatives' through one head
+                return sft_gentle_negatives_loss(h, w, labels, neg_hidden, neg_labels, bias=bias, **self.gentle)
+
+            loss, m = model(**inputs, use_cache=False, fused_lm_head=True, vlmfast_loss=loss_fn)
             gather = self.accelerator.gather_for_metrics
-            self._metrics[mode]["nll_pos"].append(gather(nll_pos.detach()).mean().item())
-            self._metrics[mode]["nll_neg"].append(gather(nll_neg.detach()).mean().item())
-            return (loss, out) if return_outputs else loss
+            for name in ("nll_pos", "nll_neg") + (("hinge_active",) if self.gentle["variant"] == "hinge" else ()):
+                self._metrics[mode][name].append(gather(m[name].reshape(1).to(self.accelerator.device)).mean().item())
+            if not return_outputs:
+                return loss
+            with torch.no_grad():  # logits for compute_metrics: another forward
+                return loss, model(**inputs)
 
     return GentleSFTTrainer
 

@@ -154,19 +154,6 @@ def sft_gentle_negatives_loss(hidden, weight, labels, neg_hidden, neg_labels, *,
     return loss, detached(loss=loss, nll_pos=nll_pos, entropy=entropy, **m)
 
 
-def gentle_penalty(neg_logp: torch.Tensor, own: torch.Tensor, *, variant="hinge", lam=0.1, margin=3.0, alpha=0.05,
-                   mean_over_parts=None) -> tuple[torch.Tensor, dict]:
-    """The negatives' term of SFT-C from their per-token log-probs [B, T] and the mask of their own tokens
-    (`divergent_tokens`): lam * mean_i relu(margin - NLL_i(y-)) over the negatives with tokens of their own
-    ("hinge"), or alpha * their token-mean NLL ("extend"). Returns (penalty, {nll_neg, hinge_active})."""
-    if variant == "hinge":
-        seq_logp = (neg_logp * own).sum(1)
-        penalty = lam * hinge_push(seq_logp, own, margin).sum() / hinge_rows(own, mean_over_parts)
-    else:
-        penalty = (-neg_logp * own).sum() * extend_scale(own, alpha, mean_over_parts)
-    return penalty, gentle_metrics(neg_logp.detach(), own, variant=variant, margin=margin)
-
-
 def hinge_push(seq_logp: torch.Tensor, own: torch.Tensor, margin: float) -> torch.Tensor:
     """[B] relu(margin - NLL_i(y-)) from each negative's summed log-prob over its own tokens; 0 for a negative
     with none (equal to its positive: nothing of its own to push)."""
