@@ -1,7 +1,8 @@
 """vlmfast: fast, instrumented post-training for vision-language models.
 
-The folder `kernels/` is installed as the subpackage `vlmfast.kernels` (never as a top-level
-`kernels` module: that name belongs to an existing PyPI package).
+The kernels live in `vlmfast/kernels/` (the subpackage `vlmfast.kernels`): a top-level `kernels` folder would
+shadow Hugging Face's `kernels` package, which transformers >= 5.25 imports, wherever the repo root is on sys.path
+(`python -m ...` from a clone).
 """
 
 import os
@@ -105,7 +106,6 @@ setup(
     python_requires=">=3.10",
     packages=["vlmfast", "vlmfast.ops", "vlmfast.losses", "vlmfast.data", "vlmfast.rollout", "vlmfast.kernels",
               "vlmfast.integrations"],
-    package_dir={"vlmfast": "vlmfast", "vlmfast.kernels": "kernels"},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["vlmfast = vlmfast.cli:main"]},

@@ -6,7 +6,7 @@ side by side in one run on this CPU:
 
 1. The fused op (token_stats: logp + entropy, forward and forward+backward) on fp32 and on bf16
    inputs: naive (materialised logits in the input dtype), vlmfast-chunked (PyTorch epilogue),
-   vlmfast-native (C++ epilogue; bf16: our vdpbf16ps GEMMs with fp32 results, kernels/cpu/gemm_wide.cpp); each
+   vlmfast-native (C++ epilogue; bf16: our vdpbf16ps GEMMs with fp32 results, vlmfast/kernels/cpu/gemm_wide.cpp); each
    case in a fresh process (its peak RSS is its own); checked against naive before timing.
 2. The per-block epilogue alone, on one block of logits already in memory: forward (block ->
    lse, logp, entropy) and backward (block -> dz), PyTorch ops vs the native kernel.

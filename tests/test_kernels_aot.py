@@ -78,7 +78,7 @@ def test_occupancy_and_waves_are_reported(compiled):
 
 @pytest.mark.timeout(600)
 def test_one_pass_epilogue_kernels_compile_without_spills(tmp_path):
-    """kernels/logits_epilogue.py (the one-pass path on the Triton backend), planned for the 7B head's bands."""
+    """vlmfast/kernels/logits_epilogue.py (the one-pass path on the Triton backend), planned for the 7B head's bands."""
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
     res = subprocess.run([sys.executable, "-m", "vlmfast.kernels.inspect", "--epilogue", "--json"], env=env,
                          capture_output=True, text=True, timeout=600)

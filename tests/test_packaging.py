@@ -1,5 +1,6 @@
-"""The package installs as designed: vlmfast and vlmfast.kernels import, a top-level `kernels`
-does not resolve to this project, and the console script is declared."""
+"""The package installs as designed: vlmfast and vlmfast.kernels import, a top-level `kernels` never resolves to
+this project (not even from the repo root, where `python -m` puts it on sys.path), and the console script is
+declared."""
 
 import importlib.util
 import subprocess
@@ -9,18 +10,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_vlmfast_kernels_is_the_repo_kernels_folder():
+def test_vlmfast_kernels_is_the_packages_kernels_folder():
     import vlmfast.kernels
 
-    assert Path(vlmfast.kernels.__file__).resolve().parent == REPO / "kernels"
+    assert Path(vlmfast.kernels.__file__).resolve().parent == REPO / "vlmfast" / "kernels"
 
 
-def test_top_level_kernels_is_not_this_project(tmp_path):
-    # run from an unrelated directory so the repo root is not on sys.path
+def test_top_level_kernels_is_not_this_project():
+    """transformers >= 5.25 imports Hugging Face's `kernels` package: run from the repo root (as `python -m
+    vlmfast.train` and the tests are), `kernels` must not be a folder of this project."""
     code = "import importlib.util as u; s = u.find_spec('kernels'); print(s.origin if s else 'none')"
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     origin = out.stdout.strip()
-    assert origin == "none" or not origin.startswith(str(REPO)), origin
+    assert not (REPO / "kernels").exists() and not origin.startswith(str(REPO / "kernels")), origin
 
 
 def test_console_script_runs():

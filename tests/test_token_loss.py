@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vlmfast
-from vlmfast.ops import chunked, native, one_pass
+from vlmfast.ops import _inputs, chunked, native, one_pass
 
 N, H, V, HT = 37, 24, 1000, 16
 NATIVE = [True, False] if native.available() else [False]
@@ -284,7 +284,7 @@ def test_bf16_needs_an_fp32_dw_only_with_several_bands(monkeypatch):
         W.grad = None
 
 
-# --- the Triton backend's one pass (kernels/logits_epilogue.py), under the interpreter on the CPU ----------------
+# --- the Triton backend's one pass (vlmfast/kernels/logits_epilogue.py), under the interpreter on the CPU ---------
 
 INTERPRETER = vlmfast.ops.os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -477,23 +477,29 @@ def test_teacher_logits_are_read_a_band_at_a_time(monkeypatch):
         assert seen.largest < n * V, (use_native, seen.largest)
 
 
-@pytest.mark.parametrize("teacher_kind,kl", [(None, None), ("head", "reverse"), ("head", "forward")])
+@pytest.mark.parametrize("teacher_kind,kl", [(None, None), ("head", "reverse"), ("head", "forward"),
+                                             ("logits", "forward")])
 def test_pytorch_epilogue_reuses_its_band_buffers(teacher_kind, kl, monkeypatch):
     """The PyTorch epilogue's [R, V] work lives in a few buffers per head, made once and reused band after band (the
-    logits, over which p and then dz are written; log p): a fresh [R, V] tensor per band costs the CPU its page
-    faults, more than the math (the fallback was slower than naive in 8 of 17 bench cases). Seven bands of 32 rows
-    through token_loss's one pass and through token_stats' recompute; dW [V, 16] is below a band's size."""
+    logits, over which p and then dz are written; log p; given teacher logits' counted rows gathered into one more):
+    a fresh [R, V] tensor per band costs the CPU its page faults, more than the math (the fallback was slower than
+    naive in 8 of 17 bench cases). Seven bands of 32 rows through token_loss's one pass and through token_stats'
+    recompute (a head in its forward, another in its backward); dW [V, 16] is below a band's size."""
     monkeypatch.setenv("VLMFAST_NATIVE", "0")
     monkeypatch.setattr(one_pass, "MIN_BAND_ROWS", 32)
     monkeypatch.setattr(chunked, "BLOCK_BYTES", 32 * 4 * V)
     monkeypatch.setattr(chunked, "ROW_DOT_COLS", 128)  # the row sums' products in slices, as on a real vocabulary
+    monkeypatch.setattr(_inputs, "FINITE_CHECK_ELEMS", 16 * V)  # the input check's slices, below a band
     g = torch.Generator().manual_seed(0)
     n, hs = 200, 16
     h = torch.randn(n, hs, generator=g).requires_grad_()
     W = (torch.randn(V, hs, generator=g) * 0.5).requires_grad_()
     y = torch.randint(0, V, (n,), generator=g)
-    teacher = None if teacher_kind is None else (torch.randn(n, 8, generator=g), torch.randn(V, 8, generator=g))
-    buffers = 2 if teacher is None else 4  # (logits, log p) per head
+    y[::7] = -100  # token_loss gathers the counted rows of given teacher logits
+    teacher = {None: None, "head": (torch.randn(n, 8, generator=g), torch.randn(V, 8, generator=g)),
+               "logits": torch.randn(n, V, generator=g)}[teacher_kind]
+    per_head = 2  # (logits, log p)
+    buffers = {None: per_head, "head": 2 * per_head, "logits": 2 * per_head + 1}[teacher_kind]
 
     def every_statistic(s, index):  # each term's gradient its own pass over the band
         out = 0.3 * s["entropy"] ** 2 - 0.5 * s["logp"] - 0.1 * s["lse"]
@@ -503,7 +509,7 @@ def test_pytorch_epilogue_reuses_its_band_buffers(teacher_kind, kl, monkeypatch)
         loss, _ = vlmfast.token_loss(h, W, y, every_statistic, teacher=teacher, kl=kl)
         loss.backward()
     assert sum(size >= 32 * V for size in seen.sizes) == buffers, sorted(seen.sizes)[-12:]
-    with LargestFloat32() as seen:  # the recompute: a head in the forward, another in the backward
+    with LargestFloat32() as seen:  # the recompute: the same heads in its forward, again in its backward
         r = vlmfast.token_stats(h, W, y, teacher=teacher, kl=kl, outputs=("logp", "entropy", "lse")
                                 + (("kl",) if kl else ()))
         (r.logp.sum() + r.entropy.sum() + r.lse.sum() + (r.kl.sum() if kl else 0)).backward()

@@ -43,7 +43,8 @@ def test_hopper_runs_the_tma_kernels_and_others_the_portable_ones():
 
 @pytest.mark.parametrize("teacher", [False, True])
 def test_token_loss_one_pass_bf16_no_worse_than_naive(teacher):
-    """token_loss on the Triton backend at H >= 2048 (the one pass: logits by a GEMM, kernels/logits_epilogue.py)
+    """token_loss on the Triton backend at H >= 2048 (the one pass: logits by a GEMM,
+    vlmfast/kernels/logits_epilogue.py)
     in bf16, against the naive bf16 loss through materialised logits, both against fp32."""
     import vlmfast
 
@@ -86,9 +87,9 @@ def test_preference_pairs_one_pass_bf16_no_worse_than_naive(l_floor, monkeypatch
     group per preference pair, whole in a band (one_pass.plan_bands; bands of 400 rows, a pair 384: four), in bf16,
     against the naive bf16 loss through materialised logits (tests/_naive_losses.py), both against fp32."""
     import _naive_losses as naive
-    from vlmfast.kernels import token_stats as kernels
 
     import vlmfast
+    from vlmfast.kernels import token_stats as kernels
 
     monkeypatch.setattr(kernels, "BWD_DZ_BYTES", 400 * 4 * 32000)
 

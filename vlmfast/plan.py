@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from .config import Config, ConfigError, load_config
 
 GiB = 2**30
-FUSED_DZ_BYTES = 1 * GiB  # kernels/token_stats.py BWD_DZ_BYTES: the backward's dz chunk, the one pass's band
+FUSED_DZ_BYTES = 1 * GiB  # vlmfast/kernels/token_stats.py BWD_DZ_BYTES: the backward's dz chunk, the one pass's band
 
 # Published configs (config.json of Qwen/Qwen2.5-VL-*-Instruct): only the sizes a parameter count needs.
 _VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=None,

@@ -76,6 +76,17 @@ def use_vlmfast_head(model, *, temperature: float = 1.0, backend: str = "auto"):
     return model
 
 
+def _use_vlmfast_heads(trainer, **kwargs) -> None:
+    """use_vlmfast_head on a trainer's policy (its base model under PEFT) and reference. The reference is patched
+    inside the wrapper TRL prepared it in (DeepSpeed engine, FSDP, DDP): the wrapper's forward (ZeRO-3 hooks,
+    unsharding, autocast) must still run before ours, as it does for TRL's own head, patched before wrapping."""
+    policy = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    use_vlmfast_head(policy, **kwargs)
+    ref = getattr(trainer, "ref_model", None)  # SFT has none
+    if ref is not None:
+        use_vlmfast_head(trainer.accelerator.unwrap_model(ref), **kwargs)
+
+
 @functools.cache
 def _grpo_trainer_class():
     from trl import GRPOTrainer
@@ -86,10 +97,7 @@ def _grpo_trainer_class():
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            policy = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-            use_vlmfast_head(policy, temperature=self.temperature)
-            if self.ref_model is not None:
-                use_vlmfast_head(self.ref_model, temperature=self.temperature)
+            _use_vlmfast_heads(self, temperature=self.temperature)
 
     return VLMFastGRPOTrainer
 
@@ -125,10 +133,7 @@ def _cw_dpo_trainer_class():
                 raise ValueError("CWDPOTrainer needs a ref_model or precompute_ref_log_probs=True (a PEFT adapter "
                                  "as its own reference is not supported)")
             self.tau_c, self.l_floor = tau_c, l_floor
-            policy = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-            use_vlmfast_head(policy)
-            if self.ref_model is not None:
-                use_vlmfast_head(self.ref_model)
+            _use_vlmfast_heads(self)
 
         def _compute_loss(self, model, inputs, return_outputs):
             mode = "train" if self.model.training else "eval"
@@ -147,7 +152,8 @@ def _cw_dpo_trainer_class():
                                         beta=self.beta, tau_c=self.tau_c, l_floor=self.l_floor)
             loss, metrics = model(**model_kwargs, labels=labels, fused_lm_head=True, vlmfast_loss=loss_fn)
 
-            # TRL's names; each process's means, averaged over processes
+            # TRL's names; each process's means, averaged over processes (TRL weights its entropy by each process's
+            # tokens: the same when processes hold equal token counts)
             names = {"rewards/chosen": "rewards_chosen", "rewards/rejected": "rewards_rejected",
                      "rewards/accuracies": "reward_accuracy", "rewards/margins": "reward_margin",
                      "logps/chosen": "logps_chosen", "logps/rejected": "logps_rejected", "entropy": "entropy",
@@ -201,7 +207,7 @@ def _gentle_sft_trainer_class():
                 return {**pos, **{f"negative_{k}": v for k, v in neg.items()}}
 
             self.data_collator = paired
-            use_vlmfast_head(self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model)
+            _use_vlmfast_heads(self)
 
         def _set_signature_columns_if_needed(self):
             super()._set_signature_columns_if_needed()
@@ -221,8 +227,8 @@ def _gentle_sft_trainer_class():
                 self._metrics[mode][name].append(gather(m[name].reshape(1).to(self.accelerator.device)).mean().item())
             if not return_outputs:
                 return loss
-            with torch.no_grad():  # logits for compute_metrics: another forward
-                return loss, model(**inputs)
+            with torch.no_grad():  # logits for compute_metrics: another forward (no labels: no loss over them)
+                return loss, model(**{k: v for k, v in inputs.items() if k != "labels"})
 
     return GentleSFTTrainer
 

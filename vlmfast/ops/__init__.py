@@ -84,13 +84,13 @@ def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> 
     return backend
 
 
-def _compact_rows(c, ignore_index):
+def _compact_rows(c, ignore_index, backend):
     """Indices of the tokens that count, or None when all do: ignored tokens (a VLM's prompt and image
     tokens, often most of a sequence) are dropped before any GEMM, forward and backward. Sizing the
     compacted GEMMs takes the op's one host sync on a GPU (the count); computing the ignored rows instead
     would cost their share of 8·N·H·V FLOP."""
-    if c.hidden.is_cuda and c.teacher is not None and c.teacher.logits is not None:
-        return None  # compacting would copy the teacher's [N, V] logits and keep the copy until backward
+    if backend == "triton" and c.teacher is not None and c.teacher.logits is not None:
+        return None  # the Triton kernels read teacher logits row for row: compacting them would copy [N, V]
     rows = (c.target != ignore_index).nonzero().squeeze(1)
     return None if rows.numel() == c.target.numel() else rows
 
@@ -165,12 +165,13 @@ def token_stats(
             kl=c.kl, ignore_index=ignore_index,
         )
     else:
-        rows = _compact_rows(c, ignore_index)
-        t = c.teacher
-        if rows is not None and t is not None:
-            t = Teacher(hidden=_take(t.hidden, rows), weight=t.weight, bias=t.bias, logits=_take(t.logits, rows))
+        rows = _compact_rows(c, ignore_index, backend)
+        t, teacher_rows = c.teacher, None
+        if rows is not None and t is not None:  # given teacher logits stay where they are: a block gathers its rows
+            t = Teacher(hidden=_take(t.hidden, rows), weight=t.weight, bias=t.bias, logits=t.logits)
+            teacher_rows = rows if t.logits is not None else None
         logp, entropy, kl_out, lse = FusedLinearTokenStats.apply(
-            _take(c.hidden, rows), c.weight, c.bias, _take(c.target, rows), t, c.kl,
+            _take(c.hidden, rows), c.weight, c.bias, _take(c.target, rows), t, teacher_rows, c.kl,
             c.temperature, ignore_index, backend,
         )
         per_token = {"logp": logp, "entropy": entropy, "lse": lse}

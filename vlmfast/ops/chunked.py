@@ -4,7 +4,7 @@ O(N·H + V·H) plus a few fp32 blocks of about BLOCK_BYTES (64 MB) each.
 
 Two ways through the blocks, same results:
 
-- native (CPU, when the extension in kernels/cpu/ is built, see native.py): blocks of rows x
+- native (CPU, when the extension in vlmfast/kernels/cpu/ is built, see native.py): blocks of rows x
   vocabulary columns, [up to 8192 rows, C], so every GEMM is tall (all the rows against a slice of
   W); one C++ pass per block folds it into online per-row sums (forward) or turns it into dz in
   place (backward). `VLMFAST_NATIVE=0` turns it off.
@@ -91,7 +91,7 @@ class LinearHead:
             self.dw = torch.zeros(weight.shape, dtype=weight.dtype if direct else self.dtype, device=weight.device)
         self.db = torch.zeros(self.vocab, dtype=self.dtype, device=weight.device) if need_db else None
         self.dh32 = None
-        self.scratch = {}  # the native path's buffers, reused from block to block (see _scratch)
+        self.scratch = {}  # buffers reused from block to block (reused): the native path's and the PyTorch epilogue's
 
     @staticmethod
     def keeps_16bit(hidden, weight) -> bool:
@@ -110,7 +110,7 @@ class LinearHead:
     def rows_logits(self, r0: int, r1: int) -> torch.Tensor:
         """Rows [r0, r1)'s fp32 logits over the whole vocabulary, for the PyTorch epilogue to overwrite: on the CPU
         block()'s reused buffer (valid until the next call), on CUDA a fresh tensor."""
-        return self.logits(r0, r1) if self.weight.is_cuda else self.block(r0, r1, 0, self.vocab)
+        return self.block(r0, r1, 0, self.vocab) if self.device.type == "cpu" else self.logits(r0, r1)
 
     def block(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
         """The fp32 block h[r0:r1] W[c0:c1]^T + b[c0:c1] (the bias rides in the GEMM), written into
@@ -199,8 +199,14 @@ class LogitsHead:
         self.dx = torch.empty_like(logits) if need_grad else None
         self.scratch = {}
 
-    def _x(self, r0: int, r1: int) -> torch.Tensor:
-        return self.x[r0:r1] if self.rows is None else self.x.index_select(0, self.rows[r0:r1])
+    def _x(self, r0: int, r1: int, c0: int = 0, c1: int | None = None) -> torch.Tensor:
+        """Rows [r0, r1), columns [c0, c1): a view, or those columns of the rows gathered into a reused buffer of the
+        logits' dtype (valid until the next call)."""
+        x = self.x[:, c0:c1]
+        if self.rows is None:
+            return x[r0:r1]
+        gathered = reused(self.scratch, "gathered", r1 - r0, x.shape[1], self.x.dtype, self.device)
+        return torch.index_select(x, 0, self.rows[r0:r1], out=gathered)
 
     def rows_logits(self, r0: int, r1: int) -> torch.Tensor:
         """Rows [r0, r1) widened into a reused buffer (LinearHead.rows_logits): the epilogue overwrites it."""
@@ -213,7 +219,7 @@ class LogitsHead:
     # -- the native path reads the logits as they are and writes dz straight into the gradient --
 
     def block(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
-        return self._x(r0, r1)[:, c0:c1]
+        return self._x(r0, r1, c0, c1)
 
     def grad_block(self, r0: int, r1: int, c0: int, c1: int, z: torch.Tensor) -> torch.Tensor:
         return self.dx[r0:r1, c0:c1]

@@ -40,18 +40,22 @@ def _finish_forward(ctx, stats: dict, inputs: tuple, teacher):
 
 
 class FusedLinearTokenStats(torch.autograd.Function):
-    """(hidden [N, H], weight [V, H], bias [V] | None, target [N]) -> logp, entropy, kl, lse [N]."""
+    """(hidden [N, H], weight [V, H], bias [V] | None, target [N]) -> logp, entropy, kl, lse [N]. Given teacher
+    logits are read at rows `teacher_rows` (the counted tokens; None: row for row), on the chunked backend."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, teacher, kl, temperature, ignore_index, backend):
+    def forward(ctx, hidden, weight, bias, target, teacher, teacher_rows, kl, temperature, ignore_index, backend):
         kw = dict(teacher=teacher, kl=kl, temperature=temperature, ignore_index=ignore_index)
         if backend == "triton":
+            if teacher_rows is not None:
+                raise ValueError("the Triton backend reads teacher logits row for row (teacher_rows=None)")
             stats = _triton().token_stats_forward(hidden, weight, bias, target, **kw)
         else:
             head = chunked.LinearHead(hidden, weight, bias)
-            kw["teacher"] = chunked.teacher_head(teacher)
+            kw["teacher"] = chunked.teacher_head(teacher, teacher_rows)
             stats = chunked.forward(head, target, **kw)
         ctx.kl, ctx.temperature, ctx.ignore_index, ctx.backend = kl, temperature, ignore_index, backend
+        ctx.teacher_rows = teacher_rows
         return _finish_forward(ctx, stats, (hidden, weight, bias, target), teacher)
 
     @staticmethod
@@ -63,7 +67,7 @@ class FusedLinearTokenStats(torch.autograd.Function):
         kw = dict(teacher=ctx.teacher, kl=ctx.kl, temperature=ctx.temperature, ignore_index=ctx.ignore_index)
         stats = _saved_stats(ctx)
         if all(g is None for g in grads.values()):
-            return (None,) * 9
+            return (None,) * 10
         if ctx.backend == "triton":
             dh, dw, db = _triton().token_stats_backward(
                 hidden, weight, bias, target, stats, grads,
@@ -71,12 +75,12 @@ class FusedLinearTokenStats(torch.autograd.Function):
             )
         else:
             head = chunked.LinearHead(hidden, weight, bias, need_dh=need_dh, need_dw=need_dw, need_db=need_db)
-            kw["teacher"] = chunked.teacher_head(ctx.teacher)
+            kw["teacher"] = chunked.teacher_head(ctx.teacher, ctx.teacher_rows)
             chunked.backward(head, target, stats, grads, **kw)
             dh, dw, db = head.dh, head.dw, head.db
         dw = None if dw is None else dw.to(weight.dtype)
         db = None if db is None else db.to(bias.dtype)
-        return dh, dw, db, None, None, None, None, None, None
+        return dh, dw, db, None, None, None, None, None, None, None
 
 
 class LogitsTokenStats(torch.autograd.Function):

@@ -24,7 +24,7 @@ A band may stretch to GROUP_STRETCH times its size to hold one group; a larger g
 token_stats' recompute (ops.token_loss decides before any work).
 
 Epilogues: on the chunked backend the native CPU kernels when built, PyTorch otherwise; on the Triton backend
-(from TRITON_MIN_HIDDEN) kernels/logits_epilogue.py over logits from a tensor-core GEMM.
+(from TRITON_MIN_HIDDEN) vlmfast/kernels/logits_epilogue.py over logits from a tensor-core GEMM.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def _bands(bands, band_loss, n, dtype, band_stats, band_grad):
         _collect(stats_out, stats, r0, n)
         if band_grad is not None:
             band_grad(r0, r1, stats, grads, state)
-        del state  # the band's logits: never alive beside the next band's
+        del state  # the band's logits (on CUDA; the CPU's live in the heads' reused buffers): not beside the next
     return loss, stats_out
 
 
@@ -191,8 +191,8 @@ def _bands_torch(student, teacher, target, band_loss, bands, *, inv_t, kl):
 
 
 # On the Triton backend a band's logits come from a tensor-core GEMM and are read twice from memory by
-# kernels/logits_epilogue.py instead of recomputed: worth it where a logit's 2H FLOP cost more than its ~12 bytes
-# of traffic (H >= ~1800 on an H100 by the peaks; not yet measured). Below, token_loss runs token_stats' kernels.
+# vlmfast/kernels/logits_epilogue.py instead of recomputed: worth it where a logit's 2H FLOP cost more than its ~12
+# bytes of traffic (H >= ~1800 on an H100 by the peaks; not yet measured). Below, token_loss runs token_stats' kernels.
 TRITON_MIN_HIDDEN = 2048
 
 
@@ -203,7 +203,8 @@ def triton_one_pass(hidden_size: int) -> bool:
 def _bands_triton(hidden, weight, bias, teacher, teacher_rows, target, band_loss, bands, *, needs, temperature, kl,
                   ignore_index):
     """One pass on the Triton backend: per band, logits by a GEMM with an fp32 result (tensor cores on CUDA), the
-    statistics and dz by kernels/logits_epilogue.py, dh and dW by two more GEMMs (token_stats' accumulate_dz)."""
+    statistics and dz by vlmfast/kernels/logits_epilogue.py, dh and dW by two more GEMMs (token_stats'
+    accumulate_dz)."""
     from vlmfast.kernels import logits_epilogue as epilogue
     from vlmfast.kernels import token_stats as kernels
 
@@ -281,7 +282,9 @@ class FusedLinearTokenLoss(torch.autograd.Function):
                                         **kw)
         else:
             loss, stats = _bands_torch(student, teacher_head, target, band_loss, bands, **kw)
-        student.scratch.clear()  # the band buffers, before dW's conversion: not both at the peak
+        for head in (student, teacher_head):  # the band buffers, before dW's conversion: not both at the peak
+            if head is not None:
+                head.scratch.clear()
         return _finish_forward(ctx, loss, stats, hidden, weight, bias, student.dh, student.dw, student.db, N)
 
     @staticmethod

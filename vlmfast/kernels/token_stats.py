@@ -114,7 +114,7 @@ KL_NONE, KL_REVERSE, KL_FORWARD = 0, 1, 2
 class Target:
     """What a launch is planned for: the config table's architecture (None: the interpreter's config), the
     SM count that sizes the vocabulary split, and whether the TMA kernels may run (sm_90; under the
-    interpreter when VLMFAST_TRITON_TMA=1, so tests run them). `kernels/inspect.py` plans for a GPU it
+    interpreter when VLMFAST_TRITON_TMA=1, so tests run them). `vlmfast/kernels/inspect.py` plans for a GPU it
     does not have."""
     arch: int | None
     sms: int

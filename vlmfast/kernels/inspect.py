@@ -146,7 +146,7 @@ def compile_one(pass_: str, dtype: str, teacher_mode: int, arch: int = 90, varia
 
 
 def epilogue_launches(arch: int) -> list:
-    """(name, launch) of kernels/logits_epilogue.py's kernels as the one-pass path plans them for the 7B head:
+    """(name, launch) of vlmfast/kernels/logits_epilogue.py's kernels as the one-pass path plans them for the 7B head:
     bands of fp32 logits as large as the backward's dz budget, dz in bf16, without and with teacher logits."""
     import torch
 
@@ -245,7 +245,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, nargs="+", default=[90, 80])
     ap.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     ap.add_argument("--epilogue", action="store_true",
-                    help="the one-pass path's epilogue kernels (kernels/logits_epilogue.py) instead")
+                    help="the one-pass path's epilogue kernels (vlmfast/kernels/logits_epilogue.py) instead")
     args = ap.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     if args.epilogue and os.environ.get("TRITON_INTERPRET") == "1":
