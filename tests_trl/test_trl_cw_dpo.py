@@ -107,6 +107,27 @@ def test_cw_dpo_runs_the_policys_head_in_one_pass(tmp_path, head_calls):
     assert trainer.model.lm_head.weight.grad.abs().max() > 0
 
 
+def test_cw_dpo_with_precomputed_reference_log_probs_is_the_same_loss(tmp_path):
+    """precompute_ref_log_probs=True (no reference model kept): the batch carries the reference's sequence sums,
+    computed by TRL at start-up, and the loss is the one a kept reference gives."""
+    from trl import DPOConfig
+
+    from vlmfast.integrations.trl import CWDPOTrainer
+
+    model, tok = _model_and_tokenizer()
+    kept = _trainer(CWDPOTrainer, copy.deepcopy(model), tok, tmp_path, tau_c=0.3)
+    args = DPOConfig(output_dir=str(tmp_path / "pre"), per_device_train_batch_size=4, max_steps=3, report_to=[],
+                     save_strategy="no", use_cpu=True, bf16=False, beta=0.5, seed=0, precompute_ref_log_probs=True)
+    pre = CWDPOTrainer(model=copy.deepcopy(model), args=args, train_dataset=_data(), processing_class=tok, tau_c=0.3)
+    assert pre.ref_model is None
+    losses = []
+    for t in (kept, pre):
+        _moved(t.model)
+        batch = t._prepare_inputs(next(iter(t.get_train_dataloader())))
+        losses.append(t.compute_loss(t.model, batch).item())
+    assert "ref_chosen_logps" in batch and abs(losses[0] - losses[1]) <= 1e-5 * abs(losses[0]), losses
+
+
 def test_cw_dpo_trains_and_logs_the_trl_way(tmp_path):
     from vlmfast.integrations.trl import CWDPOTrainer
 

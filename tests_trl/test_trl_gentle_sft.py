@@ -118,6 +118,39 @@ def test_gentle_sft_trains_and_logs(tmp_path):
     assert logs[-1]["nll_pos"] < logs[0]["nll_pos"]
 
 
+def test_gentle_sft_gradient_accumulation_averages_the_micro_batches(tmp_path):
+    """Its loss is a micro-batch's mean, so the Trainer must divide it by the accumulation steps: two micro-batches of
+    2 give the gradient of one batch of 4 (equal token counts here), not twice it."""
+    from transformers import TrainerCallback
+    from trl import SFTConfig
+
+    from vlmfast.integrations.trl import GentleSFTTrainer
+
+    class Grads(TrainerCallback):
+        def __init__(self):
+            self.seen = None
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if self.seen is None:
+                self.seen = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    grads = []
+    for batch, steps in ((4, 1), (2, 2)):
+        model, tok = _model_and_tokenizer()
+        args = SFTConfig(output_dir=str(tmp_path / f"ga{steps}"), per_device_train_batch_size=batch,
+                         gradient_accumulation_steps=steps, max_steps=1, learning_rate=1e-3, report_to=[],
+                         save_strategy="no", use_cpu=True, bf16=False, seed=0, max_grad_norm=0.0)
+        cb = Grads()
+        trainer = GentleSFTTrainer(model=model, args=args, train_dataset=_data(), processing_class=tok, lam=0.5,
+                                   margin=50.0, callbacks=[cb])
+        trainer.train()
+        grads.append(cb.seen)
+    one, accumulated = grads
+    assert set(one) == set(accumulated) and len(one) > 10
+    for n in one:
+        assert (accumulated[n] - one[n]).abs().max() <= 1e-4 * one[n].abs().max().clamp(min=1e-8), n
+
+
 def test_gentle_sft_needs_its_negative_column(tmp_path):
     from vlmfast.integrations.trl import GentleSFTTrainer
 

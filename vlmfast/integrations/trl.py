@@ -183,6 +183,10 @@ def _gentle_sft_trainer_class():
         trunk runs first; then the positives' forward computes `vlmfast.sft_gentle_negatives_loss` over the head
         for both (one pass each: the gradients come out of that forward)."""
 
+        # the loss is this micro-batch's mean: the Trainer divides it by the accumulation steps (with None it would
+        # count it as scaled, the model taking loss kwargs, and accumulate that many times the gradient)
+        loss_is_scaled_for_ga = False
+
         def __init__(self, *args, train_dataset=None, variant="hinge", lam=0.1, margin=3.0, alpha=0.05, **kwargs):
             _check_gentle(variant=variant, lam=lam, margin=margin, alpha=alpha)
             columns = getattr(train_dataset, "column_names", None) or []
