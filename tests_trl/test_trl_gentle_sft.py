@@ -151,6 +151,25 @@ def test_gentle_sft_gradient_accumulation_averages_the_micro_batches(tmp_path):
         assert (accumulated[n] - one[n]).abs().max() <= 1e-4 * one[n].abs().max().clamp(min=1e-8), n
 
 
+def test_gentle_sft_evaluates_with_its_negatives(tmp_path):
+    """An eval_dataset with negatives is prepared as the train one: evaluate() reports the same loss compute_loss
+    gives its one batch, and the negatives' metrics."""
+    from trl import SFTConfig
+
+    from vlmfast.integrations.trl import GentleSFTTrainer
+
+    model, tok = _model_and_tokenizer()
+    args = SFTConfig(output_dir=str(tmp_path / "eval"), per_device_eval_batch_size=4, report_to=[], use_cpu=True,
+                     bf16=False, seed=0)
+    trainer = GentleSFTTrainer(model=model, args=args, train_dataset=_data(), eval_dataset=_data().select(range(4)),
+                               processing_class=tok, lam=0.5, margin=50.0)
+    out = trainer.evaluate()
+    batch = trainer._prepare_inputs(next(iter(trainer.get_eval_dataloader())))
+    with torch.no_grad():
+        want = trainer.compute_loss(trainer.model, dict(batch)).item()
+    assert abs(out["eval_loss"] - want) <= 1e-5 * abs(want) and "eval_nll_neg" in out, out
+
+
 def test_gentle_sft_needs_its_negative_column(tmp_path):
     from vlmfast.integrations.trl import GentleSFTTrainer
 
@@ -158,6 +177,9 @@ def test_gentle_sft_needs_its_negative_column(tmp_path):
     with pytest.raises(ValueError, match="missing: negative"):
         GentleSFTTrainer(model=model, args=_args(tmp_path, "e"), train_dataset=_data().remove_columns("negative"),
                          processing_class=tok)
+    with pytest.raises(ValueError, match="eval_dataset columns .* missing: negative"):
+        GentleSFTTrainer(model=model, args=_args(tmp_path, "e"), train_dataset=_data(),
+                         eval_dataset=_data().remove_columns("negative"), processing_class=tok)
     with pytest.raises(ValueError, match="variant"):
         GentleSFTTrainer(model=model, args=_args(tmp_path, "e"), train_dataset=_data(), processing_class=tok,
                          variant="push")

@@ -187,20 +187,29 @@ def _gentle_sft_trainer_class():
         # count it as scaled, the model taking loss kwargs, and accumulate that many times the gradient)
         loss_is_scaled_for_ga = False
 
-        def __init__(self, *args, train_dataset=None, variant="hinge", lam=0.1, margin=3.0, alpha=0.05, **kwargs):
+        def __init__(self, *args, train_dataset=None, eval_dataset=None, variant="hinge", lam=0.1, margin=3.0,
+                     alpha=0.05, **kwargs):
             _check_gentle(variant=variant, lam=lam, margin=margin, alpha=alpha)
-            columns = getattr(train_dataset, "column_names", None) or []
-            missing = [c for c in ("prompt", "completion", "negative") if c not in columns]
-            if missing:
-                raise ValueError(f"GentleSFTTrainer needs train_dataset columns prompt, completion and negative; "
-                                 f"missing: {', '.join(missing)}")
-            super().__init__(*args, train_dataset=train_dataset.remove_columns("negative"), **kwargs)
+            evals = eval_dataset if isinstance(eval_dataset, dict) else {"": eval_dataset}
+            evals = {k: v for k, v in evals.items() if v is not None}
+            for name, dataset in {"train_dataset": train_dataset,
+                                  **{f"eval_dataset {k}".strip(): v for k, v in evals.items()}}.items():
+                columns = getattr(dataset, "column_names", None) or []
+                missing = [c for c in ("prompt", "completion", "negative") if c not in columns]
+                if missing:
+                    raise ValueError(f"GentleSFTTrainer needs {name} columns prompt, completion and negative; "
+                                     f"missing: {', '.join(missing)}")
+            stripped = {k: v.remove_columns("negative") for k, v in evals.items()}
+            super().__init__(*args, train_dataset=train_dataset.remove_columns("negative"),
+                             eval_dataset=stripped.get("", stripped or None), **kwargs)
             if self._is_vision_dataset:
                 raise ValueError("GentleSFTTrainer takes text datasets (TRL prepares image datasets in its collator)")
-            negatives = self._prepare_dataset(train_dataset.remove_columns("completion").rename_column(
-                "negative", "completion"), self.processing_class, self.args, False, None, "train-negatives")
-            for col in ("input_ids", "labels"):
-                self.train_dataset = self.train_dataset.add_column(f"negative_{col}", negatives[col])
+            self.train_dataset = self._with_negatives(self.train_dataset, train_dataset, "train")
+            if isinstance(eval_dataset, dict):
+                self.eval_dataset = {k: self._with_negatives(self.eval_dataset[k], v, f"eval-{k}") for k, v in
+                                     evals.items()}
+            elif eval_dataset is not None:
+                self.eval_dataset = self._with_negatives(self.eval_dataset, eval_dataset, "eval")
             self.gentle = {"variant": variant, "lam": lam, "margin": margin, "alpha": alpha}
             collate = self.data_collator
 
@@ -212,6 +221,18 @@ def _gentle_sft_trainer_class():
 
             self.data_collator = paired
             _use_vlmfast_heads(self)
+
+        def _with_negatives(self, prepared, raw, name):
+            """TRL's prepared `raw` with its negatives beside it: each tokenised by TRL's own preparation as a
+            completion of the same prompt (columns negative_input_ids, negative_labels)."""
+            negatives = self._prepare_dataset(raw.remove_columns("completion").rename_column("negative", "completion"),
+                                              self.processing_class, self.args, False, None, f"{name}-negatives")
+            if len(negatives) != len(prepared):
+                raise ValueError(f"GentleSFTTrainer: TRL's preparation kept {len(prepared)} {name} examples but "
+                                 f"{len(negatives)} negatives (truncation drops rows): raise max_length")
+            for col in ("input_ids", "labels"):
+                prepared = prepared.add_column(f"negative_{col}", negatives[col])
+            return prepared
 
         def _set_signature_columns_if_needed(self):
             super()._set_signature_columns_if_needed()
