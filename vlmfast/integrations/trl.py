@@ -19,8 +19,8 @@ after the prefix it shares with its completion (vlmfast.losses.sft), in one pass
 
 `CWDPOTrainer` is TRL's DPOTrainer with the Cooling-Weighted DPO loss (vlmfast.losses.dpo):
 -log sigmoid(beta (Dw - w_c Dl)), w_c = sigmoid((lbar_pi(yl) - l_floor) / tau_c) a stop-gradient weight per
-pair, computed by `vlmfast.cw_dpo_loss` in the policy's forward (one pass over the head: its gradients come out of
-that forward, 3 GEMMs where log-probs then a loss take 4), logged the TRL way (rewards/*, logps/*, entropy) plus
+pair, computed by `vlmfast.cw_dpo_loss` in the policy's forward (token_loss: one pass over the head wherever it
+takes one, its gradients out of that forward), logged the TRL way (rewards/*, logps/*, entropy) plus
 cooling_weight/mean and /frac_below_0.1.
 """
 
@@ -87,6 +87,24 @@ def _use_vlmfast_heads(trainer, **kwargs) -> None:
         use_vlmfast_head(trainer.accelerator.unwrap_model(ref), **kwargs)
 
 
+def _log_means(trainer, metrics: dict, names: dict) -> None:
+    """Append metrics[name] under TRL's name for each (TRL name, name) of `names`: each process's mean, averaged over
+    processes (TRL weights some by each process's tokens: the same when processes hold equal token counts)."""
+    mode = "train" if trainer.model.training else "eval"
+    for trl_name, name in names.items():
+        value = metrics[name].reshape(1).to(trainer.accelerator.device)
+        trainer._metrics[mode][trl_name].append(trainer.accelerator.gather_for_metrics(value).mean().item())
+
+
+def _each(datasets, fn):
+    """fn(dataset, key) over an eval_dataset: one dataset (key None), a dict of them, or None."""
+    if datasets is None:
+        return None
+    if isinstance(datasets, dict):
+        return {k: fn(v, k) for k, v in datasets.items()}
+    return fn(datasets, None)
+
+
 @functools.cache
 def _grpo_trainer_class():
     from trl import GRPOTrainer
@@ -136,7 +154,6 @@ def _cw_dpo_trainer_class():
             _use_vlmfast_heads(self)
 
         def _compute_loss(self, model, inputs, return_outputs):
-            mode = "train" if self.model.training else "eval"
             model_kwargs = {k: v for k, v in inputs.items()
                             if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
             model_kwargs["use_cache"] = False
@@ -151,17 +168,12 @@ def _cw_dpo_trainer_class():
             loss_fn = functools.partial(cw_dpo_loss, ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
                                         beta=self.beta, tau_c=self.tau_c, l_floor=self.l_floor)
             loss, metrics = model(**model_kwargs, labels=labels, fused_lm_head=True, vlmfast_loss=loss_fn)
-
-            # TRL's names; each process's means, averaged over processes (TRL weights its entropy by each process's
-            # tokens: the same when processes hold equal token counts)
-            names = {"rewards/chosen": "rewards_chosen", "rewards/rejected": "rewards_rejected",
-                     "rewards/accuracies": "reward_accuracy", "rewards/margins": "reward_margin",
-                     "logps/chosen": "logps_chosen", "logps/rejected": "logps_rejected", "entropy": "entropy",
-                     "cooling_weight/mean": "cooling_weight_mean",
-                     "cooling_weight/frac_below_0.1": "cooling_weight_frac_below_0_1"}
-            for trl_name, name in names.items():
-                value = metrics[name].reshape(1).to(self.accelerator.device)
-                self._metrics[mode][trl_name].append(self.accelerator.gather_for_metrics(value).mean().item())
+            _log_means(self, metrics, {
+                "rewards/chosen": "rewards_chosen", "rewards/rejected": "rewards_rejected",
+                "rewards/accuracies": "reward_accuracy", "rewards/margins": "reward_margin",
+                "logps/chosen": "logps_chosen", "logps/rejected": "logps_rejected", "entropy": "entropy",
+                "cooling_weight/mean": "cooling_weight_mean",
+                "cooling_weight/frac_below_0.1": "cooling_weight_frac_below_0_1"})
             if not return_outputs:
                 return loss
             with torch.no_grad():  # logits for compute_metrics: another forward, as TRL's own DPOTrainer does
@@ -177,6 +189,13 @@ def _gentle_sft_trainer_class():
 
     from ..losses.sft import _check_gentle, sft_gentle_negatives_loss
 
+    def _check_columns(dataset, name):
+        columns = getattr(dataset, "column_names", None) or []
+        missing = [c for c in ("prompt", "completion", "negative") if c not in columns]
+        if missing:
+            raise ValueError(f"GentleSFTTrainer needs {name} columns prompt, completion and negative; "
+                             f"missing: {', '.join(missing)}")
+
     class GentleSFTTrainer(SFTTrainer):
         """TRL's SFTTrainer with gentle negatives: `train_dataset` has prompt / completion / negative columns
         (text); the negative goes through TRL's own preparation as a completion of the same prompt. The negatives'
@@ -190,26 +209,16 @@ def _gentle_sft_trainer_class():
         def __init__(self, *args, train_dataset=None, eval_dataset=None, variant="hinge", lam=0.1, margin=3.0,
                      alpha=0.05, **kwargs):
             _check_gentle(variant=variant, lam=lam, margin=margin, alpha=alpha)
-            evals = eval_dataset if isinstance(eval_dataset, dict) else {"": eval_dataset}
-            evals = {k: v for k, v in evals.items() if v is not None}
-            for name, dataset in {"train_dataset": train_dataset,
-                                  **{f"eval_dataset {k}".strip(): v for k, v in evals.items()}}.items():
-                columns = getattr(dataset, "column_names", None) or []
-                missing = [c for c in ("prompt", "completion", "negative") if c not in columns]
-                if missing:
-                    raise ValueError(f"GentleSFTTrainer needs {name} columns prompt, completion and negative; "
-                                     f"missing: {', '.join(missing)}")
-            stripped = {k: v.remove_columns("negative") for k, v in evals.items()}
+            _check_columns(train_dataset, "train_dataset")
+            _each(eval_dataset, lambda d, k: _check_columns(d, "eval_dataset" if k is None else f"eval_dataset {k}"))
             super().__init__(*args, train_dataset=train_dataset.remove_columns("negative"),
-                             eval_dataset=stripped.get("", stripped or None), **kwargs)
+                             eval_dataset=_each(eval_dataset, lambda d, k: d.remove_columns("negative")), **kwargs)
             if self._is_vision_dataset:
                 raise ValueError("GentleSFTTrainer takes text datasets (TRL prepares image datasets in its collator)")
             self.train_dataset = self._with_negatives(self.train_dataset, train_dataset, "train")
-            if isinstance(eval_dataset, dict):
-                self.eval_dataset = {k: self._with_negatives(self.eval_dataset[k], v, f"eval-{k}") for k, v in
-                                     evals.items()}
-            elif eval_dataset is not None:
-                self.eval_dataset = self._with_negatives(self.eval_dataset, eval_dataset, "eval")
+            prepared = self.eval_dataset
+            self.eval_dataset = _each(eval_dataset, lambda d, k: self._with_negatives(
+                prepared if k is None else prepared[k], d, "eval" if k is None else f"eval-{k}"))
             self.gentle = {"variant": variant, "lam": lam, "margin": margin, "alpha": alpha}
             collate = self.data_collator
 
@@ -239,7 +248,6 @@ def _gentle_sft_trainer_class():
             self._signature_columns = [*self._signature_columns, "negative_input_ids", "negative_labels"]
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            mode = "train" if self.model.training else "eval"
             neg = {k.removeprefix("negative_"): inputs.pop(k) for k in list(inputs) if k.startswith("negative_")}
             neg_hidden, neg_labels = model(**neg, use_cache=False, fused_lm_head=True, vlmfast_trunk=True)
 
@@ -247,9 +255,8 @@ def _gentle_sft_trainer_class():
                 return sft_gentle_negatives_loss(h, w, labels, neg_hidden, neg_labels, bias=bias, **self.gentle)
 
             loss, m = model(**inputs, use_cache=False, fused_lm_head=True, vlmfast_loss=loss_fn)
-            gather = self.accelerator.gather_for_metrics
-            for name in ("nll_pos", "nll_neg") + (("hinge_active",) if self.gentle["variant"] == "hinge" else ()):
-                self._metrics[mode][name].append(gather(m[name].reshape(1).to(self.accelerator.device)).mean().item())
+            logged = ("nll_pos", "nll_neg") + (("hinge_active",) if self.gentle["variant"] == "hinge" else ())
+            _log_means(self, m, {name: name for name in logged})
             if not return_outputs:
                 return loss
             with torch.no_grad():  # logits for compute_metrics: another forward (no labels: no loss over them)

@@ -180,9 +180,8 @@ def _bands_torch(student, teacher, target, band_loss, bands, *, inv_t, kl):
         stats, rows = chunked.rows_stats(student, teacher, r0, r1, target[r0:r1], inv_t=inv_t, kl=kl)
         return chunked.finish(stats), rows
 
-    def band_grad(r0, r1, stats, grads, rows):
-        g = {k: v.to(stats["lse"].dtype) for k, v in grads.items()}
-        dz = chunked.rows_grad_(rows, target[r0:r1], stats, g, inv_t=inv_t, kl=kl)
+    def band_grad(r0, r1, stats, grads, rows):  # grads: token_grads', in the statistics' dtype
+        dz = chunked.rows_grad_(rows, target[r0:r1], stats, grads, inv_t=inv_t, kl=kl)
         student.accumulate(r0, r1, dz)
 
     wanted = student.need_dh or student.need_dw or student.need_db
