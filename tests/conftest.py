@@ -56,3 +56,20 @@ def bands(request, monkeypatch):
         monkeypatch.setattr(one_pass, "MIN_BAND_ROWS", 8)
         monkeypatch.setattr(chunked, "BLOCK_BYTES", 8 * 4 * request.module.V)
     yield request.param, plans
+
+
+@pytest.fixture(params=["native", "pytorch, W in fp32", "pytorch, 16-bit GEMMs"])
+def cpu_16bit_path(request, monkeypatch):
+    """The CPU path 16-bit inputs take, forced whatever this CPU is: the native kernels (our 16-bit GEMMs with fp32
+    logits; skipped where not built), or the PyTorch epilogue with W copied to fp32 (a CPU without oneDNN's 16-bit
+    GEMMs) or with torch's 16-bit GEMMs (chunked.LinearHead.torch_keeps_16bit: logits rounded to the dtype)."""
+    from vlmfast.ops import chunked, native
+
+    if request.param == "native":
+        if not native.available():
+            pytest.skip("native kernels not loaded (not built, or VLMFAST_NATIVE=0 at import)")
+        monkeypatch.setenv("VLMFAST_NATIVE", "1")
+    else:
+        monkeypatch.setenv("VLMFAST_NATIVE", "0")
+        monkeypatch.setattr(chunked, "onednn_supports", lambda dtype: request.param.endswith("GEMMs"))
+    return request.param

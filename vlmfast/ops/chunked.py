@@ -39,6 +39,16 @@ NATIVE_MIN_COLS = 2048  # the native path's blocks: as many rows as fit with at 
 NATIVE_MAX_COLS = 16384  # columns per 16-bit GEMM call (see LinearHead._block_low_precision)
 
 
+def onednn_supports(dtype: torch.dtype) -> bool:
+    """Whether torch's CPU GEMMs for this 16-bit dtype run on oneDNN's kernels (torch's own check; False when torch
+    lacks it)."""
+    check = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
+    try:
+        return bool(getattr(torch.ops.mkldnn, check)())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def default_chunk_rows(vocab: int) -> int:
     return max(16, BLOCK_BYTES // (4 * vocab))
 
@@ -72,22 +82,27 @@ class LinearHead:
         self.hidden, self.bias = hidden, bias
         self.dtype = wide_dtype(weight.dtype)  # fp32 (fp64 for gradcheck)
         # 16-bit CPU inputs stay 16-bit: the native path's GEMMs take them as they are with an fp32
-        # result (native.mm_wide_). Otherwise, on the CPU, one fp32 copy of W serves every block; on
-        # CUDA 16-bit stays on tensor cores with fp32 output.
+        # result (native.mm_wide_); without it, torch's 16-bit GEMMs round the logits to the dtype, as naive's
+        # are (torch_keeps_16bit). Otherwise, on the CPU, one fp32 copy of W serves every block; on CUDA 16-bit
+        # stays on tensor cores with fp32 output.
         self.low_precision = self.keeps_16bit(hidden, weight)
-        if self.low_precision:
+        self.torch_16bit = not self.low_precision and self.torch_keeps_16bit(hidden, weight)
+        if self.low_precision or self.torch_16bit:
             self.hidden = hidden.contiguous()  # the GEMMs' row-major operand
-        self.weight = weight if weight.is_cuda or self.low_precision else weight.to(self.dtype)
+        self.weight = weight if weight.is_cuda or self.low_precision or self.torch_16bit else weight.to(self.dtype)
         self.vocab, self.device = weight.shape[0], weight.device
         self.need_dh, self.need_dw, self.need_db = need_dh, need_dw, need_db
-        self.dh = torch.empty_like(hidden) if need_dh else None
+        self.dh = torch.empty_like(self.hidden) if need_dh else None
         self.dw = None
         if need_dw:
-            # 16-bit with one band of rows (the native path's blocks, or rows_per_band): each dW block is complete
-            # once computed, so it is rounded straight into a dW of W's dtype, no [V, H] fp32 accumulator (545 MB
-            # at 7B's head)
-            rows = rows_per_band or native_block_shape(self, hidden.shape[0])[0]
-            direct = self.low_precision and rows >= hidden.shape[0]
+            # 16-bit with one band of rows (the native path's blocks, the PyTorch epilogue's chunks, or
+            # rows_per_band): each dW block is complete once computed, so it is rounded straight into a dW of W's
+            # dtype, no [V, H] fp32 accumulator (545 MB at 7B's head)
+            if self.low_precision:
+                rows = rows_per_band or native_block_shape(self, hidden.shape[0])[0]
+            else:
+                rows = rows_per_band or default_chunk_rows(self.vocab)
+            direct = (self.low_precision or self.torch_16bit) and rows >= hidden.shape[0]
             self.dw = torch.zeros(weight.shape, dtype=weight.dtype if direct else self.dtype, device=weight.device)
         self.db = torch.zeros(self.vocab, dtype=self.dtype, device=weight.device) if need_db else None
         self.dh32 = None
@@ -97,6 +112,16 @@ class LinearHead:
     def keeps_16bit(hidden, weight) -> bool:
         """Whether 16-bit CPU inputs stay 16-bit (the native GEMM takes them), rather than W copied to fp32."""
         return not weight.is_cuda and hidden.dtype == weight.dtype and native.wide_gemm(weight.dtype)
+
+    @staticmethod
+    def torch_keeps_16bit(hidden, weight) -> bool:
+        """Whether 16-bit CPU inputs on the PyTorch epilogue (the native kernels off or not built) run torch's
+        16-bit GEMMs (16-bit results, products summed in fp32: the logits rounded to the dtype once, as naive's
+        materialised ones are) rather than W copied to fp32: where oneDNN has kernels for the dtype (AVX-512 for
+        bf16, AVX512-FP16/AMX for fp16; bf16 at 4.5x fp32's speed on a Zen 5). Elsewhere (AVX2) torch's 16-bit
+        GEMMs run 10-100x slower than fp32. The head's gradients then come whole rows at a time (accumulate)."""
+        return (not weight.is_cuda and hidden.dtype == weight.dtype and not native.enabled()
+                and weight.dtype in (torch.bfloat16, torch.float16) and onednn_supports(weight.dtype))
 
     def logits(self, r0: int, r1: int) -> torch.Tensor:
         z = mm_wide(self.hidden[r0:r1], self.weight.T)
@@ -118,6 +143,10 @@ class LinearHead:
         out = self._scratch("logits", r1 - r0, c1 - c0, self.dtype)
         if self.low_precision:
             return self._block_low_precision(r0, r1, c0, c1, out)
+        if self.torch_16bit:  # rounded to the dtype by the GEMM, widened into the fp32 buffer
+            z16 = self._scratch("logits16", r1 - r0, c1 - c0, self.weight.dtype)
+            out.copy_(torch.mm(self.hidden[r0:r1], self.weight[c0:c1].T, out=z16))
+            return out if self.bias is None else out.add_(self.bias[c0:c1])
         h = self.hidden[r0:r1].to(self.dtype)
         w = self.weight[c0:c1]
         if self.bias is None:
@@ -169,12 +198,33 @@ class LinearHead:
         if self.need_db:
             self.db[c0:c1] += dz.sum(0)
 
+    def _accumulate_torch_16bit(self, r0, r1, dz):
+        """dh = dz W and dW += dz^T h of whole rows by torch's 16-bit GEMMs, dz rounded once to the inputs' dtype
+        (as autograd's 16-bit dlogits are). dh rows and the dW of one band go straight into their 16-bit gradients,
+        rounded once as naive's; the dW of one of several bands is rounded to 16 bits and summed in fp32, in slices
+        of NATIVE_MAX_COLS columns (the partial's buffer stays a slice's)."""
+        H, dt = self.hidden.shape[1], self.weight.dtype
+        dz16 = self._scratch("dz16", r1 - r0, self.vocab, dt).copy_(dz)
+        h = self.hidden[r0:r1]
+        if self.need_dh:
+            torch.mm(dz16, self.weight, out=self.dh[r0:r1])
+        if self.need_dw and self.dw.dtype == dt:
+            torch.mm(dz16.T, h, out=self.dw)
+        elif self.need_dw:
+            for k0 in range(0, self.vocab, NATIVE_MAX_COLS):
+                k1 = min(self.vocab, k0 + NATIVE_MAX_COLS)
+                self.dw[k0:k1] += torch.mm(dz16[:, k0:k1].T, h, out=self._scratch("dw16", k1 - k0, H, dt))
+        if self.need_db:
+            self.db += dz.sum(0)
+
     def finish_grads(self) -> None:
         if self.dh32 is not None:
             self.dh.copy_(self.dh32)
             self.dh32 = None
 
     def accumulate(self, r0: int, r1: int, dz: torch.Tensor) -> None:
+        if self.torch_16bit:
+            return self._accumulate_torch_16bit(r0, r1, dz)
         h = self.hidden[r0:r1]
         if self.need_dh:
             dz_op = dz if not self.weight.is_cuda else dz.to(self.weight.dtype)
