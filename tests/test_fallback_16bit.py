@@ -1,11 +1,11 @@
 """The PyTorch fallback's 16-bit CPU GEMMs (chunked.LinearHead.torch_keeps_16bit): with the native kernels off or not
 built, bf16/fp16 inputs run torch's 16-bit GEMMs (oneDNN's where the CPU has them) with the logits rounded to the
 dtype as naive's materialised ones are, never a copy of W in fp32. Forced on or off here whatever this CPU is (torch's
-16-bit GEMMs are right everywhere, fast only where oneDNN has kernels for the dtype) and checked by what it runs:
-the GEMMs' operands are 16-bit, W is the caller's tensor, and every output and gradient of token_stats' recompute
-(one chunk of rows: dW rounded straight into W's dtype; several: 16-bit partials summed in fp32) is no worse than the
-naive same-dtype computation against the fp64 truth. token_loss's one pass is checked on this path too
-(test_token_loss.py, the cpu_16bit_path fixture)."""
+16-bit GEMMs are right everywhere, fast only where oneDNN has kernels for the dtype) and checked by what it runs: the
+GEMMs' operands are 16-bit, W is the caller's tensor, and every output and gradient of token_stats' recompute (in one
+chunk of rows or several; dW by one GEMM over every row's 16-bit dz kept, or, past 2H rows, 16-bit partials summed in
+fp32) is no worse than the naive same-dtype computation against the fp64 truth. token_loss's one pass is checked on
+this path too (test_token_loss.py, the cpu_16bit_path fixture)."""
 
 import math
 
@@ -42,7 +42,7 @@ class GemmDtypes(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def problem(dtype, seed=0):
+def problem(dtype, H=H, seed=0):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(N, H, generator=g)
     W = torch.randn(V, H, generator=g) * (2 / math.sqrt(H))  # logits of O(several): a peaked softmax
@@ -94,14 +94,17 @@ def test_gemms_run_in_the_inputs_dtype_and_w_is_not_copied(torch_16bit, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("chunk_rows", [None, 16], ids=["one chunk", "chunks of 16 rows"])
-def test_token_stats_no_worse_than_naive_same_dtype(torch_16bit, dtype, chunk_rows, monkeypatch):
+@pytest.mark.parametrize("hidden", [H, 16], ids=["N <= 2H", "N > 2H"])
+def test_token_stats_no_worse_than_naive_same_dtype(torch_16bit, dtype, chunk_rows, hidden, monkeypatch):
     """Every output and gradient within the naive same-dtype error against the fp64 truth (plus the tolerances of
     tests/test_token_stats.py: 1e-3 of the largest output, 2 ulp of the largest gradient)."""
-    h, W, b, y, teacher, grads = problem(dtype)
+    h, W, b, y, teacher, grads = problem(dtype, hidden)
     if chunk_rows is not None:
         monkeypatch.setattr(chunked, "BLOCK_BYTES", 4 * V * chunk_rows)
-    direct = chunked.LinearHead(h, W, need_dw=True).dw.dtype == dtype
-    assert direct is (torch_16bit and chunk_rows is None)  # several chunks: dW summed in fp32
+    head = chunked.LinearHead(h, W, need_dw=True)
+    keeps_dz = torch_16bit and N <= 2 * hidden  # 2NV bytes of 16-bit dz, no more than an fp32 dW's 4VH
+    assert (head.dz16_rows is not None) is keeps_dz
+    assert head.dw.dtype == (dtype if keeps_dz else torch.float32)
     got = outputs_and_grads(fused(y, teacher), h, W, b, grads)
     base = outputs_and_grads(naive(y, teacher, dtype), h, W, b, grads)
     truth = outputs_and_grads(naive(y, teacher, torch.float64), h, W, b, grads)

@@ -93,16 +93,19 @@ class LinearHead:
         self.vocab, self.device = weight.shape[0], weight.device
         self.need_dh, self.need_dw, self.need_db = need_dh, need_dw, need_db
         self.dh = torch.empty_like(self.hidden) if need_dh else None
-        self.dw = None
-        if need_dw:
-            # 16-bit with one band of rows (the native path's blocks, the PyTorch epilogue's chunks, or
-            # rows_per_band): each dW block is complete once computed, so it is rounded straight into a dW of W's
-            # dtype, no [V, H] fp32 accumulator (545 MB at 7B's head)
-            if self.low_precision:
-                rows = rows_per_band or native_block_shape(self, hidden.shape[0])[0]
-            else:
-                rows = rows_per_band or default_chunk_rows(self.vocab)
-            direct = (self.low_precision or self.torch_16bit) and rows >= hidden.shape[0]
+        self.dw = self.dz16_rows = None
+        N, H = self.hidden.shape
+        if need_dw and self.torch_16bit and 2 * N <= 4 * H:
+            # torch's 16-bit GEMMs: every row's 16-bit dz kept (2NV bytes, no more than an fp32 [V, H] accumulator's
+            # 4VH) for one dW GEMM in finish_grads, rounded once as naive's
+            self.dz16_rows = torch.zeros(N, self.vocab, dtype=weight.dtype)
+            self.dw = torch.empty(weight.shape, dtype=weight.dtype)
+        elif need_dw:
+            # 16-bit native GEMMs with one band of rows (the native path's blocks, or rows_per_band): each dW block is
+            # complete once computed, so it is rounded straight into a dW of W's dtype, no [V, H] fp32 accumulator
+            # (545 MB at 7B's head)
+            rows = rows_per_band or native_block_shape(self, N)[0]
+            direct = self.low_precision and rows >= N
             self.dw = torch.zeros(weight.shape, dtype=weight.dtype if direct else self.dtype, device=weight.device)
         self.db = torch.zeros(self.vocab, dtype=self.dtype, device=weight.device) if need_db else None
         self.dh32 = None
@@ -144,7 +147,7 @@ class LinearHead:
         if self.low_precision:
             return self._block_low_precision(r0, r1, c0, c1, out)
         if self.torch_16bit:  # rounded to the dtype by the GEMM, widened into the fp32 buffer
-            z16 = self._scratch("logits16", r1 - r0, c1 - c0, self.weight.dtype)
+            z16 = self._scratch("rows16", r1 - r0, c1 - c0, self.weight.dtype)  # free until dz (accumulate)
             out.copy_(torch.mm(self.hidden[r0:r1], self.weight[c0:c1].T, out=z16))
             return out if self.bias is None else out.add_(self.bias[c0:c1])
         h = self.hidden[r0:r1].to(self.dtype)
@@ -199,25 +202,29 @@ class LinearHead:
             self.db[c0:c1] += dz.sum(0)
 
     def _accumulate_torch_16bit(self, r0, r1, dz):
-        """dh = dz W and dW += dz^T h of whole rows by torch's 16-bit GEMMs, dz rounded once to the inputs' dtype
-        (as autograd's 16-bit dlogits are). dh rows and the dW of one band go straight into their 16-bit gradients,
-        rounded once as naive's; the dW of one of several bands is rounded to 16 bits and summed in fp32, in slices
-        of NATIVE_MAX_COLS columns (the partial's buffer stays a slice's)."""
+        """dh = dz W of whole rows by torch's 16-bit GEMMs, dz rounded once to the inputs' dtype (as autograd's 16-bit
+        dlogits are) and the product rounded once into dh, as naive's. dW: dz kept for finish_grads' one GEMM, or
+        (more rows than 2H) each band's product rounded to 16 bits and summed in fp32, in slices of NATIVE_MAX_COLS
+        columns (the partial's buffer stays a slice's)."""
         H, dt = self.hidden.shape[1], self.weight.dtype
-        dz16 = self._scratch("dz16", r1 - r0, self.vocab, dt).copy_(dz)
-        h = self.hidden[r0:r1]
+        if self.dz16_rows is not None:
+            dz16 = self.dz16_rows[r0:r1].copy_(dz)
+        else:
+            dz16 = self._scratch("rows16", r1 - r0, self.vocab, dt).copy_(dz)
         if self.need_dh:
             torch.mm(dz16, self.weight, out=self.dh[r0:r1])
-        if self.need_dw and self.dw.dtype == dt:
-            torch.mm(dz16.T, h, out=self.dw)
-        elif self.need_dw:
+        if self.need_dw and self.dz16_rows is None:
             for k0 in range(0, self.vocab, NATIVE_MAX_COLS):
                 k1 = min(self.vocab, k0 + NATIVE_MAX_COLS)
-                self.dw[k0:k1] += torch.mm(dz16[:, k0:k1].T, h, out=self._scratch("dw16", k1 - k0, H, dt))
+                part = self._scratch("dw16", k1 - k0, H, dt)
+                self.dw[k0:k1] += torch.mm(dz16[:, k0:k1].T, self.hidden[r0:r1], out=part)
         if self.need_db:
             self.db += dz.sum(0)
 
     def finish_grads(self) -> None:
+        if self.dz16_rows is not None:  # every row's dz in: dW = dz^T h
+            torch.mm(self.dz16_rows.T, self.hidden, out=self.dw)
+            self.dz16_rows = None
         if self.dh32 is not None:
             self.dh.copy_(self.dh32)
             self.dh32 = None
@@ -482,5 +489,6 @@ def backward(student, target, stats, grads, *, temperature, teacher=None, kl=Non
         dz = rows_grad_(rows, safe[r0:r1], {k: v[r0:r1] for k, v in stats.items()},
                         {k: v[r0:r1] for k, v in g.items() if v is not None}, inv_t=inv_t, kl=kl)
         student.accumulate(r0, r1, dz)
+    student.finish_grads()
     return student
 

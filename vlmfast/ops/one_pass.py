@@ -185,8 +185,9 @@ def _bands_torch(student, teacher, target, band_loss, bands, *, inv_t, kl):
         student.accumulate(r0, r1, dz)
 
     wanted = student.need_dh or student.need_dw or student.need_db
-    return _bands(bands, band_loss, target.numel(), student.dtype, band_stats,
-                  band_grad if wanted else None)
+    out = _bands(bands, band_loss, target.numel(), student.dtype, band_stats, band_grad if wanted else None)
+    student.finish_grads()
+    return out
 
 
 # On the Triton backend a band's logits come from a tensor-core GEMM and are read twice from memory by
