@@ -263,23 +263,25 @@ class LargestFloat32(TorchDispatchMode):
 
 
 @pytest.mark.skipif(not native.wide_gemm(torch.bfloat16), reason="needs the native 16-bit GEMM (built library)")
-def test_bf16_needs_an_fp32_dw_only_with_several_bands(monkeypatch):
-    """One band rounds dW straight into bf16; several must sum it in fp32 ([V, H], twice W's bytes), so a band
-    takes all rows while its buffers cost no more than that accumulator (band_rows). GEMMs in slices of 256
+def test_bf16_needs_an_fp32_dw_only_with_several_bands_past_2h_rows(monkeypatch):
+    """One band rounds dW straight into bf16, so a band takes all rows while its buffers cost no more than an fp32
+    [V, H] accumulator (band_rows). Several bands keep every row's bf16 dz for one dW GEMM at the end while that
+    costs no more either (N <= 2H); past that they sum dW in fp32 ([V, H], twice W's bytes). GEMMs in slices of 256
     columns, as of 16384 on a real vocabulary: a slice's fp32 dW block is not [V, H]."""
     monkeypatch.setattr(chunked, "NATIVE_MAX_COLS", 256)
     monkeypatch.setattr(chunked, "BLOCK_BYTES", 4 * V * 8)  # as on a real vocabulary: bands of MIN_BAND_ROWS
     Hb = 512
     g = torch.Generator().manual_seed(0)
     W = (torch.randn(V, Hb, generator=g) * 0.2).bfloat16().requires_grad_()
-    for n, several in ((300, False), (600, True)):  # 300 > MIN_BAND_ROWS: one band by the memory rule
+    # 300 > MIN_BAND_ROWS: one band by the memory rule; 600 <= 2H: dz kept; 1200: the fp32 accumulator
+    for n, several, fp32_dw in ((300, False, False), (600, True, False), (1200, True, True)):
         h = torch.randn(n, Hb, generator=g).bfloat16().requires_grad_()
         y = torch.randint(0, V, (n,), generator=g)
         assert (one_pass.band_rows(n, V, Hb, True) < n) == several
         with LargestFloat32() as seen:
             loss, _ = vlmfast.token_loss(h, W, y, lambda s, index, n=n: -s["logp"] / n)
             loss.backward()
-        assert (seen.largest >= V * Hb) == several, (n, seen.largest)
+        assert (seen.largest >= V * Hb) == fp32_dw, (n, seen.largest)
         W.grad = None
 
 

@@ -94,18 +94,18 @@ class LinearHead:
         self.need_dh, self.need_dw, self.need_db = need_dh, need_dw, need_db
         self.dh = torch.empty_like(self.hidden) if need_dh else None
         self.dw = self.dz16_rows = None
-        N, H = self.hidden.shape
-        if need_dw and self.torch_16bit and 2 * N <= 4 * H:
-            # torch's 16-bit GEMMs: every row's 16-bit dz kept (2NV bytes, no more than an fp32 [V, H] accumulator's
-            # 4VH) for one dW GEMM in finish_grads, rounded once as naive's
-            self.dz16_rows = torch.zeros(N, self.vocab, dtype=weight.dtype)
-            self.dw = torch.empty(weight.shape, dtype=weight.dtype)
-        elif need_dw:
-            # 16-bit native GEMMs with one band of rows (the native path's blocks, or rows_per_band): each dW block is
-            # complete once computed, so it is rounded straight into a dW of W's dtype, no [V, H] fp32 accumulator
-            # (545 MB at 7B's head)
-            rows = rows_per_band or native_block_shape(self, N)[0]
+        if need_dw:
+            N, H = self.hidden.shape
+            rows = rows_per_band or (native_block_shape(self, N)[0] if self.low_precision
+                                     else default_chunk_rows(self.vocab))
+            # 16-bit: the native GEMMs with one band of rows (the native path's tall blocks, or rows_per_band) finish
+            # each dW block at once and round it straight into a dW of W's dtype; with several bands every row's
+            # 16-bit dz is kept while it costs no more than an fp32 [V, H] accumulator (2NV <= 4VH bytes), and dW
+            # is one GEMM over all rows in finish_grads, rounded once as naive's; beyond that, the fp32 accumulator
             direct = self.low_precision and rows >= N
+            if (self.low_precision or self.torch_16bit) and not direct and 2 * N <= 4 * H:
+                self.dz16_rows = torch.zeros(N, self.vocab, dtype=weight.dtype)
+                direct = True
             self.dw = torch.zeros(weight.shape, dtype=weight.dtype if direct else self.dtype, device=weight.device)
         self.db = torch.zeros(self.vocab, dtype=self.dtype, device=weight.device) if need_db else None
         self.dh32 = None
@@ -187,19 +187,27 @@ class LinearHead:
 
     def _accumulate_low_precision(self, r0, r1, c0, c1, dz):
         """dh += dz W and dW += dz^T h with dz rounded once to the inputs' dtype (as autograd's 16-bit dlogits
-        are), products summed in fp32; dz^T is a view."""
-        dz16 = self._scratch("dz16", r1 - r0, c1 - c0, self.weight.dtype).copy_(dz)
+        are), products summed in fp32; dz^T is a view. Kept dz rows (dz16_rows): dW in finish_grads."""
+        if self.dz16_rows is not None:
+            dz16 = self.dz16_rows[r0:r1, c0:c1].copy_(dz)
+        else:
+            dz16 = self._scratch("dz16", r1 - r0, c1 - c0, self.weight.dtype).copy_(dz)
         if self.need_dh:
             if self.dh32 is None:
                 self.dh32 = torch.zeros(self.hidden.shape, dtype=self.dtype)
             native.mm_wide_(self.dh32[r0:r1], dz16, self.weight[c0:c1], accumulate=True)
-        if self.need_dw and self.dw.dtype == self.dtype:  # several bands of rows: summed in fp32
-            native.mm_wide_(self.dw[c0:c1], dz16.T, self.hidden[r0:r1], accumulate=True)
-        elif self.need_dw:
-            dw = self._scratch("dw", c1 - c0, self.hidden.shape[1], self.dtype)
-            self.dw[c0:c1].copy_(native.mm_wide_(dw, dz16.T, self.hidden[r0:r1], accumulate=False))
+        if self.need_dw and self.dz16_rows is None:
+            if self.dw.dtype == self.dtype:  # several bands of rows: summed in fp32
+                native.mm_wide_(self.dw[c0:c1], dz16.T, self.hidden[r0:r1], accumulate=True)
+            else:
+                self._dw_block_native(c0, c1, dz16, self.hidden[r0:r1])
         if self.need_db:
             self.db[c0:c1] += dz.sum(0)
+
+    def _dw_block_native(self, c0, c1, dz16, h):
+        """dW[c0:c1] = dz16^T h whole (every row), in fp32 and rounded once into W's dtype."""
+        dw = self._scratch("dw", c1 - c0, self.hidden.shape[1], self.dtype)
+        self.dw[c0:c1].copy_(native.mm_wide_(dw, dz16.T, h, accumulate=False))
 
     def _accumulate_torch_16bit(self, r0, r1, dz):
         """dh = dz W of whole rows by torch's 16-bit GEMMs, dz rounded once to the inputs' dtype (as autograd's 16-bit
@@ -223,7 +231,12 @@ class LinearHead:
 
     def finish_grads(self) -> None:
         if self.dz16_rows is not None:  # every row's dz in: dW = dz^T h
-            torch.mm(self.dz16_rows.T, self.hidden, out=self.dw)
+            if self.low_precision:  # in slices of columns, as _block_low_precision
+                for k0 in range(0, self.vocab, NATIVE_MAX_COLS):
+                    k1 = min(self.vocab, k0 + NATIVE_MAX_COLS)
+                    self._dw_block_native(k0, k1, self.dz16_rows[:, k0:k1], self.hidden)
+            else:
+                torch.mm(self.dz16_rows.T, self.hidden, out=self.dw)
             self.dz16_rows = None
         if self.dh32 is not None:
             self.dh.copy_(self.dh32)
