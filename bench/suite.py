@@ -78,17 +78,55 @@ def _cuda_time(step) -> dict:
     return {"time_s": ms / 1e3, "peak_above_inputs_mb": (torch.cuda.max_memory_allocated() - base) / 2**20}
 
 
+def cpu_name() -> str:
+    """The CPU, as precisely as timings need it: the development machine's CPU changes between sessions (Zen 3, 4, 5
+    so far) and 16-bit speed hangs on one flag. E.g. "AMD EPYC, x86_64 family 26 model 2, avx512_bf16"."""
+    import platform
+
+    info = {}
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+            if key.strip() == "flags":
+                break
+    except OSError:
+        pass
+    parts = [info.get("model name", platform.processor() or "unknown CPU"), platform.machine()]
+    if "cpu family" in info:
+        parts[-1] += f" family {info['cpu family']} model {info.get('model', '?')}"
+    flags = set(info.get("flags", "").split())
+    sixteen_bit = [f for f in ("avx512_bf16", "amx_bf16", "avx512_fp16") if f in flags]
+    parts.append(", ".join(sixteen_bit) or "no 16-bit instructions")
+    return ", ".join(parts)
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (with "+changes" when the tree differs from it), or None outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty else "")
+
+
 def environment(device: str, threads: int) -> dict:
     import datetime as dt
-    import platform
 
     import torch
 
-    env = {"torch": torch.__version__, "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    env = {"torch": torch.__version__, "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "commit": git_commit()}
     if device == "cuda":
         env["device"] = torch.cuda.get_device_name()
     else:
-        env["device"] = f"cpu ({platform.processor() or platform.machine()}, {threads} threads)"
+        env["device"] = f"cpu ({cpu_name()}, {threads} threads)"
     try:
         from importlib.metadata import version
 
