@@ -183,3 +183,17 @@ def test_gentle_sft_needs_its_negative_column(tmp_path):
     with pytest.raises(ValueError, match="variant"):
         GentleSFTTrainer(model=model, args=_args(tmp_path, "e"), train_dataset=_data(), processing_class=tok,
                          variant="push")
+
+
+@pytest.mark.parametrize("merging", ["packing", "padding_free"])
+def test_gentle_sft_refuses_rows_that_hold_several_examples(tmp_path, merging):
+    """Packed or padding-free batches put several examples (and so several negatives) in one row: the hinge would
+    pair them wrongly, so the trainer says so before any work."""
+    from trl import SFTConfig
+
+    from vlmfast.integrations.trl import GentleSFTTrainer
+
+    model, tok = _model_and_tokenizer()
+    args = SFTConfig(output_dir=str(tmp_path / merging), report_to=[], use_cpu=True, bf16=False, **{merging: True})
+    with pytest.raises(ValueError, match=f"{merging} put several examples in one row"):
+        GentleSFTTrainer(model=model, args=args, train_dataset=_data(), processing_class=tok)

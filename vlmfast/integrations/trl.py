@@ -209,6 +209,11 @@ def _gentle_sft_trainer_class():
         def __init__(self, *args, train_dataset=None, eval_dataset=None, variant="hinge", lam=0.1, margin=3.0,
                      alpha=0.05, **kwargs):
             _check_gentle(variant=variant, lam=lam, margin=margin, alpha=alpha)
+            config = kwargs.get("args", args[1] if len(args) > 1 else None)
+            merged = [k for k in ("packing", "padding_free") if getattr(config, k, False)]
+            if merged:  # the loss pairs each example's negative with it by row: one packed row would be one pair
+                raise ValueError(f"GentleSFTTrainer pairs each example with its negative row by row; "
+                                 f"{' and '.join(merged)} put several examples in one row: set them to False")
             _check_columns(train_dataset, "train_dataset")
             _each(eval_dataset, lambda d, k: _check_columns(d, "eval_dataset" if k is None else f"eval_dataset {k}"))
             super().__init__(*args, train_dataset=train_dataset.remove_columns("negative"),

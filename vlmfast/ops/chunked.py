@@ -122,7 +122,8 @@ class LinearHead:
         16-bit GEMMs (16-bit results, products summed in fp32: the logits rounded to the dtype once, as naive's
         materialised ones are) rather than W copied to fp32: where oneDNN has kernels for the dtype (AVX-512 for
         bf16, AVX512-FP16/AMX for fp16; bf16 at 4.5x fp32's speed on a Zen 5). Elsewhere (AVX2) torch's 16-bit
-        GEMMs run 10-100x slower than fp32. The head's gradients then come whole rows at a time (accumulate)."""
+        GEMMs run 3x (forward) to 100x (backward) slower than fp32 (docs/platform.md). The head's gradients then
+        come whole rows at a time (accumulate)."""
         return (not weight.is_cuda and hidden.dtype == weight.dtype and not native.enabled()
                 and weight.dtype in (torch.bfloat16, torch.float16) and onednn_supports(weight.dtype))
 
