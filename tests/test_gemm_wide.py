@@ -101,12 +101,14 @@ def _fused(h, W, b, y, teacher, g):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_16bit_path_keeps_w_and_blocks_change_nothing(dtype, monkeypatch):
+@pytest.mark.parametrize("H", [32, 80], ids=["N > 2H", "N <= 2H"])
+def test_fused_16bit_path_keeps_w_and_blocks_change_nothing(dtype, H, monkeypatch):
     """16-bit CPU inputs: the head keeps W as given (no fp32 copy), and 3 row bands x 5 column blocks
-    (dh summed over column blocks, dW over row bands, in fp32) give the one-block numbers."""
+    (dh summed over column blocks in fp32; dW summed over row bands in fp32, or, within 2H rows, one GEMM over every
+    row's kept 16-bit dz at the end) give the one-block numbers."""
     from vlmfast.ops.chunked import LinearHead, native_block_shape
 
-    N, H, V = 150, 32, 600
+    N, V = 150, 600
     h, W, b = torch.randn(N, H).to(dtype), (torch.randn(V, H) / 2).to(dtype), torch.randn(V).to(dtype)
     y = torch.randint(0, V, (N,))
     y[::7] = -100
@@ -119,9 +121,45 @@ def test_fused_16bit_path_keeps_w_and_blocks_change_nothing(dtype, monkeypatch):
     monkeypatch.setattr("vlmfast.ops.chunked.NATIVE_MIN_COLS", 128)
     monkeypatch.setattr("vlmfast.ops.chunked.BLOCK_BYTES", 4 * 64 * 128)
     assert native_block_shape(LinearHead(h, W), N) == (64, 128)
-    assert LinearHead(h, W, need_dw=True).dw.dtype == torch.float32  # three bands: summed in fp32
+    three_bands = LinearHead(h, W, need_dw=True)
+    keeps_dz = 2 * N <= 4 * H
+    assert (three_bands.dz16_rows is not None) is keeps_dz
+    assert three_bands.dw.dtype == (dtype if keeps_dz else torch.float32)  # else summed in fp32
     many = _fused(h, W, b, y, teacher, g)
     for x, ref in zip(many, one):
         # fp32 sums in another order, then the 16-bit gradients rounded once: a rounding step apart at most
         torch.testing.assert_close(x.float(), ref.float(), atol=2 * torch.finfo(dtype).eps * ref.abs().max().item(),
                                    rtol=0)
+
+
+@pytest.mark.parametrize("several_bands", [False, True], ids=["one band", "bands of 8 rows"])
+def test_16bit_student_beside_a_teacher_the_native_path_cannot_take(several_bands, monkeypatch):
+    """fp64 teacher logits send the whole call to the PyTorch epilogue, so the bf16 student's head must be built for
+    it (no native 16-bit dW, no kept dz rows: those are filled by the native path only). token_stats and token_loss
+    then give the fp64 truth's gradients to bf16 accuracy, in one band and several (they raised, or left dW zero)."""
+    import vlmfast
+    from vlmfast.ops import chunked, one_pass
+
+    if several_bands:
+        monkeypatch.setattr(one_pass, "MIN_BAND_ROWS", 8)
+        monkeypatch.setattr(chunked, "BLOCK_BYTES", 8 * 4 * 500)
+    N, H, V = 37, 24, 500  # 2N <= 4H: several bands would keep dz rows
+    g = torch.Generator().manual_seed(0)
+    h, W = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g) * 0.4
+    y, teacher = torch.randint(0, V, (N,), generator=g), torch.randn(N, V, generator=g, dtype=torch.float64)
+
+    def grads(fn, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (h, W)]
+        return [x.double() for x in torch.autograd.grad(fn(*leaves), leaves)]
+
+    def by_stats(hh, ww):
+        r = token_stats(hh, ww, y, teacher=teacher, kl="reverse", outputs=("logp", "kl"))
+        return (r.logp + r.kl).sum()
+
+    def by_loss(hh, ww):
+        return vlmfast.token_loss(hh, ww, y, lambda s, i: s["logp"] + s["kl"], teacher=teacher, kl="reverse")[0]
+
+    for fn in (by_stats, by_loss):
+        truth, got = grads(fn, torch.float64), grads(fn, torch.bfloat16)
+        for a, t in zip(got, truth):
+            assert (a - t).abs().max() <= 2e-2 * t.abs().max(), fn.__name__

@@ -78,14 +78,16 @@ def native_block_shape(head, n_rows: int) -> tuple[int, int]:
 class LinearHead:
     """Logits h W^T + b of a block of rows, computed on demand, with gradient accumulation."""
 
-    def __init__(self, hidden, weight, bias=None, *, need_dh=False, need_dw=False, need_db=False, rows_per_band=None):
+    def __init__(self, hidden, weight, bias=None, *, need_dh=False, need_dw=False, need_db=False, rows_per_band=None,
+                 native_epilogue=True):
         self.hidden, self.bias = hidden, bias
         self.dtype = wide_dtype(weight.dtype)  # fp32 (fp64 for gradcheck)
         # 16-bit CPU inputs stay 16-bit: the native path's GEMMs take them as they are with an fp32
         # result (native.mm_wide_); without it, torch's 16-bit GEMMs round the logits to the dtype, as naive's
         # are (torch_keeps_16bit). Otherwise, on the CPU, one fp32 copy of W serves every block; on CUDA 16-bit
         # stays on tensor cores with fp32 output.
-        self.low_precision = self.keeps_16bit(hidden, weight)
+        # native_epilogue=False (native_beside a teacher it cannot take): the PyTorch epilogue will run
+        self.low_precision = native_epilogue and self.keeps_16bit(hidden, weight)
         self.torch_16bit = not self.low_precision and self.torch_keeps_16bit(hidden, weight)
         if self.low_precision or self.torch_16bit:
             self.hidden = hidden.contiguous()  # the GEMMs' row-major operand
@@ -147,7 +149,7 @@ class LinearHead:
         out = self._scratch("logits", r1 - r0, c1 - c0, self.dtype)
         if self.low_precision:
             return self._block_low_precision(r0, r1, c0, c1, out)
-        if self.torch_16bit:  # rounded to the dtype by the GEMM, widened into the fp32 buffer
+        if self.torch_16bit:  # rounded to the dtype by the GEMM, widened into the fp32 buffer (the bias added in fp32)
             z16 = self._scratch("rows16", r1 - r0, c1 - c0, self.weight.dtype)  # free until dz (accumulate)
             out.copy_(torch.mm(self.hidden[r0:r1], self.weight[c0:c1].T, out=z16))
             return out if self.bias is None else out.add_(self.bias[c0:c1])
@@ -310,14 +312,21 @@ def teacher_head(teacher: Teacher | None, rows=None):
     return LinearHead(teacher.hidden, teacher.weight, teacher.bias)
 
 
-def _native_ok(student, teacher) -> bool:
+def _native_head_ok(head) -> bool:
     """The native path takes fp32/bf16/fp16 CPU logits (fp64, for gradcheck, stays in PyTorch)."""
-    def ok(head):
-        if isinstance(head, LogitsHead):
-            return native.usable(head.x)
-        return head.dtype == torch.float32 and not head.weight.is_cuda
+    if isinstance(head, LogitsHead):
+        return native.usable(head.x)
+    return head.dtype == torch.float32 and not head.weight.is_cuda
 
-    return native.enabled() and ok(student) and (teacher is None or ok(teacher))
+
+def native_beside(teacher) -> bool:
+    """Whether the native path can run beside this teacher head (None: no teacher): fp64 or column-strided teacher
+    logits send the whole call to the PyTorch epilogue, so the student's head must not be built for the native one."""
+    return teacher is None or _native_head_ok(teacher)
+
+
+def _native_ok(student, teacher) -> bool:
+    return native.enabled() and _native_head_ok(student) and native_beside(teacher)
 
 
 def _blocks(n_rows: int, vocab: int, shape):

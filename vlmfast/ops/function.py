@@ -51,8 +51,8 @@ class FusedLinearTokenStats(torch.autograd.Function):
                 raise ValueError("the Triton backend reads teacher logits row for row (teacher_rows=None)")
             stats = _triton().token_stats_forward(hidden, weight, bias, target, **kw)
         else:
-            head = chunked.LinearHead(hidden, weight, bias)
             kw["teacher"] = chunked.teacher_head(teacher, teacher_rows)
+            head = chunked.LinearHead(hidden, weight, bias, native_epilogue=chunked.native_beside(kw["teacher"]))
             stats = chunked.forward(head, target, **kw)
         ctx.kl, ctx.temperature, ctx.ignore_index, ctx.backend = kl, temperature, ignore_index, backend
         ctx.teacher_rows = teacher_rows
@@ -74,8 +74,9 @@ class FusedLinearTokenStats(torch.autograd.Function):
                 need_dh=need_dh, need_dw=need_dw, need_db=need_db, **kw,
             )
         else:
-            head = chunked.LinearHead(hidden, weight, bias, need_dh=need_dh, need_dw=need_dw, need_db=need_db)
             kw["teacher"] = chunked.teacher_head(ctx.teacher, ctx.teacher_rows)
+            head = chunked.LinearHead(hidden, weight, bias, need_dh=need_dh, need_dw=need_dw, need_db=need_db,
+                                      native_epilogue=chunked.native_beside(kw["teacher"]))
             chunked.backward(head, target, stats, grads, **kw)
             dh, dw, db = head.dh, head.dw, head.db
         dw = None if dw is None else dw.to(weight.dtype)

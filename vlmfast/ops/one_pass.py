@@ -273,9 +273,9 @@ class FusedLinearTokenLoss(torch.autograd.Function):
                 ignore_index=ignore_index)
             return _finish_forward(ctx, loss, stats, hidden, weight, bias, dh, dw, db, N)
         need_dh, need_dw, need_db = needs
-        student = chunked.LinearHead(hidden, weight, bias, need_dh=need_dh, need_dw=need_dw, need_db=need_db,
-                                     rows_per_band=widest(bands))
         teacher_head = chunked.teacher_head(teacher, teacher_rows)
+        student = chunked.LinearHead(hidden, weight, bias, need_dh=need_dh, need_dw=need_dw, need_db=need_db,
+                                     rows_per_band=widest(bands), native_epilogue=chunked.native_beside(teacher_head))
         kw = dict(inv_t=1.0 / temperature, kl=kl if teacher is not None else None)
         if chunked._native_ok(student, teacher_head):
             loss, stats = _bands_native(student, teacher_head, target, band_loss, bands, ignore_index=ignore_index,
