@@ -39,6 +39,12 @@ NATIVE_MIN_COLS = 2048  # the native path's blocks: as many rows as fit with at 
 NATIVE_MAX_COLS = 16384  # columns per 16-bit GEMM call (see LinearHead._block_low_precision)
 
 
+def column_slices(c0: int, c1: int):
+    """(k0, k1) slices of columns [c0, c1), NATIVE_MAX_COLS wide: the 16-bit GEMMs' calls (_block_low_precision)."""
+    for k0 in range(c0, c1, NATIVE_MAX_COLS):
+        yield k0, min(c1, k0 + NATIVE_MAX_COLS)
+
+
 def onednn_supports(dtype: torch.dtype) -> bool:
     """Whether torch's CPU GEMMs for this 16-bit dtype run on oneDNN's kernels (torch's own check; False when torch
     lacks it)."""
@@ -105,10 +111,11 @@ class LinearHead:
             # 16-bit dz is kept while it costs no more than an fp32 [V, H] accumulator (2NV <= 4VH bytes), and dW
             # is one GEMM over all rows in finish_grads, rounded once as naive's; beyond that, the fp32 accumulator
             direct = self.low_precision and rows >= N
-            if (self.low_precision or self.torch_16bit) and not direct and 2 * N <= 4 * H:
+            keep_dz = (self.low_precision or self.torch_16bit) and not direct and 2 * N <= 4 * H
+            if keep_dz:
                 self.dz16_rows = torch.zeros(N, self.vocab, dtype=weight.dtype)
-                direct = True
-            self.dw = torch.zeros(weight.shape, dtype=weight.dtype if direct else self.dtype, device=weight.device)
+            self.dw = torch.zeros(weight.shape, dtype=weight.dtype if direct or keep_dz else self.dtype,
+                                  device=weight.device)
         self.db = torch.zeros(self.vocab, dtype=self.dtype, device=weight.device) if need_db else None
         self.dh32 = None
         self.scratch = {}  # buffers reused from block to block (reused): the native path's and the PyTorch epilogue's
@@ -165,8 +172,7 @@ class LinearHead:
         NATIVE_MAX_COLS columns: brgemm's path (CPUs without AVX512-BF16) copies a transposed operand row-major
         and widens its operands to fp32, so a call over all of W would hold another [V, H] in fp32 at the peak
         (+890 MB at N=512 on the full Qwen vocabulary)."""
-        for k0 in range(c0, c1, NATIVE_MAX_COLS):
-            k1 = min(c1, k0 + NATIVE_MAX_COLS)
+        for k0, k1 in column_slices(c0, c1):
             native.mm_wide_(out[:, k0 - c0:k1 - c0], self.hidden[r0:r1], self.weight[k0:k1].T, accumulate=False)
         return out if self.bias is None else out.add_(self.bias[c0:c1])
 
@@ -175,8 +181,7 @@ class LinearHead:
 
     def accumulate_block(self, r0: int, r1: int, c0: int, c1: int, dz: torch.Tensor) -> None:
         if self.low_precision:  # in slices of columns, as _block_low_precision: brgemm's copies stay a slice's
-            for k0 in range(c0, c1, NATIVE_MAX_COLS):
-                k1 = min(c1, k0 + NATIVE_MAX_COLS)
+            for k0, k1 in column_slices(c0, c1):
                 self._accumulate_low_precision(r0, r1, k0, k1, dz[:, k0 - c0:k1 - c0])
             return None
         if self.need_dh:  # summed over column blocks in fp32, cast once in finish_grads
@@ -225,8 +230,7 @@ class LinearHead:
         if self.need_dh:
             torch.mm(dz16, self.weight, out=self.dh[r0:r1])
         if self.need_dw and self.dz16_rows is None:
-            for k0 in range(0, self.vocab, NATIVE_MAX_COLS):
-                k1 = min(self.vocab, k0 + NATIVE_MAX_COLS)
+            for k0, k1 in column_slices(0, self.vocab):
                 part = self._scratch("dw16", k1 - k0, H, dt)
                 self.dw[k0:k1] += torch.mm(dz16[:, k0:k1].T, self.hidden[r0:r1], out=part)
         if self.need_db:
@@ -235,8 +239,7 @@ class LinearHead:
     def finish_grads(self) -> None:
         if self.dz16_rows is not None:  # every row's dz in: dW = dz^T h
             if self.low_precision:  # in slices of columns, as _block_low_precision
-                for k0 in range(0, self.vocab, NATIVE_MAX_COLS):
-                    k1 = min(self.vocab, k0 + NATIVE_MAX_COLS)
+                for k0, k1 in column_slices(0, self.vocab):
                     self._dw_block_native(k0, k1, self.dz16_rows[:, k0:k1], self.hidden)
             else:
                 torch.mm(self.dz16_rows.T, self.hidden, out=self.dw)
