@@ -1,12 +1,15 @@
 """HF engine: n samples per prompt with images, seeds reproduce, sampler log-probs equal a forward
 pass at the same temperature, stop at the end of turn, scoring, the mismatch metric."""
 
+import dataclasses
 import io
 import math
+import weakref
 
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vlmfast.data.synthetic import generate
 from vlmfast.models import tiny_vlm
@@ -182,3 +185,59 @@ def test_prompt_prefill_needs_runs_of_identical_rows(engine, prompts):
     assert _first_of_runs(runs, 3) is None  # 6 rows are not runs of 3
     mixed = collate(engine.processor, problems + problems, images + images)
     assert _first_of_runs(mixed, 2) is None  # rows 0 and 1 differ
+
+
+class LiveBytes(TorchDispatchMode):
+    """The peak bytes of tensors made by ops inside the mode that are alive at once (each storage counted once,
+    whether held by the tensor an op made or by a view of it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.alive: dict[int, tuple[list, int]] = {}  # storage pointer -> (weak refs of its tensors, bytes)
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                ptr = t.untyped_storage().data_ptr()
+                refs, size = self.alive.get(ptr, ([], t.untyped_storage().nbytes()))
+                self.alive[ptr] = (refs + [weakref.ref(t)], size)
+        self.alive = {p: ([r for r in refs if r() is not None], n) for p, (refs, n) in self.alive.items()
+                      if any(r() is not None for r in refs)}
+        self.peak = max(self.peak, sum(n for _, n in self.alive.values()))
+        return out
+
+
+@pytest.mark.parametrize("sampling", [Sampling(temperature=1.0, seed=3), Sampling(temperature=0.0)],
+                         ids=["sampled", "greedy"])
+def test_generation_keeps_one_logprob_per_token_not_the_scores(prompts, sampling):
+    """With Qwen2.5's real vocabulary (152064 columns, tiny hidden size), what generate keeps alive at once is
+    O(B x V), a few [B, V] tensors of one step, and does not grow with the tokens decoded: never a [B, V] tensor
+    per token ([B, L, V]; 48 more steps of scores would be 48 more [B, V])."""
+    V = 152064
+    model, proc = tiny_vlm("student", seed=0)
+    real = len(proc.tokenizer)
+    model.resize_token_embeddings(V, mean_resizing=False)
+    with torch.no_grad():  # only the tokenizer's tokens can be drawn: the rest of the vocabulary is computed, masked
+        model.lm_head.weight.mul_(0.01)
+        model.lm_head.weight[real:] = 0
+    bias = torch.zeros(V)
+    bias[real:] = -1e4
+    model.lm_head.register_forward_hook(lambda mod, inp, out: out + bias)
+    engine = make_engine("hf", model, proc, batch_size=16)
+    bias[[engine.eos_id, *engine.vision_ids]] = -1e4  # every completion runs its full budget
+    problems, images = prompts
+    n = 2
+    B = len(problems) * n
+    row_bytes = B * V * 4
+    peaks = {}
+    for steps in (16, 64):
+        with LiveBytes() as seen:
+            out = engine.generate(problems, images, n=n, sampling=dataclasses.replace(sampling, max_new_tokens=steps),
+                                  seeds=None if sampling.greedy else [1, 2, 3])
+        assert all(len(c.token_ids) == len(c.logprobs) == steps for g in out for c in g)
+        assert all(lp <= 0 for g in out for c in g for lp in c.logprobs)
+        peaks[steps] = seen.peak / row_bytes
+    assert peaks[64] < 24, peaks  # [B, V] fp32 tensors alive at once
+    assert peaks[64] - peaks[16] < 2, peaks

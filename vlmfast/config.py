@@ -99,6 +99,19 @@ class EvalConfig:
 
 
 @dataclass
+class VLLMConfig:
+    sleep_mode: str = "auto"  # auto (on GPUs) | on | off: the engine frees its memory between generations
+    max_model_len: int = 4096  # tokens of prompt + response a sequence may have
+    max_num_seqs: int | None = None  # sequences decoded at once (None: vLLM's default)
+    max_num_batched_tokens: int | None = None  # tokens per scheduler step (None: vLLM's default)
+    enforce_eager: bool = False  # no CUDA graphs (less memory, slower decoding)
+    limit_mm_per_prompt: int = 1  # images a prompt may carry
+    image_min_pixels: int | None = None  # images resized to at least this many pixels (engine and processor)
+    image_max_pixels: int | None = None  # images resized to at most this many pixels (engine and processor)
+    teacher_memory_share: float = 0.3  # opd sampled: share of each GPU's memory the teacher's engine takes
+
+
+@dataclass
 class EarlyStoppingConfig:
     metric: str = "val/accuracy"  # an evaluation metric (split/name) or a probe metric such as dlogp_pos
     mode: str = "max"  # max | min
@@ -158,6 +171,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
     stages: list = field(default_factory=list)
 
     @property
@@ -169,7 +183,7 @@ class Config:
 
 
 SECTIONS = {"run": RunConfig, "model": ModelConfig, "data": DataConfig, "data.synthetic": SyntheticConfig,
-            "deepspeed": DeepSpeedConfig, "eval": EvalConfig, "stages[i]": StageConfig,
+            "deepspeed": DeepSpeedConfig, "eval": EvalConfig, "vllm": VLLMConfig, "stages[i]": StageConfig,
             "stages[i].early_stopping": EarlyStoppingConfig}
 
 
@@ -425,6 +439,17 @@ def _check_ranges(cfg: Config) -> None:
             raise ConfigError(f"eval.sample_problems: {e.sample_problems} is more than eval.num_problems="
                               f"{e.num_problems} (the sampled problems are the first of the greedy ones)")
     at_least("eval.temperature", e.temperature, 0)  # 0: greedy samples
+    v = cfg.vllm
+    if v.sleep_mode not in ("auto", "on", "off"):
+        raise ConfigError(f"vllm.sleep_mode: must be auto, on or off, got {v.sleep_mode!r}")
+    for key in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "limit_mm_per_prompt", "image_min_pixels",
+                "image_max_pixels"):
+        at_least(f"vllm.{key}", getattr(v, key), 1)
+    if v.image_min_pixels and v.image_max_pixels and v.image_min_pixels > v.image_max_pixels:
+        raise ConfigError(f"vllm.image_min_pixels: {v.image_min_pixels} is more than vllm.image_max_pixels="
+                          f"{v.image_max_pixels}")
+    if not 0 < v.teacher_memory_share < 1:
+        raise ConfigError(f"vllm.teacher_memory_share: must be in (0, 1), got {v.teacher_memory_share}")
     if not e.k:
         raise ConfigError("eval.k: give at least one k for pass@k")
     for i, s in enumerate(cfg.stages):

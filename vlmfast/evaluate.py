@@ -106,31 +106,44 @@ def split_metric_names(ks) -> list[str]:
     return [*SPLIT_METRICS, *(f"pass@{k}{end}" for k in ks for end in ("", "_lo", "_hi"))]
 
 
-def evaluate_policy(engine, processor, examples, *, n_samples: int, ks, temperature: float, max_new_tokens: int,
-                    seed: int = 0, sample_problems: int | None = None) -> tuple[dict, dict]:
-    """Greedy accuracy (with a 95% interval), ECE and format rate on `examples`; pass@k with bootstrap
-    intervals, answer diversity and mean reward from n_samples samples of each of the first `sample_problems`
-    (default all: sampling costs n_samples greedy passes, so a large split is sampled on a subset). Returns
-    (metrics, samples): samples hold the policy's own completions (for entropy) and a few generations to show."""
-    from .rewards import extract_answer, score
+def eval_seeds(seed: int, n: int) -> list[int]:
+    """One sampling seed per problem, by its place in the split: a problem's samples are the same whichever
+    rank (and batch) generates it."""
+    return [(seed * 1_000_003 + i) % (2**31 - 1) for i in range(n)]
+
+
+def eval_generations(engine, examples, sampled_examples, *, n_samples: int, temperature: float, max_new_tokens: int,
+                     seeds: list[int]) -> tuple[list, list]:
+    """The greedy completion of every example, and n_samples samples of each of `sampled_examples` (seeded one
+    seed per example): ([Completion], [[Completion]])."""
     from .rollout import Sampling
 
-    problems = [e.problem for e in examples]
-    images = [e.images for e in examples]
-    greedy = engine.generate(problems, images, n=1, sampling=Sampling(temperature=0.0, max_new_tokens=max_new_tokens))
-    g_scores = [score(g[0].text, e.answer, e.choices) for g, e in zip(greedy, examples)]
+    greedy = engine.generate([e.problem for e in examples], [e.images for e in examples], n=1,
+                             sampling=Sampling(temperature=0.0, max_new_tokens=max_new_tokens))
+    groups = engine.generate([e.problem for e in sampled_examples], [e.images for e in sampled_examples],
+                             n=n_samples, sampling=Sampling(temperature=temperature, max_new_tokens=max_new_tokens),
+                             seeds=seeds) if sampled_examples else []
+    return [g[0] for g in greedy], groups
+
+
+def eval_metrics(processor, examples, greedy: list, samples: list, *, n_samples: int, ks, seed: int = 0
+                 ) -> tuple[dict, dict]:
+    """Greedy accuracy (with a 95% interval), ECE and format rate of the greedy completions of `examples`;
+    pass@k with bootstrap intervals, answer diversity and mean reward of the sample groups (samples[i]: the
+    groups of examples[i], for the first len(samples) examples).
+    Returns (metrics, samples): the policy's own completions (for entropy) and a few generations to show."""
+    from .rewards import extract_answer, score
+
+    g_scores = [score(g.text, e.answer, e.choices) for g, e in zip(greedy, examples)]
     acc = [s.accuracy for s in g_scores]
-    conf = [answer_confidence(processor.tokenizer, g[0].token_ids, g[0].logprobs) for g in greedy]
+    conf = [answer_confidence(processor.tokenizer, g.token_ids, g.logprobs) for g in greedy]
     metrics = {}
     metrics["accuracy"], metrics["accuracy_ci95"] = mean_confidence_interval(acc)
     metrics["format"] = sum(s.format for s in g_scores) / len(g_scores)
     metrics["ece"] = expected_calibration_error(conf, [a > 0 for a in acc])
-    m = len(examples) if sample_problems is None else min(sample_problems, len(examples))
-    problems, images = problems[:m], images[:m]
-    sampled = engine.generate(problems, images, n=n_samples,
-                              sampling=Sampling(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed))
     correct, answers, rewards = [], [], []
-    for group, e in zip(sampled, examples):
+    kept = list(zip(samples, examples))
+    for group, e in kept:
         scores = [score(c.text, e.answer, e.choices) for c in group]
         correct.append(sum(int(s.accuracy) for s in scores))
         answers.append([extract_answer(c.text) for c in group])
@@ -140,8 +153,19 @@ def evaluate_policy(engine, processor, examples, *, n_samples: int, ks, temperat
         metrics[f"pass@{k}"], metrics[f"pass@{k}_lo"], metrics[f"pass@{k}_hi"] = m, lo, hi
     metrics["diversity"] = answer_diversity(answers)
     metrics["sample_reward"] = sum(rewards) / len(rewards)
-    samples = {"problems": problems, "images": images, "completions": [c for g in sampled for c in g],
-               "pass_curve": pass_at_k_curve(correct, n_samples),
-               "examples": [{"problem": e.problem, "answer": e.answer, "greedy": g[0].text}
-                            for e, g in list(zip(examples, greedy))[:4]]}
-    return metrics, samples
+    out = {"problems": [e.problem for _, e in kept], "images": [e.images for _, e in kept],
+           "completions": [c for g, _ in kept for c in g], "pass_curve": pass_at_k_curve(correct, n_samples),
+           "examples": [{"problem": e.problem, "answer": e.answer, "greedy": g.text}
+                        for e, g in list(zip(examples, greedy))[:4]]}
+    return metrics, out
+
+
+def evaluate_policy(engine, processor, examples, *, n_samples: int, ks, temperature: float, max_new_tokens: int,
+                    seed: int = 0, sample_problems: int | None = None) -> tuple[dict, dict]:
+    """eval_generations then eval_metrics in one process: greedy metrics on `examples`, sampled ones on the
+    first `sample_problems` (default all: sampling costs n_samples greedy passes, so a large split is sampled on
+    a subset), each problem's samples seeded by its place (eval_seeds)."""
+    m = len(examples) if sample_problems is None else min(sample_problems, len(examples))
+    greedy, samples = eval_generations(engine, examples, examples[:m], n_samples=n_samples, temperature=temperature,
+                                       max_new_tokens=max_new_tokens, seeds=eval_seeds(seed, m))
+    return eval_metrics(processor, examples, greedy, samples, n_samples=n_samples, ks=ks, seed=seed)

@@ -43,11 +43,11 @@ def _answer_mask(processor, response_ids: list[list[int]], T: int, prompt_length
 
 
 @torch.no_grad()
-def sample_entropy(model, processor, problems, images, completions, *, batch_size: int = 32) -> dict:
-    """Mean entropy over the response tokens of given completions (the policy's own samples), and
-    over their answer tokens."""
-    ent_sum = ans_sum = 0.0
-    n_tok = n_ans = 0
+def sample_entropy_sums(model, processor, problems, images, completions, *, keep: list[bool] | None = None,
+                        batch_size: int = 32) -> torch.Tensor:
+    """[entropy sum, response tokens, answer-token entropy sum, answer tokens] over the completions with
+    `keep` set (default all; every one runs the forward: ranks under ZeRO-3 run as many forwards)."""
+    sums = torch.zeros(4, dtype=torch.float64)
     for i in range(0, len(problems), batch_size):
         sl = slice(i, i + batch_size)
         ids = [c.token_ids for c in completions[sl]]
@@ -55,12 +55,24 @@ def sample_entropy(model, processor, problems, images, completions, *, batch_siz
         hidden = trunk_hidden(model, **b)
         r = head_token_stats(model, hidden, b["labels"], outputs=("entropy",))
         valid = b["labels"] != -100
-        ans = _answer_mask(processor, ids, b["labels"].shape[1], b["prompt_lengths"]) & valid
-        ent_sum += r.entropy[valid].sum().item()
-        n_tok += int(valid.sum())
-        ans_sum += r.entropy[ans].sum().item()
-        n_ans += int(ans.sum())
-    return {"entropy": ent_sum / max(n_tok, 1), "entropy_answer": ans_sum / max(n_ans, 1) if n_ans else float("nan")}
+        if keep is not None:
+            valid &= torch.tensor(keep[sl], device=valid.device)[:, None]
+        ans = _answer_mask(processor, ids, b["labels"].shape[1], b["prompt_lengths"]).to(valid.device) & valid
+        sums += torch.tensor([r.entropy[valid].sum().item(), valid.sum().item(), r.entropy[ans].sum().item(),
+                              ans.sum().item()], dtype=torch.float64)
+    return sums
+
+
+def entropy_means(sums: torch.Tensor) -> dict:
+    """{entropy, entropy_answer} from sample_entropy_sums (summed over ranks where sharded)."""
+    ent, n_tok, ans, n_ans = sums.tolist()
+    return {"entropy": ent / max(n_tok, 1), "entropy_answer": ans / n_ans if n_ans else float("nan")}
+
+
+def sample_entropy(model, processor, problems, images, completions, *, batch_size: int = 32) -> dict:
+    """Mean entropy over the response tokens of given completions (the policy's own samples), and
+    over their answer tokens."""
+    return entropy_means(sample_entropy_sums(model, processor, problems, images, completions, batch_size=batch_size))
 
 
 PROBE_METRICS = tuple(f"{stat}_{kind}" for kind in ("pos", "neg", "greedy") for stat in ("lbar", "dlogp"))

@@ -13,6 +13,7 @@ exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from .data.prompts import reasoning_of, target_response
 from .losses import cw_dpo_loss, dpo_loss, group_advantages, grpo_loss, opd_loss, sft_gentle_negatives_loss, sft_loss
 from .models import call_head, frozen_head_weight, head_token_stats, trunk_hidden
 from .ops import sequence_mean
+from .ranks import gathered_rows
 from .rewards import Reward, score
 from .rollout import Sampling
 from .timing import StepTimer
@@ -56,13 +58,18 @@ class StageContext:
         its own must be synced before it samples again. Syncing is lazy: once per rollout, not per update."""
         self.engine_stale = getattr(self.engine, "holds_weights", False)
 
-    def ready_engine(self):
-        """The generation engine, synced with the policy when it is stale (timed as the step's sync)."""
-        if self.engine_stale:
-            with self.timer("sync"):
-                self.engine.sync_weights(self.model)
-            self.engine_stale = False
-        return self.engine
+    @contextlib.contextmanager
+    def generating(self, engine=None):
+        """The generation engine (default the policy's) ready for the block: synced with the policy when stale
+        (timed as the step's sync); an engine that sleeps (colocated vLLM) wakes for the block only and sleeps
+        after it, so no training forward, log-prob pass or whole-model gather runs while it holds its memory."""
+        engine = engine or self.engine
+        policy = engine is self.engine
+        with engine.awake(self.model if policy else None, stale=policy and self.engine_stale,
+                          timed_sync=lambda: self.timer("sync")) as ready:
+            if policy:
+                self.engine_stale = False
+            yield ready
 
 
 def step_seed(ctx: StageContext, step: int) -> int:
@@ -212,8 +219,7 @@ def sft_step(ctx: StageContext, step: int):
 def _sample(ctx, exs, n, step, positions: list[int]):
     """n samples per example, seeded by the examples' places in the step's global batch."""
     s = ctx.stage
-    engine = ctx.ready_engine()
-    with ctx.timer("generate"):
+    with ctx.generating() as engine, ctx.timer("generate"):
         return engine.generate([e.problem for e in exs], [e.images for e in exs], n=n,
                                sampling=Sampling(temperature=s.temperature, max_new_tokens=s.max_new_tokens),
                                seeds=position_seeds(ctx, step, positions))
@@ -258,7 +264,12 @@ def _rollout(ctx: StageContext, index: int) -> dict:
     rep = [e for e in exs for _ in range(s.group_size)]
     scores = [score(c.text, e.answer, e.choices) for c, e in zip(flat, rep)]
     rewards = torch.tensor([x.reward for x in scores])
-    adv = group_advantages(rewards, s.group_size, scale=s.advantage_scale)
+    if s.advantage_scale == "batch":  # the spread of the whole rollout batch, every rank's groups
+        rank, size = world()
+        every = gathered_rows(rewards.to(_device(ctx))).cpu()
+        adv = group_advantages(every, s.group_size, scale="batch").view(size, -1)[rank]
+    else:  # a group lives on one rank: its own rewards are all it needs
+        adv = group_advantages(rewards, s.group_size, scale=s.advantage_scale)
     b = collate_token_responses(ctx.processor, [e.problem for e in rep], [e.images for e in rep],
                                 [c.token_ids for c in flat])
     labels = b["labels"]
@@ -354,6 +365,9 @@ def _grpo_update(ctx: StageContext, ro: dict, update: slice):
         if n is None:  # a per-sequence mean over this micro-batch: its share of the update's mean
             loss = loss * (labels.shape[0] / rows)
         parts.append((m, (labels != -100).sum().item(), labels.shape[0]))
+        if micro.stop == rows:  # the trainer combines the ranks' token means weighted by their tokens
+            ctx.extra["metric_tokens"] = float(sum(t for _, t, _ in parts))
+            ctx.extra["token_weighted"] = _TOKEN_MEAN_METRICS + (("pg_loss",) if s.aggregation == "token-mean" else ())
         yield loss, (_grpo_metrics(ro, update, whole, parts, s.aggregation) if micro.stop == rows else None)
 
 
@@ -423,8 +437,8 @@ def opd_step(ctx: StageContext, step: int):
         return loss, m
     # sampled-token form: the teacher's per-token log-probs come from a generation engine's score()
     # (a teacher too large to sit beside the student would be served there)
-    with ctx.timer("logprobs"):
-        scored = ctx.extra["teacher_engine"].score([e.problem for e in exs], [e.images for e in exs],
+    with ctx.generating(ctx.extra["teacher_engine"]) as teacher, ctx.timer("logprobs"):
+        scored = teacher.score([e.problem for e in exs], [e.images for e in exs],
                                                    responses, temperature=s.temperature)
     t_logp = torch.zeros(b["labels"].shape)
     for i, lp in enumerate(scored):

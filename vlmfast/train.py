@@ -34,9 +34,10 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError, changed_keys, describe_keys, fingerprint, identity, load_config
 from .data.formats import RowError
 from .data.prompts import reasoning_of, target_response
-from .evaluate import evaluate_policy
+from .evaluate import eval_generations, eval_metrics, eval_seeds
 from .models import head_vocab, load_model, tiny_vlm
-from .probes import DeltaLogpProbe, EarlyStopping, sample_entropy
+from .probes import DeltaLogpProbe, EarlyStopping, entropy_means, sample_entropy_sums
+from .ranks import gathered_in_order, global_means, reduce_over_ranks
 from .rollout import Sampling, make_engine
 from .stages import (
     STEP_FUNCTIONS,
@@ -93,6 +94,8 @@ def _init_distributed(device: str) -> None:
 
     if torch.distributed.is_initialized():
         return
+    if device == "cuda":  # before anything touches the GPU: this rank's device is LOCAL_RANK's, not cuda:0
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -215,6 +218,24 @@ def _load_policy(cfg: Config, path: str | None, device: str, processor=None):
     is built whole and partitioned by deepspeed.initialize: zero.Init would draw other random weights)."""
     m = cfg.model
     path = path or m.path
+    model, proc = _load_model_and_processor(cfg, path, device, processor)
+    _image_pixels(cfg, proc)
+    return model, proc
+
+
+def _image_pixels(cfg: Config, processor) -> None:
+    """vllm.image_min_pixels / image_max_pixels on the trainer's processor too: both see the same image tokens."""
+    image = getattr(processor, "image_processor", None)
+    for key in ("min_pixels", "max_pixels"):
+        value = getattr(cfg.vllm, f"image_{key}")
+        if value and image is not None:
+            setattr(image, key, value)
+            if isinstance(getattr(image, "size", None), dict):
+                image.size[{"min_pixels": "shortest_edge", "max_pixels": "longest_edge"}[key]] = value
+
+
+def _load_model_and_processor(cfg: Config, path: str, device: str, processor=None):
+    m = cfg.model
     if path.startswith("tiny:"):
         model, proc = tiny_vlm(path[5:], seed=cfg.run.seed, processor=processor)
         from .models import freeze
@@ -232,6 +253,24 @@ def _frozen_model(cfg: Config, path: str | None, device: str, processor, micro: 
     """A reference or teacher: loaded from `path` (never copied from the policy), frozen, as its own
     DeepSpeed engine without optimizer, ZeRO-3 partitioned when the policy is. Returns the engine."""
     return frozen_engine(_load_policy(cfg, path, device, processor)[0], ds_config(cfg, micro))
+
+
+def _vllm_options(cfg: Config, stage, device: str, role: str = "policy") -> dict:
+    """The colocated vLLM engine's options from the recipe's vllm section. With sleep mode (on GPUs by default)
+    it frees its memory between generations: the policy's at level 2 (every wake resends its weights), the
+    teacher's, whose weights never change, at level 1 (kept on the host)."""
+    v = cfg.vllm
+    sleep = v.sleep_mode == "on" or (v.sleep_mode == "auto" and device == "cuda")
+    kw = {"role": role, "sleep_mode": sleep, "sleep_level": 2 if role == "policy" else 1,
+          "max_model_len": v.max_model_len, "enforce_eager": v.enforce_eager,
+          "limit_mm_per_prompt": {"image": v.limit_mm_per_prompt}}
+    if device == "cuda":
+        kw["gpu_memory_utilization"] = stage.vllm_memory_share if role == "policy" else v.teacher_memory_share
+    kw.update({k: getattr(v, k) for k in ("max_num_seqs", "max_num_batched_tokens") if getattr(v, k) is not None})
+    pixels = {k: getattr(v, f"image_{k}") for k in ("min_pixels", "max_pixels") if getattr(v, f"image_{k}")}
+    if pixels:  # vLLM's processor resizes as the trainer's does (the processor gets them at load)
+        kw["mm_processor_kwargs"] = pixels
+    return kw
 
 
 def _generation_options(cfg: Config, engine) -> dict:
@@ -272,12 +311,31 @@ class MetricsLog:
 
 
 def _peak_memory_mb() -> float:
-    """Peak accelerator memory on GPU, else the process's peak RSS."""
+    """This step's peak of the memory the caching allocator reserved on the GPU (what the driver lends: an
+    out-of-memory happens there, not at the allocated peak), reset for the next step; on the CPU the process's
+    peak RSS."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return torch.cuda.max_memory_allocated() / 2**20
+        peak = torch.cuda.max_memory_reserved() / 2**20
+        torch.cuda.reset_peak_memory_stats()
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _throughput(tokens: int, seconds: float) -> dict:
+    """The world's tokens per second (every rank's tokens over the slowest rank's step) and the highest peak
+    memory of any rank."""
+    total = reduce_over_ranks(torch.tensor([float(tokens)], dtype=torch.float64)).item()
+    slowest, peak = reduce_over_ranks(torch.tensor([seconds, _peak_memory_mb()], dtype=torch.float64), "max").tolist()
+    return {"tokens_per_s": total / max(slowest, 1e-9), "peak_mem_mb": peak}
+
+
+def _global_metrics(ctx, metrics: dict) -> dict:
+    """The step's metrics over all ranks (ranks.global_means): token means weighted by each rank's tokens."""
+    mine = {k: float(_scalar(v)) for k, v in metrics.items() if k != "loss"}
+    return global_means(mine, token_weighted=ctx.extra.pop("token_weighted", ()),
+                        tokens=ctx.extra.pop("metric_tokens", 1.0))
 
 
 def eval_line(stage: str, step: int, rec: dict) -> str:
@@ -295,36 +353,68 @@ def _scalar(v):
     return v.item() if isinstance(v, torch.Tensor) else v
 
 
-def evaluate(cfg: Config, stage_name: str, model, processor, data: dict, probe: DeltaLogpProbe | None,
-             seed: int, engine=None) -> tuple[dict, list]:
-    """Every eval split and the probes; `engine` generates (default: an HF engine on `model`). Every rank
-    runs it on the same problems (under ZeRO-3 each forward is a collective)."""
+def shard(n: int, rank: int, world: int) -> tuple[list[int], int]:
+    """This rank's places among n problems (every world-th, from its rank), padded by repeating one of them to
+    ceil(n / world), and how many are real: every rank runs as many generations and forwards (under ZeRO-3
+    each is a collective), and the padding's results are dropped."""
+    mine = list(range(rank, n, world))
+    size = -(-n // world)
+    return mine + [mine[0] if mine else 0] * (size - len(mine)), len(mine)
+
+
+def evaluate(cfg: Config, model, processor, data: dict, probe: DeltaLogpProbe | None, seed: int, generating
+             ) -> tuple[dict, list]:
+    """Every eval split and the probes, sharded over the ranks: each generates and scores every world-th problem
+    (greedy, and samples seeded per problem: the same samples whichever rank draws them) and runs the entropy
+    forwards of its own samples; results are gathered, so every rank computes the record one process would.
+    `generating()` is the generation engine's block (StageContext.generating): every generation of the
+    evaluation runs inside one, and every forward after it, with a colocated engine asleep."""
     e = cfg.eval
-    engine = engine or make_engine("hf", model, processor)
+    dist = torch.distributed.is_initialized()
+    rank, size = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
+    splits = {split: examples[: e.num_problems] for split, examples in data.items() if split != "train"}
+    gen, probe_greedy = {}, None
+    with generating() as engine:
+        for split, part in splits.items():
+            m = len(part) if e.sample_problems is None else min(e.sample_problems, len(part))
+            g_idx, _ = shard(len(part), rank, size)
+            s_idx, s_real = shard(m, rank, size)
+            seeds = eval_seeds(seed, m)
+            greedy, groups = eval_generations(engine, [part[i] for i in g_idx], [part[i] for i in s_idx],
+                                              n_samples=e.n_samples, temperature=e.temperature,
+                                              max_new_tokens=e.max_new_tokens, seeds=[seeds[i] for i in s_idx])
+            gen[split] = (g_idx, greedy, s_idx, s_real, groups)
+        if probe is not None:
+            probe_greedy = engine.generate(probe.problems, probe.images, n=1,
+                                           sampling=Sampling(temperature=0.0, max_new_tokens=e.max_new_tokens))
     metrics, shown = {}, []
-    for split, examples in data.items():
-        if split == "train":
-            continue
-        part = examples[: e.num_problems]
-        m, samples = evaluate_policy(engine, processor, part, n_samples=e.n_samples, ks=e.k,
-                                     temperature=e.temperature, max_new_tokens=e.max_new_tokens, seed=seed,
-                                     sample_problems=e.sample_problems)
-        reps = [p for p in samples["problems"] for _ in range(e.n_samples)]
-        imgs = [i for i in samples["images"] for _ in range(e.n_samples)]
-        m.update(sample_entropy(model, processor, reps, imgs, samples["completions"]))
-        metrics.update({f"{split}/{k}": v for k, v in m.items()})
+    for split, (g_idx, greedy, s_idx, s_real, groups) in gen.items():
+        part = splits[split]
+        m = len(part) if e.sample_problems is None else min(e.sample_problems, len(part))
+        all_greedy = gathered_in_order(greedy, g_idx, len(part))
+        all_groups = gathered_in_order(groups[:s_real], s_idx[:s_real], m)
+        split_metrics, samples = eval_metrics(processor, part, all_greedy, all_groups, n_samples=e.n_samples,
+                                              ks=e.k, seed=seed)
+        # entropy of this rank's own samples (the padding's forwards run, uncounted), summed over the ranks
+        reps = [part[i] for i in s_idx for _ in range(e.n_samples)]
+        keep = [j < s_real for j in range(len(s_idx)) for _ in range(e.n_samples)]
+        sums = sample_entropy_sums(model, processor, [x.problem for x in reps], [x.images for x in reps],
+                                   [c for g in groups for c in g], keep=keep)
+        split_metrics.update(entropy_means(reduce_over_ranks(sums)))
+        metrics.update({f"{split}/{k}": v for k, v in split_metrics.items()})
         metrics[f"{split}/pass_curve"] = samples["pass_curve"]
         shown += [{"split": split, **x} for x in samples["examples"]]
     if probe is not None:
-        metrics.update(probe_metrics(cfg, engine, model, processor, probe))
+        metrics.update(probe(model, processor, [g[0].text for g in probe_greedy]))
     return metrics, shown
 
 
-def probe_metrics(cfg: Config, engine, model, processor, probe: DeltaLogpProbe) -> dict:
-    """Δlog p of the probe set, the greedy response included (the first call records the baseline)."""
-    greedy = engine.generate(probe.problems, probe.images, n=1,
-                             sampling=Sampling(temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens))
-    return probe(model, processor, [g[0].text for g in greedy])
+def record_probe_baseline(cfg: Config, generating, model, processor, probe: DeltaLogpProbe) -> None:
+    """The probes' lbar_0 (the first call records it), with the greedy responses of the policy now."""
+    with generating() as engine:
+        greedy = engine.generate(probe.problems, probe.images, n=1,
+                                 sampling=Sampling(temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens))
+    probe(model, processor, [g[0].text for g in greedy])
 
 
 def _make_probe(cfg: Config, data: dict) -> DeltaLogpProbe | None:
@@ -415,10 +505,7 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
     ctx = StageContext(cfg=cfg, stage=stage, index=si, model=policy, processor=processor, train=data["train"],
                        engine_forward=lambda fn: engine_forward(engine, fn))
     device = next(policy.parameters()).device.type
-    if stage.engine == "hf":
-        engine_kw = _generation_options(cfg, engine)
-    else:  # colocated vLLM on a GPU sleeps through the update (frees its KV cache) and wakes on first use
-        engine_kw = {"sleep_mode": True, "gpu_memory_utilization": stage.vllm_memory_share} if device == "cuda" else {}
+    engine_kw = _generation_options(cfg, engine) if stage.engine == "hf" else _vllm_options(cfg, stage, device)
     ctx.engine = make_engine(stage.engine, policy, processor, **engine_kw)  # evaluation samples from it too
     frozen = []  # reference / teacher engines: kept alive with the stage
     if stage.type in ("dpo", "cw_dpo") or (stage.type == "grpo" and stage.kl_coef > 0):
@@ -431,7 +518,9 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
             raise ConfigError(f"stages[{si}].teacher: vocabulary {head_vocab(ctx.teacher)} differs "
                               f"from the student's {head_vocab(policy)}")
         if stage.opd_mode == "sampled":
-            ctx.extra["teacher_engine"] = make_engine(stage.engine, ctx.teacher, processor)
+            teacher_kw = ({} if stage.engine == "hf" else
+                          _vllm_options(cfg, stage, device, role="teacher"))
+            ctx.extra["teacher_engine"] = make_engine(stage.engine, ctx.teacher, processor, **teacher_kw)
     stopper = None
     if stage.early_stopping is not None:
         es = stage.early_stopping
@@ -465,7 +554,7 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
     def do_eval(step):
         ctx.timer.show("eval")
         t = time.perf_counter()
-        m, shown = evaluate(cfg, name, policy, processor, data, probe, seed=cfg.run.seed, engine=ctx.ready_engine())
+        m, shown = evaluate(cfg, policy, processor, data, probe, seed=cfg.run.seed, generating=ctx.generating)
         _kill_if(f"{si}:eval:{step}")
         rec = {"stage": name, "stage_index": si, "step": step, "kind": "eval", "timing/eval_s": time.perf_counter() - t,
                **{k: v for k, v in m.items() if not isinstance(v, list)}, "pass_curves": {
@@ -481,7 +570,7 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
     last_eval = None
     if start_step == 0 and not cfg.eval.at_start and probe is not None and not probe.baseline:
         # no evaluation at the start, but Δlog p is measured from here: record the probes' baseline
-        probe_metrics(cfg, ctx.ready_engine(), policy, processor, probe)
+        record_probe_baseline(cfg, ctx.generating, policy, processor, probe)
     if start_step == 0 and cfg.eval.at_start:
         last_eval = do_eval(0)
         if stopper is not None and stopper.update(0, last_eval)[0]:
@@ -498,9 +587,7 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
         _set_lr(optimizer, scale, step)
         policy.train()
         ctx.timer.start()
-        out = step_fn(ctx, step)  # rollouts (if any) happen in here
-        if engine_kw.get("sleep_mode"):
-            ctx.engine.sleep()
+        out = step_fn(ctx, step)  # rollouts (if any) happen in here, the engine awake for them only
         loss, metrics = 0.0, None
         for share, m in [out] if isinstance(out, tuple) else out:  # one micro-batch's forward at a time
             # the shares add up to the step's loss: DeepSpeed must not divide them by its accumulation count
@@ -512,9 +599,8 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
         loss = mean_over_ranks(loss.float()).item()  # each rank's loss is its share of the global one
         timing = ctx.timer.stop()
         rec = {"stage": name, "stage_index": si, "step": done, "kind": "train", "loss": loss,
-               **{k: _scalar(v) for k, v in metrics.items() if k != "loss"}, "lr": optimizer.param_groups[0]["lr"],
-               **timing, "tokens_per_s": ctx.extra.pop("tokens", 0) / max(timing["step_time_s"], 1e-9),
-               "peak_mem_mb": _peak_memory_mb()}
+               **_global_metrics(ctx, metrics), "lr": optimizer.param_groups[0]["lr"], **timing,
+               **_throughput(ctx.extra.pop("tokens", 0), timing["step_time_s"])}
         if done % cfg.run.log_every == 0:
             log.write(rec)
         bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("loss", "reward", "entropy") if k in rec})
@@ -546,7 +632,25 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
         "results": {**results, name: last_eval}, "probe_baseline": probe.baseline if probe else None},
         with_engine=False, with_hf=False)  # the weights handed on are final_path's
     ckpt.prune(ckpt_root, keep=set())
+    _free_stage(ctx, engine, frozen)
     return final_path, last_eval
+
+
+def _free_stage(ctx, engine, frozen: list) -> None:
+    """The stage's generation engines and DeepSpeed engines freed before the next stage builds its own (a
+    colocated vLLM engine holds its share of the GPU until closed)."""
+    import gc
+
+    for gen in (ctx.engine, ctx.extra.pop("teacher_engine", None)):
+        if gen is not None:
+            gen.close()
+    ctx.engine = ctx.reference = ctx.teacher = ctx.model = None
+    ctx.extra.clear()
+    for ds in (engine, *frozen):
+        ds.destroy()
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def main(argv=None) -> int:

@@ -27,33 +27,42 @@ def _eval_mode(model):
         model.train(was_training)
 
 
-class _RowSeededSampler:
-    """Sampling as argmax(log softmax(warped logits) + Gumbel noise), the noise of row r drawn from
-    its own generator: a row's samples depend on its seed only, never on which other prompts share
-    its batch (or rank), and every prompt of a batch is sampled in one `generate` call.
+class _TokenSampler:
+    """Every decoding step of `generate` as argmax(scores this returns): greedy returns the log-softmax of the
+    logits; sampling returns log softmax(warped logits) + Gumbel noise (the Gumbel-max trick: the argmax is a
+    sample of softmax(warped logits)). With `row_seeds` the noise of row r comes from its own generator: a
+    row's samples depend on its seed only, never on which other prompts share its batch (or rank), and every
+    prompt of a batch is sampled in one `generate` call; without, from torch's global generator.
 
-    Used as the logits processor of greedy `generate`; keeps the log-softmax each token was drawn
-    from, for the sampler log-probs.
+    Used as the logits processor of greedy `generate`. Per step it keeps only the chosen token's log-prob
+    (a [B] vector): never the [B, V] scores of every step, which at B=64 and V=152064 are 39 MB per token
+    (`output_scores=True` kept them: ~80 GB at 2048 tokens).
     """
 
-    def __init__(self, row_seeds: list[int], sampling: Sampling, device):
+    def __init__(self, sampling: Sampling, device, row_seeds: list[int] | None = None):
         from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-        self.gens = [torch.Generator(device=device).manual_seed(int(sd)) for sd in row_seeds]
-        self.warpers = [TemperatureLogitsWarper(sampling.temperature)]
-        if sampling.top_k:
+        self.greedy = sampling.greedy
+        self.gens = None if row_seeds is None else [torch.Generator(device=device).manual_seed(int(sd))
+                                                    for sd in row_seeds]
+        self.warpers = [] if self.greedy else [TemperatureLogitsWarper(sampling.temperature)]
+        if sampling.top_k and not self.greedy:
             self.warpers.append(TopKLogitsWarper(sampling.top_k))
-        if sampling.top_p < 1.0:
+        if sampling.top_p < 1.0 and not self.greedy:
             self.warpers.append(TopPLogitsWarper(sampling.top_p))
-        self.logps: list[torch.Tensor] = []
+        self.chosen_logp: list[torch.Tensor] = []  # [B] per decoding step
         self.noise: list[torch.Tensor] = []  # uniforms drawn ahead, one [rows, V] per decoding step
 
-    def _uniforms(self, V: int, device) -> torch.Tensor:
+    def _uniforms(self, rows: int, V: int, device) -> torch.Tensor:
+        if self.gens is None:
+            return torch.rand(rows, V, device=device)
         # a block of decoding steps per generator call (one call per row per step is most of the sampler's
         # time); the block depends on V alone, never on the batch, so a row's noise still depends on its seed only
         if not self.noise:
             steps = max(1, min(16, (1 << 20) // V))
-            block = torch.stack([torch.rand(steps, V, generator=g, device=device) for g in self.gens], 1)
+            block = torch.empty(steps, len(self.gens), V, device=device)
+            for r, g in enumerate(self.gens):
+                torch.rand(steps, V, generator=g, device=device, out=block[:, r])
             self.noise = list(block.unbind(0))[::-1]
         return self.noise.pop()
 
@@ -62,10 +71,17 @@ class _RowSeededSampler:
         for w in self.warpers:
             s = w(input_ids, s)
         logp = torch.log_softmax(s, -1)
-        self.logps.append(logp)
-        u = self._uniforms(s.shape[-1], s.device)
-        gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
-        return logp + gumbel
+        if self.greedy:
+            out = logp
+        else:
+            u = self._uniforms(s.shape[0], s.shape[-1], s.device)
+            out = logp - torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
+        self.chosen_logp.append(logp.gather(-1, out.argmax(-1, keepdim=True))[:, 0])
+        return out
+
+    def logprobs(self) -> torch.Tensor:
+        """[B, steps]: the log-prob of each step's token under the distribution it was drawn from."""
+        return torch.stack(self.chosen_logp, 1)
 
 
 def _cache_kwarg(model) -> str:
@@ -150,6 +166,18 @@ class HFEngine:
             trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
             self.model.load_state_dict(trainable, strict=False)
 
+    @contextlib.contextmanager
+    def awake(self, model=None, *, stale: bool = False, timed_sync=contextlib.nullcontext):
+        """The engine interface's generation block (vllm_engine.VLLMEngine.awake): nothing sleeps here; synced
+        when stale (a no-op for the trainer's own model)."""
+        if stale and model is not None:
+            with timed_sync():
+                self.sync_weights(model)
+        yield self
+
+    def close(self) -> None:
+        """Nothing of its own to free: it generates with the trainer's model."""
+
     @torch.no_grad()
     def generate(self, problems: list[str], images: list[list], n: int = 1, sampling: Sampling | None = None,
                  *, seeds: list[int] | None = None):
@@ -161,7 +189,9 @@ class HFEngine:
             raise ValueError(f"{len(problems)} prompts but {len(seeds)} seeds")
         out: list[list[Completion]] = []
         per_batch = max(1, self.batch_size // n)
-        rng = torch.random.fork_rng(devices=[]) if sampling.seed is not None else contextlib.nullcontext()
+        device = next(self.model.parameters()).device
+        rng = (torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+               if sampling.seed is not None else contextlib.nullcontext())
         with rng, _eval_mode(self.model), self.gather():
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
@@ -183,25 +213,17 @@ class HFEngine:
         batch = collate(self.processor, problems, images)
         device = next(self.model.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items()}
+        # greedy decoding over the sampler's scores: it samples, and keeps one log-prob per token (no output_scores)
+        sampler = _TokenSampler(sampling, device, row_seeds)
         kw = dict(max_new_tokens=sampling.max_new_tokens, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
-                  return_dict_in_generate=True, output_scores=True, synced_gpus=self.synced_ranks)
+                  return_dict_in_generate=True, synced_gpus=self.synced_ranks, do_sample=False, temperature=None,
+                  top_p=None, top_k=None, logits_processor=LogitsProcessorList([sampler]))
         prompt_len = batch["input_ids"].shape[1]
         # n copies of a prompt: its prefill once
         inputs = shared_prompt_prefill(self.model, batch, copies, synced_ranks=self.synced_ranks)
-        seeded = None
-        if sampling.greedy:
-            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        elif row_seeds is not None:
-            seeded = _RowSeededSampler(row_seeds, sampling, device)
-            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None,
-                      logits_processor=LogitsProcessorList([seeded]))
-        else:
-            kw.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
         res = self.model.generate(**inputs, **kw)
         new = res.sequences[:, prompt_len:]
-        # log-probs under the distribution each token was drawn from (greedy: temperature 1)
-        steps = torch.stack(seeded.logps if seeded else res.scores, 1).float()  # [B, L, V]
-        logp = torch.log_softmax(steps, -1).gather(-1, new[..., None])[..., 0]
+        logp = sampler.logprobs()  # [B, L]: under the distribution each token was drawn from (greedy: T = 1)
         out = []
         for b in range(new.shape[0]):
             ids, finish = end_of_completion(new[b].tolist(), self.eos_id, self.vision_ids)

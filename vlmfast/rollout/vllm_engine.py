@@ -1,6 +1,18 @@
 """vLLM engine: a colocated `vllm.LLM` in the trainer process, multimodal prompts, sampler log-probs
 of the processed distribution, weight sync without files through a worker extension (weight_sync.py),
-sleep around the optimizer step and wake on first use, prefix cache reset after every sync.
+prefix cache reset after every sync.
+
+Placement: in a distributed run every rank builds its own engine on its own device with vLLM's
+`external_launcher` executor (the launcher's RANK / LOCAL_RANK / WORLD_SIZE, one seed per TP group), as TRL's
+colocate mode (`trl/generation/vllm_generation.py`) and verl (`vllm_rollout_spmd.py`) do: vLLM's default
+in-process executor puts its worker on `cuda:0` whatever LOCAL_RANK is (v1 uniproc_executor, gpu_worker
+`init_device`), so eight colocated engines would share GPU 0. The engine's device is checked after creation.
+
+Memory lifecycle with sleep mode (`awake`), in the order TRL's GRPOTrainer and verl's sharding managers use:
+empty_cache -> wake weights -> sync -> wake KV cache -> generate -> sleep -> empty_cache. The policy's engine
+sleeps at level 2 (weights discarded, as TRL's colocate mode does): every wake resends every weight anyway,
+so level 1's copy of the weights to host and back would only be overwritten. An engine whose weights never
+change (the OPD teacher's) sleeps at level 1 and keeps them on the host.
 
 The engine starts from the model's config with dummy weights (`from_model`), and the first sync loads
 every parameter; later syncs send the trainable ones. The in-process executor is the default
@@ -15,9 +27,13 @@ runs on GPU machines.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import inspect
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 from ..data.prompts import messages
@@ -36,24 +52,90 @@ def _check_version(version: str) -> None:
                            f">= {lo[0]}.{lo[1]}, < {hi[0]}.{hi[1]}); use engine: hf or install a supported vLLM")
 
 
+def distributed_placement(tensor_parallel_size: int = 1) -> dict:
+    """vllm.LLM arguments that put this rank's engine on its own device in a distributed run: the
+    `external_launcher` executor reads RANK / LOCAL_RANK / WORLD_SIZE from the launcher's environment and joins
+    torch.distributed's world; a TP group shares one seed (its ranks must sample alike), as TRL's colocate
+    mode seeds them (`process_index // tensor_parallel_size`). Empty in one process without a launcher."""
+    import torch
+
+    if not torch.distributed.is_initialized():
+        return {}
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if world % tensor_parallel_size:
+        raise ValueError(f"vllm.tensor_parallel_size={tensor_parallel_size} does not divide the {world} ranks")
+    return {"distributed_executor_backend": "external_launcher", "tensor_parallel_size": tensor_parallel_size,
+            "seed": rank // tensor_parallel_size}
+
+
+def _worker_device(worker) -> str:
+    """Run inside each vLLM worker (collective_rpc): the device its model lives on."""
+    return str(worker.device)
+
+
+def check_placement(worker_devices: list[str], current_device: int | None, local_rank: int) -> None:
+    """On a GPU, this rank's engine and the trainer's current device must both be LOCAL_RANK's: an engine on
+    another rank's GPU runs it out of memory, and vLLM's worker makes its device the current one."""
+    for dev in worker_devices:
+        if dev.startswith("cuda") and dev != f"cuda:{local_rank}":
+            raise RuntimeError(f"vLLM's engine of the rank with LOCAL_RANK={local_rank} landed on {dev}, not "
+                               f"cuda:{local_rank} (is distributed_executor_backend external_launcher?)")
+    if current_device is not None and current_device != local_rank:
+        raise RuntimeError(f"after building vLLM's engine the current CUDA device is {current_device}, not "
+                           f"LOCAL_RANK={local_rank}")
+
+
+def run_id() -> str:
+    """One id per run, the same on every rank (rank 0's, broadcast): names what this run writes to node-local
+    disk, so two runs on one node (or an earlier run's leftovers) never share a folder."""
+    import torch
+
+    ids = [uuid.uuid4().hex[:12]]
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(ids, src=0)
+    return ids[0]
+
+
+def model_folder(model, processor, role: str) -> Path:
+    """A folder with `model`'s config and the processor (no weights: vLLM starts from dummy weights), for the
+    engine of `role` (policy, teacher). Written by each node's LOCAL_RANK 0 into that node's temp dir, keyed
+    by the run's id; removed when the process exits."""
+    import torch
+
+    path = Path(tempfile.gettempdir()) / f"vlmfast-vllm-{run_id()}-{role}"
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        model.config.save_pretrained(path)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(path)
+        processor.save_pretrained(path)
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # the node's folder is complete before any of its ranks reads it
+    return path
+
+
 class VLLMEngine:
     holds_weights = True  # its own copy of the policy: the trainer syncs it before it samples again
 
     def __init__(self, model_path, processor, *, dtype="auto", seed: int = 0, sleep_mode: bool = False,
-                 max_model_len: int = 4096, gpu_memory_utilization: float = 0.5, enforce_eager: bool = False,
-                 **llm_kwargs):
-        # the colocated engine runs in this process: weights are handed over by reference
+                 sleep_level: int = 2, max_model_len: int = 4096, gpu_memory_utilization: float = 0.5,
+                 enforce_eager: bool = False, tensor_parallel_size: int = 1, cuda=None, **llm_kwargs):
+        # the colocated engine runs in this process: weights are handed over by reference (external_launcher
+        # needs it too)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        import torch
         import vllm
 
         _check_version(vllm.__version__)
         self.vllm, self.processor = vllm, processor
+        self.cuda = cuda or torch.cuda  # tests pass a recording stand-in
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.eos_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.vision_ids = vision_token_ids(self.tokenizer)
         kwargs = dict(model=str(model_path), dtype=dtype, seed=seed, max_model_len=max_model_len,
                       enforce_eager=enforce_eager, enable_sleep_mode=sleep_mode,
                       worker_extension_cls="vlmfast.rollout.vllm_worker.WeightSyncExtension")
+        kwargs.update(distributed_placement(tensor_parallel_size))
         engine_params = inspect.signature(vllm.EngineArgs).parameters
         if "logprobs_mode" in engine_params:  # log-probs of the distribution actually sampled from
             kwargs["logprobs_mode"] = "processed_logprobs"
@@ -61,29 +143,56 @@ class VLLMEngine:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         kwargs.update(llm_kwargs)
         self.llm = vllm.LLM(**kwargs)
+        self.llm_kwargs = kwargs
+        if torch.distributed.is_initialized():
+            current = self.cuda.current_device() if self.cuda.is_available() else None
+            check_placement(self.llm.collective_rpc(_worker_device), current, int(os.environ.get("LOCAL_RANK", "0")))
+        self.sleep_mode, self.sleep_level = sleep_mode, sleep_level
         self.dummy_start = kwargs.get("load_format") == "dummy"  # the first sync must send every parameter
-        self.asleep = False
+        self.asleep = set()  # what sleeps: "weights", "kv_cache"
+        self.weights_lost = False  # slept at level 2: the next sync must send every parameter
+        self.source = None  # the model it serves (from_model): resynced from after a level-2 sleep
         self._shared = None  # the buffer an engine in another process maps (made on the first sync)
         self.last_sync = {}  # tensors and bytes of the last sync, and how they travelled
 
     @classmethod
-    def from_model(cls, model, processor, **kwargs):
+    def from_model(cls, model, processor, *, role: str = "policy", **kwargs):
         """Serve `model`: its config and processor go to a folder (no weights: vLLM starts with dummy
-        weights), then one sync loads every parameter from memory."""
-        import torch
-
-        # one folder per node, written by rank 0, read by every rank
-        path = Path(tempfile.gettempdir()) / f"vlmfast-vllm-model-{os.environ.get('MASTER_PORT', os.getpid())}"
-        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-            model.config.save_pretrained(path)
-            if getattr(model, "generation_config", None) is not None:
-                model.generation_config.save_pretrained(path)
-            processor.save_pretrained(path)
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
-        engine = cls(path, processor, load_format="dummy", **kwargs)
-        engine.sync_weights(model)
+        weights), then one sync loads every parameter from memory. With sleep mode the engine sleeps at once
+        (the trainer's first use wakes and syncs it): none of its memory is taken while the trainer builds."""
+        if getattr(model.config, "vision_config", None) is None:  # a text model: vLLM refuses image settings
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("limit_mm_per_prompt", "mm_processor_kwargs")}
+        engine = cls(model_folder(model, processor, role), processor, load_format="dummy", **kwargs)
+        engine.source = model
+        if engine.sleep_mode:
+            engine.sleep()
+            engine.weights_lost = True  # dummy weights, or none at all: every parameter goes on the first sync
+        else:
+            engine.sync_weights(model)
         return engine
+
+    @contextlib.contextmanager
+    def awake(self, model=None, *, stale: bool = False, timed_sync=contextlib.nullcontext):
+        """The engine ready to generate for the block, then asleep again (sleep mode), in this order:
+        empty_cache (the trainer's freed blocks go back to the driver before vLLM allocates: verl PR #575's
+        wake-up OOM) -> wake the weights -> sync `model` when `stale` or the weights were discarded -> wake the
+        KV cache (its memory is taken only after the sync's buffers are freed) -> the block -> sleep ->
+        empty_cache. Without sleep mode: a sync when stale."""
+        model = model if model is not None else self.source
+        if self.sleep_mode:
+            self.cuda.empty_cache()
+            self.wake_up(["weights"])
+        if stale or self.weights_lost or self.dummy_start:
+            with timed_sync():
+                self.sync_weights(model)
+        if self.sleep_mode:
+            self.wake_up(["kv_cache"])
+        try:
+            yield self
+        finally:
+            if self.sleep_mode:
+                self.sleep()
+                self.cuda.empty_cache()
 
     @property
     def in_process(self) -> bool:
@@ -108,7 +217,7 @@ class VLLMEngine:
     def generate(self, problems: list[str], images: list[list], n: int = 1, sampling: Sampling | None = None,
                  *, seeds: list[int] | None = None):
         check_batch(problems, images, n)
-        self.wake_up()
+        self._ready()
         sampling = sampling or Sampling()
         if seeds is not None and len(seeds) != len(problems):
             raise ValueError(f"{len(problems)} prompts but {len(seeds)} seeds")
@@ -130,7 +239,7 @@ class VLLMEngine:
               temperature: float = 1.0) -> list[list[float]]:
         """Per-token log-probs of given responses (prompt log-probs of prompt + response)."""
         check_batch(problems, images, 1)
-        self.wake_up()
+        self._ready()
         prompts = []
         for p, im, resp in zip(problems, images, response_ids, strict=True):
             base = self._prompt(p, im)
@@ -148,10 +257,12 @@ class VLLMEngine:
 
     def sync_weights(self, model) -> int:
         """Push `model`'s weights into vLLM from memory: the trainable parameters (every parameter on the
-        first sync after a dummy start), in buckets of about SYNC_BUCKET_BYTES, each gathered only while it
-        is sent under ZeRO-3. Returns the number of tensors sent; `last_sync` says how much and how."""
-        self.wake_up()
-        everything = self.dummy_start
+        first sync after a dummy start or a level-2 sleep), in buckets of about SYNC_BUCKET_BYTES, each
+        gathered only while it is sent under ZeRO-3 (never the whole model at once). Wakes the weights only
+        (the KV cache stays asleep). Returns the number of tensors sent; `last_sync` says how much and how."""
+        if "weights" in self.asleep:
+            self.wake_up(["weights"])
+        everything = self.dummy_start or self.weights_lost
         tensors = nbytes = 0
         loads = set()  # how the workers loaded the buckets (vllm_worker.py)
         for bucket in weight_buckets(model, SYNC_BUCKET_BYTES, trainable_only=not everything):
@@ -165,20 +276,45 @@ class VLLMEngine:
                 loads.update(self.llm.collective_rpc("vlmfast_load_shared", args=(self._shared.handle, layout)))
             tensors += len(bucket)
             nbytes += bucket_bytes(bucket)
-        self.dummy_start = False
+        self.dummy_start = self.weights_lost = False
         self.llm.reset_prefix_cache()
         self.last_sync = {"tensors": tensors, "bytes": nbytes, "via": "reference" if self.in_process else "shared",
                           "loads": sorted(loads)}
         return tensors
 
-    def sleep(self, level: int = 1) -> None:
-        """Free the KV cache (and weights at level 2) around the optimizer step; the next use wakes it."""
-        if not self.asleep:
+    def _ready(self) -> None:
+        """Before a generate or score outside `awake`: wake what sleeps; weights discarded by a level-2 sleep
+        are resent from the served model first."""
+        if self.weights_lost or self.dummy_start:
+            if self.source is None:
+                raise RuntimeError("the vLLM engine's weights were discarded (sleep level 2): sync_weights(model) "
+                                   "before it generates, or use awake(model)")
+            self.sync_weights(self.source)
+        self.wake_up()
+
+    def sleep(self, level: int | None = None) -> None:
+        """Free the KV cache, and the weights (level 2: discarded; level 1: kept on the host)."""
+        level = level or self.sleep_level
+        if self.asleep != {"weights", "kv_cache"}:
             self.llm.sleep(level=level)
-            self.asleep = True
+            self.asleep = {"weights", "kv_cache"}
+            self.weights_lost = self.weights_lost or level == 2
 
-    def wake_up(self) -> None:
-        if self.asleep:
-            self.llm.wake_up()
-            self.asleep = False
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Wake `tags` ("weights", "kv_cache"; default both) of what sleeps."""
+        wake = [t for t in (tags or ["weights", "kv_cache"]) if t in self.asleep]
+        if wake:
+            self.llm.wake_up(tags=wake)
+            self.asleep -= set(wake)
 
+    def close(self) -> None:
+        """Free the engine before the next stage builds its own: its GPU memory goes back to the driver."""
+        import gc
+
+        llm, self.llm, self.source = self.llm, None, None
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        del llm
+        gc.collect()
+        self.cuda.empty_cache()

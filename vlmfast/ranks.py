@@ -1,0 +1,70 @@
+"""What every rank's share adds up to: sums, extremes and means over the data-parallel ranks, and results
+gathered back into one order. Each is the identity in one process, so a record is the same on 1 rank or 64."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _several() -> bool:
+    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def reduce_over_ranks(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """x summed (op "sum"), or its elementwise max / min, over the ranks; a copy, no gradient."""
+    x = x.detach().clone()
+    if _several():
+        ops = torch.distributed.ReduceOp
+        torch.distributed.all_reduce(x, op={"sum": ops.SUM, "max": ops.MAX, "min": ops.MIN}[op])
+    return x
+
+
+def gathered_in_order(mine: list, places: list[int], n: int) -> list:
+    """Every rank's results (mine[j] belongs at place places[j]) put back in the order of the n places."""
+    parts = [(places, mine)]
+    if _several():
+        parts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, (places, mine))
+    out = [None] * n
+    for where, results in parts:
+        for p, r in zip(where, results):
+            out[p] = r
+    return out
+
+
+def gathered_rows(x: torch.Tensor) -> torch.Tensor:
+    """[rows, ...] of every rank (each the same number of rows) concatenated in rank order."""
+    if not _several():
+        return x
+    parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def global_means(metrics: dict, *, token_weighted: tuple = (), tokens: float = 1.0) -> dict:
+    """A step's metrics (floats) over all ranks: the names in `token_weighted` are means over this rank's `tokens`
+    tokens and combine weighted by them; *_min / *_max take the extreme; every other one is a mean over
+    sequences, each rank holding as many (the batch splits evenly), so the global mean is the mean of the ranks'.
+    One all-reduce per kind."""
+    if not _several():
+        return dict(metrics)
+    keys = sorted(metrics)
+    lows = [k for k in keys if k.endswith("_min")]
+    highs = [k for k in keys if k.endswith("_max")]
+    means = [k for k in keys if k not in lows and k not in highs]
+    world = torch.distributed.get_world_size()
+    weights = [tokens if k in token_weighted else 1.0 for k in means]
+    sums = reduce_over_ranks(torch.tensor([metrics[k] * w for k, w in zip(means, weights)] + [tokens, 1.0],
+                                          dtype=torch.float64))
+    total_tokens = sums[-2].item()
+    out = {}
+    for i, k in enumerate(means):
+        denom = total_tokens if k in token_weighted else world
+        out[k] = sums[i].item() / denom if denom else 0.0
+    if lows:
+        out.update(zip(lows, reduce_over_ranks(torch.tensor([metrics[k] for k in lows], dtype=torch.float64),
+                                               "min").tolist()))
+    if highs:
+        out.update(zip(highs, reduce_over_ranks(torch.tensor([metrics[k] for k in highs], dtype=torch.float64),
+                                                "max").tolist()))
+    return out
