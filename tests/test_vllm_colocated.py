@@ -161,28 +161,28 @@ def test_model_folder_per_node_and_per_run(tmp_path):
 
 
 STAGES = [{"type": "grpo", "name": "grpo", "steps": 2, "lr": 1e-3, "batch_size": 2, "group_size": 4,
-           "max_new_tokens": 12, "kl_coef": 0.05, "engine": "vllm"},
+           "max_new_tokens": 12, "kl_coef": 0.05, "advantage_scale": "batch", "engine": "vllm"},
           {"type": "cw_dpo", "name": "cwdpo", "steps": 1, "lr": 1e-3, "batch_size": 2, "on_policy_fraction": 1.0,
            "max_new_tokens": 12, "engine": "vllm"}]
 
 
-def _recipe(tmp_path, name, zero):
+def _recipe(tmp_path, name, zero, tp=1):
     raw = {"run": {"name": name, "out_dir": str(tmp_path), "threads": 1, "checkpoint_every": 100},
            "model": {"path": "tiny:student"}, "data": {"synthetic": {"train": 32, "val": 6, "ood": 4}},
            "deepspeed": {"zero_stage": zero, **({"stage3_param_persistence_threshold": 0} if zero == 3 else {})},
            "eval": {"every": 1, "num_problems": 5, "n_samples": 2, "k": [1, 2], "max_new_tokens": 12, "probes": 2,
                     "at_start": True},
-           "vllm": {"sleep_mode": "on"}, "stages": STAGES}
+           "vllm": {"sleep_mode": "on", "tensor_parallel_size": tp}, "stages": STAGES}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
 
 
-def _train(tmp_path, name, ranks: int, zero: int):
+def _train(tmp_path, name, ranks: int, zero: int, tp: int = 1):
     events = tmp_path / f"{name}-events"
     events.mkdir()
     env = clean_env(VLMFAST_EVENTS=str(events), DS_ACCELERATOR="cpu")
-    cfg = ["--config", str(_recipe(tmp_path, name, zero))]
+    cfg = ["--config", str(_recipe(tmp_path, name, zero, tp))]
     cmd = ([sys.executable, str(SCRIPT), *cfg] if ranks == 1 else
            [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
             str(SCRIPT), *cfg])
@@ -257,17 +257,21 @@ def _close(a: dict, b: dict) -> None:
 def test_two_ranks_zero3_shard_the_evaluation_and_match_one_process(tmp_path):
     """The deepspeed launcher, 2 CPU ranks, ZeRO-3 with every parameter partitioned, an engine per rank through
     external_launcher (seed = rank): each rank generates for 3 of the 5 problems of a split (one padded), yet
-    every evaluation record, and GRPO's and CW-DPO's train records, equal one process's."""
+    every evaluation record, and GRPO's (advantages scaled by the whole batch's spread) and CW-DPO's train
+    records, equal one process's. With vllm.tensor_parallel_size 2 both ranks run one engine: each submits the
+    group's prompts (gathered) with the group's seed, and keeps its own results: the same records again."""
     _, single = _train(tmp_path, "one", 1, 0)
-    logs, double = _train(tmp_path, "two", 2, 3)
-    for rank, log in enumerate(logs):
-        _check_lifecycle(log, _n_params())
-        llm = [e for e in log if e["kind"] == "LLM"]
-        assert all(e["distributed_executor_backend"] == "external_launcher" and e["seed"] == rank for e in llm)
-        # 5 val and 4 ood problems greedy, 2 probes, on 3 + 2 (of 5 and 4) each: never the whole split
-        first_eval = [e["prompts"] for e in log if e["kind"] == "generate"][:5]
-        assert first_eval == [3, 3, 2, 2, 2], first_eval
-    assert len(single) == len(double)
-    for a, b in zip(single, double):
-        assert (a["kind"], a["stage"], a["step"]) == (b["kind"], b["stage"], b["step"])
-        _close(a, b)
+    for tp in (1, 2):
+        logs, double = _train(tmp_path, f"two-tp{tp}", 2, 3, tp)
+        for rank, log in enumerate(logs):
+            _check_lifecycle(log, _n_params())
+            llm = [e for e in log if e["kind"] == "LLM"]
+            assert all(e["distributed_executor_backend"] == "external_launcher" and e["seed"] == rank // tp
+                       and e["tensor_parallel_size"] == tp for e in llm)
+            # 5 val and 4 ood problems greedy, 2 probes, on 3 + 2 (of 5 and 4) each: never the whole split
+            first_eval = [e["prompts"] for e in log if e["kind"] == "generate"][:5]
+            assert first_eval == [3 * tp, 3 * tp, 2 * tp, 2 * tp, 2 * tp], first_eval
+        assert len(single) == len(double)
+        for a, b in zip(single, double):
+            assert (a["kind"], a["stage"], a["step"]) == (b["kind"], b["stage"], b["step"])
+            _close(a, b)

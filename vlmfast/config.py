@@ -100,6 +100,9 @@ class EvalConfig:
 
 @dataclass
 class VLLMConfig:
+    # ranks that run one engine together, each sharding the weights (their prompts gathered within the group);
+    # 1: an engine per rank
+    tensor_parallel_size: int = 1
     sleep_mode: str = "auto"  # auto (on GPUs) | on | off: the engine frees its memory between generations
     max_model_len: int = 4096  # tokens of prompt + response a sequence may have
     max_num_seqs: int | None = None  # sequences decoded at once (None: vLLM's default)
@@ -180,6 +183,14 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def generation_engine(cfg: Config, stage) -> str:
+    """The stage's generation engine: its own `engine`; an SFT stage (which only generates to evaluate) in a
+    recipe that runs vLLM anywhere evaluates through vLLM too (HF generate at 7B is the slow path)."""
+    if stage.type == "sft" and any(s.engine == "vllm" for s in cfg.stages):
+        return "vllm"
+    return stage.engine
 
 
 SECTIONS = {"run": RunConfig, "model": ModelConfig, "data": DataConfig, "data.synthetic": SyntheticConfig,
@@ -442,8 +453,8 @@ def _check_ranges(cfg: Config) -> None:
     v = cfg.vllm
     if v.sleep_mode not in ("auto", "on", "off"):
         raise ConfigError(f"vllm.sleep_mode: must be auto, on or off, got {v.sleep_mode!r}")
-    for key in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "limit_mm_per_prompt", "image_min_pixels",
-                "image_max_pixels"):
+    for key in ("tensor_parallel_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+                "limit_mm_per_prompt", "image_min_pixels", "image_max_pixels"):
         at_least(f"vllm.{key}", getattr(v, key), 1)
     if v.image_min_pixels and v.image_max_pixels and v.image_min_pixels > v.image_max_pixels:
         raise ConfigError(f"vllm.image_min_pixels: {v.image_min_pixels} is more than vllm.image_max_pixels="

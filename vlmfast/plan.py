@@ -26,7 +26,7 @@ import contextlib
 import sys
 from dataclasses import dataclass, field
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, generation_engine, load_config
 
 GiB = 2**30
 FUSED_DZ_BYTES = 1 * GiB  # vlmfast/kernels/token_stats.py BWD_DZ_BYTES: the backward's dz chunk, the one pass's band
@@ -178,10 +178,10 @@ def plan(cfg: Config, *, gpus: int, gpu_memory: int, prompt_tokens: int = 1024) 
         if teacher is not None and s.opd_mode == "full":
             p.update["teacher head copy"] = word * teacher.vocab * teacher.hidden
         p.rollout = dict(shared)
-        if s.engine == "vllm":
+        if generation_engine(cfg, s) == "vllm":  # evaluation generates through it too
             p.rollout["vLLM (weights + KV cache)"] = int(s.vllm_memory_share * gpu_memory)
-        if d.zero_stage == 3 and d.gather_for_generation:
-            p.rollout["policy gathered for generate"] = word * size.params  # evaluation generates through HF
+        elif d.zero_stage == 3 and d.gather_for_generation:
+            p.rollout["policy gathered for generate"] = word * size.params
         out.append(p)
     return out
 

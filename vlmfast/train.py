@@ -31,7 +31,16 @@ import yaml
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, changed_keys, describe_keys, fingerprint, identity, load_config
+from .config import (
+    Config,
+    ConfigError,
+    changed_keys,
+    describe_keys,
+    fingerprint,
+    generation_engine,
+    identity,
+    load_config,
+)
 from .data.formats import RowError
 from .data.prompts import reasoning_of, target_response
 from .evaluate import eval_generations, eval_metrics, eval_seeds
@@ -130,7 +139,11 @@ def ds_config(cfg: Config, micro_batch: int, micro_steps: int = 1) -> dict:
 
 
 def check_ranks(cfg: Config, world: int) -> None:
-    """Every stage's batch splits evenly over the ranks (and a GRPO update over its micro-batches)."""
+    """Every stage's batch splits evenly over the ranks (and a GRPO update over its micro-batches), and the ranks
+    into vLLM's tensor-parallel groups."""
+    tp = cfg.vllm.tensor_parallel_size
+    if world % tp and any(generation_engine(cfg, s) == "vllm" for s in cfg.stages):
+        raise ConfigError(f"vllm.tensor_parallel_size={tp} does not divide the {world} ranks")
     for si, stage in enumerate(cfg.stages):
         if stage.batch_size % world:
             raise ConfigError(f"stages[{si}].batch_size={stage.batch_size} is not divisible by the {world} ranks")
@@ -263,6 +276,7 @@ def _vllm_options(cfg: Config, stage, device: str, role: str = "policy") -> dict
     sleep = v.sleep_mode == "on" or (v.sleep_mode == "auto" and device == "cuda")
     kw = {"role": role, "sleep_mode": sleep, "sleep_level": 2 if role == "policy" else 1,
           "max_model_len": v.max_model_len, "enforce_eager": v.enforce_eager,
+          "tensor_parallel_size": v.tensor_parallel_size,
           "limit_mm_per_prompt": {"image": v.limit_mm_per_prompt}}
     if device == "cuda":
         kw["gpu_memory_utilization"] = stage.vllm_memory_share if role == "policy" else v.teacher_memory_share
@@ -505,8 +519,9 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
     ctx = StageContext(cfg=cfg, stage=stage, index=si, model=policy, processor=processor, train=data["train"],
                        engine_forward=lambda fn: engine_forward(engine, fn))
     device = next(policy.parameters()).device.type
-    engine_kw = _generation_options(cfg, engine) if stage.engine == "hf" else _vllm_options(cfg, stage, device)
-    ctx.engine = make_engine(stage.engine, policy, processor, **engine_kw)  # evaluation samples from it too
+    gen = generation_engine(cfg, stage)
+    engine_kw = _generation_options(cfg, engine) if gen == "hf" else _vllm_options(cfg, stage, device)
+    ctx.engine = make_engine(gen, policy, processor, **engine_kw)  # evaluation samples from it too
     frozen = []  # reference / teacher engines: kept alive with the stage
     if stage.type in ("dpo", "cw_dpo") or (stage.type == "grpo" and stage.kl_coef > 0):
         frozen.append(_frozen_model(cfg, start_path, device, processor, micro))  # pi_ref <- policy at stage start

@@ -56,16 +56,30 @@ def distributed_placement(tensor_parallel_size: int = 1) -> dict:
     """vllm.LLM arguments that put this rank's engine on its own device in a distributed run: the
     `external_launcher` executor reads RANK / LOCAL_RANK / WORLD_SIZE from the launcher's environment and joins
     torch.distributed's world; a TP group shares one seed (its ranks must sample alike), as TRL's colocate
-    mode seeds them (`process_index // tensor_parallel_size`). Empty in one process without a launcher."""
+    mode seeds them (`process_index // tensor_parallel_size`). Empty without a launcher's world (a process
+    whose only torch.distributed world is one vLLM made for itself)."""
     import torch
 
-    if not torch.distributed.is_initialized():
+    if not (torch.distributed.is_initialized() and "RANK" in os.environ and "LOCAL_RANK" in os.environ):
         return {}
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if world % tensor_parallel_size:
         raise ValueError(f"vllm.tensor_parallel_size={tensor_parallel_size} does not divide the {world} ranks")
     return {"distributed_executor_backend": "external_launcher", "tensor_parallel_size": tensor_parallel_size,
             "seed": rank // tensor_parallel_size}
+
+
+def _tp_group(tensor_parallel_size: int):
+    """The torch.distributed group of this rank's TP engine (consecutive ranks, as TRL's colocate mode groups
+    them), None at TP 1. Every rank makes every group (new_subgroups_by_enumeration is a collective)."""
+    import torch
+
+    if tensor_parallel_size == 1 or not distributed_placement(tensor_parallel_size):
+        return None
+    world = torch.distributed.get_world_size()
+    group, _ = torch.distributed.new_subgroups_by_enumeration(
+        [list(range(i, i + tensor_parallel_size)) for i in range(0, world, tensor_parallel_size)])
+    return group
 
 
 def _worker_device(worker) -> str:
@@ -135,7 +149,8 @@ class VLLMEngine:
         kwargs = dict(model=str(model_path), dtype=dtype, seed=seed, max_model_len=max_model_len,
                       enforce_eager=enforce_eager, enable_sleep_mode=sleep_mode,
                       worker_extension_cls="vlmfast.rollout.vllm_worker.WeightSyncExtension")
-        kwargs.update(distributed_placement(tensor_parallel_size))
+        placement = distributed_placement(tensor_parallel_size)
+        kwargs.update(placement)
         engine_params = inspect.signature(vllm.EngineArgs).parameters
         if "logprobs_mode" in engine_params:  # log-probs of the distribution actually sampled from
             kwargs["logprobs_mode"] = "processed_logprobs"
@@ -144,9 +159,10 @@ class VLLMEngine:
         kwargs.update(llm_kwargs)
         self.llm = vllm.LLM(**kwargs)
         self.llm_kwargs = kwargs
-        if torch.distributed.is_initialized():
+        if placement:
             current = self.cuda.current_device() if self.cuda.is_available() else None
             check_placement(self.llm.collective_rpc(_worker_device), current, int(os.environ.get("LOCAL_RANK", "0")))
+        self.tp_group = _tp_group(tensor_parallel_size)
         self.sleep_mode, self.sleep_level = sleep_mode, sleep_level
         self.dummy_start = kwargs.get("load_format") == "dummy"  # the first sync must send every parameter
         self.asleep = set()  # what sleeps: "weights", "kv_cache"
@@ -214,6 +230,21 @@ class VLLMEngine:
             skip_special_tokens=True, **extra,
         )
 
+    def _group_requests(self, *columns):
+        """TP > 1: every rank of a TP group must submit the same requests (its workers run one engine together,
+        TRL's colocate mode gathers them the same way): each column (prompts, images, seeds...) gathered within
+        the group, and the slice of the results that is this rank's. At TP 1 the columns as they are."""
+        import torch
+
+        if self.tp_group is None:
+            return columns, slice(None)
+        parts = [None] * torch.distributed.get_world_size(self.tp_group)
+        torch.distributed.all_gather_object(parts, columns, group=self.tp_group)
+        me = torch.distributed.get_rank(self.tp_group)
+        start = sum(len(p[0]) for p in parts[:me])
+        merged = tuple(None if parts[0][i] is None else [x for p in parts for x in p[i]] for i in range(len(columns)))
+        return merged, slice(start, start + len(columns[0]))
+
     def generate(self, problems: list[str], images: list[list], n: int = 1, sampling: Sampling | None = None,
                  *, seeds: list[int] | None = None):
         check_batch(problems, images, n)
@@ -221,6 +252,7 @@ class VLLMEngine:
         sampling = sampling or Sampling()
         if seeds is not None and len(seeds) != len(problems):
             raise ValueError(f"{len(problems)} prompts but {len(seeds)} seeds")
+        (problems, images, seeds), mine = self._group_requests(problems, images, seeds)
         params = (self._params(n, sampling) if seeds is None else  # per-request seeds
                   [self._params(n, Sampling(**{**sampling.__dict__, "seed": sd})) for sd in seeds])
         outs = self.llm.generate([self._prompt(p, im) for p, im in zip(problems, images)], params, use_tqdm=False)
@@ -233,13 +265,14 @@ class VLLMEngine:
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
                 group.append(Completion(token_ids=ids, text=text, logprobs=lps, finish_reason=finish))
             result.append(group)
-        return result
+        return result[mine]
 
     def score(self, problems: list[str], images: list[list], response_ids: list[list[int]], *,
               temperature: float = 1.0) -> list[list[float]]:
         """Per-token log-probs of given responses (prompt log-probs of prompt + response)."""
         check_batch(problems, images, 1)
         self._ready()
+        (problems, images, response_ids), mine = self._group_requests(problems, images, response_ids)
         prompts = []
         for p, im, resp in zip(problems, images, response_ids, strict=True):
             base = self._prompt(p, im)
@@ -253,7 +286,7 @@ class VLLMEngine:
             ids = o.prompt_token_ids[-k:]
             steps = o.prompt_logprobs[-k:]
             res.append([step[tok].logprob for tok, step in zip(ids, steps)])
-        return res
+        return res[mine]
 
     def sync_weights(self, model) -> int:
         """Push `model`'s weights into vLLM from memory: the trainable parameters (every parameter on the
