@@ -223,8 +223,10 @@ def _check_lifecycle(log: list, n_params: int) -> None:
             raise AssertionError(f"a wake of {e['tags']} outside the lifecycle (event {i})")
     assert not awake and wakes >= 4  # GRPO: evaluations and rollouts; CW-DPO: its evaluations and negatives
     built = [i for i, e in enumerate(log) if e["kind"] == "LLM"]
-    shut = [i for i, e in enumerate(log) if e["kind"] == "shutdown"]
+    shut = [i for i, e in enumerate(log) if e["kind"] == "shutdown" and e["part"] == "executor"]
     assert len(built) == 2 and len(shut) == 2 and built[0] < shut[0] < built[1] < shut[1]
+    # under a launcher the engine core's own shutdown would destroy the trainer's process group
+    assert not [e for e in log if e["kind"] == "shutdown" and e["part"] not in ("executor", "scheduler")]
 
 
 def _n_params():

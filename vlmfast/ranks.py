@@ -68,3 +68,12 @@ def global_means(metrics: dict, *, token_weighted: tuple = (), tokens: float = 1
         out.update(zip(highs, reduce_over_ranks(torch.tensor([metrics[k] for k in highs], dtype=torch.float64),
                                                 "max").tolist()))
     return out
+
+
+def shard(n: int, rank: int, world: int) -> tuple[list[int], int]:
+    """This rank's places among n problems (every world-th, from its rank), padded by repeating one of them to
+    ceil(n / world), and how many are real: every rank runs as many generations and forwards (under ZeRO-3
+    each is a collective), and the padding's results are dropped."""
+    mine = list(range(rank, n, world))
+    size = -(-n // world)
+    return mine + [mine[0] if mine else 0] * (size - len(mine)), len(mine)

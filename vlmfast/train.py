@@ -46,7 +46,7 @@ from .data.prompts import reasoning_of, target_response
 from .evaluate import eval_generations, eval_metrics, eval_seeds
 from .models import head_vocab, load_model, tiny_vlm
 from .probes import DeltaLogpProbe, EarlyStopping, entropy_means, sample_entropy_sums
-from .ranks import gathered_in_order, global_means, reduce_over_ranks
+from .ranks import gathered_in_order, global_means, reduce_over_ranks, shard
 from .rollout import Sampling, make_engine
 from .stages import (
     STEP_FUNCTIONS,
@@ -365,15 +365,6 @@ def eval_line(stage: str, step: int, rec: dict) -> str:
 
 def _scalar(v):
     return v.item() if isinstance(v, torch.Tensor) else v
-
-
-def shard(n: int, rank: int, world: int) -> tuple[list[int], int]:
-    """This rank's places among n problems (every world-th, from its rank), padded by repeating one of them to
-    ceil(n / world), and how many are real: every rank runs as many generations and forwards (under ZeRO-3
-    each is a collective), and the padding's results are dropped."""
-    mine = list(range(rank, n, world))
-    size = -(-n // world)
-    return mine + [mine[0] if mine else 0] * (size - len(mine)), len(mine)
 
 
 def evaluate(cfg: Config, model, processor, data: dict, probe: DeltaLogpProbe | None, seed: int, generating

@@ -341,13 +341,26 @@ class VLLMEngine:
             self.asleep -= set(wake)
 
     def close(self) -> None:
-        """Free the engine before the next stage builds its own: its GPU memory goes back to the driver."""
+        """Free the engine before the next stage builds its own: its model and KV cache go back to the driver.
+        Under a launcher the process group stays: vLLM's EngineCore.shutdown ends with
+        cleanup_dist_env_and_memory(), which destroys torch.distributed's default group, the trainer's own, and
+        the in-process client runs it when collected (a weakref.finalize, v1 core_client.py). So there the
+        finalizer is detached, only the executor and scheduler are shut down, and vLLM's groups stay for the
+        next engine."""
         import gc
 
         llm, self.llm, self.source = self.llm, None, None
-        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-        if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
-        del llm
+        client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        core = getattr(client, "engine_core", None)  # the in-process EngineCore
+        if "distributed_executor_backend" in self.llm_kwargs and core is not None:
+            finalizer = getattr(client, "_finalizer", None)
+            if finalizer is not None:
+                finalizer.detach()
+            for part in (getattr(core, "model_executor", None), getattr(core, "scheduler", None)):
+                if part is not None:
+                    part.shutdown()
+        elif client is not None and hasattr(client, "shutdown"):
+            client.shutdown()
+        del llm, client, core
         gc.collect()
         self.cuda.empty_cache()

@@ -43,9 +43,23 @@ class SamplingParams:
         self.__dict__.update(kw)
 
 
-class InprocClient:  # vLLM's in-process engine core: the name vlmfast checks
+class _Part:
+    def __init__(self, name):
+        self.name = name
+
     def shutdown(self):
-        record("shutdown")
+        record("shutdown", part=self.name)
+
+
+class InprocClient:
+    """vLLM's in-process engine-core client (the class name vlmfast checks). Its shutdown, which vLLM runs when
+    the client is collected too, ends in cleanup_dist_env_and_memory(): the trainer's process group destroyed."""
+
+    def __init__(self):
+        self.engine_core = SimpleNamespace(model_executor=_Part("executor"), scheduler=_Part("scheduler"))
+
+    def shutdown(self):
+        record("shutdown", part="engine core: torch.distributed's default group destroyed")
 
 
 class LLM:
