@@ -240,6 +240,24 @@ def test_trainer_keeps_the_lifecycle_in_one_process(tmp_path):
     _check_lifecycle(log, _n_params())
     assert any(e["kind"] == "forward" and e["grad"] for e in log)
     assert {r["stage"] for r in records if r["kind"] == "train"} == {"grpo", "cwdpo"}
+    # vllm.max_model_len not given: the longest prompt of the data plus the longest response (12 tokens)
+    from vlmfast.config import load_config
+    from vlmfast.data.budget import prompt_lengths
+    from vlmfast.models import tiny_vlm
+    from vlmfast.train import load_data
+
+    data = load_data(load_config(_recipe(tmp_path, "one", 0)))
+    proc = tiny_vlm("student", seed=0)[1]
+    longest = max(max(prompt_lengths(proc, v)) for v in data.values())
+    assert {e["max_model_len"] for e in log if e["kind"] == "LLM"} == {longest + 12}
+
+
+def test_a_budget_too_small_for_the_data_exits_2_before_the_run_starts(tmp_path):
+    res = subprocess.run([sys.executable, str(SCRIPT), "--config", str(_recipe(tmp_path, "small", 0)),
+                          "vllm.max_model_len=20"], capture_output=True, text=True, timeout=300, env=clean_env())
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "config error: vllm.max_model_len: 20 tokens leave 0 of 32 'train' prompts" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "small").exists()
 
 
 def _close(a: dict, b: dict) -> None:

@@ -104,7 +104,9 @@ class VLLMConfig:
     # 1: an engine per rank
     tensor_parallel_size: int = 1
     sleep_mode: str = "auto"  # auto (on GPUs) | on | off: the engine frees its memory between generations
-    max_model_len: int = 4096  # tokens of prompt + response a sequence may have
+    # tokens of prompt + response a sequence may have; prompts over it are dropped at load (None: the longest
+    # prompt plus the longest max_new_tokens of the recipe)
+    max_model_len: int | None = None
     max_num_seqs: int | None = None  # sequences decoded at once (None: vLLM's default)
     max_num_batched_tokens: int | None = None  # tokens per scheduler step (None: vLLM's default)
     enforce_eager: bool = False  # no CUDA graphs (less memory, slower decoding)

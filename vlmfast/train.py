@@ -236,6 +236,33 @@ def _load_policy(cfg: Config, path: str | None, device: str, processor=None):
     return model, proc
 
 
+def _load_processor(cfg: Config, device: str):
+    """The policy's processor alone (tiny models: built with their model), with the run's image pixel limits."""
+    path = cfg.model.path
+    if path.startswith("tiny:"):
+        processor = tiny_vlm(path[5:], seed=cfg.run.seed)[1]
+    else:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(path)
+    _image_pixels(cfg, processor)
+    return processor
+
+
+def _fit_vllm_budget(cfg: Config, data: dict, processor) -> tuple[dict, int]:
+    """The prompts within vllm.max_model_len, and the budget (when not given: the longest prompt plus the
+    longest response); the dropped ones counted on stdout."""
+    from .data.budget import fit_to_budget
+
+    data, limit, dropped = fit_to_budget(cfg, data, processor)
+    if _is_main():
+        for split, n in dropped.items():
+            if n:
+                print(f"data: dropped {n} of {n + len(data[split])} '{split}' prompts longer than "
+                      f"vllm.max_model_len={limit} with their response budget", flush=True)
+    return data, limit
+
+
 def _image_pixels(cfg: Config, processor) -> None:
     """vllm.image_min_pixels / image_max_pixels on the trainer's processor too: both see the same image tokens."""
     image = getattr(processor, "image_processor", None)
@@ -268,14 +295,14 @@ def _frozen_model(cfg: Config, path: str | None, device: str, processor, micro: 
     return frozen_engine(_load_policy(cfg, path, device, processor)[0], ds_config(cfg, micro))
 
 
-def _vllm_options(cfg: Config, stage, device: str, role: str = "policy") -> dict:
+def _vllm_options(cfg: Config, stage, device: str, role: str = "policy", max_model_len: int | None = None) -> dict:
     """The colocated vLLM engine's options from the recipe's vllm section. With sleep mode (on GPUs by default)
     it frees its memory between generations: the policy's at level 2 (every wake resends its weights), the
     teacher's, whose weights never change, at level 1 (kept on the host)."""
     v = cfg.vllm
     sleep = v.sleep_mode == "on" or (v.sleep_mode == "auto" and device == "cuda")
     kw = {"role": role, "sleep_mode": sleep, "sleep_level": 2 if role == "policy" else 1,
-          "max_model_len": v.max_model_len, "enforce_eager": v.enforce_eager,
+          "max_model_len": max_model_len or v.max_model_len or 4096, "enforce_eager": v.enforce_eager,
           "tensor_parallel_size": v.tensor_parallel_size,
           "limit_mm_per_prompt": {"image": v.limit_mm_per_prompt}}
     if device == "cuda":
@@ -456,6 +483,10 @@ def run(cfg: Config) -> dict:
         data = load_data(cfg)
     except (RowError, FileNotFoundError) as e:
         raise DataError(str(e)) from None
+    processor, max_model_len = None, None
+    if any(generation_engine(cfg, s) == "vllm" for s in cfg.stages):  # prompts over vLLM's budget dropped here
+        processor = _load_processor(cfg, device)
+        data, max_model_len = _fit_vllm_budget(cfg, data, processor)
     if _is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -473,7 +504,6 @@ def run(cfg: Config) -> dict:
     start_stage = state["stage_index"] if state else 0
     # the policy a stage starts from: the previous stage's final (best) checkpoint
     policy_path = state["stage_start"] if state else None
-    processor = None
     for si in range(start_stage, len(cfg.stages)):
         stage = cfg.stages[si]
         name = stage.name or f"{si}-{stage.type}"
@@ -484,7 +514,8 @@ def run(cfg: Config) -> dict:
         model, processor = _load_policy(cfg, policy_path, device, processor)
         t0 = time.time()
         final_path, metrics = run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, probe,
-                                        policy_path, state if resuming else None, timings, results)
+                                        policy_path, state if resuming else None, timings, results,
+                                        max_model_len=max_model_len)
         timings[name] = timings.get(name, 0.0) + time.time() - t0
         results[name] = metrics
         policy_path = str(final_path)
@@ -497,7 +528,7 @@ def run(cfg: Config) -> dict:
 
 
 def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, probe, start_path, state, timings,
-              results):
+              results, max_model_len=None):
     import deepspeed
 
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -511,7 +542,8 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
                        engine_forward=lambda fn: engine_forward(engine, fn))
     device = next(policy.parameters()).device.type
     gen = generation_engine(cfg, stage)
-    engine_kw = _generation_options(cfg, engine) if gen == "hf" else _vllm_options(cfg, stage, device)
+    engine_kw = (_generation_options(cfg, engine) if gen == "hf" else
+                 _vllm_options(cfg, stage, device, max_model_len=max_model_len))
     ctx.engine = make_engine(gen, policy, processor, **engine_kw)  # evaluation samples from it too
     frozen = []  # reference / teacher engines: kept alive with the stage
     if stage.type in ("dpo", "cw_dpo") or (stage.type == "grpo" and stage.kl_coef > 0):
@@ -525,7 +557,7 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
                               f"from the student's {head_vocab(policy)}")
         if stage.opd_mode == "sampled":
             teacher_kw = ({} if stage.engine == "hf" else
-                          _vllm_options(cfg, stage, device, role="teacher"))
+                          _vllm_options(cfg, stage, device, role="teacher", max_model_len=max_model_len))
             ctx.extra["teacher_engine"] = make_engine(stage.engine, ctx.teacher, processor, **teacher_kw)
     stopper = None
     if stage.early_stopping is not None:

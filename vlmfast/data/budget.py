@@ -1,0 +1,61 @@
+"""The vLLM engine's sequence budget (`vllm.max_model_len`) and the prompts that fit it.
+
+A prompt longer than the budget fails the whole `generate` call it is in (vLLM refuses the request), so prompts
+over it are dropped when the data loads, with their count said, and a recipe left with too few is refused by
+name. Without a given budget it is the longest prompt plus the longest response the recipe asks for: nothing
+dropped, and no KV-cache room promised to sequences that cannot occur.
+
+Prompt lengths are counted as the trainer sees them: the chat template and every image's tokens, through the
+processor (with the run's image pixel limits).
+"""
+
+from __future__ import annotations
+
+from .collate import collate
+
+
+def prompt_lengths(processor, examples, *, batch_size: int = 64) -> list[int]:
+    """Tokens of each example's prompt, image tokens included."""
+    out = []
+    for i in range(0, len(examples), batch_size):
+        part = examples[i : i + batch_size]
+        batch = collate(processor, [e.problem for e in part], [e.images for e in part])
+        out += batch["attention_mask"].sum(1).tolist()
+    return out
+
+
+def response_budgets(cfg) -> dict[str, int]:
+    """The longest response each split is generated with: training prompts by the vLLM stages' max_new_tokens
+    (an SFT stage only evaluates), every other split by the evaluation's."""
+    from ..config import generation_engine
+
+    train = [s.max_new_tokens for s in cfg.stages if generation_engine(cfg, s) == "vllm" and s.type != "sft"]
+    return {"train": max(train, default=0), "eval": cfg.eval.max_new_tokens}
+
+
+def least_train_prompts(cfg) -> int:
+    """The fewest training examples a recipe can run on: its largest step's batch of prompts."""
+    return max((s.batch_size * (s.updates_per_rollout if s.type == "grpo" else 1) for s in cfg.stages), default=1)
+
+
+def fit_to_budget(cfg, data: dict, processor) -> tuple[dict, int, dict[str, int]]:
+    """(data with the prompts that fit, the budget, {split: prompts dropped}). Raises ConfigError when a split
+    keeps fewer prompts than the recipe needs (training: its largest batch; an evaluation split: one)."""
+    from ..config import ConfigError
+
+    budgets = response_budgets(cfg)
+    lengths = {split: prompt_lengths(processor, examples) for split, examples in data.items()}
+    need = {split: budgets["train" if split == "train" else "eval"] for split in data}
+    limit = cfg.vllm.max_model_len or max((max(ls, default=0) + need[split] for split, ls in lengths.items()),
+                                          default=1)
+    kept, dropped = {}, {}
+    for split, examples in data.items():
+        kept[split] = [e for e, n in zip(examples, lengths[split]) if n + need[split] <= limit]
+        dropped[split] = len(examples) - len(kept[split])
+        least = least_train_prompts(cfg) if split == "train" else 1
+        if len(kept[split]) < least:
+            longest = max(lengths[split], default=0)
+            raise ConfigError(f"vllm.max_model_len: {limit} tokens leave {len(kept[split])} of {len(examples)} "
+                              f"'{split}' prompts (need {least}; the longest prompt is {longest} tokens, plus "
+                              f"{need[split]} new tokens); raise it or lower the image pixels / max_new_tokens")
+    return kept, limit, dropped
