@@ -166,23 +166,23 @@ STAGES = [{"type": "grpo", "name": "grpo", "steps": 2, "lr": 1e-3, "batch_size":
            "max_new_tokens": 12, "engine": "vllm"}]
 
 
-def _recipe(tmp_path, name, zero, tp=1):
+def _recipe(tmp_path, name, zero, tp=1, offload=False):
     raw = {"run": {"name": name, "out_dir": str(tmp_path), "threads": 1, "checkpoint_every": 100},
            "model": {"path": "tiny:student"}, "data": {"synthetic": {"train": 32, "val": 6, "ood": 4}},
            "deepspeed": {"zero_stage": zero, **({"stage3_param_persistence_threshold": 0} if zero == 3 else {})},
            "eval": {"every": 1, "num_problems": 5, "n_samples": 2, "k": [1, 2], "max_new_tokens": 12, "probes": 2,
                     "at_start": True},
-           "vllm": {"sleep_mode": "on", "tensor_parallel_size": tp}, "stages": STAGES}
+           "vllm": {"sleep_mode": "on", "tensor_parallel_size": tp, "offload_optimizer": offload}, "stages": STAGES}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
 
 
-def _train(tmp_path, name, ranks: int, zero: int, tp: int = 1):
+def _train(tmp_path, name, ranks: int, zero: int, tp: int = 1, offload: bool = False):
     events = tmp_path / f"{name}-events"
     events.mkdir()
     env = clean_env(VLMFAST_EVENTS=str(events), DS_ACCELERATOR="cpu")
-    cfg = ["--config", str(_recipe(tmp_path, name, zero, tp))]
+    cfg = ["--config", str(_recipe(tmp_path, name, zero, tp, offload))]
     cmd = ([sys.executable, str(SCRIPT), *cfg] if ranks == 1 else
            [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
             str(SCRIPT), *cfg])
@@ -193,16 +193,20 @@ def _train(tmp_path, name, ranks: int, zero: int, tp: int = 1):
     return logs, records
 
 
-def _check_lifecycle(log: list, n_params: int) -> None:
+def _check_lifecycle(log: list, n_params: int, offload: bool = False) -> None:
     """Every generation inside empty_cache -> wake weights -> full sync -> wake KV cache ... sleep(2) ->
-    empty_cache; no forward while awake; each stage's engine shut down before the next stage's is built."""
+    empty_cache (with `offload`: DeepSpeed's optimizer states offloaded before, reloaded after); no forward
+    while awake; each stage's engine shut down before the next stage's is built."""
     awake, wakes = False, 0
+    assert sum(e["kind"] == "offload_states" for e in log) == sum(e["kind"] == "reload_states" for e in log) == \
+        (sum(e["kind"] == "wake_up" and e["tags"] == ["weights"] for e in log) if offload else 0)
     for i, e in enumerate(log):
         k = e["kind"]
         if k == "forward":
             assert not awake, f"a forward (grad={e['grad']}) while vLLM is awake (event {i})"
         elif k == "wake_up" and e["tags"] == ["weights"]:
             assert log[i - 1]["kind"] == "empty_cache" and not awake
+            assert not offload or log[i - 2]["kind"] == "offload_states"
             j = i + 1
             while log[j]["kind"] == "sync":
                 j += 1
@@ -218,6 +222,7 @@ def _check_lifecycle(log: list, n_params: int) -> None:
             assert e["level"] == 2
         elif k == "sleep":
             assert awake and e["level"] == 2 and log[i + 1]["kind"] == "empty_cache"
+            assert not offload or log[i + 2]["kind"] == "reload_states"
             awake = False
         elif k == "wake_up":
             raise AssertionError(f"a wake of {e['tags']} outside the lifecycle (event {i})")
@@ -279,12 +284,14 @@ def test_two_ranks_zero3_shard_the_evaluation_and_match_one_process(tmp_path):
     external_launcher (seed = rank): each rank generates for 3 of the 5 problems of a split (one padded), yet
     every evaluation record, and GRPO's (advantages scaled by the whole batch's spread) and CW-DPO's train
     records, equal one process's. With vllm.tensor_parallel_size 2 both ranks run one engine: each submits the
-    group's prompts (gathered) with the group's seed, and keeps its own results: the same records again."""
+    group's prompts (gathered) with the group's seed, and keeps its own results: the same records again. With
+    vllm.offload_optimizer DeepSpeed's optimizer states leave before every wake and return after every sleep,
+    and the training is unchanged."""
     _, single = _train(tmp_path, "one", 1, 0)
-    for tp in (1, 2):
-        logs, double = _train(tmp_path, f"two-tp{tp}", 2, 3, tp)
+    for tp, offload in ((1, True), (2, False)):
+        logs, double = _train(tmp_path, f"two-tp{tp}", 2, 3, tp, offload)
         for rank, log in enumerate(logs):
-            _check_lifecycle(log, _n_params())
+            _check_lifecycle(log, _n_params(), offload)
             llm = [e for e in log if e["kind"] == "LLM"]
             assert all(e["distributed_executor_backend"] == "external_launcher" and e["seed"] == rank // tp
                        and e["tensor_parallel_size"] == tp for e in llm)

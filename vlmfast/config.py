@@ -114,6 +114,9 @@ class VLLMConfig:
     image_min_pixels: int | None = None  # images resized to at least this many pixels (engine and processor)
     image_max_pixels: int | None = None  # images resized to at most this many pixels (engine and processor)
     teacher_memory_share: float = 0.3  # opd sampled: share of each GPU's memory the teacher's engine takes
+    # ZeRO-3: the optimizer states (and gradient buffers) move to host memory while vLLM generates, and back
+    # after (DeepSpeed's offload_states / reload_states, as OpenRLHF does): room for a larger KV cache
+    offload_optimizer: bool = False
 
 
 @dataclass
@@ -461,6 +464,9 @@ def _check_ranges(cfg: Config) -> None:
     if v.image_min_pixels and v.image_max_pixels and v.image_min_pixels > v.image_max_pixels:
         raise ConfigError(f"vllm.image_min_pixels: {v.image_min_pixels} is more than vllm.image_max_pixels="
                           f"{v.image_max_pixels}")
+    if v.offload_optimizer and cfg.deepspeed.zero_stage != 3:
+        raise ConfigError(f"vllm.offload_optimizer: needs deepspeed.zero_stage: 3 (DeepSpeed moves ZeRO-3's "
+                          f"optimizer states only), got {cfg.deepspeed.zero_stage}")
     if not 0 < v.teacher_memory_share < 1:
         raise ConfigError(f"vllm.teacher_memory_share: must be in (0, 1), got {v.teacher_memory_share}")
     if not e.k:

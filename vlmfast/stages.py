@@ -47,6 +47,8 @@ class StageContext:
     engine_forward: object = None  # fn -> fn() run as the DeepSpeed engine's forward (zero.engine_forward)
     timer: StepTimer = field(default_factory=StepTimer)
     engine_stale: bool = False  # the engine holds weights older than the policy's (set after each update)
+    # (offload, reload): the optimizer states off the GPU while a sleeping engine generates (vllm.offload_optimizer)
+    optimizer_states: tuple | None = None
 
     def forward(self, fn):
         """fn() as the policy's training forward: through the DeepSpeed engine when there is one, which
@@ -65,11 +67,18 @@ class StageContext:
         after it, so no training forward, log-prob pass or whole-model gather runs while it holds its memory."""
         engine = engine or self.engine
         policy = engine is self.engine
-        with engine.awake(self.model if policy else None, stale=policy and self.engine_stale,
-                          timed_sync=lambda: self.timer("sync")) as ready:
-            if policy:
-                self.engine_stale = False
-            yield ready
+        offload, reload = self.optimizer_states or (None, None)
+        if offload is not None:
+            offload()
+        try:
+            with engine.awake(self.model if policy else None, stale=policy and self.engine_stale,
+                              timed_sync=lambda: self.timer("sync")) as ready:
+                if policy:
+                    self.engine_stale = False
+                yield ready
+        finally:
+            if reload is not None:
+                reload()
 
 
 def step_seed(ctx: StageContext, step: int) -> int:

@@ -545,6 +545,8 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
     engine_kw = (_generation_options(cfg, engine) if gen == "hf" else
                  _vllm_options(cfg, stage, device, max_model_len=max_model_len))
     ctx.engine = make_engine(gen, policy, processor, **engine_kw)  # evaluation samples from it too
+    if gen == "vllm" and cfg.vllm.offload_optimizer:
+        ctx.optimizer_states = (engine.offload_states, engine.reload_states)
     frozen = []  # reference / teacher engines: kept alive with the stage
     if stage.type in ("dpo", "cw_dpo") or (stage.type == "grpo" and stage.kl_coef > 0):
         frozen.append(_frozen_model(cfg, start_path, device, processor, micro))  # pi_ref <- policy at stage start

@@ -1,6 +1,7 @@
-"""`python -m vlmfast.train` with recording stand-ins (tests only): vLLM is tests/stand_ins/vllm, torch.cuda's
-empty_cache is logged, and every forward of a model the trainer loads (policy, reference, teacher) is logged
-with whether it builds a graph, in the stand-in's event log ($VLMFAST_EVENTS/rank<RANK>.jsonl)."""
+"""`python -m vlmfast.train` with recording stand-ins (tests only): vLLM is tests/stand_ins/vllm; torch.cuda's
+empty_cache and DeepSpeed's offload_states / reload_states are logged, and every forward of a model the trainer
+loads (policy, reference, teacher) is logged with whether it builds a graph, in the stand-in's event log
+($VLMFAST_EVENTS/rank<RANK>.jsonl)."""
 
 import os
 import sys
@@ -24,6 +25,25 @@ def _recorded(*args, **kwargs):
 
 
 train._load_model_and_processor = _recorded
+
+
+def _recording(name):
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    real = getattr(DeepSpeedEngine, name)
+
+    def method(self, *args, **kwargs):
+        vllm.record(name)
+        if torch.cuda.is_available():  # DeepSpeed moves the states of its FusedAdam only: the trainer's on GPUs
+            return real(self, *args, **kwargs)
+
+    setattr(DeepSpeedEngine, name, method)
+
+
+# vllm.offload_optimizer: DeepSpeed's calls, logged (on the CPU only logged: DeepSpeed's offload_states asserts
+# "Offloading is supported only for DeepSpeed FusedAdam", which the trainer uses on GPUs, torch's AdamW here)
+for _name in ("offload_states", "reload_states"):
+    _recording(_name)
 
 if __name__ == "__main__":
     sys.exit(train.main(sys.argv[1:]))
