@@ -4,19 +4,23 @@
 
 Parameter counts come from the model built on the meta device (no weights, no memory): a local
 checkpoint's config.json, the tiny models, or the published configs of the Qwen2.5-VL sizes below (so a
-plan needs no download). Per GPU, for each stage, the larger of two phases:
+plan needs no download). Per GPU, for each stage, the phases the trainer runs one after another, each the set of
+tensors it keeps alive together (the peak is the largest):
 
-- update: the policy's model states (DeepSpeed's own estimator for the ZeRO stage: 16-bit weights, fp32
-  master weights and Adam moments, gradients, the largest layer gathered), the frozen reference / teacher
-  engines, activations of one forward (a GRPO update's micro_batch_size sequences, else the rank's whole
-  batch; with or without gradient checkpointing), the fused op's buffers (fused_op_bytes: the head's fp32
-  gradient buffers, and the one pass's band or token_stats' dz chunk), and the OPD teacher head's gathered copy;
-- rollout: the same states and engines, plus the policy gathered whole for HF generate (ZeRO-3) or vLLM's
-  memory share (weights and KV cache; it sleeps through the update).
+- update (vLLM asleep: level 2 holds nothing): the policy's model states (DeepSpeed's own estimator for the ZeRO
+  stage: 16-bit weights, fp32 master weights and Adam moments, gradients, the largest layer gathered), the frozen
+  reference / teacher engines, activations of one forward (a GRPO update's micro_batch_size sequences, else the
+  rank's whole batch), the fused op's buffers (fused_op_bytes) and the OPD teacher head's gathered copy;
+- rollout (vLLM awake, the only phase it is): the states and frozen engines (the optimizer states on the host
+  with vllm.offload_optimizer) and vLLM's memory share (weights and KV cache); or, with the HF engine, the
+  policy gathered whole (ZeRO-3) and generate's buffers (its KV cache and a few [B, V] fp32 score rows);
+- evaluation: as the rollout, on the evaluation's batch;
+- checkpoint: the states and the policy gathered whole for the HF export.
 
-Activations follow Korthikanti et al. (2022) with flash attention: 34·s·h bytes per layer in 16 bits for
-s tokens (gradient checkpointing keeps 2·s·h per layer plus one layer's 34·s·h). A CPU run of a
-random-initialised ~0.6B model calibrates it (tests/test_plan.py: predicted vs measured peak).
+Activations (activation_bytes) count what autograd keeps for a Qwen2-family decoder layer (RMSNorm, GQA attention
+with flash / SDPA, SwiGLU MLP), checked against a fake-tensor count of 7B-shaped layers at 8 x 3072 tokens
+(tests/test_plan_activations.py); a CPU run of a random-initialised ~0.45B model calibrates the whole update
+phase (tests/test_plan_calibration.py: predicted vs measured peak).
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ class ModelSize:
     hidden: int
     layers: int
     vocab: int
+    intermediate: int = 0  # the MLP's width
+    kv: int = 0  # key (and value) width: key-value heads x head size
 
 
 def _config_of(path: str):
@@ -97,9 +103,11 @@ def model_size(path: str, *, freeze_vision=False, freeze_projector=False, freeze
     freeze(model, vision=freeze_vision, projector=freeze_projector, llm=freeze_llm)
     params = {id(p): p for p in model.parameters()}.values()  # tied weights once
     text = config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     return ModelSize(params=sum(p.numel() for p in params), trainable=sum(p.numel() for p in params if p.requires_grad),
                      largest_layer=max(p.numel() for p in params), hidden=text.hidden_size,
-                     layers=text.num_hidden_layers, vocab=text.vocab_size)
+                     layers=text.num_hidden_layers, vocab=text.vocab_size, intermediate=text.intermediate_size,
+                     kv=text.num_key_value_heads * head_dim)
 
 
 def model_states_bytes(size: ModelSize, zero_stage: int, gpus: int, precision: str) -> int:
@@ -123,36 +131,59 @@ def model_states_bytes(size: ModelSize, zero_stage: int, gpus: int, precision: s
     return 2 * size.params + 2 * size.trainable + (16 * size.trainable // (gpus if zero_stage == 1 else 1))
 
 
-def activation_bytes(size: ModelSize, tokens: int, checkpointing: bool, bytes_per: int) -> int:
-    """One micro-batch of `tokens` tokens through the language model, kept for backward."""
-    layer = 34 * tokens * size.hidden * bytes_per // 2  # 34·s·h in 16-bit
+def layer_activation_bytes(size: ModelSize, word: int) -> int:
+    """Bytes per token autograd keeps for one decoder layer (`word` bytes per 16- or 32-bit value): each RMSNorm
+    its fp32 input and its normalised output (4h + w h, twice); attention q, rotated q, its output and o_proj's
+    input (4 w h), k, v and rotated k (3 w kv); the SwiGLU MLP its gate and up projections, the activated gate and
+    the product down_proj reads (4 w I)."""
+    return 2 * (4 + word) * size.hidden + word * (4 * size.hidden + 3 * size.kv + 4 * size.intermediate)
+
+
+def activation_bytes(size: ModelSize, tokens: int, checkpointing: bool, word: int) -> int:
+    """One micro-batch of `tokens` tokens through the language model, kept for backward, at its peak: every
+    layer's saved tensors (with gradient checkpointing: every layer's input, and one layer recomputed) plus the
+    backward's transient gradients of the MLP's two widest tensors (2 w I)."""
+    transient = 2 * word * size.intermediate
     if checkpointing:
-        return size.layers * 2 * tokens * size.hidden * bytes_per // 2 + layer
-    return size.layers * layer
+        return tokens * (size.layers * word * size.hidden + layer_activation_bytes(size, word) + transient)
+    return tokens * (size.layers * layer_activation_bytes(size, word) + transient)
+
+
+def generate_bytes(size: ModelSize, rows: int, tokens: int, word: int) -> int:
+    """HF generate on `rows` sequences of up to `tokens` tokens: the KV cache (keys and values of every layer) and
+    the sampler's few [rows, V] fp32 score rows of one step (rollout/hf.py keeps one log-prob per token)."""
+    return rows * tokens * size.layers * 2 * size.kv * word + 16 * rows * size.vocab * 4
 
 
 @dataclass
 class StagePlan:
     name: str
-    update: dict = field(default_factory=dict)  # component -> bytes
-    rollout: dict = field(default_factory=dict)
+    phases: dict = field(default_factory=dict)  # phase -> {component: bytes}, the tensors alive together
+
+    @property
+    def update(self) -> dict:
+        return self.phases["update"]
 
     @property
     def peak(self) -> int:
-        return max(sum(self.update.values()), sum(self.rollout.values()))
+        return max(sum(c.values()) for c in self.phases.values())
+
+    def peak_phase(self) -> str:
+        return max(self.phases, key=lambda k: sum(self.phases[k].values()))
 
     def largest(self) -> tuple[str, int]:
-        phase = self.update if sum(self.update.values()) >= sum(self.rollout.values()) else self.rollout
-        return max(phase.items(), key=lambda kv: kv[1])
+        return max(self.phases[self.peak_phase()].items(), key=lambda kv: kv[1])
 
 
 def plan(cfg: Config, *, gpus: int, gpu_memory: int, prompt_tokens: int = 1024) -> list[StagePlan]:
-    """Per-GPU memory of every stage of the recipe, by component."""
-    m, d = cfg.model, cfg.deepspeed
+    """Per-GPU memory of every stage of the recipe, by phase and component."""
+    m, d, e = cfg.model, cfg.deepspeed, cfg.eval
     size = model_size(m.path, freeze_vision=m.freeze_vision, freeze_projector=m.freeze_projector,
                       freeze_llm=m.freeze_llm)
     word = 4 if d.precision == "fp32" else 2
     states = model_states_bytes(size, d.zero_stage, gpus, d.precision)
+    # what vllm.offload_optimizer moves to the host while vLLM is awake: all but the 16-bit weights
+    optimizer = states - word * size.params // (gpus if d.zero_stage == 3 else 1)
     frozen_share = gpus if d.zero_stage == 3 else 1  # a frozen engine is partitioned like the policy
     out = []
     for i, s in enumerate(cfg.stages):
@@ -172,16 +203,32 @@ def plan(cfg: Config, *, gpus: int, gpu_memory: int, prompt_tokens: int = 1024) 
         tokens = max(1, rows) * (prompt_tokens + s.max_new_tokens)
         grouped = s.type in ("dpo", "cw_dpo") or (s.type == "sft" and s.gentle is not None
                                                    and s.gentle.get("variant", "hinge") == "hinge")
-        p.update = {**shared, "activations": activation_bytes(size, tokens, m.gradient_checkpointing, word),
-                    "fused op buffers": fused_op_bytes(size.vocab, size.hidden, tokens, word, grouped,
-                                                       teacher is not None and s.opd_mode == "full")}
+        update = {**shared, "activations": activation_bytes(size, tokens, m.gradient_checkpointing, word),
+                  "fused op buffers": fused_op_bytes(size.vocab, size.hidden, tokens, word, grouped,
+                                                     teacher is not None and s.opd_mode == "full")}
         if teacher is not None and s.opd_mode == "full":
-            p.update["teacher head copy"] = word * teacher.vocab * teacher.hidden
-        p.rollout = dict(shared)
-        if generation_engine(cfg, s) == "vllm":  # evaluation generates through it too
-            p.rollout["vLLM (weights + KV cache)"] = int(s.vllm_memory_share * gpu_memory)
-        elif d.zero_stage == 3 and d.gather_for_generation:
-            p.rollout["policy gathered for generate"] = word * size.params
+            update["teacher head copy"] = word * teacher.vocab * teacher.hidden
+        p.phases["update"] = update
+        vllm = generation_engine(cfg, s) == "vllm"
+        gen_rows = {"rollout": s.batch_size * (s.updates_per_rollout if s.type == "grpo" else 1) // gpus
+                    * (s.group_size if s.type == "grpo" else 4), "evaluation": min(64, e.num_problems * e.n_samples)}
+        gen_tokens = {"rollout": s.max_new_tokens, "evaluation": e.max_new_tokens}
+        for phase in ("rollout", "evaluation") if s.type != "sft" else ("evaluation",):
+            comps = dict(shared)
+            if vllm:  # awake only here: empty_cache -> wake -> sync -> generate -> sleep
+                comps["vLLM (weights + KV cache)"] = int(s.vllm_memory_share * gpu_memory)
+                if cfg.vllm.offload_optimizer:
+                    comps["policy states"] -= optimizer
+                if s.type == "opd" and s.opd_mode == "sampled":
+                    comps["teacher vLLM"] = int(cfg.vllm.teacher_memory_share * gpu_memory)
+            else:
+                if d.zero_stage == 3 and d.gather_for_generation:
+                    comps["policy gathered for generate"] = word * size.params
+                comps["generate buffers"] = generate_bytes(size, min(gen_rows[phase], 64),
+                                                           prompt_tokens + gen_tokens[phase], word)
+            p.phases[phase] = comps
+        # the export gathers the whole policy on every GPU (checkpoint.py), vLLM asleep
+        p.phases["checkpoint"] = {"policy states": states, "policy gathered for the export": word * size.params}
         out.append(p)
     return out
 
@@ -221,11 +268,12 @@ def parse_bytes(text: str) -> int:
 
 
 def format_plan(plans: list[StagePlan], gpus: int, gpu_memory: int) -> str:
-    lines = [f"per-GPU memory on {gpus} GPUs of {gpu_memory / GiB:.0f} GiB (GiB; peak = the larger phase)", ""]
+    lines = [f"per-GPU memory on {gpus} GPUs of {gpu_memory / GiB:.0f} GiB (GiB; peak = the largest phase, each "
+             "phase the tensors alive together)", ""]
     for p in plans:
         lines.append(f"{p.name}: peak {p.peak / GiB:.1f} GiB {'fits' if p.peak <= gpu_memory else 'DOES NOT FIT'}")
-        for phase, comps in (("update", p.update), ("rollout", p.rollout)):
-            lines.append(f"  {phase:8s} {sum(comps.values()) / GiB:6.1f}  " + ", ".join(
+        for phase, comps in p.phases.items():
+            lines.append(f"  {phase:10s} {sum(comps.values()) / GiB:6.1f}  " + ", ".join(
                 f"{k} {v / GiB:.1f}" for k, v in comps.items()))
     return "\n".join(lines)
 
