@@ -35,6 +35,7 @@ from .token_stats import (
     _store_partials,
     combine,
     device_target,
+    whole_tile_splits,
 )
 
 # Fixed tiles (autotuning needs a GPU), checked for spills by `python -m vlmfast.kernels.inspect --epilogue`:
@@ -61,7 +62,7 @@ def stats_splits(rows: int, vocab: int, where: Target) -> int:
     """Vocabulary slices per block of rows: enough programs to fill the GPU (token_stats' rule)."""
     cfg = STATS_CONFIG if where.arch is not None else INTERPRET_CONFIG
     splits = _auto_splits(triton.cdiv(rows, cfg.block_n), vocab, cfg.block_v, where)
-    return triton.cdiv(vocab, triton.cdiv(triton.cdiv(vocab, splits), cfg.block_v) * cfg.block_v)
+    return whole_tile_splits(vocab, splits, cfg.block_v)
 
 
 def grad_launch(z, target, zt, row: dict, g: dict, dz, *, kl_mode, temperature, ignore_index, where: Target) -> Launch:

@@ -393,12 +393,33 @@ def _teacher_args(teacher, like: torch.Tensor):
     return TEACHER_HIDDEN, ht, wt, bt, like, ht.shape[1], ht.stride(0), wt.stride(0), 0
 
 
-def _auto_splits(n_blocks: int, V: int, block_v: int, target: Target) -> int:
-    """Vocabulary slices per row block: enough programs to fill the GPU, >= 8 tiles per slice."""
-    if target.arch is None:
+WAVE_EFFICIENCY = 0.9  # the fewest vocabulary slices whose programs fill their last wave at least this much
+
+
+def wave_efficiency(programs: int, wave: int) -> float:
+    """Share of the launched waves' slots the programs use (the last wave may run part empty)."""
+    return programs / (triton.cdiv(programs, wave) * wave)
+
+
+def _auto_splits(n_blocks: int, V: int, block_v: int, target: Target, ctas_per_sm: int = 1) -> int:
+    """Vocabulary slices per row block: the fewest whose n_blocks x splits programs fill whole waves (a wave: every
+    SM running `ctas_per_sm` programs; every sm_80/sm_90 config fits one per SM as compiled, docs/fused_ops.md) to
+    at least WAVE_EFFICIENCY, else the best filled; at most 4 waves and >= 8 tiles a slice (Liger's
+    `_resolve_split` reasons the same way). 1 on the interpreter, and with no row block: no counted token, no
+    launch."""
+    if target.arch is None or n_blocks == 0:
         return 1
-    want = triton.cdiv(2 * target.sms, n_blocks)
-    return max(1, min(want, triton.cdiv(V, 8 * block_v)))
+    wave = target.sms * ctas_per_sm
+    most = max(1, min(triton.cdiv(V, 8 * block_v), triton.cdiv(4 * wave, n_blocks)))
+    # the slice counts whole tiles allow (asking for s slices of whole tiles may give fewer)
+    options = sorted({whole_tile_splits(V, s, block_v) for s in range(1, most + 1)})
+    good = [s for s in options if wave_efficiency(n_blocks * s, wave) >= WAVE_EFFICIENCY]
+    return good[0] if good else max(options, key=lambda s: (wave_efficiency(n_blocks * s, wave), -s))
+
+
+def whole_tile_splits(V: int, splits: int, block_v: int) -> int:
+    """The vocabulary slices a request for `splits` gives when every slice is whole tiles."""
+    return triton.cdiv(V, triton.cdiv(triton.cdiv(V, splits), block_v) * block_v)
 
 
 def _variant_and_config(pass_: str, hidden, weight, teacher, where: Target) -> tuple[str, Config]:
@@ -435,8 +456,7 @@ def forward_splits(hidden, weight, teacher, where: Target, splits=None) -> int:
     cfg = _variant_and_config("fwd", hidden, weight, teacher, where)[1]
     if splits is None:
         splits = _auto_splits(triton.cdiv(N, cfg.block_n), V, cfg.block_v, where)
-    v_per_split = triton.cdiv(triton.cdiv(V, splits), cfg.block_v) * cfg.block_v
-    return triton.cdiv(V, v_per_split)
+    return whole_tile_splits(V, splits, cfg.block_v)
 
 
 def token_stats_forward(hidden, weight, bias, target, *, teacher=None, kl=None, temperature=1.0,
