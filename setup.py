@@ -18,7 +18,8 @@ VERSION = "0.1.0"
 # Bounds are the versions measured to work together (see ../shared/PLATFORM.md and docs/platform.md);
 # the upper bounds stop at the next major release, where these APIs are known to move.
 INSTALL_REQUIRES = [
-    "torch>=2.8",  # mm / addmm with out_dtype (fp32 dW from 16-bit inputs)
+    # the newest API the code calls decides it (vlmfast.TORCH_APIS: addmm(out_dtype=, out=), torch 2.10)
+    "torch>=2.10",
     "torchvision>=0.21",
     "triton>=3.4; platform_system == 'Linux'",  # tl.make_tensor_descriptor (the sm_90 kernels)
     "transformers>=5.0,<6",

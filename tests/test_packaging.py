@@ -42,3 +42,20 @@ def test_public_api_is_reexported():
     for name in ("token_stats", "token_stats_from_logits", "cooling_weight", "sequence_mean", "Teacher", "TokenStats"):
         assert hasattr(vlmfast, name), name
     assert importlib.util.find_spec("vlmfast.ops.chunked") is not None
+
+
+def test_torch_floor_is_the_oldest_release_with_every_api_the_code_calls():
+    """setup.py's torch floor equals the newest of the versions that introduced the APIs the code calls, and the
+    installed torch has each of them (their aten overloads)."""
+    import re
+
+    import torch
+    from packaging.version import Version
+
+    import vlmfast
+
+    floor = re.search(r'"torch>=([0-9.]+)"', (REPO / "setup.py").read_text()).group(1)
+    assert Version(floor) == max(Version(v) for v, _ in vlmfast.TORCH_APIS.values())
+    for _, overload in vlmfast.TORCH_APIS.values():
+        op, name = overload.split(".")
+        assert name in getattr(torch.ops.aten, op).overloads()
