@@ -45,6 +45,7 @@ from .data.formats import RowError
 from .data.prompts import reasoning_of, target_response
 from .evaluate import eval_generations, eval_metrics, eval_seeds
 from .models import head_vocab, load_model, tiny_vlm
+from .ops import inputs_checked
 from .probes import DeltaLogpProbe, EarlyStopping, entropy_means, sample_entropy_sums
 from .ranks import gathered_in_order, global_means, reduce_over_ranks, shard
 from .rollout import Sampling, make_engine
@@ -627,13 +628,15 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
         _set_lr(optimizer, scale, step)
         policy.train()
         ctx.timer.start()
-        out = step_fn(ctx, step)  # rollouts (if any) happen in here, the engine awake for them only
         loss, metrics = 0.0, None
-        for share, m in [out] if isinstance(out, tuple) else out:  # one micro-batch's forward at a time
-            # the shares add up to the step's loss: DeepSpeed must not divide them by its accumulation count
-            engine.backward(share / cfg.deepspeed.grad_accum, scale_wrt_gas=False)
-            engine.step()  # the optimizer steps at the accumulation boundary only
-            loss, metrics = loss + share.detach(), m if m is not None else metrics
+        # the fused ops check their inputs' values (host syncs) on the stage's first step only
+        with inputs_checked(step == start_step):
+            out = step_fn(ctx, step)  # rollouts (if any) happen in here, the engine awake for them only
+            for share, m in [out] if isinstance(out, tuple) else out:  # one micro-batch's forward at a time
+                # the shares add up to the step's loss: DeepSpeed must not divide them by its accumulation count
+                engine.backward(share / cfg.deepspeed.grad_accum, scale_wrt_gas=False)
+                engine.step()  # the optimizer steps at the accumulation boundary only
+                loss, metrics = loss + share.detach(), m if m is not None else metrics
         ctx.policy_updated()  # the engine (if it holds weights) syncs before it next samples: once per rollout
         done = step + 1
         loss = mean_over_ranks(loss.float()).item()  # each rank's loss is its share of the global one

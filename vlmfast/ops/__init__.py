@@ -20,6 +20,7 @@ C++ kernels of native.py when they are built), "reference" (materialised fp32 lo
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, fields
 
@@ -62,10 +63,28 @@ class TokenStats:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
 
+_CHECK_INPUTS: bool | None = None  # the default a trainer sets for the calls it makes (inputs_checked)
+
+
 def _check_inputs_default(check_inputs: bool | None) -> bool:
     if check_inputs is None:
+        if _CHECK_INPUTS is not None:
+            return _CHECK_INPUTS
         return os.environ.get("VLMFAST_CHECK_INPUTS", "1") != "0"
     return bool(check_inputs)
+
+
+@contextlib.contextmanager
+def inputs_checked(flag: bool):
+    """Inside: calls that leave `check_inputs` unset check values (target ranges, NaN/inf: 2 host syncs and a
+    pass over the inputs) when `flag`, and skip it otherwise. A trainer checks the first step of a stage and
+    then runs the hot path with the op's one host sync (the count of counted tokens that sizes the GEMMs)."""
+    global _CHECK_INPUTS
+    before, _CHECK_INPUTS = _CHECK_INPUTS, bool(flag)
+    try:
+        yield
+    finally:
+        _CHECK_INPUTS = before
 
 
 def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
