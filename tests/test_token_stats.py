@@ -13,6 +13,7 @@ import pytest
 import torch
 from _naive import naive_stats
 
+import vlmfast
 from vlmfast import Teacher, token_stats
 
 OUTPUTS = ("logp", "entropy", "lse")
@@ -355,3 +356,47 @@ def test_tma_forward_both_epilogues(block_v, kl, teacher_kind, monkeypatch):
                                            teacher=teacher, kl=kl)
             for k, t in truth_out.items():
                 assert _max_err(stats[k], t) <= 2e-5 * _scale(t), (splits, k)
+
+
+@pytest.mark.parametrize("teacher_kind", [None, "head", "logits"])
+@pytest.mark.parametrize("backend", ["chunked", "triton", "reference"])
+def test_minus_inf_logits_are_masked_columns(backend, teacher_kind):
+    """A bias of -inf masks vocabulary (a constrained decoder's or a tokenizer's unused ids): the masked columns
+    contribute nothing, so every statistic, the KL in both directions and every gradient are finite and equal to
+    the same head without those columns; the masked rows of W get no gradient."""
+    N, H, V = 37, 32, 1000
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(N, H, generator=g)
+    W = torch.randn(V, H, generator=g) * 0.3
+    b = torch.randn(V, generator=g)
+    masked = torch.zeros(V, dtype=torch.bool)
+    masked[torch.randperm(V, generator=g)[:150]] = True
+    b[masked] = float("-inf")
+    y = torch.randint(0, V, (N,), generator=g)
+    y[masked[y]] = int((~masked).nonzero()[0])  # targets are real tokens
+    y[:3] = -100
+    ht = torch.randn(N, H, generator=g)
+    for kl in (("reverse", "forward") if teacher_kind else (None,)):
+        hh, WW = h.clone().requires_grad_(), W.clone().requires_grad_()
+        teacher = {None: None, "head": (ht, W, b), "logits": ht @ W.T + b}[teacher_kind]
+        outs = ("logp", "entropy", "lse") + (("kl",) if kl else ())
+        r = token_stats(hh, WW, y, bias=b, teacher=teacher, kl=kl, outputs=outs, backend=backend)
+        keep = ~masked
+        remap = torch.cumsum(keep, 0) - 1
+        y_kept = torch.where(y == -100, y, remap[y.clamp(min=0)])
+        teacher_kept = None if teacher_kind is None else (ht.double() @ W[keep].double().T + b[keep].double())
+        truth = naive_stats(h.double(), W[keep].double(), b[keep].double(), y_kept, teacher=teacher_kept, kl=kl,
+                            dtype=torch.float64)
+        for k in outs:
+            got = getattr(r, k)
+            assert torch.isfinite(got).all(), k
+            torch.testing.assert_close(got.double(), truth[k], atol=2e-5, rtol=2e-5)
+        total = sum(getattr(r, k).sum() for k in outs)
+        gh, gW = torch.autograd.grad(total, (hh, WW))
+        assert torch.isfinite(gh).all() and torch.isfinite(gW).all()
+        assert (gW[masked] == 0).all()
+        if backend != "reference":  # the one pass (token_loss) over the same head: the same gradients
+            hh2, WW2 = h.clone().requires_grad_(), W.clone().requires_grad_()
+            loss, _ = vlmfast.token_loss(hh2, WW2, y, lambda st, index, outs=outs: sum(st[k] for k in outs), bias=b,
+                                         teacher=teacher, kl=kl, backend=backend)
+            torch.testing.assert_close(torch.autograd.grad(loss, (hh2, WW2)), (gh, gW), atol=1e-5, rtol=1e-4)

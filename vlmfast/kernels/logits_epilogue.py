@@ -31,6 +31,7 @@ from .token_stats import (
     _backward_rows,
     _dz_tile,
     _empty_stats,
+    _floored,
     _online_update,
     _store_partials,
     combine,
@@ -82,7 +83,7 @@ def grad_launch(z, target, zt, row: dict, g: dict, dz, *, kl_mode, temperature, 
 def _scaled_tile(ptr, rows, cols, stride, mask, inv_t):
     """A [BLOCK_N, BLOCK_V] tile of logits in memory, in fp32, divided by the temperature."""
     z = tl.load(ptr + rows.to(tl.int64)[:, None] * stride + cols[None, :], mask=mask, other=0.0)
-    return z.to(tl.float32) * inv_t
+    return _floored(z.to(tl.float32) * inv_t)
 
 
 @triton.jit

@@ -107,6 +107,8 @@ GPU_CONFIGS = {
 INTERPRET_CONFIG = Config(64, 128, 32, 4, 1)
 
 TEACHER_NONE, TEACHER_HIDDEN, TEACHER_LOGITS = 0, 1, 2
+# masked (-inf) logits are raised to it after scaling: they add nothing and never make 0 x -inf (ops/floor.py)
+LOGIT_FLOOR = tl.constexpr(-1e30)
 KL_NONE, KL_REVERSE, KL_FORWARD = 0, 1, 2
 
 
@@ -189,6 +191,12 @@ def _dot_tile(x_ptr, w_ptr, rows, cols, row_mask, col_mask, K, stride_x, stride_
 
 
 @triton.jit
+def _floored(z):
+    """Masked (-inf) logits raised to LOGIT_FLOOR; NaN stays NaN (tl.maximum would drop it)."""
+    return tl.where(z < LOGIT_FLOOR, LOGIT_FLOOR, z)
+
+
+@triton.jit
 def _student_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w, inv_t,
                   HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                   BLOCK_H: tl.constexpr, IEEE: tl.constexpr):
@@ -196,7 +204,7 @@ def _student_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride
                   BLOCK_N, BLOCK_V, BLOCK_H, IEEE)
     if HAS_BIAS:
         z += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    return z * inv_t
+    return _floored(z * inv_t)
 
 
 @triton.jit
@@ -212,7 +220,7 @@ def _teacher_tile(ht_ptr, wt_ptr, bt_ptr, zt_ptr, rows, cols, row_mask, col_mask
     else:
         ptrs = zt_ptr + rows.to(tl.int64)[:, None] * stride_zt + cols[None, :]
         zt = tl.load(ptrs, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
-    return zt * inv_t
+    return _floored(zt * inv_t)
 
 
 @triton.jit

@@ -18,7 +18,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .token_stats import _backward_rows, _dz_tile, _empty_stats, _online_update, _store_partials, _teacher_tile
+from .token_stats import (
+    _backward_rows,
+    _dz_tile,
+    _empty_stats,
+    _floored,
+    _online_update,
+    _store_partials,
+    _teacher_tile,
+)
 
 
 def ensure_allocator() -> None:
@@ -90,7 +98,7 @@ def _target_logit(h_ptr, w_ptr, b_ptr, rows, row_mask, y, V, H, stride_h, stride
         acc += tl.sum(hk * wk, axis=1)
     if HAS_BIAS:
         acc += tl.load(b_ptr + y, mask=has, other=0.0).to(tl.float32)
-    return tl.where(has, acc * inv_t, 0.0)
+    return tl.where(has, _floored(acc * inv_t), 0.0)
 
 
 @triton.jit
@@ -102,13 +110,13 @@ def _logits_tiles(h_desc, w_desc, b_ptr, ht_desc, wt_desc, bt_ptr, zt_ptr, row0,
     z = _tma_tile(h_desc, w_desc, row0, v0, H, BLOCK_N, BLOCK_V, BLOCK_H, IEEE)
     if HAS_BIAS:
         z += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    z = z * inv_t
+    z = _floored(z * inv_t)
     zt = z
     if TEACHER == 1:
         zt = _tma_tile(ht_desc, wt_desc, row0, v0, HT, BLOCK_N, BLOCK_V, BLOCK_H, IEEE)
         if HAS_TEACHER_BIAS:
             zt += tl.load(bt_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        zt = zt * inv_t
+        zt = _floored(zt * inv_t)
     elif TEACHER == 2:  # plain loads: a logits tile arriving by TMA needs a layout conversion that spills
         zt = _teacher_tile(zt_ptr, zt_ptr, zt_ptr, zt_ptr, rows, cols, row_mask, col_mask, HT, 0, 0, stride_zt, inv_t,
                            TEACHER, False, BLOCK_N, BLOCK_V, BLOCK_H, IEEE)

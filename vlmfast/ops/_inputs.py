@@ -69,16 +69,18 @@ def _check_float(name: str, t, *, dims: tuple[int, ...]) -> None:
 FINITE_CHECK_ELEMS = 1 << 24
 
 
-def _check_finite(name: str, t: torch.Tensor) -> None:
-    """NaN/inf check in slices along dim 0, one host sync at the end."""
+def _check_finite(name: str, t: torch.Tensor, *, masked_ok: bool = False) -> None:
+    """NaN/inf check in slices along dim 0, one host sync at the end. Logits (`masked_ok`) may hold -inf: a masked
+    column (ops/floor.py); NaN and +inf are refused there too."""
     t = t.reshape(1) if t.dim() == 0 else t
     row = t[0].numel() if t.shape[0] else 1  # elements per index of dim 0
     step = max(1, FINITE_CHECK_ELEMS // max(1, row))
     ok = torch.ones((), dtype=torch.bool, device=t.device)
     for r0 in range(0, t.shape[0], step):
-        ok &= torch.isfinite(t[r0:r0 + step]).all()
+        part = t[r0:r0 + step]
+        ok &= (torch.isfinite(part) | torch.isneginf(part)).all() if masked_ok else torch.isfinite(part).all()
     if not bool(ok):
-        raise ValueError(f"{name} contains NaN or inf")
+        raise ValueError(f"{name} contains NaN or {'+inf' if masked_ok else 'inf'}")
 
 
 def check_common(
@@ -178,7 +180,7 @@ def check_from_logits(
             f"target shape {tuple(target.shape)} must equal logits' leading shape {tuple(logits.shape[:-1])}"
         )
     if check_values:
-        _check_finite("logits", logits)
+        _check_finite("logits", logits, masked_ok=True)
     teacher = _check_teacher(Teacher.coerce(teacher), kl, target.shape, V, logits.device, check_values)
     if teacher is not None and teacher.logits is None:
         raise ValueError("token_stats_from_logits takes the teacher as logits [..., V]")
@@ -211,7 +213,7 @@ def _check_teacher(teacher: Teacher | None, kl, lead_shape, V, device, check_val
         if teacher.logits.device != device:
             raise ValueError(f"teacher logits are on {teacher.logits.device} but the student is on {device}")
         if check_values:
-            _check_finite("teacher logits", teacher.logits)
+            _check_finite("teacher logits", teacher.logits, masked_ok=True)
         return Teacher(logits=teacher.logits.reshape(-1, V).detach())
     if teacher.hidden is None or teacher.weight is None:
         raise ValueError("the teacher needs both hidden and weight (or logits)")

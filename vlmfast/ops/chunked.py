@@ -33,6 +33,7 @@ import torch
 from . import native
 from ._inputs import Teacher
 from ._matmul import mm_wide, wide_dtype
+from .floor import floor_logits_
 
 BLOCK_BYTES = int(os.environ.get("VLMFAST_CHUNK_BYTES", 64 * 2**20))
 NATIVE_MIN_COLS = 2048  # the native path's blocks: as many rows as fit with at least this many columns
@@ -394,6 +395,7 @@ class RowsSoftmax:
         z = head.rows_logits(r0, r1)
         if inv_t != 1.0:
             z.mul_(inv_t)
+        floor_logits_(z)  # masked (-inf) columns add nothing, and no 0 x -inf
         logp = reused(head.scratch, "logp", z.shape[0], head.vocab, head.dtype, head.device)
         self.logp = torch.log_softmax(z, -1, out=logp)  # one ATen kernel: max, Σ exp, write
         # lse from the max column, where log_softmax wrote -log Σ exp(z - max): as exact as logsumexp, one read

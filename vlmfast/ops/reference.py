@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ._inputs import Teacher
+from .floor import LOGIT_FLOOR
 
 
 def _logits(hidden, weight, bias, dtype):
@@ -35,6 +36,7 @@ def reference_token_stats(
     src = logits if logits is not None else hidden
     dtype = torch.promote_types(src.dtype, torch.float32)
     z = (logits.to(dtype) if logits is not None else _logits(hidden, weight, bias, dtype)) / temperature
+    z = z.clamp(min=LOGIT_FLOOR)  # masked (-inf) columns: the floor every backend applies (ops/floor.py)
     valid = target != ignore_index
     safe_target = torch.where(valid, target, torch.zeros_like(target))
     logp_all = torch.log_softmax(z, dim=-1)
@@ -50,7 +52,7 @@ def reference_token_stats(
             zt = teacher.logits.to(dtype)
         else:
             zt = _logits(teacher.hidden, teacher.weight, teacher.bias, dtype)
-        zt = zt.detach() / temperature
+        zt = (zt.detach() / temperature).clamp(min=LOGIT_FLOOR)
         logq_all = torch.log_softmax(zt, dim=-1)
         out["lse_t"] = torch.where(valid, torch.logsumexp(zt, dim=-1), zero)
         if kl == "reverse":  # KL(p || q)

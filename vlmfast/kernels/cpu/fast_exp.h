@@ -24,7 +24,7 @@ VLMFAST_INLINE float fast_exp(float x) {
   const float ln2_hi = 0.693359375f;  // ln 2 split in two so that n * ln2_hi is exact
   const float ln2_lo = -2.12194440e-4f;
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
-  float xc = x > 88.0f ? 88.0f : x;  // keeps 2^n finite
+  float xc = x > 88.0f ? 88.0f : (x < -88.0f ? -88.0f : x);  // keeps 2^n finite (and n an int: x may be -1e30)
   float n = (xc * log2e + shifter) - shifter;
   float r = xc - n * ln2_hi;
   r = r - n * ln2_lo;

@@ -54,6 +54,16 @@ inline float block_max(const T* z, int64_t n) {
   return m;
 }
 
+// A logit of -inf (a bias that masks vocabulary) becomes this floor after scaling: e^(floor - m) is 0, so a masked
+// column adds nothing, and the products with it (e a, p log p) are 0 instead of 0 x -inf = NaN. The same floor as
+// ops/_floor.py LOGIT_FLOOR and the Triton kernels.
+constexpr float kLogitFloor = -1e30f;
+
+VLMFAST_INLINE float scaled(float z, float inv_t) {
+  const float s = z * inv_t;
+  return s < kLogitFloor ? kLogitFloor : s;  // not fmax: a NaN stays NaN (bad input stays visible)
+}
+
 // float -> T for the gradient store. bf16 rounds to nearest even with bit arithmetic (vectorises;
 // c10's conversion has a NaN branch that does not). Inputs are finite (checked before any work).
 template <typename T>
@@ -97,7 +107,7 @@ inline void shift_max(double& m, double& s0, double& s1, double m_new, double& c
 template <typename T>
 float raise_max(const T* zb, int64_t n, float inv_t, double& m, double& s0, double& s1, double& cross,
                 bool cross_weighted_here, double other_s0) {
-  const double bm = static_cast<double>(block_max(zb, n) * inv_t);
+  const double bm = static_cast<double>(scaled(block_max(zb, n), inv_t));
   if (bm > m) {
     if (s0 > 0) shift_max(m, s0, s1, bm, cross, cross_weighted_here, other_s0);
     m = bm;
@@ -116,7 +126,7 @@ void accumulate_row(RowSums& r, const T* z, const T* zt, int64_t V, float inv_t,
     if (zt == nullptr) {
 #pragma omp simd reduction(+ : s0, s1)
       for (int64_t j = 0; j < n; ++j) {
-        const float a = to_f(zb[j]) * inv_t - m;
+        const float a = scaled(to_f(zb[j]), inv_t) - m;
         const float e = fast_exp(a);
         s0 += e;
         s1 += e * a;
@@ -131,8 +141,8 @@ void accumulate_row(RowSums& r, const T* z, const T* zt, int64_t V, float inv_t,
     const bool reverse = kl_mode == kReverse;
 #pragma omp simd reduction(+ : s0, s1, t0, t1, cross)
     for (int64_t j = 0; j < n; ++j) {
-      const float a = to_f(zb[j]) * inv_t - m;
-      const float at = to_f(ztb[j]) * inv_t - mt;
+      const float a = scaled(to_f(zb[j]), inv_t) - m;
+      const float at = scaled(to_f(ztb[j]), inv_t) - mt;
       const float e = fast_exp(a), et = fast_exp(at);
       s0 += e;
       s1 += e * a;
@@ -225,7 +235,7 @@ void token_stats_accumulate_(at::Tensor state, const at::Tensor& logits, const a
         accumulate_row(r, z, ztp ? ztp + i * zts : nullptr, C, it, kl_mode);
         const int64_t col = y[i] - col_offset;
         if (col >= 0 && col < C) {
-          r.z_y = static_cast<double>(to_f(z[col]) * it);
+          r.z_y = static_cast<double>(scaled(to_f(z[col]), it));
           r.target_seen = 1;
         }
         std::memcpy(sp + i * kStateWidth, &r, sizeof(RowSums));
@@ -282,11 +292,11 @@ struct RowGrad {
 
 template <int64_t kKl>
 VLMFAST_INLINE float dz_elem(const RowGrad& g, float z, float zt, float inv_t) {
-  const float lp = z * inv_t - g.lse;
+  const float lp = scaled(z, inv_t) - g.lse;
   const float p = fast_exp(lp);
   float c = g.base - g.g_h * lp;
-  if (kKl == kReverse) c += g.g_kl * (lp - (zt * inv_t - g.lse_t));
-  if (kKl == kForward) return p * (c + g.g_kl) - g.g_kl * fast_exp(zt * inv_t - g.lse_t);
+  if (kKl == kReverse) c += g.g_kl * (lp - (scaled(zt, inv_t) - g.lse_t));
+  if (kKl == kForward) return p * (c + g.g_kl) - g.g_kl * fast_exp(scaled(zt, inv_t) - g.lse_t);
   return p * c;
 }
 
