@@ -80,7 +80,8 @@ def _cuda_time(step) -> dict:
 
 def cpu_name() -> str:
     """The CPU, as precisely as timings need it: the development machine's CPU changes between sessions (Zen 3, 4, 5
-    so far) and 16-bit speed hangs on one flag. E.g. "AMD EPYC, x86_64 family 26 model 2, avx512_bf16"."""
+    so far) and 16-bit speed hangs on one flag. E.g. "AMD EPYC, x86_64 family 26 model 2, avx512_bf16, bf16 GEMM
+    avx512_bf16" (the native GEMM backend chosen for it)."""
     import platform
 
     info = {}
@@ -98,6 +99,11 @@ def cpu_name() -> str:
     flags = set(info.get("flags", "").split())
     sixteen_bit = [f for f in ("avx512_bf16", "amx_bf16", "avx512_fp16") if f in flags]
     parts.append(", ".join(sixteen_bit) or "no 16-bit instructions")
+    import torch
+
+    from vlmfast.ops import native
+
+    parts.append(f"bf16 GEMM {native.wide_gemm_path(torch.bfloat16)}")  # native.choose_wide_gemm's pick
     return ", ".join(parts)
 
 

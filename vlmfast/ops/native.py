@@ -120,6 +120,42 @@ def mm_wide_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate:
     return out
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def choose_wide_gemm(flags: set[str]) -> str:
+    """The bf16 GEMM with an fp32 result for a CPU with these flags: the rule, in one place.
+
+    - AMX tiles (amx_bf16 and amx_tile: Intel Xeon from Sapphire Rapids): "brgemm", ATen's cpublas::brgemm, which
+      runs them through oneDNN (1.87 s for token_stats fwd+bwd at N=1024, H=896, V=151936 where our vdpbf16ps
+      kernel took 6.48 s, on a Xeon with AMX: docs/platform.md);
+    - AVX512-BF16 without AMX (AMD Zen 4/5, Intel Cooper Lake): "avx512_bf16", ours (vdpbf16ps);
+    - neither: "brgemm" (fp32 speed; the PyTorch fallback may still run oneDNN's bf16 GEMMs, chunked.onednn_supports).
+    """
+    if {"amx_bf16", "amx_tile"} <= flags:
+        return "brgemm"
+    return "avx512_bf16" if "avx512_bf16" in flags else "brgemm"
+
+
+def _pick_wide_gemm() -> None:
+    """The native GEMM follows choose_wide_gemm unless VLMFAST_WIDE_GEMM says otherwise (the C++ reads the variable
+    per call: "brgemm" turns its AVX512-BF16 kernel off)."""
+    if "VLMFAST_WIDE_GEMM" not in os.environ and choose_wide_gemm(cpu_flags()) == "brgemm":
+        os.environ["VLMFAST_WIDE_GEMM"] = "brgemm"
+
+
+_pick_wide_gemm()
+
+
 def wide_gemm_path(dtype: torch.dtype) -> str:
     """Which GEMM `mm_wide_` runs for `dtype` on this CPU: "avx512_bf16" (ours, vdpbf16ps), "brgemm"
     (ATen's, fp32 speed without AMX; VLMFAST_WIDE_GEMM=brgemm forces it) or "none" (not 16-bit)."""
