@@ -77,3 +77,31 @@ def test_all_ignored_batch_launches_nothing_and_gives_zero_gradients(backend, mo
     assert loss.item() == 0 and not s.logp.any() and not s.entropy.any()
     assert not h.grad.any() and not W.grad.any()
     assert launches == []
+
+
+def test_a_launch_runs_on_its_tensors_gpu_not_the_current_one(monkeypatch):
+    """Inputs on cuda:3 while the current device is 0 (a rank's second model, a teacher on another GPU): the kernel
+    is launched inside a device guard for cuda:3 (a recording stand-in for torch.cuda.device)."""
+    import contextlib
+
+    from vlmfast.kernels.token_stats import Config, Launch
+
+    entered, ran = [], []
+
+    @contextlib.contextmanager
+    def device_guard(device):
+        entered.append(torch.device(device))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", device_guard)
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: ran.append((grid, list(entered)))
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():  # a tensor on cuda:3 without a GPU
+        on_gpu3 = torch.empty(4, device="cuda:3")
+    Launch(Kernel(), (2, 1), (1.0, on_gpu3), {}, Config(64, 64, 32, 4, 1))()
+    assert ran == [((2, 1), [torch.device("cuda", 3)])]

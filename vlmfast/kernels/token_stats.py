@@ -28,6 +28,7 @@ No autograd and no dispatch here: see vlmfast/ops/.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -166,9 +167,18 @@ class Launch:
     constexprs: dict
     config: Config
 
+    @property
+    def device(self) -> torch.device:
+        """Where the launch's tensors live (its first tensor argument's device)."""
+        return next(a.device for a in self.args if isinstance(a, torch.Tensor))
+
     def __call__(self):
-        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.config.num_warps,
-                               num_stages=self.config.num_stages)
+        # on the tensors' GPU, whatever the current device is (Triton launches, and the TMA scratch allocator
+        # allocates, on the current one)
+        guard = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with guard:
+            self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.config.num_warps,
+                                   num_stages=self.config.num_stages)
 
 
 @triton.jit
