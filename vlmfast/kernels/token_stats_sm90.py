@@ -84,13 +84,15 @@ def _quarters(x):
 @triton.jit
 def _target_logit(h_ptr, w_ptr, b_ptr, rows, row_mask, y, V, H, stride_h, stride_w, inv_t, HAS_BIAS: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
-    """z_y = (h · W[y] + b[y]) / T per row, fp32 (0 for an ignored row): computed once, so the wide tiles'
-    epilogue does not carry a [BLOCK_N, BLOCK_V] selection of the target column."""
+    """z_y = (h · W[y] + b[y]) / T per row, fp32 (0 for an ignored row, or one whose target another slice holds:
+    `row_mask` says which rows this slice computes): computed once, so the wide tiles' epilogue does not carry a
+    [BLOCK_N, BLOCK_V] selection of the target column. A block none of whose targets is here skips the dot."""
     has = row_mask & (y >= 0) & (y < V)
     acc = tl.zeros([BLOCK_N], tl.float32)
     h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_h
     w_rows = w_ptr + tl.where(has, y, 0).to(tl.int64)[:, None] * stride_w
-    for k0 in range(0, H, BLOCK_H):
+    depth = tl.where(tl.max(has.to(tl.int32), 0) > 0, H, 0)
+    for k0 in range(0, depth, BLOCK_H):
         ks = k0 + tl.arange(0, BLOCK_H)
         mask = has[:, None] & (ks < H)[None, :]
         hk = tl.load(h_rows + ks[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -180,7 +182,9 @@ def _token_stats_fwd_sm90_kernel(
             m, s0, a, zy, mt, t0, b, at, bt = _online_update(z, zt, cols, col_mask, y, m, s0, a, zy, mt, t0, b, at,
                                                              bt, TEACHER)
     if BLOCK_V >= 128:
-        zy = _target_logit(h_ptr, w_ptr, b_ptr, rows, row_mask, y, V, H, stride_h, stride_w, inv_t, HAS_BIAS, BLOCK_N,
+        # only the slice that holds a row's target computes it (the others would redo the H-long dot product)
+        here = row_mask & (y >= v_start) & (y < v_end)
+        zy = _target_logit(h_ptr, w_ptr, b_ptr, rows, here, y, V, H, stride_h, stride_w, inv_t, HAS_BIAS, BLOCK_N,
                            BLOCK_H)
     _store_partials(part_ptr, zy_ptr, rows, row_mask, y, v_start, v_end, pid_s, N, m, s0, a, zy, mt, t0, b, at, bt,
                     TEACHER)
