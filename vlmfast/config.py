@@ -34,6 +34,7 @@ class RunConfig:
     threads: int = 2  # torch CPU threads per process
     log_every: int = 1  # write a train record every this many steps
     checkpoint_every: int = 50  # steps between resumable checkpoints (a multiple of updates_per_rollout)
+    max_bad_steps: int = 3  # updates in a row with a NaN/inf loss (each skipped) before the run stops
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, trackio, mlflow; none
 
 
@@ -439,7 +440,7 @@ def _check_ranges(cfg: Config) -> None:
         if value is not None and not value >= lo:
             raise ConfigError(f"{key}: must be >= {lo}, got {value}")
 
-    for key in ("threads", "log_every", "checkpoint_every"):
+    for key in ("threads", "log_every", "checkpoint_every", "max_bad_steps"):
         at_least(f"run.{key}", getattr(cfg.run, key), 1)
     if not cfg.model.vision_lr_mult > 0:
         raise ConfigError(f"model.vision_lr_mult: must be > 0, got {cfg.model.vision_lr_mult}")

@@ -10,12 +10,21 @@ def _several() -> bool:
     return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
+def _collective_device(x: torch.Tensor) -> torch.device:
+    """Where a collective can take x: NCCL reduces GPU tensors only (the current device's), gloo any."""
+    if x.device.type == "cpu" and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return x.device
+
+
 def reduce_over_ranks(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """x summed (op "sum"), or its elementwise max / min, over the ranks; a copy, no gradient."""
+    """x summed (op "sum"), or its elementwise max / min, over the ranks; a copy on x's device, no gradient."""
     x = x.detach().clone()
     if _several():
         ops = torch.distributed.ReduceOp
-        torch.distributed.all_reduce(x, op={"sum": ops.SUM, "max": ops.MAX, "min": ops.MIN}[op])
+        y = x.to(_collective_device(x))
+        torch.distributed.all_reduce(y, op={"sum": ops.SUM, "max": ops.MAX, "min": ops.MIN}[op])
+        x = y.to(x.device)
     return x
 
 

@@ -44,6 +44,7 @@ from .config import (
 from .data.formats import RowError
 from .data.prompts import reasoning_of, target_response
 from .evaluate import eval_generations, eval_metrics, eval_seeds
+from .faults import BadStep, Preemption, finite_everywhere, signal_if
 from .models import head_vocab, load_model, tiny_vlm
 from .ops import inputs_checked
 from .probes import DeltaLogpProbe, EarlyStopping, entropy_means, sample_entropy_sums
@@ -76,6 +77,10 @@ def _kill_if(where: str) -> None:
 
 class SimulatedKill(RuntimeError):
     pass
+
+
+class Preempted(RuntimeError):
+    """A signal (SIGTERM, SIGUSR1) stopped the run after a checkpoint: not a failure, resumable."""
 
 
 class DataError(ValueError):
@@ -620,30 +625,47 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
     bar = tqdm(range(start_step, stage.steps), desc=f"{name}", initial=start_step, total=stage.steps,
                disable=not _is_main(), dynamic_ncols=True)
     ctx.timer.on_phase = lambda phase: bar.set_description_str(f"{name} [{phase}]")  # the bar says what runs now
-    stopped_early, done = False, start_step
+    stopped_early, done, bad_steps = False, start_step, 0
+    preemption = Preemption()
     for step in bar:
         if fail_at == f"{si}:{step}":
             raise SimulatedKill(f"simulated kill at stage {si} step {step}")
         _kill_if(f"{si}:{step}")
+        signal_if(f"{si}:{step}")
         _set_lr(optimizer, scale, step)
         policy.train()
         ctx.timer.start()
-        loss, metrics = 0.0, None
+        loss, metrics, skipped = 0.0, None, False
         # the fused ops check their inputs' values (host syncs) on the stage's first step only
         with inputs_checked(step == start_step):
             out = step_fn(ctx, step)  # rollouts (if any) happen in here, the engine awake for them only
-            for share, m in [out] if isinstance(out, tuple) else out:  # one micro-batch's forward at a time
+            for k, (share, m) in enumerate([out] if isinstance(out, tuple) else out):  # one micro-batch at a time
+                if not finite_everywhere(share):  # NaN/inf on any rank: every rank skips the update
+                    if k:  # earlier micro-batches' gradients are already in DeepSpeed's buffers
+                        raise BadStep(f"stage {name} step {step + 1}: a NaN/inf loss in micro-batch {k + 1} after "
+                                      f"{k} backward passes: the update cannot be skipped cleanly; the last "
+                                      "checkpoint holds the last good weights")
+                    skipped = True
+                    break
                 # the shares add up to the step's loss: DeepSpeed must not divide them by its accumulation count
                 engine.backward(share / cfg.deepspeed.grad_accum, scale_wrt_gas=False)
                 engine.step()  # the optimizer steps at the accumulation boundary only
                 loss, metrics = loss + share.detach(), m if m is not None else metrics
-        ctx.policy_updated()  # the engine (if it holds weights) syncs before it next samples: once per rollout
+        bad_steps = bad_steps + 1 if skipped else 0
+        if bad_steps > cfg.run.max_bad_steps:
+            raise BadStep(f"stage {name}: {bad_steps} updates in a row had a NaN/inf loss (run.max_bad_steps="
+                          f"{cfg.run.max_bad_steps}); the last checkpoint holds the last good weights")
+        if not skipped:
+            ctx.policy_updated()  # the engine (if it holds weights) syncs before it next samples: once per rollout
         done = step + 1
-        loss = mean_over_ranks(loss.float()).item()  # each rank's loss is its share of the global one
+        loss = float("nan") if skipped else mean_over_ranks(loss.float()).item()  # each rank's share of the loss
         timing = ctx.timer.stop()
         rec = {"stage": name, "stage_index": si, "step": done, "kind": "train", "loss": loss,
-               **_global_metrics(ctx, metrics), "lr": optimizer.param_groups[0]["lr"], **timing,
+               **(_global_metrics(ctx, metrics) if not skipped else {"skipped": 1}),
+               "lr": optimizer.param_groups[0]["lr"], **timing,
                **_throughput(ctx.extra.pop("tokens", 0), timing["step_time_s"])}
+        if skipped and _is_main():
+            tqdm.write(f"[{name}] step {done}: NaN/inf loss, update skipped ({bad_steps} in a row)")
         if done % cfg.run.log_every == 0:
             log.write(rec)
         bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("loss", "reward", "entropy") if k in rec})
@@ -656,12 +678,18 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
                     save(best_tag, done)
                 if should_stop:
                     stopped_early = True
-        if done % cfg.run.checkpoint_every == 0 and done < stage.steps and not stopped_early:
+        preempted = preemption.requested() and done < stage.steps  # SIGTERM / SIGUSR1 on any rank
+        if (done % cfg.run.checkpoint_every == 0 or preempted) and done < stage.steps and not stopped_early:
             save(f"step-{si}-{done}", done)
             ckpt.prune(ckpt_root, keep={f"step-{si}-{done}"})
+        if preempted:
+            bar.close()
+            raise Preempted(f"stage {name}: stopped after step {done} on a signal; checkpoint step-{si}-{done} "
+                            "saved: run the same command to resume")
         if stopped_early:
             break
     bar.close()
+    preemption.close()
     # hand-off: the best checkpoint under early stopping, else the last weights
     final_tag = best_tag if (stopper is not None and best_tag) else f"final-{si}"
     if final_tag == f"final-{si}":
@@ -717,6 +745,12 @@ def main(argv=None) -> int:
     except DataError as e:
         print(f"data error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr, flush=True)
+        return 0
+    except BadStep as e:
+        print(f"stopped: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

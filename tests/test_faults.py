@@ -1,0 +1,116 @@
+"""What a long run survives. A NaN/inf loss: every rank skips the update (no backward, no optimizer step), the
+record says so, and after run.max_bad_steps in a row the run stops (exit 1) keeping its last checkpoint. A real
+SIGTERM or SIGUSR1 (Slurm's warning): the step finishes, a checkpoint is saved, the run exits 0, and run again it
+resumes to exactly the numbers of the run that was never stopped."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from _launch import clean_env
+from test_train import recipe, records
+
+from vlmfast import stages as S
+from vlmfast import train as T
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def _nan_at(monkeypatch, bad_steps):
+    real = S.sft_step
+
+    def step_fn(ctx, step):
+        loss, m = real(ctx, step)
+        return (loss * float("nan"), m) if step in bad_steps else (loss, m)
+
+    monkeypatch.setitem(S.STEP_FUNCTIONS, "sft", step_fn)
+
+
+def test_a_nan_loss_skips_the_update(tmp_path, monkeypatch):
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    _nan_at(monkeypatch, {1})
+    updates = []
+    real_step = DeepSpeedEngine.step
+    monkeypatch.setattr(DeepSpeedEngine, "step", lambda self, *a, **k: updates.append(1) or real_step(self, *a, **k))
+    T.run(recipe(tmp_path, [{"type": "sft", "name": "sft", "steps": 4, "batch_size": 4}],
+                 eval={"at_start": False, "probes": 0}))
+    rec = records(tmp_path)
+    assert [r.get("skipped", 0) for r in rec] == [0, 1, 0, 0] and len(updates) == 3
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for i, r in enumerate(rec) if i != 1)
+    from vlmfast.models import load_model
+
+    weights = load_model(str(tmp_path / "t" / "checkpoints" / "final-0" / "hf"))[0].state_dict()
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_too_many_bad_steps_in_a_row_stop_the_run(tmp_path, monkeypatch, capsys):
+    _nan_at(monkeypatch, {2, 3, 4, 5})
+    cfg = recipe(tmp_path, [{"type": "sft", "name": "sft", "steps": 8, "batch_size": 4}],
+                 run={"max_bad_steps": 2, "checkpoint_every": 2}, eval={"at_start": False, "probes": 0})
+    monkeypatch.setattr(T, "load_config", lambda *a, **k: cfg)
+    assert T.main(["--config", "unused.yaml"]) == 1
+    assert "3 updates in a row had a NaN/inf loss (run.max_bad_steps=2)" in capsys.readouterr().err
+    from vlmfast import checkpoint as ckpt
+
+    # the newest checkpoint (after step 4, whose update was skipped) holds the weights of step 2, the last good ones
+    assert ckpt.latest(tmp_path / "t" / "checkpoints").name == "step-0-4"
+
+
+GRPO = {
+    "run": {"threads": 2, "checkpoint_every": 100},
+    "model": {"path": "tiny:student"},
+    "data": {"synthetic": {"train": 32, "val": 4, "ood": 4}},
+    "eval": {"every": 2, "num_problems": 2, "n_samples": 2, "k": [1], "max_new_tokens": 4, "probes": 2},
+    "stages": [{"type": "grpo", "name": "grpo", "steps": 4, "lr": 2e-3, "batch_size": 2, "group_size": 4,
+                "updates_per_rollout": 2, "max_new_tokens": 6, "kl_coef": 0.05, "entropy_coef": 0.05}],
+}
+
+
+def _train(tmp_path, name, signal_at=None):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**GRPO, "run": {**GRPO["run"], "name": name, "out_dir": str(tmp_path)}}))
+    env = clean_env(**({"VLMFAST_SIGNAL_AT": signal_at} if signal_at else {}))
+    return subprocess.run([sys.executable, "-m", "vlmfast.train", "--config", str(path)], capture_output=True,
+                          text=True, timeout=600, env=env)
+
+
+def _records(tmp_path, name):
+    return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_a_real_signal_saves_exits_cleanly_and_resumes_to_the_same_numbers(tmp_path):
+    whole = _train(tmp_path, "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    want = _records(tmp_path, "whole")
+    # SIGTERM during step 2 (the rollout batch's second update), SIGUSR1 during step 3 (after an evaluation, the next
+    # rollout batch's first update: its checkpoint is taken inside the batch)
+    for signal_at, saved in (("0:1:SIGTERM", "step-0-2"), ("0:2:SIGUSR1", "step-0-3")):
+        name = signal_at.replace(":", "-")
+        stopped = _train(tmp_path, name, signal_at)
+        assert stopped.returncode == 0, stopped.stderr[-3000:]
+        assert f"checkpoint {saved} saved" in stopped.stderr
+        assert (tmp_path / name / "checkpoints" / saved).is_dir()
+        assert not (tmp_path / name / "results.json").exists()  # stopped, not finished
+        resumed = _train(tmp_path, name)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        got = _records(tmp_path, name)
+        assert [(r["kind"], r["step"]) for r in got] == [(r["kind"], r["step"]) for r in want]
+        for a, b in zip(want, got):
+            for key in ("loss", "ratio_mean", "kl", "val/accuracy", "val/entropy", "dlogp_pos"):
+                if key in a:
+                    assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), (signal_at, a["step"], key)
+
+
+def test_collectives_of_host_tensors_go_to_the_gpu_under_nccl(monkeypatch):
+    from vlmfast.ranks import _collective_device
+
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    assert _collective_device(torch.zeros(1)) == torch.device("cuda", 2)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda *a: "gloo")
+    assert _collective_device(torch.zeros(1)) == torch.device("cpu")

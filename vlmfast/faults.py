@@ -1,0 +1,61 @@
+"""What a long run survives: a NaN/inf loss (the update is skipped, every rank alike) and a preemption (SIGTERM,
+or SIGUSR1, Slurm's warning before it: a checkpoint is saved at the end of the step and the run exits cleanly, to
+resume where it stopped).
+
+Both decisions are all-reduced: every rank skips the same update and stops after the same step, whichever rank
+saw the NaN or got the signal first (a rank that went its own way would leave the others in a collective)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+
+from .ranks import reduce_over_ranks
+
+SIGNAL_AT_ENV = "VLMFAST_SIGNAL_AT"  # tests: "stage:step:SIGTERM" sends the process that real signal there
+
+
+class BadStep(RuntimeError):
+    """Too many updates in a row had a NaN/inf loss, or one could not be skipped cleanly."""
+
+
+def finite_everywhere(loss: torch.Tensor) -> bool:
+    """The loss is finite on every rank (one all-reduce)."""
+    bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0], dtype=torch.float64,
+                       device=loss.device)
+    return reduce_over_ranks(bad, "max").item() == 0
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 set a flag; `requested()` says, on every rank alike, whether any rank got one."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
+        for sig in self.SIGNALS:
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave the handlers as they are
+                pass
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def requested(self) -> bool:
+        flag = torch.tensor([0.0 if self.signum is None else 1.0], dtype=torch.float64)
+        return reduce_over_ranks(flag, "max").item() > 0
+
+    def close(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def signal_if(where: str) -> None:
+    """Tests: send this process the real signal named for `where` ("stage:step:SIGNAME")."""
+    stage_step, _, name = os.environ.get(SIGNAL_AT_ENV, "").rpartition(":")
+    if stage_step and stage_step == where:
+        os.kill(os.getpid(), getattr(signal, name))
