@@ -35,6 +35,7 @@ class RunConfig:
     log_every: int = 1  # write a train record every this many steps
     checkpoint_every: int = 50  # steps between resumable checkpoints (a multiple of updates_per_rollout)
     max_bad_steps: int = 3  # updates in a row with a NaN/inf loss (each skipped) before the run stops
+    dist_timeout_s: int = 600  # a collective waiting this long (a dead rank or node) fails the run instead of hanging
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, trackio, mlflow; none
 
 
@@ -440,7 +441,7 @@ def _check_ranges(cfg: Config) -> None:
         if value is not None and not value >= lo:
             raise ConfigError(f"{key}: must be >= {lo}, got {value}")
 
-    for key in ("threads", "log_every", "checkpoint_every", "max_bad_steps"):
+    for key in ("threads", "log_every", "checkpoint_every", "max_bad_steps", "dist_timeout_s"):
         at_least(f"run.{key}", getattr(cfg.run, key), 1)
     if not cfg.model.vision_lr_mult > 0:
         raise ConfigError(f"model.vision_lr_mult: must be > 0, got {cfg.model.vision_lr_mult}")

@@ -103,12 +103,18 @@ def check_run_dir(cfg: Config) -> None:
                           "resume with the same recipe, start over with run.resume=never, or pick a new run.name")
 
 
-def _init_distributed(device: str) -> None:
-    """Single process: give torch.distributed a one-rank world (the deepspeed launcher sets these)."""
+def _init_distributed(device: str, timeout_s: int = 600) -> None:
+    """The run's world: from the launcher (deepspeed, torchrun, srun), or a one-rank world for a single process.
+    A collective that waits longer than `timeout_s` (a dead rank) fails instead of idling DeepSpeed's 30 minutes."""
+    import datetime
+
     import deepspeed
+
+    from .launch import srun_world
 
     if torch.distributed.is_initialized():
         return
+    os.environ.update(srun_world(os.environ))
     if device == "cuda":  # before anything touches the GPU: this rank's device is LOCAL_RANK's, not cuda:0
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if "RANK" not in os.environ:
@@ -116,7 +122,8 @@ def _init_distributed(device: str) -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
+    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo",
+                               timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def _is_main() -> bool:
@@ -475,7 +482,7 @@ def run(cfg: Config) -> dict:
 
     hf_logging.disable_progress_bar()  # one bar per stage: no "Writing model shards" / "Loading weights" bars
     device = cfg.run.device if cfg.run.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    _init_distributed(device)
+    _init_distributed(device, cfg.run.dist_timeout_s)
     check_ranks(cfg, torch.distributed.get_world_size())
     if device == "cuda":  # a recipe that cannot fit stops here, naming what does not
         from .plan import check_fits
