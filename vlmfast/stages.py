@@ -146,11 +146,23 @@ def rank_positions(ctx: StageContext, n: int, parts: int = 1) -> list[int]:
 
 def batch_examples(ctx: StageContext, step: int, n: int, parts: int = 1) -> tuple[list, list[int]]:
     """This rank's share of the step's global batch of n examples, and their places in it: the same
-    global batch whatever the number of ranks, so 2 ranks match 1 process."""
-    g = torch.Generator().manual_seed(step_seed(ctx, step))
-    idx = torch.randint(len(ctx.train), (n,), generator=g).tolist()
+    global batch whatever the number of ranks, so 2 ranks match 1 process.
+
+    Examples are drawn as epoch permutations (TRL's RepeatSampler draws the same way): the stage's i-th example
+    is example perm_e[i mod L] of the L training examples, e = i div L, perm_e a permutation seeded by (run seed,
+    stage, e). An epoch visits every example once (drawing with replacement repeated ~12% of a 512-prompt batch),
+    and a resumed run draws what an uninterrupted one would: the draw is a function of the step alone."""
+    L = len(ctx.train)
     positions = rank_positions(ctx, n, parts)
-    return [ctx.train[idx[p]] for p in positions], positions
+    perms = {}
+    out = []
+    for p in positions:
+        epoch, r = divmod(step * n + p, L)
+        if epoch not in perms:
+            seed = (ctx.cfg.run.seed * 1_000_003 + ctx.index * 10_007 + epoch * 7_919 + 1) % (2**31 - 1)
+            perms[epoch] = torch.randperm(L, generator=torch.Generator().manual_seed(seed))
+        out.append(ctx.train[int(perms[epoch][r])])
+    return out, positions
 
 
 def position_seeds(ctx: StageContext, step: int, positions: list[int]) -> list[int]:
