@@ -3,14 +3,11 @@ record says so, and after run.max_bad_steps in a row the run stops (exit 1) keep
 SIGTERM or SIGUSR1 (Slurm's warning): the step finishes, a checkpoint is saved, the run exits 0, and run again it
 resumes to exactly the numbers of the run that was never stopped."""
 
-import json
-import subprocess
-import sys
 
 import pytest
 import torch
-import yaml
-from _launch import clean_env
+from test_resume_kill import records as run_records
+from test_resume_kill import train
 from test_train import recipe, records
 
 from vlmfast import stages as S
@@ -60,33 +57,16 @@ def test_too_many_bad_steps_in_a_row_stop_the_run(tmp_path, monkeypatch, capsys)
     assert ckpt.latest(tmp_path / "t" / "checkpoints").name == "step-0-4"
 
 
-GRPO = {
-    "run": {"threads": 2, "checkpoint_every": 100},
-    "model": {"path": "tiny:student"},
-    "data": {"synthetic": {"train": 32, "val": 4, "ood": 4}},
-    "eval": {"every": 2, "num_problems": 2, "n_samples": 2, "k": [1], "max_new_tokens": 4, "probes": 2},
-    "stages": [{"type": "grpo", "name": "grpo", "steps": 4, "lr": 2e-3, "batch_size": 2, "group_size": 4,
-                "updates_per_rollout": 2, "max_new_tokens": 6, "kl_coef": 0.05, "entropy_coef": 0.05}],
-}
-
-
 def _train(tmp_path, name, signal_at=None):
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({**GRPO, "run": {**GRPO["run"], "name": name, "out_dir": str(tmp_path)}}))
-    env = clean_env(**({"VLMFAST_SIGNAL_AT": signal_at} if signal_at else {}))
-    return subprocess.run([sys.executable, "-m", "vlmfast.train", "--config", str(path)], capture_output=True,
-                          text=True, timeout=600, env=env)
-
-
-def _records(tmp_path, name):
-    return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    """test_resume_kill's GRPO recipe, no periodic checkpoint (the signal's is the only one)."""
+    return train(tmp_path, name, {"VLMFAST_SIGNAL_AT": signal_at} if signal_at else None, checkpoint_every=100)
 
 
 @pytest.mark.slow
 def test_a_real_signal_saves_exits_cleanly_and_resumes_to_the_same_numbers(tmp_path):
     whole = _train(tmp_path, "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
-    want = _records(tmp_path, "whole")
+    want = run_records(tmp_path, "whole")
     # SIGTERM during step 2 (the rollout batch's second update), SIGUSR1 during step 3 (after an evaluation, the next
     # rollout batch's first update: its checkpoint is taken inside the batch)
     for signal_at, saved in (("0:1:SIGTERM", "step-0-2"), ("0:2:SIGUSR1", "step-0-3")):
@@ -98,7 +78,7 @@ def test_a_real_signal_saves_exits_cleanly_and_resumes_to_the_same_numbers(tmp_p
         assert not (tmp_path / name / "results.json").exists()  # stopped, not finished
         resumed = _train(tmp_path, name)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
-        got = _records(tmp_path, name)
+        got = run_records(tmp_path, name)
         assert [(r["kind"], r["step"]) for r in got] == [(r["kind"], r["step"]) for r in want]
         for a, b in zip(want, got):
             for key in ("loss", "ratio_mean", "kl", "val/accuracy", "val/entropy", "dlogp_pos"):

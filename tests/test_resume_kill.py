@@ -24,15 +24,20 @@ RECIPE = {
 }
 
 
-def _train(tmp_path, name, kill_at=None):
+def train(tmp_path, name, env=None, **run):
+    """RECIPE through `python -m vlmfast.train` (run keys overridden by `run`), with `env` added."""
     path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({**RECIPE, "run": {**RECIPE["run"], "name": name, "out_dir": str(tmp_path)}}))
-    env = clean_env(**({"VLMFAST_KILL_AT": kill_at} if kill_at else {}))
+    path.write_text(yaml.safe_dump({**RECIPE, "run": {**RECIPE["run"], "name": name, "out_dir": str(tmp_path),
+                                                      **run}}))
     return subprocess.run([sys.executable, "-m", "vlmfast.train", "--config", str(path)], capture_output=True,
-                          text=True, timeout=600, env=env)
+                          text=True, timeout=600, env=clean_env(**(env or {})))
 
 
-def _records(tmp_path, name):
+def _train(tmp_path, name, kill_at=None):
+    return train(tmp_path, name, {"VLMFAST_KILL_AT": kill_at} if kill_at else None)
+
+
+def records(tmp_path, name):
     return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -41,7 +46,7 @@ def whole(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("whole")
     res = _train(tmp, "whole")
     assert res.returncode == 0, res.stderr[-3000:]
-    return _records(tmp, "whole")
+    return records(tmp, "whole")
 
 
 # step 1 and 3: inside a rollout batch of 2 updates; step 2: at its boundary; eval:2: mid-evaluation
@@ -51,7 +56,7 @@ def test_sigkill_anywhere_resumes_to_the_same_metrics(whole, tmp_path, kill_at):
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     resumed = _train(tmp_path, "run")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    got = _records(tmp_path, "run")
+    got = records(tmp_path, "run")
     assert [(r["kind"], r["step"]) for r in got] == [(r["kind"], r["step"]) for r in whole]
     for a, b in zip(whole, got):
         for key in ("loss", "ratio_mean", "kl", "sampler_mismatch", "val/accuracy", "val/entropy", "dlogp_pos"):
