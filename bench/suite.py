@@ -84,25 +84,17 @@ def cpu_name() -> str:
     avx512_bf16" (the native GEMM backend chosen for it)."""
     import platform
 
-    info = {}
-    try:
-        for line in open("/proc/cpuinfo"):
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())
-            if key.strip() == "flags":
-                break
-    except OSError:
-        pass
-    parts = [info.get("model name", platform.processor() or "unknown CPU"), platform.machine()]
-    if "cpu family" in info:
-        parts[-1] += f" family {info['cpu family']} model {info.get('model', '?')}"
-    flags = set(info.get("flags", "").split())
-    sixteen_bit = [f for f in ("avx512_bf16", "amx_bf16", "avx512_fp16") if f in flags]
-    parts.append(", ".join(sixteen_bit) or "no 16-bit instructions")
     import torch
 
     from vlmfast.ops import native
 
+    info = native.cpu_info()
+    parts = [info.get("model name", platform.processor() or "unknown CPU"), platform.machine()]
+    if "cpu family" in info:
+        parts[-1] += f" family {info['cpu family']} model {info.get('model', '?')}"
+    flags = native.cpu_flags()
+    sixteen_bit = [f for f in ("avx512_bf16", "amx_bf16", "avx512_fp16") if f in flags]
+    parts.append(", ".join(sixteen_bit) or "no 16-bit instructions")
     parts.append(f"bf16 GEMM {native.wide_gemm_path(torch.bfloat16)}")  # native.choose_wide_gemm's pick
     return ", ".join(parts)
 

@@ -6,8 +6,8 @@ resumes to exactly the numbers of the run that was never stopped."""
 
 import pytest
 import torch
+from test_resume_kill import RECIPE, train
 from test_resume_kill import records as run_records
-from test_resume_kill import train
 from test_train import recipe, records
 
 from vlmfast import stages as S
@@ -84,6 +84,25 @@ def test_a_real_signal_saves_exits_cleanly_and_resumes_to_the_same_numbers(tmp_p
             for key in ("loss", "ratio_mean", "kl", "val/accuracy", "val/entropy", "dlogp_pos"):
                 if key in a:
                     assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), (signal_at, a["step"], key)
+
+
+@pytest.mark.slow
+def test_a_signal_in_a_stages_last_step_stops_at_the_stage_boundary(tmp_path):
+    """SIGTERM during the last step of stage 0 of two: the stage ends as usual (its hand-off saved), the run stops
+    there instead of starting stage 1, and resumes into stage 1 with the numbers of the run never stopped."""
+    two = {**RECIPE, "stages": [{"type": "sft", "name": "sft", "steps": 2, "lr": 2e-3, "batch_size": 4},
+                                {**RECIPE["stages"][0], "steps": 2, "updates_per_rollout": 1}]}
+    assert train(tmp_path, "whole", recipe=two, checkpoint_every=100).returncode == 0
+    stopped = train(tmp_path, "stopped", {"VLMFAST_SIGNAL_AT": "0:1:SIGTERM"}, recipe=two, checkpoint_every=100)
+    assert stopped.returncode == 0 and "stopped after stage sft on a signal" in stopped.stderr, stopped.stderr[-3000:]
+    assert {r["stage"] for r in run_records(tmp_path, "stopped")} == {"sft"}
+    assert train(tmp_path, "stopped", recipe=two, checkpoint_every=100).returncode == 0
+    want, got = run_records(tmp_path, "whole"), run_records(tmp_path, "stopped")
+    assert [(r["stage"], r["kind"], r["step"]) for r in got] == [(r["stage"], r["kind"], r["step"]) for r in want]
+    for a, b in zip(want, got):
+        for key in ("loss", "val/accuracy", "val/entropy"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), (a["stage"], a["step"], key)
 
 
 def test_collectives_of_host_tensors_go_to_the_gpu_under_nccl(monkeypatch):

@@ -24,10 +24,10 @@ RECIPE = {
 }
 
 
-def train(tmp_path, name, env=None, **run):
-    """RECIPE through `python -m vlmfast.train` (run keys overridden by `run`), with `env` added."""
+def train(tmp_path, name, env=None, recipe=RECIPE, **run):
+    """`recipe` through `python -m vlmfast.train` (run keys overridden by `run`), with `env` added."""
     path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({**RECIPE, "run": {**RECIPE["run"], "name": name, "out_dir": str(tmp_path),
+    path.write_text(yaml.safe_dump({**recipe, "run": {**recipe["run"], "name": name, "out_dir": str(tmp_path),
                                                       **run}}))
     return subprocess.run([sys.executable, "-m", "vlmfast.train", "--config", str(path)], capture_output=True,
                           text=True, timeout=600, env=clean_env(**(env or {})))

@@ -106,6 +106,11 @@ def split_metric_names(ks) -> list[str]:
     return [*SPLIT_METRICS, *(f"pass@{k}{end}" for k in ks for end in ("", "_lo", "_hi"))]
 
 
+def sampled_count(n: int, sample_problems: int | None) -> int:
+    """How many of n problems are sampled (the first ones): eval.sample_problems, default all."""
+    return n if sample_problems is None else min(sample_problems, n)
+
+
 def eval_seeds(seed: int, n: int) -> list[int]:
     """One sampling seed per problem, by its place in the split: a problem's samples are the same whichever
     rank (and batch) generates it."""
@@ -165,7 +170,7 @@ def evaluate_policy(engine, processor, examples, *, n_samples: int, ks, temperat
     """eval_generations then eval_metrics in one process: greedy metrics on `examples`, sampled ones on the
     first `sample_problems` (default all: sampling costs n_samples greedy passes, so a large split is sampled on
     a subset), each problem's samples seeded by its place (eval_seeds)."""
-    m = len(examples) if sample_problems is None else min(sample_problems, len(examples))
+    m = sampled_count(len(examples), sample_problems)
     greedy, samples = eval_generations(engine, examples, examples[:m], n_samples=n_samples, temperature=temperature,
                                        max_new_tokens=max_new_tokens, seeds=eval_seeds(seed, m))
     return eval_metrics(processor, examples, greedy, samples, n_samples=n_samples, ks=ks, seed=seed)

@@ -14,6 +14,7 @@ import torch
 
 from .ranks import reduce_over_ranks
 
+KILL_AT_ENV = "VLMFAST_KILL_AT"  # tests: "stage:step" or "stage:eval:step" SIGKILLs the process there
 SIGNAL_AT_ENV = "VLMFAST_SIGNAL_AT"  # tests: "stage:step:SIGTERM" sends the process that real signal there
 
 
@@ -23,17 +24,18 @@ class BadStep(RuntimeError):
 
 def finite_everywhere(loss: torch.Tensor) -> bool:
     """The loss is finite on every rank (one all-reduce)."""
-    bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0], dtype=torch.float64,
-                       device=loss.device)
+    bad = (~torch.isfinite(loss.detach())).any().to(torch.float64).reshape(1)  # no host read before the reduce
     return reduce_over_ranks(bad, "max").item() == 0
 
 
 class Preemption:
-    """SIGTERM / SIGUSR1 set a flag; `requested()` says, on every rank alike, whether any rank got one."""
+    """Inside: SIGTERM / SIGUSR1 set a flag (the handlers before are restored on leaving); `requested()` says, on
+    every rank alike, whether any rank got one. One for the whole run: a signal during a stage's last step is
+    still seen at the stage boundary."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self):
+    def __enter__(self):
         self.signum = None
         self.previous = {}
         for sig in self.SIGNALS:
@@ -41,6 +43,11 @@ class Preemption:
                 self.previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: leave the handlers as they are
                 pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         self.signum = signum
@@ -49,13 +56,12 @@ class Preemption:
         flag = torch.tensor([0.0 if self.signum is None else 1.0], dtype=torch.float64)
         return reduce_over_ranks(flag, "max").item() > 0
 
-    def close(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
 
 def signal_if(where: str) -> None:
-    """Tests: send this process the real signal named for `where` ("stage:step:SIGNAME")."""
+    """Tests: send this process a real signal at `where`: KILL_AT_ENV="stage:step" (or "stage:eval:step") a SIGKILL,
+    as a killed job dies (no exception handler, no atexit, no flush); SIGNAL_AT_ENV="stage:step:SIGNAME" that one."""
+    if os.environ.get(KILL_AT_ENV) == where:
+        os.kill(os.getpid(), signal.SIGKILL)
     stage_step, _, name = os.environ.get(SIGNAL_AT_ENV, "").rpartition(":")
     if stage_step and stage_step == where:
         os.kill(os.getpid(), getattr(signal, name))

@@ -459,8 +459,8 @@ def opd_step(ctx: StageContext, step: int):
     # sampled-token form: the teacher's per-token log-probs come from a generation engine's score()
     # (a teacher too large to sit beside the student would be served there)
     with ctx.generating(ctx.extra["teacher_engine"]) as teacher, ctx.timer("logprobs"):
-        scored = teacher.score([e.problem for e in exs], [e.images for e in exs],
-                                                   responses, temperature=s.temperature)
+        scored = teacher.score([e.problem for e in exs], [e.images for e in exs], responses,
+                               temperature=s.temperature)
     t_logp = torch.zeros(b["labels"].shape)
     for i, lp in enumerate(scored):
         start = int(b["prompt_lengths"][i]) - 1

@@ -43,7 +43,7 @@ from .config import (
 )
 from .data.formats import RowError
 from .data.prompts import reasoning_of, target_response
-from .evaluate import eval_generations, eval_metrics, eval_seeds
+from .evaluate import eval_generations, eval_metrics, eval_seeds, sampled_count
 from .faults import BadStep, Preemption, finite_everywhere, signal_if
 from .models import head_vocab, load_model, tiny_vlm
 from .ops import inputs_checked
@@ -64,15 +64,6 @@ from .tracking import open_trackers
 from .zero import engine_forward, frozen_engine, gathered_for_generation, partitioned_loading
 
 FAIL_AT_ENV = "VLMFAST_FAIL_AT_STEP"  # tests: "stage:step" raises there, as a killed run would stop
-KILL_AT_ENV = "VLMFAST_KILL_AT"  # tests: "stage:step" or "stage:eval:step" SIGKILLs the process there
-
-
-def _kill_if(where: str) -> None:
-    """Tests: die as a killed job does (SIGKILL: no exception handler, no atexit, no flush) at `where`."""
-    if os.environ.get(KILL_AT_ENV) == where:
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class SimulatedKill(RuntimeError):
@@ -421,21 +412,20 @@ def evaluate(cfg: Config, model, processor, data: dict, probe: DeltaLogpProbe | 
     gen, probe_greedy = {}, None
     with generating() as engine:
         for split, part in splits.items():
-            m = len(part) if e.sample_problems is None else min(e.sample_problems, len(part))
+            m = sampled_count(len(part), e.sample_problems)
             g_idx, _ = shard(len(part), rank, size)
             s_idx, s_real = shard(m, rank, size)
             seeds = eval_seeds(seed, m)
             greedy, groups = eval_generations(engine, [part[i] for i in g_idx], [part[i] for i in s_idx],
                                               n_samples=e.n_samples, temperature=e.temperature,
                                               max_new_tokens=e.max_new_tokens, seeds=[seeds[i] for i in s_idx])
-            gen[split] = (g_idx, greedy, s_idx, s_real, groups)
+            gen[split] = (g_idx, greedy, m, s_idx, s_real, groups)
         if probe is not None:
             probe_greedy = engine.generate(probe.problems, probe.images, n=1,
                                            sampling=Sampling(temperature=0.0, max_new_tokens=e.max_new_tokens))
     metrics, shown = {}, []
-    for split, (g_idx, greedy, s_idx, s_real, groups) in gen.items():
+    for split, (g_idx, greedy, m, s_idx, s_real, groups) in gen.items():
         part = splits[split]
-        m = len(part) if e.sample_problems is None else min(e.sample_problems, len(part))
         all_greedy = gathered_in_order(greedy, g_idx, len(part))
         all_groups = gathered_in_order(groups[:s_real], s_idx[:s_real], m)
         split_metrics, samples = eval_metrics(processor, part, all_greedy, all_groups, n_samples=e.n_samples,
@@ -517,22 +507,25 @@ def run(cfg: Config) -> dict:
     start_stage = state["stage_index"] if state else 0
     # the policy a stage starts from: the previous stage's final (best) checkpoint
     policy_path = state["stage_start"] if state else None
-    for si in range(start_stage, len(cfg.stages)):
-        stage = cfg.stages[si]
-        name = stage.name or f"{si}-{stage.type}"
-        resuming = state is not None and si == state["stage_index"] and not state.get("stage_done")
-        if state is not None and si == state["stage_index"] and state.get("stage_done"):
-            policy_path = state["next_stage_start"]
-            continue
-        model, processor = _load_policy(cfg, policy_path, device, processor)
-        t0 = time.time()
-        final_path, metrics = run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, probe,
-                                        policy_path, state if resuming else None, timings, results,
-                                        max_model_len=max_model_len)
-        timings[name] = timings.get(name, 0.0) + time.time() - t0
-        results[name] = metrics
-        policy_path = str(final_path)
-        state = None
+    with Preemption() as preemption:
+        for si in range(start_stage, len(cfg.stages)):
+            stage = cfg.stages[si]
+            name = stage.name or f"{si}-{stage.type}"
+            resuming = state is not None and si == state["stage_index"] and not state.get("stage_done")
+            if state is not None and si == state["stage_index"] and state.get("stage_done"):
+                policy_path = state["next_stage_start"]
+                continue
+            model, processor = _load_policy(cfg, policy_path, device, processor)
+            t0 = time.time()
+            final_path, metrics = run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, probe,
+                                            policy_path, state if resuming else None, timings, results,
+                                            preemption, max_model_len=max_model_len)
+            timings[name] = timings.get(name, 0.0) + time.time() - t0
+            results[name] = metrics
+            policy_path = str(final_path)
+            state = None
+            if si + 1 < len(cfg.stages) and preemption.requested():  # the signal came during the stage's last step
+                raise Preempted(f"stopped after stage {name} on a signal: run the same command to resume")
     if _is_main():
         (run_dir / "results.json").write_text(json.dumps({"results": results, "timings_s": timings,
                                                           "final_model": policy_path}, indent=1))
@@ -541,7 +534,7 @@ def run(cfg: Config) -> dict:
 
 
 def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, probe, start_path, state, timings,
-              results, max_model_len=None):
+              results, preemption, max_model_len=None):
     import deepspeed
 
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -608,7 +601,7 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
         ctx.timer.show("eval")
         t = time.perf_counter()
         m, shown = evaluate(cfg, policy, processor, data, probe, seed=cfg.run.seed, generating=ctx.generating)
-        _kill_if(f"{si}:eval:{step}")
+        signal_if(f"{si}:eval:{step}")
         rec = {"stage": name, "stage_index": si, "step": step, "kind": "eval", "timing/eval_s": time.perf_counter() - t,
                **{k: v for k, v in m.items() if not isinstance(v, list)}, "pass_curves": {
                    k: v for k, v in m.items() if isinstance(v, list)}}
@@ -633,11 +626,9 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
                disable=not _is_main(), dynamic_ncols=True)
     ctx.timer.on_phase = lambda phase: bar.set_description_str(f"{name} [{phase}]")  # the bar says what runs now
     stopped_early, done, bad_steps = False, start_step, 0
-    preemption = Preemption()
     for step in bar:
         if fail_at == f"{si}:{step}":
             raise SimulatedKill(f"simulated kill at stage {si} step {step}")
-        _kill_if(f"{si}:{step}")
         signal_if(f"{si}:{step}")
         _set_lr(optimizer, scale, step)
         policy.train()
@@ -696,7 +687,6 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
         if stopped_early:
             break
     bar.close()
-    preemption.close()
     # hand-off: the best checkpoint under early stopping, else the last weights
     final_tag = best_tag if (stopper is not None and best_tag) else f"final-{si}"
     if final_tag == f"final-{si}":

@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.floor import LOGIT_FLOOR as FLOOR
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Indices of the partial statistics in the [NUM_STATS, splits, N] buffer.
@@ -109,7 +111,7 @@ INTERPRET_CONFIG = Config(64, 128, 32, 4, 1)
 
 TEACHER_NONE, TEACHER_HIDDEN, TEACHER_LOGITS = 0, 1, 2
 # masked (-inf) logits are raised to it after scaling: they add nothing and never make 0 x -inf (ops/floor.py)
-LOGIT_FLOOR = tl.constexpr(-1e30)
+LOGIT_FLOOR = tl.constexpr(FLOOR)
 KL_NONE, KL_REVERSE, KL_FORWARD = 0, 1, 2
 
 

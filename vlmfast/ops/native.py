@@ -120,16 +120,25 @@ def mm_wide_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate:
     return out
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
+def cpu_info() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo, up to its flags (model name, cpu family, ...; empty where
+    there is none)."""
+    info = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.partition(":")[2].split())
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+                if key.strip() == "flags":
+                    break
     except OSError:
         pass
-    return set()
+    return info
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (empty where /proc/cpuinfo has none)."""
+    return set(cpu_info().get("flags", "").split())
 
 
 def choose_wide_gemm(flags: set[str]) -> str:

@@ -45,11 +45,13 @@ class _TokenSampler:
         self.greedy = sampling.greedy
         self.gens = None if row_seeds is None else [torch.Generator(device=device).manual_seed(int(sd))
                                                     for sd in row_seeds]
-        self.warpers = [] if self.greedy else [TemperatureLogitsWarper(sampling.temperature)]
-        if sampling.top_k and not self.greedy:
-            self.warpers.append(TopKLogitsWarper(sampling.top_k))
-        if sampling.top_p < 1.0 and not self.greedy:
-            self.warpers.append(TopPLogitsWarper(sampling.top_p))
+        self.warpers = []  # greedy: the plain log-softmax (temperature 1)
+        if not self.greedy:
+            self.warpers.append(TemperatureLogitsWarper(sampling.temperature))
+            if sampling.top_k:
+                self.warpers.append(TopKLogitsWarper(sampling.top_k))
+            if sampling.top_p < 1.0:
+                self.warpers.append(TopPLogitsWarper(sampling.top_p))
         self.chosen_logp: list[torch.Tensor] = []  # [B] per decoding step
         self.noise: list[torch.Tensor] = []  # uniforms drawn ahead, one [rows, V] per decoding step
 

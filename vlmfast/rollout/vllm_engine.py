@@ -70,11 +70,11 @@ def distributed_placement(tensor_parallel_size: int = 1) -> dict:
 
 
 def _tp_group(tensor_parallel_size: int):
-    """The torch.distributed group of this rank's TP engine (consecutive ranks, as TRL's colocate mode groups
-    them), None at TP 1. Every rank makes every group (new_subgroups_by_enumeration is a collective)."""
+    """The torch.distributed group of this rank's TP engine under a launcher (consecutive ranks, as TRL's colocate
+    mode groups them), None at TP 1. Every rank makes every group (new_subgroups_by_enumeration is a collective)."""
     import torch
 
-    if tensor_parallel_size == 1 or not distributed_placement(tensor_parallel_size):
+    if tensor_parallel_size == 1:
         return None
     world = torch.distributed.get_world_size()
     group, _ = torch.distributed.new_subgroups_by_enumeration(
@@ -162,11 +162,11 @@ class VLLMEngine:
         if placement:
             current = self.cuda.current_device() if self.cuda.is_available() else None
             check_placement(self.llm.collective_rpc(_worker_device), current, int(os.environ.get("LOCAL_RANK", "0")))
-        self.tp_group = _tp_group(tensor_parallel_size)
+        self.tp_group = _tp_group(tensor_parallel_size) if placement else None
         self.sleep_mode, self.sleep_level = sleep_mode, sleep_level
-        self.dummy_start = kwargs.get("load_format") == "dummy"  # the first sync must send every parameter
         self.asleep = set()  # what sleeps: "weights", "kv_cache"
-        self.weights_lost = False  # slept at level 2: the next sync must send every parameter
+        # dummy weights (the first sync) or discarded ones (a level-2 sleep): the next sync sends every parameter
+        self.weights_lost = kwargs.get("load_format") == "dummy"
         self.source = None  # the model it serves (from_model): resynced from after a level-2 sleep
         self._shared = None  # the buffer an engine in another process maps (made on the first sync)
         self.last_sync = {}  # tensors and bytes of the last sync, and how they travelled
@@ -181,8 +181,7 @@ class VLLMEngine:
         engine = cls(model_folder(model, processor, role), processor, load_format="dummy", **kwargs)
         engine.source = model
         if engine.sleep_mode:
-            engine.sleep()
-            engine.weights_lost = True  # dummy weights, or none at all: every parameter goes on the first sync
+            engine.sleep()  # its dummy weights go on the first sync, whatever the level
         else:
             engine.sync_weights(model)
         return engine
@@ -198,7 +197,7 @@ class VLLMEngine:
         if self.sleep_mode:
             self.cuda.empty_cache()
             self.wake_up(["weights"])
-        if stale or self.weights_lost or self.dummy_start:
+        if stale or self.weights_lost:
             with timed_sync():
                 self.sync_weights(model)
         if self.sleep_mode:
@@ -295,7 +294,7 @@ class VLLMEngine:
         (the KV cache stays asleep). Returns the number of tensors sent; `last_sync` says how much and how."""
         if "weights" in self.asleep:
             self.wake_up(["weights"])
-        everything = self.dummy_start or self.weights_lost
+        everything = self.weights_lost
         tensors = nbytes = 0
         loads = set()  # how the workers loaded the buckets (vllm_worker.py)
         for bucket in weight_buckets(model, SYNC_BUCKET_BYTES, trainable_only=not everything):
@@ -309,19 +308,19 @@ class VLLMEngine:
                 loads.update(self.llm.collective_rpc("vlmfast_load_shared", args=(self._shared.handle, layout)))
             tensors += len(bucket)
             nbytes += bucket_bytes(bucket)
-        self.dummy_start = self.weights_lost = False
+        self.weights_lost = False
         self.llm.reset_prefix_cache()
         self.last_sync = {"tensors": tensors, "bytes": nbytes, "via": "reference" if self.in_process else "shared",
                           "loads": sorted(loads)}
         return tensors
 
     def _ready(self) -> None:
-        """Before a generate or score outside `awake`: wake what sleeps; weights discarded by a level-2 sleep
-        are resent from the served model first."""
-        if self.weights_lost or self.dummy_start:
+        """Before a generate or score outside `awake`: wake what sleeps; dummy or discarded weights are sent from
+        the served model first."""
+        if self.weights_lost:
             if self.source is None:
-                raise RuntimeError("the vLLM engine's weights were discarded (sleep level 2): sync_weights(model) "
-                                   "before it generates, or use awake(model)")
+                raise RuntimeError("the vLLM engine holds dummy weights or discarded them (sleep level 2): "
+                                   "sync_weights(model) before it generates, or use awake(model)")
             self.sync_weights(self.source)
         self.wake_up()
 

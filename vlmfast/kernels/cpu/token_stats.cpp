@@ -56,7 +56,7 @@ inline float block_max(const T* z, int64_t n) {
 
 // A logit of -inf (a bias that masks vocabulary) becomes this floor after scaling: e^(floor - m) is 0, so a masked
 // column adds nothing, and the products with it (e a, p log p) are 0 instead of 0 x -inf = NaN. The same floor as
-// ops/_floor.py LOGIT_FLOOR and the Triton kernels.
+// ops/floor.py LOGIT_FLOOR and the Triton kernels.
 constexpr float kLogitFloor = -1e30f;
 
 VLMFAST_INLINE float scaled(float z, float inv_t) {
