@@ -131,3 +131,49 @@ def test_phases_are_what_the_trainer_keeps_alive_together():
     # 64 rows of 1024 + 2048 tokens: 28 layers of bf16 keys and values of 4 heads x 128
     assert hf.phases["rollout"]["generate buffers"] == 64 * 3072 * 28 * 2 * 512 * 2 + 16 * 64 * 152064 * 4
     assert p.phases["checkpoint"]["policy gathered for the export"] == 2 * size.params
+
+
+def _longest_prompt_by_hand(cfg) -> int:
+    """Each prompt through the processor one at a time, its input_ids counted: the chat template and the image
+    tokens, as the model sees them."""
+    from vlmfast.data.prompts import messages
+    from vlmfast.models import tiny_vlm
+    from vlmfast.train import load_data
+
+    processor = tiny_vlm("student")[1]
+    longest = 0
+    for examples in load_data(cfg).values():
+        for e in examples:
+            text = processor.apply_chat_template(messages(e.problem),
+                                                 add_generation_prompt=True, tokenize=False)
+            ids = processor(text=[text], images=e.images or None, return_tensors="pt")["input_ids"]
+            longest = max(longest, ids.shape[1])
+    return longest
+
+
+def test_the_plan_prices_the_longest_prompt_of_the_recipes_data(tmp_path, capsys):
+    """Without --prompt-tokens the plan reads the recipe's data as the trainer does (image tokens at the run's pixel
+    limits); without the data here, the longest prompt vllm.max_model_len admits; else an assumption it names."""
+    from vlmfast.config import load_config
+    from vlmfast.plan import DEFAULT_PROMPT_TOKENS, recipe_prompt_tokens
+
+    tiny = [str(ROOT / "recipes" / "tiny_sft_grpo.yaml"), f"run.out_dir={tmp_path}",
+            "data.synthetic.train=24", "data.synthetic.val=4", "data.synthetic.ood=4"]
+    cfg = load_config(tiny[0], tiny[1:])
+    tokens, source = recipe_prompt_tokens(cfg)
+    assert tokens == _longest_prompt_by_hand(cfg) and "recipe's data (32 prompts)" in source
+    # the run's pixel limit: images resized to at most 2 x 28 x 28 pixels, at most 2 image tokens each
+    smaller, _ = recipe_prompt_tokens(load_config(tiny[0], tiny[1:] + ["vllm.image_max_pixels=1568"]))
+    assert tokens - 9 <= smaller <= tokens - 7  # 84 x 84 px: 3 x 3 merged patches = 9 tokens; now 1 or 2
+    assert main(["--config", *tiny[:1], "--gpus", "1", *tiny[1:]]) == 0
+    assert f"prompts of {tokens} tokens: the longest prompt" in capsys.readouterr().out
+
+    grpo = str(ROOT / "recipes" / "qwen25vl7b_geo3k_grpo.yaml")  # a hub dataset: not read
+    assert recipe_prompt_tokens(load_config(grpo, ["vllm.max_model_len=4096"])) == (
+        4096 - 2048, "the longest prompt vllm.max_model_len=4096 admits (the recipe's data is not on this machine)")
+    tokens, source = recipe_prompt_tokens(load_config(grpo))
+    assert tokens == DEFAULT_PROMPT_TOKENS and source.startswith("assumed") and "--prompt-tokens" in source
+    from vlmfast.plan import plan
+
+    short, long = (plan(load_config(grpo), gpus=8, gpu_memory=80 * GiB, prompt_tokens=n)[0] for n in (512, 4096))
+    assert long.update["activations"] > short.update["activations"]

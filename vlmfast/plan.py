@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from .config import Config, ConfigError, generation_engine, load_config
 
 GiB = 2**30
+DEFAULT_PROMPT_TOKENS = 1024  # priced when neither the data nor vllm.max_model_len says how long prompts are
 FUSED_DZ_BYTES = 1 * GiB  # vlmfast/kernels/token_stats.py BWD_DZ_BYTES: the backward's dz chunk, the one pass's band
 
 # Published configs (config.json of Qwen/Qwen2.5-VL-*-Instruct): only the sizes a parameter count needs.
@@ -175,8 +176,9 @@ class StagePlan:
         return max(self.phases[self.peak_phase()].items(), key=lambda kv: kv[1])
 
 
-def plan(cfg: Config, *, gpus: int, gpu_memory: int, prompt_tokens: int = 1024) -> list[StagePlan]:
-    """Per-GPU memory of every stage of the recipe, by phase and component."""
+def plan(cfg: Config, *, gpus: int, gpu_memory: int, prompt_tokens: int = DEFAULT_PROMPT_TOKENS) -> list[StagePlan]:
+    """Per-GPU memory of every stage of the recipe, by phase and component, for prompts of `prompt_tokens` tokens
+    (text and image tokens: `recipe_prompt_tokens`)."""
     m, d, e = cfg.model, cfg.deepspeed, cfg.eval
     size = model_size(m.path, freeze_vision=m.freeze_vision, freeze_projector=m.freeze_projector,
                       freeze_llm=m.freeze_llm)
@@ -233,6 +235,44 @@ def plan(cfg: Config, *, gpus: int, gpu_memory: int, prompt_tokens: int = 1024) 
     return out
 
 
+def data_on_this_machine(cfg: Config) -> bool:
+    """The recipe's data is the synthetic task or files here (a hub dataset is not read: it may download)."""
+    from pathlib import Path
+
+    d = cfg.data
+    given = [p for p in (d.train, d.val, *d.eval_splits.values()) if p]
+    return (d.synthetic is not None or bool(given)) and all(Path(str(p).partition(":")[0]).exists() for p in given)
+
+
+def recipe_prompt_tokens(cfg: Config) -> tuple[int, str]:
+    """(the longest prompt the plan prices, where that number comes from). As the trainer counts it (chat template
+    and every image's tokens at the run's pixel limits, prompts over vllm.max_model_len dropped) when the data and
+    the processor are on this machine; else the longest prompt vllm.max_model_len admits; else
+    DEFAULT_PROMPT_TOKENS."""
+    if data_on_this_machine(cfg):
+        from .data.budget import fit_to_budget, longest_prompt
+        from .train import _load_processor, load_data
+
+        try:
+            processor = _load_processor(cfg, "cpu", local_files_only=True)
+        except OSError as e:
+            reason = f"the processor of {cfg.model.path} is not on this machine ({str(e).splitlines()[0]})"
+        else:
+            data = load_data(cfg)
+            if any(generation_engine(cfg, s) == "vllm" for s in cfg.stages):  # the trainer drops what vLLM cannot
+                data = fit_to_budget(cfg, data, processor)[0]
+            return longest_prompt(processor, data), f"the longest prompt of the recipe's data ({sum(map(len, data.values()))} prompts)"
+    else:
+        reason = "the recipe's data is not on this machine"
+    limit = cfg.vllm.max_model_len
+    if limit:
+        from .data.budget import response_budgets
+
+        least = min(b for b in response_budgets(cfg).values())
+        return limit - least, f"the longest prompt vllm.max_model_len={limit} admits ({reason})"
+    return DEFAULT_PROMPT_TOKENS, f"assumed: {reason}; pass --prompt-tokens"
+
+
 def fused_op_bytes(vocab: int, hidden: int, tokens: int, word: int, grouped: bool = False,
                    teacher_head: bool = False) -> int:
     """The fused head's buffers on a GPU: 2 x 4 V H for the head's fp32 gradient buffers, plus, from
@@ -248,10 +288,10 @@ def fused_op_bytes(vocab: int, hidden: int, tokens: int, word: int, grouped: boo
     return 2 * 4 * vocab * hidden + logits * (2 if teacher_head else 1) + logits * word // 4
 
 
-def check_fits(cfg: Config, *, gpus: int, gpu_memory: int) -> None:
+def check_fits(cfg: Config, *, gpus: int, gpu_memory: int, prompt_tokens: int = DEFAULT_PROMPT_TOKENS) -> None:
     """ConfigError naming the stage and its largest component when a stage cannot fit (`vlmfast train`
-    runs this before it loads anything on GPUs)."""
-    for p in plan(cfg, gpus=gpus, gpu_memory=gpu_memory):
+    runs this on GPUs with its data's longest prompt, before it loads any model)."""
+    for p in plan(cfg, gpus=gpus, gpu_memory=gpu_memory, prompt_tokens=prompt_tokens):
         if p.peak > gpu_memory:
             name, b = p.largest()
             raise ConfigError(f"stage {p.name} needs {p.peak / GiB:.1f} GiB per GPU of {gpu_memory / GiB:.0f} "
@@ -267,9 +307,9 @@ def parse_bytes(text: str) -> int:
     return int(float(t))
 
 
-def format_plan(plans: list[StagePlan], gpus: int, gpu_memory: int) -> str:
+def format_plan(plans: list[StagePlan], gpus: int, gpu_memory: int, prompts: str = "") -> str:
     lines = [f"per-GPU memory on {gpus} GPUs of {gpu_memory / GiB:.0f} GiB (GiB; peak = the largest phase, each "
-             "phase the tensors alive together)", ""]
+             "phase the tensors alive together)", *([prompts] if prompts else []), ""]
     for p in plans:
         lines.append(f"{p.name}: peak {p.peak / GiB:.1f} GiB {'fits' if p.peak <= gpu_memory else 'DOES NOT FIT'}")
         for phase, comps in p.phases.items():
@@ -283,18 +323,23 @@ def main(argv=None) -> int:
     ap.add_argument("--config", required=True)
     ap.add_argument("--gpus", type=int, default=8)
     ap.add_argument("--gpu-memory", default="80GiB")
-    ap.add_argument("--prompt-tokens", type=int, default=1024, help="prompt length (text + image tokens)")
+    ap.add_argument("--prompt-tokens", type=int, default=None,
+                    help="prompt length (text + image tokens); default: the longest prompt of the recipe's data")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         budget = parse_bytes(args.gpu_memory)
+        if args.prompt_tokens is None:
+            tokens, source = recipe_prompt_tokens(cfg)
+        else:
+            tokens, source = args.prompt_tokens, "--prompt-tokens"
         with contextlib.redirect_stderr(sys.stderr):
-            plans = plan(cfg, gpus=args.gpus, gpu_memory=budget, prompt_tokens=args.prompt_tokens)
+            plans = plan(cfg, gpus=args.gpus, gpu_memory=budget, prompt_tokens=tokens)
     except (ConfigError, ValueError) as e:
         print(f"plan error: {e}", file=sys.stderr)
         return 2
-    print(format_plan(plans, args.gpus, budget))
+    print(format_plan(plans, args.gpus, budget, f"prompts of {tokens} tokens: {source}"))
     worst = max(plans, key=lambda p: p.peak)
     if worst.peak > budget:
         name, b = worst.largest()

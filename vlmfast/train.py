@@ -240,7 +240,7 @@ def _load_policy(cfg: Config, path: str | None, device: str, processor=None):
     return model, proc
 
 
-def _load_processor(cfg: Config, device: str):
+def _load_processor(cfg: Config, device: str, local_files_only: bool = False):
     """The policy's processor alone (tiny models: built with their model), with the run's image pixel limits."""
     path = cfg.model.path
     if path.startswith("tiny:"):
@@ -248,7 +248,7 @@ def _load_processor(cfg: Config, device: str):
     else:
         from transformers import AutoProcessor
 
-        processor = AutoProcessor.from_pretrained(path)
+        processor = AutoProcessor.from_pretrained(path, local_files_only=local_files_only)
     _image_pixels(cfg, processor)
     return processor
 
@@ -474,11 +474,6 @@ def run(cfg: Config) -> dict:
     device = cfg.run.device if cfg.run.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     _init_distributed(device, cfg.run.dist_timeout_s)
     check_ranks(cfg, torch.distributed.get_world_size())
-    if device == "cuda":  # a recipe that cannot fit stops here, naming what does not
-        from .plan import check_fits
-
-        check_fits(cfg, gpus=torch.distributed.get_world_size(),
-                   gpu_memory=torch.cuda.get_device_properties(0).total_memory)
     run_dir = cfg.run_dir
     ckpt_root = run_dir / "checkpoints"
     check_run_dir(cfg)
@@ -490,6 +485,13 @@ def run(cfg: Config) -> dict:
     if any(generation_engine(cfg, s) == "vllm" for s in cfg.stages):  # prompts over vLLM's budget dropped here
         processor = _load_processor(cfg, device)
         data, max_model_len = _fit_vllm_budget(cfg, data, processor)
+    if device == "cuda":  # a recipe that cannot fit stops here, naming what does not, before any model loads
+        from .data.budget import longest_prompt
+        from .plan import check_fits
+
+        processor = processor or _load_processor(cfg, device)
+        check_fits(cfg, gpus=torch.distributed.get_world_size(), prompt_tokens=longest_prompt(processor, data),
+                   gpu_memory=torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
     if _is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -24,6 +24,11 @@ def prompt_lengths(processor, examples, *, batch_size: int = 64) -> list[int]:
     return out
 
 
+def longest_prompt(processor, data: dict) -> int:
+    """The longest prompt (tokens, image tokens included) of every split in `data` ({split: examples})."""
+    return max((max(prompt_lengths(processor, examples), default=0) for examples in data.values()), default=0)
+
+
 def response_budgets(cfg) -> dict[str, int]:
     """The longest response each split is generated with: training prompts by the vLLM stages' max_new_tokens
     (an SFT stage only evaluates), every other split by the evaluation's."""
