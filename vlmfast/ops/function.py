@@ -8,6 +8,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import chunked
+from .precision import ieee_fp32
 
 GRAD_NAMES = ("logp", "entropy", "kl", "lse")
 
@@ -44,6 +45,7 @@ class FusedLinearTokenStats(torch.autograd.Function):
     logits are read at rows `teacher_rows` (the counted tokens; None: row for row), on the chunked backend."""
 
     @staticmethod
+    @ieee_fp32
     def forward(ctx, hidden, weight, bias, target, teacher, teacher_rows, kl, temperature, ignore_index, backend):
         kw = dict(teacher=teacher, kl=kl, temperature=temperature, ignore_index=ignore_index)
         if backend == "triton":
@@ -60,6 +62,7 @@ class FusedLinearTokenStats(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @ieee_fp32
     def backward(ctx, *grad_outputs):
         hidden, weight, bias, target = ctx.saved_tensors[:4]
         grads = dict(zip(GRAD_NAMES, grad_outputs))

@@ -36,6 +36,7 @@ import torch
 
 from . import chunked, native
 from ._inputs import OUTPUT_NAMES
+from .precision import ieee_fp32
 
 MIN_BAND_ROWS = 256
 GROUP_STRETCH = 2
@@ -263,6 +264,7 @@ class FusedLinearTokenLoss(torch.autograd.Function):
     hidden rows are the same N; its logits, if given, are read at rows `teacher_rows` (the counted positions)."""
 
     @staticmethod
+    @ieee_fp32
     def forward(ctx, hidden, weight, bias, target, teacher, teacher_rows, kl, temperature, ignore_index, band_loss,
                 bands, needs, backend):
         N = target.numel()
