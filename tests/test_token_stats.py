@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 from _naive import naive_stats
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import vlmfast
 from vlmfast import Teacher, token_stats
@@ -400,3 +401,51 @@ def test_minus_inf_logits_are_masked_columns(backend, teacher_kind):
             loss, _ = vlmfast.token_loss(hh2, WW2, y, lambda st, index, outs=outs: sum(st[k] for k in outs), bias=b,
                                          teacher=teacher, kl=kl, backend=backend)
             torch.testing.assert_close(torch.autograd.grad(loss, (hh2, WW2)), (gh, gW), atol=1e-5, rtol=1e-4)
+
+
+class CopiesOf(TorchDispatchMode):
+    """Ops that read `source`'s memory and write new memory of at least `numel` elements."""
+
+    def __init__(self, source: torch.Tensor, numel: int):
+        super().__init__()
+        self.storage, self.numel, self.copies = source.untyped_storage().data_ptr(), numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        if any(a.untyped_storage().data_ptr() == self.storage for a in leaves):
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.numel() >= self.numel \
+                        and t.untyped_storage().data_ptr() != self.storage:
+                    self.copies.append((str(func), tuple(t.shape)))
+        return out
+
+
+@pytest.mark.parametrize("backend", ["triton", "triton-tma"])
+def test_triton_compacts_ignored_rows_with_given_teacher_logits(backend, monkeypatch):
+    """A VLM batch is mostly prompt and image tokens: with teacher logits given, the Triton kernels still run on the
+    counted rows only, reading the teacher's [N, V] logits where they are (a row map, no copy of their rows),
+    forward and backward, and match the naive computation on the whole batch."""
+    from vlmfast.kernels import token_stats as kernels
+
+    N, H, V, counted = 130, 48, 1000, 23
+    p = make_problem(N, H, V, "forward", "logits", n_ignored=N - counted)
+    launches = []
+    call = kernels.Launch.__call__
+
+    def record(self):
+        launches.append((self.grid, self.constexprs["TEACHER"], self.config.block_n))
+        return call(self)
+
+    monkeypatch.setattr(kernels.Launch, "__call__", record)
+    with vlmfast.ops.inputs_checked(False), CopiesOf(p["teacher"], V) as seen:  # (the check reads it in slices)
+        out, grads = run_vlmfast(p, backend, torch.float32)
+    assert seen.copies == []
+    truth_out, truth_grads = run_naive(p, torch.float32, torch.float64)
+    for k, t in truth_out.items():
+        torch.testing.assert_close(out[k], t.float(), atol=2e-4, rtol=2e-4)
+    for g, t in zip(grads, truth_grads):
+        torch.testing.assert_close(g, t.float(), atol=2e-4, rtol=2e-4)
+    assert len(launches) == 2  # forward, and the backward's one chunk
+    for grid, mode, block_n in launches:
+        assert mode == kernels.TEACHER_LOGITS_AT_ROWS and grid[0] == -(-counted // block_n)

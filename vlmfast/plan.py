@@ -261,7 +261,8 @@ def recipe_prompt_tokens(cfg: Config) -> tuple[int, str]:
             data = load_data(cfg)
             if any(generation_engine(cfg, s) == "vllm" for s in cfg.stages):  # the trainer drops what vLLM cannot
                 data = fit_to_budget(cfg, data, processor)[0]
-            return longest_prompt(processor, data), f"the longest prompt of the recipe's data ({sum(map(len, data.values()))} prompts)"
+            prompts = sum(map(len, data.values()))
+            return longest_prompt(processor, data), f"the longest prompt of the recipe's data ({prompts} prompts)"
     else:
         reason = "the recipe's data is not on this machine"
     limit = cfg.vllm.max_model_len

@@ -70,19 +70,21 @@ def planned_launch(pass_: str, dtype: str, teacher_mode: int, arch: int, variant
     teacher = {ts.TEACHER_NONE: None,
                ts.TEACHER_HIDDEN: Teacher(hidden=meta(N_TOKENS, TEACHER_HIDDEN), weight=meta(VOCAB, TEACHER_HIDDEN)),
                ts.TEACHER_LOGITS: Teacher(logits=meta(N_TOKENS, VOCAB))}[teacher_mode]
+    # given logits are read at the counted rows (a VLM batch always has prompt tokens): the row-map variant runs
+    rows_map = meta(N_TOKENS, dtype=torch.int64) if teacher_mode == ts.TEACHER_LOGITS else None
     where = ts.Target(arch, SMS, tma=variant == "tma")
     if pass_ == "fwd":
         splits = ts.forward_splits(h, w, teacher, where)
         part = meta(ts.NUM_STATS, splits, N_TOKENS, dtype=torch.float32)
         launch = ts.forward_launch(h, w, b, y, part, meta(N_TOKENS, dtype=torch.float32), teacher=teacher,
-                                   where=where)
+                                   teacher_rows=rows_map, where=where)
     else:
         rows = ts.backward_chunk_rows(h, w, teacher, where)
         per_token = {k: meta(N_TOKENS, dtype=torch.float32) for k in ("lse", "entropy", "kl", "lse_t")}
         grads = {k: meta(N_TOKENS, dtype=torch.float32) for k in ("logp", "entropy", "kl", "lse")}
         kl_mode = ts.KL_REVERSE if teacher is not None else ts.KL_NONE
         launch = ts.backward_launch(h, w, b, y, per_token, grads, meta(rows, VOCAB), 0, teacher=teacher,
-                                    kl_mode=kl_mode, where=where)
+                                    teacher_rows=rows_map, kl_mode=kl_mode, where=where)
     assert launch.kernel.fn.__name__.endswith("sm90_kernel") == (variant == "tma"), launch.kernel
     return launch
 

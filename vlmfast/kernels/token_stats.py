@@ -110,6 +110,9 @@ GPU_CONFIGS = {
 INTERPRET_CONFIG = Config(64, 128, 32, 4, 1)
 
 TEACHER_NONE, TEACHER_HIDDEN, TEACHER_LOGITS = 0, 1, 2
+# teacher logits read at a row map (zt_rows_ptr): the student's rows compacted to the counted tokens, the teacher's
+# [N, V] logits left where they are (a compacted copy would be [n, V]: 2.4 GB at 8k tokens of a 7B head)
+TEACHER_LOGITS_AT_ROWS = 3
 # masked (-inf) logits are raised to it after scaling: they add nothing and never make 0 x -inf (ops/floor.py)
 LOGIT_FLOOR = tl.constexpr(FLOOR)
 KL_NONE, KL_REVERSE, KL_FORWARD = 0, 1, 2
@@ -148,7 +151,8 @@ def pick_config(pass_: str, dtype: torch.dtype, teacher_mode: int, where: Target
     if where.arch is None:
         return INTERPRET_CONFIG
     kind = "fp32" if dtype == torch.float32 else "16bit"
-    return GPU_CONFIGS[(where.arch, variant)][(pass_, kind, teacher_mode)]
+    table_mode = TEACHER_LOGITS if teacher_mode == TEACHER_LOGITS_AT_ROWS else teacher_mode  # the same tiles
+    return GPU_CONFIGS[(where.arch, variant)][(pass_, kind, table_mode)]
 
 
 def _kernel(pass_: str, variant: str):
@@ -220,7 +224,7 @@ def _student_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride
 
 
 @triton.jit
-def _teacher_tile(ht_ptr, wt_ptr, bt_ptr, zt_ptr, rows, cols, row_mask, col_mask, HT, stride_ht,
+def _teacher_tile(ht_ptr, wt_ptr, bt_ptr, zt_ptr, zt_rows_ptr, rows, cols, row_mask, col_mask, HT, stride_ht,
                   stride_wt, stride_zt, inv_t, TEACHER: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                   IEEE: tl.constexpr):
@@ -230,7 +234,10 @@ def _teacher_tile(ht_ptr, wt_ptr, bt_ptr, zt_ptr, rows, cols, row_mask, col_mask
         if HAS_TEACHER_BIAS:
             zt += tl.load(bt_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     else:
-        ptrs = zt_ptr + rows.to(tl.int64)[:, None] * stride_zt + cols[None, :]
+        src = rows
+        if TEACHER == 3:  # TEACHER_LOGITS_AT_ROWS
+            src = tl.load(zt_rows_ptr + rows, mask=row_mask, other=0)
+        ptrs = zt_ptr + src.to(tl.int64)[:, None] * stride_zt + cols[None, :]
         zt = tl.load(ptrs, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
     return _floored(zt * inv_t)
 
@@ -295,7 +302,7 @@ def _store_partials(part_ptr, zy_ptr, rows, row_mask, y, v_start, v_end, pid_s, 
 
 @triton.jit
 def _token_stats_fwd_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, part_ptr, zy_ptr,
+    h_ptr, w_ptr, b_ptr, y_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, zt_rows_ptr, part_ptr, zy_ptr,
     N, V, H, HT, inv_t, v_per_split,
     stride_h, stride_w, stride_ht, stride_wt, stride_zt,
     HAS_BIAS: tl.constexpr, TEACHER: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr,
@@ -318,7 +325,7 @@ def _token_stats_fwd_kernel(
                           inv_t, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, IEEE)
         zt = z
         if TEACHER != 0:
-            zt = _teacher_tile(ht_ptr, wt_ptr, bt_ptr, zt_ptr, rows, cols, row_mask, col_mask, HT,
+            zt = _teacher_tile(ht_ptr, wt_ptr, bt_ptr, zt_ptr, zt_rows_ptr, rows, cols, row_mask, col_mask, HT,
                                stride_ht, stride_wt, stride_zt, inv_t, TEACHER, HAS_TEACHER_BIAS,
                                BLOCK_N, BLOCK_V, BLOCK_H, IEEE)
         m, s0, a, zy, mt, t0, b, at, bt = _online_update(z, zt, cols, col_mask, y, m, s0, a, zy, mt, t0, b, at, bt,
@@ -371,7 +378,7 @@ def _dz_tile(z, zt, cols, y, valid, lse, ent, g_logp, g_ent, g_lse, kl, lse_t, g
 
 @triton.jit
 def _token_stats_bwd_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr,
+    h_ptr, w_ptr, b_ptr, y_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, zt_rows_ptr,
     lse_ptr, ent_ptr, kl_ptr, lse_t_ptr, g_logp_ptr, g_ent_ptr, g_kl_ptr, g_lse_ptr, dz_ptr,
     row0, n_rows, V, H, HT, inv_t, ignore_index,
     stride_h, stride_w, stride_ht, stride_wt, stride_zt, stride_dz,
@@ -393,7 +400,7 @@ def _token_stats_bwd_kernel(
                       inv_t, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, IEEE)
     zt = z
     if KL != 0:
-        zt = _teacher_tile(ht_ptr, wt_ptr, bt_ptr, zt_ptr, rows, cols, row_mask, col_mask, HT,
+        zt = _teacher_tile(ht_ptr, wt_ptr, bt_ptr, zt_ptr, zt_rows_ptr, rows, cols, row_mask, col_mask, HT,
                            stride_ht, stride_wt, stride_zt, inv_t, TEACHER, HAS_TEACHER_BIAS,
                            BLOCK_N, BLOCK_V, BLOCK_H, IEEE)
     dz = _dz_tile(z, zt, cols, y, valid, lse, ent, g_logp, g_ent, g_lse, kl, lse_t, g_kl, inv_t, KL)
@@ -401,16 +408,19 @@ def _token_stats_bwd_kernel(
     tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-def _teacher_args(teacher, like: torch.Tensor):
-    """(mode, ht, wt, bt, zt, HT, stride_ht, stride_wt, stride_zt); unused pointers get `like`."""
+def _teacher_args(teacher, like: torch.Tensor, teacher_rows=None):
+    """(mode, ht, wt, bt, zt, zt_rows, HT, stride_ht, stride_wt, stride_zt); unused pointers get `like`.
+    `teacher_rows`: the row of teacher.logits each (compacted) student row reads."""
     if teacher is None:
-        return TEACHER_NONE, like, like, like, like, 0, 0, 0, 0
+        return TEACHER_NONE, like, like, like, like, like, 0, 0, 0, 0
     if teacher.logits is not None:
         zt = teacher.logits.contiguous()
-        return TEACHER_LOGITS, like, like, like, zt, 0, 0, 0, zt.stride(0)
+        if teacher_rows is None:
+            return TEACHER_LOGITS, like, like, like, zt, like, 0, 0, 0, zt.stride(0)
+        return TEACHER_LOGITS_AT_ROWS, like, like, like, zt, teacher_rows.contiguous(), 0, 0, 0, zt.stride(0)
     ht, wt = teacher.hidden.contiguous(), teacher.weight.contiguous()
     bt = like if teacher.bias is None else teacher.bias.contiguous()
-    return TEACHER_HIDDEN, ht, wt, bt, like, ht.shape[1], ht.stride(0), wt.stride(0), 0
+    return TEACHER_HIDDEN, ht, wt, bt, like, like, ht.shape[1], ht.stride(0), wt.stride(0), 0
 
 
 WAVE_EFFICIENCY = 0.9  # the fewest vocabulary slices whose programs fill their last wave at least this much
@@ -450,18 +460,18 @@ def _variant_and_config(pass_: str, hidden, weight, teacher, where: Target) -> t
     return variant, pick_config(pass_, hidden.dtype, mode, where, variant)
 
 
-def forward_launch(hidden, weight, bias, target, part, zy, *, teacher=None, temperature=1.0,
+def forward_launch(hidden, weight, bias, target, part, zy, *, teacher=None, teacher_rows=None, temperature=1.0,
                    where: Target) -> Launch:
     """The forward kernel's launch over contiguous inputs into the [NUM_STATS, splits, N] buffer `part`
-    (see `forward_splits`) and zy [N]."""
+    (see `forward_splits`) and zy [N]; teacher logits read at `teacher_rows` when given."""
     N, H = hidden.shape
     V = weight.shape[0]
-    mode, ht, wt, bt, zt, HT, s_ht, s_wt, s_zt = _teacher_args(teacher, hidden)
+    mode, ht, wt, bt, zt, zt_rows, HT, s_ht, s_wt, s_zt = _teacher_args(teacher, hidden, teacher_rows)
     variant, cfg = _variant_and_config("fwd", hidden, weight, teacher, where)
     v_per_split = triton.cdiv(triton.cdiv(V, part.shape[1]), cfg.block_v) * cfg.block_v
     return Launch(
         _kernel("fwd", variant), (triton.cdiv(N, cfg.block_n), part.shape[1]),
-        (hidden, weight, hidden if bias is None else bias, target, ht, wt, bt, zt, part, zy,
+        (hidden, weight, hidden if bias is None else bias, target, ht, wt, bt, zt, zt_rows, part, zy,
          N, V, H, HT, 1.0 / temperature, v_per_split,
          hidden.stride(0), weight.stride(0), s_ht, s_wt, s_zt),
         dict(HAS_BIAS=bias is not None, TEACHER=mode,
@@ -479,11 +489,12 @@ def forward_splits(hidden, weight, teacher, where: Target, splits=None) -> int:
     return whole_tile_splits(V, splits, cfg.block_v)
 
 
-def token_stats_forward(hidden, weight, bias, target, *, teacher=None, kl=None, temperature=1.0,
+def token_stats_forward(hidden, weight, bias, target, *, teacher=None, teacher_rows=None, kl=None, temperature=1.0,
                         ignore_index=-100, splits=None):
     """Per-token fp32 statistics {lse, logp, entropy[, kl, lse_t]} of (hidden W^T + bias) / T.
 
-    hidden [N, H], weight [V, H], bias [V] or None, target [N] int64. `splits` forces the number
+    hidden [N, H], weight [V, H], bias [V] or None, target [N] int64; teacher logits are read at rows
+    `teacher_rows` [N] when given (the counted tokens' rows), else row for row. `splits` forces the number
     of vocabulary slices (tests use it to exercise the merge on CPU).
     """
     hidden, weight, target = hidden.contiguous(), weight.contiguous(), target.contiguous()
@@ -494,8 +505,8 @@ def token_stats_forward(hidden, weight, bias, target, *, teacher=None, kl=None, 
     part = torch.zeros(NUM_STATS, splits, N, dtype=torch.float32, device=hidden.device)
     zy = torch.zeros(N, dtype=torch.float32, device=hidden.device)
     if N:
-        forward_launch(hidden, weight, bias, target, part, zy, teacher=teacher, temperature=temperature,
-                       where=where)()
+        forward_launch(hidden, weight, bias, target, part, zy, teacher=teacher, teacher_rows=teacher_rows,
+                       temperature=temperature, where=where)()
     out = combine(part, zy, kl=kl, with_teacher=teacher is not None)
     valid = target != ignore_index
     return {k: torch.where(valid, v, torch.zeros_like(v)) for k, v in out.items()}
@@ -538,17 +549,17 @@ def backward_chunk_rows(hidden, weight, teacher, where: Target) -> int:
     return min(rows // cfg.block_n * cfg.block_n, max(N, 1))
 
 
-def backward_launch(hidden, weight, bias, target, stats, g, dz, r0, *, teacher=None, kl_mode=KL_NONE,
-                    temperature=1.0, ignore_index=-100, where: Target) -> Launch:
+def backward_launch(hidden, weight, bias, target, stats, g, dz, r0, *, teacher=None, teacher_rows=None,
+                    kl_mode=KL_NONE, temperature=1.0, ignore_index=-100, where: Target) -> Launch:
     """The backward kernel's launch writing dz [n, V] for rows r0 .. r0 + n of contiguous inputs; `stats`
     holds lse, entropy, kl, lse_t and `g` the upstream logp, entropy, kl, lse gradients, all [N] fp32."""
     V, H = weight.shape
     n = dz.shape[0]
-    mode, ht, wt, bt, zt, HT, s_ht, s_wt, s_zt = _teacher_args(teacher, hidden)
+    mode, ht, wt, bt, zt, zt_rows, HT, s_ht, s_wt, s_zt = _teacher_args(teacher, hidden, teacher_rows)
     variant, cfg = _variant_and_config("bwd", hidden, weight, teacher, where)
     return Launch(
         _kernel("bwd", variant), (triton.cdiv(n, cfg.block_n), triton.cdiv(V, cfg.block_v)),
-        (hidden, weight, hidden if bias is None else bias, target, ht, wt, bt, zt,
+        (hidden, weight, hidden if bias is None else bias, target, ht, wt, bt, zt, zt_rows,
          stats["lse"], stats["entropy"], stats["kl"], stats["lse_t"], g["logp"], g["entropy"], g["kl"], g["lse"], dz,
          r0, n, V, H, HT, 1.0 / temperature, ignore_index,
          hidden.stride(0), weight.stride(0), s_ht, s_wt, s_zt, dz.stride(0)),
@@ -558,7 +569,7 @@ def backward_launch(hidden, weight, bias, target, stats, g, dz, r0, *, teacher=N
         cfg)
 
 
-def token_stats_backward(hidden, weight, bias, target, stats, grads, *, teacher=None, kl=None,
+def token_stats_backward(hidden, weight, bias, target, stats, grads, *, teacher=None, teacher_rows=None, kl=None,
                          temperature=1.0, ignore_index=-100, need_dh=True, need_dw=True, need_db=False,
                          chunk_rows=None):
     """Gradients (dh, dW fp32, db fp32) of sum_o g_o · o for per-token upstream gradients g_o.
@@ -590,7 +601,8 @@ def token_stats_backward(hidden, weight, bias, target, stats, grads, *, teacher=
     for r0 in range(0, N, chunk_rows):
         n = min(chunk_rows, N - r0)
         dz = dz_buf[:n]
-        backward_launch(hidden, weight, bias, target, saved, g, dz, r0, teacher=teacher, kl_mode=kl_mode,
+        backward_launch(hidden, weight, bias, target, saved, g, dz, r0, teacher=teacher, teacher_rows=teacher_rows,
+                        kl_mode=kl_mode,
                         temperature=temperature, ignore_index=ignore_index, where=where)()
         accumulate_dz(dz, hidden[r0:r0 + n], weight, None if dh is None else dh[r0:r0 + n], dw, db)
     return dh, dw, db

@@ -104,8 +104,8 @@ def _target_logit(h_ptr, w_ptr, b_ptr, rows, row_mask, y, V, H, stride_h, stride
 
 
 @triton.jit
-def _logits_tiles(h_desc, w_desc, b_ptr, ht_desc, wt_desc, bt_ptr, zt_ptr, row0, v0, rows, cols, row_mask, col_mask,
-                  H, HT, stride_zt, inv_t, HAS_BIAS: tl.constexpr, TEACHER: tl.constexpr,
+def _logits_tiles(h_desc, w_desc, b_ptr, ht_desc, wt_desc, bt_ptr, zt_ptr, zt_rows_ptr, row0, v0, rows, cols,
+                  row_mask, col_mask, H, HT, stride_zt, inv_t, HAS_BIAS: tl.constexpr, TEACHER: tl.constexpr,
                   HAS_TEACHER_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                   BLOCK_H: tl.constexpr, IEEE: tl.constexpr):
     """The student's (and teacher's) scaled logits tiles at rows row0.., vocabulary columns v0.."""
@@ -119,9 +119,9 @@ def _logits_tiles(h_desc, w_desc, b_ptr, ht_desc, wt_desc, bt_ptr, zt_ptr, row0,
         if HAS_TEACHER_BIAS:
             zt += tl.load(bt_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         zt = _floored(zt * inv_t)
-    elif TEACHER == 2:  # plain loads: a logits tile arriving by TMA needs a layout conversion that spills
-        zt = _teacher_tile(zt_ptr, zt_ptr, zt_ptr, zt_ptr, rows, cols, row_mask, col_mask, HT, 0, 0, stride_zt, inv_t,
-                           TEACHER, False, BLOCK_N, BLOCK_V, BLOCK_H, IEEE)
+    elif TEACHER >= 2:  # plain loads: a logits tile arriving by TMA needs a layout conversion that spills
+        zt = _teacher_tile(zt_ptr, zt_ptr, zt_ptr, zt_ptr, zt_rows_ptr, rows, cols, row_mask, col_mask, HT, 0, 0,
+                           stride_zt, inv_t, TEACHER, False, BLOCK_N, BLOCK_V, BLOCK_H, IEEE)
     return z, zt
 
 
@@ -143,7 +143,7 @@ def _descriptors(h_ptr, w_ptr, ht_ptr, wt_ptr, N, V, H, HT, stride_h, stride_w, 
 
 @triton.jit
 def _token_stats_fwd_sm90_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, part_ptr, zy_ptr,
+    h_ptr, w_ptr, b_ptr, y_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, zt_rows_ptr, part_ptr, zy_ptr,
     N, V, H, HT, inv_t, v_per_split,
     stride_h, stride_w, stride_ht, stride_wt, stride_zt,
     HAS_BIAS: tl.constexpr, TEACHER: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr,
@@ -164,8 +164,8 @@ def _token_stats_fwd_sm90_kernel(
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end  # a tile may run into the next slice: its columns are masked out here
-        z, zt = _logits_tiles(h_desc, w_desc, b_ptr, ht_desc, wt_desc, bt_ptr, zt_ptr, row0, v0, rows, cols,
-                              row_mask, col_mask, H, HT, stride_zt, inv_t, HAS_BIAS, TEACHER, HAS_TEACHER_BIAS,
+        z, zt = _logits_tiles(h_desc, w_desc, b_ptr, ht_desc, wt_desc, bt_ptr, zt_ptr, zt_rows_ptr, row0, v0, rows,
+                              cols, row_mask, col_mask, H, HT, stride_zt, inv_t, HAS_BIAS, TEACHER, HAS_TEACHER_BIAS,
                               BLOCK_N, BLOCK_V, BLOCK_H, IEEE)
         if BLOCK_V >= 128:
             # the epilogue in four column slices (a wide tile's temporaries at a quarter of its registers),
@@ -192,7 +192,7 @@ def _token_stats_fwd_sm90_kernel(
 
 @triton.jit
 def _token_stats_bwd_sm90_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr,
+    h_ptr, w_ptr, b_ptr, y_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, zt_rows_ptr,
     lse_ptr, ent_ptr, kl_ptr, lse_t_ptr, g_logp_ptr, g_ent_ptr, g_kl_ptr, g_lse_ptr, dz_ptr,
     row0, n_rows, V, H, HT, inv_t, ignore_index,
     stride_h, stride_w, stride_ht, stride_wt, stride_zt, stride_dz,
@@ -216,8 +216,8 @@ def _token_stats_bwd_sm90_kernel(
     y, valid, lse, ent, g_logp, g_ent, g_lse, kl, lse_t, g_kl = _backward_rows(
         y_ptr, lse_ptr, ent_ptr, kl_ptr, lse_t_ptr, g_logp_ptr, g_ent_ptr, g_kl_ptr, g_lse_ptr, rows, row_mask,
         ignore_index, KL)
-    z, zt = _logits_tiles(h_desc, w_desc, b_ptr, ht_desc, wt_desc, bt_ptr, zt_ptr, row0 + local0, v0, rows, cols,
-                          row_mask, col_mask, H, HT, stride_zt, inv_t, HAS_BIAS, TEACHER if KL != 0 else 0,
+    z, zt = _logits_tiles(h_desc, w_desc, b_ptr, ht_desc, wt_desc, bt_ptr, zt_ptr, zt_rows_ptr, row0 + local0, v0,
+                          rows, cols, row_mask, col_mask, H, HT, stride_zt, inv_t, HAS_BIAS, TEACHER if KL != 0 else 0,
                           HAS_TEACHER_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, IEEE)
     dz = _dz_tile(z, zt, cols, y, valid, lse, ent, g_logp, g_ent, g_lse, kl, lse_t, g_kl, inv_t, KL)
     ptrs = dz_ptr + local.to(tl.int64)[:, None] * stride_dz + cols[None, :]

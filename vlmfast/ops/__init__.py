@@ -103,13 +103,12 @@ def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> 
     return backend
 
 
-def _compact_rows(c, ignore_index, backend):
+def _compact_rows(c, ignore_index):
     """Indices of the tokens that count, or None when all do: ignored tokens (a VLM's prompt and image
     tokens, often most of a sequence) are dropped before any GEMM, forward and backward. Sizing the
     compacted GEMMs takes the op's one host sync on a GPU (the count); computing the ignored rows instead
-    would cost their share of 8·N·H·V FLOP."""
-    if backend == "triton" and c.teacher is not None and c.teacher.logits is not None:
-        return None  # the Triton kernels read teacher logits row for row: compacting them would copy [N, V]
+    would cost their share of 8·N·H·V FLOP. Given teacher logits are not copied: the kernels read them at
+    the kept rows."""
     rows = (c.target != ignore_index).nonzero().squeeze(1)
     return None if rows.numel() == c.target.numel() else rows
 
@@ -184,7 +183,7 @@ def token_stats(
             kl=c.kl, ignore_index=ignore_index,
         )
     else:
-        rows = _compact_rows(c, ignore_index, backend)
+        rows = _compact_rows(c, ignore_index)
         t, teacher_rows = c.teacher, None
         if rows is not None and t is not None:  # given teacher logits stay where they are: a block gathers its rows
             t = Teacher(hidden=_take(t.hidden, rows), weight=t.weight, bias=t.bias, logits=t.logits)

@@ -42,16 +42,14 @@ def _finish_forward(ctx, stats: dict, inputs: tuple, teacher):
 
 class FusedLinearTokenStats(torch.autograd.Function):
     """(hidden [N, H], weight [V, H], bias [V] | None, target [N]) -> logp, entropy, kl, lse [N]. Given teacher
-    logits are read at rows `teacher_rows` (the counted tokens; None: row for row), on the chunked backend."""
+    logits are read at rows `teacher_rows` (the counted tokens; None: row for row)."""
 
     @staticmethod
     @ieee_fp32
     def forward(ctx, hidden, weight, bias, target, teacher, teacher_rows, kl, temperature, ignore_index, backend):
         kw = dict(teacher=teacher, kl=kl, temperature=temperature, ignore_index=ignore_index)
         if backend == "triton":
-            if teacher_rows is not None:
-                raise ValueError("the Triton backend reads teacher logits row for row (teacher_rows=None)")
-            stats = _triton().token_stats_forward(hidden, weight, bias, target, **kw)
+            stats = _triton().token_stats_forward(hidden, weight, bias, target, teacher_rows=teacher_rows, **kw)
         else:
             kw["teacher"] = chunked.teacher_head(teacher, teacher_rows)
             head = chunked.LinearHead(hidden, weight, bias, native_epilogue=chunked.native_beside(kw["teacher"]))
@@ -73,7 +71,7 @@ class FusedLinearTokenStats(torch.autograd.Function):
             return (None,) * 10
         if ctx.backend == "triton":
             dh, dw, db = _triton().token_stats_backward(
-                hidden, weight, bias, target, stats, grads,
+                hidden, weight, bias, target, stats, grads, teacher_rows=ctx.teacher_rows,
                 need_dh=need_dh, need_dw=need_dw, need_db=need_db, **kw,
             )
         else:
