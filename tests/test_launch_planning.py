@@ -105,3 +105,48 @@ def test_a_launch_runs_on_its_tensors_gpu_not_the_current_one(monkeypatch):
         on_gpu3 = torch.empty(4, device="cuda:3")
     Launch(Kernel(), (2, 1), (1.0, on_gpu3), {}, Config(64, 64, 32, 4, 1))()
     assert ran == [((2, 1), [torch.device("cuda", 3)])]
+
+
+@pytest.mark.parametrize("free_gib,expect_rows", [(None, 3456), (80, 3456), (1, 768), (2**-8, 128)],
+                         ids=["unknown", "80GiB-free", "1GiB-free", "4MiB-free"])
+def test_dz_chunks_and_bands_shrink_with_the_free_memory(free_gib, expect_rows):
+    """The backward's dz chunk and the one pass's band are sized by a quarter of what the GPU has free, capped at
+    BWD_DZ_BYTES (1 GiB), whole row tiles, one tile at least: at the 7B head in bf16 (V = 152064) the cap holds 3530
+    rows of dz (3456 in whole 128-row tiles), 1 GiB free 256 MiB of them (882: 768), 4 MiB free none (one tile)."""
+    from vlmfast.kernels import token_stats as kernels
+
+    V = 152064
+    W = torch.zeros(1, H, dtype=torch.bfloat16).expand(V, H)
+    free = None if free_gib is None else int(free_gib * 2**30)
+    target = Target(90, 132, tma=True, free_bytes=free)
+    block_n = _variant_and_config("bwd", rows(8192), W, None, target)[1].block_n
+    assert block_n == 128
+    allowed = kernels.BWD_DZ_BYTES if free is None else min(kernels.BWD_DZ_BYTES, free // 4)
+    assert backward_chunk_rows(rows(8192), W, None, target) == max(block_n, allowed // (2 * V) // block_n * block_n)
+    assert backward_chunk_rows(rows(8192), W, None, target) == expect_rows
+    assert kernels.scratch_bytes(target) == allowed
+
+
+def test_the_cuda_target_reads_sms_arch_and_free_memory(monkeypatch):
+    """device_target on a GPU, reached through a stand-in for torch.cuda: an H100's 132 SMs and sm_90 (TMA), free
+    memory = the driver's free bytes + what torch's caching allocator holds unused; the one pass's bands follow."""
+    from vlmfast.kernels import token_stats as kernels
+    from vlmfast.ops import one_pass
+
+    GiB = 2**30
+
+    class Props:
+        multi_processor_count = 132
+
+    cuda = {"get_device_capability": lambda d: (9, 0), "get_device_properties": lambda d: Props(),
+            "mem_get_info": lambda d: (3 * GiB, 80 * GiB), "memory_reserved": lambda d: 2 * GiB,
+            "memory_allocated": lambda d: GiB + GiB // 2}
+    for name, fn in cuda.items():
+        monkeypatch.setattr(torch.cuda, name, fn)
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    target = kernels.device_target(torch.device("cuda", 0))
+    assert target == Target(90, 132, tma=True, free_bytes=3 * GiB + GiB // 2)
+    monkeypatch.setattr(kernels, "device_target", lambda device: target)
+    V = 152064
+    W = torch.zeros(1, H, dtype=torch.bfloat16).expand(V, H)
+    assert one_pass.budget_rows("triton", 8192, rows(8192), W) == (3 * GiB + GiB // 2) // 4 // (4 * V)

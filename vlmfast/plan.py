@@ -34,7 +34,9 @@ from .config import Config, ConfigError, generation_engine, load_config
 
 GiB = 2**30
 DEFAULT_PROMPT_TOKENS = 1024  # priced when neither the data nor vllm.max_model_len says how long prompts are
-FUSED_DZ_BYTES = 1 * GiB  # vlmfast/kernels/token_stats.py BWD_DZ_BYTES: the backward's dz chunk, the one pass's band
+# vlmfast/kernels/token_stats.py BWD_DZ_BYTES: the cap of the backward's dz chunk and of the one pass's band (they
+# shrink when a quarter of the GPU's free memory is less: the plan prices the cap)
+FUSED_DZ_BYTES = 1 * GiB
 
 # Published configs (config.json of Qwen/Qwen2.5-VL-*-Instruct): only the sizes a parameter count needs.
 _VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=None,

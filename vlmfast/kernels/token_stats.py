@@ -122,11 +122,13 @@ KL_NONE, KL_REVERSE, KL_FORWARD = 0, 1, 2
 class Target:
     """What a launch is planned for: the config table's architecture (None: the interpreter's config), the
     SM count that sizes the vocabulary split, and whether the TMA kernels may run (sm_90; under the
-    interpreter when VLMFAST_TRITON_TMA=1, so tests run them). `vlmfast/kernels/inspect.py` plans for a GPU it
+    interpreter when VLMFAST_TRITON_TMA=1, so tests run them), and the bytes free on it when the plan is made
+    (None: not known; the scratch buffers then take their cap). `vlmfast/kernels/inspect.py` plans for a GPU it
     does not have."""
     arch: int | None
     sms: int
     tma: bool = False
+    free_bytes: int | None = None
 
 
 def device_target(device: torch.device) -> Target:
@@ -135,8 +137,11 @@ def device_target(device: torch.device) -> Target:
         return Target(None, 1, tma=os.environ.get("VLMFAST_TRITON_TMA") == "1")
     major = torch.cuda.get_device_capability(device)[0]
     arch = 90 if major >= 9 else 80
+    # free to this process: what the driver has left plus what torch's caching allocator holds unused
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     # the TMA tiles are sized for Hopper's shared memory; newer GPUs run the portable kernels until measured
-    return Target(arch, torch.cuda.get_device_properties(device).multi_processor_count, tma=major == 9)
+    return Target(arch, torch.cuda.get_device_properties(device).multi_processor_count, tma=major == 9,
+                  free_bytes=free)
 
 
 def kernel_variant(where: Target, *tensors) -> str:
@@ -538,14 +543,25 @@ def combine(part: torch.Tensor, zy: torch.Tensor, *, kl=None, with_teacher=False
     return out
 
 
-BWD_DZ_BYTES = int(os.environ.get("VLMFAST_DZ_BYTES", 2**30))
+BWD_DZ_BYTES = int(os.environ.get("VLMFAST_DZ_BYTES", 2**30))  # the cap of a dz chunk / a one-pass band's logits
+# a scratch buffer takes at most this share of the free memory: the call's own dh, fp32 dW and (one pass) the
+# band's dz beside its logits come on top, and the caller's next tensors after
+FREE_SHARE = 4
+
+
+def scratch_bytes(where: Target) -> int:
+    """Bytes of a dz chunk (token_stats' backward) or of a band's fp32 logits (token_loss' one pass): BWD_DZ_BYTES,
+    or a 1/FREE_SHARE of the device's free memory when that is less."""
+    if where.free_bytes is None:
+        return BWD_DZ_BYTES
+    return max(0, min(BWD_DZ_BYTES, where.free_bytes // FREE_SHARE))
 
 
 def backward_chunk_rows(hidden, weight, teacher, where: Target) -> int:
-    """Rows of dz per backward chunk: as many as BWD_DZ_BYTES hold, whole row tiles."""
+    """Rows of dz per backward chunk: as many as scratch_bytes hold, whole row tiles (one tile at least)."""
     N, V = hidden.shape[0], weight.shape[0]
     cfg = _variant_and_config("bwd", hidden, weight, teacher, where)[1]
-    rows = max(cfg.block_n, BWD_DZ_BYTES // (V * hidden.element_size()))
+    rows = max(cfg.block_n, scratch_bytes(where) // (V * hidden.element_size()))
     return min(rows // cfg.block_n * cfg.block_n, max(N, 1))
 
 

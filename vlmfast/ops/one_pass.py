@@ -55,12 +55,13 @@ def band_rows(n_rows: int, vocab: int, hidden_size: int = 0, low_precision: bool
 
 
 def budget_rows(backend: str, n: int, hidden: torch.Tensor, weight: torch.Tensor) -> int:
-    """Rows per band of n on this backend: band_rows on the chunked one; on Triton's, as many as the backward's
-    dz chunks hold (BWD_DZ_BYTES, 1 GiB of fp32 logits)."""
+    """Rows per band of n on this backend: band_rows on the chunked one; on Triton's, as many rows of fp32 logits
+    as kernels.scratch_bytes allows (1 GiB, less when the GPU has less than 4 GiB free)."""
     V, H = weight.shape
     if backend == "triton":
         from vlmfast.kernels import token_stats as kernels
-        return max(1, min(n, kernels.BWD_DZ_BYTES // (4 * V)))
+
+        return max(1, min(n, kernels.scratch_bytes(kernels.device_target(hidden.device)) // (4 * V)))
     return band_rows(n, V, H, chunked.LinearHead.keeps_16bit(hidden, weight))
 
 
