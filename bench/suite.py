@@ -7,7 +7,9 @@
 For each (op, model head, token count): the providers are first checked to agree with the naive
 fp32 result (loss and both gradients); then each provider is timed forward and forward+backward
 ("full"; backward = full - forward). On a CPU each (op, provider, shape) runs in a fresh process so
-its peak RSS is its own; on a GPU, `triton.testing.do_bench` and `torch.cuda.max_memory_allocated`.
+its peak RSS is its own; on a GPU each op runs in a process of its own under a deadline (a sticky CUDA error, a
+hang or an out-of-memory ends that op alone), timed with `triton.testing.do_bench` and
+`torch.cuda.max_memory_allocated`.
 Writes rows to bench/results/<device>.jsonl, one plot per op and model (time and memory vs tokens,
 a line per provider) and bench/results/summary_<device>.md (ratios vs naive and vs Liger, the
 roofline, the static GPU report of the Triton kernels, the end-to-end step).
@@ -16,6 +18,7 @@ roofline, the static GPU report of the Triton kernels, the end-to-end step).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -26,6 +29,7 @@ from ._runner import append_rows, measure, reset_peak_rss, run_case
 
 RESULTS = Path(__file__).parent / "results"
 MODES = ("forward", "full")
+OP_TIMEOUT_S = 150  # an op's process on a GPU: its compiles, agreement check and every case of the sweep
 
 
 def _step(fn, x, full: bool):
@@ -76,6 +80,45 @@ def _cuda_time(step) -> dict:
     base = torch.cuda.memory_allocated()
     ms = do_bench(step, warmup=5, rep=50)
     return {"time_s": ms / 1e3, "peak_above_inputs_mb": (torch.cuda.max_memory_allocated() - base) / 2**20}
+
+
+def run_ops_isolated(args) -> list[dict]:
+    """Each (model, dtype, op) in a `python -m bench --op-worker` process of its own, killed after
+    args.op_timeout seconds: the worker appends its rows as its cases finish; an op whose worker times out or dies
+    leaves a row saying so, and the next op starts on a fresh CUDA context (a sticky error such as an illegal
+    address poisons the context of the process it happened in). Returns the measured rows."""
+    import subprocess
+
+    path = args.out / f"{args.device}.jsonl"
+    timeout = getattr(args, "op_timeout", None) or OP_TIMEOUT_S
+    rows = []
+    for model in args.models:
+        for dtype_name in args.dtypes or registry.dtypes_for(args.device, model):
+            for op in args.ops or registry.ops_for(args.device, model, P.OPS):
+                cmd = [sys.executable, "-m", "bench", "--op-worker", "--device", args.device, "--models", model,
+                       "--dtypes", dtype_name, "--ops", op, "--out", str(args.out), "--repeats", str(args.repeats),
+                       "--threads", str(args.threads)]
+                for flag, value in (("--tokens", args.tokens), ("--providers", args.providers)):
+                    cmd += [flag, *map(str, value)] if value else []
+                if args.tolerance is not None:
+                    cmd += ["--tolerance", str(args.tolerance)]
+                seen = len(_lines(path))
+                try:
+                    code = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, timeout=timeout).returncode
+                    error = None if code == 0 else f"its process exited with status {code}"
+                except subprocess.TimeoutExpired:
+                    error = f"timed out after {timeout:g} s (killed)"
+                new = [json.loads(line) for line in _lines(path)[seen:]]
+                rows += [r for r in new if "error" not in r]
+                if error:
+                    append_rows(path, [{"op": op, "model": model, "dtype": dtype_name, "provider": "(the op)",
+                                        "error": f"{error}; {len(new)} of its rows were written"}])
+                    print(f"  {model:11} {op:11} {dtype_name:8} FAILED: {error}", flush=True)
+    return rows
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
 
 
 def cpu_name() -> str:
@@ -161,6 +204,8 @@ def cpu_gemm_tflops(threads: int, h: int = 896, v: int = 32768, n: int = 1024) -
 def run(args) -> list[dict]:
     """Every case; each row is appended to <out>/<device>.jsonl as soon as it is measured, and a case that
     fails (out of GPU memory, a crashed worker) leaves a row with its error instead of ending the sweep."""
+    if args.device == "cuda" and not getattr(args, "op_worker", False):
+        return run_ops_isolated(args)
     device = args.device
     env = environment(device, args.threads)
     path = args.out / f"{device}.jsonl"
@@ -200,7 +245,8 @@ def _run_model_dtype(args, model: str, h: int, v: int, dtype_name: str, env: dic
                                                        "--dtype", dtype_name])
                 except Exception as e:  # noqa: BLE001 - one case's failure is that case's row
                     if device == "cuda":
-                        torch.cuda.empty_cache()
+                        with contextlib.suppress(Exception):  # after a sticky error (illegal address) this raises too
+                            torch.cuda.empty_cache()
                     error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                     append_rows(path, [{**case, "error": error}])
                     print(f"  {model:11} {op:11} {dtype_name:8} N={n:<6} {provider:16} FAILED: {error}", flush=True)
@@ -238,6 +284,9 @@ def main(argv=None) -> int:
                          "16-bit)")
     ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end step benchmark")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--op-timeout", type=float, default=OP_TIMEOUT_S,
+                    help="on a GPU: seconds an op's process may run before it is killed")
+    ap.add_argument("--op-worker", action="store_true", help=argparse.SUPPRESS)  # one op's cases, rows only
     ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default=None, help=argparse.SUPPRESS)  # a worker's input dtype (CPU rows)
     args = ap.parse_args(argv)
@@ -256,6 +305,8 @@ def main(argv=None) -> int:
     for m in args.models:
         registry.head(m)
     rows = run(args)  # written to <out>/<device>.jsonl as each case finishes
+    if args.op_worker:
+        return 0
     from .summary import write_summary
 
     extra = {}

@@ -156,3 +156,31 @@ def test_glance_table_compares_the_default_path_whatever_the_row_order():
     cpu = [row("sft", "vlmfast-native", 1.0, 896), row("sft", "vlmfast-chunked", 2.0, 896), row("sft", "naive", 3.0)]
     assert "vlmfast-native vs naive" in glance_table(cpu).splitlines()[0]
     assert glance_table([row("sft", "naive", 1.0), row("sft", "liger", 1.0)]) == ""
+
+
+def test_on_a_gpu_each_op_runs_in_its_own_process_under_a_deadline(tmp_path):
+    """The GPU sweep's isolation, run here on the CPU (the same code; a GPU only changes what a worker times): each
+    op's worker appends its rows as its cases finish; an op whose worker is killed at its deadline (a hang, or a
+    sticky CUDA error that would poison every later case of the process) leaves a row saying so, and the next op
+    still runs in a fresh process."""
+    import argparse
+
+    from bench import suite
+
+    def args(**kw):
+        base = dict(device="cpu", threads=1, out=tmp_path, models=["cpu-small"], ops=["sft"], tokens=[256],
+                    providers=["naive", "vlmfast-chunked"], tolerance=None, repeats=1, dtypes=["float32"],
+                    op_timeout=120)
+        return argparse.Namespace(**{**base, **kw})
+
+    rows = suite.run_ops_isolated(args())
+    assert sorted((r["provider"], r["mode"]) for r in rows) == [
+        ("naive", "forward"), ("naive", "full"), ("vlmfast-chunked", "forward"), ("vlmfast-chunked", "full")]
+    assert all(r["time_s"] > 0 and r["op"] == "sft" for r in rows)
+    killed = suite.run_ops_isolated(args(ops=["sft", "grpo"], op_timeout=0.5))  # not even its imports finish
+    assert killed == []
+    on_disk = [json.loads(line) for line in (tmp_path / "cpu.jsonl").read_text().splitlines()]
+    errors = [r for r in on_disk if "error" in r]
+    assert [r["op"] for r in errors] == ["sft", "grpo"]
+    assert all("timed out after 0.5 s" in r["error"] for r in errors)
+    assert len(on_disk) == 4 + 2  # the first sweep's rows are kept

@@ -1,10 +1,15 @@
-"""The triton backend in bf16 on a real GPU (bf16 arithmetic is wrong in the CPU interpreter, so
-these run only where CUDA is available; on CPU machines bf16 is covered on the chunked backend by
-test_token_stats.py). Same criterion: no worse than the naive same-dtype computation."""
+"""The triton backend compiled on a real GPU (`make gpu-check`; skipped without CUDA): bf16 (wrong in the CPU
+interpreter, so covered here only), fp16 and fp32 (fp32 with torch's TF32 flag on: the kernels and GEMMs of a call
+still run IEEE fp32), no bias, a teacher of another hidden size, unaligned shapes (the portable kernels on Hopper),
+a batch with no counted token, and inputs on a second GPU. Criterion as on the CPU: fp32 close to the fp64 truth,
+16-bit no worse than the naive same-dtype computation."""
 
 import pytest
 import torch
+from _naive import naive_stats
 from test_token_stats import SHAPES, TEACHERS, _max_err, _scale, make_problem, run_naive, run_vlmfast
+
+import vlmfast
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -116,3 +121,106 @@ def test_preference_pairs_one_pass_bf16_no_worse_than_naive(l_floor, monkeypatch
     truth = run(lambda a, b: naive.dpo(a, b, y, ref_c, ref_r, beta=0.1, dtype=torch.float32, **cw), torch.float32)
     for what, f, b, t in zip(("loss", "d hidden", "d weight"), got, base, truth):
         assert _max_err(f, t) <= _max_err(b, t) + 2 * torch.finfo(torch.bfloat16).eps * _scale(t), what
+
+
+@pytest.fixture
+def tf32_on():
+    before = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    yield
+    torch.backends.cuda.matmul.fp32_precision = before
+
+
+@pytest.mark.parametrize("kl,teacher_kind", TEACHERS)
+@pytest.mark.parametrize("N,H,V", SHAPES + [pytest.param(37, 50, 1000, id="N37-H50-V1000-unaligned")])
+def test_triton_fp32_is_ieee_with_tf32_on(N, H, V, kl, teacher_kind, tf32_on):
+    """fp32 with torch's TF32 flag on: IEEE fp32 in every kernel and GEMM of the call (ops/precision.py), so
+    within 2e-5 of the fp64 truth; a teacher of another hidden size (24); H = 50: rows not 16-byte aligned."""
+    p = _to_cuda(make_problem(N, H, V, kl, teacher_kind, Ht=24))
+    out, grads = run_vlmfast(p, "triton", torch.float32)
+    ref_out, ref_grads = run_naive(p, torch.float32, torch.float64)
+    for k, v in ref_out.items():
+        assert _max_err(out[k], v) <= 2e-5 * _scale(v), k
+    for name, g, rg in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        assert _max_err(g, rg) <= 2e-5 * _scale(rg), name
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"  # put back
+
+
+@pytest.mark.parametrize("kl,teacher_kind", TEACHERS)
+@pytest.mark.parametrize("N,H,V", SHAPES + [pytest.param(37, 52, 1000, id="N37-H52-V1000-unaligned")])
+def test_triton_fp16_no_worse_than_naive(N, H, V, kl, teacher_kind):
+    p = _to_cuda(make_problem(N, H, V, kl, teacher_kind, Ht=24))
+    out, grads = run_vlmfast(p, "triton", torch.float16)
+    naive_out, naive_grads = run_naive(p, torch.float16, torch.float16)
+    truth_out, truth_grads = run_naive(p, torch.float16, torch.float32)
+    for k, t in truth_out.items():
+        assert _max_err(out[k], t) <= _max_err(naive_out[k], t) + 1e-3 * _scale(t), k
+    for name, g, ng, tg in zip(("hidden", "weight", "bias"), grads, naive_grads, truth_grads):
+        assert _max_err(g, tg) <= _max_err(ng, tg) + 2 * torch.finfo(torch.float16).eps * _scale(tg), name
+
+
+def test_unaligned_rows_run_the_portable_kernels_on_hopper():
+    from vlmfast.kernels.token_stats import device_target, kernel_variant
+
+    h = torch.randn(64, 900, device="cuda", dtype=torch.bfloat16)[:, :897]  # row stride 1800 bytes, 897 columns
+    W = torch.randn(1000, 897, device="cuda", dtype=torch.bfloat16)
+    assert kernel_variant(device_target(h.device), h.contiguous(), W) == "portable"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_without_bias(dtype):
+    g = torch.Generator(device="cuda").manual_seed(2)
+    N, H, V = 300, 256, 4099
+    h = torch.randn(N, H, device="cuda", generator=g)
+    W = torch.randn(V, H, device="cuda", generator=g) * H**-0.5
+    y = torch.randint(0, V, (N,), device="cuda", generator=g)
+    y[::3] = -100
+    gl, ge = torch.randn(N, device="cuda", generator=g), torch.randn(N, device="cuda", generator=g)
+
+    def run(stats_fn, compute):
+        a, b = h.to(dtype).requires_grad_(), W.to(dtype).requires_grad_()
+        out = stats_fn(a, b, compute)
+        loss = (out["logp"].float() * gl).sum() + (out["entropy"].float() * ge).sum()
+        return [out["logp"].float(), out["entropy"].float()] + [x.float() for x in torch.autograd.grad(loss, (a, b))]
+
+    def fused(a, b, _):
+        r = vlmfast.token_stats(a, b, y, outputs=("logp", "entropy"), backend="triton")
+        return {"logp": r.logp, "entropy": r.entropy}
+
+    def naive(a, b, compute):
+        out = naive_stats(a, b, None, y, dtype=compute)
+        return {k: torch.where(y != -100, out[k], 0) for k in ("logp", "entropy")}
+
+    got, base, truth = run(fused, None), run(naive, dtype), run(naive, torch.float64)
+    for what, f, n, t in zip(("logp", "entropy", "d hidden", "d weight"), got, base, truth):
+        t = t.float()
+        if dtype == torch.float32:
+            assert _max_err(f, t) <= 2e-5 * _scale(t), what
+        else:
+            assert _max_err(f, t) <= _max_err(n, t) + 2 * torch.finfo(dtype).eps * _scale(t), what
+
+
+def test_a_batch_with_no_counted_token_on_the_gpu():
+    """Prompt-only micro-batch: zeros, zero gradients, no launch, no crash (it divided by zero row blocks here)."""
+    h = torch.randn(64, 3584, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    W = torch.randn(1000, 3584, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = torch.full((64,), -100, device="cuda")
+    s = vlmfast.token_stats(h, W, y, outputs=("logp", "entropy"), backend="triton")
+    loss, _ = vlmfast.token_loss(h, W, y, lambda st, i: -st["logp"], backend="triton")
+    (s.logp.sum() + s.entropy.sum() + loss).backward()
+    assert not s.logp.any() and not s.entropy.any() and loss.item() == 0
+    assert not h.grad.any() and not W.grad.any()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_inputs_on_the_second_gpu_while_the_current_is_the_first():
+    p = make_problem(130, 64, 4099, "reverse", "hidden")
+    torch.cuda.set_device(0)
+    on = {d: run_vlmfast(_to_cuda_at(p, d), "triton", torch.bfloat16) for d in (0, 1)}
+    for a, b in zip([*on[0][0].values(), *on[0][1]], [*on[1][0].values(), *on[1][1]]):
+        assert torch.equal(a.cpu(), b.cpu())
+
+
+def _to_cuda_at(p, index):
+    with torch.cuda.device(index):
+        return _to_cuda(p)
