@@ -2,6 +2,7 @@
 machine without a GPU, exactly as the JIT would for the Qwen2.5-7B head, and report what the GPU runs.
 
     python -m vlmfast.kernels.inspect [--arch 90 80] [--json]
+    python -m vlmfast.kernels.inspect --estimate      # the static time estimate (vlmfast/kernels/estimate.py)
 
 Each kernel is planned by its own launcher (`forward_launch` / `backward_launch`) on meta tensors of the
 7B head's shapes (N = 8192 tokens, H = 3584, V = 152064; a 32B teacher's H = 5120) for a GPU of 132 SMs,
@@ -248,7 +249,14 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     ap.add_argument("--epilogue", action="store_true",
                     help="the one-pass path's epilogue kernels (vlmfast/kernels/logits_epilogue.py) instead")
+    ap.add_argument("--estimate", action="store_true",
+                    help="the static time estimate of token_stats and token_loss at the 7B head instead (no compile)")
     args = ap.parse_args(argv)
+    if args.estimate:
+        from .estimate import report as estimate
+
+        print(estimate(H=HIDDEN, V=VOCAB))
+        return 0
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     if args.epilogue and os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the compiler")

@@ -54,14 +54,16 @@ def band_rows(n_rows: int, vocab: int, hidden_size: int = 0, low_precision: bool
     return max(1, min(n_rows, rows))
 
 
-def budget_rows(backend: str, n: int, hidden: torch.Tensor, weight: torch.Tensor) -> int:
+def budget_rows(backend: str, n: int, hidden: torch.Tensor, weight: torch.Tensor, where=None) -> int:
     """Rows per band of n on this backend: band_rows on the chunked one; on Triton's, as many rows of fp32 logits
-    as kernels.scratch_bytes allows (1 GiB, less when the GPU has less than 4 GiB free)."""
+    as kernels.scratch_bytes allows (1 GiB, less when the GPU has less than 4 GiB free) on `where` (a
+    token_stats.Target; default: hidden's device)."""
     V, H = weight.shape
     if backend == "triton":
         from vlmfast.kernels import token_stats as kernels
 
-        return max(1, min(n, kernels.scratch_bytes(kernels.device_target(hidden.device)) // (4 * V)))
+        where = where or kernels.device_target(hidden.device)
+        return max(1, min(n, kernels.scratch_bytes(where) // (4 * V)))
     return band_rows(n, V, H, chunked.LinearHead.keeps_16bit(hidden, weight))
 
 
