@@ -42,9 +42,7 @@ def test_shipped_recipes_load():
         (cfg(stages=[{"type": "sft", "stepz": 3}]), r"stages\[0\]: unknown key\(s\) \['stepz'\]"),
         (cfg(stages=[{"type": "ppo"}]), r"stages\[0\].type: must be one of"),
         (cfg(stages=[{"type": "grpo", "group_size": 1}]), r"stages\[0\].group_size: GRPO needs >= 2"),
-        (cfg(stages=[{"type": "grpo", "batch_size": 2, "group_size": 5, "micro_batch_size": 4}]),
-         r"stages\[0\].micro_batch_size: must divide the update's 10 sequences"),
-        (cfg(stages=[{"type": "grpo", "micro_batch_size": 0}]), r"stages\[0\].micro_batch_size: must divide"),
+        (cfg(stages=[{"type": "grpo", "micro_batch_size": 0}]), r"stages\[0\].micro_batch_size: must be >= 1"),
         (cfg(stages=[{"type": "sft", "micro_batch_size": 4}]), r"stages\[0\].micro_batch_size: micro-batched"),
         (cfg(stages=[{"type": "grpo", "tis_cap": 0}]), r"stages\[0\].tis_cap: must be a finite number > 0"),
         (cfg(stages=[{"type": "dpo", "tis_cap": 2.0}]), r"stages\[0\].tis_cap: truncated importance"),
@@ -147,16 +145,28 @@ def test_every_key_has_a_meaning():
 
 
 def test_batches_that_do_not_split_over_the_ranks_are_named():
-    from vlmfast.train import check_ranks
+    from vlmfast.config import check_ranks
 
     grpo = cfg(stages=[{"type": "sft", "batch_size": 8},
-                       {"type": "grpo", "batch_size": 2, "group_size": 4, "micro_batch_size": 8}])
-    c = load_config(raw=grpo)  # 8 sequences per update: micro-batches of 8 divide them in one process
-    check_ranks(c, 1)
-    with pytest.raises(ConfigError, match=r"stages\[1\].micro_batch_size=8 does not divide the 4 sequences"):
-        check_ranks(c, 2)
-    with pytest.raises(ConfigError, match=r"stages\[0\].batch_size=8 is not divisible by the 3 ranks"):
+                       {"type": "grpo", "batch_size": 2, "group_size": 4, "micro_batch_size": 3}])
+    c = load_config(raw=grpo)
+    check_ranks(c, 1)  # 8 sequences per update: micro-batches of 3, 3 and 2
+    check_ranks(c, 2)  # 4 per rank: 2 and 2
+    with pytest.raises(ConfigError, match=r"stages\[0\].batch_size=8 is not divisible by the 3 ranks \(it splits "
+                                          r"over 1, 2, 4, 8 ranks"):
         check_ranks(c, 3)
+
+
+def test_micro_batches_are_at_most_micro_batch_size_and_as_even_as_they_go():
+    from vlmfast.config import StageConfig
+    from vlmfast.stages import even_row_slices, micro_batches_per_step
+
+    for n, parts in ((20, 3), (80, 10), (5, 1), (7, 7), (10, 4)):
+        sizes = [sl.stop - sl.start for sl in even_row_slices(n, parts)]
+        assert sum(sizes) == n and len(sizes) == parts and max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes)[::-1]
+    stage = StageConfig(type="grpo", batch_size=128, group_size=5, micro_batch_size=8)
+    # 80, 40, 20, 10 and 5 sequences per rank at 8 to 128 ranks
+    assert [micro_batches_per_step(stage, w) for w in (8, 16, 32, 64, 128)] == [10, 5, 3, 2, 1]
 
 
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
@@ -180,3 +190,30 @@ def test_lr_schedules_follow_their_formulas(schedule):
         else:
             want = 0.5 * (1 + math.cos(math.pi * (s - w) / (T - w)))
         assert scale(s) == pytest.approx(want, abs=1e-9), (schedule, s)
+
+
+def test_zero_network_keys_reach_deepspeed_and_the_plan():
+    """overlap_comm, the bucket sizes and ZeRO++'s hierarchical partition size go into DeepSpeed's config (ZeRO-3
+    keys only under ZeRO-3); hpZ's second 16-bit shard is in the plan's model states; an hpZ size the ranks cannot
+    be grouped by is refused, as is hpZ below ZeRO-3."""
+    from vlmfast.config import check_ranks
+    from vlmfast.plan import GiB, model_size, plan
+    from vlmfast.train import ds_config
+
+    keys = {"overlap_comm": True, "reduce_bucket_size": 500_000_000, "stage3_prefetch_bucket_size": 50_000_000,
+            "zero_hpz_partition_size": 8}
+    zero = ds_config(load_config(raw=cfg(deepspeed={"zero_stage": 3, **keys})), 4)["zero_optimization"]
+    assert {k: zero[k] for k in keys} == keys
+    zero2 = ds_config(load_config(raw=cfg(deepspeed={"zero_stage": 2, "overlap_comm": False})), 4)["zero_optimization"]
+    assert zero2 == {"stage": 2, "overlap_comm": False}
+    with pytest.raises(ConfigError, match="zero_hpz_partition_size: ZeRO\\+\\+ hierarchical partitioning is ZeRO-3"):
+        load_config(raw=cfg(deepspeed={"zero_stage": 2, "zero_hpz_partition_size": 8}))
+    c = load_config(raw=cfg(deepspeed={"zero_stage": 3, "zero_hpz_partition_size": 8},
+                            stages=[{"type": "sft", "batch_size": 48}]))
+    check_ranks(c, 16)
+    with pytest.raises(ConfigError, match="zero_hpz_partition_size=8 does not divide the 12 ranks"):
+        check_ranks(c, 12)
+    recipe = "recipes/qwen25vl7b_geo3k_grpo.yaml"
+    on, off = (plan(load_config(recipe, [f"deepspeed.zero_hpz_partition_size={n}"]), gpus=16,
+                    gpu_memory=80 * GiB)[0].update["policy states"] for n in (8, 1))
+    assert on - off == 2 * model_size("Qwen/Qwen2.5-VL-7B-Instruct").params // 8

@@ -113,7 +113,7 @@ def test_fused_op_buffers_hold_the_one_pass_band_the_kernels_plan():
 def test_phases_are_what_the_trainer_keeps_alive_together():
     """vLLM's share only while it is awake (rollout, evaluation), never beside the update's activations; with
     vllm.offload_optimizer the rollout keeps only the 16-bit weight shards of the policy's states; the HF engine
-    instead gathers the policy and holds generate's KV cache; a checkpoint gathers the policy for its export."""
+    instead gathers the policy and holds generate's KV cache; a checkpoint's export gathers one module at a time."""
     from vlmfast.config import load_config
     from vlmfast.plan import plan
 
@@ -130,7 +130,8 @@ def test_phases_are_what_the_trainer_keeps_alive_together():
     assert hf.phases["rollout"]["policy gathered for generate"] == 2 * size.params
     # 64 rows of 1024 + 2048 tokens: 28 layers of bf16 keys and values of 4 heads x 128
     assert hf.phases["rollout"]["generate buffers"] == 64 * 3072 * 28 * 2 * 512 * 2 + 16 * 64 * 152064 * 4
-    assert p.phases["checkpoint"]["policy gathered for the export"] == 2 * size.params
+    # the export gathers a module at a time: the largest is the 7B's embedding or head, 152064 x 3584
+    assert p.phases["checkpoint"]["largest module gathered for the export"] == 2 * 152064 * 3584
 
 
 def _longest_prompt_by_hand(cfg) -> int:
@@ -177,3 +178,20 @@ def test_the_plan_prices_the_longest_prompt_of_the_recipes_data(tmp_path, capsys
 
     short, long = (plan(load_config(grpo), gpus=8, gpu_memory=80 * GiB, prompt_tokens=n)[0] for n in (512, 4096))
     assert long.update["activations"] > short.update["activations"]
+
+
+@pytest.mark.parametrize("gpus", [8, 16, 32, 64])
+@pytest.mark.parametrize("path", RECIPES_7B, ids=[p.stem for p in RECIPES_7B])
+def test_shipped_7b_recipes_are_valid_from_8_to_64_ranks(path, gpus, capsys):
+    """The trainer's rank check (config.check_ranks, run before anything loads) and the plan agree at every size a
+    user scales to: the GRPO updates' micro-batches follow the rows a rank holds (20 at 32 ranks: 7, 7, 6)."""
+    from vlmfast.config import check_ranks, load_config
+
+    check_ranks(load_config(str(path)), gpus)
+    assert main(["--config", str(path), "--gpus", str(gpus), "--prompt-tokens", "1024"]) == 0, capsys.readouterr().err
+
+
+def test_the_plan_refuses_a_world_size_the_trainer_refuses(capsys):
+    grpo = str(ROOT / "recipes" / "qwen25vl7b_geo3k_grpo.yaml")
+    assert main(["--config", grpo, "--gpus", "48"]) == 2
+    assert "stages[0].batch_size=128 is not divisible by the 48 ranks" in capsys.readouterr().err

@@ -260,28 +260,32 @@ def test_micro_batched_update_equals_the_whole_update(tmp_path, monkeypatch, agg
             "updates_per_rollout": 2, "kl_coef": 0.1, "entropy_coef": 0.05, "max_new_tokens": 6,
             "aggregation": aggregation}
     runs = {}
-    for micro in (None, 2):
+    for micro in (None, 2, 3):
         sizes.clear()
         name = f"micro{micro}"
         run(recipe(tmp_path, [{**grpo, "micro_batch_size": micro}], name=name,
                    eval={"at_start": False, "probes": 0}))
         runs[micro] = records(tmp_path, name), load_model(str(tmp_path / name / "checkpoints" / "final-0" / "hf"))[0]
-        if micro:  # old and reference log-probs of 16 sequences, then 2 updates x 4 micro-batches: 2 rows each
+        if micro == 2:  # old and reference log-probs of 16 sequences, then 2 updates x 4 micro-batches: 2 rows each
             assert sizes == [(False, 2)] * 16 + [(True, 2)] * 8
-    (whole, w_model), (micro, m_model) = runs[None], runs[2]
-    assert [r["step"] for r in micro] == [1, 2]
-    for a, b in zip(whole, micro):
-        for key in ("loss", "pg_loss", "entropy", "kl", "ratio_mean", "ratio_min", "ratio_max", "clip_frac_low",
-                    "reward", "response_tokens"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
-    assert micro[1]["ratio_mean"] != 1.0  # the second update runs on a moved policy
+        if micro == 3:  # 8 rows per update at most 3 a forward: 3, 3 and 2
+            assert [n for grad, n in sizes if grad] == [3, 3, 2] * 2
     from vlmfast.models import tiny_vlm
 
     init = tiny_vlm("student", seed=0)[0].state_dict()
-    a, b = w_model.state_dict(), m_model.state_dict()
-    u1 = torch.cat([(a[k] - init[k]).flatten() for k in init])
-    u2 = torch.cat([(b[k] - init[k]).flatten() for k in init])
-    assert ((u1 - u2).norm() / u1.norm()).item() < 1e-3
+    whole, w_model = runs[None]
+    for m in (2, 3):
+        micro, m_model = runs[m]
+        assert [r["step"] for r in micro] == [1, 2]
+        for a, b in zip(whole, micro):
+            for key in ("loss", "pg_loss", "entropy", "kl", "ratio_mean", "ratio_min", "ratio_max", "clip_frac_low",
+                        "reward", "response_tokens"):
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (m, key)
+        assert micro[1]["ratio_mean"] != 1.0  # the second update runs on a moved policy
+        a, b = w_model.state_dict(), m_model.state_dict()
+        u1 = torch.cat([(a[k] - init[k]).flatten() for k in init])
+        u2 = torch.cat([(b[k] - init[k]).flatten() for k in init])
+        assert ((u1 - u2).norm() / u1.norm()).item() < 1e-3, m
 
 
 def _recipe_file(tmp_path, name, **over):

@@ -302,3 +302,25 @@ def test_two_ranks_zero3_shard_the_evaluation_and_match_one_process(tmp_path):
         for a, b in zip(single, double):
             assert (a["kind"], a["stage"], a["step"]) == (b["kind"], b["stage"], b["step"])
             _close(a, b)
+
+
+@pytest.mark.parametrize("when,says", [("start", "creating its engine (ValueError: Free memory on device"),
+                                       ("wake", "waking its weights (OutOfMemoryError: CUDA out of memory")])
+def test_vllm_out_of_memory_stops_the_run_naming_the_key(tmp_path, when, says):
+    """vLLM's free-memory check at start (its share of the GPU is more than the trainer left) and an out-of-memory
+    at a wake: the run stops with exit 1 and a message naming the recipe key of that share, no traceback."""
+    res = subprocess.run([sys.executable, str(SCRIPT), "--config", str(_recipe(tmp_path, when, 0))],
+                         capture_output=True, text=True, timeout=600, env=clean_env(VLMFAST_VLLM_OOM=when))
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert f"stopped: vLLM ran out of GPU memory {says}" in res.stderr
+    assert "Its share of each GPU is stages[0].vllm_memory_share=0.5" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_other_engine_errors_are_not_called_memory_errors():
+    from vlmfast.rollout.vllm_engine import VLLMMemoryError, memory_errors_named
+
+    with pytest.raises(ValueError, match="unknown architecture"), memory_errors_named("creating", "k=1"):
+        raise ValueError("unknown architecture Foo")
+    with pytest.raises(VLLMMemoryError, match="k=1"), memory_errors_named("creating", "k=1"):
+        raise ValueError("No available memory for the cache blocks. Try increasing `gpu_memory_utilization`")

@@ -1,7 +1,15 @@
-"""Atomic checkpoints of a training run: the DeepSpeed engine state (weights, optimizer, partitions
-under ZeRO), the HF weights + processor (what the next stage and evaluation load), and the trainer
-state (stage, step, RNG, early stopping). Written to a temp dir and renamed; `latest` is replaced
-atomically, so a killed run resumes from its last complete checkpoint."""
+"""Atomic checkpoints of a training run, each holding only what is read from it:
+
+- step checkpoints (`step-<stage>-<step>`, the last run.checkpoint_keep kept): the DeepSpeed engine state (weights,
+  optimizer, ZeRO partitions) and the trainer state (stage, step, every rank's RNG and rollout in progress, the
+  world size): what a resume reads; no HF export (a 7B export is 15 GB nothing reads back);
+- hand-off checkpoints (`best-<stage>`, `final-<stage>`): the HF weights and processor the next stage and users load
+  (gathered one module at a time under ZeRO-3), without optimizer states (the next stage starts its own);
+- `done-<stage>`: the trainer state alone, marking a finished stage.
+
+Each is written to a temp dir and renamed; `latest` names the newest resumable one (a step or done checkpoint),
+replaced atomically, read by rank 0 and broadcast, so a killed run resumes from its last complete checkpoint on
+every rank alike. Pruned checkpoints are renamed out of sight at once and deleted in the background."""
 
 from __future__ import annotations
 
@@ -9,11 +17,12 @@ import json
 import os
 import random
 import shutil
+import threading
 from pathlib import Path
 
 import torch
 
-from .zero import gathered
+from .zero import gathered, is_partitioned
 
 LATEST = "latest"
 
@@ -62,19 +71,41 @@ def read_rank_state(path: Path) -> dict | None:
     return torch.load(f, weights_only=True) if f.exists() else None
 
 
+def export_state_dict(model) -> dict | None:
+    """The model's whole state dict in host memory on rank 0 (None on the others). Under ZeRO-3 each module's own
+    parameters are gathered in turn (a collective: every rank calls it), so a GPU holds one module whole beyond its
+    shard, never the model: DeepSpeed's 16-bit save walks the modules the same way
+    (engine._zero3_consolidated_16bit_state_dict); its host copies would share the gathered storage on a CPU run,
+    these are copies. A parameter shared by two modules is one tensor under both names."""
+    main = _is_main()
+    out, first_name = ({} if main else None), {}
+    for prefix, module in model.named_modules():
+        own = list(module.named_parameters(recurse=False))
+        with gathered([p for _, p in own]):
+            if not main:
+                continue
+            for name, p in own:
+                key = f"{prefix}.{name}" if prefix else name
+                out[key] = out[first_name[id(p)]] if id(p) in first_name else p.detach().to("cpu", copy=True)
+                first_name.setdefault(id(p), key)
+            for name, b in module.named_buffers(recurse=False):
+                if name not in module._non_persistent_buffers_set:
+                    out[f"{prefix}.{name}" if prefix else name] = b.detach().to("cpu", copy=True)
+    return out
+
+
 def save_hf(model, processor, path: Path) -> None:
-    """The full HF model (gathered under ZeRO-3) + processor, written by rank 0."""
-    with gathered(list(model.parameters())):
-        if _is_main():
-            model.save_pretrained(path)
+    """The HF model + processor, written by rank 0 (under ZeRO-3 gathered a module at a time: export_state_dict)."""
+    state_dict = export_state_dict(model) if is_partitioned(model) else None
     if _is_main():
+        model.save_pretrained(path, state_dict=state_dict)
         processor.save_pretrained(path)
 
 
 def save(ckpt_root: Path, tag: str, engine, model, processor, state: dict, *, with_engine: bool = True,
-         with_hf: bool = True, rank_state: dict | None = None) -> Path:
-    """Write checkpoint `tag` under ckpt_root atomically and point `latest` at it. A state-only
-    checkpoint (with_engine=False, with_hf=False) marks a finished stage. Every rank also writes its
+         with_hf: bool = False, resumable: bool = True, rank_state: dict | None = None) -> Path:
+    """Write checkpoint `tag` under ckpt_root atomically; `latest` points at it when it is `resumable` (a step
+    checkpoint with its engine state, or a state-only one marking a finished stage). Every rank also writes its
     own RNG states and `rank_state` (what only it holds: its share of a rollout batch)."""
     ckpt_root = Path(ckpt_root)
     final, tmp = ckpt_root / tag, ckpt_root / f".tmp-{tag}"
@@ -93,29 +124,60 @@ def save(ckpt_root: Path, tag: str, engine, model, processor, state: dict, *, wi
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        pointer = ckpt_root / f".{LATEST}.tmp"
-        pointer.write_text(tag)
-        os.replace(pointer, ckpt_root / LATEST)
+        if resumable:
+            pointer = ckpt_root / f".{LATEST}.tmp"
+            pointer.write_text(tag)
+            os.replace(pointer, ckpt_root / LATEST)
     _barrier()
     return final
 
 
 def latest(ckpt_root: Path) -> Path | None:
-    pointer = Path(ckpt_root) / LATEST
-    if not pointer.exists():
-        return None
-    path = Path(ckpt_root) / pointer.read_text().strip()
-    return path if (path / "state.json").exists() else None
+    """The checkpoint a resume continues from, as rank 0 reads it, on every rank (each reading `latest` on its own
+    could see another file: a node's stale view of a shared filesystem, a checkpoint being written)."""
+    path = None
+    if _is_main():
+        pointer = Path(ckpt_root) / LATEST
+        if pointer.exists():
+            found = Path(ckpt_root) / pointer.read_text().strip()
+            path = str(found) if (found / "state.json").exists() else None
+    if torch.distributed.is_initialized():
+        box = [path]
+        torch.distributed.broadcast_object_list(box, src=0)
+        path = box[0]
+    return None if path is None else Path(path)
 
 
 def read_state(path: Path) -> dict:
     return json.loads((Path(path) / "state.json").read_text())
 
 
-def prune(ckpt_root: Path, keep: set[str]) -> None:
-    """Delete step checkpoints not in `keep` (stage-final and best checkpoints are kept by name)."""
+_deleting: list[threading.Thread] = []
+
+
+def step_of(path: Path) -> tuple[int, int]:
+    """(stage, step) of a `step-<stage>-<step>` checkpoint."""
+    _, stage, step = path.name.split("-")
+    return int(stage), int(step)
+
+
+def prune(ckpt_root: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` step checkpoints (hand-off checkpoints are kept by name). Rank 0 renames the others
+    out of sight (`.trash-*`, atomic) and deletes them on a background thread: a 7B checkpoint is ~100 GB, and the
+    other ranks would wait for the deletion at the next barrier."""
     if not _is_main():
         return
-    for p in Path(ckpt_root).glob("step-*"):
-        if p.name not in keep:
-            shutil.rmtree(p, ignore_errors=True)
+    steps = sorted(Path(ckpt_root).glob("step-*-*"), key=step_of)
+    for p in steps[: max(0, len(steps) - keep_last)]:
+        trash = p.with_name(f".trash-{p.name}")
+        shutil.rmtree(trash, ignore_errors=True)
+        p.rename(trash)
+        t = threading.Thread(target=shutil.rmtree, args=(trash,), kwargs={"ignore_errors": True}, daemon=True)
+        t.start()
+        _deleting.append(t)
+
+
+def finish_deletions() -> None:
+    """Wait for the background deletions (at the end of a run: a finished run leaves no trash)."""
+    while _deleting:
+        _deleting.pop().join()

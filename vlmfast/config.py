@@ -34,6 +34,7 @@ class RunConfig:
     threads: int = 2  # torch CPU threads per process
     log_every: int = 1  # write a train record every this many steps
     checkpoint_every: int = 50  # steps between resumable checkpoints (a multiple of updates_per_rollout)
+    checkpoint_keep: int = 2  # step checkpoints kept (the newest); hand-off checkpoints (best-, final-) always are
     max_bad_steps: int = 3  # updates in a row with a NaN/inf loss (each skipped) before the run stops
     dist_timeout_s: int = 600  # a collective waiting this long (a dead rank or node) fails the run instead of hanging
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, trackio, mlflow; none
@@ -84,6 +85,15 @@ class DeepSpeedConfig:
     # 1e5 keeps a whole tiny model unpartitioned; 0 partitions everything, as a 7B model is)
     stage3_param_persistence_threshold: int | None = None
     stage3_max_live_parameters: int | None = None  # ZeRO-3: most elements gathered at once (default 1e9)
+    # ZeRO over the network (None: DeepSpeed's default; larger buckets: fewer, longer collectives, what links
+    # between nodes want)
+    overlap_comm: bool | None = None  # ZeRO 1-3: the gradients' reduce-scatter overlaps the backward
+    reduce_bucket_size: int | None = None  # ZeRO 1-3: elements per reduce-scatter bucket
+    stage3_prefetch_bucket_size: int | None = None  # ZeRO-3: elements of the next layers' parameters prefetched
+    # ZeRO++ hierarchical partitioning (ZeRO-3): a second copy of the 16-bit weights sharded over this many ranks
+    # (the GPUs of a node), so the forward's and backward's all-gathers stay inside a node; 1: off. It costs
+    # 2 bytes per parameter / this many per GPU (`vlmfast plan` counts it)
+    zero_hpz_partition_size: int = 1
     gather_for_generation: bool = True  # ZeRO-3: whole weights for each generate call (false: stay partitioned)
 
 
@@ -153,8 +163,9 @@ class StageConfig:
     # grpo
     group_size: int = 4  # grpo: samples per prompt
     updates_per_rollout: int = 1  # optimizer updates (minibatches of batch_size prompts) per rollout batch
-    # grpo: sequences per forward and backward on a rank (default: the rank's whole update); the update's
-    # gradient accumulates over its micro-batches, so only one micro-batch's activations are alive at a time
+    # grpo: sequences per forward and backward on a rank at most (default: the rank's whole update), split as
+    # evenly as they go (20 rows at most 8: 7, 7, 6); the update's gradient accumulates over its micro-batches, so
+    # only one micro-batch's activations are alive at a time
     micro_batch_size: int | None = None
     clip_low: float = 0.2  # grpo: the ratio's lower clip is 1 - clip_low
     clip_high: float = 0.2  # grpo: the ratio's upper clip is 1 + clip_high
@@ -441,7 +452,7 @@ def _check_ranges(cfg: Config) -> None:
         if value is not None and not value >= lo:
             raise ConfigError(f"{key}: must be >= {lo}, got {value}")
 
-    for key in ("threads", "log_every", "checkpoint_every", "max_bad_steps", "dist_timeout_s"):
+    for key in ("threads", "log_every", "checkpoint_every", "checkpoint_keep", "max_bad_steps", "dist_timeout_s"):
         at_least(f"run.{key}", getattr(cfg.run, key), 1)
     if not cfg.model.vision_lr_mult > 0:
         raise ConfigError(f"model.vision_lr_mult: must be > 0, got {cfg.model.vision_lr_mult}")
@@ -560,10 +571,16 @@ def validate(cfg: Config) -> None:
         bad("data.format", f"must be geometry3k or mathvista, got {d.format!r}")
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         bad("deepspeed.zero_stage", f"must be 0..3, got {cfg.deepspeed.zero_stage}")
-    for key in ("stage3_param_persistence_threshold", "stage3_max_live_parameters"):
+    for key in ("stage3_param_persistence_threshold", "stage3_max_live_parameters", "reduce_bucket_size",
+                "stage3_prefetch_bucket_size"):
         v = getattr(cfg.deepspeed, key)
         if v is not None and v < 0:
             bad(f"deepspeed.{key}", f"must be >= 0, got {v}")
+    if cfg.deepspeed.zero_hpz_partition_size < 1:
+        bad("deepspeed.zero_hpz_partition_size", f"must be >= 1, got {cfg.deepspeed.zero_hpz_partition_size}")
+    if cfg.deepspeed.zero_hpz_partition_size > 1 and cfg.deepspeed.zero_stage != 3:
+        bad("deepspeed.zero_hpz_partition_size", f"ZeRO++ hierarchical partitioning is ZeRO-3's, not stage "
+            f"{cfg.deepspeed.zero_stage}'s")
     if cfg.deepspeed.precision not in ("fp32", "bf16"):
         bad("deepspeed.precision", f"must be fp32 or bf16, got {cfg.deepspeed.precision!r}")
     if any(k > cfg.eval.n_samples or k < 1 for k in cfg.eval.k):
@@ -589,10 +606,9 @@ def validate(cfg: Config) -> None:
         if s.micro_batch_size is not None:
             if s.type != "grpo":
                 bad(f"{key}.micro_batch_size", f"micro-batched updates are for grpo stages, not {s.type!r}")
-            rows = s.batch_size * s.group_size
-            if s.micro_batch_size < 1 or rows % s.micro_batch_size:
-                bad(f"{key}.micro_batch_size", f"must divide the update's {rows} sequences (batch_size x group_size),"
-                    f" got {s.micro_batch_size}")
+            if s.micro_batch_size < 1:
+                bad(f"{key}.micro_batch_size", f"must be >= 1 (sequences per forward, at most), got "
+                    f"{s.micro_batch_size}")
         if s.type == "opd":
             if s.teacher is None:
                 bad(f"{key}.teacher", "opd needs a teacher checkpoint path")
@@ -622,3 +638,22 @@ def validate(cfg: Config) -> None:
             bad(f"{key}.early_stopping.metric", f"no evaluation of this recipe produces {s.early_stopping.metric!r}; "
                 f"it produces {', '.join(names[:12])}{', ...' if len(names) > 12 else ''}")
         _check_stage_losses(key, s)
+
+
+def check_ranks(cfg: Config, world: int) -> None:
+    """Every stage's batch splits evenly over the ranks (a GRPO update's micro-batches then follow: at most
+    micro_batch_size rows each, as even as they go), and the ranks into vLLM's tensor-parallel groups. `vlmfast
+    plan --gpus N` checks the same."""
+    tp = cfg.vllm.tensor_parallel_size
+    if world % tp and any(generation_engine(cfg, s) == "vllm" for s in cfg.stages):
+        raise ConfigError(f"vllm.tensor_parallel_size={tp} does not divide the {world} ranks")
+    hpz = cfg.deepspeed.zero_hpz_partition_size
+    if world % hpz:
+        raise ConfigError(f"deepspeed.zero_hpz_partition_size={hpz} does not divide the {world} ranks (set it to the "
+                          "GPUs of one node)")
+    for si, stage in enumerate(cfg.stages):
+        if stage.batch_size % world:
+            fits = [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256) if stage.batch_size % n == 0]
+            raise ConfigError(f"stages[{si}].batch_size={stage.batch_size} is not divisible by the {world} ranks "
+                              f"(it splits over {', '.join(map(str, fits))} ranks; or set a batch_size that "
+                              f"{world} divides)")

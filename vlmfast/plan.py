@@ -15,7 +15,7 @@ tensors it keeps alive together (the peak is the largest):
   with vllm.offload_optimizer) and vLLM's memory share (weights and KV cache); or, with the HF engine, the
   policy gathered whole (ZeRO-3) and generate's buffers (its KV cache and a few [B, V] fp32 score rows);
 - evaluation: as the rollout, on the evaluation's batch;
-- checkpoint: the states and the policy gathered whole for the HF export.
+- checkpoint: the states and, for a hand-off checkpoint's HF export, one module gathered at a time (its largest).
 
 Activations (activation_bytes) count what autograd keeps for a Qwen2-family decoder layer (RMSNorm, GQA attention
 with flash / SDPA, SwiGLU MLP), checked against a fake-tensor count of 7B-shaped layers at 8 x 3072 tokens
@@ -30,7 +30,8 @@ import contextlib
 import sys
 from dataclasses import dataclass, field
 
-from .config import Config, ConfigError, generation_engine, load_config
+from .config import Config, ConfigError, check_ranks, generation_engine, load_config
+from .stages import micro_batches_per_step
 
 GiB = 2**30
 DEFAULT_PROMPT_TOKENS = 1024  # priced when neither the data nor vllm.max_model_len says how long prompts are
@@ -186,6 +187,8 @@ def plan(cfg: Config, *, gpus: int, gpu_memory: int, prompt_tokens: int = DEFAUL
                       freeze_llm=m.freeze_llm)
     word = 4 if d.precision == "fp32" else 2
     states = model_states_bytes(size, d.zero_stage, gpus, d.precision)
+    if d.zero_stage == 3 and d.zero_hpz_partition_size > 1:  # ZeRO++'s secondary 16-bit shard within a node
+        states += word * size.params // d.zero_hpz_partition_size
     # what vllm.offload_optimizer moves to the host while vLLM is awake: all but the 16-bit weights
     optimizer = states - word * size.params // (gpus if d.zero_stage == 3 else 1)
     frozen_share = gpus if d.zero_stage == 3 else 1  # a frozen engine is partitioned like the policy
@@ -202,8 +205,8 @@ def plan(cfg: Config, *, gpus: int, gpu_memory: int, prompt_tokens: int = DEFAUL
         rows = s.batch_size // gpus * {"grpo": s.group_size, "dpo": 2, "cw_dpo": 2}.get(s.type, 1)
         if s.type == "sft" and s.gentle is not None:
             rows *= 2  # the negatives' forward too
-        if s.micro_batch_size:  # the update runs one micro-batch's forward and backward at a time
-            rows = min(rows, s.micro_batch_size)
+        if s.type == "grpo":  # the update runs one micro-batch's forward and backward at a time: the largest
+            rows = -(-rows // micro_batches_per_step(s, gpus))
         tokens = max(1, rows) * (prompt_tokens + s.max_new_tokens)
         grouped = s.type in ("dpo", "cw_dpo") or (s.type == "sft" and s.gentle is not None
                                                    and s.gentle.get("variant", "hinge") == "hinge")
@@ -231,8 +234,9 @@ def plan(cfg: Config, *, gpus: int, gpu_memory: int, prompt_tokens: int = DEFAUL
                 comps["generate buffers"] = generate_bytes(size, min(gen_rows[phase], 64),
                                                            prompt_tokens + gen_tokens[phase], word)
             p.phases[phase] = comps
-        # the export gathers the whole policy on every GPU (checkpoint.py), vLLM asleep
-        p.phases["checkpoint"] = {"policy states": states, "policy gathered for the export": word * size.params}
+        # the HF export gathers one module at a time (checkpoint.export_state_dict), vLLM asleep
+        p.phases["checkpoint"] = {"policy states": states, "largest module gathered for the export":
+                                  word * size.largest_layer}
         out.append(p)
     return out
 
@@ -332,6 +336,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        check_ranks(cfg, args.gpus)  # the trainer's own rule for this many ranks
         budget = parse_bytes(args.gpu_memory)
         if args.prompt_tokens is None:
             tokens, source = recipe_prompt_tokens(cfg)

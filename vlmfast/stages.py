@@ -119,17 +119,19 @@ def update_rows(ctx: StageContext) -> int:
 
 
 def forward_rows(ctx: StageContext) -> int:
-    """Sequences of one forward on this rank: the update's micro-batch (micro_batch_size, default the whole
+    """Sequences of one forward on this rank at most: an update's micro-batch (micro_batch_size, default the whole
     update), and the slice size of every no-grad recompute over a rollout batch (old and reference
     log-probs), so none is larger."""
     return ctx.stage.micro_batch_size or update_rows(ctx)
 
 
 def micro_batches_per_step(stage, world_size: int) -> int:
-    """Backward passes per step: GRPO's update split into micro_batch_size rows per rank, else one."""
+    """Backward passes per step: GRPO's update split into micro-batches of at most micro_batch_size rows per rank
+    (as even as they go: 20 rows at most 8 are 7, 7 and 6), else one. The same count on every rank, whatever the
+    world size (each rank holds the same rows): ZeRO-3 needs it."""
     if stage.type != "grpo" or not stage.micro_batch_size:
         return 1
-    return rows_per_rank(stage, world_size) // stage.micro_batch_size
+    return -(-rows_per_rank(stage, world_size) // stage.micro_batch_size)
 
 
 def rank_positions(ctx: StageContext, n: int, parts: int = 1) -> list[int]:
@@ -341,6 +343,15 @@ def _row_slices(n: int, size: int) -> list[slice]:
     return [slice(i, min(n, i + size)) for i in range(0, n, size)]
 
 
+def even_row_slices(n: int, parts: int) -> list[slice]:
+    """n rows in `parts` consecutive slices whose sizes differ by one at most (the larger first)."""
+    base, extra = divmod(n, parts)
+    bounds = [0]
+    for i in range(parts):
+        bounds.append(bounds[-1] + base + (i < extra))
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
 def _rows(batch: dict, sl: slice) -> dict:
     """Rows `sl` of a collated batch (pixel_values are per image patch: sliced through image_grid_thw)."""
     out = {k: v[sl] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
@@ -372,15 +383,16 @@ _TOKEN_MEAN_METRICS = ("entropy", "kl", "clip_frac_low", "clip_frac_high", "rati
 
 
 def _grpo_update(ctx: StageContext, ro: dict, update: slice):
-    """The update on rows `update` of the rollout batch, in micro-batches of forward_rows(ctx): yields each
+    """The update on rows `update` of the rollout batch, in micro_batches_per_step micro-batches: yields each
     micro-batch's share of the update's loss (the token mean divides by the whole update's tokens; the
-    per-sequence means weigh a micro-batch by its rows), with the update's metrics on the last one."""
+    per-sequence means weigh a micro-batch by its rows, so uneven ones add up too), with the update's metrics on
+    the last one."""
     s = ctx.stage
     whole = _rows(ro["batch"], update)
     rows = whole["labels"].shape[0]
     n = rank_share_of_tokens(whole["labels"], _device(ctx)) if s.aggregation == "token-mean" else None
     parts = []  # (metrics, tokens, rows) per micro-batch
-    for micro in _row_slices(rows, forward_rows(ctx)):
+    for micro in even_row_slices(rows, micro_batches_per_step(s, world()[1])):
         sl = slice(update.start + micro.start, update.start + micro.stop)
         loss, m, labels = _grpo_forward(ctx, ro, sl, n)
         if n is None:  # a per-sequence mean over this micro-batch: its share of the update's mean

@@ -35,6 +35,7 @@ from .config import (
     Config,
     ConfigError,
     changed_keys,
+    check_ranks,
     describe_keys,
     fingerprint,
     generation_engine,
@@ -46,10 +47,12 @@ from .data.prompts import reasoning_of, target_response
 from .evaluate import eval_generations, eval_metrics, eval_seeds, sampled_count
 from .faults import BadStep, Preemption, finite_everywhere, signal_if
 from .models import head_vocab, load_model, tiny_vlm
+from .nodes import check_shared_out_dir, fetch_once_per_node
 from .ops import inputs_checked
 from .probes import DeltaLogpProbe, EarlyStopping, entropy_means, sample_entropy_sums
 from .ranks import gathered_in_order, global_means, reduce_over_ranks, shard
 from .rollout import Sampling, make_engine
+from .rollout.vllm_engine import VLLMMemoryError
 from .stages import (
     STEP_FUNCTIONS,
     StageContext,
@@ -126,9 +129,13 @@ def ds_config(cfg: Config, micro_batch: int, micro_steps: int = 1) -> dict:
     deepspeed.grad_accum into DeepSpeed's gradient accumulation."""
     d = cfg.deepspeed
     zero = {"stage": d.zero_stage}
+    if d.zero_stage:
+        zero.update({k: getattr(d, k) for k in ("overlap_comm", "reduce_bucket_size") if getattr(d, k) is not None})
     if d.zero_stage == 3:
-        zero.update({k: getattr(d, k) for k in ("stage3_param_persistence_threshold", "stage3_max_live_parameters")
-                     if getattr(d, k) is not None})
+        zero.update({k: getattr(d, k) for k in ("stage3_param_persistence_threshold", "stage3_max_live_parameters",
+                                                "stage3_prefetch_bucket_size") if getattr(d, k) is not None})
+        if d.zero_hpz_partition_size > 1:
+            zero["zero_hpz_partition_size"] = d.zero_hpz_partition_size
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": d.grad_accum * micro_steps,
@@ -140,21 +147,6 @@ def ds_config(cfg: Config, micro_batch: int, micro_steps: int = 1) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-
-
-def check_ranks(cfg: Config, world: int) -> None:
-    """Every stage's batch splits evenly over the ranks (and a GRPO update over its micro-batches), and the ranks
-    into vLLM's tensor-parallel groups."""
-    tp = cfg.vllm.tensor_parallel_size
-    if world % tp and any(generation_engine(cfg, s) == "vllm" for s in cfg.stages):
-        raise ConfigError(f"vllm.tensor_parallel_size={tp} does not divide the {world} ranks")
-    for si, stage in enumerate(cfg.stages):
-        if stage.batch_size % world:
-            raise ConfigError(f"stages[{si}].batch_size={stage.batch_size} is not divisible by the {world} ranks")
-        rows = rows_per_rank(stage, world)
-        if stage.micro_batch_size and rows % stage.micro_batch_size:
-            raise ConfigError(f"stages[{si}].micro_batch_size={stage.micro_batch_size} does not divide the {rows} "
-                              f"sequences of an update on each of the {world} ranks")
 
 
 def _optimizer(cfg: Config, stage, model, device: str):
@@ -305,7 +297,10 @@ def _vllm_options(cfg: Config, stage, device: str, role: str = "policy", max_mod
     teacher's, whose weights never change, at level 1 (kept on the host)."""
     v = cfg.vllm
     sleep = v.sleep_mode == "on" or (v.sleep_mode == "auto" and device == "cuda")
-    kw = {"role": role, "sleep_mode": sleep, "sleep_level": 2 if role == "policy" else 1,
+    index = next(i for i, s in enumerate(cfg.stages) if s is stage)
+    share_key = (f"stages[{index}].vllm_memory_share={stage.vllm_memory_share}" if role == "policy" else
+                 f"vllm.teacher_memory_share={v.teacher_memory_share}")
+    kw = {"role": role, "sleep_mode": sleep, "sleep_level": 2 if role == "policy" else 1, "memory_key": share_key,
           "max_model_len": max_model_len or v.max_model_len or 4096, "enforce_eager": v.enforce_eager,
           "tensor_parallel_size": v.tensor_parallel_size,
           "limit_mm_per_prompt": {"image": v.limit_mm_per_prompt}}
@@ -474,6 +469,8 @@ def run(cfg: Config) -> dict:
     device = cfg.run.device if cfg.run.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     _init_distributed(device, cfg.run.dist_timeout_s)
     check_ranks(cfg, torch.distributed.get_world_size())
+    check_shared_out_dir(Path(cfg.run.out_dir))  # several nodes: one run directory for all, or stop here
+    fetch_once_per_node(cfg)  # hub model and data: each node's LOCAL_RANK 0 first
     run_dir = cfg.run_dir
     ckpt_root = run_dir / "checkpoints"
     check_run_dir(cfg)
@@ -499,6 +496,10 @@ def run(cfg: Config) -> dict:
                                                       default=str))
     resume_from = ckpt.latest(ckpt_root) if cfg.run.resume == "auto" else None
     state = ckpt.read_state(resume_from) if resume_from else None
+    world = torch.distributed.get_world_size()
+    if state is not None and state.get("world_size", world) != world:  # before anything loads from it
+        raise ConfigError(f"{resume_from} was written by {state['world_size']} ranks and this run has {world}: "
+                          f"resume it on {state['world_size']} ranks, or give a new run.name to start over")
     keep = (state["stage_index"], state["step"]) if state else None
     log = MetricsLog(cfg, keep)
     probe = _make_probe(cfg, data)
@@ -528,6 +529,7 @@ def run(cfg: Config) -> dict:
             state = None
             if si + 1 < len(cfg.stages) and preemption.requested():  # the signal came during the stage's last step
                 raise Preempted(f"stopped after stage {name} on a signal: run the same command to resume")
+    ckpt.finish_deletions()
     if _is_main():
         (run_dir / "results.json").write_text(json.dumps({"results": results, "timings_s": timings,
                                                           "final_model": policy_path}, indent=1))
@@ -541,7 +543,7 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
 
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     n_micro = micro_batches_per_step(stage, world)
-    micro = rows_per_rank(stage, world) // n_micro
+    micro = -(-rows_per_rank(stage, world) // n_micro)  # the largest micro-batch
     optimizer = _optimizer(cfg, stage, model, next(model.parameters()).device.type)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    config=ds_config(cfg, micro, n_micro))
@@ -592,12 +594,17 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
     scale = lr_scale(stage)
     fail_at = os.environ.get(FAIL_AT_ENV)
 
-    def save(tag, step, **extra):
+    def save(tag, step):
+        """A step checkpoint (engine state: what a resume reads) or a hand-off one (best-/final-: the HF weights
+        the next stage loads, no optimizer states)."""
+        step_ckpt = tag.startswith("step-")
         return ckpt.save(ckpt_root, tag, engine, policy, processor, {
             "stage_index": si, "stage": name, "step": step, "tag": tag, "stage_start": start_path,
             "best_tag": best_tag, "early_stopping": stopper.state_dict() if stopper else None,
             "l_floor": ctx.l_floor, "probe_baseline": probe.baseline if probe else None,
-            "timings": timings, "results": results, **extra}, rank_state={"rollout": rollout_state(ctx)})
+            "timings": timings, "results": results, "world_size": world},
+            with_engine=step_ckpt, with_hf=not step_ckpt, resumable=step_ckpt,
+            rank_state={"rollout": rollout_state(ctx)})
 
     def do_eval(step):
         ctx.timer.show("eval")
@@ -681,7 +688,7 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
         preempted = preemption.requested() and done < stage.steps  # SIGTERM / SIGUSR1 on any rank
         if (done % cfg.run.checkpoint_every == 0 or preempted) and done < stage.steps and not stopped_early:
             save(f"step-{si}-{done}", done)
-            ckpt.prune(ckpt_root, keep={f"step-{si}-{done}"})
+            ckpt.prune(ckpt_root, keep_last=cfg.run.checkpoint_keep)
         if preempted:
             bar.close()
             raise Preempted(f"stage {name}: stopped after step {done} on a signal; checkpoint step-{si}-{done} "
@@ -699,9 +706,9 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
     ckpt.save(ckpt_root, f"done-{si}", engine, policy, processor, {
         "stage_index": si, "stage": name, "step": stage.steps, "tag": f"done-{si}", "stage_done": True,
         "next_stage_start": str(final_path), "stage_start": start_path, "timings": timings,
-        "results": {**results, name: last_eval}, "probe_baseline": probe.baseline if probe else None},
-        with_engine=False, with_hf=False)  # the weights handed on are final_path's
-    ckpt.prune(ckpt_root, keep=set())
+        "results": {**results, name: last_eval}, "probe_baseline": probe.baseline if probe else None,
+        "world_size": world}, with_engine=False)  # the weights handed on are final_path's
+    ckpt.prune(ckpt_root, keep_last=0)
     _free_stage(ctx, engine, frozen)
     return final_path, last_eval
 
@@ -747,7 +754,7 @@ def main(argv=None) -> int:
     except Preempted as e:
         print(f"preempted: {e}", file=sys.stderr, flush=True)
         return 0
-    except BadStep as e:
+    except (BadStep, VLLMMemoryError) as e:
         print(f"stopped: {e}", file=sys.stderr, flush=True)
         return 1
     return 0

@@ -128,12 +128,47 @@ def model_folder(model, processor, role: str) -> Path:
     return path
 
 
+class VLLMMemoryError(RuntimeError):
+    """vLLM could not get its memory (creating the engine, or waking it): the message names the recipe key to
+    change. Caught by the trainer's command line: exit 1, no traceback."""
+
+
+# what vLLM says when its share of the GPU does not hold what it needs (v1 gpu_worker's free-memory check at start,
+# the KV cache's size check), and the allocator's out-of-memory errors at load or wake (torch's, cumem's)
+_MEMORY_SIGNS = ("out of memory", "gpu_memory_utilization", "free memory on device", "no available memory for the "
+                 "cache blocks", "larger than the maximum number of tokens that can be stored in kv cache")
+
+
+def is_memory_error(error: BaseException) -> bool:
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError) or any(sign in str(error).lower() for sign in _MEMORY_SIGNS)
+
+
+@contextlib.contextmanager
+def memory_errors_named(what: str, memory_key: str | None):
+    """A memory error inside the block becomes a VLLMMemoryError saying `what` failed and which key to change."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - only memory errors are translated, the others go on as they were
+        if not is_memory_error(e):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        key = memory_key or "gpu_memory_utilization"
+        raise VLLMMemoryError(
+            f"vLLM ran out of GPU memory {what} ({type(e).__name__}: {first}). Its share of each GPU is {key}: lower "
+            "it if the trainer's tensors left too little free, raise it if the KV cache does not hold one sequence "
+            "(or lower vllm.max_model_len / vllm.max_num_seqs); vllm.offload_optimizer: true frees the optimizer "
+            "states while vLLM is awake (`vlmfast plan` shows the phases)") from None
+
+
 class VLLMEngine:
     holds_weights = True  # its own copy of the policy: the trainer syncs it before it samples again
 
     def __init__(self, model_path, processor, *, dtype="auto", seed: int = 0, sleep_mode: bool = False,
                  sleep_level: int = 2, max_model_len: int = 4096, gpu_memory_utilization: float = 0.5,
-                 enforce_eager: bool = False, tensor_parallel_size: int = 1, cuda=None, **llm_kwargs):
+                 enforce_eager: bool = False, tensor_parallel_size: int = 1, cuda=None, memory_key: str | None = None,
+                 **llm_kwargs):
         # the colocated engine runs in this process: weights are handed over by reference (external_launcher
         # needs it too)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -157,7 +192,9 @@ class VLLMEngine:
         if "gpu_memory_utilization" in engine_params and os.environ.get("VLLM_TARGET_DEVICE", "") != "cpu":
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         kwargs.update(llm_kwargs)
-        self.llm = vllm.LLM(**kwargs)
+        self.memory_key = memory_key  # the recipe key of its memory share, named when it runs out
+        with memory_errors_named("creating its engine", memory_key):
+            self.llm = vllm.LLM(**kwargs)
         self.llm_kwargs = kwargs
         if placement:
             current = self.cuda.current_device() if self.cuda.is_available() else None
@@ -336,7 +373,8 @@ class VLLMEngine:
         """Wake `tags` ("weights", "kv_cache"; default both) of what sleeps."""
         wake = [t for t in (tags or ["weights", "kv_cache"]) if t in self.asleep]
         if wake:
-            self.llm.wake_up(tags=wake)
+            with memory_errors_named(f"waking its {' and '.join(wake)}", self.memory_key):
+                self.llm.wake_up(tags=wake)
             self.asleep -= set(wake)
 
     def close(self) -> None:

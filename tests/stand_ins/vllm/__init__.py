@@ -8,6 +8,10 @@ real engine does that vlmfast relies on, and logs every call with what is awake 
 - generate: each prompt's completions depend on its request's seed only ("<think>...</think> \\boxed{d}" with d
   drawn from the seed, then <|im_end|>), log-prob -0.5 per token.
 
+- Out of memory on demand: $VLMFAST_VLLM_OOM="start" raises the error vLLM 0.32's GPU worker raises when the
+  free memory at start is below its share (v1/worker/gpu_worker.py, `init_device`); "wake" raises torch's
+  OutOfMemoryError from the first wake-up, as the cumem allocator's failure surfaces.
+
 Events go to $VLMFAST_EVENTS/rank<RANK>.jsonl (one JSON object a line) and to `EVENTS` in this process.
 """
 
@@ -67,6 +71,11 @@ class LLM:
         from transformers import AutoTokenizer
 
         self.kwargs = kwargs
+        if os.environ.get("VLMFAST_VLLM_OOM") == "start":
+            share = kwargs.get("gpu_memory_utilization", 0.9)
+            raise ValueError(f"Free memory on device cuda:0 (31.2/79.1 GiB) on startup is less than desired GPU "
+                             f"memory utilization ({share}, {share * 79.1:.1f} GiB). Decrease GPU memory utilization "
+                             "or reduce GPU memory used by other processes.")
         local = os.environ.get("LOCAL_RANK", "0") if kwargs.get("distributed_executor_backend") == "external_launcher" \
             else "0"
         self.worker = SimpleNamespace(device=f"cuda:{local}")
@@ -104,6 +113,11 @@ class LLM:
 
     def wake_up(self, tags=None):
         tags = list(tags or ["weights", "kv_cache"])
+        if os.environ.get("VLMFAST_VLLM_OOM") == "wake":
+            import torch
+
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total "
+                                         "capacity of 79.10 GiB of which 3.02 GiB is free.")
         record("wake_up", tags=tags, **self._state())
         self.awake |= set(tags)
 
