@@ -260,14 +260,17 @@ def _fit_vllm_budget(cfg: Config, data: dict, processor) -> tuple[dict, int]:
 
 
 def _image_pixels(cfg: Config, processor) -> None:
-    """vllm.image_min_pixels / image_max_pixels on the trainer's processor too: both see the same image tokens."""
+    """vllm.image_min_pixels / image_max_pixels on the trainer's processor too: both see the same image tokens. Set
+    in the image processor's `size` (shortest_edge / longest_edge: pixels, for Qwen2-VL's processors): its
+    `min_pixels` / `max_pixels` attributes are passed to every call, deprecated in transformers 5 (a FutureWarning
+    per call, and ignored once removed)."""
     image = getattr(processor, "image_processor", None)
-    for key in ("min_pixels", "max_pixels"):
-        value = getattr(cfg.vllm, f"image_{key}")
-        if value and image is not None:
-            setattr(image, key, value)
-            if isinstance(getattr(image, "size", None), dict):
-                image.size[{"min_pixels": "shortest_edge", "max_pixels": "longest_edge"}[key]] = value
+    limits = {"shortest_edge": cfg.vllm.image_min_pixels, "longest_edge": cfg.vllm.image_max_pixels}
+    limits = {k: v for k, v in limits.items() if v}
+    if image is None or not limits:
+        return
+    size = image.size
+    image.size = dataclasses.replace(size, **limits) if dataclasses.is_dataclass(size) else {**size, **limits}
 
 
 def _load_model_and_processor(cfg: Config, path: str, device: str, processor=None):
