@@ -12,9 +12,11 @@ One recipe describes the whole study; each of its training runs is an ordinary `
     seed<k>/<warm-start>-<stage 2>       Stage 2 from that warm-start's final weights          (after it)
 
 `study.seeds` (default 3) repeats every warm-start and Stage-2 run with run.seed = k. Runs whose inputs are
-ready start side by side (`study.workers` processes); a killed study re-run with the same recipe skips finished
-runs and resumes the interrupted ones from their checkpoints. At the end each seed's report is written to
-runs/<name>/seed<k>/report.md and the study's, across seeds (verdicts with intervals), to runs/<name>/report.md.
+ready start side by side (`study.workers` at once), on this machine or as Slurm jobs (`study.executor`, see
+vlmfast/study_executors.py: each run gets its own `study.gpus_per_run` GPUs); a killed study re-run with the
+same recipe skips finished runs and resumes the interrupted ones from their checkpoints. At the end each seed's
+report is written to runs/<name>/seed<k>/report.md and the study's, across seeds (verdicts with intervals), to
+runs/<name>/report.md.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import yaml
 from .config import ConfigError, _set_override, load_config
 
 STUDY_KEYS = {"study", "base", "pretrain", "teacher", "stage1", "stage2"}
-STUDY_SETTINGS = {"name", "out_dir", "workers", "seeds"}
+STUDY_SETTINGS = {"name", "out_dir", "workers", "seeds", "executor", "gpus_per_run", "slurm"}
 STAGE1_RUNS = ("sft_early", "sft_over", "opd", "sft_gentle")
 NODE_KEYS = {"stage", "model", "data", "eval", "run", "from"}
 # relative cost of one step per stage type (measured on the tiny study: sampling dominates opd and grpo)
@@ -104,6 +106,24 @@ def seed_dir(seed: int) -> str:
     return f"seed{seed}"
 
 
+def _check_executor(study: dict) -> None:
+    from .study_executors import EXECUTORS
+
+    executor = study.setdefault("executor", "local")
+    if executor not in EXECUTORS:
+        raise ConfigError(f"study.executor: must be one of {list(EXECUTORS)}, got {executor!r}")
+    gpus = study.get("gpus_per_run")
+    if gpus is not None and (not isinstance(gpus, int) or gpus < 0):
+        raise ConfigError(f"study.gpus_per_run: must be an integer >= 0 (None: 1 when GPUs exist), got {gpus!r}")
+    if not isinstance(study.get("slurm") or {}, dict):
+        raise ConfigError(f"study.slurm: must be a mapping of submitit parameters, got {study['slurm']!r}")
+    if executor == "slurm":
+        try:
+            import submitit  # noqa: F401
+        except ImportError:
+            raise ConfigError("study.executor: slurm submits the runs through submitit: pip install submitit") from None
+
+
 def _seeds(value) -> list[int]:
     """study.seeds: a count n (seeds 0..n-1) or a list of distinct integer seeds."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
@@ -125,6 +145,7 @@ def plan(raw_study: dict) -> tuple[dict, list[Run]]:
         raise ConfigError(f"study: unknown key(s) {sorted(bad)}; known: {sorted(STUDY_SETTINGS)}")
     if not isinstance(study["workers"], int) or study["workers"] < 1:
         raise ConfigError(f"study.workers: must be an integer >= 1, got {study['workers']!r}")
+    _check_executor(study)
     study["seeds"] = _seeds(study["seeds"])
     out_dir = str(Path(study["out_dir"]) / study["name"])
     runs = []
@@ -257,11 +278,19 @@ def environment() -> dict:
     return env
 
 
-def run_study(raw_study: dict, *, progress: bool = True) -> Path:
-    """Run (or finish) every run of the study, then write the report; returns report.md's path."""
+def run_study(raw_study: dict, *, progress: bool = True, visible_gpus: list[int] | None = None) -> Path:
+    """Run (or finish) every run of the study, then write the report; returns report.md's path. `visible_gpus`:
+    the GPUs runs may take (default: every GPU torch sees)."""
     from tqdm import tqdm
 
+    from .study_executors import make_executor
+
     study, runs = plan(raw_study)
+    if visible_gpus is None:
+        import torch
+
+        visible_gpus = list(range(torch.cuda.device_count()))
+    executor = make_executor(study, visible_gpus)
     sdir = Path(study["dir"])
     sdir.mkdir(parents=True, exist_ok=True)
     (sdir / "study.yaml").write_text(yaml.safe_dump(raw_study, sort_keys=False))
@@ -284,7 +313,7 @@ def run_study(raw_study: dict, *, progress: bool = True) -> Path:
                 done[r.name] = json.loads((rd / "results.json").read_text()).get("wall_s", 0.0)
                 found = True
     pending = [r for r in runs if r.name not in done]
-    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    running: dict[str, tuple[object, float]] = {}  # name -> (the executor's handle, start time)
     failed: list[str] = []
     t_start = time.time()
     total = sum(r.steps for r in runs)
@@ -304,13 +333,13 @@ def run_study(raw_study: dict, *, progress: bool = True) -> Path:
         return -chain(r)
 
     while pending or running:
-        while len(running) < study["workers"] and not failed:
+        while executor.can_start() and not failed:
             candidates = sorted((r for r in pending if ready(r)), key=priority)
             if not candidates:
                 break
             r = candidates[0]
             pending.remove(r)
-            running[r.name] = (_start(r, sdir), time.time())
+            running[r.name] = (_start(r, sdir, executor), time.time())
         for name, (proc, t0) in list(running.items()):
             code = proc.poll()
             if code is None:
@@ -382,7 +411,7 @@ def _tail(path: Path, n: int = 25) -> str:
         return "    (no log)"
 
 
-def _start(run: Run, sdir: Path) -> subprocess.Popen:
+def _start(run: Run, sdir: Path, executor):
     rd = sdir / run.name
     inputs = _inputs(run, sdir)
     recipe = inputs["recipe"]
@@ -397,9 +426,7 @@ def _start(run: Run, sdir: Path) -> subprocess.Popen:
     # run in this process) would make two runs started side by side fight over one port
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TQDM_MININTERVAL="5")
-    log = (rd / "log.txt").open("a")
-    return subprocess.Popen([sys.executable, "-m", "vlmfast.train", "--config", str(stored)], stdout=log,
-                            stderr=subprocess.STDOUT, env=env)
+    return executor.start(stored, env, rd / "log.txt")
 
 
 def load_study(path, overrides: list[str] | None = None) -> dict:
