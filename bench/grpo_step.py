@@ -181,8 +181,7 @@ def main(argv=None) -> int:
 def compare(steps: int = 10, threads: int = 2, repeats: int = 3) -> list[dict]:
     """Both trainers' rows, `repeats` runs each, alternating (written to bench/results/grpo_step.jsonl and
     grpo_step.md); `make bench` runs it for its end-to-end section."""
-    from ._runner import append_rows
-    from .suite import RESULTS, environment
+    from ._runner import RESULTS, append_rows, environment
 
     env = environment("cpu", threads)
     rows = []

@@ -25,8 +25,7 @@ import time
 from pathlib import Path
 
 from . import providers as P
-from ._runner import append_rows, run_case
-from .suite import RESULTS, environment
+from ._runner import RESULTS, append_rows, environment, run_case
 
 H, V = 896, 151936
 OP_PROVIDERS = ("naive", "vlmfast-chunked", "vlmfast-native")

@@ -25,9 +25,8 @@ from pathlib import Path
 
 from . import providers as P
 from . import registry
-from ._runner import append_rows, measure, reset_peak_rss, run_case
+from ._runner import RESULTS, append_rows, environment, measure, reset_peak_rss, run_case
 
-RESULTS = Path(__file__).parent / "results"
 MODES = ("forward", "full")
 OP_TIMEOUT_S = 150  # an op's process on a GPU: its compiles, agreement check and every case of the sweep
 
@@ -119,70 +118,6 @@ def run_ops_isolated(args) -> list[dict]:
 
 def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
-
-
-def cpu_name() -> str:
-    """The CPU, as precisely as timings need it: the development machine's CPU changes between sessions (Zen 3, 4, 5
-    so far) and 16-bit speed hangs on one flag. E.g. "AMD EPYC, x86_64 family 26 model 2, avx512_bf16, bf16 GEMM
-    avx512_bf16" (the native GEMM backend chosen for it)."""
-    import platform
-
-    import torch
-
-    from vlmfast.ops import native
-
-    info = native.cpu_info()
-    parts = [info.get("model name", platform.processor() or "unknown CPU"), platform.machine()]
-    if "cpu family" in info:
-        parts[-1] += f" family {info['cpu family']} model {info.get('model', '?')}"
-    flags = native.cpu_flags()
-    sixteen_bit = [f for f in ("avx512_bf16", "amx_bf16", "avx512_fp16") if f in flags]
-    parts.append(", ".join(sixteen_bit) or "no 16-bit instructions")
-    parts.append(f"bf16 GEMM {native.wide_gemm_path(torch.bfloat16)}")  # native.choose_wide_gemm's pick
-    return ", ".join(parts)
-
-
-def git_commit() -> str | None:
-    """The checkout's commit (with "+changes" when the tree differs from it), or None outside a git checkout."""
-    import subprocess
-
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+changes" if dirty else "")
-
-
-def environment(device: str, threads: int) -> dict:
-    import datetime as dt
-
-    import torch
-
-    env = {"torch": torch.__version__, "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "commit": git_commit()}
-    if device == "cuda":
-        env["device"] = torch.cuda.get_device_name()
-    else:
-        env["device"] = f"cpu ({cpu_name()}, {threads} threads)"
-    try:
-        from importlib.metadata import version
-
-        import liger_kernel  # noqa: F401
-
-        env["liger_kernel"] = version("liger-kernel")
-    except Exception:
-        env["liger_kernel"] = None
-    try:
-        from importlib.metadata import version
-
-        env["vlmfast"] = version("vlmfast")
-    except Exception:
-        env["vlmfast"] = None
-    return env
 
 
 def cpu_gemm_tflops(threads: int, h: int = 896, v: int = 32768, n: int = 1024) -> float:

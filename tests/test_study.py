@@ -143,6 +143,10 @@ def test_reduced_study_end_to_end_killed_then_resumed(tmp_path, monkeypatch):
     before = mtimes()
     run_study(raw, progress=False)
     assert mtimes() == before
+    from vlmfast.study import main as study_main
+
+    (sdir / "report.md").unlink()
+    assert study_main(["--report", str(sdir)]) == 0 and (sdir / "report.md").exists()  # re-rendered from the runs
     # a changed warm-start reruns it and the Stage-2 run built on its weights, in every seed, nothing else
     raw["stage1"]["opd"]["stage"]["lr"] = 5e-4
     run_study(raw, progress=False)

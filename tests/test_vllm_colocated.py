@@ -248,8 +248,8 @@ def test_trainer_keeps_the_lifecycle_in_one_process(tmp_path):
     # vllm.max_model_len not given: the longest prompt of the data plus the longest response (12 tokens)
     from vlmfast.config import load_config
     from vlmfast.data.budget import prompt_lengths
+    from vlmfast.data.loading import load_data
     from vlmfast.models import tiny_vlm
-    from vlmfast.train import load_data
 
     data = load_data(load_config(_recipe(tmp_path, "one", 0)))
     proc = tiny_vlm("student", seed=0)[1]

@@ -257,10 +257,10 @@ def recipe_prompt_tokens(cfg: Config) -> tuple[int, str]:
     DEFAULT_PROMPT_TOKENS."""
     if data_on_this_machine(cfg):
         from .data.budget import fit_to_budget, longest_prompt
-        from .train import _load_processor, load_data
+        from .data.loading import load_data, load_processor
 
         try:
-            processor = _load_processor(cfg, "cpu", local_files_only=True)
+            processor = load_processor(cfg, local_files_only=True)
         except OSError as e:
             reason = f"the processor of {cfg.model.path} is not on this machine ({str(e).splitlines()[0]})"
         else:

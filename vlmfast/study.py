@@ -298,8 +298,8 @@ def run_study(raw_study: dict, *, progress: bool = True, visible_gpus: list[int]
     chance = None
     cfg0 = load_config(raw=runs[0].raw)
     if cfg0.data.synthetic is not None:  # generated once here: runs starting side by side must not race
+        from .data.loading import synthetic_paths
         from .study_report import chance_rates
-        from .train import synthetic_paths
 
         paths = synthetic_paths(cfg0)
         chance = chance_rates(paths["train"], paths["val"])
@@ -457,8 +457,14 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "recipes" / "tiny_study.yaml"))
     ap.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                     help="quick: the recipe as shipped; full: " + " ".join(PRESETS["full"]))
+    ap.add_argument("--report", metavar="STUDY_DIR", help="only re-render the reports of a study's run directories")
     ap.add_argument("overrides", nargs="*", help="key=value, e.g. stage1.sft_over.stage.steps=900 study.workers=1")
     args = ap.parse_args(argv)
+    if args.report:
+        d = Path(args.report)
+        meta = json.loads((d / "report_meta.json").read_text()) if (d / "report_meta.json").exists() else {}
+        print(write_reports(d, yaml.safe_load((d / "study.yaml").read_text()), meta))
+        return 0
     try:
         raw = load_study(args.config, PRESETS[args.preset] + args.overrides)
     except ConfigError as e:

@@ -2,17 +2,14 @@
 and a summary generated from this run's numbers (including where they contradict the published
 findings), plus everything needed to reproduce it.
 
-    python -m vlmfast.study_report runs/tiny_study        (re-render from the run directories)
+    python -m vlmfast.study --report runs/tiny_study      (re-render from the run directories)
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
-
-import yaml
 
 from .report import handoff_step, read_run, series, stage_endpoints  # study runs have one stage: no step offsets
 
@@ -395,21 +392,3 @@ def write_report(study_dir, raw_study: dict, paths: dict[str, Path], meta: dict,
     tmp.replace(path)
     (study_dir / "report_meta.json").write_text(json.dumps(meta, indent=1))
     return path
-
-
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m vlmfast.study_report runs/<study>", file=sys.stderr)
-        return 2
-    d = Path(argv[0])
-    raw = yaml.safe_load((d / "study.yaml").read_text())
-    from .study import write_reports
-
-    meta = json.loads((d / "report_meta.json").read_text()) if (d / "report_meta.json").exists() else {}
-    print(write_reports(d, raw, meta))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

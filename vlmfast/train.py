@@ -16,8 +16,6 @@ stopping keeps the best checkpoint and the next stage starts from it. Checkpoint
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
 import json
 import os
 import random
@@ -43,6 +41,7 @@ from .config import (
     load_config,
 )
 from .data.formats import RowError
+from .data.loading import image_pixels, load_data, load_processor
 from .data.prompts import reasoning_of, target_response
 from .evaluate import eval_generations, eval_metrics, eval_seeds, sampled_count
 from .faults import BadStep, Preemption, finite_everywhere, signal_if
@@ -186,41 +185,6 @@ def _set_lr(optimizer, scale, step: int) -> None:
         g["lr"] = g["base_lr"] * scale(step)
 
 
-def synthetic_paths(cfg: Config) -> dict[str, Path]:
-    """{train, val, ood} parquet files of the configured synthetic task, generated on first use
-    (one folder per task definition, shared by every run under run.out_dir)."""
-    from .data.synthetic import build_task
-
-    s = cfg.data.synthetic
-    key = hashlib.sha1(json.dumps(dataclasses.asdict(s), sort_keys=True).encode()).hexdigest()[:10]
-    root = Path(cfg.run.out_dir) / ".data" / f"synthetic-{key}"
-    if _is_main() and not all((root / f"{k}.parquet").exists() for k in ("train", "val", "ood")):
-        build_task(root, sizes={"train": s.train, "val": s.val, "ood": s.ood}, seed=s.seed, image_size=s.image_size,
-                   question_types=s.question_types, max_shapes=s.max_shapes, size_range=s.size_range)
-    if torch.distributed.is_initialized():
-        # every rank, always: a rank that saw the files rank 0 had just written and skipped the barrier
-        # left rank 0 waiting in it forever (a CI hang)
-        torch.distributed.barrier()
-    return {k: root / f"{k}.parquet" for k in ("train", "val", "ood")}
-
-
-def load_data(cfg: Config) -> dict:
-    """{"train": [...], "val": [...], <extra eval split>: [...]} of Examples."""
-    from .data import read_geometry3k, read_mathvista
-
-    d = cfg.data
-    reader = read_geometry3k if d.format == "geometry3k" else read_mathvista
-    paths, readers = {}, {}
-    if d.synthetic is not None:
-        paths = synthetic_paths(cfg)
-        readers = dict.fromkeys(paths, read_geometry3k)  # the synthetic task is in Geometry3K format
-    given = {"train": d.train, "val": d.val, **d.eval_splits}
-    for k, p in given.items():
-        if p:
-            paths[k], readers[k] = Path(p), reader
-    return {k: readers[k](p) for k, p in paths.items()}
-
-
 def _load_policy(cfg: Config, path: str | None, device: str, processor=None):
     """A model + processor from `path` (default model.path): tiny:student / tiny:teacher, a hub name
     or a local checkpoint. Under ZeRO-3 a checkpoint loads straight into its partitions (a tiny model
@@ -228,21 +192,8 @@ def _load_policy(cfg: Config, path: str | None, device: str, processor=None):
     m = cfg.model
     path = path or m.path
     model, proc = _load_model_and_processor(cfg, path, device, processor)
-    _image_pixels(cfg, proc)
+    image_pixels(cfg, proc)
     return model, proc
-
-
-def _load_processor(cfg: Config, device: str, local_files_only: bool = False):
-    """The policy's processor alone (tiny models: built with their model), with the run's image pixel limits."""
-    path = cfg.model.path
-    if path.startswith("tiny:"):
-        processor = tiny_vlm(path[5:], seed=cfg.run.seed)[1]
-    else:
-        from transformers import AutoProcessor
-
-        processor = AutoProcessor.from_pretrained(path, local_files_only=local_files_only)
-    _image_pixels(cfg, processor)
-    return processor
 
 
 def _fit_vllm_budget(cfg: Config, data: dict, processor) -> tuple[dict, int]:
@@ -257,20 +208,6 @@ def _fit_vllm_budget(cfg: Config, data: dict, processor) -> tuple[dict, int]:
                 print(f"data: dropped {n} of {n + len(data[split])} '{split}' prompts longer than "
                       f"vllm.max_model_len={limit} with their response budget", flush=True)
     return data, limit
-
-
-def _image_pixels(cfg: Config, processor) -> None:
-    """vllm.image_min_pixels / image_max_pixels on the trainer's processor too: both see the same image tokens. Set
-    in the image processor's `size` (shortest_edge / longest_edge: pixels, for Qwen2-VL's processors): its
-    `min_pixels` / `max_pixels` attributes are passed to every call, deprecated in transformers 5 (a FutureWarning
-    per call, and ignored once removed)."""
-    image = getattr(processor, "image_processor", None)
-    limits = {"shortest_edge": cfg.vllm.image_min_pixels, "longest_edge": cfg.vllm.image_max_pixels}
-    limits = {k: v for k, v in limits.items() if v}
-    if image is None or not limits:
-        return
-    size = image.size
-    image.size = dataclasses.replace(size, **limits) if dataclasses.is_dataclass(size) else {**size, **limits}
 
 
 def _load_model_and_processor(cfg: Config, path: str, device: str, processor=None):
@@ -483,13 +420,13 @@ def run(cfg: Config) -> dict:
         raise DataError(str(e)) from None
     processor, max_model_len = None, None
     if any(generation_engine(cfg, s) == "vllm" for s in cfg.stages):  # prompts over vLLM's budget dropped here
-        processor = _load_processor(cfg, device)
+        processor = load_processor(cfg)
         data, max_model_len = _fit_vllm_budget(cfg, data, processor)
     if device == "cuda":  # a recipe that cannot fit stops here, naming what does not, before any model loads
         from .data.budget import longest_prompt
         from .plan import check_fits
 
-        processor = processor or _load_processor(cfg, device)
+        processor = processor or load_processor(cfg)
         check_fits(cfg, gpus=torch.distributed.get_world_size(), prompt_tokens=longest_prompt(processor, data),
                    gpu_memory=torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
     if _is_main():

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .rows import _backward_rows, _dz_tile, _empty_stats, _floored, _online_update, _store_partials
 from .token_stats import (
     KL_FORWARD,
     KL_NONE,
@@ -28,12 +29,6 @@ from .token_stats import (
     Launch,
     Target,
     _auto_splits,
-    _backward_rows,
-    _dz_tile,
-    _empty_stats,
-    _floored,
-    _online_update,
-    _store_partials,
     combine,
     device_target,
     whole_tile_splits,

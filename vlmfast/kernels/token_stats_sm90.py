@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .token_stats import (
+from .rows import (
     _backward_rows,
     _dz_tile,
     _empty_stats,
@@ -34,7 +34,7 @@ def ensure_allocator() -> None:
     on the current CUDA device, or the CPU under the interpreter) unless the caller already has."""
     from triton.runtime import _allocation
 
-    from .token_stats import INTERPRET
+    from .rows import INTERPRET
 
     device = "cpu" if INTERPRET else "cuda"
     current = _allocation._allocator

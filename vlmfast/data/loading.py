@@ -1,0 +1,82 @@
+"""A run's data and processor as the trainer loads them, shared by `vlmfast train`, `vlmfast plan` and the study:
+the synthetic task's files (generated once per task definition), every split's examples, the policy's processor
+with the run's image pixel limits."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+
+
+def _is_main() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def synthetic_paths(cfg: Config) -> dict[str, Path]:
+    """{train, val, ood} parquet files of the configured synthetic task, generated on first use
+    (one folder per task definition, shared by every run under run.out_dir)."""
+    from .synthetic import build_task
+
+    s = cfg.data.synthetic
+    key = hashlib.sha1(json.dumps(dataclasses.asdict(s), sort_keys=True).encode()).hexdigest()[:10]
+    root = Path(cfg.run.out_dir) / ".data" / f"synthetic-{key}"
+    if _is_main() and not all((root / f"{k}.parquet").exists() for k in ("train", "val", "ood")):
+        build_task(root, sizes={"train": s.train, "val": s.val, "ood": s.ood}, seed=s.seed, image_size=s.image_size,
+                   question_types=s.question_types, max_shapes=s.max_shapes, size_range=s.size_range)
+    if torch.distributed.is_initialized():
+        # every rank, always: a rank that saw the files rank 0 had just written and skipped the barrier
+        # left rank 0 waiting in it forever (a CI hang)
+        torch.distributed.barrier()
+    return {k: root / f"{k}.parquet" for k in ("train", "val", "ood")}
+
+
+def load_data(cfg: Config) -> dict:
+    """{"train": [...], "val": [...], <extra eval split>: [...]} of Examples."""
+    from .formats import read_geometry3k, read_mathvista
+
+    d = cfg.data
+    reader = read_geometry3k if d.format == "geometry3k" else read_mathvista
+    paths, readers = {}, {}
+    if d.synthetic is not None:
+        paths = synthetic_paths(cfg)
+        readers = dict.fromkeys(paths, read_geometry3k)  # the synthetic task is in Geometry3K format
+    given = {"train": d.train, "val": d.val, **d.eval_splits}
+    for k, p in given.items():
+        if p:
+            paths[k], readers[k] = Path(p), reader
+    return {k: readers[k](p) for k, p in paths.items()}
+
+
+def load_processor(cfg: Config, local_files_only: bool = False):
+    """The policy's processor alone (tiny models: built with their model), with the run's image pixel limits."""
+    path = cfg.model.path
+    if path.startswith("tiny:"):
+        from ..models import tiny_vlm
+
+        processor = tiny_vlm(path[5:], seed=cfg.run.seed)[1]
+    else:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(path, local_files_only=local_files_only)
+    image_pixels(cfg, processor)
+    return processor
+
+
+def image_pixels(cfg: Config, processor) -> None:
+    """vllm.image_min_pixels / image_max_pixels on the trainer's processor too: both see the same image tokens. Set
+    in the image processor's `size` (shortest_edge / longest_edge: pixels, for Qwen2-VL's processors): its
+    `min_pixels` / `max_pixels` attributes are passed to every call, deprecated in transformers 5 (a FutureWarning
+    per call, and ignored once removed)."""
+    image = getattr(processor, "image_processor", None)
+    limits = {"shortest_edge": cfg.vllm.image_min_pixels, "longest_edge": cfg.vllm.image_max_pixels}
+    limits = {k: v for k, v in limits.items() if v}
+    if image is None or not limits:
+        return
+    size = image.size
+    image.size = dataclasses.replace(size, **limits) if dataclasses.is_dataclass(size) else {**size, **limits}
