@@ -31,7 +31,7 @@ import sys
 from dataclasses import dataclass, field
 
 from .config import Config, ConfigError, check_ranks, generation_engine, load_config
-from .stages import micro_batches_per_step
+from .stages import micro_batches_per_step, needs_reference, sequences_per_rank
 
 GiB = 2**30
 DEFAULT_PROMPT_TOKENS = 1024  # priced when neither the data nor vllm.max_model_len says how long prompts are
@@ -196,15 +196,13 @@ def plan(cfg: Config, *, gpus: int, gpu_memory: int, prompt_tokens: int = DEFAUL
     for i, s in enumerate(cfg.stages):
         p = StagePlan(s.name or f"{i}-{s.type}")
         shared = {"policy states": states}
-        if s.type in ("dpo", "cw_dpo") or (s.type == "grpo" and s.kl_coef > 0):
+        if needs_reference(s):
             shared["reference engine"] = word * size.params // frozen_share
         teacher = None
         if s.type == "opd":
             teacher = model_size(s.teacher)
             shared["teacher engine"] = word * teacher.params // frozen_share
-        rows = s.batch_size // gpus * {"grpo": s.group_size, "dpo": 2, "cw_dpo": 2}.get(s.type, 1)
-        if s.type == "sft" and s.gentle is not None:
-            rows *= 2  # the negatives' forward too
+        rows = sequences_per_rank(s, gpus)
         if s.type == "grpo":  # the update runs one micro-batch's forward and backward at a time: the largest
             rows = -(-rows // micro_batches_per_step(s, gpus))
         tokens = max(1, rows) * (prompt_tokens + s.max_new_tokens)

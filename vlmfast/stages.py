@@ -113,6 +113,19 @@ def rows_per_rank(stage, world_size: int) -> int:
     return stage.batch_size // world_size * (stage.group_size if stage.type == "grpo" else 1)
 
 
+def sequences_per_rank(stage, world_size: int) -> int:
+    """Sequences one step's forward passes hold on each rank: rows_per_rank, twice for a preference pair (chosen and
+    rejected) and for SFT with gentle negatives (each target and its negative)."""
+    pairs = stage.type in ("dpo", "cw_dpo") or (stage.type == "sft" and stage.gentle is not None)
+    return rows_per_rank(stage, world_size) * (2 if pairs else 1)
+
+
+def needs_reference(stage) -> bool:
+    """The stage reads a frozen reference model's log-probs: DPO's and CW-DPO's implicit reward, GRPO's KL penalty
+    (kl_coef > 0). The trainer loads it; the plan counts it."""
+    return stage.type in ("dpo", "cw_dpo") or (stage.type == "grpo" and stage.kl_coef > 0)
+
+
 def update_rows(ctx: StageContext) -> int:
     """Sequences of one GRPO update on this rank."""
     return rows_per_rank(ctx.stage, world()[1])

@@ -58,6 +58,7 @@ from .stages import (
     auto_l_floor,
     mean_over_ranks,
     micro_batches_per_step,
+    needs_reference,
     restore_rollout,
     rollout_state,
     rows_per_rank,
@@ -498,7 +499,7 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
     if gen == "vllm" and cfg.vllm.offload_optimizer:
         ctx.optimizer_states = (engine.offload_states, engine.reload_states)
     frozen = []  # reference / teacher engines: kept alive with the stage
-    if stage.type in ("dpo", "cw_dpo") or (stage.type == "grpo" and stage.kl_coef > 0):
+    if needs_reference(stage):
         frozen.append(_frozen_model(cfg, start_path, device, processor, micro))  # pi_ref <- policy at stage start
         ctx.reference = frozen[-1].module
     if stage.type == "opd":
