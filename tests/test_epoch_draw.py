@@ -31,9 +31,9 @@ def test_the_same_global_batches_on_two_ranks_and_after_a_resume(monkeypatch):
     for step in (0, 3, 5):
         halves = []
         for rank in (0, 1):
-            monkeypatch.setattr(S, "world", lambda rank=rank: (rank, 2))
+            monkeypatch.setattr(S.context, "world", lambda rank=rank: (rank, 2))
             exs, positions = S.batch_examples(ctx, step, 4, parts=2)
             halves += list(zip(positions, exs))
         assert [x for _, x in sorted(halves)] == one[step]
-    monkeypatch.setattr(S, "world", lambda: (0, 1))
+    monkeypatch.setattr(S.context, "world", lambda: (0, 1))
     assert S.batch_examples(ctx, 5, 4, 2)[0] == one[5]  # step 5 drawn alone (a resumed run): the same

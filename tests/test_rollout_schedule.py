@@ -20,13 +20,14 @@ GRPO = {"type": "grpo", "name": "grpo", "lr": 1e-3, "batch_size": 2, "group_size
 
 def _count_forwards(monkeypatch):
     calls = []
-    real = S.trunk_hidden
+    real = S.context.trunk_hidden
 
     def spy(model, **batch):
         calls.append("grad" if torch.is_grad_enabled() else "no-grad")
         return real(model, **batch)
 
-    monkeypatch.setattr(S, "trunk_hidden", spy)
+    for module in (S.context, S.grpo):  # the update's forward, and the rollout's no-grad ones
+        monkeypatch.setattr(module, "trunk_hidden", spy)
     return calls
 
 

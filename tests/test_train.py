@@ -108,7 +108,7 @@ def test_on_policy_negatives_are_the_policys_own_samples_whole(tmp_path, monkeyp
     from vlmfast import stages as S
 
     samples, batches = [], []
-    real_sample, real_collate = S._sample_subset, S.collate_token_responses
+    real_sample, real_collate = S.preference._sample_subset, S.preference.collate_token_responses
 
     def sample_spy(*a, **k):
         out = real_sample(*a, **k)
@@ -119,8 +119,8 @@ def test_on_policy_negatives_are_the_policys_own_samples_whole(tmp_path, monkeyp
         batches.append(responses)
         return real_collate(processor, problems, images, responses)
 
-    monkeypatch.setattr(S, "_sample_subset", sample_spy)
-    monkeypatch.setattr(S, "collate_token_responses", collate_spy)
+    monkeypatch.setattr(S.preference, "_sample_subset", sample_spy)
+    monkeypatch.setattr(S.preference, "collate_token_responses", collate_spy)
     stages = [{"type": "cw_dpo", "name": "cw_dpo", "steps": 1, "lr": 1e-4, "batch_size": 4, "beta": 0.5,
                "on_policy_fraction": 1.0, "max_new_tokens": 6}]
     cfg = recipe(tmp_path, stages, eval={"at_start": False, "probes": 0})
@@ -220,16 +220,18 @@ def test_rollout_recomputes_in_update_sized_slices(tmp_path, monkeypatch):
 
     from vlmfast import stages as S
 
-    monkeypatch.setattr(S, "world", lambda: (0, 2))  # collectives still see the one-process world
+    for module in (S.context, S.grpo):  # collectives still see the one-process world
+        monkeypatch.setattr(module, "world", lambda: (0, 2))
     sizes = []
-    real = S.trunk_hidden
+    real = S.context.trunk_hidden
 
     def spy(model, **batch):
         if not torch.is_grad_enabled():
             sizes.append(batch["input_ids"].shape[0])
         return real(model, **batch)
 
-    monkeypatch.setattr(S, "trunk_hidden", spy)
+    for module in (S.context, S.grpo):  # the update's forward, and the rollout's no-grad ones
+        monkeypatch.setattr(module, "trunk_hidden", spy)
     stages = [{"type": "grpo", "name": "grpo", "steps": 1, "lr": 1e-4, "batch_size": 2, "group_size": 4,
                "updates_per_rollout": 2, "kl_coef": 0.1, "max_new_tokens": 4}]
     run(recipe(tmp_path, stages, eval={"at_start": False, "probes": 0}))
@@ -249,13 +251,14 @@ def test_micro_batched_update_equals_the_whole_update(tmp_path, monkeypatch, agg
     from vlmfast.models import load_model
 
     sizes = []
-    real = S.trunk_hidden
+    real = S.context.trunk_hidden
 
     def spy(model, **batch):
         sizes.append((torch.is_grad_enabled(), batch["input_ids"].shape[0]))
         return real(model, **batch)
 
-    monkeypatch.setattr(S, "trunk_hidden", spy)
+    for module in (S.context, S.grpo):  # the update's forward, and the rollout's no-grad ones
+        monkeypatch.setattr(module, "trunk_hidden", spy)
     grpo = {"type": "grpo", "name": "grpo", "steps": 2, "lr": 1e-3, "batch_size": 2, "group_size": 4,
             "updates_per_rollout": 2, "kl_coef": 0.1, "entropy_coef": 0.05, "max_new_tokens": 6,
             "aggregation": aggregation}

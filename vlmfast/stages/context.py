@@ -1,0 +1,273 @@
+"""What every stage shares: the StageContext the trainer hands each step, the world and the rows each rank
+holds, the data order and sampling seeds (functions of run seed, stage index and step, so a resumed run sees exactly
+the batches an uninterrupted one would), the policy's loss through the fused head, sampling, and row slicing.
+
+Each stage type's step lives in its own module (sft, opd, grpo, preference): `*_step(ctx, step)` returns (loss,
+metrics) for the policy `ctx.model`, or (GRPO with `micro_batch_size`) an iterator of micro-batches' (loss share,
+metrics) whose shares add up to the step's loss, the step's metrics on the last pair and None before: the trainer
+runs backward on each share before the next micro-batch's forward, so only one micro-batch's activations are alive
+at a time. The loss is computed through `call_head` (the fused op as the lm_head's forward: ZeRO-3 safe) and never
+sees full logits; the training forward runs through `ctx.forward` (the DeepSpeed engine's forward).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from ..data.collate import END_OF_TURN
+from ..data.prompts import reasoning_of, target_response
+from ..models import call_head, trunk_hidden
+from ..rollout import Sampling
+from ..timing import StepTimer
+
+
+@dataclass
+class StageContext:
+    cfg: object  # Config
+    stage: object  # StageConfig
+    index: int
+    model: object  # the policy (engine.module)
+    processor: object
+    train: list  # Examples
+    engine: object = None  # rollout engine on the policy
+    reference: object = None  # frozen pi_ref (dpo, cw_dpo, grpo with kl)
+    teacher: object = None  # opd
+    l_floor: float | str | None = None
+    extra: dict = field(default_factory=dict)
+    engine_forward: object = None  # fn -> fn() run as the DeepSpeed engine's forward (zero.engine_forward)
+    timer: StepTimer = field(default_factory=StepTimer)
+    engine_stale: bool = False  # the engine holds weights older than the policy's (set after each update)
+    # (offload, reload): the optimizer states off the GPU while a sleeping engine generates (vllm.offload_optimizer)
+    optimizer_states: tuple | None = None
+
+    def forward(self, fn):
+        """fn() as the policy's training forward: through the DeepSpeed engine when there is one, which
+        counts the micro-steps a gradient accumulates over."""
+        return fn() if self.engine_forward is None else self.engine_forward(fn)
+
+    def policy_updated(self) -> None:
+        """The policy's weights changed (an optimizer step, a checkpoint loaded): an engine with weights of
+        its own must be synced before it samples again. Syncing is lazy: once per rollout, not per update."""
+        self.engine_stale = getattr(self.engine, "holds_weights", False)
+
+    @contextlib.contextmanager
+    def generating(self, engine=None):
+        """The generation engine (default the policy's) ready for the block: synced with the policy when stale
+        (timed as the step's sync); an engine that sleeps (colocated vLLM) wakes for the block only and sleeps
+        after it, so no training forward, log-prob pass or whole-model gather runs while it holds its memory."""
+        engine = engine or self.engine
+        policy = engine is self.engine
+        offload, reload = self.optimizer_states or (None, None)
+        if offload is not None:
+            offload()
+        try:
+            with engine.awake(self.model if policy else None, stale=policy and self.engine_stale,
+                              timed_sync=lambda: self.timer("sync")) as ready:
+                if policy:
+                    self.engine_stale = False
+                yield ready
+        finally:
+            if reload is not None:
+                reload()
+
+
+def step_seed(ctx: StageContext, step: int) -> int:
+    return (ctx.cfg.run.seed * 1_000_003 + ctx.index * 10_007 + step) % (2**31 - 1)
+
+
+def world() -> tuple[int, int]:
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """x averaged over the data-parallel ranks (itself in one process); no gradient flows through it."""
+    _, size = world()
+    if size == 1:
+        return x
+    x = x.detach().clone()
+    torch.distributed.all_reduce(x)
+    return x / size
+
+
+def rank_share_of_tokens(labels: torch.Tensor, device) -> torch.Tensor:
+    """The step's response tokens over all ranks, divided by the number of ranks: a rank that divides its
+    summed token loss by this makes DeepSpeed's mean over ranks the exact global token mean (TRL's "dapo"
+    normalisation), so every rank count trains as one process does."""
+    return mean_over_ranks((labels != -100).sum().to(device=device, dtype=torch.float32))
+
+
+def rows_per_rank(stage, world_size: int) -> int:
+    """Sequences of one step's batch on each rank (a GRPO update: its prompts x group_size samples)."""
+    return stage.batch_size // world_size * (stage.group_size if stage.type == "grpo" else 1)
+
+
+def sequences_per_rank(stage, world_size: int) -> int:
+    """Sequences one step's forward passes hold on each rank: rows_per_rank, twice for a preference pair (chosen and
+    rejected) and for SFT with gentle negatives (each target and its negative)."""
+    pairs = stage.type in ("dpo", "cw_dpo") or (stage.type == "sft" and stage.gentle is not None)
+    return rows_per_rank(stage, world_size) * (2 if pairs else 1)
+
+
+def needs_reference(stage) -> bool:
+    """The stage reads a frozen reference model's log-probs: DPO's and CW-DPO's implicit reward, GRPO's KL penalty
+    (kl_coef > 0). The trainer loads it; the plan counts it."""
+    return stage.type in ("dpo", "cw_dpo") or (stage.type == "grpo" and stage.kl_coef > 0)
+
+
+def update_rows(ctx: StageContext) -> int:
+    """Sequences of one GRPO update on this rank."""
+    return rows_per_rank(ctx.stage, world()[1])
+
+
+def forward_rows(ctx: StageContext) -> int:
+    """Sequences of one forward on this rank at most: an update's micro-batch (micro_batch_size, default the whole
+    update), and the slice size of every no-grad recompute over a rollout batch (old and reference
+    log-probs), so none is larger."""
+    return ctx.stage.micro_batch_size or update_rows(ctx)
+
+
+def micro_batches_per_step(stage, world_size: int) -> int:
+    """Backward passes per step: GRPO's update split into micro-batches of at most micro_batch_size rows per rank
+    (as even as they go: 20 rows at most 8 are 7, 7 and 6), else one. The same count on every rank, whatever the
+    world size (each rank holds the same rows): ZeRO-3 needs it."""
+    if stage.type != "grpo" or not stage.micro_batch_size:
+        return 1
+    return -(-rows_per_rank(stage, world_size) // stage.micro_batch_size)
+
+
+def rank_positions(ctx: StageContext, n: int, parts: int = 1) -> list[int]:
+    """Places in the step's global batch of n examples that this rank holds. The batch is `parts`
+    consecutive update minibatches (GRPO's updates per rollout) and the rank holds its contiguous slice
+    of each, so update u on every rank count covers the same examples as in one process."""
+    rank, size = world()
+    per_part = n // parts
+    if per_part % size:
+        raise ValueError(f"stages[{ctx.index}].batch_size={per_part} is not divisible by the {size} ranks")
+    mb = per_part // size
+    return [u * per_part + rank * mb + j for u in range(parts) for j in range(mb)]
+
+
+def batch_examples(ctx: StageContext, step: int, n: int, parts: int = 1) -> tuple[list, list[int]]:
+    """This rank's share of the step's global batch of n examples, and their places in it: the same
+    global batch whatever the number of ranks, so 2 ranks match 1 process.
+
+    Examples are drawn as epoch permutations (TRL's RepeatSampler draws the same way): the stage's i-th example
+    is example perm_e[i mod L] of the L training examples, e = i div L, perm_e a permutation seeded by (run seed,
+    stage, e). An epoch visits every example once (drawing with replacement repeated ~12% of a 512-prompt batch),
+    and a resumed run draws what an uninterrupted one would: the draw is a function of the step alone."""
+    L = len(ctx.train)
+    positions = rank_positions(ctx, n, parts)
+    perms = {}
+    out = []
+    for p in positions:
+        epoch, r = divmod(step * n + p, L)
+        if epoch not in perms:
+            seed = (ctx.cfg.run.seed * 1_000_003 + ctx.index * 10_007 + epoch * 7_919 + 1) % (2**31 - 1)
+            perms[epoch] = torch.randperm(L, generator=torch.Generator().manual_seed(seed))
+        out.append(ctx.train[int(perms[epoch][r])])
+    return out, positions
+
+
+def position_seeds(ctx: StageContext, step: int, positions: list[int]) -> list[int]:
+    """Seeds of examples by their place in the step's global batch: what is sampled or drawn for an
+    example never depends on how many ranks share the batch."""
+    base = step_seed(ctx, step) * 7919
+    return [(base + p) % (2**31 - 1) for p in positions]
+
+
+def example_rngs(ctx: StageContext, step: int, positions: list[int]) -> list[random.Random]:
+    """One random stream per example (its negative, on- or off-policy), seeded by its global place."""
+    return [random.Random(seed) for seed in position_seeds(ctx, step, positions)]
+
+
+def _device(ctx: StageContext) -> torch.device:
+    return next(ctx.model.parameters()).device
+
+
+def _counted(batch: dict, ctx: StageContext) -> dict:
+    """The batch, its tokens counted for the tokens/s metric of the policy's step."""
+    ctx.extra["tokens"] = ctx.extra.get("tokens", 0) + int(batch["attention_mask"].sum())
+    return batch
+
+
+def _policy_loss(ctx: StageContext, batch: dict, loss_fn):
+    """loss_fn(hidden, lm_head weight[, bias]) on the policy's trunk states of `batch`, as its training forward
+    (through the DeepSpeed engine; the head through its own module: ZeRO-3 safe)."""
+    return ctx.forward(lambda: call_head(ctx.model, trunk_hidden(ctx.model, **_counted(batch, ctx)), loss_fn))
+
+
+def _target(ctx, answer: str, ex=None) -> str:
+    return target_response(reasoning_of(ctx.cfg, ex), answer)
+
+
+def _target_ids(ctx, ex) -> list[int]:
+    """The dataset target of an example as response token ids, ending its turn."""
+    tok = ctx.processor.tokenizer
+    return tok(_target(ctx, ex.answer, ex) + END_OF_TURN, add_special_tokens=False)["input_ids"]
+
+
+def _sample(ctx, exs, n, step, positions: list[int]):
+    """n samples per example, seeded by the examples' places in the step's global batch."""
+    s = ctx.stage
+    with ctx.generating() as engine, ctx.timer("generate"):
+        return engine.generate([e.problem for e in exs], [e.images for e in exs], n=n,
+                               sampling=Sampling(temperature=s.temperature, max_new_tokens=s.max_new_tokens),
+                               seeds=position_seeds(ctx, step, positions))
+
+
+def _sample_subset(ctx, exs, positions: list[int], idx: list[int], n: int, step: int) -> list:
+    """n samples for each of exs[i], i in idx (this rank's on-policy share). Every rank calls generate on
+    as many prompts as the rank with the most: under ZeRO-3 generation is a collective (a gather, or a
+    gather per layer and token), so a rank that skipped it or ran fewer batches would hang the others.
+    Padding prompts repeat a real one and their samples are dropped (seeded per row: they change nothing)."""
+    count = len(idx)
+    if world()[1] > 1:
+        t = torch.tensor([count], device=next(ctx.model.parameters()).device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        count = int(t.item())
+    if count == 0:
+        return []
+    padded = idx + [idx[0] if idx else 0] * (count - len(idx))
+    return _sample(ctx, [exs[i] for i in padded], n, step, [positions[i] for i in padded])[: len(idx)]
+
+
+def _row_slices(n: int, size: int) -> list[slice]:
+    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+def even_row_slices(n: int, parts: int) -> list[slice]:
+    """n rows in `parts` consecutive slices whose sizes differ by one at most (the larger first)."""
+    base, extra = divmod(n, parts)
+    bounds = [0]
+    for i in range(parts):
+        bounds.append(bounds[-1] + base + (i < extra))
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def _rows(batch: dict, sl: slice) -> dict:
+    """Rows `sl` of a collated batch (pixel_values are per image patch: sliced through image_grid_thw)."""
+    out = {k: v[sl] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
+    if "image_grid_thw" in batch:
+        patches = batch["image_grid_thw"].prod(-1)
+        start = int(patches[: sl.start].sum())
+        stop = start + int(patches[sl].sum())
+        out["image_grid_thw"] = batch["image_grid_thw"][sl]
+        out["pixel_values"] = batch["pixel_values"][start:stop]
+    return out
+
+
+def _dataset_negative(ex, rng: random.Random) -> str:
+    if ex.negatives:
+        return rng.choice(ex.negatives)
+    if ex.choices:
+        return rng.choice([c for c in ex.choices if c != ex.answer] or ex.choices)
+    try:
+        return str(int(float(ex.answer)) + rng.choice((-1, 1)))
+    except ValueError:
+        return ex.answer + "?"

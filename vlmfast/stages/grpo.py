@@ -1,0 +1,186 @@
+"""The GRPO step: a rollout batch sampled, scored and kept (with the sampler's, old and reference log-probs) across
+its updates, each update in micro-batches; the rollout in progress is part of a checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..data.collate import collate_token_responses
+from ..losses import group_advantages, grpo_loss
+from ..models import head_token_stats, trunk_hidden
+from ..ranks import gathered_rows
+from ..rewards import Reward, score
+from .context import (
+    StageContext,
+    _device,
+    _policy_loss,
+    _row_slices,
+    _rows,
+    _sample,
+    batch_examples,
+    even_row_slices,
+    forward_rows,
+    micro_batches_per_step,
+    rank_share_of_tokens,
+    update_rows,
+    world,
+)
+
+
+def _sampler_logp_grid(completions, batch) -> torch.Tensor:
+    """Sampler log-probs laid out like batch['labels'] (0 elsewhere)."""
+    grid = torch.zeros(batch["labels"].shape)
+    for b, c in enumerate(completions):
+        start = int(batch["prompt_lengths"][b]) - 1
+        grid[b, start : start + len(c.token_ids)] = torch.tensor(c.logprobs)
+    return grid
+
+
+@torch.no_grad()
+def _rollout(ctx: StageContext, index: int) -> dict:
+    """One rollout batch: batch_size * updates_per_rollout prompts x group_size samples, rewards,
+    group advantages, the sampler's log-probs, and the old log-probs of the policy that sampled them:
+    recomputed by the trainer when several updates share the rollout (so the ratio is exactly 1 at the
+    first update); with one update per rollout none (the update's own log-probs, detached, are exactly
+    those: no extra pass)."""
+    s = ctx.stage
+    exs, positions = _rollout_examples(ctx, index)
+    groups = _sample(ctx, exs, s.group_size, index, positions)
+    flat = [c for g in groups for c in g]
+    rep = [e for e in exs for _ in range(s.group_size)]
+    scores = [score(c.text, e.answer, e.choices) for c, e in zip(flat, rep)]
+    rewards = torch.tensor([x.reward for x in scores])
+    if s.advantage_scale == "batch":  # the spread of the whole rollout batch, every rank's groups
+        rank, size = world()
+        every = gathered_rows(rewards.to(_device(ctx))).cpu()
+        adv = group_advantages(every, s.group_size, scale="batch").view(size, -1)[rank]
+    else:  # a group lives on one rank: its own rewards are all it needs
+        adv = group_advantages(rewards, s.group_size, scale=s.advantage_scale)
+    b = collate_token_responses(ctx.processor, [e.problem for e in rep], [e.images for e in rep],
+                                [c.token_ids for c in flat])
+    labels = b["labels"]
+    # in slices of exactly the update's rows: no recompute is larger than an update, and the first
+    # update's forward repeats its slice's computation, so its ratio is exactly 1
+    slices = _row_slices(len(flat), forward_rows(ctx))
+
+    def logp_of(model):
+        return torch.cat([head_token_stats(model, trunk_hidden(model, **_rows(b, sl)), labels[sl],
+                                           temperature=s.temperature, outputs=("logp",)).logp for sl in slices])
+
+    with ctx.timer("logprobs"):
+        old = logp_of(ctx.model) if s.updates_per_rollout > 1 else None
+        ref = logp_of(ctx.reference) if ctx.reference is not None and s.kl_coef > 0 else None
+    return {"index": index, "batch": b, "adv": adv, "old": old, "ref": ref, "rewards": rewards, "scores": scores,
+            "token_ids": [c.token_ids for c in flat], "sampler": _sampler_logp_grid(flat, b),
+            "truncated": torch.tensor([c.finish_reason == "length" for c in flat], dtype=torch.float32)}
+
+
+def _rollout_examples(ctx: StageContext, index: int) -> tuple[list, list[int]]:
+    """This rank's slice of each of rollout `index`'s update minibatches, in update order, and their
+    places in the global rollout batch."""
+    s = ctx.stage
+    return batch_examples(ctx, index, s.batch_size * s.updates_per_rollout, s.updates_per_rollout)
+
+
+def rollout_state(ctx: StageContext) -> dict | None:
+    """What a checkpoint taken inside a rollout batch keeps of it: the sampled tokens, rewards and
+    old/reference log-probs, the policy that sampled them being gone by then (the batch itself is
+    re-collated from the tokens on resume). None when no rollout is in progress."""
+    ro = ctx.extra.get("rollout")
+    if ro is None:
+        return None
+    keep = ("index", "adv", "old", "ref", "rewards", "token_ids", "sampler", "truncated")
+    return {**{k: ro[k] for k in keep}, "scores": [dataclasses.asdict(x) for x in ro["scores"]]}
+
+
+def restore_rollout(ctx: StageContext, state: dict) -> None:
+    """Continue inside a rollout batch exactly where a checkpoint left it."""
+    s = ctx.stage
+    rep = [e for e in _rollout_examples(ctx, state["index"])[0] for _ in range(s.group_size)]
+    batch = collate_token_responses(ctx.processor, [e.problem for e in rep], [e.images for e in rep],
+                                    state["token_ids"])
+    ctx.extra["rollout"] = {**state, "batch": batch, "scores": [Reward(**x) for x in state["scores"]]}
+
+
+def grpo_step(ctx: StageContext, step: int):
+    """One optimizer update on the step's minibatch of the current rollout batch; a new rollout every
+    `updates_per_rollout` steps (later minibatches see ratios != 1: that is where clipping acts). The
+    rollout happens here; the update's forwards happen as the returned micro-batches are iterated."""
+    s = ctx.stage
+    index, part = divmod(step, s.updates_per_rollout)
+    ro = ctx.extra.get("rollout")
+    if ro is None or ro["index"] != index:
+        ro = ctx.extra["rollout"] = _rollout(ctx, index)
+    rows = update_rows(ctx)
+    return _grpo_update(ctx, ro, slice(part * rows, (part + 1) * rows))
+
+
+# token means combine weighted by tokens; extremes by min / max
+_TOKEN_MEAN_METRICS = ("entropy", "kl", "clip_frac_low", "clip_frac_high", "ratio_mean", "sampler_mismatch",
+                       "tis_weight_mean", "tis_truncated_frac")
+
+
+def _grpo_update(ctx: StageContext, ro: dict, update: slice):
+    """The update on rows `update` of the rollout batch, in micro_batches_per_step micro-batches: yields each
+    micro-batch's share of the update's loss (the token mean divides by the whole update's tokens; the
+    per-sequence means weigh a micro-batch by its rows, so uneven ones add up too), with the update's metrics on
+    the last one."""
+    s = ctx.stage
+    whole = _rows(ro["batch"], update)
+    rows = whole["labels"].shape[0]
+    n = rank_share_of_tokens(whole["labels"], _device(ctx)) if s.aggregation == "token-mean" else None
+    parts = []  # (metrics, tokens, rows) per micro-batch
+    for micro in even_row_slices(rows, micro_batches_per_step(s, world()[1])):
+        sl = slice(update.start + micro.start, update.start + micro.stop)
+        loss, m, labels = _grpo_forward(ctx, ro, sl, n)
+        if n is None:  # a per-sequence mean over this micro-batch: its share of the update's mean
+            loss = loss * (labels.shape[0] / rows)
+        parts.append((m, (labels != -100).sum().item(), labels.shape[0]))
+        if micro.stop == rows:  # the trainer combines the ranks' token means weighted by their tokens
+            ctx.extra["metric_tokens"] = float(sum(t for _, t, _ in parts))
+            ctx.extra["token_weighted"] = _TOKEN_MEAN_METRICS + (("pg_loss",) if s.aggregation == "token-mean" else ())
+        yield loss, (_grpo_metrics(ro, update, whole, parts, s.aggregation) if micro.stop == rows else None)
+
+
+def _grpo_forward(ctx: StageContext, ro: dict, sl: slice, n):
+    """GRPO's loss on rows `sl` of the rollout batch (token means over n tokens when given): (loss, metrics,
+    labels)."""
+    s = ctx.stage
+    b = _rows(ro["batch"], sl)
+    labels = b["labels"]
+    ref = None if ro["ref"] is None else ro["ref"][sl]
+    old = None if ro["old"] is None else ro["old"][sl]  # None: on-policy, the update's own log-probs
+
+    def loss_fn(h, w):
+        return grpo_loss(h, w, labels, old, ro["adv"][sl], ref_logp=ref, clip_low=s.clip_low,
+                         clip_high=s.clip_high, dual_clip=s.dual_clip, kl_coef=s.kl_coef,
+                         entropy_coef=s.entropy_coef, aggregation=s.aggregation, temperature=s.temperature,
+                         num_items_in_batch=n, sampler_logp=ro["sampler"][sl], tis_cap=s.tis_cap)
+
+    loss, m = _policy_loss(ctx, b, loss_fn)
+    return loss, m, labels
+
+
+def _grpo_metrics(ro: dict, update: slice, whole: dict, parts: list, aggregation: str) -> dict:
+    """The update's metrics from its micro-batches' (token means weighted by tokens, pg_loss as aggregated)
+    and the rollout's rewards of its rows."""
+    device = parts[0][0]["entropy"].device  # the loss's metrics live where the model does
+    tokens = torch.tensor([t for _, t, _ in parts], dtype=torch.float64, device=device)
+    rows = torch.tensor([r for _, _, r in parts], dtype=torch.float64, device=device)
+
+    def weighted(key, w):
+        return (torch.stack([m[key].double() for m, _, _ in parts]) * w).sum() / w.sum().clamp(min=1)
+
+    m = {k: weighted(k, tokens).float() for k in _TOKEN_MEAN_METRICS if k in parts[0][0]}
+    m["pg_loss"] = weighted("pg_loss", tokens if aggregation == "token-mean" else rows).float()
+    m["ratio_min"] = torch.stack([p["ratio_min"] for p, _, _ in parts]).min()
+    m["ratio_max"] = torch.stack([p["ratio_max"] for p, _, _ in parts]).max()
+    scores = ro["scores"][update]
+    m["reward"] = ro["rewards"][update].mean()
+    m["truncated"] = ro["truncated"][update].mean()  # completions that ran out of max_new_tokens
+    m["accuracy"] = torch.tensor(sum(x.accuracy for x in scores) / len(scores))
+    m["format"] = torch.tensor(sum(x.format for x in scores) / len(scores))
+    m["response_tokens"] = (whole["labels"] != -100).sum(1).float().mean()
+    return m

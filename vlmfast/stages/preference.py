@@ -1,0 +1,86 @@
+"""The DPO and CW-DPO steps: preference pairs (dataset negatives, or the policy's own wrong samples) against the
+frozen reference; CW-DPO's automatic log-prob floor."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from ..data.collate import END_OF_TURN, collate, collate_token_responses
+from ..losses import cw_dpo_loss, dpo_loss
+from ..models import head_token_stats, trunk_hidden
+from ..ops import sequence_mean
+from ..rewards import score
+from .context import (
+    StageContext,
+    _dataset_negative,
+    _policy_loss,
+    _sample_subset,
+    _target,
+    _target_ids,
+    batch_examples,
+    example_rngs,
+)
+
+
+def _preference_batch(ctx, exs, positions, step):
+    """Chosen = the gold target; rejected = with probability on_policy_fraction one of the policy's own wrong
+    samples, whole and as sampled (its token ids: its reasoning, not the gold one with its answer pasted in),
+    when one of its 4 samples is wrong; else a dataset negative in the gold template."""
+    s = ctx.stage
+    tok = ctx.processor.tokenizer
+    rngs = example_rngs(ctx, step, positions)
+    on_policy = [rng.random() < s.on_policy_fraction for rng in rngs]
+    rejected: list[list[int] | None] = [None] * len(exs)
+    idx = [i for i, flag in enumerate(on_policy) if flag]
+    for i, g in zip(idx, _sample_subset(ctx, exs, positions, idx, 4, step)):
+        wrong = next((c for c in g if not score(c.text, exs[i].answer, exs[i].choices).accuracy), None)
+        if wrong is not None and wrong.token_ids:
+            rejected[i] = list(wrong.token_ids)
+    n_on = sum(r is not None for r in rejected)
+    rejected = [r if r is not None else
+                tok(_target(ctx, _dataset_negative(e, rng), e) + END_OF_TURN, add_special_tokens=False)["input_ids"]
+                for r, e, rng in zip(rejected, exs, rngs)]
+    chosen = [_target_ids(ctx, e) for e in exs]
+    problems = [e.problem for e in exs] * 2
+    images = [e.images for e in exs] * 2
+    return collate_token_responses(ctx.processor, problems, images, chosen + rejected), n_on / len(exs)
+
+
+def dpo_step(ctx: StageContext, step: int):
+    s = ctx.stage
+    exs, positions = batch_examples(ctx, step, s.batch_size)
+    b, on_policy_share = _preference_batch(ctx, exs, positions, step)
+    B = len(exs)
+    with torch.no_grad(), ctx.timer("logprobs"):  # pi_ref: the policy at stage start
+        rh = trunk_hidden(ctx.reference, **b)
+        r = head_token_stats(ctx.reference, rh, b["labels"], temperature=s.temperature, outputs=("logp",),
+                             per_sequence=True)
+    ref_c, ref_r = r.seq_logp[:B], r.seq_logp[B:]
+    if s.type == "dpo":
+        def loss_fn(h, w):
+            return dpo_loss(h, w, b["labels"], ref_c, ref_r, beta=s.beta, temperature=s.temperature)
+    else:
+        def loss_fn(h, w):
+            return cw_dpo_loss(h, w, b["labels"], ref_c, ref_r, beta=s.beta, tau_c=s.tau_c, l_floor=ctx.l_floor,
+                               temperature=s.temperature)
+    loss, m = _policy_loss(ctx, b, loss_fn)
+    m["on_policy_negatives"] = torch.tensor(on_policy_share)
+    return loss, m
+
+
+@torch.no_grad()
+def auto_l_floor(ctx: StageContext, n: int = 64) -> float:
+    """l_floor: auto = mean lbar of the (dataset) negatives under the policy at stage start."""
+    rng = random.Random(ctx.cfg.run.seed)
+    exs = ctx.train[: min(n, len(ctx.train))]
+    out = []
+    for i in range(0, len(exs), 16):
+        part = exs[i : i + 16]
+        b = collate(ctx.processor, [e.problem for e in part], [e.images for e in part],
+                    [_target(ctx, _dataset_negative(e, rng), e) for e in part])
+        hidden = trunk_hidden(ctx.model, **b)
+        r = head_token_stats(ctx.model, hidden, b["labels"], outputs=("logp",), per_sequence=True)
+        out += sequence_mean(r.seq_logp, r.seq_count).tolist()
+    return sum(out) / len(out)
