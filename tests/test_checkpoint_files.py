@@ -13,6 +13,7 @@ from test_train import recipe
 from vlmfast import checkpoint as ckpt
 from vlmfast import train as T
 from vlmfast.config import ConfigError
+from vlmfast.faults import FAIL_AT_ENV, SimulatedKill
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -31,8 +32,8 @@ def _files(path):
 
 def test_each_checkpoint_holds_what_is_read_from_it(tmp_path, monkeypatch):
     root = tmp_path / "t" / "checkpoints"
-    monkeypatch.setenv(T.FAIL_AT_ENV, "0:4")  # stopped before step 5: step checkpoints 1-4 were written
-    with pytest.raises(T.SimulatedKill):
+    monkeypatch.setenv(FAIL_AT_ENV, "0:4")  # stopped before step 5: step checkpoints 1-4 were written
+    with pytest.raises(SimulatedKill):
         T.run(_cfg(tmp_path))
     ckpt.finish_deletions()
     assert sorted(p.name for p in root.glob("step-*")) == ["step-0-3", "step-0-4"]  # checkpoint_keep: 2
@@ -48,7 +49,7 @@ def test_each_checkpoint_holds_what_is_read_from_it(tmp_path, monkeypatch):
     assert "hf/config.json" in best and "hf/model.safetensors" in best
     assert not any(f.startswith("engine/") for f in best), best
 
-    monkeypatch.delenv(T.FAIL_AT_ENV)
+    monkeypatch.delenv(FAIL_AT_ENV)
     T.run(_cfg(tmp_path))  # resumes from step-0-4
     ckpt.finish_deletions()
     assert not list(root.glob("step-*")) and not list(root.glob(".trash-*"))  # the stage is done: all pruned

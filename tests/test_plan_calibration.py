@@ -20,7 +20,8 @@ TEXT = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=12, num_a
 MEASURE = r"""
 import json, os, resource, sys
 from vlmfast.config import load_config
-from vlmfast.train import FAIL_AT_ENV, SimulatedKill, run
+from vlmfast.faults import FAIL_AT_ENV, SimulatedKill
+from vlmfast.train import run
 
 def rss():  # resident bytes now
     with open("/proc/self/statm") as f:

@@ -10,8 +10,9 @@ from test_train import recipe, records
 
 from vlmfast import stages as S
 from vlmfast import train as T
+from vlmfast.faults import FAIL_AT_ENV, SimulatedKill
 from vlmfast.rollout.hf import HFEngine
-from vlmfast.train import FAIL_AT_ENV, SimulatedKill, run
+from vlmfast.train import run
 
 pytestmark = pytest.mark.slow
 

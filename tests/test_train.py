@@ -6,7 +6,8 @@ import json
 import pytest
 
 from vlmfast.config import load_config
-from vlmfast.train import FAIL_AT_ENV, SimulatedKill, main, run
+from vlmfast.faults import FAIL_AT_ENV, SimulatedKill
+from vlmfast.train import main, run
 
 pytestmark = pytest.mark.slow
 

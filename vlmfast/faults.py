@@ -14,8 +14,13 @@ import torch
 
 from .ranks import reduce_over_ranks
 
+FAIL_AT_ENV = "VLMFAST_FAIL_AT_STEP"  # tests: "stage:step" raises SimulatedKill there, as a killed run would stop
 KILL_AT_ENV = "VLMFAST_KILL_AT"  # tests: "stage:step" or "stage:eval:step" SIGKILLs the process there
 SIGNAL_AT_ENV = "VLMFAST_SIGNAL_AT"  # tests: "stage:step:SIGTERM" sends the process that real signal there
+
+
+class SimulatedKill(RuntimeError):
+    """Tests: the run stopped at FAIL_AT_ENV's place (an exception: in-process tests see it)."""
 
 
 class BadStep(RuntimeError):
@@ -58,8 +63,11 @@ class Preemption:
 
 
 def signal_if(where: str) -> None:
-    """Tests: send this process a real signal at `where`: KILL_AT_ENV="stage:step" (or "stage:eval:step") a SIGKILL,
-    as a killed job dies (no exception handler, no atexit, no flush); SIGNAL_AT_ENV="stage:step:SIGNAME" that one."""
+    """The trainer's one fault seam, for tests, called at each step's start ("stage:step") and after each evaluation
+    ("stage:eval:step"): FAIL_AT_ENV raises SimulatedKill there; KILL_AT_ENV sends this process a real SIGKILL, as
+    a killed job dies (no exception handler, no atexit, no flush); SIGNAL_AT_ENV="stage:step:SIGNAME" that signal."""
+    if os.environ.get(FAIL_AT_ENV) == where:
+        raise SimulatedKill(f"simulated kill at {where}")
     if os.environ.get(KILL_AT_ENV) == where:
         os.kill(os.getpid(), signal.SIGKILL)
     stage_step, _, name = os.environ.get(SIGNAL_AT_ENV, "").rpartition(":")

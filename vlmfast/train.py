@@ -66,12 +66,6 @@ from .stages import (
 from .tracking import open_trackers
 from .zero import engine_forward, frozen_engine, gathered_for_generation, partitioned_loading
 
-FAIL_AT_ENV = "VLMFAST_FAIL_AT_STEP"  # tests: "stage:step" raises there, as a killed run would stop
-
-
-class SimulatedKill(RuntimeError):
-    pass
-
 
 class Preempted(RuntimeError):
     """A signal (SIGTERM, SIGUSR1) stopped the run after a checkpoint: not a failure, resumable."""
@@ -533,7 +527,6 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
         ctx.l_floor = auto_l_floor(ctx) if stage.l_floor == "auto" else stage.l_floor
     step_fn = STEP_FUNCTIONS[stage.type]
     scale = lr_scale(stage)
-    fail_at = os.environ.get(FAIL_AT_ENV)
 
     def save(tag, step):
         """A step checkpoint (engine state: what a resume reads) or a hand-off one (best-/final-: the HF weights
@@ -577,8 +570,6 @@ def run_stage(cfg, si, name, stage, model, processor, data, log, ckpt_root, prob
     ctx.timer.on_phase = lambda phase: bar.set_description_str(f"{name} [{phase}]")  # the bar says what runs now
     stopped_early, done, bad_steps = False, start_step, 0
     for step in bar:
-        if fail_at == f"{si}:{step}":
-            raise SimulatedKill(f"simulated kill at stage {si} step {step}")
         signal_if(f"{si}:{step}")
         _set_lr(optimizer, scale, step)
         policy.train()
