@@ -82,7 +82,7 @@ def ratio_table(rows, baseline: str) -> str:
 def glance_table(rows) -> str:
     """One line per (op, model, N, dtype): naive's and each vlmfast provider's full time and peak, which path
     vlmfast ran (one pass or recompute), and vlmfast's default path (native on a CPU, Triton on a GPU) against
-    naive in the same dtype (the README's table)."""
+    naive in the same dtype (docs/measured.md's table)."""
     idx = _index(rows)
     order = ("vlmfast-chunked", "vlmfast-native", "vlmfast-triton")  # the default path last: native, Triton
     ours = sorted({r["provider"] for r in rows if r["provider"] in order}, key=order.index)

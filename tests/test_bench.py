@@ -139,7 +139,7 @@ def test_a_failing_case_is_a_row_and_the_sweep_goes_on(tmp_path, monkeypatch):
 
 
 def test_glance_table_compares_the_default_path_whatever_the_row_order():
-    """The README's table: vlmfast's default path (native on a CPU, Triton on a GPU) against naive, named one pass
+    """docs/measured.md's table: vlmfast's default path (native on a CPU, Triton on a GPU) against naive, named one pass
     or recompute by the op and provider, whichever order the rows came in; nothing without a vlmfast row."""
     from bench.summary import glance_table
 

@@ -19,5 +19,5 @@ def srun_world(env) -> dict[str, str]:
         verb = "is" if len(missing) == 1 else "are"
         raise ConfigError(f"srun started {tasks} tasks but {' and '.join(missing)} {verb} not set: in the sbatch "
                           "script, export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1) and "
-                          "MASTER_PORT=29500 (README, 'On several nodes')")
+                          "MASTER_PORT=29500 (docs/gpus.md, 'On several nodes')")
     return {"RANK": env["SLURM_PROCID"], "LOCAL_RANK": env.get("SLURM_LOCALID", "0"), "WORLD_SIZE": str(tasks)}
