@@ -62,10 +62,20 @@ def test_bad_executor_settings_are_named(setting, message):
 
 
 @pytest.mark.slow
-def test_a_study_through_submitit_jobs(tmp_path):
+def test_a_study_through_submitit_jobs(tmp_path, monkeypatch):
+    """Submitted from a process an in-process run of the trainer left its world in (RANK, MASTER_PORT: a port its
+    store still listens on): every job is a world of its own."""
+    import socket
+
     raw = load_study(RECIPE, REDUCED + ["study.seeds=1", f"study.out_dir={tmp_path}", "study.executor=slurm",
                                         "study.slurm={cluster: local, timeout_min: 20}", "study.workers=3"])
-    report = run_study(raw, progress=False)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                     ("MASTER_PORT", str(busy.getsockname()[1]))):
+            monkeypatch.setenv(k, v)
+        report = run_study(raw, progress=False)
     assert report.exists()
     sdir = tmp_path / "tiny_study"
     runs = [p.parent for p in sdir.glob("**/study_recipe.yaml")]

@@ -37,6 +37,7 @@ from pathlib import Path
 import yaml
 
 from .config import ConfigError, _set_override, load_config
+from .study_executors import DIST_ENV
 
 STUDY_KEYS = {"study", "base", "pretrain", "teacher", "stage1", "stage2"}
 STUDY_SETTINGS = {"name", "out_dir", "workers", "seeds", "executor", "gpus_per_run", "slurm"}
@@ -45,7 +46,6 @@ NODE_KEYS = {"stage", "model", "data", "eval", "run", "from"}
 # relative cost of one step per stage type (measured on the tiny study: sampling dominates opd and grpo)
 STEP_COST = {"sft": 1.0, "sft_gentle": 2.0, "opd": 3.0, "grpo": 8.0, "dpo": 3.0, "cw_dpo": 3.0}
 PLACEHOLDER_MODEL = "tiny:student"  # stands in for a checkpoint that does not exist yet, when validating
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass

@@ -19,6 +19,9 @@ import sys
 from pathlib import Path
 
 EXECUTORS = ("local", "slurm")
+# a process group's environment: a run is a world of its own, never the submitting process's (an in-process run
+# of the trainer leaves these set, its TCP store still listening on MASTER_PORT)
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def train_command(config: Path, gpus: int) -> list[str]:
@@ -74,6 +77,8 @@ def train_job(config: str, env: dict) -> int:
     """A study run inside a submitit job, on every task: the job's world as the trainer reads it, then the run."""
     import submitit
 
+    for key in DIST_ENV:  # submitit's job inherits the submitting process's environment
+        os.environ.pop(key, None)
     os.environ.update(env)
     job = submitit.JobEnvironment()
     if job.num_tasks > 1:  # the trainer's world: a rank per task, rendezvous on the job's first host
