@@ -42,12 +42,14 @@ def test_prompt_lengths_count_image_tokens_and_ignore_the_batch(data, processor)
 
 def test_prompts_over_the_budget_are_dropped_and_counted(data, processor):
     lengths = {k: prompt_lengths(processor, v) for k, v in data.items()}
-    kept, limit, dropped = fit_to_budget(_cfg(), data, processor)  # no budget given: nothing dropped
+    kept, limit, dropped, longest = fit_to_budget(_cfg(), data, processor)  # no budget given: nothing dropped
     assert limit == max(max(lengths["train"]) + 24, max(lengths["val"]) + 16, max(lengths["ood"]) + 16)
+    assert longest == max(max(v) for v in lengths.values())
     assert dropped == {"train": 0, "val": 0, "ood": 0} and kept["train"] == data["train"]
     cut = sorted(lengths["train"])[len(lengths["train"]) // 2] + 24  # the train median plus GRPO's responses
-    kept, limit, dropped = fit_to_budget(_cfg(cut), data, processor)
+    kept, limit, dropped, longest = fit_to_budget(_cfg(cut), data, processor)
     assert limit == cut
+    assert longest == max(max(prompt_lengths(processor, v), default=0) for v in kept.values())  # of the kept ones
     assert dropped["train"] == sum(n + 24 > cut for n in lengths["train"]) > 0
     assert all(n + 24 <= cut for n in prompt_lengths(processor, kept["train"]))
     assert dropped["val"] == sum(n + 16 > cut for n in lengths["val"])

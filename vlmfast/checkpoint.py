@@ -22,13 +22,11 @@ from pathlib import Path
 
 import torch
 
+from .ranks import from_rank0
+from .ranks import is_main as _is_main
 from .zero import gathered, is_partitioned
 
 LATEST = "latest"
-
-
-def _is_main() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 def _barrier():
@@ -141,10 +139,7 @@ def latest(ckpt_root: Path) -> Path | None:
         if pointer.exists():
             found = Path(ckpt_root) / pointer.read_text().strip()
             path = str(found) if (found / "state.json").exists() else None
-    if torch.distributed.is_initialized():
-        box = [path]
-        torch.distributed.broadcast_object_list(box, src=0)
-        path = box[0]
+    path = from_rank0(path)
     return None if path is None else Path(path)
 
 

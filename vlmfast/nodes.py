@@ -14,11 +14,9 @@ from pathlib import Path
 
 import torch
 
+from .ranks import from_rank0, several_ranks
+
 SEE_TIMEOUT_S = 10.0  # a network filesystem may show another client's new file a few seconds late
-
-
-def _dist() -> bool:
-    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
 def check_shared_out_dir(out_dir: Path) -> None:
@@ -26,19 +24,16 @@ def check_shared_out_dir(out_dir: Path) -> None:
     (not shared), checkpoints, metrics and the synthetic data would split across nodes and a resume would find
     half of them: every rank stops (ConfigError) naming the directory and the hosts that do not see rank 0's file."""
     from .config import ConfigError
-
-    if not _dist():
+    if not several_ranks():
         return
-    rank = torch.distributed.get_rank()
-    box = [uuid.uuid4().hex if rank == 0 else None]
-    torch.distributed.broadcast_object_list(box, src=0)
-    path = Path(out_dir) / f".vlmfast-shared-{box[0]}"
+    rank, nonce = torch.distributed.get_rank(), from_rank0(uuid.uuid4().hex)
+    path = Path(out_dir) / f".vlmfast-shared-{nonce}"
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(box[0])
+        path.write_text(nonce)
     torch.distributed.barrier()
     deadline = time.monotonic() + SEE_TIMEOUT_S
-    while not (sees := path.exists() and path.read_text() == box[0]) and time.monotonic() < deadline:
+    while not (sees := path.exists() and path.read_text() == nonce) and time.monotonic() < deadline:
         time.sleep(0.5)
     seen = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(seen, (socket.gethostname(), rank, sees))
@@ -63,9 +58,9 @@ def hub_models(cfg) -> list[str]:
 
 def hub_datasets(cfg) -> list[str]:
     """Data sources (`name` or `name:split`) that are not files or folders here: hub datasets."""
-    d = cfg.data
-    sources = [p for p in (d.train, d.val, *d.eval_splits.values()) if p]
-    return [s for s in sources if not Path(str(s).partition(":")[0]).exists()]
+    from .data.loading import data_sources, is_hub_source
+
+    return [s for s in data_sources(cfg).values() if is_hub_source(s)]
 
 
 def _download_model(name: str) -> None:
@@ -94,6 +89,6 @@ def fetch_once_per_node(cfg, *, download_model=_download_model, download_dataset
         for source in hub_datasets(cfg):
             download_dataset(source)
             fetched.append(source)
-    if _dist():
+    if several_ranks():
         torch.distributed.barrier()
     return fetched

@@ -241,11 +241,10 @@ def plan(cfg: Config, *, gpus: int, gpu_memory: int, prompt_tokens: int = DEFAUL
 
 def data_on_this_machine(cfg: Config) -> bool:
     """The recipe's data is the synthetic task or files here (a hub dataset is not read: it may download)."""
-    from pathlib import Path
+    from .data.loading import data_sources, is_hub_source
 
-    d = cfg.data
-    given = [p for p in (d.train, d.val, *d.eval_splits.values()) if p]
-    return (d.synthetic is not None or bool(given)) and all(Path(str(p).partition(":")[0]).exists() for p in given)
+    sources = data_sources(cfg).values()
+    return (cfg.data.synthetic is not None or bool(sources)) and not any(map(is_hub_source, sources))
 
 
 def recipe_prompt_tokens(cfg: Config) -> tuple[int, str]:
@@ -264,9 +263,11 @@ def recipe_prompt_tokens(cfg: Config) -> tuple[int, str]:
         else:
             data = load_data(cfg)
             if any(generation_engine(cfg, s) == "vllm" for s in cfg.stages):  # the trainer drops what vLLM cannot
-                data = fit_to_budget(cfg, data, processor)[0]
+                data, _, _, longest = fit_to_budget(cfg, data, processor)
+            else:
+                longest = longest_prompt(processor, data)
             prompts = sum(map(len, data.values()))
-            return longest_prompt(processor, data), f"the longest prompt of the recipe's data ({prompts} prompts)"
+            return longest, f"the longest prompt of the recipe's data ({prompts} prompts)"
     else:
         reason = "the recipe's data is not on this machine"
     limit = cfg.vllm.max_model_len

@@ -6,8 +6,23 @@ from __future__ import annotations
 import torch
 
 
-def _several() -> bool:
+def several_ranks() -> bool:
+    """More than one rank in this run's world (collectives do something)."""
     return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def is_main() -> bool:
+    """Rank 0, or a process without a world: the one that writes shared files."""
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def from_rank0(value):
+    """Rank 0's `value` on every rank (a collective: every rank calls it; the identity without a world)."""
+    if not torch.distributed.is_initialized():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _collective_device(x: torch.Tensor) -> torch.device:
@@ -20,7 +35,7 @@ def _collective_device(x: torch.Tensor) -> torch.device:
 def reduce_over_ranks(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """x summed (op "sum"), or its elementwise max / min, over the ranks; a copy on x's device, no gradient."""
     x = x.detach().clone()
-    if _several():
+    if several_ranks():
         ops = torch.distributed.ReduceOp
         y = x.to(_collective_device(x))
         torch.distributed.all_reduce(y, op={"sum": ops.SUM, "max": ops.MAX, "min": ops.MIN}[op])
@@ -31,7 +46,7 @@ def reduce_over_ranks(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
 def gathered_in_order(mine: list, places: list[int], n: int) -> list:
     """Every rank's results (mine[j] belongs at place places[j]) put back in the order of the n places."""
     parts = [(places, mine)]
-    if _several():
+    if several_ranks():
         parts = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(parts, (places, mine))
     out = [None] * n
@@ -43,7 +58,7 @@ def gathered_in_order(mine: list, places: list[int], n: int) -> list:
 
 def gathered_rows(x: torch.Tensor) -> torch.Tensor:
     """[rows, ...] of every rank (each the same number of rows) concatenated in rank order."""
-    if not _several():
+    if not several_ranks():
         return x
     parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(parts, x.contiguous())
@@ -55,7 +70,7 @@ def global_means(metrics: dict, *, token_weighted: tuple = (), tokens: float = 1
     tokens and combine weighted by them; *_min / *_max take the extreme; every other one is a mean over
     sequences, each rank holding as many (the batch splits evenly), so the global mean is the mean of the ranks'.
     One all-reduce per kind."""
-    if not _several():
+    if not several_ranks():
         return dict(metrics)
     keys = sorted(metrics)
     lows = [k for k in keys if k.endswith("_min")]

@@ -128,7 +128,8 @@ class SlurmExecutor:
         executor.update_parameters(nodes=1, tasks_per_node=tasks, gpus_per_node=self.gpus_per_run,
                                    name=Path(config).parent.name, **self.params)
         run = _SlurmRun(executor.submit(train_job, str(config), env))
-        Path(log_path).open("a").write(f"submitted as job {run.job.job_id}: logs in {Path(config).parent / 'slurm'}\n")
+        with Path(log_path).open("a") as log:
+            log.write(f"submitted as job {run.job.job_id}: logs in {Path(config).parent / 'slurm'}\n")
         self.running.append(run)
         return run
 

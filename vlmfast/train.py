@@ -50,6 +50,7 @@ from .nodes import check_shared_out_dir, fetch_once_per_node
 from .ops import inputs_checked
 from .probes import DeltaLogpProbe, EarlyStopping, entropy_means, sample_entropy_sums
 from .ranks import gathered_in_order, global_means, reduce_over_ranks, shard
+from .ranks import is_main as _is_main
 from .rollout import Sampling, make_engine
 from .rollout.vllm_engine import VLLMMemoryError
 from .stages import (
@@ -112,10 +113,6 @@ def _init_distributed(device: str, timeout_s: int = 600) -> None:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo",
                                timeout=datetime.timedelta(seconds=timeout_s))
-
-
-def _is_main() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 def ds_config(cfg: Config, micro_batch: int, micro_steps: int = 1) -> dict:
@@ -191,18 +188,18 @@ def _load_policy(cfg: Config, path: str | None, device: str, processor=None):
     return model, proc
 
 
-def _fit_vllm_budget(cfg: Config, data: dict, processor) -> tuple[dict, int]:
-    """The prompts within vllm.max_model_len, and the budget (when not given: the longest prompt plus the
-    longest response); the dropped ones counted on stdout."""
+def _fit_vllm_budget(cfg: Config, data: dict, processor) -> tuple[dict, int, int]:
+    """The prompts within vllm.max_model_len, the budget (when not given: the longest prompt plus the longest
+    response) and the longest prompt kept; the dropped ones counted on stdout."""
     from .data.budget import fit_to_budget
 
-    data, limit, dropped = fit_to_budget(cfg, data, processor)
+    data, limit, dropped, longest = fit_to_budget(cfg, data, processor)
     if _is_main():
         for split, n in dropped.items():
             if n:
                 print(f"data: dropped {n} of {n + len(data[split])} '{split}' prompts longer than "
                       f"vllm.max_model_len={limit} with their response budget", flush=True)
-    return data, limit
+    return data, limit, longest
 
 
 def _load_model_and_processor(cfg: Config, path: str, device: str, processor=None):
@@ -413,16 +410,18 @@ def run(cfg: Config) -> dict:
         data = load_data(cfg)
     except (RowError, FileNotFoundError) as e:
         raise DataError(str(e)) from None
-    processor, max_model_len = None, None
+    processor, max_model_len, longest = None, None, None
     if any(generation_engine(cfg, s) == "vllm" for s in cfg.stages):  # prompts over vLLM's budget dropped here
         processor = load_processor(cfg)
-        data, max_model_len = _fit_vllm_budget(cfg, data, processor)
+        data, max_model_len, longest = _fit_vllm_budget(cfg, data, processor)
     if device == "cuda":  # a recipe that cannot fit stops here, naming what does not, before any model loads
         from .data.budget import longest_prompt
         from .plan import check_fits
 
-        processor = processor or load_processor(cfg)
-        check_fits(cfg, gpus=torch.distributed.get_world_size(), prompt_tokens=longest_prompt(processor, data),
+        if longest is None:  # no vLLM stage: the prompts were not counted yet
+            processor = load_processor(cfg)
+            longest = longest_prompt(processor, data)
+        check_fits(cfg, gpus=torch.distributed.get_world_size(), prompt_tokens=longest,
                    gpu_memory=torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
     if _is_main():
         run_dir.mkdir(parents=True, exist_ok=True)

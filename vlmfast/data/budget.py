@@ -43,8 +43,9 @@ def least_train_prompts(cfg) -> int:
     return max((s.batch_size * (s.updates_per_rollout if s.type == "grpo" else 1) for s in cfg.stages), default=1)
 
 
-def fit_to_budget(cfg, data: dict, processor) -> tuple[dict, int, dict[str, int]]:
-    """(data with the prompts that fit, the budget, {split: prompts dropped}). Raises ConfigError when a split
+def fit_to_budget(cfg, data: dict, processor) -> tuple[dict, int, dict[str, int], int]:
+    """(data with the prompts that fit, the budget, {split: prompts dropped}, the longest prompt kept: what `vlmfast
+    plan` and the trainer's fit check price, without counting every prompt again). Raises ConfigError when a split
     keeps fewer prompts than the recipe needs (training: its largest batch; an evaluation split: one)."""
     from ..config import ConfigError
 
@@ -53,9 +54,11 @@ def fit_to_budget(cfg, data: dict, processor) -> tuple[dict, int, dict[str, int]
     need = {split: budgets["train" if split == "train" else "eval"] for split in data}
     limit = cfg.vllm.max_model_len or max((max(ls, default=0) + need[split] for split, ls in lengths.items()),
                                           default=1)
-    kept, dropped = {}, {}
+    kept, dropped, longest_kept = {}, {}, 0
     for split, examples in data.items():
-        kept[split] = [e for e, n in zip(examples, lengths[split]) if n + need[split] <= limit]
+        fits = [n + need[split] <= limit for n in lengths[split]]
+        kept[split] = [e for e, ok in zip(examples, fits) if ok]
+        longest_kept = max([longest_kept] + [n for n, ok in zip(lengths[split], fits) if ok])
         dropped[split] = len(examples) - len(kept[split])
         least = least_train_prompts(cfg) if split == "train" else 1
         if len(kept[split]) < least:
@@ -63,4 +66,4 @@ def fit_to_budget(cfg, data: dict, processor) -> tuple[dict, int, dict[str, int]
             raise ConfigError(f"vllm.max_model_len: {limit} tokens leave {len(kept[split])} of {len(examples)} "
                               f"'{split}' prompts (need {least}; the longest prompt is {longest} tokens, plus "
                               f"{need[split]} new tokens); raise it or lower the image pixels / max_new_tokens")
-    return kept, limit, dropped
+    return kept, limit, dropped, longest_kept

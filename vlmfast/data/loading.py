@@ -12,10 +12,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-
-
-def _is_main() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+from ..ranks import is_main as _is_main
 
 
 def synthetic_paths(cfg: Config) -> dict[str, Path]:
@@ -36,6 +33,18 @@ def synthetic_paths(cfg: Config) -> dict[str, Path]:
     return {k: root / f"{k}.parquet" for k in ("train", "val", "ood")}
 
 
+def data_sources(cfg: Config) -> dict[str, str]:
+    """{split: source} the recipe gives (data.train, data.val, data.eval_splits): a file or folder, or a hub dataset
+    `name[:split]`."""
+    d = cfg.data
+    return {k: p for k, p in {"train": d.train, "val": d.val, **d.eval_splits}.items() if p}
+
+
+def is_hub_source(source: str) -> bool:
+    """A source that is no file or folder here: a hub dataset (`name` or `name:split`)."""
+    return not Path(str(source).partition(":")[0]).exists()
+
+
 def load_data(cfg: Config) -> dict:
     """{"train": [...], "val": [...], <extra eval split>: [...]} of Examples."""
     from .formats import read_geometry3k, read_mathvista
@@ -46,10 +55,8 @@ def load_data(cfg: Config) -> dict:
     if d.synthetic is not None:
         paths = synthetic_paths(cfg)
         readers = dict.fromkeys(paths, read_geometry3k)  # the synthetic task is in Geometry3K format
-    given = {"train": d.train, "val": d.val, **d.eval_splits}
-    for k, p in given.items():
-        if p:
-            paths[k], readers[k] = Path(p), reader
+    for k, p in data_sources(cfg).items():
+        paths[k], readers[k] = Path(p), reader
     return {k: readers[k](p) for k, p in paths.items()}
 
 

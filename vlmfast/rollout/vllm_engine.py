@@ -102,12 +102,9 @@ def check_placement(worker_devices: list[str], current_device: int | None, local
 def run_id() -> str:
     """One id per run, the same on every rank (rank 0's, broadcast): names what this run writes to node-local
     disk, so two runs on one node (or an earlier run's leftovers) never share a folder."""
-    import torch
+    from ..ranks import from_rank0
 
-    ids = [uuid.uuid4().hex[:12]]
-    if torch.distributed.is_initialized():
-        torch.distributed.broadcast_object_list(ids, src=0)
-    return ids[0]
+    return from_rank0(uuid.uuid4().hex[:12])
 
 
 def model_folder(model, processor, role: str) -> Path:
