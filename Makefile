@@ -6,7 +6,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.vlmfast-installed
-NATIVE_SRC := CMakeLists.txt $(wildcard vlmfast/kernels/cpu/*.cpp vlmfast/kernels/cpu/*.h)
+NATIVE_SRC := CMakeLists.txt $(wildcard kernels/cpu/*.cpp kernels/cpu/*.h)
 # A CUDA build of torch that runs on the CPU; torchvision is needed by the Qwen2.5-VL processor.
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check

@@ -1,8 +1,10 @@
 """vlmfast: fast, instrumented post-training for vision-language models.
 
-The kernels live in `vlmfast/kernels/` (the subpackage `vlmfast.kernels`): a top-level `kernels` folder would
-shadow Hugging Face's `kernels` package, which transformers >= 5.25 imports, wherever the repo root is on sys.path
-(`python -m ...` from a clone).
+The Triton kernels live in `vlmfast/kernels/` (the subpackage `vlmfast.kernels`); the native C++ sources that CMake
+builds live in the top-level `kernels/cpu/`. That folder has no `__init__.py` and is never installed: a folder without
+one is only a namespace portion, and Python returns a regular package of the same name found anywhere on sys.path
+before it, so Hugging Face's `kernels` (which transformers >= 5.25 imports) is never shadowed, even from the repo root
+(`python -m ...` from a clone). tests/test_packaging.py holds both.
 """
 
 import os
@@ -10,7 +12,7 @@ import shutil
 import subprocess
 import sys
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 VERSION = "0.1.0"
@@ -106,8 +108,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["vlmfast", "vlmfast.ops", "vlmfast.losses", "vlmfast.data", "vlmfast.rollout", "vlmfast.kernels",
-              "vlmfast.integrations"],
+    # every package under vlmfast/ (a list written by hand missed vlmfast.stages); never the top-level kernels/
+    packages=find_packages(include=["vlmfast", "vlmfast.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["vlmfast = vlmfast.cli:main"]},

@@ -8,7 +8,7 @@ side by side in one run on this CPU:
    takes any upstream gradient, so it recomputes the logits, 4 GEMMs) and sft (a loss token_loss runs in one pass,
    3 GEMMs, as naive's). Providers: naive (materialised logits in the input dtype), vlmfast-chunked (PyTorch epilogue;
    bf16: torch's bf16 GEMMs where oneDNN has them, else an fp32 copy of W),
-   vlmfast-native (C++ epilogue; bf16: our vdpbf16ps GEMMs with fp32 results, vlmfast/kernels/cpu/gemm_wide.cpp); each
+   vlmfast-native (C++ epilogue; bf16: our vdpbf16ps GEMMs with fp32 results, kernels/cpu/gemm_wide.cpp); each
    case in a fresh process (its peak RSS is its own); checked against naive before timing.
 2. The per-block epilogue alone, on one block of logits already in memory: forward (block ->
    lse, logp, entropy) and backward (block -> dz), PyTorch ops vs the native kernel.

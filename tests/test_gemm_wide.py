@@ -1,6 +1,6 @@
-"""16-bit GEMMs with an fp32 result (vlmfast/kernels/cpu/gemm_wide.cpp, `native.mm_wide_`) against the fp64 product
+"""16-bit GEMMs with an fp32 result (kernels/cpu/gemm_wide.cpp, `native.mm_wide_`) against the fp64 product
 of the same 16-bit operands, on odd shapes and every operand layout, through both GEMMs (our vdpbf16ps one,
-vlmfast/kernels/cpu/gemm_bf16_avx512.cpp, where the CPU has AVX512-BF16, and ATen's brgemm); and the fused op's
+kernels/cpu/gemm_bf16_avx512.cpp, where the CPU has AVX512-BF16, and ATen's brgemm); and the fused op's
 16-bit CPU path that uses them: no fp32 copy of W, the same numbers whatever the blocks."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""The native CPU epilogue (vlmfast/kernels/cpu/token_stats.cpp via vlmfast.ops.native) against an fp64
+"""The native CPU epilogue (kernels/cpu/token_stats.cpp via vlmfast.ops.native) against an fp64
 reference on odd shapes: every output and the logits gradient, every KL mode, fp32/bf16/fp16,
 ignored rows, extreme logits, running maxima that move from block to block, in-place gradients;
 plus the torch.library registrations (opcheck, torch.compile), the errors, and the fallback.

@@ -4,7 +4,7 @@ O(N·H + V·H) plus a few fp32 blocks of about BLOCK_BYTES (64 MB) each.
 
 Two ways through the blocks, same results:
 
-- native (CPU, when the extension in vlmfast/kernels/cpu/ is built, see native.py): blocks of rows x
+- native (CPU, when the extension in kernels/cpu/ is built, see native.py): blocks of rows x
   vocabulary columns, [up to 8192 rows, C], so every GEMM is tall (all the rows against a slice of
   W); one C++ pass per block folds it into online per-row sums (forward) or turns it into dz in
   place (backward). `VLMFAST_NATIVE=0` turns it off.

@@ -1,4 +1,4 @@
-"""The native CPU epilogue of the chunked backend: `vlmfast/kernels/cpu/token_stats.cpp`, built by CMake
+"""The native CPU epilogue of the chunked backend: `kernels/cpu/token_stats.cpp`, built by CMake
 into `vlmfast/_C*.so` at install time and loaded here with `torch.ops.load_library`.
 
 torch.library ops on a block of logits z [R, C] (R token rows, C vocabulary columns starting at
@@ -107,7 +107,7 @@ def usable(*blocks: torch.Tensor | None) -> bool:
 
 
 def wide_gemm(dtype: torch.dtype) -> bool:
-    """Whether `mm_wide_` (vlmfast/kernels/cpu/gemm_wide.cpp) takes operands of `dtype`: 16-bit, built (a
+    """Whether `mm_wide_` (kernels/cpu/gemm_wide.cpp) takes operands of `dtype`: 16-bit, built (a
     library from before it lacks the op) and enabled."""
     return (dtype in (torch.bfloat16, torch.float16) and enabled()
             and hasattr(torch.ops.vlmfast, "wide_gemm_path"))
