@@ -4,7 +4,6 @@ measured case (so its peak RSS is its own), timing, result rows, where results g
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import resource
@@ -78,20 +77,6 @@ def append_rows(path: Path, rows: list[dict]) -> None:
     with path.open("a") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
-
-
-@contextlib.contextmanager
-def keep_native_switch():
-    """The CPU providers set VLMFAST_NATIVE (vlmfast reads it at forward and at backward): put the
-    caller's value back afterwards."""
-    before = os.environ.get("VLMFAST_NATIVE")
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("VLMFAST_NATIVE", None)
-        else:
-            os.environ["VLMFAST_NATIVE"] = before
 
 
 def cpu_name() -> str:

@@ -57,8 +57,7 @@ def e2e_rows(device: str = "cpu", threads: int = 2, steps: int = 6, batch: int =
     from vlmfast.data.formats import read_geometry3k
     from vlmfast.data.synthetic import build_task
     from vlmfast.ops import native
-
-    from ._runner import keep_native_switch
+    from vlmfast.ops.native import keep_native_switch
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:

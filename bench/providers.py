@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import os
 
-from ._runner import keep_native_switch
+from vlmfast.ops.native import keep_native_switch
 
 OPS = ("sft", "token_stats", "sft_gentle", "opd", "grpo", "dpo", "cw_dpo")
 SEQ_LEN = 256  # tokens per sequence: B = N / SEQ_LEN
@@ -64,50 +64,26 @@ def build(op: str, n: int, h: int, v: int, *, device="cpu", dtype=None, seed: in
 # --- naive: what a trainer computes without a fused op -------------------------------------------
 
 def naive(op: str, x: dict):
-    import torch
-    import torch.nn.functional as F
+    """The naive reference of each loss (vlmfast/losses/reference.py, the one the tests use), with the
+    hyperparameters vlmfast_loss passes: logits [B, T, V] by a GEMM in the inputs' dtype, upcast to fp32."""
+    from vlmfast.losses import reference
 
     h, W, y = x["hidden"], x["weight"], x["labels"]
-    mask = y != -100
-
-    def logits(hh, ww=None):
-        return (hh @ (W if ww is None else ww).T).float()  # [B, T, V] materialised
-
-    def token_logp(hh, yy):
-        lp = torch.log_softmax(logits(hh), -1).gather(-1, yy.clamp(min=0)[..., None])[..., 0]
-        return lp * (yy != -100)
-
     if op == "sft":
-        return F.cross_entropy(logits(h).flatten(0, 1), y.flatten(), ignore_index=-100)
+        return reference.sft(h, W, y, dtype=None)
     if op == "token_stats":  # logp + entropy of every response token (what the probes read)
-        lp_all = torch.log_softmax(logits(h), -1)
-        lp = lp_all.gather(-1, y.clamp(min=0)[..., None])[..., 0]
-        ent = -(lp_all.exp() * lp_all).sum(-1)
-        return ((lp + ent) * mask).sum() / mask.sum()
+        return reference.logp_plus_entropy(h, W, y, dtype=None)
     if op == "sft_gentle":
         B = h.shape[0] // 2
-        pos = F.cross_entropy(logits(h[:B]).flatten(0, 1), y[:B].flatten(), ignore_index=-100)
-        neg = F.cross_entropy(logits(h[B:]).flatten(0, 1), y[B:].flatten(), ignore_index=-100)
-        return pos + 0.1 * torch.relu(50.0 - neg)
+        return reference.gentle(h[:B], W, y[:B], h[B:], y[B:], variant="hinge", lam=0.1, margin=50.0, alpha=0.0,
+                                dtype=None)
     if op == "opd":
-        lp = torch.log_softmax(logits(h), -1)
-        lq = torch.log_softmax(logits(*x["teacher"]), -1)
-        kl = (lp.exp() * (lp - lq)).sum(-1)
-        return (kl * mask).sum() / mask.sum()
+        return reference.opd_full(h, W, y, *x["teacher"], dtype=None)
     if op == "grpo":
-        lp = token_logp(h, y)
-        ratio = torch.exp((lp - x["old_logp"]) * mask)
-        a = x["advantages"][:, None]
-        pg = torch.maximum(-a * ratio, -a * ratio.clamp(0.8, 1.28))
-        return (pg * mask).sum() / mask.sum()
-    S = token_logp(h, y).sum(-1)
-    B = S.shape[0] // 2
-    d_w, d_l = S[:B] - x["ref_c"], S[B:] - x["ref_r"]
+        return reference.grpo(h, W, y, x["old_logp"], x["advantages"], clip_high=0.28, dtype=None)
     if op == "dpo":
-        return -F.logsigmoid(0.1 * (d_w - d_l)).mean()
-    lbar = (S[B:] / mask[B:].sum(-1)).detach()
-    w = torch.sigmoid((lbar - L_FLOOR) / 0.5)
-    return -F.logsigmoid(0.1 * (d_w - w * d_l)).mean()
+        return reference.dpo(h, W, y, x["ref_c"], x["ref_r"], beta=0.1, dtype=None)
+    return reference.dpo(h, W, y, x["ref_c"], x["ref_r"], beta=0.1, tau_c=0.5, l_floor=L_FLOOR, dtype=None)
 
 
 # --- vlmfast --------------------------------------------------------------------------------------

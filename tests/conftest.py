@@ -22,7 +22,7 @@ def _seed():
 def _restore_native_switch():
     """VLMFAST_NATIVE is read at every op call; a test that sets it (the bench providers do) must
     not change which path the next test runs."""
-    from bench._runner import keep_native_switch
+    from vlmfast.ops.native import keep_native_switch
 
     with keep_native_switch():
         yield

@@ -67,7 +67,7 @@ def test_a_resume_on_another_world_size_stops_before_loading(tmp_path, monkeypat
     (root / "step-0-2" / "state.json").write_text(json.dumps({"stage_index": 0, "step": 2, "tag": "step-0-2",
                                                              "world_size": 8}))
     (root / "latest").write_text("step-0-2")
-    monkeypatch.setattr(T, "_load_policy", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(T, "load_policy", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(ConfigError, match=r"step-0-2 was written by 8 ranks and this run has 1: resume it on 8"):
         T.run(cfg)
 

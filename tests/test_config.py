@@ -176,7 +176,7 @@ def test_lr_schedules_follow_their_formulas(schedule):
     import math
 
     from vlmfast.config import StageConfig
-    from vlmfast.train import lr_scale
+    from vlmfast.stage_loop import lr_scale
 
     T, w = 10, 3
     scale = lr_scale(StageConfig(steps=T, warmup_steps=w, lr_schedule=schedule))
@@ -198,7 +198,7 @@ def test_zero_network_keys_reach_deepspeed_and_the_plan():
     be grouped by is refused, as is hpZ below ZeRO-3."""
     from vlmfast.config import check_ranks
     from vlmfast.plan import GiB, model_size, plan
-    from vlmfast.train import ds_config
+    from vlmfast.policy import ds_config
 
     keys = {"overlap_comm": True, "reduce_bucket_size": 500_000_000, "stage3_prefetch_bucket_size": 50_000_000,
             "zero_hpz_partition_size": 8}

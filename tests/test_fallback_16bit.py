@@ -11,11 +11,11 @@ import math
 
 import pytest
 import torch
-from _naive import naive_stats
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from vlmfast import token_loss, token_stats
 from vlmfast.ops import chunked
+from vlmfast.ops.reference import reference_token_stats
 
 DTYPES = [torch.bfloat16, torch.float16]
 N, H, V, T = 37, 48, 1000, 0.7
@@ -72,8 +72,8 @@ def fused(y, teacher):
 def naive(y, teacher, dtype):
     """Materialised in `dtype` throughout (the baseline), or in fp64 on the same rounded inputs (the truth)."""
     def fn(h, W, b):
-        return naive_stats(h.to(dtype), W.to(dtype), b.to(dtype), y, T=T, kl="reverse", dtype=dtype,
-                           teacher=tuple(t.to(dtype) for t in teacher))
+        return reference_token_stats(h.to(dtype), W.to(dtype), b.to(dtype), y, temperature=T, kl="reverse",
+                                     dtype=dtype, teacher=tuple(t.to(dtype) for t in teacher))
     return fn
 
 

@@ -17,13 +17,13 @@ pytestmark = pytest.mark.timeout(900)
 
 
 def _nan_at(monkeypatch, bad_steps):
-    real = S.sft_step
+    real = S.STAGES["sft"].step
 
     def step_fn(ctx, step):
         loss, m = real(ctx, step)
         return (loss * float("nan"), m) if step in bad_steps else (loss, m)
 
-    monkeypatch.setitem(S.STEP_FUNCTIONS, "sft", step_fn)
+    monkeypatch.setattr(S.STAGES["sft"], "step", step_fn)
 
 
 def test_a_nan_loss_skips_the_update(tmp_path, monkeypatch):

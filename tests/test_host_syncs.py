@@ -8,6 +8,7 @@ from test_train import recipe
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vlmfast
+from vlmfast import stage_loop as L
 from vlmfast import stages as S
 from vlmfast import train as T
 from vlmfast.ops import _inputs, inputs_checked
@@ -56,12 +57,12 @@ def test_trainer_checks_values_on_the_first_step_of_each_stage_only(tmp_path, mo
     events = []
     real_check = _inputs._check_finite
     monkeypatch.setattr(_inputs, "_check_finite", lambda *a: events.append("check") or real_check(*a))
-    for name in ("sft_step", "grpo_step"):
-        real = getattr(S, name)
-        monkeypatch.setitem(S.STEP_FUNCTIONS, name.removesuffix("_step"),
+    for name in ("sft", "grpo"):
+        real = S.STAGES[name].step
+        monkeypatch.setattr(S.STAGES[name], "step",
                             lambda ctx, step, real=real: events.append(f"step {ctx.index}:{step}") or real(ctx, step))
-    real_eval = T.evaluate
-    monkeypatch.setattr(T, "evaluate", lambda *a, **k: events.append("eval") or real_eval(*a, **k))
+    real_eval = L.evaluate
+    monkeypatch.setattr(L, "evaluate", lambda *a, **k: events.append("eval") or real_eval(*a, **k))
     stages = [{"type": "sft", "name": "sft", "steps": 3, "batch_size": 4},
               {"type": "grpo", "name": "grpo", "steps": 2, "batch_size": 2, "group_size": 2, "max_new_tokens": 4}]
     T.run(recipe(tmp_path, stages, eval={"at_start": False, "probes": 0}))

@@ -4,7 +4,6 @@ masks and bad input."""
 
 import math
 
-import _naive_losses as naive
 import pytest
 import torch
 
@@ -20,6 +19,7 @@ from vlmfast import (
     sft_gentle_negatives_loss,
     sft_loss,
 )
+from vlmfast.losses import reference as naive
 
 B, T, H, V = 4, 11, 48, 1000
 

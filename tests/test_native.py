@@ -16,6 +16,7 @@ import torch
 
 from vlmfast import token_stats, token_stats_from_logits
 from vlmfast.ops import native
+from vlmfast.ops.reference import reference_token_stats
 
 HAVE_TOOLCHAIN = shutil.which("cmake") is not None and shutil.which(os.environ.get("CXX", "c++")) is not None
 needs_native = pytest.mark.skipif(not native.available(), reason="native kernels not built (checked below)")
@@ -43,18 +44,9 @@ def _problem(R, V, kl, dtype, scale=3.0, n_ignored=2):
 
 
 def _reference(z, zt, y, kl, inv_t=INV_T, dtype=torch.float64):
-    """lse, logp, entropy, kl, lse_t per row, from log_softmax in `dtype`; ignored rows 0."""
-    s = z.to(dtype) * inv_t
-    lp = s.log_softmax(-1)
-    valid = y != -100
-    out = {"lse": s.logsumexp(-1), "logp": lp.gather(1, y.clamp(min=0)[:, None])[:, 0],
-           "entropy": -(lp.exp() * lp).sum(-1)}
-    if kl:
-        st = zt.to(dtype) * inv_t
-        lq = st.log_softmax(-1)
-        out["lse_t"] = st.logsumexp(-1)
-        out["kl"] = (lp.exp() * (lp - lq)).sum(-1) if kl == "reverse" else (lq.exp() * (lq - lp)).sum(-1)
-    return {k: torch.where(valid, v, torch.zeros_like(v)) for k, v in out.items()}
+    """lse, logp, entropy (kl, lse_t) per row from the naive reference in `dtype`; ignored rows 0."""
+    return reference_token_stats(None, None, None, y, logits=z, teacher=zt if kl else None, kl=kl,
+                                 temperature=1 / inv_t, dtype=dtype, teacher_lse=True)
 
 
 def _native_stats(z, zt, y, kl, inv_t=INV_T):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from test_train import recipe, records
 
+from vlmfast import stage_loop as L
 from vlmfast import stages as S
-from vlmfast import train as T
 from vlmfast.faults import FAIL_AT_ENV, SimulatedKill
 from vlmfast.rollout.hf import HFEngine
 from vlmfast.train import run
@@ -75,7 +75,7 @@ class StaleCheckingEngine(HFEngine):
 def test_engine_syncs_once_per_rollout_and_after_a_resume(tmp_path, monkeypatch):
     """4 updates, 2 per rollout: the second rollout and the final evaluation need a sync (2), not every
     update (4). A run killed after step 2 resumes with the stage-start engine: it must sync before sampling."""
-    monkeypatch.setattr(T, "make_engine", lambda name, model, processor, **kw: StaleCheckingEngine(model, processor))
+    monkeypatch.setattr(L, "make_engine", lambda name, model, processor, **kw: StaleCheckingEngine(model, processor))
     stages = [{**GRPO, "steps": 4, "updates_per_rollout": 2, "entropy_coef": 0.05}]  # weights move at reward 0
     every2 = {"run": {"checkpoint_every": 2}}
     StaleCheckingEngine.syncs = 0
@@ -96,7 +96,7 @@ def test_phase_times_add_up_and_evaluation_is_not_charged_to_a_step(tmp_path, mo
     """Every train record splits its step time into generate, logprobs, sync and update; an evaluation that
     takes 100 s (on a clock the test moves: no timing on a shared machine) shows in its own record, never in
     the next step's time or tokens/s."""
-    real, real_clock, skew = T.evaluate, time.perf_counter, [0.0]
+    real, real_clock, skew = L.evaluate, time.perf_counter, [0.0]
 
     def slow_evaluate(*args, **kw):
         skew[0] += 100.0
@@ -104,7 +104,7 @@ def test_phase_times_add_up_and_evaluation_is_not_charged_to_a_step(tmp_path, mo
 
     monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + skew[0])
 
-    monkeypatch.setattr(T, "evaluate", slow_evaluate)
+    monkeypatch.setattr(L, "evaluate", slow_evaluate)
     run(recipe(tmp_path, [{**GRPO, "steps": 4, "updates_per_rollout": 2, "kl_coef": 0.1}],
                eval={"every": 2, "at_start": True}))
     tr, ev = records(tmp_path), records(tmp_path, kind="eval")

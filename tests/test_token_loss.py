@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import vlmfast
 from vlmfast.ops import _inputs, chunked, native, one_pass
+from vlmfast.ops.reference import reference_token_stats
 
 N, H, V, HT = 37, 24, 1000, 16
 NATIVE = [True, False] if native.available() else [False]
@@ -60,19 +61,11 @@ def per_token(s, index, kl=True):
 
 
 def naive_stats(h, W, b, y, teacher, kl, temperature):
-    """The counted tokens' statistics from materialised fp64 logits (differentiable), and their positions."""
-    z = (h.double() @ W.double().T + b.double()) / temperature
-    logp_all = torch.log_softmax(z, -1)
+    """The counted tokens' statistics from materialised fp64 logits (the naive reference, differentiable), and
+    their positions."""
     keep = (y != -100).nonzero().squeeze(1)
-    s = {"logp": logp_all[keep, y[keep]], "entropy": -(logp_all.exp() * logp_all).sum(-1)[keep],
-         "lse": torch.logsumexp(z, -1)[keep]}
-    if teacher is not None:
-        zt = teacher.double() if isinstance(teacher, torch.Tensor) else teacher[0].double() @ teacher[1].double().T
-        logq_all = torch.log_softmax(zt / temperature, -1)
-        p, q = logp_all.exp(), logq_all.exp()
-        kl_all = (p * (logp_all - logq_all)).sum(-1) if kl == "reverse" else (q * (logq_all - logp_all)).sum(-1)
-        s["kl"] = kl_all[keep]
-    return s, keep
+    s = reference_token_stats(h, W, b, y, teacher=teacher, kl=kl, temperature=temperature, dtype=torch.float64)
+    return {k: v[keep] for k, v in s.items()}, keep
 
 
 def naive(h, W, b, y, teacher, kl, temperature):

@@ -11,11 +11,11 @@ import os
 
 import pytest
 import torch
-from _naive import naive_stats
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vlmfast
 from vlmfast import Teacher, token_stats
+from vlmfast.ops.reference import reference_token_stats
 
 OUTPUTS = ("logp", "entropy", "lse")
 SHAPES = [pytest.param(37, 48, 1000, id="N37-H48-V1000"), pytest.param(130, 64, 4099, id="N130-H64-V4099")]
@@ -86,7 +86,8 @@ def run_naive(p, dtype, compute_dtype):
     """Inputs rounded to `dtype`, then everything computed in `compute_dtype`."""
     h, W, b = (p[k].to(dtype).to(compute_dtype).requires_grad_() for k in ("h", "W", "b"))
     teacher = _cast_teacher(_cast_teacher(p["teacher"], dtype), compute_dtype)
-    out = naive_stats(h, W, b, p["y"], T=TEMPERATURE, teacher=teacher, kl=p["kl"], dtype=compute_dtype)
+    out = reference_token_stats(h, W, b, p["y"], temperature=TEMPERATURE, teacher=teacher, kl=p["kl"],
+                                dtype=compute_dtype)
     return _loss_and_grads(out, p["grads"], (h, W, b))
 
 
@@ -155,7 +156,7 @@ def test_batch_time_inputs_with_padding_and_sequence_sums(backend):
     r = token_stats(h, W, y, outputs=("logp", "entropy"), per_sequence=True, backend=backend)
     assert r.logp.shape == (B, T) and r.entropy.shape == (B, T)
     assert r.seq_count.tolist() == lengths
-    truth = naive_stats(h.detach().reshape(-1, H), W.detach(), None, y.reshape(-1))
+    truth = reference_token_stats(h.detach().reshape(-1, H), W.detach(), None, y.reshape(-1))
     torch.testing.assert_close(r.logp, truth["logp"].reshape(B, T), atol=1e-5, rtol=0)
     torch.testing.assert_close(r.seq_logp, truth["logp"].reshape(B, T).sum(1), atol=1e-4, rtol=0)
     torch.testing.assert_close(r.seq_entropy, truth["entropy"].reshape(B, T).sum(1), atol=1e-4, rtol=0)
@@ -175,7 +176,7 @@ def test_packed_sequences_with_cu_seqlens(backend):
     y[[0, 17, 18]] = -100
     cu = torch.tensor([0, 10, 25, 25, 40])  # one empty sequence
     r = token_stats(h, W, y, cu_seqlens=cu, backend=backend)
-    per_tok = naive_stats(h.detach(), W, None, y)["logp"]
+    per_tok = reference_token_stats(h.detach(), W, None, y)["logp"]
     expect = torch.stack([per_tok[a:b].sum() for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
     torch.testing.assert_close(r.seq_logp, expect, atol=1e-4, rtol=0)
     assert r.seq_count.tolist() == [9, 13, 0, 15]
@@ -303,8 +304,8 @@ def test_extreme_logits_stay_finite_and_accurate(backend):
                     backend=backend)
     for t in (r.logp, r.entropy, r.kl):
         assert torch.isfinite(t).all()
-    truth = naive_stats(h.double(), W.double(), None, y, teacher=(h.double() * 0.5, W.double()), kl="reverse",
-                        dtype=torch.float64)
+    truth = reference_token_stats(h.double(), W.double(), None, y, teacher=(h.double() * 0.5, W.double()),
+                                  kl="reverse", dtype=torch.float64)
     torch.testing.assert_close(r.logp.double(), truth["logp"], atol=0.05, rtol=1e-6)
     torch.testing.assert_close(r.entropy.double(), truth["entropy"], atol=1e-3, rtol=0)
     torch.testing.assert_close(r.kl.double(), truth["kl"], atol=0.05, rtol=1e-6)
@@ -386,8 +387,8 @@ def test_minus_inf_logits_are_masked_columns(backend, teacher_kind):
         remap = torch.cumsum(keep, 0) - 1
         y_kept = torch.where(y == -100, y, remap[y.clamp(min=0)])
         teacher_kept = None if teacher_kind is None else (ht.double() @ W[keep].double().T + b[keep].double())
-        truth = naive_stats(h.double(), W[keep].double(), b[keep].double(), y_kept, teacher=teacher_kept, kl=kl,
-                            dtype=torch.float64)
+        truth = reference_token_stats(h.double(), W[keep].double(), b[keep].double(), y_kept, teacher=teacher_kept,
+                                      kl=kl, dtype=torch.float64)
         for k in outs:
             got = getattr(r, k)
             assert torch.isfinite(got).all(), k

@@ -6,10 +6,10 @@ a batch with no counted token, and inputs on a second GPU. Criterion as on the C
 
 import pytest
 import torch
-from _naive import naive_stats
 from test_token_stats import SHAPES, TEACHERS, _max_err, _scale, make_problem, run_naive, run_vlmfast
 
 import vlmfast
+from vlmfast.ops.reference import reference_token_stats
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -95,11 +95,10 @@ def test_token_loss_one_pass_bf16_no_worse_than_naive(teacher):
 def test_preference_pairs_one_pass_bf16_no_worse_than_naive(l_floor, monkeypatch):
     """dpo_loss and cw_dpo_loss (l_floor a number, as the trainer runs it) on the Triton backend at H >= 2048: a
     group per preference pair, whole in a band (one_pass.plan_bands; bands of 400 rows, a pair 384: four), in bf16,
-    against the naive bf16 loss through materialised logits (tests/_naive_losses.py), both against fp32."""
-    import _naive_losses as naive
-
+    against the naive bf16 loss through materialised logits (vlmfast/losses/reference.py), both against fp32."""
     import vlmfast
     from vlmfast.kernels import token_stats as kernels
+    from vlmfast.losses import reference as naive
 
     monkeypatch.setattr(kernels, "BWD_DZ_BYTES", 400 * 4 * 32000)
 
@@ -186,7 +185,7 @@ def test_triton_without_bias(dtype):
         return {"logp": r.logp, "entropy": r.entropy}
 
     def naive(a, b, compute):
-        out = naive_stats(a, b, None, y, dtype=compute)
+        out = reference_token_stats(a, b, None, y, dtype=compute)
         return {k: torch.where(y != -100, out[k], 0) for k in ("logp", "entropy")}
 
     got, base, truth = run(fused, None), run(naive, dtype), run(naive, torch.float64)

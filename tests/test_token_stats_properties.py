@@ -5,12 +5,12 @@ import math
 
 import pytest
 import torch
-from _naive import naive_stats
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vlmfast import cooling_weight, sequence_mean, token_stats, token_stats_from_logits
 from vlmfast.ops import chunked
+from vlmfast.ops.reference import reference_token_stats
 
 
 @settings(max_examples=40, deadline=None)
@@ -34,8 +34,8 @@ def test_chunked_matches_naive_on_random_shapes(N, H, V, T, scale, chunk, kl, se
     head = chunked.LinearHead(h, W, need_dh=True, need_dw=True)
     kw = dict(temperature=T, teacher=chunked.LogitsHead(teacher) if kl else None, kl=kl, chunk_rows=chunk)
     stats = chunked.forward(head, y, **kw)
-    truth = naive_stats(h.requires_grad_(), W.requires_grad_(), None, y, T=T, teacher=teacher, kl=kl,
-                        dtype=torch.float64)
+    truth = reference_token_stats(h.requires_grad_(), W.requires_grad_(), None, y, temperature=T, teacher=teacher,
+                                  kl=kl, dtype=torch.float64)
     for k, v in truth.items():
         torch.testing.assert_close(stats[k], v.detach(), atol=1e-9, rtol=1e-9)
     assert (stats["logp"] <= 0).all() and (stats["entropy"] >= 0).all()
@@ -76,13 +76,13 @@ def test_from_logits_matches_fused_and_leaves_inputs_untouched():
     r = token_stats_from_logits(logits, y, temperature=1.5, teacher=t_logits, kl="reverse",
                                 outputs=("logp", "entropy", "kl", "lse"))
     assert torch.equal(logits.detach(), before) and torch.equal(t_logits, t_before)
-    truth = naive_stats(h, W, None, y, T=1.5, teacher=t_logits, kl="reverse")
+    truth = reference_token_stats(h, W, None, y, temperature=1.5, teacher=t_logits, kl="reverse")
     for k in ("logp", "entropy", "kl", "lse"):
         torch.testing.assert_close(getattr(r, k), truth[k], atol=1e-5, rtol=1e-5)
     g = torch.randn(N)
     (dl,) = torch.autograd.grad(((r.logp + r.kl) * g).sum(), logits)
     ref = logits.detach().clone().requires_grad_()
-    rt = naive_stats(ref, torch.eye(V), None, y, T=1.5, teacher=t_logits, kl="reverse")
+    rt = reference_token_stats(ref, torch.eye(V), None, y, temperature=1.5, teacher=t_logits, kl="reverse")
     (dr,) = torch.autograd.grad(((rt["logp"] + rt["kl"]) * g).sum(), ref)
     torch.testing.assert_close(dl, dr, atol=1e-5, rtol=1e-4)
 

@@ -190,7 +190,7 @@ def test_cli_reports_bad_config_by_key(tmp_path, capsys):
 
 def test_policy_paths_tiny_teacher_and_default(tmp_path):
     """`tiny:teacher` as an OPD teacher builds the teacher size (not the configured model)."""
-    from vlmfast.train import _load_policy
+    from vlmfast.policy import load_policy as _load_policy
 
     cfg = recipe(tmp_path, [{"type": "sft", "steps": 1}])
     student, proc = _load_policy(cfg, None, "cpu")

@@ -15,7 +15,8 @@ from .losses import (
     sft_gentle_negatives_loss,
     sft_loss,
 )
-from .ops import Teacher, TokenStats, cooling_weight, sequence_mean, token_loss, token_stats, token_stats_from_logits
+from .losses.dpo import cooling_weight
+from .ops import Teacher, TokenStats, sequence_mean, token_loss, token_stats, token_stats_from_logits
 
 __version__ = "0.1.0"
 

@@ -15,8 +15,8 @@ import yaml
 
 from .data.prompts import DEFAULT_REASONING
 from .data.synthetic import QUESTION_TYPES, SIZE_RANGE, check_options
+from .stages import STAGES, stage_of
 
-STAGE_TYPES = ("sft", "opd", "grpo", "dpo", "cw_dpo")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -206,7 +206,7 @@ class Config:
 def generation_engine(cfg: Config, stage) -> str:
     """The stage's generation engine: its own `engine`; an SFT stage (which only generates to evaluate) in a
     recipe that runs vLLM anywhere evaluates through vLLM too (HF generate at 7B is the slow path)."""
-    if stage.type == "sft" and any(s.engine == "vllm" for s in cfg.stages):
+    if not stage_of(stage).samples_in_training and any(s.engine == "vllm" for s in cfg.stages):
         return "vllm"
     return stage.engine
 
@@ -421,18 +421,6 @@ def eval_metric_names(cfg: Config) -> set[str]:
     return names
 
 
-def _reuse_check(key: str, check, **values) -> None:
-    """Run a loss module's own hyperparameter check; its message names the parameter first."""
-    try:
-        check(**values)
-    except ValueError as e:
-        msg = str(e)
-        name, _, rest = msg.partition(" ")
-        if name in values:
-            raise ConfigError(f"{key}.{name}: {rest}") from None
-        raise ConfigError(f"{key}: {msg}") from None
-
-
 def _check_report_to(names) -> None:
     from .tracking import TRACKERS, missing
 
@@ -495,32 +483,6 @@ def _check_ranges(cfg: Config) -> None:
         if s.early_stopping is not None:
             at_least(f"{key}.early_stopping.patience", s.early_stopping.patience, 1)
             at_least(f"{key}.early_stopping.min_delta", s.early_stopping.min_delta, 0)
-
-
-def _check_stage_losses(key: str, s: StageConfig) -> None:
-    """The stage's loss hyperparameters through the loss modules' own checks (one rule, one place)."""
-    from .losses.dpo import _check_cw_dpo, _check_dpo
-    from .losses.grpo import SCALINGS, _check_grpo
-    from .losses.opd import _check_opd
-    from .losses.sft import _check_gentle, _check_sft
-
-    if s.type == "sft":
-        _reuse_check(key, _check_sft, label_smoothing=s.label_smoothing, temperature=s.temperature)
-        if s.gentle is not None:
-            _reuse_check(f"{key}.gentle", _check_gentle, **s.gentle)
-    elif s.type == "grpo":
-        _reuse_check(key, _check_grpo, clip_low=s.clip_low, clip_high=s.clip_high, dual_clip=s.dual_clip,
-                     kl_coef=s.kl_coef, entropy_coef=s.entropy_coef, aggregation=s.aggregation,
-                     temperature=s.temperature, tis_cap=s.tis_cap)
-        if s.advantage_scale not in SCALINGS:
-            raise ConfigError(f"{key}.advantage_scale: must be one of {SCALINGS}, got {s.advantage_scale!r}")
-    elif s.type == "opd":
-        _reuse_check(key, _check_opd, temperature=s.temperature)
-    elif s.type == "dpo":
-        _reuse_check(key, _check_dpo, beta=s.beta, temperature=s.temperature)
-    elif s.type == "cw_dpo":  # l_floor auto is resolved to a number at stage start
-        _reuse_check(key, _check_cw_dpo, beta=s.beta, tau_c=s.tau_c, temperature=s.temperature,
-                     l_floor=0.0 if s.l_floor == "auto" else s.l_floor)
 
 
 def validate(cfg: Config) -> None:
@@ -587,8 +549,8 @@ def validate(cfg: Config) -> None:
         bad("eval.k", f"every k must be in [1, eval.n_samples={cfg.eval.n_samples}], got {cfg.eval.k}")
     for i, s in enumerate(cfg.stages):
         key = f"stages[{i}]"
-        if s.type not in STAGE_TYPES:
-            bad(f"{key}.type", f"must be one of {STAGE_TYPES}, got {s.type!r}")
+        if s.type not in STAGES:
+            bad(f"{key}.type", f"must be one of {tuple(STAGES)}, got {s.type!r}")
         if s.steps < 1 or s.batch_size < 1:
             bad(key, "steps and batch_size must be >= 1")
         if s.lr <= 0:
@@ -599,45 +561,17 @@ def validate(cfg: Config) -> None:
             bad(f"{key}.vllm_memory_share", f"must be in (0, 1), got {s.vllm_memory_share}")
         if s.updates_per_rollout < 1:
             bad(f"{key}.updates_per_rollout", f"must be >= 1, got {s.updates_per_rollout}")
-        if s.type == "grpo" and s.group_size < 2:
-            bad(f"{key}.group_size", f"GRPO needs >= 2 samples per prompt, got {s.group_size}")
-        if s.tis_cap is not None and s.type != "grpo":
-            bad(f"{key}.tis_cap", f"truncated importance sampling is for grpo stages, not {s.type!r}")
-        if s.micro_batch_size is not None:
-            if s.type != "grpo":
-                bad(f"{key}.micro_batch_size", f"micro-batched updates are for grpo stages, not {s.type!r}")
-            if s.micro_batch_size < 1:
-                bad(f"{key}.micro_batch_size", f"must be >= 1 (sequences per forward, at most), got "
-                    f"{s.micro_batch_size}")
-        if s.type == "opd":
-            if s.teacher is None:
-                bad(f"{key}.teacher", "opd needs a teacher checkpoint path")
-            if s.teacher.startswith((".", "/")) and not Path(s.teacher).exists():  # hub names load on use
-                bad(f"{key}.teacher", f"{s.teacher} not found")
-            if s.opd_mode not in ("full", "sampled"):
-                bad(f"{key}.opd_mode", f"must be full or sampled, got {s.opd_mode!r}")
-            if not 0 <= s.opd_on_policy <= 1:
-                bad(f"{key}.opd_on_policy", f"must be in [0, 1], got {s.opd_on_policy}")
-            if s.opd_mode == "sampled" and s.opd_on_policy < 1:
-                bad(f"{key}.opd_on_policy", "the sampled-token KL estimate needs the student's own samples: "
-                    "opd_on_policy < 1 works with opd_mode: full")
-        if s.type in ("dpo", "cw_dpo"):
-            if not (s.l_floor in ("auto", "batch") or isinstance(s.l_floor, (int, float))):
-                bad(f"{key}.l_floor", f"must be a number, auto or batch, got {s.l_floor!r}")
-            if not 0 <= s.on_policy_fraction <= 1:
-                bad(f"{key}.on_policy_fraction", f"must be in [0, 1], got {s.on_policy_fraction}")
-        if s.gentle is not None:
-            allowed = {"variant", "lam", "margin", "alpha"}
-            extra = set(s.gentle) - allowed
-            if extra:
-                bad(f"{key}.gentle", f"unknown key(s) {sorted(extra)}; known: {sorted(allowed)}")
+        for other in {k for k in STAGES.values() if k is not stage_of(s)}:  # keys only another type reads
+            for name, what in other.own_keys.items():
+                if getattr(s, name) is not None:
+                    bad(f"{key}.{name}", f"{what} are for {' and '.join(other.types)} stages, not {s.type!r}")
         if s.early_stopping is not None and s.early_stopping.mode not in ("max", "min"):
             bad(f"{key}.early_stopping.mode", f"must be max or min, got {s.early_stopping.mode!r}")
         if s.early_stopping is not None and s.early_stopping.metric not in eval_metric_names(cfg):
             names = sorted(eval_metric_names(cfg))
             bad(f"{key}.early_stopping.metric", f"no evaluation of this recipe produces {s.early_stopping.metric!r}; "
                 f"it produces {', '.join(names[:12])}{', ...' if len(names) > 12 else ''}")
-        _check_stage_losses(key, s)
+        stage_of(s).check(s, key, bad)  # the stage type's own keys and its loss's hyperparameters
 
 
 def check_ranks(cfg: Config, world: int) -> None:

@@ -23,6 +23,10 @@ class SimulatedKill(RuntimeError):
     """Tests: the run stopped at FAIL_AT_ENV's place (an exception: in-process tests see it)."""
 
 
+class Preempted(RuntimeError):
+    """A signal (SIGTERM, SIGUSR1) stopped the run after a checkpoint: not a failure, resumable."""
+
+
 class BadStep(RuntimeError):
     """Too many updates in a row had a NaN/inf loss, or one could not be skipped cleanly."""
 

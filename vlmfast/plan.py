@@ -31,7 +31,7 @@ import sys
 from dataclasses import dataclass, field
 
 from .config import Config, ConfigError, check_ranks, generation_engine, load_config
-from .stages import micro_batches_per_step, needs_reference, sequences_per_rank
+from .stages import stage_of
 
 GiB = 2**30
 DEFAULT_PROMPT_TOKENS = 1024  # priced when neither the data nor vllm.max_model_len says how long prompts are
@@ -194,37 +194,35 @@ def plan(cfg: Config, *, gpus: int, gpu_memory: int, prompt_tokens: int = DEFAUL
     frozen_share = gpus if d.zero_stage == 3 else 1  # a frozen engine is partitioned like the policy
     out = []
     for i, s in enumerate(cfg.stages):
+        kind = stage_of(s)
         p = StagePlan(s.name or f"{i}-{s.type}")
         shared = {"policy states": states}
-        if needs_reference(s):
+        if kind.needs_reference(s):
             shared["reference engine"] = word * size.params // frozen_share
-        teacher = None
-        if s.type == "opd":
-            teacher = model_size(s.teacher)
+        teacher = model_size(kind.teacher(s)) if kind.teacher(s) else None
+        if teacher is not None:
             shared["teacher engine"] = word * teacher.params // frozen_share
-        rows = sequences_per_rank(s, gpus)
-        if s.type == "grpo":  # the update runs one micro-batch's forward and backward at a time: the largest
-            rows = -(-rows // micro_batches_per_step(s, gpus))
+        # one forward and backward's sequences: the largest micro-batch, twice for pairs
+        micro = kind.micro_batches(s, gpus)
+        rows = -(-kind.rows_per_rank(s, gpus) // micro) * kind.sequences_per_row(s)
         tokens = max(1, rows) * (prompt_tokens + s.max_new_tokens)
-        grouped = s.type in ("dpo", "cw_dpo") or (s.type == "sft" and s.gentle is not None
-                                                   and s.gentle.get("variant", "hinge") == "hinge")
+        head_copy = teacher is not None and kind.teacher_head_copy(s)
         update = {**shared, "activations": activation_bytes(size, tokens, m.gradient_checkpointing, word),
-                  "fused op buffers": fused_op_bytes(size.vocab, size.hidden, tokens, word, grouped,
-                                                     teacher is not None and s.opd_mode == "full")}
-        if teacher is not None and s.opd_mode == "full":
+                  "fused op buffers": fused_op_bytes(size.vocab, size.hidden, tokens, word, kind.grouped_loss(s),
+                                                     head_copy)}
+        if head_copy:
             update["teacher head copy"] = word * teacher.vocab * teacher.hidden
         p.phases["update"] = update
         vllm = generation_engine(cfg, s) == "vllm"
-        gen_rows = {"rollout": s.batch_size * (s.updates_per_rollout if s.type == "grpo" else 1) // gpus
-                    * (s.group_size if s.type == "grpo" else 4), "evaluation": min(64, e.num_problems * e.n_samples)}
+        gen_rows = {"rollout": kind.rollout_rows(s, gpus), "evaluation": min(64, e.num_problems * e.n_samples)}
         gen_tokens = {"rollout": s.max_new_tokens, "evaluation": e.max_new_tokens}
-        for phase in ("rollout", "evaluation") if s.type != "sft" else ("evaluation",):
+        for phase in ("rollout", "evaluation") if kind.samples_in_training else ("evaluation",):
             comps = dict(shared)
             if vllm:  # awake only here: empty_cache -> wake -> sync -> generate -> sleep
                 comps["vLLM (weights + KV cache)"] = int(s.vllm_memory_share * gpu_memory)
                 if cfg.vllm.offload_optimizer:
                     comps["policy states"] -= optimizer
-                if s.type == "opd" and s.opd_mode == "sampled":
+                if teacher is not None and kind.teacher_engine(s):
                     comps["teacher vLLM"] = int(cfg.vllm.teacher_memory_share * gpu_memory)
             else:
                 if d.zero_stage == 3 and d.gather_for_generation:

@@ -11,10 +11,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import torch  # noqa: E402
 import vllm  # noqa: E402  (the stand-in)
 
-from vlmfast import train  # noqa: E402
+from vlmfast import policy, train  # noqa: E402
 
 torch.cuda.empty_cache = lambda: vllm.record("empty_cache")
-_load = train._load_model_and_processor
+_load = policy.load_model_and_processor
 
 
 def _recorded(*args, **kwargs):
@@ -24,7 +24,7 @@ def _recorded(*args, **kwargs):
     return model, processor
 
 
-train._load_model_and_processor = _recorded
+policy.load_model_and_processor = _recorded
 
 
 def _recording(name):

@@ -33,14 +33,18 @@ def response_budgets(cfg) -> dict[str, int]:
     """The longest response each split is generated with: training prompts by the vLLM stages' max_new_tokens
     (an SFT stage only evaluates), every other split by the evaluation's."""
     from ..config import generation_engine
+    from ..stages import stage_of
 
-    train = [s.max_new_tokens for s in cfg.stages if generation_engine(cfg, s) == "vllm" and s.type != "sft"]
+    train = [s.max_new_tokens for s in cfg.stages
+             if generation_engine(cfg, s) == "vllm" and stage_of(s).samples_in_training]
     return {"train": max(train, default=0), "eval": cfg.eval.max_new_tokens}
 
 
 def least_train_prompts(cfg) -> int:
     """The fewest training examples a recipe can run on: its largest step's batch of prompts."""
-    return max((s.batch_size * (s.updates_per_rollout if s.type == "grpo" else 1) for s in cfg.stages), default=1)
+    from ..stages import stage_of
+
+    return max((stage_of(s).prompts_per_step(s) for s in cfg.stages), default=1)
 
 
 def fit_to_budget(cfg, data: dict, processor) -> tuple[dict, int, dict[str, int], int]:

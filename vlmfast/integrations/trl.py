@@ -126,6 +126,7 @@ def _cw_dpo_trainer_class():
     from trl import DPOTrainer
 
     from ..losses import cw_dpo_loss
+    from ..losses.dpo import check_l_floor
 
     class CWDPOTrainer(DPOTrainer):
         """TRL's DPOTrainer with the Cooling-Weighted DPO loss. `tau_c` > 0; `l_floor` a number (e.g. the mean
@@ -138,8 +139,7 @@ def _cw_dpo_trainer_class():
             super().__init__(*args, **kwargs)
             if not (isinstance(tau_c, (int, float)) and tau_c > 0):
                 raise ValueError(f"tau_c must be > 0, got {tau_c!r}")
-            if l_floor != "batch" and not isinstance(l_floor, (int, float)):
-                raise ValueError(f'l_floor must be a number or "batch", got {l_floor!r}')
+            check_l_floor(l_floor)
             unsupported = {"loss_type": list(self.loss_types) != ["sigmoid"],
                            "f_divergence_type": self.f_divergence_type != "reverse_kl",
                            "ld_alpha": self.ld_alpha is not None, "use_weighting": self.use_weighting,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..ops import cooling_weight, sequence_mean, token_loss
+from ..ops import sequence_mean, token_loss
 from ._common import (
     LossModule,
     accepts_packed,
@@ -30,6 +30,51 @@ from ._common import (
     response_mask,
 )
 
+# ---- the cooling weight and its floor: the one place either is written -------------------------------------------
+
+def cooling_weight(mean_logp: torch.Tensor, l_floor, tau: float) -> torch.Tensor:
+    """CW-DPO's weight of a negative, w_c = sigmoid((lbar_pi(yl) - l_floor) / tau_c): a stop-gradient local
+    constant. Easy negatives (mean log-prob far below l_floor) get w_c ~ 0 and stop being pushed down; hard ones
+    (lbar at or above the floor) get w_c >= 0.5."""
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    return torch.sigmoid((mean_logp.detach().float() - l_floor) / tau)
+
+
+L_FLOOR_RULES = {
+    "batch": "the mean lbar of this batch's rejected responses",
+    "auto": "the mean lbar of the dataset's negatives under the policy at stage start (the trainer's rule)",
+}
+
+
+def l_floor_problem(l_floor, *, trainer=False) -> str | None:
+    """What is wrong with l_floor, or None: a number or one of L_FLOOR_RULES ("auto" only where a trainer
+    resolves it at stage start)."""
+    rules = [r for r in L_FLOOR_RULES if trainer or r != "auto"]
+    if l_floor in rules or isinstance(l_floor, (int, float)) and not isinstance(l_floor, bool):
+        return None
+    return f"must be a number or {' or '.join(map(repr, rules))}, got {l_floor!r}"
+
+
+def check_l_floor(l_floor):
+    problem = l_floor_problem(l_floor)
+    if problem:
+        raise ValueError(f"l_floor {problem}")
+
+
+def batch_floor(lbar_rejected: torch.Tensor, l_floor):
+    """The floor a batch's weights use: the number, or ("batch") the batch's mean rejected lbar (detached)."""
+    return lbar_rejected.detach().mean() if l_floor == "batch" else float(l_floor)
+
+
+def auto_floor(lbar_negatives) -> float:
+    """l_floor: auto, resolved once at stage start from the negatives' mean log-probs under the starting policy:
+    their mean, so about half of the negatives start below the floor (w_c < 0.5)."""
+    lbar_negatives = list(lbar_negatives)
+    if not lbar_negatives:
+        raise ValueError("l_floor: auto needs at least one negative to measure")
+    return sum(lbar_negatives) / len(lbar_negatives)
+
 
 def _check_dpo(*, beta=0.1, temperature=1.0, **_):
     check_positive("beta", beta)
@@ -39,8 +84,7 @@ def _check_dpo(*, beta=0.1, temperature=1.0, **_):
 def _check_cw_dpo(*, beta=0.1, tau_c=0.5, l_floor="batch", temperature=1.0, **_):
     _check_dpo(beta=beta, temperature=temperature)
     check_positive("tau_c", tau_c)
-    if not (l_floor == "batch" or isinstance(l_floor, (int, float)) and not isinstance(l_floor, bool)):
-        raise ValueError(f"l_floor must be a number or 'batch', got {l_floor!r}")
+    check_l_floor(l_floor)
 
 
 def _preference_loss(hidden, weight, labels, ref_chosen, ref_rejected, *, beta, cooling=None, bias, temperature,
@@ -58,7 +102,7 @@ def _preference_loss(hidden, weight, labels, ref_chosen, ref_rejected, *, beta, 
     mask = response_mask(labels, ignore_index)
     counts = mask.sum(1)  # [2B]
     ref = torch.cat([ref_chosen.detach(), ref_rejected.detach()]).to(labels.device)
-    whole_batch = cooling is not None and cooling.floor is None  # l_floor="batch": every pair reads every other
+    whole_batch = cooling is not None and cooling.floor == "batch"  # every pair reads every other
 
     def pair_terms(S):  # S [2B] sequence sums -> (d_w, d_l, w)
         d = S - ref.to(S.dtype)
@@ -79,17 +123,13 @@ def _preference_loss(hidden, weight, labels, ref_chosen, ref_rejected, *, beta, 
 
 
 class _Cooling:
-    """CW-DPO's w_c = sigmoid((lbar_pi(yl) - l_floor) / tau_c) (ops.cooling_weight) for a number l_floor, or the
-    mean lbar of the batch's rejected responses (floor None)."""
+    """The weights w_c of a batch's rejected responses for a number l_floor or "batch"."""
 
     def __init__(self, floor, tau_c):
         self.floor, self.tau_c = floor, tau_c
 
-    def floor_of(self, lbar_rejected):
-        return lbar_rejected.detach().mean() if self.floor is None else self.floor
-
     def __call__(self, lbar_rejected):
-        return cooling_weight(lbar_rejected.detach(), self.floor_of(lbar_rejected), self.tau_c)
+        return cooling_weight(lbar_rejected, batch_floor(lbar_rejected, self.floor), self.tau_c)
 
 
 def _metrics(loss, beta, d_w, d_l, S, lbar, B, entropy, **extra):
@@ -129,11 +169,11 @@ def cw_dpo_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, *,
     Metrics: those of dpo_loss, plus cooling_weight_mean and cooling_weight_frac_below_0.1.
     """
     _check_cw_dpo(beta=beta, tau_c=tau_c, l_floor=l_floor, temperature=temperature)
-    cooling = _Cooling(None if l_floor == "batch" else float(l_floor), tau_c)
+    cooling = _Cooling(l_floor, tau_c)
     loss, S, lbar, d_w, d_l, B, w_c, entropy = _preference_loss(
         hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, beta=beta, cooling=cooling, bias=bias,
         temperature=temperature, ignore_index=ignore_index, backend=backend)
-    floor = cooling.floor_of(lbar[B:])
+    floor = batch_floor(lbar[B:], l_floor)
     return loss, _metrics(loss, beta, d_w, d_l, S, lbar, B, entropy, cooling_weight_mean=w_c.mean(),
                           cooling_weight_frac_below_0_1=(w_c < 0.1).float().mean(), l_floor=torch.as_tensor(floor))
 

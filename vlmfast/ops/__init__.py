@@ -38,7 +38,6 @@ __all__ = [
     "token_stats",
     "token_loss",
     "token_stats_from_logits",
-    "cooling_weight",
     "sequence_mean",
 ]
 
@@ -345,7 +344,6 @@ def token_stats_from_logits(
             None, None, None, c.target, logits=c.hidden, temperature=c.temperature, teacher=c.teacher,
             kl=c.kl, ignore_index=ignore_index,
         )
-        per_token.pop("lse_t", None)
     else:
         logp, entropy, kl_out, lse = LogitsTokenStats.apply(
             c.hidden, c.target, c.teacher, c.kl, c.temperature, ignore_index,
@@ -359,13 +357,3 @@ def token_stats_from_logits(
 def sequence_mean(seq_sum: torch.Tensor, seq_count: torch.Tensor) -> torch.Tensor:
     """Per-sequence mean from per-sequence sums and token counts; 0 for an empty sequence."""
     return seq_sum / seq_count.clamp(min=1)
-
-
-def cooling_weight(mean_logp: torch.Tensor, l_floor, tau: float) -> torch.Tensor:
-    """CW-DPO weight w_c = sigmoid((lbar - l_floor) / tau), a stop-gradient local constant.
-
-    Easy negatives (mean log-prob far below l_floor) get w_c ~ 0, hard ones ~ 1.
-    """
-    if not tau > 0:
-        raise ValueError(f"tau must be > 0, got {tau}")
-    return torch.sigmoid((mean_logp.detach().float() - l_floor) / tau)

@@ -20,6 +20,7 @@ autograd see them like any aten op. The chunked backend uses them whenever they 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
@@ -82,6 +83,20 @@ _LOAD_ERROR = "disabled by VLMFAST_NATIVE=0" if _DISABLED else _load()
 def available() -> bool:
     """True when the native ops are built and loaded."""
     return _LOAD_ERROR is None
+
+
+@contextlib.contextmanager
+def keep_native_switch():
+    """Put the caller's VLMFAST_NATIVE back afterwards: the switch is read at every forward and backward, and a
+    benchmark provider (or a test) that sets it must not decide which path the next one runs."""
+    before = os.environ.get("VLMFAST_NATIVE")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("VLMFAST_NATIVE", None)
+        else:
+            os.environ["VLMFAST_NATIVE"] = before
 
 
 def enabled() -> bool:

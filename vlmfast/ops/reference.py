@@ -1,7 +1,9 @@
-"""Reference backend: materialises the full fp32 logits [N, V] and lets autograd differentiate.
+"""The naive token statistics: materialise the logits [N, V], then log_softmax, gather and plain sums over the
+vocabulary, differentiated by autograd. It shares no formula with the fused backends.
 
-For tests and benchmarks only (5 GB of logits at N=8192, V=152064). It shares no formula with the
-fused backends: log_softmax, gather and plain sums over the vocabulary.
+The one naive reference of token_stats: `backend="reference"` runs it (5 GB of fp32 logits at N=8192, V=152064),
+the tests compare every backend and kernel against it (in fp64 for the ground truth, in a 16-bit dtype for the
+"naive same-dtype" baseline a fused result must be no worse than), and the benchmarks time it as "naive".
 """
 
 from __future__ import annotations
@@ -28,15 +30,22 @@ def reference_token_stats(
     kl: str | None = None,
     ignore_index: int = -100,
     logits: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    teacher_lse: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Per-token logp, entropy, lse (and kl, lse_t with a teacher) from materialised logits.
+    """Per-token logp, entropy, lse (and kl with a teacher; its lse_t too with teacher_lse) from materialised
+    logits; 0 where ignored.
 
-    Pass `hidden, weight[, bias]`, or `logits` directly. Computes in fp32 (fp64 for fp64 inputs).
+    Pass `hidden, weight[, bias]`, or `logits` directly; `teacher` a Teacher, a logits tensor or (hidden, weight[,
+    bias]); kl "forward" (KL(q || p), the default with a teacher) or "reverse". Everything is computed in `dtype`:
+    by default fp32 (fp64 for fp64 inputs); a 16-bit dtype gives the naive same-dtype computation.
     """
     src = logits if logits is not None else hidden
-    dtype = torch.promote_types(src.dtype, torch.float32)
+    dtype = dtype or torch.promote_types(src.dtype, torch.float32)
+    teacher = Teacher.coerce(teacher)
+    floor = max(LOGIT_FLOOR, torch.finfo(dtype).min)  # fp16's range ends at -65504
     z = (logits.to(dtype) if logits is not None else _logits(hidden, weight, bias, dtype)) / temperature
-    z = z.clamp(min=LOGIT_FLOOR)  # masked (-inf) columns: the floor every backend applies (ops/floor.py)
+    z = z.clamp(min=floor)  # masked (-inf) columns: the floor every backend applies (ops/floor.py)
     valid = target != ignore_index
     safe_target = torch.where(valid, target, torch.zeros_like(target))
     logp_all = torch.log_softmax(z, dim=-1)
@@ -52,9 +61,10 @@ def reference_token_stats(
             zt = teacher.logits.to(dtype)
         else:
             zt = _logits(teacher.hidden, teacher.weight, teacher.bias, dtype)
-        zt = (zt.detach() / temperature).clamp(min=LOGIT_FLOOR)
+        zt = (zt.detach() / temperature).clamp(min=floor)
         logq_all = torch.log_softmax(zt, dim=-1)
-        out["lse_t"] = torch.where(valid, torch.logsumexp(zt, dim=-1), zero)
+        if teacher_lse:  # what the native kernels also return (tests/test_native.py)
+            out["lse_t"] = torch.where(valid, torch.logsumexp(zt, dim=-1), zero)
         if kl == "reverse":  # KL(p || q)
             k = (p * (logp_all - logq_all)).sum(-1)
         else:  # KL(q || p)

@@ -1,6 +1,10 @@
-"""The training stages: one module per stage type (sft, opd, grpo, preference: DPO and CW-DPO) over the shared
-context (context.py). The trainer looks a step up by the stage's type in STEP_FUNCTIONS."""
+"""The training stages: one module per stage type (sft, opd, grpo, preference: DPO and CW-DPO), each with its step
+and its Stage (base.py: what it needs, its rows, its recipe checks, its state), over the shared context
+(context.py). STAGES maps every recipe `type` to its Stage; the trainer, the recipe checks and the plan go through it.
+"""
 
+from . import grpo, opd, preference, sft
+from .base import Stage
 from .context import (  # noqa: F401 (names the trainer, the plan and the tests use)
     StageContext,
     _counted,
@@ -15,28 +19,35 @@ from .context import (  # noqa: F401 (names the trainer, the plan and the tests 
     batch_examples,
     even_row_slices,
     example_rngs,
-    forward_rows,
     mean_over_ranks,
-    micro_batches_per_step,
-    needs_reference,
     position_seeds,
     rank_positions,
     rank_share_of_tokens,
-    rows_per_rank,
-    sequences_per_rank,
     step_seed,
-    update_rows,
     world,
 )
-from .grpo import (  # noqa: F401
-    _TOKEN_MEAN_METRICS,
-    _grpo_metrics,
-    grpo_step,
-    restore_rollout,
-    rollout_state,
-)
-from .opd import opd_step
-from .preference import auto_l_floor, dpo_step  # noqa: F401
-from .sft import sft_step
+from .grpo import _TOKEN_MEAN_METRICS, _grpo_metrics, forward_rows, update_rows  # noqa: F401
 
-STEP_FUNCTIONS = {"sft": sft_step, "opd": opd_step, "grpo": grpo_step, "dpo": dpo_step, "cw_dpo": dpo_step}
+STAGES: dict[str, Stage] = {t: kind.STAGE for kind in (sft, opd, grpo, preference) for t in kind.STAGE.types}
+
+
+def stage_of(s) -> Stage:
+    """The Stage that runs recipe stage `s` (its `type`)."""
+    return STAGES[s.type]
+
+
+def needs_reference(s) -> bool:
+    return stage_of(s).needs_reference(s)
+
+
+def rows_per_rank(s, world_size: int) -> int:
+    return stage_of(s).rows_per_rank(s, world_size)
+
+
+def micro_batches_per_step(s, world_size: int) -> int:
+    return stage_of(s).micro_batches(s, world_size)
+
+
+def sequences_per_rank(s, world_size: int) -> int:
+    """Sequences one step's forward passes hold on each rank: its rows, twice for pairs."""
+    return rows_per_rank(s, world_size) * stage_of(s).sequences_per_row(s)

@@ -102,45 +102,6 @@ def rank_share_of_tokens(labels: torch.Tensor, device) -> torch.Tensor:
     return mean_over_ranks((labels != -100).sum().to(device=device, dtype=torch.float32))
 
 
-def rows_per_rank(stage, world_size: int) -> int:
-    """Sequences of one step's batch on each rank (a GRPO update: its prompts x group_size samples)."""
-    return stage.batch_size // world_size * (stage.group_size if stage.type == "grpo" else 1)
-
-
-def sequences_per_rank(stage, world_size: int) -> int:
-    """Sequences one step's forward passes hold on each rank: rows_per_rank, twice for a preference pair (chosen and
-    rejected) and for SFT with gentle negatives (each target and its negative)."""
-    pairs = stage.type in ("dpo", "cw_dpo") or (stage.type == "sft" and stage.gentle is not None)
-    return rows_per_rank(stage, world_size) * (2 if pairs else 1)
-
-
-def needs_reference(stage) -> bool:
-    """The stage reads a frozen reference model's log-probs: DPO's and CW-DPO's implicit reward, GRPO's KL penalty
-    (kl_coef > 0). The trainer loads it; the plan counts it."""
-    return stage.type in ("dpo", "cw_dpo") or (stage.type == "grpo" and stage.kl_coef > 0)
-
-
-def update_rows(ctx: StageContext) -> int:
-    """Sequences of one GRPO update on this rank."""
-    return rows_per_rank(ctx.stage, world()[1])
-
-
-def forward_rows(ctx: StageContext) -> int:
-    """Sequences of one forward on this rank at most: an update's micro-batch (micro_batch_size, default the whole
-    update), and the slice size of every no-grad recompute over a rollout batch (old and reference
-    log-probs), so none is larger."""
-    return ctx.stage.micro_batch_size or update_rows(ctx)
-
-
-def micro_batches_per_step(stage, world_size: int) -> int:
-    """Backward passes per step: GRPO's update split into micro-batches of at most micro_batch_size rows per rank
-    (as even as they go: 20 rows at most 8 are 7, 7 and 6), else one. The same count on every rank, whatever the
-    world size (each rank holds the same rows): ZeRO-3 needs it."""
-    if stage.type != "grpo" or not stage.micro_batch_size:
-        return 1
-    return -(-rows_per_rank(stage, world_size) // stage.micro_batch_size)
-
-
 def rank_positions(ctx: StageContext, n: int, parts: int = 1) -> list[int]:
     """Places in the step's global batch of n examples that this rank holds. The batch is `parts`
     consecutive update minibatches (GRPO's updates per rollout) and the rank holds its contiguous slice

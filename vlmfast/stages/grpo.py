@@ -9,9 +9,11 @@ import torch
 
 from ..data.collate import collate_token_responses
 from ..losses import group_advantages, grpo_loss
+from ..losses.grpo import SCALINGS, _check_grpo
 from ..models import head_token_stats, trunk_hidden
 from ..ranks import gathered_rows
 from ..rewards import Reward, score
+from .base import Stage, check_loss
 from .context import (
     StageContext,
     _device,
@@ -21,12 +23,21 @@ from .context import (
     _sample,
     batch_examples,
     even_row_slices,
-    forward_rows,
-    micro_batches_per_step,
     rank_share_of_tokens,
-    update_rows,
     world,
 )
+
+
+def update_rows(ctx: StageContext) -> int:
+    """Sequences of one GRPO update on this rank."""
+    return STAGE.rows_per_rank(ctx.stage, world()[1])
+
+
+def forward_rows(ctx: StageContext) -> int:
+    """Sequences of one forward on this rank at most: an update's micro-batch (micro_batch_size, default the whole
+    update), and the slice size of every no-grad recompute over a rollout batch (old and reference
+    log-probs), so none is larger."""
+    return ctx.stage.micro_batch_size or update_rows(ctx)
 
 
 def _sampler_logp_grid(completions, batch) -> torch.Tensor:
@@ -132,7 +143,7 @@ def _grpo_update(ctx: StageContext, ro: dict, update: slice):
     rows = whole["labels"].shape[0]
     n = rank_share_of_tokens(whole["labels"], _device(ctx)) if s.aggregation == "token-mean" else None
     parts = []  # (metrics, tokens, rows) per micro-batch
-    for micro in even_row_slices(rows, micro_batches_per_step(s, world()[1])):
+    for micro in even_row_slices(rows, STAGE.micro_batches(s, world()[1])):
         sl = slice(update.start + micro.start, update.start + micro.stop)
         loss, m, labels = _grpo_forward(ctx, ro, sl, n)
         if n is None:  # a per-sequence mean over this micro-batch: its share of the update's mean
@@ -184,3 +195,49 @@ def _grpo_metrics(ro: dict, update: slice, whole: dict, parts: list, aggregation
     m["format"] = torch.tensor(sum(x.format for x in scores) / len(scores))
     m["response_tokens"] = (whole["labels"] != -100).sum(1).float().mean()
     return m
+
+
+class GRPO(Stage):
+    types = ("grpo",)
+    step = staticmethod(grpo_step)
+    own_keys = {"tis_cap": "truncated importance sampling weights", "micro_batch_size": "micro-batched updates"}
+
+    def needs_reference(self, s):
+        return s.kl_coef > 0  # the KL penalty to pi_ref
+
+    def rows_per_rank(self, s, world_size):
+        return s.batch_size // world_size * s.group_size  # an update: its prompts x group_size samples
+
+    def micro_batches(self, s, world_size):
+        """The update split into micro-batches of at most micro_batch_size rows per rank, as even as they go (20
+        rows at most 8 are 7, 7 and 6); the same count on every rank, whatever the world size."""
+        if not s.micro_batch_size:
+            return 1
+        return -(-self.rows_per_rank(s, world_size) // s.micro_batch_size)
+
+    def prompts_per_step(self, s):
+        return s.batch_size * s.updates_per_rollout  # a rollout batch serves updates_per_rollout steps
+
+    def rollout_rows(self, s, world_size):
+        return s.batch_size * s.updates_per_rollout // world_size * s.group_size
+
+    def check(self, s, key, bad):
+        if s.micro_batch_size is not None and s.micro_batch_size < 1:
+            bad(f"{key}.micro_batch_size", f"must be >= 1 (sequences per forward, at most), got {s.micro_batch_size}")
+        if s.group_size < 2:
+            bad(f"{key}.group_size", f"GRPO needs >= 2 samples per prompt, got {s.group_size}")
+        check_loss(bad, key, _check_grpo, clip_low=s.clip_low, clip_high=s.clip_high, dual_clip=s.dual_clip,
+                   kl_coef=s.kl_coef, entropy_coef=s.entropy_coef, aggregation=s.aggregation,
+                   temperature=s.temperature, tis_cap=s.tis_cap)
+        if s.advantage_scale not in SCALINGS:
+            bad(f"{key}.advantage_scale", f"must be one of {SCALINGS}, got {s.advantage_scale!r}")
+
+    def rank_state(self, ctx):
+        return rollout_state(ctx)
+
+    def restore_rank_state(self, ctx, saved):
+        if saved is not None:  # killed inside a rollout batch: continue it, do not redraw it
+            restore_rollout(ctx, saved)
+
+
+STAGE = GRPO()

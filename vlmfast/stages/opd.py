@@ -3,11 +3,15 @@ teacher on them."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from ..data.collate import collate_token_responses
 from ..losses import opd_loss
+from ..losses.opd import _check_opd
 from ..models import frozen_head_weight, trunk_hidden
+from .base import Stage, check_loss
 from .context import (
     StageContext,
     _device,
@@ -53,3 +57,34 @@ def opd_step(ctx: StageContext, step: int):
         t_logp[i, start : start + len(lp)] = torch.tensor(lp)
     return _policy_loss(ctx, b, lambda h, w: opd_loss(h, w, b["labels"], teacher_logp=t_logp,
                                                       temperature=s.temperature, num_items_in_batch=n))
+
+
+class OPD(Stage):
+    types = ("opd",)
+    step = staticmethod(opd_step)
+
+    def teacher(self, s):
+        return s.teacher
+
+    def teacher_engine(self, s):
+        return s.opd_mode == "sampled"  # the teacher scores the student's samples through an engine
+
+    def teacher_head_copy(self, s):
+        return s.opd_mode == "full"
+
+    def check(self, s, key, bad):
+        if s.teacher is None:
+            bad(f"{key}.teacher", "opd needs a teacher checkpoint path")
+        if s.teacher.startswith((".", "/")) and not Path(s.teacher).exists():  # hub names load on use
+            bad(f"{key}.teacher", f"{s.teacher} not found")
+        if s.opd_mode not in ("full", "sampled"):
+            bad(f"{key}.opd_mode", f"must be full or sampled, got {s.opd_mode!r}")
+        if not 0 <= s.opd_on_policy <= 1:
+            bad(f"{key}.opd_on_policy", f"must be in [0, 1], got {s.opd_on_policy}")
+        if s.opd_mode == "sampled" and s.opd_on_policy < 1:
+            bad(f"{key}.opd_on_policy", "the sampled-token KL estimate needs the student's own samples: "
+                "opd_on_policy < 1 works with opd_mode: full")
+        check_loss(bad, key, _check_opd, temperature=s.temperature)
+
+
+STAGE = OPD()

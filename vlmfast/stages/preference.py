@@ -9,9 +9,11 @@ import torch
 
 from ..data.collate import END_OF_TURN, collate, collate_token_responses
 from ..losses import cw_dpo_loss, dpo_loss
+from ..losses.dpo import _check_cw_dpo, _check_dpo, auto_floor, l_floor_problem
 from ..models import head_token_stats, trunk_hidden
 from ..ops import sequence_mean
 from ..rewards import score
+from .base import Stage, check_loss
 from .context import (
     StageContext,
     _dataset_negative,
@@ -72,7 +74,7 @@ def dpo_step(ctx: StageContext, step: int):
 
 @torch.no_grad()
 def auto_l_floor(ctx: StageContext, n: int = 64) -> float:
-    """l_floor: auto = mean lbar of the (dataset) negatives under the policy at stage start."""
+    """l_floor: auto (losses.dpo.auto_floor) over the first n dataset negatives under the policy at stage start."""
     rng = random.Random(ctx.cfg.run.seed)
     exs = ctx.train[: min(n, len(ctx.train))]
     out = []
@@ -83,4 +85,42 @@ def auto_l_floor(ctx: StageContext, n: int = 64) -> float:
         hidden = trunk_hidden(ctx.model, **b)
         r = head_token_stats(ctx.model, hidden, b["labels"], outputs=("logp",), per_sequence=True)
         out += sequence_mean(r.seq_logp, r.seq_count).tolist()
-    return sum(out) / len(out)
+    return auto_floor(out)
+
+
+class Preference(Stage):
+    """DPO and CW-DPO: pairs against the frozen reference; CW-DPO's l_floor fixed at stage start and kept."""
+
+    types = ("dpo", "cw_dpo")
+    step = staticmethod(dpo_step)
+
+    def needs_reference(self, s):
+        return True  # the implicit reward: log-ratios to pi_ref
+
+    def sequences_per_row(self, s):
+        return 2  # chosen and rejected
+
+    def grouped_loss(self, s):
+        return True  # a pair's loss reads both sequences' sums
+
+    def check(self, s, key, bad):
+        if problem := l_floor_problem(s.l_floor, trainer=True):
+            bad(f"{key}.l_floor", problem)
+        if not 0 <= s.on_policy_fraction <= 1:
+            bad(f"{key}.on_policy_fraction", f"must be in [0, 1], got {s.on_policy_fraction}")
+        if s.type == "dpo":
+            check_loss(bad, key, _check_dpo, beta=s.beta, temperature=s.temperature)
+        else:  # l_floor auto is resolved to a number at stage start
+            check_loss(bad, key, _check_cw_dpo, beta=s.beta, tau_c=s.tau_c, temperature=s.temperature,
+                       l_floor=0.0 if s.l_floor == "auto" else s.l_floor)
+
+    def open(self, ctx, saved):
+        ctx.l_floor = (saved or {}).get("l_floor")  # a resumed stage keeps the floor it started with
+        if ctx.stage.type == "cw_dpo" and ctx.l_floor is None:
+            ctx.l_floor = auto_l_floor(ctx) if ctx.stage.l_floor == "auto" else ctx.stage.l_floor
+
+    def state(self, ctx):
+        return {"l_floor": ctx.l_floor}
+
+
+STAGE = Preference()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from ..data.collate import collate
 from ..losses import sft_gentle_negatives_loss, sft_loss
+from ..losses.sft import _check_gentle, _check_sft
 from ..models import call_head, trunk_hidden
+from .base import Stage, check_loss
 from .context import (
     StageContext,
     _counted,
@@ -40,3 +42,29 @@ def sft_step(ctx: StageContext, step: int):
             **s.gentle))
 
     return ctx.forward(forward)
+
+
+GENTLE_KEYS = {"variant", "lam", "margin", "alpha"}
+
+
+class SFT(Stage):
+    types = ("sft",)
+    samples_in_training = False
+    step = staticmethod(sft_step)
+
+    def sequences_per_row(self, s):
+        return 2 if s.gentle is not None else 1  # each target and its negative
+
+    def grouped_loss(self, s):
+        return s.gentle is not None and s.gentle.get("variant", "hinge") == "hinge"  # a hinge per sequence
+
+    def check(self, s, key, bad):
+        check_loss(bad, key, _check_sft, label_smoothing=s.label_smoothing, temperature=s.temperature)
+        if s.gentle is not None:
+            extra = set(s.gentle) - GENTLE_KEYS
+            if extra:
+                bad(f"{key}.gentle", f"unknown key(s) {sorted(extra)}; known: {sorted(GENTLE_KEYS)}")
+            check_loss(bad, f"{key}.gentle", _check_gentle, **s.gentle)
+
+
+STAGE = SFT()

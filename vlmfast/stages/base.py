@@ -1,0 +1,97 @@
+"""The stage protocol: what a stage type brings to the trainer (train.py, stage_loop.py), the recipe checks
+(config.py) and the memory plan (plan.py), each of which iterates over it and never asks a stage's type.
+
+One subclass per stage module (sft.py, opd.py, grpo.py, preference.py), registered by the recipe `type`s it runs in
+`vlmfast.stages.STAGES`. Adding a stage type, or an option of one, touches that stage's module and its test: the
+defaults here are what a stage without the feature does.
+"""
+
+from __future__ import annotations
+
+
+class Stage:
+    types: tuple[str, ...] = ()  # the recipe `type` values this class runs
+    samples_in_training = True  # draws rollouts from the policy during training (the plan's rollout phase)
+    own_keys: dict[str, str] = {}  # recipe keys (default None) only this type reads: {key: what they set}
+
+    # ---- one step -------------------------------------------------------------------------------------------
+    @staticmethod
+    def step(ctx, step: int):
+        """(loss, metrics) for step `step`, or an iterator of micro-batches' (loss share, metrics): context.py."""
+        raise NotImplementedError
+
+    # ---- what the stage needs beside the policy -------------------------------------------------------------
+    def needs_reference(self, s) -> bool:
+        """Reads a frozen reference model's log-probs (pi_ref = the policy at stage start): loaded and planned."""
+        return False
+
+    def teacher(self, s) -> str | None:
+        """The checkpoint of a frozen teacher the stage reads, or None."""
+        return None
+
+    def teacher_engine(self, s) -> bool:
+        """The teacher also generates or scores through an engine of its own (a second vLLM when engine: vllm)."""
+        return False
+
+    # ---- rows and memory (the trainer's micro-batches, the plan's terms) --------------------------------------
+    def rows_per_rank(self, s, world_size: int) -> int:
+        """Rows of one step's batch on each rank."""
+        return s.batch_size // world_size
+
+    def sequences_per_row(self, s) -> int:
+        """Sequences one row puts through the forward: 2 for a pair (chosen and rejected, target and negative)."""
+        return 1
+
+    def micro_batches(self, s, world_size: int) -> int:
+        """Backward passes per step (the same on every rank: ZeRO-3 needs it)."""
+        return 1
+
+    def grouped_loss(self, s) -> bool:
+        """The loss reads whole sequences (token_loss with groups): the plan counts the one pass's buffers so."""
+        return False
+
+    def teacher_head_copy(self, s) -> bool:
+        """The loss holds a copy of the teacher's head (the full-vocabulary KL)."""
+        return False
+
+    def prompts_per_step(self, s) -> int:
+        """Training prompts one step draws (over all ranks)."""
+        return s.batch_size
+
+    def rollout_rows(self, s, world_size: int) -> int:
+        """Sequences one rollout generates on each rank (the plan's generate buffers)."""
+        return s.batch_size // world_size * 4
+
+    # ---- the recipe ---------------------------------------------------------------------------------------------
+    def check(self, s, key: str, bad) -> None:
+        """This type's recipe keys (bad(key, message) raises ConfigError), its loss's hyperparameters through the
+        loss's own check."""
+
+    # ---- the stage's own state: opened once, kept in checkpoints -----------------------------------------------
+    def open(self, ctx, saved: dict | None) -> None:
+        """Stage-start work once the policy, engines, reference and teacher exist; `saved` is state() of the
+        checkpoint a resume reads (None on a fresh start)."""
+
+    def state(self, ctx) -> dict:
+        """What every rank agrees on and a resume needs (rank 0 writes it)."""
+        return {}
+
+    def rank_state(self, ctx):
+        """What this rank alone holds and a resume needs (e.g. the rollout batch in progress), or None."""
+        return None
+
+    def restore_rank_state(self, ctx, saved) -> None:
+        """Continue from rank_state()'s saved value."""
+
+
+def check_loss(bad, key: str, check, **values) -> None:
+    """Run a loss's own hyperparameter check (one rule, one place); its message names the parameter first, which
+    becomes the recipe key: stages[1].clip_high, not the loss's wording alone."""
+    try:
+        check(**values)
+    except ValueError as e:
+        name, _, rest = str(e).partition(" ")
+        if name in values:
+            bad(f"{key}.{name}", rest)
+        else:
+            bad(key, str(e))
