@@ -214,10 +214,10 @@ def write_summary(rows, out: Path, device: str, *, cpu_peak_tflops: float | None
                   "The tiny model's vocabulary is 512 tokens: there the head is a small part of the step, so "
                   "this shows the overhead of the fused losses, not their gain (which grows with V·N).", ""]
     if grpo_step:
-        from .grpo_step import table
+        from .grpo_step import report
 
         parts += ["## End to end: the whole GRPO step by phase, vs TRL", "",
-                  table(grpo_step).split("\n", 2)[2], ""]  # the table without its title line
+                  report(grpo_step).split("\n", 2)[2], ""]  # without its title line
     parts += ["## Static GPU report (Triton kernels compiled for sm_90, no GPU needed)", "", gpu_static_report(), ""]
     parts += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in figs] + [""]
     path = out / f"summary_{device}.md"

@@ -78,7 +78,7 @@ def test_worker_and_summary(tmp_path):
     text = path.read_text()
     # three runs each: medians 0.35 s and 0.66 s, the ratio of the medians, the range beside the median
     phases = next(r for r in text.splitlines() if r.startswith("| vlmfast | 0.350 s [0.300, 0.400] | 3 |"))
-    assert "| 1.89x | 0.150 s | 0.000 s | 0.000 s | 0.200 s | 1000 MB |" in phases
+    assert "| 1.89x | 0.150 s | 0.000 s | 0.000 s | 0.200 s | - | 1000 MB |" in phases
     assert "| trl | 0.660 s [0.600, 0.700] | 3 | 1.00x |" in text
     assert "## vs naive" in text and "## vs Liger-Kernel" in text and "## Roofline" in text
     assert "## End to end" in text and "plots/cpu_grpo_cpu-small.png" in text
@@ -184,3 +184,33 @@ def test_on_a_gpu_each_op_runs_in_its_own_process_under_a_deadline(tmp_path):
     assert [r["op"] for r in errors] == ["sft", "grpo"]
     assert all("timed out after 0.5 s" in r["error"] for r in errors)
     assert len(on_disk) == 4 + 2  # the first sweep's rows are kept
+
+
+def test_the_long_tail_case_ends_each_response_at_its_drawn_length():
+    """bench.grpo_step's long_tail case: lengths mostly short, one in 20 at the maximum, and a `generate` in a
+    process with the patch ends every row exactly at its drawn length (EOS included), whatever it samples."""
+    import random
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from bench.grpo_step import long_tail_lengths
+
+    drawn = long_tail_lengths(4000, 256, random.Random(1))
+    assert 0.75 < sum(n <= 24 for n in drawn) / 4000 < 0.85 and 0.03 < drawn.count(256) / 4000 < 0.07
+    code = """
+import random, torch
+from bench.grpo_step import _force_long_tail, long_tail_lengths
+from vlmfast.models import tiny_vlm
+_force_long_tail(40)
+model, proc = tiny_vlm("student", seed=0)
+eos = model.generation_config.eos_token_id
+ids = torch.tensor([[5, 6, 7]] * 12)
+out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=40)[:, 3:]
+got = [int((row == eos).nonzero()[0]) + 1 if (row == eos).any() else 40 for row in out]
+print(got == long_tail_lengths(12, 40, random.Random(0)), got)
+"""
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("True"), r.stdout

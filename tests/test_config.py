@@ -44,6 +44,12 @@ def test_shipped_recipes_load():
         (cfg(stages=[{"type": "grpo", "group_size": 1}]), r"stages\[0\].group_size: GRPO needs >= 2"),
         (cfg(stages=[{"type": "grpo", "micro_batch_size": 0}]), r"stages\[0\].micro_batch_size: must be >= 1"),
         (cfg(stages=[{"type": "sft", "micro_batch_size": 4}]), r"stages\[0\].micro_batch_size: micro-batched"),
+        (cfg(stages=[{"type": "grpo", "max_tokens_per_micro_batch": 0}]),
+         r"stages\[0\].max_tokens_per_micro_batch: must be >= 1"),
+        (cfg(stages=[{"type": "grpo", "max_tokens_per_micro_batch": 4096, "micro_batch_size": 2}]),
+         r"stages\[0\].max_tokens_per_micro_batch: set it or micro_batch_size, not both"),
+        (cfg(stages=[{"type": "dpo", "max_tokens_per_micro_batch": 4096}]),
+         r"stages\[0\].max_tokens_per_micro_batch: token-budget micro-batches are for grpo stages"),
         (cfg(stages=[{"type": "grpo", "tis_cap": 0}]), r"stages\[0\].tis_cap: must be a finite number > 0"),
         (cfg(stages=[{"type": "dpo", "tis_cap": 2.0}]), r"stages\[0\].tis_cap: truncated importance"),
         (cfg(stages=[{"type": "sft", "lr": "fast"}]), r"stages\[0\].lr: expected a number"),
@@ -217,3 +223,26 @@ def test_zero_network_keys_reach_deepspeed_and_the_plan():
     on, off = (plan(load_config(recipe, [f"deepspeed.zero_hpz_partition_size={n}"]), gpus=16,
                     gpu_memory=80 * GiB)[0].update["policy states"] for n in (8, 1))
     assert on - off == 2 * model_size("Qwen/Qwen2.5-VL-7B-Instruct").params // 8
+
+
+def test_token_budget_slices_hold_whole_sequences_up_to_the_budget():
+    import random
+
+    from vlmfast.stages import token_budget_slices
+
+    lengths = [5, 3, 9, 2, 2, 7, 12, 1]
+    got = token_budget_slices(lengths, 10)
+    assert [(sl.start, sl.stop) for sl in got] == [(0, 2), (2, 3), (3, 5), (5, 6), (6, 7), (7, 8)]
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 30)
+        lengths = [rng.choice([rng.randint(1, 20), rng.randint(50, 200)]) for _ in range(n)]
+        budget = rng.randint(20, 300)
+        free = token_budget_slices(lengths, budget)
+        for count in (None, rng.randint(len(free), n)):
+            sl = token_budget_slices(lengths, budget, count)
+            assert [i for s in sl for i in range(s.start, s.stop)] == list(range(n))  # every row once, in order
+            assert all(sum(lengths[s]) <= budget or s.stop - s.start == 1 for s in sl)
+            assert len(sl) == (count or len(free))
+    with pytest.raises(ValueError, match="3 rows cannot make 4"):
+        token_budget_slices([1, 1, 1], 10, 4)

@@ -71,6 +71,14 @@ def test_a_recipe_that_cannot_fit_exits_2_naming_its_largest_component(capsys):
         return plan(cfg, gpus=8, gpu_memory=80 * GiB)[0].update["activations"]
 
     assert activations("null") == pytest.approx(10 * activations(8), rel=1e-6)
+
+    def by_budget(tokens):  # whole sequences up to a token budget: the activations of that many tokens
+        cfg = load_config(grpo, ["stages.0.micro_batch_size=null", f"stages.0.max_tokens_per_micro_batch={tokens}"])
+        return plan(cfg, gpus=8, gpu_memory=80 * GiB)[0].update["activations"]
+
+    assert by_budget(8192) == pytest.approx(2 * by_budget(4096), rel=1e-6)
+    assert by_budget(10**6) == pytest.approx(activations("null"), rel=1e-6)  # above the whole update: the update
+    assert by_budget(16) == pytest.approx(by_budget(32), rel=1e-6)  # below one sequence: one sequence alone
     from vlmfast.config import ConfigError
     from vlmfast.plan import check_fits
 

@@ -72,3 +72,43 @@ def test_a_new_stage_type_reaches_the_checks_and_the_plan_from_its_registry_entr
     assert toy.update["activations"] == pytest.approx(3 * sft.update["activations"], rel=1e-6)
     with pytest.raises(ConfigError, match=r"stages\[0\]\.type: must be one of .*'toy'"):
         load_config(raw={**raw, "stages": [{"type": "toys", "steps": 1}]})
+
+
+RANK = """
+import json, sys, torch
+torch.distributed.init_process_group("gloo")
+from types import SimpleNamespace
+from vlmfast.stages import micro_slices
+rank = torch.distributed.get_rank()
+lengths = [[30, 30, 30, 30, 30, 30], [100, 100, 5, 5, 5, 5]][rank]  # 2 micro-batches of 100 on rank 0, 3 on rank 1
+mask = torch.zeros(6, 100, dtype=torch.long)
+for i, n in enumerate(lengths):
+    mask[i, :n] = 1
+ctx = SimpleNamespace(stage=SimpleNamespace(max_tokens_per_micro_batch=100, micro_batch_size=None))
+got = micro_slices(ctx, {"attention_mask": mask}, slice(0, 6))
+print(json.dumps([[s.start, s.stop] for s in got]))
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.multirank
+def test_every_rank_runs_as_many_micro_batches_as_the_rank_with_most(tmp_path):
+    """Two ranks whose sequences need 2 and 3 micro-batches under the token budget both run 3: ZeRO-3 gathers
+    every layer collectively, so a rank with a forward fewer would hang the other."""
+    import json
+    import subprocess
+    import sys
+
+    from _launch import clean_env, free_port
+
+    port, procs = free_port(), []
+    for rank in range(2):
+        env = clean_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                        MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, "-c", RANK], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    zero, one = (json.loads(o[0].strip().splitlines()[-1]) for o in outs)
+    assert zero == [[0, 1], [1, 3], [3, 6]]  # 3 of 30-token rows make 90: split to match rank 1's count
+    assert one == [[0, 1], [1, 2], [2, 6]]

@@ -254,8 +254,11 @@ def test_micro_batched_update_equals_the_whole_update(tmp_path, monkeypatch, agg
     sizes = []
     real = S.context.trunk_hidden
 
+    tokens = []
+
     def spy(model, **batch):
         sizes.append((torch.is_grad_enabled(), batch["input_ids"].shape[0]))
+        tokens.append((torch.is_grad_enabled(), int(batch["attention_mask"].sum())))
         return real(model, **batch)
 
     for module in (S.context, S.grpo):  # the update's forward, and the rollout's no-grad ones
@@ -264,21 +267,27 @@ def test_micro_batched_update_equals_the_whole_update(tmp_path, monkeypatch, agg
             "updates_per_rollout": 2, "kl_coef": 0.1, "entropy_coef": 0.05, "max_new_tokens": 6,
             "aggregation": aggregation}
     runs = {}
-    for micro in (None, 2, 3):
+    budget = 150  # real tokens: about two of these sequences (image tokens and prompt included)
+    for micro in (None, 2, 3, "tokens"):
         sizes.clear()
+        tokens.clear()
         name = f"micro{micro}"
-        run(recipe(tmp_path, [{**grpo, "micro_batch_size": micro}], name=name,
-                   eval={"at_start": False, "probes": 0}))
+        over = {"max_tokens_per_micro_batch": budget} if micro == "tokens" else {"micro_batch_size": micro}
+        run(recipe(tmp_path, [{**grpo, **over}], name=name, eval={"at_start": False, "probes": 0}))
         runs[micro] = records(tmp_path, name), load_model(str(tmp_path / name / "checkpoints" / "final-0" / "hf"))[0]
         if micro == 2:  # old and reference log-probs of 16 sequences, then 2 updates x 4 micro-batches: 2 rows each
             assert sizes == [(False, 2)] * 16 + [(True, 2)] * 8
         if micro == 3:  # 8 rows per update at most 3 a forward: 3, 3 and 2
             assert [n for grad, n in sizes if grad] == [3, 3, 2] * 2
+        if micro == "tokens":  # whole sequences up to the budget (one longer sequence alone), several per update
+            forwards = [(n, t) for (grad, n), (_, t) in zip(sizes, tokens) if grad]
+            assert len(forwards) > 2 and all(t <= budget or n == 1 for n, t in forwards), forwards
+            assert sum(n for n, _ in forwards) == 16  # 2 updates x 8 rows, each row in one micro-batch
     from vlmfast.models import tiny_vlm
 
     init = tiny_vlm("student", seed=0)[0].state_dict()
     whole, w_model = runs[None]
-    for m in (2, 3):
+    for m in (2, 3, "tokens"):
         micro, m_model = runs[m]
         assert [r["step"] for r in micro] == [1, 2]
         for a, b in zip(whole, micro):

@@ -46,6 +46,9 @@ class ModelConfig:
     dtype: str = "float32"  # weights as loaded: float32 | bfloat16 (bfloat16 needs deepspeed.precision: bf16)
     attn_implementation: str = "auto"  # auto (flash-attention 2 on CUDA when installed, else sdpa) | sdpa | eager
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% more time)
+    # padding-free forwards (vlmfast/packing.py): a batch's real tokens back to back, per-sequence positions and
+    # attention; false runs every forward on the padded batch (for comparison)
+    packed_sequences: bool = True
     liger: bool = False  # Liger RMSNorm / RoPE / SwiGLU kernels (CUDA only); the head stays vlmfast's
     freeze_vision: bool = False  # freeze the vision tower (not its merger)
     freeze_projector: bool = False  # freeze the merger (vision -> language projector)
@@ -167,6 +170,9 @@ class StageConfig:
     # evenly as they go (20 rows at most 8: 7, 7, 6); the update's gradient accumulates over its micro-batches, so
     # only one micro-batch's activations are alive at a time
     micro_batch_size: int | None = None
+    # grpo: real tokens per forward and backward on a rank at most (padding-free: whole sequences packed up to it;
+    # a longer one runs alone), the micro-batch count per update the same on every rank; or micro_batch_size
+    max_tokens_per_micro_batch: int | None = None
     clip_low: float = 0.2  # grpo: the ratio's lower clip is 1 - clip_low
     clip_high: float = 0.2  # grpo: the ratio's upper clip is 1 + clip_high
     dual_clip: float | None = None  # grpo: dual-clip bound (> 1) for negative advantages

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .packing import pack, packs, unpack
 from .rope_index import use_prefix_rope_index
 from .zero import forward_as, frozen_weight, is_partitioned
 
@@ -258,8 +259,13 @@ NOT_MODEL_INPUTS = ("labels", "truncated", "prompt_lengths", "response_lengths")
 
 def trunk_hidden(model, **batch) -> torch.Tensor:
     """Last hidden states [B, T, H] of the language model (after its final norm), images included;
-    the lm_head is not applied. An image repeated in consecutive rows is encoded once (shared_images)."""
+    the lm_head is not applied. An image repeated in consecutive rows is encoded once (shared_images). A model
+    with packing on (packing.use_packed_forward) runs the batch's real tokens only, packed into one row; its
+    hidden states come back in the batch's layout, zeros at the pads."""
     batch = {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
+    if packs(model) and batch.get("attention_mask") is not None:
+        inputs, real = pack(model, batch)
+        return unpack(model.model(**shared_images(model, inputs), use_cache=False).last_hidden_state, real)
     return model.model(**shared_images(model, batch), use_cache=False).last_hidden_state
 
 

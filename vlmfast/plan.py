@@ -202,10 +202,7 @@ def plan(cfg: Config, *, gpus: int, gpu_memory: int, prompt_tokens: int = DEFAUL
         teacher = model_size(kind.teacher(s)) if kind.teacher(s) else None
         if teacher is not None:
             shared["teacher engine"] = word * teacher.params // frozen_share
-        # one forward and backward's sequences: the largest micro-batch, twice for pairs
-        micro = kind.micro_batches(s, gpus)
-        rows = -(-kind.rows_per_rank(s, gpus) // micro) * kind.sequences_per_row(s)
-        tokens = max(1, rows) * (prompt_tokens + s.max_new_tokens)
+        tokens = kind.forward_tokens(s, gpus, prompt_tokens + s.max_new_tokens)  # the largest micro-batch's
         head_copy = teacher is not None and kind.teacher_head_copy(s)
         update = {**shared, "activations": activation_bytes(size, tokens, m.gradient_checkpointing, word),
                   "fused op buffers": fused_op_bytes(size.vocab, size.hidden, tokens, word, kind.grouped_loss(s),

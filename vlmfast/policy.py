@@ -7,6 +7,7 @@ from __future__ import annotations
 from .config import Config
 from .data.loading import image_pixels
 from .models import load_model, tiny_vlm
+from .packing import use_packed_forward
 from .zero import frozen_engine, partitioned_loading
 
 
@@ -45,18 +46,22 @@ def load_policy(cfg: Config, path: str | None, device: str, processor=None):
 
 
 def load_model_and_processor(cfg: Config, path: str, device: str, processor=None):
+    """The model (every forward padding-free unless model.packed_sequences is false) and its processor."""
     m = cfg.model
     if path.startswith("tiny:"):
         model, proc = tiny_vlm(path[5:], seed=cfg.run.seed, processor=processor)
         from .models import freeze
 
         freeze(model, vision=m.freeze_vision, projector=m.freeze_projector, llm=m.freeze_llm)
-        return model.to(device), proc
-    with partitioned_loading(ds_config(cfg, 1)):
-        return load_model(path, dtype=m.dtype, attn_implementation=m.attn_implementation,
-                          gradient_checkpointing=m.gradient_checkpointing, liger=m.liger, device=device,
-                          freeze_vision=m.freeze_vision, freeze_projector=m.freeze_projector,
-                          freeze_llm=m.freeze_llm)
+        model = model.to(device)
+    else:
+        with partitioned_loading(ds_config(cfg, 1)):
+            model, proc = load_model(path, dtype=m.dtype, attn_implementation=m.attn_implementation,
+                                     gradient_checkpointing=m.gradient_checkpointing, liger=m.liger, device=device,
+                                     freeze_vision=m.freeze_vision, freeze_projector=m.freeze_projector,
+                                     freeze_llm=m.freeze_llm)
+    use_packed_forward(model, m.packed_sequences)
+    return model, proc
 
 
 def frozen_model(cfg: Config, path: str | None, device: str, processor, micro: int):

@@ -247,6 +247,11 @@ def _update(r: StageRun, step: int):
                                   f"{k} backward passes: the update cannot be skipped cleanly; the last "
                                   "checkpoint holds the last good weights")
                 return loss, metrics, True
+            # the optimizer steps after the last micro-batch (the one with the step's metrics) of every grad_accum-th
+            # step: said to DeepSpeed, whose own count assumes as many micro-batches in every step (a token budget
+            # makes them vary); DeepSpeed's set_gradient_accumulation_boundary is the documented way
+            last = m is not None
+            r.engine.set_gradient_accumulation_boundary(last and (step + 1) % r.cfg.deepspeed.grad_accum == 0)
             # the shares add up to the step's loss: DeepSpeed must not divide them by its accumulation count
             r.engine.backward(share / r.cfg.deepspeed.grad_accum, scale_wrt_gas=False)
             r.engine.step()  # the optimizer steps at the accumulation boundary only

@@ -10,7 +10,6 @@ from .context import (  # noqa: F401 (names the trainer, the plan and the tests 
     _counted,
     _device,
     _policy_loss,
-    _row_slices,
     _rows,
     _sample,
     _sample_subset,
@@ -24,9 +23,10 @@ from .context import (  # noqa: F401 (names the trainer, the plan and the tests 
     rank_positions,
     rank_share_of_tokens,
     step_seed,
+    token_budget_slices,
     world,
 )
-from .grpo import _TOKEN_MEAN_METRICS, _grpo_metrics, forward_rows, update_rows  # noqa: F401
+from .grpo import _TOKEN_MEAN_METRICS, _grpo_metrics, micro_slices, update_rows  # noqa: F401
 
 STAGES: dict[str, Stage] = {t: kind.STAGE for kind in (sft, opd, grpo, preference) for t in kind.STAGE.types}
 

@@ -46,6 +46,12 @@ class Stage:
         """Backward passes per step (the same on every rank: ZeRO-3 needs it)."""
         return 1
 
+    def forward_tokens(self, s, world_size: int, sequence_tokens: int) -> int:
+        """Tokens one forward and backward holds on a rank at most (the plan's activations), each sequence at most
+        `sequence_tokens` long: the largest micro-batch's sequences."""
+        rows = -(-self.rows_per_rank(s, world_size) // self.micro_batches(s, world_size))
+        return max(1, rows) * self.sequences_per_row(s) * sequence_tokens
+
     def grouped_loss(self, s) -> bool:
         """The loss reads whole sequences (token_loss with groups): the plan counts the one pass's buffers so."""
         return False

@@ -198,10 +198,6 @@ def _sample_subset(ctx, exs, positions: list[int], idx: list[int], n: int, step:
     return _sample(ctx, [exs[i] for i in padded], n, step, [positions[i] for i in padded])[: len(idx)]
 
 
-def _row_slices(n: int, size: int) -> list[slice]:
-    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
-
-
 def even_row_slices(n: int, parts: int) -> list[slice]:
     """n rows in `parts` consecutive slices whose sizes differ by one at most (the larger first)."""
     base, extra = divmod(n, parts)
@@ -209,6 +205,30 @@ def even_row_slices(n: int, parts: int) -> list[slice]:
     for i in range(parts):
         bounds.append(bounds[-1] + base + (i < extra))
     return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def token_budget_slices(lengths: list[int], budget: int, count: int | None = None) -> list[slice]:
+    """Consecutive rows in slices of at most `budget` tokens each (`lengths`: each row's real tokens; a row longer
+    than the budget gets a slice of its own), then the largest slices halved until there are `count` of them (every
+    rank must run as many forwards: ZeRO-3 gathers each layer's parameters collectively). `count` can be at most
+    the number of rows."""
+    bounds, tokens = [0], 0
+    for i, n in enumerate(lengths):
+        if i > bounds[-1] and tokens + n > budget:
+            bounds.append(i)
+            tokens = 0
+        tokens += n
+    slices = [slice(a, b) for a, b in zip(bounds, [*bounds[1:], len(lengths)])]
+    if count is not None:
+        if count > len(lengths):
+            raise ValueError(f"{len(lengths)} rows cannot make {count} micro-batches")
+        while len(slices) < count:  # split the slice with most tokens (of those with two rows or more)
+            i = max((k for k, sl in enumerate(slices) if sl.stop - sl.start > 1),
+                    key=lambda k: sum(lengths[slices[k]]))
+            sl = slices[i]
+            mid = sl.start + (sl.stop - sl.start) // 2
+            slices[i : i + 1] = [slice(sl.start, mid), slice(mid, sl.stop)]
+    return slices
 
 
 def _rows(batch: dict, sl: slice) -> dict:

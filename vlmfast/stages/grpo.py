@@ -11,19 +11,19 @@ from ..data.collate import collate_token_responses
 from ..losses import group_advantages, grpo_loss
 from ..losses.grpo import SCALINGS, _check_grpo
 from ..models import head_token_stats, trunk_hidden
-from ..ranks import gathered_rows
+from ..ranks import gathered_rows, reduce_over_ranks
 from ..rewards import Reward, score
 from .base import Stage, check_loss
 from .context import (
     StageContext,
     _device,
     _policy_loss,
-    _row_slices,
     _rows,
     _sample,
     batch_examples,
     even_row_slices,
     rank_share_of_tokens,
+    token_budget_slices,
     world,
 )
 
@@ -33,11 +33,20 @@ def update_rows(ctx: StageContext) -> int:
     return STAGE.rows_per_rank(ctx.stage, world()[1])
 
 
-def forward_rows(ctx: StageContext) -> int:
-    """Sequences of one forward on this rank at most: an update's micro-batch (micro_batch_size, default the whole
-    update), and the slice size of every no-grad recompute over a rollout batch (old and reference
-    log-probs), so none is larger."""
-    return ctx.stage.micro_batch_size or update_rows(ctx)
+def micro_slices(ctx: StageContext, batch: dict, update: slice) -> list[slice]:
+    """Rows `update` of a rollout batch in micro-batches, one forward and backward each: whole sequences of at most
+    max_tokens_per_micro_batch real tokens together (as many micro-batches on every rank: the largest count), else
+    micro_batch_size rows as even as they go, else the whole update. The old and reference log-prob passes run
+    the same slices, so no recompute is larger than an update's forward and the first update's ratio is exactly 1."""
+    s = ctx.stage
+    if s.max_tokens_per_micro_batch:
+        lengths = batch["attention_mask"][update].sum(1).tolist()
+        mine = len(token_budget_slices(lengths, s.max_tokens_per_micro_batch))
+        count = int(reduce_over_ranks(torch.tensor([float(mine)], dtype=torch.float64), "max").item())
+        local = token_budget_slices(lengths, s.max_tokens_per_micro_batch, count)
+    else:
+        local = even_row_slices(update.stop - update.start, STAGE.micro_batches(s, world()[1]))
+    return [slice(update.start + m.start, update.start + m.stop) for m in local]
 
 
 def _sampler_logp_grid(completions, batch) -> torch.Tensor:
@@ -72,9 +81,8 @@ def _rollout(ctx: StageContext, index: int) -> dict:
     b = collate_token_responses(ctx.processor, [e.problem for e in rep], [e.images for e in rep],
                                 [c.token_ids for c in flat])
     labels = b["labels"]
-    # in slices of exactly the update's rows: no recompute is larger than an update, and the first
-    # update's forward repeats its slice's computation, so its ratio is exactly 1
-    slices = _row_slices(len(flat), forward_rows(ctx))
+    rows = update_rows(ctx)
+    slices = [sl for u in range(s.updates_per_rollout) for sl in micro_slices(ctx, b, slice(u * rows, (u + 1) * rows))]
 
     def logp_of(model):
         return torch.cat([head_token_stats(model, trunk_hidden(model, **_rows(b, sl)), labels[sl],
@@ -134,7 +142,7 @@ _TOKEN_MEAN_METRICS = ("entropy", "kl", "clip_frac_low", "clip_frac_high", "rati
 
 
 def _grpo_update(ctx: StageContext, ro: dict, update: slice):
-    """The update on rows `update` of the rollout batch, in micro_batches_per_step micro-batches: yields each
+    """The update on rows `update` of the rollout batch, in its micro-batches (micro_slices): yields each
     micro-batch's share of the update's loss (the token mean divides by the whole update's tokens; the
     per-sequence means weigh a micro-batch by its rows, so uneven ones add up too), with the update's metrics on
     the last one."""
@@ -143,16 +151,16 @@ def _grpo_update(ctx: StageContext, ro: dict, update: slice):
     rows = whole["labels"].shape[0]
     n = rank_share_of_tokens(whole["labels"], _device(ctx)) if s.aggregation == "token-mean" else None
     parts = []  # (metrics, tokens, rows) per micro-batch
-    for micro in even_row_slices(rows, STAGE.micro_batches(s, world()[1])):
-        sl = slice(update.start + micro.start, update.start + micro.stop)
+    for sl in micro_slices(ctx, ro["batch"], update):
         loss, m, labels = _grpo_forward(ctx, ro, sl, n)
         if n is None:  # a per-sequence mean over this micro-batch: its share of the update's mean
             loss = loss * (labels.shape[0] / rows)
         parts.append((m, (labels != -100).sum().item(), labels.shape[0]))
-        if micro.stop == rows:  # the trainer combines the ranks' token means weighted by their tokens
+        last = sl.stop == update.stop
+        if last:  # the trainer combines the ranks' token means weighted by their tokens
             ctx.extra["metric_tokens"] = float(sum(t for _, t, _ in parts))
             ctx.extra["token_weighted"] = _TOKEN_MEAN_METRICS + (("pg_loss",) if s.aggregation == "token-mean" else ())
-        yield loss, (_grpo_metrics(ro, update, whole, parts, s.aggregation) if micro.stop == rows else None)
+        yield loss, (_grpo_metrics(ro, update, whole, parts, s.aggregation) if last else None)
 
 
 def _grpo_forward(ctx: StageContext, ro: dict, sl: slice, n):
@@ -200,7 +208,8 @@ def _grpo_metrics(ro: dict, update: slice, whole: dict, parts: list, aggregation
 class GRPO(Stage):
     types = ("grpo",)
     step = staticmethod(grpo_step)
-    own_keys = {"tis_cap": "truncated importance sampling weights", "micro_batch_size": "micro-batched updates"}
+    own_keys = {"tis_cap": "truncated importance sampling weights", "micro_batch_size": "micro-batched updates",
+                "max_tokens_per_micro_batch": "token-budget micro-batches"}
 
     def needs_reference(self, s):
         return s.kl_coef > 0  # the KL penalty to pi_ref
@@ -210,10 +219,17 @@ class GRPO(Stage):
 
     def micro_batches(self, s, world_size):
         """The update split into micro-batches of at most micro_batch_size rows per rank, as even as they go (20
-        rows at most 8 are 7, 7 and 6); the same count on every rank, whatever the world size."""
+        rows at most 8 are 7, 7 and 6); the same count on every rank, whatever the world size. With a token budget
+        the count follows the sequences' lengths (decided per update): 1 here."""
         if not s.micro_batch_size:
             return 1
         return -(-self.rows_per_rank(s, world_size) // s.micro_batch_size)
+
+    def forward_tokens(self, s, world_size, sequence_tokens):
+        tokens = super().forward_tokens(s, world_size, sequence_tokens)
+        if s.max_tokens_per_micro_batch:  # whole sequences up to the budget: one longer sequence runs alone
+            tokens = min(tokens, max(s.max_tokens_per_micro_batch, sequence_tokens))
+        return tokens
 
     def prompts_per_step(self, s):
         return s.batch_size * s.updates_per_rollout  # a rollout batch serves updates_per_rollout steps
@@ -222,6 +238,11 @@ class GRPO(Stage):
         return s.batch_size * s.updates_per_rollout // world_size * s.group_size
 
     def check(self, s, key, bad):
+        if s.max_tokens_per_micro_batch is not None:
+            if s.micro_batch_size is not None:
+                bad(f"{key}.max_tokens_per_micro_batch", "set it or micro_batch_size, not both")
+            if s.max_tokens_per_micro_batch < 1:
+                bad(f"{key}.max_tokens_per_micro_batch", f"must be >= 1, got {s.max_tokens_per_micro_batch}")
         if s.micro_batch_size is not None and s.micro_batch_size < 1:
             bad(f"{key}.micro_batch_size", f"must be >= 1 (sequences per forward, at most), got {s.micro_batch_size}")
         if s.group_size < 2:

@@ -1,0 +1,122 @@
+"""Padding-free forwards (vlmfast/packing.py) equal the padded batch: the tiny Qwen2.5-VL with images of different
+sizes, sequences of very different lengths, rows sharing an image (a GRPO group), rows without one, left and right
+padding; hidden states at every real token, every loss of the stages and every gradient, fp32. The whole trainer,
+packed on 2 ZeRO-3 ranks against padded in one process, is tests/test_zero3_all_paths.py."""
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+import vlmfast
+from vlmfast.data.collate import collate, collate_token_responses
+from vlmfast.data.synthetic import generate
+from vlmfast.models import call_head, trunk_hidden
+from vlmfast.packing import pack, padding_share, use_packed_forward
+
+
+@pytest.fixture(scope="module")
+def model_proc():
+    from vlmfast.models import tiny_vlm
+
+    model, proc = tiny_vlm("student", seed=0)
+    return model.eval(), proc
+
+
+@pytest.fixture(scope="module")
+def rows():
+    rs = generate("train", 4, seed=3)
+    images = [[Image.open(io.BytesIO(r["images"][0]["bytes"])).convert("RGB")] for r in rs]
+    images[1] = [images[1][0].resize((56, 112))]  # another grid: its own mRoPE span
+    images[3] = [images[3][0].resize((112, 56))]
+    return [r["problem"] for r in rs], images
+
+
+def _both(model, fn):
+    """fn() with the model padded, then packed."""
+    out = []
+    for on in (False, True):
+        use_packed_forward(model, on)
+        out.append(fn())
+    use_packed_forward(model, False)
+    return out
+
+
+def _hidden_close(model, batch):
+    padded, packed = _both(model, lambda: trunk_hidden(model, **batch))
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(packed[real], padded[real], atol=2e-5, rtol=1e-5)
+    assert (packed[~real] == 0).all()
+    return real
+
+
+def test_hidden_states_equal_at_every_real_token(model_proc, rows):
+    model, proc = model_proc
+    problems, images = rows
+    responses = ["x", "a much longer answer with many words in it " * 6 + "\\boxed{3}", "", "two \\boxed{2}"]
+    right = collate(proc, problems, images, responses)  # training: right padded
+    real = _hidden_close(model, right)
+    assert padding_share(real) > 0.4  # the case is mostly padding: what packing saves
+    _hidden_close(model, collate(proc, problems, images))  # generation prompts: left padded
+
+
+def test_a_group_sharing_its_image_and_text_only_rows(model_proc, rows):
+    model, proc = model_proc
+    problems, images = rows
+    g = torch.Generator().manual_seed(0)
+    rep_p, rep_i = [problems[0]] * 3 + [problems[1]] * 3, [images[0]] * 3 + [images[1]] * 3
+    responses = [torch.randint(10, 200, (n,), generator=g).tolist() for n in (1, 40, 7, 25, 2, 60)]
+    _hidden_close(model, collate_token_responses(proc, rep_p, rep_i, responses))  # shared_images path
+    _hidden_close(model, collate(proc, ["what is 2 + 2?", "and 3?"], [[], []], ["four", "it is three, \\boxed{3}"]))
+
+
+def _loss_and_grads(model, batch, loss_fn):
+    model.zero_grad()
+    loss = call_head(model, trunk_hidden(model, **batch), loss_fn)[0]
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("loss", ["sft", "grpo", "dpo"])
+def test_losses_and_every_gradient_equal(model_proc, rows, loss):
+    model, proc = model_proc
+    problems, images = rows
+    responses = ["x", "a much longer answer " * 8 + "\\boxed{3}", "\\boxed{1}", "two \\boxed{2}"]
+    b = collate(proc, problems, images, responses)
+    y = b["labels"]
+    if loss == "sft":
+        def fn(h, w):
+            return vlmfast.sft_loss(h, w, y)
+    elif loss == "grpo":  # per-sequence advantages, a moved old policy, per-sequence means
+        old = torch.where(y != -100, -torch.rand(y.shape) - 4.0, 0.0)
+        adv = torch.tensor([1.0, -0.5, 0.25, -1.0])
+
+        def fn(h, w):
+            return vlmfast.grpo_loss(h, w, y, old, adv, aggregation="seq-mean-token-mean")
+    else:  # rows [:2] chosen, [2:] rejected: pairs of very different lengths
+        def fn(h, w):
+            return vlmfast.dpo_loss(h, w, y, torch.full((2,), -30.0), torch.full((2,), -20.0), beta=0.5)
+    (l_pad, g_pad), (l_pack, g_pack) = _both(model, lambda: _loss_and_grads(model, b, fn))
+    torch.testing.assert_close(l_pack, l_pad, atol=1e-6, rtol=1e-5)
+    assert g_pad.keys() == g_pack.keys() and any(".visual." in f".{n}" for n in g_pad)  # the vision tower too
+    for name in g_pad:
+        scale = max(1.0, g_pad[name].abs().max().item())
+        assert (g_pack[name] - g_pad[name]).abs().max().item() <= 1e-4 * scale, name
+
+
+def test_packed_inputs_restart_positions_per_sequence(model_proc, rows):
+    """The packed row's text positions restart at 0 at each sequence (what transformers reads as packed) and
+    its 3-D positions are each sequence's own (get_rope_index of the padded batch at the real tokens)."""
+    model, proc = model_proc
+    problems, images = rows
+    b = collate(proc, problems, images, ["x", "yy", "zzz", "w"])
+    inputs, real = pack(model, b)
+    lengths = real.sum(1).tolist()
+    pos = inputs["position_ids"]
+    assert pos.shape == (4, 1, sum(lengths)) and inputs["input_ids"].shape == (1, sum(lengths))
+    starts = torch.tensor([0] + lengths[:-1]).cumsum(0)
+    assert (pos[0, 0, starts] == 0).all() and (pos[0, 0] == 0).sum() == len(lengths)
+    own, _ = type(model.model).get_rope_index(model.model, b["input_ids"], b["mm_token_type_ids"],
+                                             image_grid_thw=b["image_grid_thw"], attention_mask=b["attention_mask"])
+    assert torch.equal(pos[1:, 0], own[:, real])
