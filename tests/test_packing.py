@@ -120,3 +120,27 @@ def test_packed_inputs_restart_positions_per_sequence(model_proc, rows):
     own, _ = type(model.model).get_rope_index(model.model, b["input_ids"], b["mm_token_type_ids"],
                                              image_grid_thw=b["image_grid_thw"], attention_mask=b["attention_mask"])
     assert torch.equal(pos[1:, 0], own[:, real])
+
+
+def test_varlen_sdpa_attends_within_each_sequence_only():
+    """The packed row's SDPA attention (one causal SDPA per sequence span) against SDPA with the block-diagonal
+    causal mask over the whole row, grouped-query heads included; with a mask it is plain SDPA."""
+    from types import SimpleNamespace
+
+    from vlmfast.packing import varlen_sdpa_attention
+
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 1, 17, 9]
+    n = sum(lengths)
+    q = torch.randn(1, 4, n, 8, generator=g)
+    k, v = torch.randn(1, 2, n, 8, generator=g), torch.randn(1, 2, n, 8, generator=g)  # 2 query heads per key head
+    positions = torch.cat([torch.arange(x) for x in lengths])[None]
+    seq = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    allowed = (seq[:, None] == seq[None, :]) & torch.ones(n, n, dtype=torch.bool).tril()
+    want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                            attn_mask=allowed, scale=0.3)
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True)
+    got, _ = varlen_sdpa_attention(module, q, k, v, None, scaling=0.3, position_ids=positions)
+    torch.testing.assert_close(got, want.transpose(1, 2), atol=1e-6, rtol=1e-6)
+    masked, _ = varlen_sdpa_attention(module, q, k, v, allowed[None, None], scaling=0.3, position_ids=positions)
+    torch.testing.assert_close(masked, want.transpose(1, 2), atol=1e-6, rtol=1e-6)

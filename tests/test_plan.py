@@ -203,3 +203,26 @@ def test_the_plan_refuses_a_world_size_the_trainer_refuses(capsys):
     grpo = str(ROOT / "recipes" / "qwen25vl7b_geo3k_grpo.yaml")
     assert main(["--config", grpo, "--gpus", "48"]) == 2
     assert "stages[0].batch_size=128 is not divisible by the 48 ranks" in capsys.readouterr().err
+
+
+def test_grpo_gets_the_largest_token_budget_that_fits(capsys):
+    """On GPUs the trainer gives a GRPO stage without micro-batch settings the plan's largest token budget (its
+    GPU branch, fit_to_gpu, reached here with the device's memory passed in): the budget fits, one step more does
+    not; a stage with micro_batch_size, or whose whole update fits, keeps its settings."""
+    from vlmfast.config import ConfigError, load_config
+    from vlmfast.plan import BUDGET_STEP, check_fits, token_budgets
+    from vlmfast.train import fit_to_gpu
+
+    grpo = str(ROOT / "recipes" / "qwen25vl7b_geo3k_grpo.yaml")
+    cfg = load_config(grpo, ["stages.0.micro_batch_size=null"])
+    budgets = fit_to_gpu(cfg, {}, None, 1024, gpus=8, gpu_memory=80 * GiB)
+    (tokens,) = budgets.values()
+    assert tokens % BUDGET_STEP == 0 and cfg.stages[0].max_tokens_per_micro_batch == tokens
+    assert f"stages[0].max_tokens_per_micro_batch={tokens}: the largest token budget" in capsys.readouterr().out
+    over = load_config(grpo, ["stages.0.micro_batch_size=null",
+                              f"stages.0.max_tokens_per_micro_batch={tokens + BUDGET_STEP}"])
+    with pytest.raises(ConfigError, match="largest component is activations"):
+        check_fits(over, gpus=8, gpu_memory=80 * GiB, prompt_tokens=1024)
+    assert token_budgets(load_config(grpo), gpus=8, gpu_memory=80 * GiB, prompt_tokens=1024) == {}
+    whole = load_config(grpo, ["stages.0.micro_batch_size=null"])
+    assert token_budgets(whole, gpus=8, gpu_memory=10**15, prompt_tokens=1024) == {}

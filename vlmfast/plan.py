@@ -289,6 +289,40 @@ def fused_op_bytes(vocab: int, hidden: int, tokens: int, word: int, grouped: boo
     return 2 * 4 * vocab * hidden + logits * (2 if teacher_head else 1) + logits * word // 4
 
 
+BUDGET_STEP = 256  # token budgets the plan picks are multiples of this
+
+
+def token_budgets(cfg: Config, *, gpus: int, gpu_memory: int, prompt_tokens: int = DEFAULT_PROMPT_TOKENS
+                  ) -> dict[int, int]:
+    """{stage index: max_tokens_per_micro_batch} for each stage that takes a token budget and has neither it nor
+    micro_batch_size set: the largest multiple of BUDGET_STEP whose update phase fits `gpu_memory` (at least one
+    sequence; at most the whole update, which needs no budget and is left out)."""
+    import dataclasses
+
+    out = {}
+    for i, s in enumerate(cfg.stages):
+        if ("max_tokens_per_micro_batch" not in stage_of(s).own_keys or s.max_tokens_per_micro_batch is not None
+                or s.micro_batch_size is not None):
+            continue
+
+        def update_bytes(budget, i=i, s=s):
+            stages = list(cfg.stages)
+            stages[i] = dataclasses.replace(s, max_tokens_per_micro_batch=budget)
+            trial = dataclasses.replace(cfg, stages=stages)
+            return sum(plan(trial, gpus=gpus, gpu_memory=gpu_memory, prompt_tokens=prompt_tokens)[i].update.values())
+
+        sequence = prompt_tokens + s.max_new_tokens
+        whole = stage_of(s).forward_tokens(s, gpus, sequence)
+        if update_bytes(whole) <= gpu_memory:
+            continue  # the whole update fits in one forward
+        lo, hi = 1, -(-whole // BUDGET_STEP)  # in steps; the update of hi steps does not fit
+        while lo + 1 < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if update_bytes(mid * BUDGET_STEP) <= gpu_memory else (lo, mid)
+        out[i] = max(lo * BUDGET_STEP, sequence)
+    return out
+
+
 def check_fits(cfg: Config, *, gpus: int, gpu_memory: int, prompt_tokens: int = DEFAULT_PROMPT_TOKENS) -> None:
     """ConfigError naming the stage and its largest component when a stage cannot fit (`vlmfast train`
     runs this on GPUs with its data's longest prompt, before it loads any model)."""

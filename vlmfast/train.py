@@ -135,6 +135,25 @@ class MetricsLog:
             tracker.log(record)
 
 
+def fit_to_gpu(cfg: Config, data: dict, processor, longest: int | None, *, gpus: int, gpu_memory: int) -> dict:
+    """Before any model loads on GPUs: the GRPO stages without micro-batch settings get the largest token budget
+    that fits (`vlmfast plan`'s, said on stdout), then a stage that cannot fit stops the run naming its largest
+    component. Prompts priced at the data's longest (counted here when no vLLM stage counted them). Returns the
+    budgets set ({stage index: tokens})."""
+    from .data.budget import longest_prompt
+    from .plan import check_fits, token_budgets
+
+    longest = longest if longest is not None else longest_prompt(processor, data)
+    budgets = token_budgets(cfg, gpus=gpus, gpu_memory=gpu_memory, prompt_tokens=longest)
+    for i, tokens in budgets.items():
+        cfg.stages[i].max_tokens_per_micro_batch = tokens
+        if _is_main():
+            print(f"stages[{i}].max_tokens_per_micro_batch={tokens}: the largest token budget that fits "
+                  f"{gpu_memory / 2**30:.0f} GiB (vlmfast plan); set it or micro_batch_size to choose", flush=True)
+    check_fits(cfg, gpus=gpus, gpu_memory=gpu_memory, prompt_tokens=longest)
+    return budgets
+
+
 def _make_probe(cfg: Config, data: dict) -> DeltaLogpProbe | None:
     n = cfg.eval.probes
     val = data.get("val") or []
@@ -170,20 +189,16 @@ def run(cfg: Config) -> dict:
     if any(generation_engine(cfg, s) == "vllm" for s in cfg.stages):  # prompts over vLLM's budget dropped here
         processor = load_processor(cfg)
         data, max_model_len, longest = _fit_vllm_budget(cfg, data, processor)
+    made_by = {"fingerprint": fingerprint(cfg), "recipe": identity(cfg)}  # the recipe as given, not as fitted
+    as_given = cfg.to_dict()
     if device == "cuda":  # a recipe that cannot fit stops here, naming what does not, before any model loads
-        from .data.budget import longest_prompt
-        from .plan import check_fits
-
-        if longest is None:  # no vLLM stage: the prompts were not counted yet
-            processor = load_processor(cfg)
-            longest = longest_prompt(processor, data)
-        check_fits(cfg, gpus=torch.distributed.get_world_size(), prompt_tokens=longest,
+        processor = processor or load_processor(cfg)
+        fit_to_gpu(cfg, data, processor, longest, gpus=torch.distributed.get_world_size(),
                    gpu_memory=torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
     if _is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        (run_dir / RECIPE_FILE).write_text(json.dumps({"fingerprint": fingerprint(cfg), "recipe": identity(cfg)},
-                                                      default=str))
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(as_given, sort_keys=False))
+        (run_dir / RECIPE_FILE).write_text(json.dumps(made_by, default=str))
     resume_from = ckpt.latest(ckpt_root) if cfg.run.resume == "auto" else None
     state = ckpt.read_state(resume_from) if resume_from else None
     world = torch.distributed.get_world_size()
