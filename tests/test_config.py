@@ -48,6 +48,8 @@ def test_shipped_recipes_load():
          r"stages\[0\].max_tokens_per_micro_batch: must be >= 1"),
         (cfg(stages=[{"type": "grpo", "max_tokens_per_micro_batch": 4096, "micro_batch_size": 2}]),
          r"stages\[0\].max_tokens_per_micro_batch: set it or micro_batch_size, not both"),
+        (cfg(stages=[{"type": "grpo", "gentle": {"variant": "hinge"}}]),
+         r"stages\[0\].gentle: gentle negatives are for sft stages, not 'grpo'"),
         (cfg(stages=[{"type": "dpo", "max_tokens_per_micro_batch": 4096}]),
          r"stages\[0\].max_tokens_per_micro_batch: token-budget micro-batches are for grpo stages"),
         (cfg(stages=[{"type": "grpo", "tis_cap": 0}]), r"stages\[0\].tis_cap: must be a finite number > 0"),
@@ -165,14 +167,14 @@ def test_batches_that_do_not_split_over_the_ranks_are_named():
 
 def test_micro_batches_are_at_most_micro_batch_size_and_as_even_as_they_go():
     from vlmfast.config import StageConfig
-    from vlmfast.stages import even_row_slices, micro_batches_per_step
+    from vlmfast.stages import STAGES, even_row_slices
 
     for n, parts in ((20, 3), (80, 10), (5, 1), (7, 7), (10, 4)):
         sizes = [sl.stop - sl.start for sl in even_row_slices(n, parts)]
         assert sum(sizes) == n and len(sizes) == parts and max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes)[::-1]
     stage = StageConfig(type="grpo", batch_size=128, group_size=5, micro_batch_size=8)
     # 80, 40, 20, 10 and 5 sequences per rank at 8 to 128 ranks
-    assert [micro_batches_per_step(stage, w) for w in (8, 16, 32, 64, 128)] == [10, 5, 3, 2, 1]
+    assert [STAGES["grpo"].micro_batches(stage, w) for w in (8, 16, 32, 64, 128)] == [10, 5, 3, 2, 1]
 
 
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])

@@ -13,7 +13,7 @@ import vlmfast
 from vlmfast.data.collate import collate, collate_token_responses
 from vlmfast.data.synthetic import generate
 from vlmfast.models import call_head, trunk_hidden
-from vlmfast.packing import pack, padding_share, use_packed_forward
+from vlmfast.packing import pack, use_packed_forward
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_hidden_states_equal_at_every_real_token(model_proc, rows):
     responses = ["x", "a much longer answer with many words in it " * 6 + "\\boxed{3}", "", "two \\boxed{2}"]
     right = collate(proc, problems, images, responses)  # training: right padded
     real = _hidden_close(model, right)
-    assert padding_share(real) > 0.4  # the case is mostly padding: what packing saves
+    assert real.float().mean() < 0.6  # the case is mostly padding: what packing saves
     _hidden_close(model, collate(proc, problems, images))  # generation prompts: left padded
 
 

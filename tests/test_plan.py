@@ -215,7 +215,7 @@ def test_grpo_gets_the_largest_token_budget_that_fits(capsys):
 
     grpo = str(ROOT / "recipes" / "qwen25vl7b_geo3k_grpo.yaml")
     cfg = load_config(grpo, ["stages.0.micro_batch_size=null"])
-    budgets = fit_to_gpu(cfg, {}, None, 1024, gpus=8, gpu_memory=80 * GiB)
+    budgets = fit_to_gpu(cfg, 1024, gpus=8, gpu_memory=80 * GiB)
     (tokens,) = budgets.values()
     assert tokens % BUDGET_STEP == 0 and cfg.stages[0].max_tokens_per_micro_batch == tokens
     assert f"stages[0].max_tokens_per_micro_batch={tokens}: the largest token budget" in capsys.readouterr().out

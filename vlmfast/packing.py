@@ -93,9 +93,7 @@ def _has_mrope(model) -> bool:
 def pack(model, batch: dict) -> tuple[dict, torch.Tensor]:
     """The model inputs of `batch` packed into one row, and the mask [B, T] of the real tokens (row-major: the
     order of the packed row)."""
-    ids = batch["input_ids"]
-    mask = batch["attention_mask"].bool() if batch.get("attention_mask") is not None else torch.ones_like(
-        ids, dtype=torch.bool)
+    ids, mask = batch["input_ids"], batch["attention_mask"].bool()
     text = (mask.long().cumsum(1) - 1).clamp(min=0)  # each sequence's positions, from 0 at its first real token
     out = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "position_ids",
                                                        "mm_token_type_ids")}
@@ -122,8 +120,3 @@ def unpack(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[1, N, H] hidden states back to the batch's [B, T, H] layout, zeros at the pads (differentiable)."""
     B, T = mask.shape
     return hidden.new_zeros(B, T, hidden.shape[-1]).masked_scatter(mask[..., None], hidden[0])
-
-
-def padding_share(mask: torch.Tensor) -> float:
-    """The share of a padded batch's token slots that are padding (what a packed forward does not compute)."""
-    return 1.0 - mask.sum().item() / max(1, mask.numel())

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -32,6 +32,7 @@ from .probes import DeltaLogpProbe, EarlyStopping, entropy_means, sample_entropy
 from .ranks import gathered_in_order, global_means, is_main, reduce_over_ranks, shard
 from .rollout import Sampling, make_engine
 from .stages import Stage, StageContext, mean_over_ranks, stage_of
+from .stages import world as ranks_world
 from .zero import engine_forward, gathered_for_generation
 
 
@@ -57,7 +58,6 @@ class StageRun:
     last_eval: dict | None = None
     stopped_early: bool = False
     world: int = 1
-    extra: dict = field(default_factory=dict)
 
     @property
     def policy(self):
@@ -119,7 +119,7 @@ def open_stage(cfg, si, name, stage, model, run: dict, start_path, state, max_mo
     import deepspeed
 
     kind = stage_of(stage)
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    _, world = ranks_world()
     n_micro = kind.micro_batches(stage, world)
     micro = -(-kind.rows_per_rank(stage, world) // n_micro)  # the largest micro-batch
     optimizer = _optimizer(cfg, stage, model, next(model.parameters()).device.type)

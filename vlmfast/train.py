@@ -135,15 +135,12 @@ class MetricsLog:
             tracker.log(record)
 
 
-def fit_to_gpu(cfg: Config, data: dict, processor, longest: int | None, *, gpus: int, gpu_memory: int) -> dict:
+def fit_to_gpu(cfg: Config, longest: int, *, gpus: int, gpu_memory: int) -> dict:
     """Before any model loads on GPUs: the GRPO stages without micro-batch settings get the largest token budget
     that fits (`vlmfast plan`'s, said on stdout), then a stage that cannot fit stops the run naming its largest
-    component. Prompts priced at the data's longest (counted here when no vLLM stage counted them). Returns the
-    budgets set ({stage index: tokens})."""
-    from .data.budget import longest_prompt
+    component; prompts priced at the data's longest. Returns the budgets set ({stage index: tokens})."""
     from .plan import check_fits, token_budgets
 
-    longest = longest if longest is not None else longest_prompt(processor, data)
     budgets = token_budgets(cfg, gpus=gpus, gpu_memory=gpu_memory, prompt_tokens=longest)
     for i, tokens in budgets.items():
         cfg.stages[i].max_tokens_per_micro_batch = tokens
@@ -192,8 +189,12 @@ def run(cfg: Config) -> dict:
     made_by = {"fingerprint": fingerprint(cfg), "recipe": identity(cfg)}  # the recipe as given, not as fitted
     as_given = cfg.to_dict()
     if device == "cuda":  # a recipe that cannot fit stops here, naming what does not, before any model loads
-        processor = processor or load_processor(cfg)
-        fit_to_gpu(cfg, data, processor, longest, gpus=torch.distributed.get_world_size(),
+        if longest is None:  # no vLLM stage: the prompts were not counted yet
+            from .data.budget import longest_prompt
+
+            processor = load_processor(cfg)
+            longest = longest_prompt(processor, data)
+        fit_to_gpu(cfg, longest, gpus=torch.distributed.get_world_size(),
                    gpu_memory=torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
     if _is_main():
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -41,10 +41,9 @@ def cooling_weight(mean_logp: torch.Tensor, l_floor, tau: float) -> torch.Tensor
     return torch.sigmoid((mean_logp.detach().float() - l_floor) / tau)
 
 
-L_FLOOR_RULES = {
-    "batch": "the mean lbar of this batch's rejected responses",
-    "auto": "the mean lbar of the dataset's negatives under the policy at stage start (the trainer's rule)",
-}
+# "batch": the mean lbar of this batch's rejected responses (batch_floor); "auto": the mean lbar of the dataset's
+# negatives under the policy at stage start, resolved once by the trainer (auto_floor)
+L_FLOOR_RULES = ("batch", "auto")
 
 
 def l_floor_problem(l_floor, *, trainer=False) -> str | None:

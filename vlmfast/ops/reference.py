@@ -2,8 +2,9 @@
 vocabulary, differentiated by autograd. It shares no formula with the fused backends.
 
 The one naive reference of token_stats: `backend="reference"` runs it (5 GB of fp32 logits at N=8192, V=152064),
-the tests compare every backend and kernel against it (in fp64 for the ground truth, in a 16-bit dtype for the
-"naive same-dtype" baseline a fused result must be no worse than), and the benchmarks time it as "naive".
+and the tests compare every backend and kernel against it (in fp64 for the ground truth, in a 16-bit dtype for the
+"naive same-dtype" baseline a fused result must be no worse than). The losses' naive reference, which the
+benchmarks time as "naive", is losses/reference.py.
 """
 
 from __future__ import annotations

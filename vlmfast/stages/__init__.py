@@ -35,19 +35,3 @@ def stage_of(s) -> Stage:
     """The Stage that runs recipe stage `s` (its `type`)."""
     return STAGES[s.type]
 
-
-def needs_reference(s) -> bool:
-    return stage_of(s).needs_reference(s)
-
-
-def rows_per_rank(s, world_size: int) -> int:
-    return stage_of(s).rows_per_rank(s, world_size)
-
-
-def micro_batches_per_step(s, world_size: int) -> int:
-    return stage_of(s).micro_batches(s, world_size)
-
-
-def sequences_per_rank(s, world_size: int) -> int:
-    """Sequences one step's forward passes hold on each rank: its rows, twice for pairs."""
-    return rows_per_rank(s, world_size) * stage_of(s).sequences_per_row(s)

@@ -49,6 +49,13 @@ def micro_slices(ctx: StageContext, batch: dict, update: slice) -> list[slice]:
     return [slice(update.start + m.start, update.start + m.stop) for m in local]
 
 
+def rollout_micro_slices(ctx: StageContext, batch: dict) -> list[list[slice]]:
+    """Each update's micro_slices over a rollout batch, decided once per rollout: the old and reference passes and
+    every update read the same list (with a token budget, one all-reduce per update, not one per use)."""
+    rows = update_rows(ctx)
+    return [micro_slices(ctx, batch, slice(u * rows, (u + 1) * rows)) for u in range(ctx.stage.updates_per_rollout)]
+
+
 def _sampler_logp_grid(completions, batch) -> torch.Tensor:
     """Sampler log-probs laid out like batch['labels'] (0 elsewhere)."""
     grid = torch.zeros(batch["labels"].shape)
@@ -81,8 +88,8 @@ def _rollout(ctx: StageContext, index: int) -> dict:
     b = collate_token_responses(ctx.processor, [e.problem for e in rep], [e.images for e in rep],
                                 [c.token_ids for c in flat])
     labels = b["labels"]
-    rows = update_rows(ctx)
-    slices = [sl for u in range(s.updates_per_rollout) for sl in micro_slices(ctx, b, slice(u * rows, (u + 1) * rows))]
+    micro = rollout_micro_slices(ctx, b)
+    slices = [sl for update in micro for sl in update]
 
     def logp_of(model):
         return torch.cat([head_token_stats(model, trunk_hidden(model, **_rows(b, sl)), labels[sl],
@@ -91,8 +98,8 @@ def _rollout(ctx: StageContext, index: int) -> dict:
     with ctx.timer("logprobs"):
         old = logp_of(ctx.model) if s.updates_per_rollout > 1 else None
         ref = logp_of(ctx.reference) if ctx.reference is not None and s.kl_coef > 0 else None
-    return {"index": index, "batch": b, "adv": adv, "old": old, "ref": ref, "rewards": rewards, "scores": scores,
-            "token_ids": [c.token_ids for c in flat], "sampler": _sampler_logp_grid(flat, b),
+    return {"index": index, "batch": b, "micro": micro, "adv": adv, "old": old, "ref": ref, "rewards": rewards,
+            "scores": scores, "token_ids": [c.token_ids for c in flat], "sampler": _sampler_logp_grid(flat, b),
             "truncated": torch.tensor([c.finish_reason == "length" for c in flat], dtype=torch.float32)}
 
 
@@ -120,7 +127,8 @@ def restore_rollout(ctx: StageContext, state: dict) -> None:
     rep = [e for e in _rollout_examples(ctx, state["index"])[0] for _ in range(s.group_size)]
     batch = collate_token_responses(ctx.processor, [e.problem for e in rep], [e.images for e in rep],
                                     state["token_ids"])
-    ctx.extra["rollout"] = {**state, "batch": batch, "scores": [Reward(**x) for x in state["scores"]]}
+    ctx.extra["rollout"] = {**state, "batch": batch, "micro": rollout_micro_slices(ctx, batch),
+                            "scores": [Reward(**x) for x in state["scores"]]}
 
 
 def grpo_step(ctx: StageContext, step: int):
@@ -133,7 +141,7 @@ def grpo_step(ctx: StageContext, step: int):
     if ro is None or ro["index"] != index:
         ro = ctx.extra["rollout"] = _rollout(ctx, index)
     rows = update_rows(ctx)
-    return _grpo_update(ctx, ro, slice(part * rows, (part + 1) * rows))
+    return _grpo_update(ctx, ro, slice(part * rows, (part + 1) * rows), ro["micro"][part])
 
 
 # token means combine weighted by tokens; extremes by min / max
@@ -141,8 +149,8 @@ _TOKEN_MEAN_METRICS = ("entropy", "kl", "clip_frac_low", "clip_frac_high", "rati
                        "tis_weight_mean", "tis_truncated_frac")
 
 
-def _grpo_update(ctx: StageContext, ro: dict, update: slice):
-    """The update on rows `update` of the rollout batch, in its micro-batches (micro_slices): yields each
+def _grpo_update(ctx: StageContext, ro: dict, update: slice, micro: list[slice]):
+    """The update on rows `update` of the rollout batch, in its micro-batches `micro`: yields each
     micro-batch's share of the update's loss (the token mean divides by the whole update's tokens; the
     per-sequence means weigh a micro-batch by its rows, so uneven ones add up too), with the update's metrics on
     the last one."""
@@ -151,7 +159,7 @@ def _grpo_update(ctx: StageContext, ro: dict, update: slice):
     rows = whole["labels"].shape[0]
     n = rank_share_of_tokens(whole["labels"], _device(ctx)) if s.aggregation == "token-mean" else None
     parts = []  # (metrics, tokens, rows) per micro-batch
-    for sl in micro_slices(ctx, ro["batch"], update):
+    for sl in micro:
         loss, m, labels = _grpo_forward(ctx, ro, sl, n)
         if n is None:  # a per-sequence mean over this micro-batch: its share of the update's mean
             loss = loss * (labels.shape[0] / rows)

@@ -51,6 +51,7 @@ class SFT(Stage):
     types = ("sft",)
     samples_in_training = False
     step = staticmethod(sft_step)
+    own_keys = {"gentle": "gentle negatives"}
 
     def sequences_per_row(self, s):
         return 2 if s.gentle is not None else 1  # each target and its negative
