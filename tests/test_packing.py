@@ -144,3 +144,60 @@ def test_varlen_sdpa_attends_within_each_sequence_only():
     torch.testing.assert_close(got, want.transpose(1, 2), atol=1e-6, rtol=1e-6)
     masked, _ = varlen_sdpa_attention(module, q, k, v, allowed[None, None], scaling=0.3, position_ids=positions)
     torch.testing.assert_close(masked, want.transpose(1, 2), atol=1e-6, rtol=1e-6)
+
+
+def _family(name: str, like):
+    """A tiny Qwen2-VL or Qwen3-VL (random weights) with the tiny Qwen2.5-VL's text sizes and token ids: the same
+    processor feeds all three (patch 14, merge 2)."""
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+    )
+
+    t = like.config.text_config.to_dict()
+    text = {k: t[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                              "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                              "rope_parameters", "bos_token_id", "eos_token_id", "pad_token_id")}
+    ids = {k: getattr(like.config, k) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                                "vision_end_token_id")}
+    patches = {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    torch.manual_seed(0)
+    if name == "qwen2_vl":
+        cfg = Qwen2VLConfig(text_config=text, tie_word_embeddings=False, **ids, vision_config={
+            "depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2, **patches})
+        model = Qwen2VLForConditionalGeneration(cfg)
+    else:  # interleaved mRoPE, deepstack features from the first vision layer, a learned position grid
+        text = {**text, "head_dim": t["hidden_size"] // t["num_attention_heads"],
+                "rope_parameters": {**text["rope_parameters"], "mrope_interleaved": True}}
+        cfg = Qwen3VLConfig(text_config=text, tie_word_embeddings=False, **ids, vision_config={
+            "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+            "num_position_embeddings": 64, "deepstack_visual_indexes": [0], **patches})
+        model = Qwen3VLForConditionalGeneration(cfg)
+    model.config._attn_implementation = "sdpa"
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_qwen2_vl_and_qwen3_vl_pack_too(model_proc, rows, family):
+    """The other supported families: the packed row (one row reaches the language model) gives the padded batch's
+    hidden states, loss and gradients, images of different grids included."""
+    like, proc = model_proc
+    model = _family(family, like)
+    problems, images = rows
+    b = collate(proc, problems, images, ["x", "a much longer answer " * 8 + "\\boxed{3}", "\\boxed{1}", "two"])
+    widths = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda mod, args, kw: widths.append(kw["inputs_embeds"].shape[:2]), with_kwargs=True)
+    _hidden_close(model, b)
+    hook.remove()
+    assert widths == [b["input_ids"].shape, (1, int(b["attention_mask"].sum()))]  # padded, then one packed row
+    y = b["labels"]
+    (l_pad, g_pad), (l_pack, g_pack) = _both(model, lambda: _loss_and_grads(model, b, lambda h, w: vlmfast.sft_loss(
+        h, w, y)))
+    torch.testing.assert_close(l_pack, l_pad, atol=1e-6, rtol=1e-5)
+    assert g_pad.keys() == g_pack.keys() and any(".visual." in f".{n}" for n in g_pad)
+    for name in g_pad:
+        scale = max(1.0, g_pad[name].abs().max().item())
+        assert (g_pack[name] - g_pad[name]).abs().max().item() <= 1e-4 * scale, name

@@ -78,14 +78,14 @@ RANK = """
 import json, sys, torch
 torch.distributed.init_process_group("gloo")
 from types import SimpleNamespace
-from vlmfast.stages import micro_slices
+from vlmfast.stages.grpo import update_micro_slices
 rank = torch.distributed.get_rank()
 lengths = [[30, 30, 30, 30, 30, 30], [100, 100, 5, 5, 5, 5]][rank]  # 2 micro-batches of 100 on rank 0, 3 on rank 1
 mask = torch.zeros(6, 100, dtype=torch.long)
 for i, n in enumerate(lengths):
     mask[i, :n] = 1
 ctx = SimpleNamespace(stage=SimpleNamespace(max_tokens_per_micro_batch=100, micro_batch_size=None))
-got = micro_slices(ctx, {"attention_mask": mask}, slice(0, 6))
+got = update_micro_slices(ctx, {"attention_mask": mask}, slice(0, 6))
 print(json.dumps([[s.start, s.stop] for s in got]))
 torch.distributed.destroy_process_group()
 """

@@ -301,6 +301,92 @@ def test_micro_batched_update_equals_the_whole_update(tmp_path, monkeypatch, agg
         assert ((u1 - u2).norm() / u1.norm()).item() < 1e-3, m
 
 
+def _ragged_data(tmp_path) -> dict:
+    """The synthetic task with targets (their reasoning), negatives and images of very different sizes: micro-batches
+    of different tokens, pushed negatives and rows, so a share or metric weighed by the wrong count shows."""
+    import random
+
+    from vlmfast.data.synthetic import generate, write_parquet
+
+    rng = random.Random(0)
+    rows = [r for size in (56, 84) for r in generate("train", 12, seed=size, image_size=size)]
+    rng.shuffle(rows)
+    for r in rows:
+        r["reasoning"] = "I count the shapes" + " and count again" * rng.randrange(8)
+        r["negatives"] = [r["answer"] + "0" * rng.randrange(6) for _ in range(2)]
+    path = write_parquet(rows, tmp_path / "ragged.parquet")
+    return {"synthetic": None, "train": str(path), "val": str(path), "reasoning": "auto"}
+
+
+MICRO_STAGES = {
+    "sft": {"type": "sft", "label_smoothing": 0.1},
+    "sft-hinge": {"type": "sft", "gentle": {"variant": "hinge", "lam": 0.5, "margin": 8.0}},
+    "sft-extend": {"type": "sft", "gentle": {"variant": "extend", "alpha": 0.1}},
+    "opd": {"type": "opd", "teacher": "tiny:teacher", "opd_on_policy": 0.5, "max_new_tokens": 6},
+    "dpo": {"type": "dpo", "beta": 0.5, "on_policy_fraction": 0.5, "max_new_tokens": 6},
+    "cw_dpo": {"type": "cw_dpo", "beta": 0.5, "l_floor": "auto", "on_policy_fraction": 0.0},
+}
+
+
+@pytest.mark.parametrize("kind", list(MICRO_STAGES))
+def test_every_stage_in_micro_batches_trains_as_its_whole_batch(tmp_path, monkeypatch, kind):
+    """SFT (plain and with gentle negatives), OPD, DPO and CW-DPO with micro_batch_size 3 of a rank's 8 rows (3, 3
+    and 2) or a token budget of about two rows (whole rows, pairs kept together): several forwards with backward
+    between them (the reference and teacher passes in the same slices), yet every step's loss and metrics and the
+    final weights are the whole batch's. Each share divides by the whole batch's count (tokens, pairs, pushed
+    negatives): a micro-batch's own mean would weigh its few rows as much as the whole batch."""
+    import torch
+
+    from vlmfast import stages as S
+    from vlmfast.models import load_model, tiny_vlm
+
+    forwards = []  # (grad, rows, tokens) of each trunk forward
+    real = S.context.trunk_hidden
+
+    def spy(model, **batch):
+        forwards.append((torch.is_grad_enabled(), batch["input_ids"].shape[0], int(batch["attention_mask"].sum())))
+        return real(model, **batch)
+
+    for module in (S.context, S.sft, S.opd, S.preference):
+        monkeypatch.setattr(module, "trunk_hidden", spy)
+    data = _ragged_data(tmp_path)
+    stage = {**MICRO_STAGES[kind], "name": "s", "steps": 2, "lr": 2e-3, "batch_size": 8}
+    pairs = kind.startswith("sft-") or "dpo" in kind
+    budget = 300 if pairs else 150  # real tokens: about two rows (a pair's two sequences, image tokens included)
+    runs = {}
+    for micro in (None, 3, "tokens"):
+        forwards.clear()
+        over = {"max_tokens_per_micro_batch": budget} if micro == "tokens" else {"micro_batch_size": micro}
+        run(recipe(tmp_path, [{**stage, **over}], name=f"m{micro}", eval={"at_start": False, "probes": 0}, data=data))
+        final = load_model(str(tmp_path / f"m{micro}" / "checkpoints" / "final-0" / "hf"))[0]
+        runs[micro] = records(tmp_path, f"m{micro}"), final
+        trained = [(rows, tokens) for grad, rows, tokens in forwards if grad]
+        per_row = 2 if pairs else 1  # trunk forwards per row: gentle's target and negative run apart; DPO's together
+        if micro == 3:  # 8 rows at most 3 a forward: 3, 3, 2 (DPO: 6, 6, 4 sequences, chosen and rejected)
+            rows = [n for n, _ in trained]
+            want = [3, 3, 3, 3, 2, 2] if kind.startswith("sft-") else [3 * per_row, 3 * per_row, 2 * per_row]
+            assert rows == want * 2, rows
+        if micro == "tokens":  # whole rows up to the budget (a longer row alone), several per step
+            assert len(trained) > 2 * per_row * 2 and sum(n for n, _ in trained) == 2 * 8 * per_row, trained
+            if not kind.startswith("sft-"):
+                assert all(t <= budget or n == per_row for n, t in trained), trained
+    init = tiny_vlm("student", seed=0)[0].state_dict()
+    whole, w_model = runs[None]
+    for m in (3, "tokens"):
+        micro, m_model = runs[m]
+        assert [r["step"] for r in micro] == [1, 2]
+        for a, b in zip(whole, micro):
+            keys = set(a) - {"lr", "tokens_per_s", "peak_mem_mb", "step_time_s"} - {k for k in a if "timing" in k}
+            assert keys <= set(b)
+            for key in keys:  # DPO's rewards start at 0 (policy = reference): fp32 noise of a sum of ~100 log-probs
+                if isinstance(a[key], float):
+                    assert b[key] == pytest.approx(a[key], rel=1e-5, abs=2e-5), (m, key)
+        a, b = w_model.state_dict(), m_model.state_dict()
+        u1 = torch.cat([(a[k] - init[k]).flatten() for k in init])
+        u2 = torch.cat([(b[k] - init[k]).flatten() for k in init])
+        assert u1.norm() > 0 and ((u1 - u2).norm() / u1.norm()).item() < 1e-3, m
+
+
 def _recipe_file(tmp_path, name, **over):
     import yaml
 
@@ -378,7 +464,8 @@ def test_grpo_metrics_of_micro_batches_combine_exactly_on_the_model_device(devic
     parts = [(metrics(1.0, 0.9, 1.1), 3, 2), (metrics(3.0, 0.7, 1.05), 1, 2)]  # (metrics, tokens, rows)
     ro = {"scores": [Reward(reward=r, accuracy=r, format=1.0, extracted=None) for r in (1.0, 0.0, 0.0, 1.0)],
           "truncated": torch.tensor([1.0, 0.0, 0.0, 0.0]), "rewards": torch.tensor([1.0, 0.0, 0.0, 1.0])}
-    whole = {"labels": torch.tensor([[1, 2, -100], [3, -100, -100], [4, -100, -100], [-100, -100, -100]])}
+    whole = {"labels": torch.tensor([[1, 2, -100], [3, -100, -100], [4, -100, -100], [-100, -100, -100]]),
+             "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 0], [1, 0, 0]])}
     for aggregation, pg in (("token-mean", 1.5), ("seq-mean-token-mean", 2.0)):
         m = _grpo_metrics(ro, slice(0, 4), whole, parts, aggregation)
         assert m["entropy"].device.type == device
@@ -386,6 +473,7 @@ def test_grpo_metrics_of_micro_batches_combine_exactly_on_the_model_device(devic
             assert m["entropy"].item() == pytest.approx(1.5) and m["pg_loss"].item() == pytest.approx(pg)
             assert (m["ratio_min"].item(), m["ratio_max"].item()) == pytest.approx((0.7, 1.1))
             assert m["reward"].item() == 0.5 and m["response_tokens"].item() == 1.0 and m["truncated"].item() == 0.25
+            assert m["rank_tokens"].item() == m["rank_tokens_max"].item() == 8  # real tokens, prompts included
 
 
 def test_report_to_sends_every_record_to_each_tracker(tmp_path, monkeypatch):

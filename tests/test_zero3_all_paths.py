@@ -6,7 +6,8 @@ threshold at 0 nothing is partitioned and code that reads `lm_head.weight` direc
 policy or lets ranks diverge in their collectives passes here and fails at 7B. One recipe touches every
 path: evaluation at the start with probes and entropy, SFT, SFT with gentle negatives, GRPO with the k3 KL
 and 2 updates per rollout (token-mean), DPO, CW-DPO with l_floor auto, OPD full and sampled from a tiny
-teacher; the two ranks with every forward padding-free (packed sequences), the one process padded. Both runs must
+teacher; the two ranks with every forward padding-free (packed sequences) and every step in token-budget
+micro-batches, the one process padded and whole. Both runs must
 end at the same losses and weights, within float tolerance: every mean is the
 global batch's (not a mean of per-rank means), every random choice is seeded by the example's place in
 the global batch, and the reference and teacher are loaded from their checkpoints, not copied.
@@ -38,14 +39,14 @@ STAGES = [
 ]
 
 
-def _recipe(tmp, name, deepspeed, packed, grpo=None):
+def _recipe(tmp, name, deepspeed, packed, every_stage=None):
     raw = {"run": {"name": name, "out_dir": str(tmp), "threads": 1, "checkpoint_every": 100},
            "model": {"path": "tiny:student", "packed_sequences": packed},
            "data": {"synthetic": {"train": 32, "val": 4, "ood": 4}},
            "deepspeed": deepspeed,
            "eval": {"every": 1000, "num_problems": 2, "n_samples": 2, "k": [1], "max_new_tokens": 4, "probes": 2,
                     "at_start": True},
-           "stages": [{**s, **(grpo or {})} if s["type"] == "grpo" else s for s in STAGES]}
+           "stages": [{**s, **(every_stage or {})} for s in STAGES]}
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -70,10 +71,10 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("zero3_all")
     # the baseline runs every forward on the padded batch; the 2 ranks run them padding-free (vlmfast/packing.py)
     train_one_process(_recipe(tmp, "one", {"zero_stage": 0}, packed=False))
-    # ... and their GRPO updates in micro-batches of whole sequences up to a token budget (about two sequences: the
-    # count per update follows each rank's lengths, made equal across the ranks)
+    # ... and every stage's batch (GRPO's update) in micro-batches of whole rows up to a token budget (about two
+    # sequences, a pair alone: the count per step follows each rank's lengths, made equal across the ranks)
     train_two_ranks(_recipe(tmp, "two", {"zero_stage": 3, "stage3_param_persistence_threshold": 0}, packed=True,
-                            grpo={"max_tokens_per_micro_batch": 110}))
+                            every_stage={"max_tokens_per_micro_batch": 110}))
     return tmp / "one", tmp / "two"
 
 

@@ -16,6 +16,7 @@ import yaml
 from .data.prompts import DEFAULT_REASONING
 from .data.synthetic import QUESTION_TYPES, SIZE_RANGE, check_options
 from .stages import STAGES, stage_of
+from .stages.base import check_micro_batching
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
@@ -166,13 +167,16 @@ class StageConfig:
     # grpo
     group_size: int = 4  # grpo: samples per prompt
     updates_per_rollout: int = 1  # optimizer updates (minibatches of batch_size prompts) per rollout batch
-    # grpo: sequences per forward and backward on a rank at most (default: the rank's whole update), split as
-    # evenly as they go (20 rows at most 8: 7, 7, 6); the update's gradient accumulates over its micro-batches, so
-    # only one micro-batch's activations are alive at a time
+    # every stage: rows (sequences; pairs for DPO and gentle negatives) per forward and backward on a rank at most
+    # (default: the rank's whole batch or GRPO update), split as evenly as they go (20 rows at most 8: 7, 7, 6);
+    # the step's gradient accumulates over its micro-batches, so only one micro-batch's activations are alive
     micro_batch_size: int | None = None
-    # grpo: real tokens per forward and backward on a rank at most (padding-free: whole sequences packed up to it;
-    # a longer one runs alone), the micro-batch count per update the same on every rank; or micro_batch_size
+    # every stage: real tokens per forward and backward on a rank at most (padding-free: whole rows packed up to
+    # it; a longer one runs alone), the micro-batch count the same on every rank; or micro_batch_size
     max_tokens_per_micro_batch: int | None = None
+    # grpo: each update's samples redistributed across the ranks so each holds as many and about as many tokens
+    # (verl's balance_batch): default (None) on; false keeps each sample on the rank that drew its prompt
+    balance_batch: bool | None = None
     clip_low: float = 0.2  # grpo: the ratio's lower clip is 1 - clip_low
     clip_high: float = 0.2  # grpo: the ratio's upper clip is 1 + clip_high
     dual_clip: float | None = None  # grpo: dual-clip bound (> 1) for negative advantages
@@ -577,6 +581,7 @@ def validate(cfg: Config) -> None:
             names = sorted(eval_metric_names(cfg))
             bad(f"{key}.early_stopping.metric", f"no evaluation of this recipe produces {s.early_stopping.metric!r}; "
                 f"it produces {', '.join(names[:12])}{', ...' if len(names) > 12 else ''}")
+        check_micro_batching(stage_of(s), s, key, bad)
         stage_of(s).check(s, key, bad)  # the stage type's own keys and its loss's hyperparameters
 
 

@@ -294,14 +294,14 @@ BUDGET_STEP = 256  # token budgets the plan picks are multiples of this
 
 def token_budgets(cfg: Config, *, gpus: int, gpu_memory: int, prompt_tokens: int = DEFAULT_PROMPT_TOKENS
                   ) -> dict[int, int]:
-    """{stage index: max_tokens_per_micro_batch} for each stage that takes a token budget and has neither it nor
+    """{stage index: max_tokens_per_micro_batch} for each stage that can run in micro-batches and has neither it nor
     micro_batch_size set: the largest multiple of BUDGET_STEP whose update phase fits `gpu_memory` (at least one
-    sequence; at most the whole update, which needs no budget and is left out)."""
+    row: a sequence, or a pair's two; at most the whole update, which needs no budget and is left out)."""
     import dataclasses
 
     out = {}
     for i, s in enumerate(cfg.stages):
-        if ("max_tokens_per_micro_batch" not in stage_of(s).own_keys or s.max_tokens_per_micro_batch is not None
+        if (stage_of(s).whole_batch_loss(s) or s.max_tokens_per_micro_batch is not None
                 or s.micro_batch_size is not None):
             continue
 
@@ -312,6 +312,7 @@ def token_budgets(cfg: Config, *, gpus: int, gpu_memory: int, prompt_tokens: int
             return sum(plan(trial, gpus=gpus, gpu_memory=gpu_memory, prompt_tokens=prompt_tokens)[i].update.values())
 
         sequence = prompt_tokens + s.max_new_tokens
+        row = stage_of(s).sequences_per_row(s) * sequence
         whole = stage_of(s).forward_tokens(s, gpus, sequence)
         if update_bytes(whole) <= gpu_memory:
             continue  # the whole update fits in one forward
@@ -319,7 +320,7 @@ def token_budgets(cfg: Config, *, gpus: int, gpu_memory: int, prompt_tokens: int
         while lo + 1 < hi:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if update_bytes(mid * BUDGET_STEP) <= gpu_memory else (lo, mid)
-        out[i] = max(lo * BUDGET_STEP, sequence)
+        out[i] = max(lo * BUDGET_STEP, row)
     return out
 
 

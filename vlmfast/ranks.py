@@ -65,6 +65,50 @@ def gathered_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def balanced_shares(lengths: list[int], parts: int) -> list[list[int]]:
+    """The indices of `lengths` in `parts` shares of as many rows each, their token sums as even as a greedy makes
+    them: longest row first, each to the share with the fewest tokens that has room (LPT; verl's _balance_batch
+    does the same with Karmarkar-Karp), or the rows as they are split (consecutive shares) when that is as even:
+    never worse than not balancing, and nothing moves for nothing. Deterministic: every rank computes the same
+    shares from the same lengths."""
+    if len(lengths) % parts:
+        raise ValueError(f"{len(lengths)} rows do not split into {parts} equal shares")
+    per = len(lengths) // parts
+    shares: list[list[int]] = [[] for _ in range(parts)]
+    load = [0] * parts
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        k = min((k for k in range(parts) if len(shares[k]) < per), key=lambda k: (load[k], k))
+        shares[k].append(i)
+        load[k] += lengths[i]
+    as_they_are = [list(range(k * per, (k + 1) * per)) for k in range(parts)]
+    if max(sum(lengths[i] for i in share) for share in as_they_are) <= max(load):
+        return as_they_are
+    return [sorted(share) for share in shares]
+
+
+def balanced_rows(rows: list, lengths: list[int]) -> list:
+    """Every rank's `rows` (as many on each; `lengths`: their tokens) redistributed so that each rank holds as many
+    rows and about as many tokens (balanced_shares over the ranks' rows in rank order): this rank's new rows, in
+    that order. Only rows that change rank travel. The identity in one process."""
+    if not several_ranks():
+        return rows
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    every = [None] * world
+    torch.distributed.all_gather_object(every, lengths)
+    flat = [n for part in every for n in part]
+    owner = [0] * len(flat)  # the rank each global row goes to
+    for k, share in enumerate(balanced_shares(flat, world)):
+        for i in share:
+            owner[i] = k
+    start = sum(len(part) for part in every[:rank])
+    outgoing = {i: row for i, row in enumerate(rows, start) if owner[i] != rank}
+    sent = [None] * world
+    torch.distributed.all_gather_object(sent, outgoing)
+    arrived = {i: row for part in sent for i, row in part.items()}
+    return [rows[i - start] if start <= i < start + len(rows) else arrived[i]
+            for i in range(len(flat)) if owner[i] == rank]
+
+
 def global_means(metrics: dict, *, token_weighted: tuple = (), tokens: float = 1.0) -> dict:
     """A step's metrics (floats) over all ranks: the names in `token_weighted` are means over this rank's `tokens`
     tokens and combine weighted by them; *_min / *_max take the extreme; every other one is a mean over

@@ -136,9 +136,10 @@ class MetricsLog:
 
 
 def fit_to_gpu(cfg: Config, longest: int, *, gpus: int, gpu_memory: int) -> dict:
-    """Before any model loads on GPUs: the GRPO stages without micro-batch settings get the largest token budget
-    that fits (`vlmfast plan`'s, said on stdout), then a stage that cannot fit stops the run naming its largest
-    component; prompts priced at the data's longest. Returns the budgets set ({stage index: tokens})."""
+    """Before any model loads on GPUs: the stages without micro-batch settings (and whose loss may be split) get the
+    largest token budget that fits (`vlmfast plan`'s, said on stdout), then a stage that cannot fit stops the run
+    naming its largest component; prompts priced at the data's longest. Returns the budgets set ({stage index:
+    tokens})."""
     from .plan import check_fits, token_budgets
 
     budgets = token_budgets(cfg, gpus=gpus, gpu_memory=gpu_memory, prompt_tokens=longest)

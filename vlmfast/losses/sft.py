@@ -112,7 +112,7 @@ def divergent_tokens(labels: torch.Tensor, neg_labels: torch.Tensor, ignore_inde
 
 def sft_gentle_negatives_loss(hidden, weight, labels, neg_hidden, neg_labels, *, variant="hinge", lam=0.1,
                               margin=3.0, alpha=0.05, bias=None, temperature=1.0, ignore_index=-100,
-                              backend="auto", mean_over_parts=None):
+                              backend="auto", mean_over_parts=None, normalizers=None):
     """SFT-C: NLL(y+) + lam * mean_i relu(margin - NLL_i(y-)) ("hinge") or NLL(y+) + alpha * NLL(y-) ("extend"),
     the negatives' NLL over their tokens after the prefix shared with their positive (module docstring).
 
@@ -120,7 +120,9 @@ def sft_gentle_negatives_loss(hidden, weight, labels, neg_hidden, neg_labels, *,
     negative of positive i (same prompt). mean_over_parts: when this call holds one part of a batch (a
     data-parallel rank's), a function that averages a tensor over the parts (an all-reduce / world size): the
     token and sequence means are then the whole batch's and the loss is this part's share, so the parts'
-    losses (and gradients) average to the whole batch's, as DeepSpeed averages ranks. Metrics: nll_pos, nll_neg
+    losses (and gradients) average to the whole batch's, as DeepSpeed averages ranks. normalizers: what the means
+    divide by, precomputed (gentle_normalizers) on a larger batch this call is a micro-batch of (then
+    mean_over_parts is not used): the micro-batches' losses add up to that batch's. Metrics: nll_pos, nll_neg
     (this part's divergent-token mean), hinge_active (share of this part's negatives still pushed), shared_tokens
     (mean shared prefix), entropy.
     """
@@ -132,15 +134,17 @@ def sft_gentle_negatives_loss(hidden, weight, labels, neg_hidden, neg_labels, *,
                          f"{neg_labels.shape[0]} negatives")
     kw = dict(bias=bias, temperature=temperature, ignore_index=ignore_index, backend=backend)
     own = divergent_tokens(labels, neg_labels, ignore_index)
-    pos_share = None if mean_over_parts is None else mean_over_parts(
-        response_mask(labels, ignore_index).sum().to(hidden.device, torch.float32))
-    pos, nll_pos, entropy, _ = _nll_and_entropy(hidden, weight, labels, num_items_in_batch=pos_share, **kw)
+    norms = normalizers or gentle_normalizers(labels, neg_labels, ignore_index=ignore_index,
+                                              mean_over_parts=mean_over_parts)
+    norms = {k: torch.as_tensor(v, dtype=torch.float32, device=hidden.device) for k, v in norms.items()}
+    pos, nll_pos, entropy, _ = _nll_and_entropy(hidden, weight, labels, num_items_in_batch=norms["positive_tokens"],
+                                                **kw)
     neg_target = torch.where(own, neg_labels, ignore_index)
     if variant == "extend":  # a token mean: one pass
-        scale = extend_scale(own, alpha, mean_over_parts)
+        scale = alpha / norms["negative_tokens"]
         penalty, r = token_loss(neg_hidden, weight, neg_target, lambda s, index: -s["logp"] * scale, **kw)
     else:  # each negative's hinge reads its own tokens' sum: one pass with a group per negative
-        Tn, rows = neg_labels.shape[1], hinge_rows(own, mean_over_parts)
+        Tn, rows = neg_labels.shape[1], norms["pushed"]
 
         def hinge_losses(s, index):
             seq_logp = s["logp"].new_zeros(own.shape[0]).index_add(0, index // Tn, s["logp"])
@@ -161,11 +165,15 @@ def hinge_push(seq_logp: torch.Tensor, own: torch.Tensor, margin: float) -> torc
     return torch.relu(margin + seq_logp / counts.clamp(min=1)) * (counts > 0)
 
 
-def hinge_rows(own: torch.Tensor, mean_over_parts=None) -> torch.Tensor:
-    """What the hinge's mean over negatives divides by: this part's pushed negatives, or the whole batch's mean
-    count over parts (mean_over_parts: one collective, outside the loss's bands)."""
-    rows = (own.sum(1) > 0).sum().to(torch.float32)
-    return (rows if mean_over_parts is None else mean_over_parts(rows)).clamp(min=1e-12)
+def gentle_normalizers(labels, neg_labels, *, ignore_index=-100, mean_over_parts=None) -> dict:
+    """What sft_gentle_negatives_loss's means divide by: the positives' response tokens (positive_tokens), the
+    negatives with tokens of their own (pushed: the hinge's mean) and those tokens (negative_tokens: extend's); with
+    mean_over_parts (a batch split over ranks) the whole batch's mean count per part (one collective for the three,
+    outside the loss's bands). A rank's batch also split in micro-batches computes them once, on its whole batch."""
+    own = divergent_tokens(labels, neg_labels, ignore_index)
+    counts = torch.stack([response_mask(labels, ignore_index).sum(), (own.sum(1) > 0).sum(), own.sum()]).float()
+    counts = counts.clamp(min=1) if mean_over_parts is None else mean_over_parts(counts).clamp(min=1e-12)
+    return dict(zip(("positive_tokens", "pushed", "negative_tokens"), counts.unbind()))
 
 
 def gentle_metrics(neg_logp: torch.Tensor, own: torch.Tensor, *, variant: str, margin: float) -> dict:
@@ -177,15 +185,6 @@ def gentle_metrics(neg_logp: torch.Tensor, own: torch.Tensor, *, variant: str, m
     pushed = own.sum(1) > 0
     active = (hinge_push((neg_logp * own).sum(1), own, margin) > 0).sum() / pushed.sum().clamp(min=1)
     return {"nll_neg": nll_neg, "hinge_active": active.float()}
-
-
-def extend_scale(own: torch.Tensor, alpha: float, mean_over_parts=None) -> torch.Tensor:
-    """The "extend" penalty's weight per negative token: alpha / the negatives' token count (the whole batch's
-    mean count over parts with mean_over_parts)."""
-    tokens = own.sum().to(torch.float32)
-    if mean_over_parts is None:
-        return alpha / tokens.clamp(min=1)
-    return alpha / mean_over_parts(tokens).clamp(min=1e-12)
 
 
 class SFTLoss(LossModule):

@@ -43,14 +43,23 @@ class Stage:
         return 1
 
     def micro_batches(self, s, world_size: int) -> int:
-        """Backward passes per step (the same on every rank: ZeRO-3 needs it)."""
-        return 1
+        """Backward passes per step (the same on every rank: ZeRO-3 needs it): the rank's rows in micro-batches of
+        at most micro_batch_size rows, as even as they go (20 rows at most 8 are 7, 7 and 6). With a token budget
+        the count follows the sequences' lengths (decided per step, context.micro_slices): 1 here."""
+        if not s.micro_batch_size:
+            return 1
+        return -(-self.rows_per_rank(s, world_size) // s.micro_batch_size)
 
     def forward_tokens(self, s, world_size: int, sequence_tokens: int) -> int:
         """Tokens one forward and backward holds on a rank at most (the plan's activations), each sequence at most
-        `sequence_tokens` long: the largest micro-batch's sequences."""
+        `sequence_tokens` long: the largest micro-batch's sequences; under a token budget whole rows up to it (a
+        longer row runs alone)."""
         rows = -(-self.rows_per_rank(s, world_size) // self.micro_batches(s, world_size))
-        return max(1, rows) * self.sequences_per_row(s) * sequence_tokens
+        row_tokens = self.sequences_per_row(s) * sequence_tokens
+        tokens = max(1, rows) * row_tokens
+        if s.max_tokens_per_micro_batch:
+            tokens = min(tokens, max(s.max_tokens_per_micro_batch, row_tokens))
+        return tokens
 
     def grouped_loss(self, s) -> bool:
         """The loss reads whole sequences (token_loss with groups): the plan counts the one pass's buffers so."""
@@ -73,6 +82,10 @@ class Stage:
         """This type's recipe keys (bad(key, message) raises ConfigError), its loss's hyperparameters through the
         loss's own check."""
 
+    def whole_batch_loss(self, s) -> str | None:
+        """Why the stage's loss must see the rank's whole batch in one forward (no micro-batches), or None."""
+        return None
+
     # ---- the stage's own state: opened once, kept in checkpoints -----------------------------------------------
     def open(self, ctx, saved: dict | None) -> None:
         """Stage-start work once the policy, engines, reference and teacher exist; `saved` is state() of the
@@ -88,6 +101,21 @@ class Stage:
 
     def restore_rank_state(self, ctx, saved) -> None:
         """Continue from rank_state()'s saved value."""
+
+
+def check_micro_batching(stage: Stage, s, key: str, bad) -> None:
+    """micro_batch_size / max_tokens_per_micro_batch, which every stage type reads (context.micro_slices)."""
+    if s.max_tokens_per_micro_batch is not None:
+        if s.micro_batch_size is not None:
+            bad(f"{key}.max_tokens_per_micro_batch", "set it or micro_batch_size, not both")
+        if s.max_tokens_per_micro_batch < 1:
+            bad(f"{key}.max_tokens_per_micro_batch", f"must be >= 1, got {s.max_tokens_per_micro_batch}")
+    if s.micro_batch_size is not None and s.micro_batch_size < 1:
+        bad(f"{key}.micro_batch_size", f"must be >= 1 (rows per forward, at most), got {s.micro_batch_size}")
+    why = stage.whole_batch_loss(s)
+    if why and (s.micro_batch_size is not None or s.max_tokens_per_micro_batch is not None):
+        name = "micro_batch_size" if s.micro_batch_size is not None else "max_tokens_per_micro_batch"
+        bad(f"{key}.{name}", f"this stage runs its batch in one forward: {why}")
 
 
 def check_loss(bad, key: str, check, **values) -> None:

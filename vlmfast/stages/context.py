@@ -21,6 +21,7 @@ import torch
 from ..data.collate import END_OF_TURN
 from ..data.prompts import reasoning_of, target_response
 from ..models import call_head, trunk_hidden
+from ..ranks import reduce_over_ranks
 from ..rollout import Sampling
 from ..timing import StepTimer
 
@@ -122,8 +123,13 @@ def batch_examples(ctx: StageContext, step: int, n: int, parts: int = 1) -> tupl
     is example perm_e[i mod L] of the L training examples, e = i div L, perm_e a permutation seeded by (run seed,
     stage, e). An epoch visits every example once (drawing with replacement repeated ~12% of a 512-prompt batch),
     and a resumed run draws what an uninterrupted one would: the draw is a function of the step alone."""
-    L = len(ctx.train)
     positions = rank_positions(ctx, n, parts)
+    return examples_at(ctx, step, n, positions), positions
+
+
+def examples_at(ctx: StageContext, step: int, n: int, positions: list[int]) -> list:
+    """The examples at `positions` of the step's global batch of n examples (batch_examples' draw)."""
+    L = len(ctx.train)
     perms = {}
     out = []
     for p in positions:
@@ -132,7 +138,7 @@ def batch_examples(ctx: StageContext, step: int, n: int, parts: int = 1) -> tupl
             seed = (ctx.cfg.run.seed * 1_000_003 + ctx.index * 10_007 + epoch * 7_919 + 1) % (2**31 - 1)
             perms[epoch] = torch.randperm(L, generator=torch.Generator().manual_seed(seed))
         out.append(ctx.train[int(perms[epoch][r])])
-    return out, positions
+    return out
 
 
 def position_seeds(ctx: StageContext, step: int, positions: list[int]) -> list[int]:
@@ -231,6 +237,55 @@ def token_budget_slices(lengths: list[int], budget: int, count: int | None = Non
     return slices
 
 
+def micro_slices(ctx: StageContext, lengths: list[int]) -> list[slice]:
+    """A rank's rows (`lengths`: each row's real tokens; a pair's, both sequences') in micro-batches, one forward
+    and backward each: whole rows of at most max_tokens_per_micro_batch tokens together (as many micro-batches on
+    every rank: the largest count), else micro_batch_size rows as even as they go, else all rows in one."""
+    s = ctx.stage
+    if s.max_tokens_per_micro_batch:
+        mine = len(token_budget_slices(lengths, s.max_tokens_per_micro_batch))
+        count = int(reduce_over_ranks(torch.tensor([float(mine)], dtype=torch.float64), "max").item())
+        return token_budget_slices(lengths, s.max_tokens_per_micro_batch, count)
+    if s.micro_batch_size:
+        return even_row_slices(len(lengths), -(-len(lengths) // s.micro_batch_size))
+    return [slice(0, len(lengths))]
+
+
+def combined_metrics(parts: list[tuple[dict, dict]], weight_of: dict[str, str]) -> dict:
+    """One step's metrics from its micro-batches' (metrics, weights) pairs: a metric is a mean over the micro-batch's
+    weights[weight_of.get(key, "rows")] (its tokens, its rows, ...) and combines weighted by them, so the result is
+    the whole batch's mean; a count (weight_of "sum") adds up; *_min / *_max take the extreme."""
+    out = {}
+    for key, first in parts[0][0].items():
+        values = torch.stack([torch.as_tensor(m[key], device=first.device).double() for m, _ in parts])
+        if weight_of.get(key) == "sum":
+            out[key] = values.sum().to(first.dtype)
+        elif key.endswith("_min") or key.endswith("_max"):
+            out[key] = (values.min() if key.endswith("_min") else values.max()).to(first.dtype)
+        else:
+            w = torch.tensor([float(weights[weight_of.get(key, "rows")]) for _, weights in parts],
+                             dtype=torch.float64, device=first.device)
+            out[key] = ((values * w).sum() / w.sum().clamp(min=1e-12)).to(first.dtype)
+    return out
+
+
+def in_micro_batches(ctx: StageContext, slices: list[slice], forward, weight_of: dict[str, str],
+                     token_weighted: tuple[str, ...] = ()):
+    """forward(sl) -> (loss share, metrics, weights) for each micro-batch `sl`, run as the trainer iterates: yields
+    (share, None) until the last, which carries the step's metrics (combined_metrics; `loss` the sum of the shares).
+    `token_weighted` metrics then combine across ranks weighted by each rank's weights["tokens"]."""
+    parts, total = [], 0.0
+    for k, sl in enumerate(slices):
+        share, m, weights = forward(sl)
+        parts.append((m, weights))
+        total = total + share.detach()
+        last = k == len(slices) - 1
+        if last:
+            ctx.extra["metric_tokens"] = float(sum(w["tokens"] for _, w in parts))
+            ctx.extra["token_weighted"] = token_weighted
+        yield share, ({**combined_metrics(parts, weight_of), "loss": total} if last else None)
+
+
 def _rows(batch: dict, sl: slice) -> dict:
     """Rows `sl` of a collated batch (pixel_values are per image patch: sliced through image_grid_thw)."""
     out = {k: v[sl] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
@@ -241,6 +296,13 @@ def _rows(batch: dict, sl: slice) -> dict:
         out["image_grid_thw"] = batch["image_grid_thw"][sl]
         out["pixel_values"] = batch["pixel_values"][start:stop]
     return out
+
+
+def _pair_rows(batch: dict, sl: slice, pairs: int) -> dict:
+    """Pairs `sl` of a batch of 2 x `pairs` rows (every first sequence, then every second: chosen then rejected, a
+    target then its negative) as such a batch of their own."""
+    first, second = _rows(batch, sl), _rows(batch, slice(sl.start + pairs, sl.stop + pairs))
+    return {k: torch.cat([first[k], second[k]]) for k in first}
 
 
 def _dataset_negative(ex, rng: random.Random) -> str:

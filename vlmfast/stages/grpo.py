@@ -7,11 +7,11 @@ import dataclasses
 
 import torch
 
-from ..data.collate import collate_token_responses
+from ..data.collate import collate, collate_token_responses
 from ..losses import group_advantages, grpo_loss
 from ..losses.grpo import SCALINGS, _check_grpo
 from ..models import head_token_stats, trunk_hidden
-from ..ranks import gathered_rows, reduce_over_ranks
+from ..ranks import balanced_rows, gathered_rows
 from ..rewards import Reward, score
 from .base import Stage, check_loss
 from .context import (
@@ -21,9 +21,10 @@ from .context import (
     _rows,
     _sample,
     batch_examples,
-    even_row_slices,
+    combined_metrics,
+    examples_at,
+    micro_slices,
     rank_share_of_tokens,
-    token_budget_slices,
     world,
 )
 
@@ -33,35 +34,28 @@ def update_rows(ctx: StageContext) -> int:
     return STAGE.rows_per_rank(ctx.stage, world()[1])
 
 
-def micro_slices(ctx: StageContext, batch: dict, update: slice) -> list[slice]:
-    """Rows `update` of a rollout batch in micro-batches, one forward and backward each: whole sequences of at most
-    max_tokens_per_micro_batch real tokens together (as many micro-batches on every rank: the largest count), else
-    micro_batch_size rows as even as they go, else the whole update. The old and reference log-prob passes run
-    the same slices, so no recompute is larger than an update's forward and the first update's ratio is exactly 1."""
-    s = ctx.stage
-    if s.max_tokens_per_micro_batch:
-        lengths = batch["attention_mask"][update].sum(1).tolist()
-        mine = len(token_budget_slices(lengths, s.max_tokens_per_micro_batch))
-        count = int(reduce_over_ranks(torch.tensor([float(mine)], dtype=torch.float64), "max").item())
-        local = token_budget_slices(lengths, s.max_tokens_per_micro_batch, count)
-    else:
-        local = even_row_slices(update.stop - update.start, STAGE.micro_batches(s, world()[1]))
+def update_micro_slices(ctx: StageContext, batch: dict, update: slice) -> list[slice]:
+    """Rows `update` of a rollout batch in micro-batches (context.micro_slices). The old and reference log-prob
+    passes run the same slices, so no recompute is larger than an update's forward and the first update's ratio
+    is exactly 1."""
+    local = micro_slices(ctx, batch["attention_mask"][update].sum(1).tolist())
     return [slice(update.start + m.start, update.start + m.stop) for m in local]
 
 
 def rollout_micro_slices(ctx: StageContext, batch: dict) -> list[list[slice]]:
-    """Each update's micro_slices over a rollout batch, decided once per rollout: the old and reference passes and
+    """Each update's micro-batches over a rollout batch, decided once per rollout: the old and reference passes and
     every update read the same list (with a token budget, one all-reduce per update, not one per use)."""
     rows = update_rows(ctx)
-    return [micro_slices(ctx, batch, slice(u * rows, (u + 1) * rows)) for u in range(ctx.stage.updates_per_rollout)]
+    updates = range(ctx.stage.updates_per_rollout)
+    return [update_micro_slices(ctx, batch, slice(u * rows, (u + 1) * rows)) for u in updates]
 
 
-def _sampler_logp_grid(completions, batch) -> torch.Tensor:
+def _sampler_logp_grid(rows: list[dict], batch) -> torch.Tensor:
     """Sampler log-probs laid out like batch['labels'] (0 elsewhere)."""
     grid = torch.zeros(batch["labels"].shape)
-    for b, c in enumerate(completions):
+    for b, row in enumerate(rows):
         start = int(batch["prompt_lengths"][b]) - 1
-        grid[b, start : start + len(c.token_ids)] = torch.tensor(c.logprobs)
+        grid[b, start : start + len(row["token_ids"])] = torch.tensor(row["logprobs"])
     return grid
 
 
@@ -71,7 +65,7 @@ def _rollout(ctx: StageContext, index: int) -> dict:
     group advantages, the sampler's log-probs, and the old log-probs of the policy that sampled them:
     recomputed by the trainer when several updates share the rollout (so the ratio is exactly 1 at the
     first update); with one update per rollout none (the update's own log-probs, detached, are exactly
-    those: no extra pass)."""
+    those: no extra pass). Each update's samples are then balanced across the ranks by length (balance_batch)."""
     s = ctx.stage
     exs, positions = _rollout_examples(ctx, index)
     groups = _sample(ctx, exs, s.group_size, index, positions)
@@ -85,22 +79,51 @@ def _rollout(ctx: StageContext, index: int) -> dict:
         adv = group_advantages(every, s.group_size, scale="batch").view(size, -1)[rank]
     else:  # a group lives on one rank: its own rewards are all it needs
         adv = group_advantages(rewards, s.group_size, scale=s.advantage_scale)
-    b = collate_token_responses(ctx.processor, [e.problem for e in rep], [e.images for e in rep],
-                                [c.token_ids for c in flat])
-    labels = b["labels"]
-    micro = rollout_micro_slices(ctx, b)
-    slices = [sl for update in micro for sl in update]
+    places = [p for p in positions for _ in range(s.group_size)]  # each sample's prompt in the global batch
+    rows = [{"place": p, "token_ids": c.token_ids, "logprobs": c.logprobs, "truncated": c.finish_reason == "length",
+             "score": dataclasses.asdict(x), "adv": a} for p, c, x, a in zip(places, flat, scores, adv.tolist())]
+    if s.balance_batch is not False and world()[1] > 1:
+        rows = _balanced(ctx, rows, exs)
+    ro = {"index": index, **_collated(ctx, index, rows)}
+    b, labels = ro["batch"], ro["batch"]["labels"]
+    slices = [sl for update in ro["micro"] for sl in update]
 
     def logp_of(model):
         return torch.cat([head_token_stats(model, trunk_hidden(model, **_rows(b, sl)), labels[sl],
                                            temperature=s.temperature, outputs=("logp",)).logp for sl in slices])
 
     with ctx.timer("logprobs"):
-        old = logp_of(ctx.model) if s.updates_per_rollout > 1 else None
-        ref = logp_of(ctx.reference) if ctx.reference is not None and s.kl_coef > 0 else None
-    return {"index": index, "batch": b, "micro": micro, "adv": adv, "old": old, "ref": ref, "rewards": rewards,
-            "scores": scores, "token_ids": [c.token_ids for c in flat], "sampler": _sampler_logp_grid(flat, b),
-            "truncated": torch.tensor([c.finish_reason == "length" for c in flat], dtype=torch.float32)}
+        ro["old"] = logp_of(ctx.model) if s.updates_per_rollout > 1 else None
+        ro["ref"] = logp_of(ctx.reference) if ctx.reference is not None and s.kl_coef > 0 else None
+    return ro
+
+
+def _balanced(ctx: StageContext, rows: list[dict], exs: list) -> list[dict]:
+    """Each update's samples redistributed across the ranks, as many per rank, about as many tokens (prompt and
+    response) on each (verl's _balance_batch): the slowest rank sets every update's pace, and under a token budget
+    the micro-batch count is the rank with most tokens'. The loss, a global token mean (or a mean over sequences,
+    as many on every rank), is the same whichever rank holds a sample."""
+    s = ctx.stage
+    prompt = collate(ctx.processor, [e.problem for e in exs], [e.images for e in exs])["attention_mask"].sum(1)
+    lengths = [int(prompt[i // s.group_size]) + len(r["token_ids"]) for i, r in enumerate(rows)]
+    n = update_rows(ctx)
+    return [row for u in range(s.updates_per_rollout)
+            for row in balanced_rows(rows[u * n : (u + 1) * n], lengths[u * n : (u + 1) * n])]
+
+
+def _collated(ctx: StageContext, index: int, rows: list[dict]) -> dict:
+    """A rollout's rows as the update reads them: the batch (collated from the token ids: also how a resumed run
+    rebuilds it), its micro-batches, advantages, rewards and the sampler's log-probs."""
+    s = ctx.stage
+    places = [r["place"] for r in rows]
+    rep = examples_at(ctx, index, s.batch_size * s.updates_per_rollout, places)
+    b = collate_token_responses(ctx.processor, [e.problem for e in rep], [e.images for e in rep],
+                                [r["token_ids"] for r in rows])
+    scores = [Reward(**r["score"]) for r in rows]
+    return {"rows": rows, "batch": b, "micro": rollout_micro_slices(ctx, b), "scores": scores,
+            "adv": torch.tensor([r["adv"] for r in rows]), "rewards": torch.tensor([x.reward for x in scores]),
+            "sampler": _sampler_logp_grid(rows, b),
+            "truncated": torch.tensor([r["truncated"] for r in rows], dtype=torch.float32)}
 
 
 def _rollout_examples(ctx: StageContext, index: int) -> tuple[list, list[int]]:
@@ -111,24 +134,21 @@ def _rollout_examples(ctx: StageContext, index: int) -> tuple[list, list[int]]:
 
 
 def rollout_state(ctx: StageContext) -> dict | None:
-    """What a checkpoint taken inside a rollout batch keeps of it: the sampled tokens, rewards and
-    old/reference log-probs, the policy that sampled them being gone by then (the batch itself is
-    re-collated from the tokens on resume). None when no rollout is in progress."""
+    """What a checkpoint taken inside a rollout batch keeps of it: its rows (each sample's prompt place, tokens,
+    sampler log-probs, reward and advantage) and old/reference log-probs, the policy that sampled them being gone by
+    then (the batch itself is re-collated from the tokens on resume). None when no rollout is in progress."""
     ro = ctx.extra.get("rollout")
     if ro is None:
         return None
-    keep = ("index", "adv", "old", "ref", "rewards", "token_ids", "sampler", "truncated")
-    return {**{k: ro[k] for k in keep}, "scores": [dataclasses.asdict(x) for x in ro["scores"]]}
+    return {k: ro[k] for k in ("index", "rows", "old", "ref")}
 
 
 def restore_rollout(ctx: StageContext, state: dict) -> None:
     """Continue inside a rollout batch exactly where a checkpoint left it."""
-    s = ctx.stage
-    rep = [e for e in _rollout_examples(ctx, state["index"])[0] for _ in range(s.group_size)]
-    batch = collate_token_responses(ctx.processor, [e.problem for e in rep], [e.images for e in rep],
-                                    state["token_ids"])
-    ctx.extra["rollout"] = {**state, "batch": batch, "micro": rollout_micro_slices(ctx, batch),
-                            "scores": [Reward(**x) for x in state["scores"]]}
+    if "rows" not in state:
+        raise ValueError("this checkpoint was taken inside a GRPO rollout by an older vlmfast (no per-sample rows): "
+                         "resume it with that version, or resume from an earlier checkpoint")
+    ctx.extra["rollout"] = {**state, **_collated(ctx, state["index"], state["rows"])}
 
 
 def grpo_step(ctx: StageContext, step: int):
@@ -193,51 +213,31 @@ def _grpo_forward(ctx: StageContext, ro: dict, sl: slice, n):
 def _grpo_metrics(ro: dict, update: slice, whole: dict, parts: list, aggregation: str) -> dict:
     """The update's metrics from its micro-batches' (token means weighted by tokens, pg_loss as aggregated)
     and the rollout's rewards of its rows."""
-    device = parts[0][0]["entropy"].device  # the loss's metrics live where the model does
-    tokens = torch.tensor([t for _, t, _ in parts], dtype=torch.float64, device=device)
-    rows = torch.tensor([r for _, _, r in parts], dtype=torch.float64, device=device)
-
-    def weighted(key, w):
-        return (torch.stack([m[key].double() for m, _, _ in parts]) * w).sum() / w.sum().clamp(min=1)
-
-    m = {k: weighted(k, tokens).float() for k in _TOKEN_MEAN_METRICS if k in parts[0][0]}
-    m["pg_loss"] = weighted("pg_loss", tokens if aggregation == "token-mean" else rows).float()
-    m["ratio_min"] = torch.stack([p["ratio_min"] for p, _, _ in parts]).min()
-    m["ratio_max"] = torch.stack([p["ratio_max"] for p, _, _ in parts]).max()
+    token_means = _TOKEN_MEAN_METRICS + (("pg_loss",) if aggregation == "token-mean" else ())
+    m = combined_metrics([(m, {"tokens": t, "rows": r}) for m, t, r in parts], dict.fromkeys(token_means, "tokens"))
+    m.pop("loss", None)
     scores = ro["scores"][update]
     m["reward"] = ro["rewards"][update].mean()
     m["truncated"] = ro["truncated"][update].mean()  # completions that ran out of max_new_tokens
     m["accuracy"] = torch.tensor(sum(x.accuracy for x in scores) / len(scores))
     m["format"] = torch.tensor(sum(x.format for x in scores) / len(scores))
     m["response_tokens"] = (whole["labels"] != -100).sum(1).float().mean()
+    # this rank's real tokens in the update: over the ranks their mean and max (max / mean: what balance_batch evens)
+    m["rank_tokens"] = m["rank_tokens_max"] = whole["attention_mask"].sum().float()
     return m
 
 
 class GRPO(Stage):
     types = ("grpo",)
     step = staticmethod(grpo_step)
-    own_keys = {"tis_cap": "truncated importance sampling weights", "micro_batch_size": "micro-batched updates",
-                "max_tokens_per_micro_batch": "token-budget micro-batches"}
+    own_keys = {"tis_cap": "truncated importance sampling weights",
+                "balance_batch": "samples balanced across ranks by length"}
 
     def needs_reference(self, s):
         return s.kl_coef > 0  # the KL penalty to pi_ref
 
     def rows_per_rank(self, s, world_size):
         return s.batch_size // world_size * s.group_size  # an update: its prompts x group_size samples
-
-    def micro_batches(self, s, world_size):
-        """The update split into micro-batches of at most micro_batch_size rows per rank, as even as they go (20
-        rows at most 8 are 7, 7 and 6); the same count on every rank, whatever the world size. With a token budget
-        the count follows the sequences' lengths (decided per update): 1 here."""
-        if not s.micro_batch_size:
-            return 1
-        return -(-self.rows_per_rank(s, world_size) // s.micro_batch_size)
-
-    def forward_tokens(self, s, world_size, sequence_tokens):
-        tokens = super().forward_tokens(s, world_size, sequence_tokens)
-        if s.max_tokens_per_micro_batch:  # whole sequences up to the budget: one longer sequence runs alone
-            tokens = min(tokens, max(s.max_tokens_per_micro_batch, sequence_tokens))
-        return tokens
 
     def prompts_per_step(self, s):
         return s.batch_size * s.updates_per_rollout  # a rollout batch serves updates_per_rollout steps
@@ -246,13 +246,6 @@ class GRPO(Stage):
         return s.batch_size * s.updates_per_rollout // world_size * s.group_size
 
     def check(self, s, key, bad):
-        if s.max_tokens_per_micro_batch is not None:
-            if s.micro_batch_size is not None:
-                bad(f"{key}.max_tokens_per_micro_batch", "set it or micro_batch_size, not both")
-            if s.max_tokens_per_micro_batch < 1:
-                bad(f"{key}.max_tokens_per_micro_batch", f"must be >= 1, got {s.max_tokens_per_micro_batch}")
-        if s.micro_batch_size is not None and s.micro_batch_size < 1:
-            bad(f"{key}.micro_batch_size", f"must be >= 1 (sequences per forward, at most), got {s.micro_batch_size}")
         if s.group_size < 2:
             bad(f"{key}.group_size", f"GRPO needs >= 2 samples per prompt, got {s.group_size}")
         check_loss(bad, key, _check_grpo, clip_low=s.clip_low, clip_high=s.clip_high, dual_clip=s.dual_clip,

@@ -16,10 +16,13 @@ from .context import (
     StageContext,
     _device,
     _policy_loss,
+    _rows,
     _sample_subset,
     _target_ids,
     batch_examples,
     example_rngs,
+    in_micro_batches,
+    micro_slices,
     rank_share_of_tokens,
 )
 
@@ -35,28 +38,36 @@ def opd_step(ctx: StageContext, step: int):
     for i, g in zip(idx, _sample_subset(ctx, exs, positions, idx, 1, step)):
         responses[i] = g[0].token_ids
     b = collate_token_responses(ctx.processor, [e.problem for e in exs], [e.images for e in exs], responses)
-    n = rank_share_of_tokens(b["labels"], _device(ctx))
-    if s.opd_mode == "full":
-        with torch.no_grad(), ctx.timer("logprobs"):  # the teacher sees exactly the same image and prompt
-            th = trunk_hidden(ctx.teacher, **b)
-        # the fused KL needs the teacher's head in the student's forward and backward: a plain copy
-        # (gathered once under ZeRO-3), freed with the step's graph
-        teacher = (th, frozen_head_weight(ctx.teacher))
-        loss, m = _policy_loss(ctx, b, lambda h, w: opd_loss(h, w, b["labels"], teacher=teacher,
-                                                             temperature=s.temperature, num_items_in_batch=n))
-        m["on_policy_share"] = torch.tensor(len(idx) / len(exs))
-        return loss, m
-    # sampled-token form: the teacher's per-token log-probs come from a generation engine's score()
-    # (a teacher too large to sit beside the student would be served there)
-    with ctx.generating(ctx.extra["teacher_engine"]) as teacher, ctx.timer("logprobs"):
-        scored = teacher.score([e.problem for e in exs], [e.images for e in exs], responses,
-                               temperature=s.temperature)
-    t_logp = torch.zeros(b["labels"].shape)
-    for i, lp in enumerate(scored):
-        start = int(b["prompt_lengths"][i]) - 1
-        t_logp[i, start : start + len(lp)] = torch.tensor(lp)
-    return _policy_loss(ctx, b, lambda h, w: opd_loss(h, w, b["labels"], teacher_logp=t_logp,
-                                                      temperature=s.temperature, num_items_in_batch=n))
+    n = rank_share_of_tokens(b["labels"], _device(ctx))  # the token mean is the whole batch's: shares add up
+    share = torch.tensor(len(idx) / len(exs))
+    if s.opd_mode == "sampled":
+        # sampled-token form: the teacher's per-token log-probs come from a generation engine's score()
+        # (a teacher too large to sit beside the student would be served there)
+        with ctx.generating(ctx.extra["teacher_engine"]) as teacher, ctx.timer("logprobs"):
+            scored = teacher.score([e.problem for e in exs], [e.images for e in exs], responses,
+                                   temperature=s.temperature)
+        t_logp = torch.zeros(b["labels"].shape)
+        for i, lp in enumerate(scored):
+            start = int(b["prompt_lengths"][i]) - 1
+            t_logp[i, start : start + len(lp)] = torch.tensor(lp)
+
+    def forward(sl):
+        part = _rows(b, sl)
+        if s.opd_mode == "full":
+            with torch.no_grad(), ctx.timer("logprobs"):  # the teacher sees exactly the same image and prompt
+                th = trunk_hidden(ctx.teacher, **part)
+            # the fused KL needs the teacher's head in the student's forward and backward: a plain copy
+            # (gathered once under ZeRO-3), freed with the micro-batch's graph
+            kw = {"teacher": (th, frozen_head_weight(ctx.teacher))}
+        else:
+            kw = {"teacher_logp": t_logp[sl]}
+        loss, m = _policy_loss(ctx, part, lambda h, w: opd_loss(h, w, part["labels"], temperature=s.temperature,
+                                                                num_items_in_batch=n, **kw))
+        m["on_policy_share"] = share
+        return loss, m, {"tokens": (part["labels"] != -100).sum(), "rows": sl.stop - sl.start}
+
+    return in_micro_batches(ctx, micro_slices(ctx, b["attention_mask"].sum(1).tolist()), forward,
+                            {"kl": "tokens", "entropy": "tokens"}, token_weighted=("kl", "entropy"))
 
 
 class OPD(Stage):

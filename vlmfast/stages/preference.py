@@ -17,12 +17,15 @@ from .base import Stage, check_loss
 from .context import (
     StageContext,
     _dataset_negative,
+    _pair_rows,
     _policy_loss,
     _sample_subset,
     _target,
     _target_ids,
     batch_examples,
     example_rngs,
+    in_micro_batches,
+    micro_slices,
 )
 
 
@@ -51,25 +54,38 @@ def _preference_batch(ctx, exs, positions, step):
 
 
 def dpo_step(ctx: StageContext, step: int):
+    """The step's pairs in micro-batches (context.micro_slices over whole pairs): the reference's log-probs of
+    each micro-batch first (no grad), then each one's share of the loss (a mean over pairs: weighed by its pairs)
+    as the trainer runs it, the step's metrics on the last."""
     s = ctx.stage
     exs, positions = batch_examples(ctx, step, s.batch_size)
     b, on_policy_share = _preference_batch(ctx, exs, positions, step)
     B = len(exs)
+    lengths = (b["attention_mask"][:B].sum(1) + b["attention_mask"][B:].sum(1)).tolist()  # chosen + rejected
+    slices = micro_slices(ctx, lengths)
     with torch.no_grad(), ctx.timer("logprobs"):  # pi_ref: the policy at stage start
-        rh = trunk_hidden(ctx.reference, **b)
-        r = head_token_stats(ctx.reference, rh, b["labels"], temperature=s.temperature, outputs=("logp",),
-                             per_sequence=True)
-    ref_c, ref_r = r.seq_logp[:B], r.seq_logp[B:]
-    if s.type == "dpo":
-        def loss_fn(h, w):
-            return dpo_loss(h, w, b["labels"], ref_c, ref_r, beta=s.beta, temperature=s.temperature)
-    else:
-        def loss_fn(h, w):
-            return cw_dpo_loss(h, w, b["labels"], ref_c, ref_r, beta=s.beta, tau_c=s.tau_c, l_floor=ctx.l_floor,
-                               temperature=s.temperature)
-    loss, m = _policy_loss(ctx, b, loss_fn)
-    m["on_policy_negatives"] = torch.tensor(on_policy_share)
-    return loss, m
+        ref = {}  # micro-batch start -> (chosen, rejected) sequence sums
+        for sl in slices:
+            pairs = _pair_rows(b, sl, B)
+            r = head_token_stats(ctx.reference, trunk_hidden(ctx.reference, **pairs), pairs["labels"],
+                                 temperature=s.temperature, outputs=("logp",), per_sequence=True)
+            ref[sl.start] = r.seq_logp.chunk(2)
+
+    def forward(sl):
+        pairs, (ref_c, ref_r) = _pair_rows(b, sl, B), ref[sl.start]
+        if s.type == "dpo":
+            def loss_fn(h, w):
+                return dpo_loss(h, w, pairs["labels"], ref_c, ref_r, beta=s.beta, temperature=s.temperature)
+        else:
+            def loss_fn(h, w):
+                return cw_dpo_loss(h, w, pairs["labels"], ref_c, ref_r, beta=s.beta, tau_c=s.tau_c,
+                                   l_floor=ctx.l_floor, temperature=s.temperature)
+        loss, m = _policy_loss(ctx, pairs, loss_fn)
+        m["on_policy_negatives"] = torch.tensor(on_policy_share)
+        rows = sl.stop - sl.start
+        return loss * (rows / B), m, {"tokens": (pairs["labels"] != -100).sum(), "rows": rows}
+
+    return in_micro_batches(ctx, slices, forward, {"entropy": "tokens"})
 
 
 @torch.no_grad()
@@ -102,6 +118,11 @@ class Preference(Stage):
 
     def grouped_loss(self, s):
         return True  # a pair's loss reads both sequences' sums
+
+    def whole_batch_loss(self, s):
+        if s.type == "cw_dpo" and s.l_floor == "batch":
+            return "l_floor: batch weighs each pair by the mean of every rejected response of the batch"
+        return None
 
     def check(self, s, key, bad):
         if problem := l_floor_problem(s.l_floor, trainer=True):

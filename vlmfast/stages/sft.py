@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..data.collate import collate
 from ..losses import sft_gentle_negatives_loss, sft_loss
-from ..losses.sft import _check_gentle, _check_sft
+from ..losses.sft import _check_gentle, _check_sft, divergent_tokens, gentle_normalizers
 from ..models import call_head, trunk_hidden
 from .base import Stage, check_loss
 from .context import (
@@ -13,35 +13,62 @@ from .context import (
     _dataset_negative,
     _device,
     _policy_loss,
+    _rows,
     _target,
     batch_examples,
     example_rngs,
+    in_micro_batches,
     mean_over_ranks,
+    micro_slices,
     rank_share_of_tokens,
 )
 
 
 def sft_step(ctx: StageContext, step: int):
+    """The step's batch, in micro-batches (context.micro_slices): each one's share of the loss as the trainer runs
+    it, the step's metrics on the last."""
     s = ctx.stage
     exs, positions = batch_examples(ctx, step, s.batch_size)
     b = collate(ctx.processor, [e.problem for e in exs], [e.images for e in exs],
                 [_target(ctx, e.answer, e) for e in exs])
     if s.gentle is None:
-        n = rank_share_of_tokens(b["labels"], _device(ctx))
-        return _policy_loss(ctx, b, lambda h, w: sft_loss(h, w, b["labels"], temperature=s.temperature,
-                                                          label_smoothing=s.label_smoothing, num_items_in_batch=n))
+        n = rank_share_of_tokens(b["labels"], _device(ctx))  # the token mean is the whole batch's: shares add up
+
+        def forward(sl):
+            part = _rows(b, sl)
+            loss, m = _policy_loss(ctx, part, lambda h, w: sft_loss(
+                h, w, part["labels"], temperature=s.temperature, label_smoothing=s.label_smoothing,
+                num_items_in_batch=n))
+            return loss, m, {"tokens": m["tokens"], "rows": sl.stop - sl.start}
+
+        slices = micro_slices(ctx, b["attention_mask"].sum(1).tolist())
+        return in_micro_batches(ctx, slices, forward, {"nll": "tokens", "entropy": "tokens", "tokens": "sum"},
+                                token_weighted=("nll", "entropy"))
     rngs = example_rngs(ctx, step, positions)
     nb = collate(ctx.processor, [e.problem for e in exs], [e.images for e in exs],
                  [_target(ctx, _dataset_negative(e, rng), e) for e, rng in zip(exs, rngs)])
+    # the means divide by the rank's whole batch's counts (every rank's, averaged), so micro-batches' shares add up
+    norms = gentle_normalizers(b["labels"], nb["labels"], mean_over_parts=mean_over_ranks)
 
-    def forward():
-        hidden = trunk_hidden(ctx.model, **_counted(b, ctx))
-        neg_hidden = trunk_hidden(ctx.model, **_counted(nb, ctx))
-        return call_head(ctx.model, hidden, lambda h, w: sft_gentle_negatives_loss(
-            h, w, b["labels"], neg_hidden, nb["labels"], temperature=s.temperature, mean_over_parts=mean_over_ranks,
-            **s.gentle))
+    def forward_pair(sl):
+        pos, neg = _rows(b, sl), _rows(nb, sl)
 
-    return ctx.forward(forward)
+        def forward():
+            hidden = trunk_hidden(ctx.model, **_counted(pos, ctx))
+            neg_hidden = trunk_hidden(ctx.model, **_counted(neg, ctx))
+            return call_head(ctx.model, hidden, lambda h, w: sft_gentle_negatives_loss(
+                h, w, pos["labels"], neg_hidden, neg["labels"], temperature=s.temperature, normalizers=norms,
+                **s.gentle))
+
+        loss, m = ctx.forward(forward)
+        own = divergent_tokens(pos["labels"], neg["labels"])
+        return loss, m, {"tokens": (pos["labels"] != -100).sum(), "rows": sl.stop - sl.start,
+                         "own_tokens": own.sum(), "pushed": (own.sum(1) > 0).sum()}
+
+    lengths = (b["attention_mask"].sum(1) + nb["attention_mask"].sum(1)).tolist()  # a target and its negative
+    return in_micro_batches(ctx, micro_slices(ctx, lengths), forward_pair,
+                            {"nll_pos": "tokens", "entropy": "tokens", "nll_neg": "own_tokens",
+                             "hinge_active": "pushed"}, token_weighted=("nll_pos", "entropy"))
 
 
 GENTLE_KEYS = {"variant", "lam", "margin", "alpha"}
