@@ -62,6 +62,23 @@ def _force_long_tail(max_new: int) -> None:
 
     rng = random.Random(0)
     own = GenerationMixin.generate
+    last = {}  # the latest call's rows as its last step saw them: sequences, first new column, drawn lengths
+
+    def drawn(input_ids):
+        """(start, lengths) of a call's rows: a new batch draws its lengths; a call that continues rows of the
+        latest one (vlmfast's HF engine goes on with the unfinished rows alone) keeps theirs."""
+        prev = last.get("seqs")
+        if prev is not None and input_ids.shape[1] == prev.shape[1] + 1:
+            free, found = list(range(prev.shape[0])), []
+            for row in input_ids[:, :-1]:
+                match = next((r for r in free if torch.equal(prev[r], row)), None)
+                if match is None:
+                    break
+                free.remove(match)
+                found.append(match)
+            else:
+                return last["start"], last["lengths"][found]
+        return input_ids.shape[1], torch.tensor(long_tail_lengths(input_ids.shape[0], max_new, rng))
 
     class EndAt(LogitsProcessor):
         def __init__(self, eos):
@@ -69,8 +86,8 @@ def _force_long_tail(max_new: int) -> None:
 
         def __call__(self, input_ids, scores):
             if self.start is None:
-                self.start = input_ids.shape[1]
-                self.lengths = torch.tensor(long_tail_lengths(input_ids.shape[0], max_new, rng))
+                self.start, self.lengths = drawn(input_ids)
+            last.update(seqs=input_ids.clone(), start=self.start, lengths=self.lengths)
             end = (input_ids.shape[1] - self.start + 1) >= self.lengths
             scores[end] = float("-inf")
             scores[end, self.eos] = 0.0

@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from vlmfast.data.synthetic import generate
 from vlmfast.models import tiny_vlm
 from vlmfast.rollout import Sampling, make_engine, mismatch
+from vlmfast.rollout.hf import HFEngine
 
 
 @pytest.fixture(scope="module")
@@ -241,3 +242,43 @@ def test_generation_keeps_one_logprob_per_token_not_the_scores(prompts, sampling
         peaks[steps] = seen.peak / row_bytes
     assert peaks[64] < 24, peaks  # [B, V] fp32 tensors alive at once
     assert peaks[64] - peaks[16] < 2, peaks
+
+
+class _EndOfTurnBoost(torch.nn.Module):
+    """The lm_head with the end-of-turn logit raised: completions end at ragged lengths (a long tail)."""
+
+    def __init__(self, head, eos, boost):
+        super().__init__()
+        self.head, self.weight, self.eos, self.boost = head, head.weight, eos, boost
+
+    def forward(self, h):
+        z = self.head(h)
+        z[..., self.eos] += self.boost
+        return z
+
+
+def test_finished_rows_leave_the_decode_batch_and_change_nothing(prompts):
+    """A long-tailed rollout: generate stops when half its rows have ended and the engine continues the rest alone
+    (from their KV cache, their 3-D rope offsets and noise streams carried over). Every completion, finish reason
+    and log-prob is the one the whole batch decoded to the longest's end gives, and the rows the language model
+    decodes add up to less than half of that batch's (at most twice each step's unfinished rows)."""
+    model, proc = tiny_vlm("student", seed=0)
+    eos = proc.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.lm_head = _EndOfTurnBoost(model.lm_head, eos, 3.5)
+    decoded = []  # rows of each one-token (decode) forward
+    model.model.language_model.register_forward_pre_hook(
+        lambda mod, args, kw: decoded.append(kw["inputs_embeds"].shape[0]) if kw["inputs_embeds"].shape[1] == 1
+        else None, with_kwargs=True)
+    s = Sampling(temperature=1.0, max_new_tokens=48)
+    runs = {}
+    for drop in (False, True):
+        decoded.clear()
+        out = HFEngine(model, proc, drop_finished=drop).generate(*prompts, n=8, sampling=s, seeds=[5, 6, 7])
+        runs[drop] = [c for g in out for c in g], sum(decoded)
+    (whole, whole_rows), (dropped, dropped_rows) = runs[False], runs[True]
+    lengths = [len(c.token_ids) for c in whole]
+    assert max(lengths) > 3 * sorted(lengths)[len(lengths) // 2]  # a long tail: the longest far past the median
+    assert [c.token_ids for c in dropped] == [c.token_ids for c in whole]
+    assert [c.finish_reason for c in dropped] == [c.finish_reason for c in whole]
+    assert mismatch([c.logprobs for c in dropped], [c.logprobs for c in whole]) < 1e-5
+    assert dropped_rows <= 2 * sum(lengths) and dropped_rows < whole_rows / 2, (dropped_rows, whole_rows)

@@ -82,8 +82,30 @@ class _TokenSampler:
         return out
 
     def logprobs(self) -> torch.Tensor:
-        """[B, steps]: the log-prob of each step's token under the distribution it was drawn from."""
-        return torch.stack(self.chosen_logp, 1)
+        """[B, steps]: the log-prob of each step's token under the distribution it was drawn from, since the last
+        call (then forgotten)."""
+        out, self.chosen_logp = torch.stack(self.chosen_logp, 1), []
+        return out
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Only `rows` decode on: their generators and the noise already drawn for them carry over, so each row's
+        noise stream is the one it would have had in an uninterrupted call."""
+        if self.gens is not None:
+            self.gens = [self.gens[i] for i in rows.tolist()]
+        self.noise = [u[rows.to(u.device)] for u in self.noise]
+
+
+class _HalfEnded:
+    """A stopping criterion for `generate`: every row stops once half of the rows the call started with have ended
+    (an end-of-turn or a vision token: the completion is cut there), so the engine can go on with the others alone
+    instead of decoding finished rows to the longest one's end."""
+
+    def __init__(self, start: int, end_ids: torch.Tensor):
+        self.start, self.end_ids = start, end_ids
+
+    def __call__(self, input_ids, scores, **kwargs):
+        ended = torch.isin(input_ids[:, self.start :], self.end_ids.to(input_ids.device)).any(1)
+        return ended | (2 * ended.sum() >= ended.numel())
 
 
 def _cache_kwarg(model) -> str:
@@ -151,8 +173,13 @@ class HFEngine:
     trainer passes `vlmfast.zero.gathered_for_generation` of its engine, so decoding runs on whole
     weights instead of re-gathering every layer at every token."""
 
-    def __init__(self, model, processor, *, batch_size: int = 64, gather=None, synced_ranks: bool = False):
+    def __init__(self, model, processor, *, batch_size: int = 64, gather=None, synced_ranks: bool = False,
+                 drop_finished: bool = True):
         self.model, self.processor, self.batch_size = model, processor, batch_size
+        # a long-tailed rollout decodes its last tokens on the rows still going, not on the whole batch: generate
+        # stops when half its rows have ended and continues the rest from their KV cache (never with synced_ranks:
+        # every rank must then run as many forwards)
+        self.drop_finished = drop_finished and not synced_ranks
         self.gather = gather or contextlib.nullcontext
         # a model left partitioned across ranks gathers in every forward: all ranks must run the same
         # number of decoding steps, until the last rank's last sequence ends (HF's synced_gpus)
@@ -210,29 +237,59 @@ class HFEngine:
 
     def _generate_batch(self, problems, images, sampling: Sampling, row_seeds=None, copies: int = 1
                         ) -> list[Completion]:
-        from transformers import LogitsProcessorList
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         batch = collate(self.processor, problems, images)
         device = next(self.model.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items()}
         # greedy decoding over the sampler's scores: it samples, and keeps one log-prob per token (no output_scores)
         sampler = _TokenSampler(sampling, device, row_seeds)
-        kw = dict(max_new_tokens=sampling.max_new_tokens, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
-                  return_dict_in_generate=True, synced_gpus=self.synced_ranks, do_sample=False, temperature=None,
-                  top_p=None, top_k=None, logits_processor=LogitsProcessorList([sampler]))
+        kw = dict(eos_token_id=self.eos_id, pad_token_id=self.pad_id, return_dict_in_generate=True,
+                  synced_gpus=self.synced_ranks, do_sample=False, temperature=None, top_p=None, top_k=None,
+                  logits_processor=LogitsProcessorList([sampler]))
         prompt_len = batch["input_ids"].shape[1]
         # n copies of a prompt: its prefill once
         inputs = shared_prompt_prefill(self.model, batch, copies, synced_ranks=self.synced_ranks)
-        res = self.model.generate(**inputs, **kw)
-        new = res.sequences[:, prompt_len:]
-        logp = sampler.logprobs()  # [B, L]: under the distribution each token was drawn from (greedy: T = 1)
+        B, steps = batch["input_ids"].shape[0], sampling.max_new_tokens
+        new = torch.full((B, steps), self.pad_id, dtype=torch.long)
+        logp = torch.zeros(B, steps)  # under the distribution each token was drawn from (greedy: T = 1)
+        rows, done = torch.arange(B), 0  # the rows still decoding, and the tokens each has
+        end_ids = torch.tensor([self.eos_id, *self.vision_ids])
+        while True:
+            stop = [_HalfEnded(inputs["input_ids"].shape[1], end_ids)] if self.drop_finished else []
+            res = self.model.generate(**inputs, **kw, max_new_tokens=steps - done,
+                                      stopping_criteria=StoppingCriteriaList(stop))
+            got = res.sequences[:, inputs["input_ids"].shape[1] :].cpu()
+            new[rows, done : done + got.shape[1]] = got
+            logp[rows, done : done + got.shape[1]] = sampler.logprobs().cpu()
+            done += got.shape[1]
+            going = ~torch.isin(new[rows, :done], end_ids).any(1)
+            if done >= steps or not going.any() or not self.drop_finished:
+                break
+            inputs = self._continued(inputs, res, going.nonzero()[:, 0], sampler)
+            rows = rows[going]
         out = []
-        for b in range(new.shape[0]):
+        for b in range(B):
             ids, finish = end_of_completion(new[b].tolist(), self.eos_id, self.vision_ids)
             text = self.processor.tokenizer.decode(ids, skip_special_tokens=True)
             out.append(Completion(token_ids=ids, text=text, logprobs=logp[b, : len(ids)].tolist(),
                                   finish_reason=finish))
         return out
+
+    def _continued(self, inputs: dict, res, keep: torch.Tensor, sampler: _TokenSampler) -> dict:
+        """`generate` inputs that continue rows `keep` of a stopped call from its KV cache (transformers continues
+        from a cache: it feeds the uncached last token on), with their 3-D rope offsets and noise streams."""
+        cache = getattr(res, "cache", None) or getattr(res, "past_key_values", None)
+        device = res.sequences.device
+        keep_dev = keep.to(device)
+        cache.batch_select_indices(keep_dev)
+        if getattr(self.model.model, "rope_deltas", None) is not None:  # Qwen-VL: per-row offsets of the positions
+            self.model.model.rope_deltas = self.model.model.rope_deltas[keep_dev]
+        sampler.keep(keep)
+        seqs = res.sequences[keep_dev]
+        mask = inputs["attention_mask"][keep_dev]
+        mask = torch.cat([mask, mask.new_ones(len(keep), seqs.shape[1] - mask.shape[1])], 1)
+        return {"input_ids": seqs, "attention_mask": mask, _cache_kwarg(self.model): cache}
 
     @torch.no_grad()
     def score(self, problems: list[str], images: list[list], response_ids: list[list[int]], *,
