@@ -174,8 +174,9 @@ class StageConfig:
     # every stage: real tokens per forward and backward on a rank at most (padding-free: whole rows packed up to
     # it; a longer one runs alone), the micro-batch count the same on every rank; or micro_batch_size
     max_tokens_per_micro_batch: int | None = None
-    # grpo: each update's samples redistributed across the ranks so each holds as many and about as many tokens
-    # (verl's balance_batch): default (None) on; false keeps each sample on the rank that drew its prompt
+    # every stage: each step's rows (GRPO: each update's samples) redistributed across the ranks so each holds as many
+    # and about as many tokens (verl's balance_batch): default (None) on; false keeps each row on the rank that drew
+    # its prompt. CW-DPO with l_floor: batch keeps its rows (its floor is the rank's batch's)
     balance_batch: bool | None = None
     clip_low: float = 0.2  # grpo: the ratio's lower clip is 1 - clip_low
     clip_high: float = 0.2  # grpo: the ratio's upper clip is 1 + clip_high

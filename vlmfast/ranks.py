@@ -109,26 +109,22 @@ def balanced_rows(rows: list, lengths: list[int]) -> list:
             for i in range(len(flat)) if owner[i] == rank]
 
 
-def global_means(metrics: dict, *, token_weighted: tuple = (), tokens: float = 1.0) -> dict:
-    """A step's metrics (floats) over all ranks: the names in `token_weighted` are means over this rank's `tokens`
-    tokens and combine weighted by them; *_min / *_max take the extreme; every other one is a mean over
-    sequences, each rank holding as many (the batch splits evenly), so the global mean is the mean of the ranks'.
-    One all-reduce per kind."""
+def global_means(metrics: dict, weights: dict | None = None) -> dict:
+    """A step's metrics (floats) over all ranks: a metric named in `weights` is a mean over this rank's
+    weights[name] items (its tokens, its pushed negatives, ...) and combines weighted by them; *_min / *_max take
+    the extreme; every other one is a mean over rows, each rank holding as many (the batch splits evenly), so the
+    global mean is the mean of the ranks'. One all-reduce per kind."""
     if not several_ranks():
         return dict(metrics)
+    weights = weights or {}
     keys = sorted(metrics)
     lows = [k for k in keys if k.endswith("_min")]
     highs = [k for k in keys if k.endswith("_max")]
     means = [k for k in keys if k not in lows and k not in highs]
-    world = torch.distributed.get_world_size()
-    weights = [tokens if k in token_weighted else 1.0 for k in means]
-    sums = reduce_over_ranks(torch.tensor([metrics[k] * w for k, w in zip(means, weights)] + [tokens, 1.0],
-                                          dtype=torch.float64))
-    total_tokens = sums[-2].item()
-    out = {}
-    for i, k in enumerate(means):
-        denom = total_tokens if k in token_weighted else world
-        out[k] = sums[i].item() / denom if denom else 0.0
+    w = [float(weights.get(k, 1.0)) for k in means]
+    sums = reduce_over_ranks(torch.tensor([metrics[k] * x for k, x in zip(means, w)] + w, dtype=torch.float64))
+    out = {k: sums[i].item() / sums[len(means) + i].item() if sums[len(means) + i] else 0.0
+           for i, k in enumerate(means)}
     if lows:
         out.update(zip(lows, reduce_over_ranks(torch.tensor([metrics[k] for k in lows], dtype=torch.float64),
                                                "min").tolist()))

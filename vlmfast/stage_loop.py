@@ -405,10 +405,10 @@ def _throughput(tokens: int, seconds: float) -> dict:
 
 
 def _global_metrics(ctx, metrics: dict) -> dict:
-    """The step's metrics over all ranks (ranks.global_means): token means weighted by each rank's tokens."""
+    """The step's metrics over all ranks (ranks.global_means): a mean over tokens (or other items) weighted by each
+    rank's count of them (the stage's metric_weights)."""
     mine = {k: float(_scalar(v)) for k, v in metrics.items() if k != "loss"}
-    return global_means(mine, token_weighted=ctx.extra.pop("token_weighted", ()),
-                        tokens=ctx.extra.pop("metric_tokens", 1.0))
+    return global_means(mine, ctx.extra.pop("metric_weights", None))
 
 
 def eval_line(stage: str, step: int, rec: dict) -> str:

@@ -247,7 +247,6 @@ class HFEngine:
         kw = dict(eos_token_id=self.eos_id, pad_token_id=self.pad_id, return_dict_in_generate=True,
                   synced_gpus=self.synced_ranks, do_sample=False, temperature=None, top_p=None, top_k=None,
                   logits_processor=LogitsProcessorList([sampler]))
-        prompt_len = batch["input_ids"].shape[1]
         # n copies of a prompt: its prefill once
         inputs = shared_prompt_prefill(self.model, batch, copies, synced_ranks=self.synced_ranks)
         B, steps = batch["input_ids"].shape[0], sampling.max_new_tokens

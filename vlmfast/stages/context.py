@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..data.collate import END_OF_TURN
+from ..data.collate import END_OF_TURN, collate
 from ..data.prompts import reasoning_of, target_response
 from ..models import call_head, trunk_hidden
-from ..ranks import reduce_over_ranks
+from ..ranks import balanced_rows, reduce_over_ranks
 from ..rollout import Sampling
 from ..timing import StepTimer
 
@@ -139,6 +139,23 @@ def examples_at(ctx: StageContext, step: int, n: int, positions: list[int]) -> l
             perms[epoch] = torch.randperm(L, generator=torch.Generator().manual_seed(seed))
         out.append(ctx.train[int(perms[epoch][r])])
     return out
+
+
+def prompt_tokens(ctx: StageContext, exs: list) -> list[int]:
+    """Each example's prompt tokens, images included, as a batch collates them."""
+    return collate(ctx.processor, [e.problem for e in exs], [e.images for e in exs])["attention_mask"].sum(1).tolist()
+
+
+def balanced_over_ranks(ctx: StageContext, rows: list[dict], lengths: list[int]) -> list[dict]:
+    """This rank's `rows` (each carrying what its rank made of it: its place in the global batch, sampled tokens;
+    `lengths`: their tokens through the forward, prompts and responses) redistributed across the ranks so each
+    holds as many and about as many tokens, as verl's _balance_batch does: the slowest rank sets every step's pace
+    and, under a token budget, the micro-batch count. Every loss is the same whichever rank holds a row (global
+    token means; means over rows or pairs, as many on every rank). The rows as they are on one rank or with
+    balance_batch: false."""
+    if ctx.stage.balance_batch is False or world()[1] == 1:
+        return rows
+    return balanced_rows(rows, lengths)
 
 
 def position_seeds(ctx: StageContext, step: int, positions: list[int]) -> list[int]:
@@ -270,10 +287,11 @@ def combined_metrics(parts: list[tuple[dict, dict]], weight_of: dict[str, str]) 
 
 
 def in_micro_batches(ctx: StageContext, slices: list[slice], forward, weight_of: dict[str, str],
-                     token_weighted: tuple[str, ...] = ()):
+                     rank_tokens: int | None = None):
     """forward(sl) -> (loss share, metrics, weights) for each micro-batch `sl`, run as the trainer iterates: yields
-    (share, None) until the last, which carries the step's metrics (combined_metrics; `loss` the sum of the shares).
-    `token_weighted` metrics then combine across ranks weighted by each rank's weights["tokens"]."""
+    (share, None) until the last, which carries the step's metrics (combined_metrics; `loss` the sum of the shares;
+    rank_tokens and rank_tokens_max the rank's real tokens, when given: their mean and largest over the ranks).
+    The ranks' metrics then combine weighted by their totals of the same weights."""
     parts, total = [], 0.0
     for k, sl in enumerate(slices):
         share, m, weights = forward(sl)
@@ -281,9 +299,15 @@ def in_micro_batches(ctx: StageContext, slices: list[slice], forward, weight_of:
         total = total + share.detach()
         last = k == len(slices) - 1
         if last:
-            ctx.extra["metric_tokens"] = float(sum(w["tokens"] for _, w in parts))
-            ctx.extra["token_weighted"] = token_weighted
-        yield share, ({**combined_metrics(parts, weight_of), "loss": total} if last else None)
+            totals = {name: sum(float(w[name]) for _, w in parts) for name in parts[0][1]}
+            ctx.extra["metric_weights"] = {k: totals[w] for k, w in weight_of.items() if w != "sum"}
+        if not last:
+            yield share, None
+            continue
+        m = {**combined_metrics(parts, weight_of), "loss": total}
+        if rank_tokens is not None:
+            m["rank_tokens"] = m["rank_tokens_max"] = torch.tensor(float(rank_tokens))
+        yield share, m
 
 
 def _rows(batch: dict, sl: slice) -> dict:

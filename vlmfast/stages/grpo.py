@@ -7,11 +7,11 @@ import dataclasses
 
 import torch
 
-from ..data.collate import collate, collate_token_responses
+from ..data.collate import collate_token_responses
 from ..losses import group_advantages, grpo_loss
 from ..losses.grpo import SCALINGS, _check_grpo
 from ..models import head_token_stats, trunk_hidden
-from ..ranks import balanced_rows, gathered_rows
+from ..ranks import gathered_rows
 from ..rewards import Reward, score
 from .base import Stage, check_loss
 from .context import (
@@ -20,10 +20,12 @@ from .context import (
     _policy_loss,
     _rows,
     _sample,
+    balanced_over_ranks,
     batch_examples,
     combined_metrics,
     examples_at,
     micro_slices,
+    prompt_tokens,
     rank_share_of_tokens,
     world,
 )
@@ -99,16 +101,14 @@ def _rollout(ctx: StageContext, index: int) -> dict:
 
 
 def _balanced(ctx: StageContext, rows: list[dict], exs: list) -> list[dict]:
-    """Each update's samples redistributed across the ranks, as many per rank, about as many tokens (prompt and
-    response) on each (verl's _balance_batch): the slowest rank sets every update's pace, and under a token budget
-    the micro-batch count is the rank with most tokens'. The loss, a global token mean (or a mean over sequences,
-    as many on every rank), is the same whichever rank holds a sample."""
+    """Each update's samples balanced across the ranks (context.balanced_over_ranks; advantages are computed
+    before, where each group was sampled)."""
     s = ctx.stage
-    prompt = collate(ctx.processor, [e.problem for e in exs], [e.images for e in exs])["attention_mask"].sum(1)
-    lengths = [int(prompt[i // s.group_size]) + len(r["token_ids"]) for i, r in enumerate(rows)]
+    prompt = prompt_tokens(ctx, exs)  # once per prompt, not per sample
+    lengths = [prompt[i // s.group_size] + len(r["token_ids"]) for i, r in enumerate(rows)]
     n = update_rows(ctx)
     return [row for u in range(s.updates_per_rollout)
-            for row in balanced_rows(rows[u * n : (u + 1) * n], lengths[u * n : (u + 1) * n])]
+            for row in balanced_over_ranks(ctx, rows[u * n : (u + 1) * n], lengths[u * n : (u + 1) * n])]
 
 
 def _collated(ctx: StageContext, index: int, rows: list[dict]) -> dict:
@@ -186,8 +186,9 @@ def _grpo_update(ctx: StageContext, ro: dict, update: slice, micro: list[slice])
         parts.append((m, (labels != -100).sum().item(), labels.shape[0]))
         last = sl.stop == update.stop
         if last:  # the trainer combines the ranks' token means weighted by their tokens
-            ctx.extra["metric_tokens"] = float(sum(t for _, t, _ in parts))
-            ctx.extra["token_weighted"] = _TOKEN_MEAN_METRICS + (("pg_loss",) if s.aggregation == "token-mean" else ())
+            tokens = float(sum(t for _, t, _ in parts))  # the ranks' token means combine weighted by their tokens
+            token_means = _TOKEN_MEAN_METRICS + (("pg_loss",) if s.aggregation == "token-mean" else ())
+            ctx.extra["metric_weights"] = dict.fromkeys(token_means, tokens)
         yield loss, (_grpo_metrics(ro, update, whole, parts, s.aggregation) if last else None)
 
 
@@ -230,8 +231,7 @@ def _grpo_metrics(ro: dict, update: slice, whole: dict, parts: list, aggregation
 class GRPO(Stage):
     types = ("grpo",)
     step = staticmethod(grpo_step)
-    own_keys = {"tis_cap": "truncated importance sampling weights",
-                "balance_batch": "samples balanced across ranks by length"}
+    own_keys = {"tis_cap": "truncated importance sampling weights"}
 
     def needs_reference(self, s):
         return s.kl_coef > 0  # the KL penalty to pi_ref

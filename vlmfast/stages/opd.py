@@ -19,11 +19,15 @@ from .context import (
     _rows,
     _sample_subset,
     _target_ids,
+    balanced_over_ranks,
     batch_examples,
     example_rngs,
+    examples_at,
     in_micro_batches,
     micro_slices,
+    prompt_tokens,
     rank_share_of_tokens,
+    world,
 )
 
 
@@ -37,9 +41,14 @@ def opd_step(ctx: StageContext, step: int):
     responses = [_target_ids(ctx, e) for e in exs]
     for i, g in zip(idx, _sample_subset(ctx, exs, positions, idx, 1, step)):
         responses[i] = g[0].token_ids
+    rows = [{"place": p, "response": r, "on_policy": flag} for p, r, flag in zip(positions, responses, on_policy)]
+    if world()[1] > 1:
+        rows = balanced_over_ranks(ctx, rows, [p + len(r) for p, r in zip(prompt_tokens(ctx, exs), responses)])
+    exs = examples_at(ctx, step, s.batch_size, [r["place"] for r in rows])
+    responses = [r["response"] for r in rows]
     b = collate_token_responses(ctx.processor, [e.problem for e in exs], [e.images for e in exs], responses)
     n = rank_share_of_tokens(b["labels"], _device(ctx))  # the token mean is the whole batch's: shares add up
-    share = torch.tensor(len(idx) / len(exs))
+    share = torch.tensor(sum(r["on_policy"] for r in rows) / len(rows))
     if s.opd_mode == "sampled":
         # sampled-token form: the teacher's per-token log-probs come from a generation engine's score()
         # (a teacher too large to sit beside the student would be served there)
@@ -67,7 +76,8 @@ def opd_step(ctx: StageContext, step: int):
         return loss, m, {"tokens": (part["labels"] != -100).sum(), "rows": sl.stop - sl.start}
 
     return in_micro_batches(ctx, micro_slices(ctx, b["attention_mask"].sum(1).tolist()), forward,
-                            {"kl": "tokens", "entropy": "tokens"}, token_weighted=("kl", "entropy"))
+                            {"kl": "tokens", "entropy": "tokens"},
+                            rank_tokens=int(b["attention_mask"].sum()))
 
 
 class OPD(Stage):

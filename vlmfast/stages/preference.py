@@ -22,17 +22,21 @@ from .context import (
     _sample_subset,
     _target,
     _target_ids,
+    balanced_over_ranks,
     batch_examples,
     example_rngs,
+    examples_at,
     in_micro_batches,
     micro_slices,
+    prompt_tokens,
+    world,
 )
 
 
-def _preference_batch(ctx, exs, positions, step):
-    """Chosen = the gold target; rejected = with probability on_policy_fraction one of the policy's own wrong
-    samples, whole and as sampled (its token ids: its reasoning, not the gold one with its answer pasted in),
-    when one of its 4 samples is wrong; else a dataset negative in the gold template."""
+def _preference_rows(ctx, exs, positions, step) -> list[dict]:
+    """One row per example: its place, chosen = the gold target; rejected = with probability on_policy_fraction one
+    of the policy's own wrong samples, whole and as sampled (its token ids: its reasoning, not the gold one with its
+    answer pasted in), when one of its 4 samples is wrong (on_policy); else a dataset negative in the gold template."""
     s = ctx.stage
     tok = ctx.processor.tokenizer
     rngs = example_rngs(ctx, step, positions)
@@ -43,14 +47,10 @@ def _preference_batch(ctx, exs, positions, step):
         wrong = next((c for c in g if not score(c.text, exs[i].answer, exs[i].choices).accuracy), None)
         if wrong is not None and wrong.token_ids:
             rejected[i] = list(wrong.token_ids)
-    n_on = sum(r is not None for r in rejected)
-    rejected = [r if r is not None else
-                tok(_target(ctx, _dataset_negative(e, rng), e) + END_OF_TURN, add_special_tokens=False)["input_ids"]
-                for r, e, rng in zip(rejected, exs, rngs)]
-    chosen = [_target_ids(ctx, e) for e in exs]
-    problems = [e.problem for e in exs] * 2
-    images = [e.images for e in exs] * 2
-    return collate_token_responses(ctx.processor, problems, images, chosen + rejected), n_on / len(exs)
+    return [{"place": p, "chosen": _target_ids(ctx, e), "on_policy": r is not None,
+             "rejected": r if r is not None else tok(_target(ctx, _dataset_negative(e, rng), e) + END_OF_TURN,
+                                                     add_special_tokens=False)["input_ids"]}
+            for p, e, r, rng in zip(positions, exs, rejected, rngs)]
 
 
 def dpo_step(ctx: StageContext, step: int):
@@ -59,7 +59,14 @@ def dpo_step(ctx: StageContext, step: int):
     as the trainer runs it, the step's metrics on the last."""
     s = ctx.stage
     exs, positions = batch_examples(ctx, step, s.batch_size)
-    b, on_policy_share = _preference_batch(ctx, exs, positions, step)
+    rows = _preference_rows(ctx, exs, positions, step)
+    if world()[1] > 1 and not STAGE.whole_batch_loss(s):  # l_floor: batch reads the rank's batch as drawn
+        lengths = [2 * p + len(r["chosen"]) + len(r["rejected"]) for p, r in zip(prompt_tokens(ctx, exs), rows)]
+        rows = balanced_over_ranks(ctx, rows, lengths)
+        exs = examples_at(ctx, step, s.batch_size, [r["place"] for r in rows])
+    b = collate_token_responses(ctx.processor, [e.problem for e in exs] * 2, [e.images for e in exs] * 2,
+                                [r["chosen"] for r in rows] + [r["rejected"] for r in rows])
+    on_policy_share = sum(r["on_policy"] for r in rows) / len(rows)
     B = len(exs)
     lengths = (b["attention_mask"][:B].sum(1) + b["attention_mask"][B:].sum(1)).tolist()  # chosen + rejected
     slices = micro_slices(ctx, lengths)
@@ -85,7 +92,7 @@ def dpo_step(ctx: StageContext, step: int):
         rows = sl.stop - sl.start
         return loss * (rows / B), m, {"tokens": (pairs["labels"] != -100).sum(), "rows": rows}
 
-    return in_micro_batches(ctx, slices, forward, {"entropy": "tokens"})
+    return in_micro_batches(ctx, slices, forward, {"entropy": "tokens"}, rank_tokens=sum(lengths))
 
 
 @torch.no_grad()

@@ -15,12 +15,16 @@ from .context import (
     _policy_loss,
     _rows,
     _target,
+    balanced_over_ranks,
     batch_examples,
     example_rngs,
+    examples_at,
     in_micro_batches,
     mean_over_ranks,
     micro_slices,
+    prompt_tokens,
     rank_share_of_tokens,
+    world,
 )
 
 
@@ -28,7 +32,7 @@ def sft_step(ctx: StageContext, step: int):
     """The step's batch, in micro-batches (context.micro_slices): each one's share of the loss as the trainer runs
     it, the step's metrics on the last."""
     s = ctx.stage
-    exs, positions = batch_examples(ctx, step, s.batch_size)
+    exs, positions = _balanced_examples(ctx, step)
     b = collate(ctx.processor, [e.problem for e in exs], [e.images for e in exs],
                 [_target(ctx, e.answer, e) for e in exs])
     if s.gentle is None:
@@ -43,7 +47,7 @@ def sft_step(ctx: StageContext, step: int):
 
         slices = micro_slices(ctx, b["attention_mask"].sum(1).tolist())
         return in_micro_batches(ctx, slices, forward, {"nll": "tokens", "entropy": "tokens", "tokens": "sum"},
-                                token_weighted=("nll", "entropy"))
+                                rank_tokens=int(b["attention_mask"].sum()))
     rngs = example_rngs(ctx, step, positions)
     nb = collate(ctx.processor, [e.problem for e in exs], [e.images for e in exs],
                  [_target(ctx, _dataset_negative(e, rng), e) for e, rng in zip(exs, rngs)])
@@ -68,7 +72,27 @@ def sft_step(ctx: StageContext, step: int):
     lengths = (b["attention_mask"].sum(1) + nb["attention_mask"].sum(1)).tolist()  # a target and its negative
     return in_micro_batches(ctx, micro_slices(ctx, lengths), forward_pair,
                             {"nll_pos": "tokens", "entropy": "tokens", "nll_neg": "own_tokens",
-                             "hinge_active": "pushed"}, token_weighted=("nll_pos", "entropy"))
+                             "hinge_active": "pushed"}, rank_tokens=sum(lengths))
+
+
+def _balanced_examples(ctx: StageContext, step: int) -> tuple[list, list[int]]:
+    """This rank's examples of the step and their places, balanced across the ranks by their targets' (and
+    negatives') tokens. What a row holds follows from its place alone (its negative is drawn by its place's seed),
+    so only the places travel."""
+    s = ctx.stage
+    exs, positions = batch_examples(ctx, step, s.batch_size)
+    if world()[1] == 1 or s.balance_batch is False:
+        return exs, positions
+    tok = ctx.processor.tokenizer
+    rngs = example_rngs(ctx, step, positions)  # the negatives' draws, by place: a length estimate here
+    answers = [[e.answer] + ([_dataset_negative(e, rng)] if s.gentle is not None else []) for e, rng in zip(exs, rngs)]
+    lengths = [sum(prompt + len(tok(_target(ctx, a, e), add_special_tokens=False)["input_ids"]) for a in both)
+               for e, both, prompt in zip(exs, answers, prompt_tokens(ctx, exs))]
+    rows = balanced_over_ranks(ctx, [{"place": p} for p in positions], lengths)
+    places = [r["place"] for r in rows]
+    if places == positions:
+        return exs, positions
+    return examples_at(ctx, step, s.batch_size, places), places
 
 
 GENTLE_KEYS = {"variant", "lam", "margin", "alpha"}
