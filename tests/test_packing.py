@@ -201,3 +201,33 @@ def test_qwen2_vl_and_qwen3_vl_pack_too(model_proc, rows, family):
     for name in g_pad:
         scale = max(1.0, g_pad[name].abs().max().item())
         assert (g_pack[name] - g_pad[name]).abs().max().item() <= 1e-4 * scale, name
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_text_models_pack_too(model_proc, family):
+    """Qwen2/2.5 and Qwen3 text models (positions restarting per sequence: transformers' packed convention for
+    text models): the packed row gives the padded batch's hidden states, loss and gradients."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    _, proc = model_proc
+    config, cls = (Qwen2Config, Qwen2ForCausalLM) if family == "qwen2" else (Qwen3Config, Qwen3ForCausalLM)
+    torch.manual_seed(0)
+    model = cls(config(vocab_size=len(proc.tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
+                       pad_token_id=proc.tokenizer.pad_token_id)).eval()
+    model.config._attn_implementation = "sdpa"
+    b = collate(proc, ["what is 2 + 2?", "name the colour of the largest of the shapes", "and 3?"], [[], [], []],
+                ["four", "it is red, the largest " * 5 + "\\boxed{red}", "\\boxed{3}"])
+    widths = []
+    hook = model.model.register_forward_pre_hook(lambda mod, args, kw: widths.append(kw["input_ids"].shape),
+                                                 with_kwargs=True)
+    _hidden_close(model, b)
+    hook.remove()
+    assert widths == [b["input_ids"].shape, (1, int(b["attention_mask"].sum()))]
+    y = b["labels"]
+    (l_pad, g_pad), (l_pack, g_pack) = _both(model, lambda: _loss_and_grads(model, b, lambda h, w: vlmfast.sft_loss(
+        h, w, y)))
+    torch.testing.assert_close(l_pack, l_pad, atol=1e-6, rtol=1e-5)
+    for name in g_pad:
+        scale = max(1.0, g_pad[name].abs().max().item())
+        assert (g_pack[name] - g_pad[name]).abs().max().item() <= 1e-4 * scale, name
