@@ -19,9 +19,10 @@ pytestmark = pytest.mark.timeout(900)
 def _nan_at(monkeypatch, bad_steps):
     real = S.STAGES["sft"].step
 
-    def step_fn(ctx, step):
-        loss, m = real(ctx, step)
-        return (loss * float("nan"), m) if step in bad_steps else (loss, m)
+    def step_fn(ctx, step):  # the step's micro-batches (one here), each share NaN at a bad step
+        out = real(ctx, step)
+        return (((loss * float("nan") if step in bad_steps else loss), m)
+                for loss, m in ([out] if isinstance(out, tuple) else out))
 
     monkeypatch.setattr(S.STAGES["sft"], "step", step_fn)
 

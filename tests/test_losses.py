@@ -224,7 +224,7 @@ def test_grpo_on_policy_needs_no_old_logp_and_measures_the_sampler():
     # a cap no token reaches changes nothing; tis_cap without the sampler's log-probs is an error
     loss3, m3 = grpo_loss(h, W, y, None, adv, sampler_logp=old, tis_cap=2.0)
     torch.testing.assert_close(loss3, loss2.detach(), atol=1e-6, rtol=1e-5)
-    assert m3["tis_truncated_frac"].item() == 0 and abs(m3["tis_weight_mean"].item() - 1) < 1e-6
+    assert m3["is_clipped_frac"].item() == 0 and abs(m3["is_weight_mean"].item() - 1) < 1e-6
     with pytest.raises(ValueError, match="tis_cap needs sampler_logp"):
         grpo_loss(h, W, y, None, adv, tis_cap=2.0)
     with pytest.raises(ValueError, match="tis_cap"):

@@ -174,6 +174,13 @@ def test_losses_that_qualify_run_three_gemms(dtype, monkeypatch):
                                2 * 6 * n * H * V),
         "opd, fused teacher": (lambda: vlmfast.opd_loss(h, W, y, teacher=(ht, Wt))[0], 6 * n * H * V + 2 * n * HT * V),
         "grpo": (lambda: vlmfast.grpo_loss(h, W, y, None, adv, aggregation="seq-mean-token-mean")[0], 6 * n * H * V),
+        "grpo, cispo": (lambda: vlmfast.grpo_loss(h, W, y, None, adv, loss_type="cispo")[0], 6 * n * H * V),
+        "grpo, dr_grpo": (lambda: vlmfast.grpo_loss(h, W, y, None, adv, loss_type="dr_grpo", max_new_tokens=T)[0],
+                          6 * n * H * V),
+        # a group per sequence: GSPO's sequence ratio, a sequence's IS weight from the pass's own log-probs
+        "grpo, gspo": (lambda: vlmfast.grpo_loss(h, W, y, None, adv, loss_type="gspo")[0], 6 * n * H * V),
+        "grpo, sequence IS": (lambda: vlmfast.grpo_loss(h, W, y, None, adv, sampler_logp=torch.zeros(B, T),
+                                                        tis_cap=2.0, is_level="sequence")[0], 6 * n * H * V),
         # groups of tokens: each negative's hinge, each preference pair (rows b and b + B // 2)
         "sft, gentle hinge": (lambda: vlmfast.sft_gentle_negatives_loss(h, W, y, neg_h, neg_y, variant="hinge")[0],
                               2 * 6 * n * H * V),

@@ -387,6 +387,26 @@ def test_every_stage_in_micro_batches_trains_as_its_whole_batch(tmp_path, monkey
         assert u1.norm() > 0 and ((u1 - u2).norm() / u1.norm()).item() < 1e-3, m
 
 
+def test_grpo_family_options_train_from_a_recipe(tmp_path):
+    """GSPO with the k1 KL, sequence-level masked importance sampling, DAPO's overlong filtering and soft punishment
+    from a recipe: it trains, a response cut at max_new_tokens counts in no loss, and each is punished by
+    overlong_penalty (the shorter ones by less)."""
+    import math
+
+    grpo = {"type": "grpo", "name": "grpo", "steps": 2, "lr": 1e-3, "batch_size": 2, "group_size": 4,
+            "max_new_tokens": 4, "loss_type": "gspo", "kl_coef": 0.05, "kl_estimator": "k1", "tis_cap": 3.0,
+            "is_cap_low": 0.2, "is_level": "sequence", "is_mode": "mask", "mask_truncated": True,
+            "overlong_buffer": 2, "overlong_penalty": 0.5, "updates_per_rollout": 2}
+    run(recipe(tmp_path, [grpo], eval={"at_start": False, "probes": 0}))
+    recs = records(tmp_path)
+    assert [r["step"] for r in recs] == [1, 2] and all(math.isfinite(r["loss"]) for r in recs)
+    for r in recs:
+        assert r["truncated"] > 0
+        assert r["response_tokens"] <= 4 * (1 - r["truncated"]) + 1e-6  # truncated rows: no counted token
+        assert -0.5 <= r["overlong_penalty"] <= -0.5 * r["truncated"] + 1e-6
+        assert r["ratio_min"] == r["ratio_max"] == 1.0 or r["step"] == 2  # the first update is on-policy
+
+
 def _recipe_file(tmp_path, name, **over):
     import yaml
 
@@ -463,7 +483,8 @@ def test_grpo_metrics_of_micro_batches_combine_exactly_on_the_model_device(devic
 
     parts = [(metrics(1.0, 0.9, 1.1), 3, 2), (metrics(3.0, 0.7, 1.05), 1, 2)]  # (metrics, tokens, rows)
     ro = {"scores": [Reward(reward=r, accuracy=r, format=1.0, extracted=None) for r in (1.0, 0.0, 0.0, 1.0)],
-          "truncated": torch.tensor([1.0, 0.0, 0.0, 0.0]), "rewards": torch.tensor([1.0, 0.0, 0.0, 1.0])}
+          "truncated": torch.tensor([1.0, 0.0, 0.0, 0.0]), "rewards": torch.tensor([1.0, 0.0, 0.0, 1.0]),
+          "penalty": torch.tensor([-0.5, 0.0, 0.0, 0.0])}
     whole = {"labels": torch.tensor([[1, 2, -100], [3, -100, -100], [4, -100, -100], [-100, -100, -100]]),
              "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 0], [1, 0, 0]])}
     for aggregation, pg in (("token-mean", 1.5), ("seq-mean-token-mean", 2.0)):
@@ -474,6 +495,7 @@ def test_grpo_metrics_of_micro_batches_combine_exactly_on_the_model_device(devic
             assert (m["ratio_min"].item(), m["ratio_max"].item()) == pytest.approx((0.7, 1.1))
             assert m["reward"].item() == 0.5 and m["response_tokens"].item() == 1.0 and m["truncated"].item() == 0.25
             assert m["rank_tokens"].item() == m["rank_tokens_max"].item() == 8  # real tokens, prompts included
+            assert m["overlong_penalty"].item() == -0.125
 
 
 def test_report_to_sends_every_record_to_each_tracker(tmp_path, monkeypatch):

@@ -183,11 +183,25 @@ class StageConfig:
     dual_clip: float | None = None  # grpo: dual-clip bound (> 1) for negative advantages
     kl_coef: float = 0.0  # grpo: k3 KL to the reference (the policy at stage start)
     entropy_coef: float = 0.0  # grpo: entropy bonus
-    # grpo: truncated importance sampling, each token's policy gradient weighed by min(pi_old/pi_sampler, cap)
-    # (TRL's and verl's correction for a sampler that is not exactly the trainer, e.g. vLLM in bf16); off: None
+    # grpo: the objective, TRL's names: grpo | dapo | bnpo | dr_grpo | gspo | cispo (losses/grpo.py); it sets the
+    # aggregation. None: the clipped surrogate with `aggregation`
+    loss_type: str | None = None
+    kl_estimator: str | None = None  # grpo: k1 | k2 | k3 (default) for the KL to the reference
+    # grpo: importance sampling against the sampler (TRL's vllm_importance_sampling_*, for a sampler that is not
+    # exactly the trainer, e.g. vLLM in bf16): each token's policy gradient weighed by w = pi_old / pi_sampler of the
+    # token (is_level token) or of its sequence (sequence), clamped to [is_cap_low, tis_cap] (is_mode truncate) or
+    # zeroed outside it (mask); off: both None
     tis_cap: float | None = None
-    aggregation: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum
-    advantage_scale: str = "group"  # group | batch | none (Dr. GRPO)
+    is_cap_low: float | None = None  # grpo: the importance weights' lower bound (with tis_cap the upper)
+    is_level: str | None = None  # grpo: importance weights per token (default) | sequence
+    is_mode: str | None = None  # grpo: truncate (default: clamp the weights) | mask (drop what lies outside)
+    mask_truncated: bool | None = None  # grpo: DAPO's overlong filtering: responses cut at max_new_tokens get no loss
+    # grpo: DAPO's soft overlong punishment: a response longer than max_new_tokens - overlong_buffer loses
+    # overlong_penalty (default 1) x its tokens past that / overlong_buffer from its reward
+    overlong_buffer: int | None = None
+    overlong_penalty: float | None = None  # grpo: the largest overlong punishment (default 1), at max_new_tokens
+    aggregation: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
+    advantage_scale: str | None = None  # group (default; none for loss_type dr_grpo) | batch | none
     # dpo / cw_dpo
     beta: float = 0.1  # dpo, cw_dpo: preference temperature
     tau_c: float = 0.5  # cw_dpo: cooling temperature

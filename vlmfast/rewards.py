@@ -120,3 +120,10 @@ def boxed_token_indices(tokenizer, token_ids: list[int]) -> list[int]:
     lo, hi = start + len("\\boxed{"), text.find("}", start)
     hi = len(text) if hi < 0 else hi
     return [j for j, (a, z) in enumerate(spans) if z > lo and a < hi]
+
+
+def overlong_penalty(length: int, max_new_tokens: int, buffer: int, factor: float = 1.0) -> float:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13; verl's overlong_buffer): 0 up to
+    max_new_tokens - buffer tokens, then falling linearly to -factor at max_new_tokens (-factor beyond)."""
+    exceed = length - (max_new_tokens - buffer)
+    return -factor * min(max(exceed, 0) / buffer, 1.0)

@@ -9,10 +9,10 @@ import torch
 
 from ..data.collate import collate_token_responses
 from ..losses import group_advantages, grpo_loss
-from ..losses.grpo import SCALINGS, _check_grpo
+from ..losses.grpo import LOSS_TYPES, SCALINGS, _check_grpo
 from ..models import head_token_stats, trunk_hidden
 from ..ranks import gathered_rows
-from ..rewards import Reward, score
+from ..rewards import Reward, overlong_penalty, score
 from .base import Stage, check_loss
 from .context import (
     StageContext,
@@ -74,16 +74,20 @@ def _rollout(ctx: StageContext, index: int) -> dict:
     flat = [c for g in groups for c in g]
     rep = [e for e in exs for _ in range(s.group_size)]
     scores = [score(c.text, e.answer, e.choices) for c, e in zip(flat, rep)]
-    rewards = torch.tensor([x.reward for x in scores])
-    if s.advantage_scale == "batch":  # the spread of the whole rollout batch, every rank's groups
+    penalty = [overlong_penalty(len(c.token_ids), s.max_new_tokens, s.overlong_buffer, s.overlong_penalty or 1.0)
+               if s.overlong_buffer else 0.0 for c in flat]
+    rewards = torch.tensor([x.reward + p for x, p in zip(scores, penalty)])
+    scale = advantage_scale(s)
+    if scale == "batch":  # the spread of the whole rollout batch, every rank's groups
         rank, size = world()
         every = gathered_rows(rewards.to(_device(ctx))).cpu()
         adv = group_advantages(every, s.group_size, scale="batch").view(size, -1)[rank]
     else:  # a group lives on one rank: its own rewards are all it needs
-        adv = group_advantages(rewards, s.group_size, scale=s.advantage_scale)
+        adv = group_advantages(rewards, s.group_size, scale=scale)
     places = [p for p in positions for _ in range(s.group_size)]  # each sample's prompt in the global batch
     rows = [{"place": p, "token_ids": c.token_ids, "logprobs": c.logprobs, "truncated": c.finish_reason == "length",
-             "score": dataclasses.asdict(x), "adv": a} for p, c, x, a in zip(places, flat, scores, adv.tolist())]
+             "score": dataclasses.asdict(x), "penalty": pen, "adv": a}
+            for p, c, x, pen, a in zip(places, flat, scores, penalty, adv.tolist())]
     if s.balance_batch is not False and world()[1] > 1:
         rows = _balanced(ctx, rows, exs)
     ro = {"index": index, **_collated(ctx, index, rows)}
@@ -119,11 +123,16 @@ def _collated(ctx: StageContext, index: int, rows: list[dict]) -> dict:
     rep = examples_at(ctx, index, s.batch_size * s.updates_per_rollout, places)
     b = collate_token_responses(ctx.processor, [e.problem for e in rep], [e.images for e in rep],
                                 [r["token_ids"] for r in rows])
+    truncated = torch.tensor([r["truncated"] for r in rows])
+    if s.mask_truncated:  # DAPO's overlong filtering: a response cut at max_new_tokens counts in no loss or mean
+        b["labels"][truncated] = -100
     scores = [Reward(**r["score"]) for r in rows]
     return {"rows": rows, "batch": b, "micro": rollout_micro_slices(ctx, b), "scores": scores,
-            "adv": torch.tensor([r["adv"] for r in rows]), "rewards": torch.tensor([x.reward for x in scores]),
+            "adv": torch.tensor([r["adv"] for r in rows]),
+            "rewards": torch.tensor([x.reward + r.get("penalty", 0.0) for x, r in zip(scores, rows)]),
+            "penalty": torch.tensor([r.get("penalty", 0.0) for r in rows]),
             "sampler": _sampler_logp_grid(rows, b),
-            "truncated": torch.tensor([r["truncated"] for r in rows], dtype=torch.float32)}
+            "truncated": truncated.float()}
 
 
 def _rollout_examples(ctx: StageContext, index: int) -> tuple[list, list[int]]:
@@ -166,7 +175,7 @@ def grpo_step(ctx: StageContext, step: int):
 
 # token means combine weighted by tokens; extremes by min / max
 _TOKEN_MEAN_METRICS = ("entropy", "kl", "clip_frac_low", "clip_frac_high", "ratio_mean", "sampler_mismatch",
-                       "tis_weight_mean", "tis_truncated_frac")
+                       "is_weight_mean", "is_clipped_frac")
 
 
 def _grpo_update(ctx: StageContext, ro: dict, update: slice, micro: list[slice]):
@@ -177,7 +186,11 @@ def _grpo_update(ctx: StageContext, ro: dict, update: slice, micro: list[slice])
     s = ctx.stage
     whole = _rows(ro["batch"], update)
     rows = whole["labels"].shape[0]
-    n = rank_share_of_tokens(whole["labels"], _device(ctx)) if s.aggregation == "token-mean" else None
+    aggregation = aggregation_of(s)
+    n = None  # a per-sequence mean: each micro-batch weighs by its rows
+    if aggregation == "token-mean":  # the global batch's tokens (bnpo: the rank's own)
+        n = (rank_share_of_tokens(whole["labels"], _device(ctx)) if s.loss_type != "bnpo" else
+             (whole["labels"] != -100).sum().float().clamp(min=1).to(_device(ctx)))
     parts = []  # (metrics, tokens, rows) per micro-batch
     for sl in micro:
         loss, m, labels = _grpo_forward(ctx, ro, sl, n)
@@ -187,9 +200,9 @@ def _grpo_update(ctx: StageContext, ro: dict, update: slice, micro: list[slice])
         last = sl.stop == update.stop
         if last:  # the trainer combines the ranks' token means weighted by their tokens
             tokens = float(sum(t for _, t, _ in parts))  # the ranks' token means combine weighted by their tokens
-            token_means = _TOKEN_MEAN_METRICS + (("pg_loss",) if s.aggregation == "token-mean" else ())
+            token_means = _TOKEN_MEAN_METRICS + (("pg_loss",) if aggregation == "token-mean" else ())
             ctx.extra["metric_weights"] = dict.fromkeys(token_means, tokens)
-        yield loss, (_grpo_metrics(ro, update, whole, parts, s.aggregation) if last else None)
+        yield loss, (_grpo_metrics(ro, update, whole, parts, aggregation) if last else None)
 
 
 def _grpo_forward(ctx: StageContext, ro: dict, sl: slice, n):
@@ -202,13 +215,30 @@ def _grpo_forward(ctx: StageContext, ro: dict, sl: slice, n):
     old = None if ro["old"] is None else ro["old"][sl]  # None: on-policy, the update's own log-probs
 
     def loss_fn(h, w):
-        return grpo_loss(h, w, labels, old, ro["adv"][sl], ref_logp=ref, clip_low=s.clip_low,
-                         clip_high=s.clip_high, dual_clip=s.dual_clip, kl_coef=s.kl_coef,
-                         entropy_coef=s.entropy_coef, aggregation=s.aggregation, temperature=s.temperature,
-                         num_items_in_batch=n, sampler_logp=ro["sampler"][sl], tis_cap=s.tis_cap)
+        return grpo_loss(h, w, labels, old, ro["adv"][sl], ref_logp=ref, num_items_in_batch=n,
+                         sampler_logp=ro["sampler"][sl], **loss_options(s))
 
     loss, m = _policy_loss(ctx, b, loss_fn)
     return loss, m, labels
+
+
+def aggregation_of(s) -> str:
+    """The stage's aggregation: its loss_type's, else its own."""
+    return LOSS_TYPES.get(s.loss_type, (None, s.aggregation))[1]
+
+
+def advantage_scale(s) -> str:
+    """The stage's advantage scaling: its own, else none for Dr. GRPO (no std scaling), group otherwise."""
+    return s.advantage_scale or ("none" if s.loss_type == "dr_grpo" else "group")
+
+
+def loss_options(s) -> dict:
+    """grpo_loss's hyperparameters from the stage (defaults resolved)."""
+    return dict(clip_low=s.clip_low, clip_high=s.clip_high, dual_clip=s.dual_clip, kl_coef=s.kl_coef,
+                entropy_coef=s.entropy_coef, aggregation=aggregation_of(s), temperature=s.temperature,
+                tis_cap=s.tis_cap, loss_type=s.loss_type, kl_estimator=s.kl_estimator or "k3",
+                is_level=s.is_level or "token", is_mode=s.is_mode or "truncate", is_cap_low=s.is_cap_low,
+                max_new_tokens=s.max_new_tokens)
 
 
 def _grpo_metrics(ro: dict, update: slice, whole: dict, parts: list, aggregation: str) -> dict:
@@ -220,6 +250,7 @@ def _grpo_metrics(ro: dict, update: slice, whole: dict, parts: list, aggregation
     scores = ro["scores"][update]
     m["reward"] = ro["rewards"][update].mean()
     m["truncated"] = ro["truncated"][update].mean()  # completions that ran out of max_new_tokens
+    m["overlong_penalty"] = ro["penalty"][update].mean()  # DAPO's soft punishment, in the reward above
     m["accuracy"] = torch.tensor(sum(x.accuracy for x in scores) / len(scores))
     m["format"] = torch.tensor(sum(x.format for x in scores) / len(scores))
     m["response_tokens"] = (whole["labels"] != -100).sum(1).float().mean()
@@ -231,7 +262,11 @@ def _grpo_metrics(ro: dict, update: slice, whole: dict, parts: list, aggregation
 class GRPO(Stage):
     types = ("grpo",)
     step = staticmethod(grpo_step)
-    own_keys = {"tis_cap": "truncated importance sampling weights"}
+    own_keys = {"tis_cap": "importance sampling weights", "is_cap_low": "importance sampling weights",
+                "is_level": "importance sampling weights", "is_mode": "importance sampling weights",
+                "loss_type": "GRPO loss types", "kl_estimator": "KL estimators",
+                "mask_truncated": "overlong filtering", "overlong_buffer": "overlong punishments",
+                "overlong_penalty": "overlong punishments", "advantage_scale": "advantage scalings"}
 
     def needs_reference(self, s):
         return s.kl_coef > 0  # the KL penalty to pi_ref
@@ -248,11 +283,17 @@ class GRPO(Stage):
     def check(self, s, key, bad):
         if s.group_size < 2:
             bad(f"{key}.group_size", f"GRPO needs >= 2 samples per prompt, got {s.group_size}")
-        check_loss(bad, key, _check_grpo, clip_low=s.clip_low, clip_high=s.clip_high, dual_clip=s.dual_clip,
-                   kl_coef=s.kl_coef, entropy_coef=s.entropy_coef, aggregation=s.aggregation,
-                   temperature=s.temperature, tis_cap=s.tis_cap)
-        if s.advantage_scale not in SCALINGS:
+        if s.loss_type is not None and s.aggregation != "token-mean":
+            bad(f"{key}.aggregation", f"loss_type {s.loss_type} sets the aggregation: give one of them")
+        check_loss(bad, key, _check_grpo, **{k: v for k, v in loss_options(s).items() if k != "max_new_tokens"})
+        if advantage_scale(s) not in SCALINGS:
             bad(f"{key}.advantage_scale", f"must be one of {SCALINGS}, got {s.advantage_scale!r}")
+        if s.overlong_buffer is not None and not 0 < s.overlong_buffer <= s.max_new_tokens:
+            bad(f"{key}.overlong_buffer", f"must be in [1, max_new_tokens={s.max_new_tokens}], got {s.overlong_buffer}")
+        if s.overlong_penalty is not None and s.overlong_buffer is None:
+            bad(f"{key}.overlong_penalty", "needs overlong_buffer (the tokens over which the penalty grows)")
+        if s.overlong_penalty is not None and s.overlong_penalty < 0:
+            bad(f"{key}.overlong_penalty", f"must be >= 0, got {s.overlong_penalty}")
 
     def rank_state(self, ctx):
         return rollout_state(ctx)
