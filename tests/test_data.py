@@ -167,6 +167,27 @@ def test_answers_match_an_independent_reading_of_the_image(split):
     assert checked == 60
 
 
+def test_grounding_boxes_match_the_pixels_and_the_iou_reward_grades_them():
+    """locate_largest: the answer box is the largest blob's extent read off the pixels (within a pixel of
+    rounding); grounding_iou gives the gold box 1 and its shifted negatives less."""
+    from vlmfast.rewards import _box, box_iou, grounding_iou
+
+    rows = generate("train", 12, seed=5, question_types=("locate_largest",))
+    for r in rows:
+        a = np.asarray(Image.open(io.BytesIO(r["images"][0]["bytes"])).convert("RGB"))
+        fg = (a != BACKGROUND["in_domain"]).any(-1)
+        ys, xs = np.nonzero(fg)
+        scene = json.loads(r["scene"])
+        big = max(scene, key=lambda s: s["size"])  # its pixels: the blob inside its own box
+        inside = (abs(xs - big["cx"]) <= big["size"] + 1) & (abs(ys - big["cy"]) <= big["size"] + 1)
+        seen = (xs[inside].min(), ys[inside].min(), xs[inside].max(), ys[inside].max())
+        assert all(abs(p - g) <= 1.5 for p, g in zip(seen, _box(r["answer"]))), (seen, r["answer"])
+        answers = [f"<think>t</think> \\boxed{{{x}}}" for x in [r["answer"], *r["negatives"]]]
+        iou = grounding_iou(answers, [r["answer"]] * len(answers))
+        assert iou[0] == 1.0 and all(v < 1.0 for v in iou[1:])
+        assert box_iou(_box(r["answer"]), _box(r["negatives"][0])) < 1
+
+
 def test_deterministic_across_processes():
     """Same seed, same bytes, in processes with different string-hash seeds (no set-order leaks)."""
     import hashlib

@@ -201,3 +201,49 @@ def test_overlong_penalty_is_dapos():
         assert overlong_penalty(length, 64, 16, 0.5) == pytest.approx(verl_overlong_reward(length, 64, 16, 0.5))
     assert overlong_penalty(64, 64, 16, 1.0) == -1.0 and overlong_penalty(48, 64, 16, 1.0) == 0.0
     assert math.isclose(overlong_penalty(56, 64, 16, 1.0), -0.5)
+
+
+def verl_grpo_kl_in_reward(scores, old_log_prob, ref_log_prob, response_mask, index, beta, norm_by_std=True):
+    """verl: apply_kl_penalty (token_level_rewards = token_level_scores - beta * kld, the score on the last token),
+    then compute_grpo_outcome_advantage (scores = token_level_rewards.sum(-1), normalised within each uid)."""
+    kld = verl_kl_penalty(old_log_prob, ref_log_prob, "low_var_kl") * response_mask
+    token_level_scores = torch.zeros_like(old_log_prob)
+    last = response_mask.cumsum(-1).argmax(-1)
+    token_level_scores[torch.arange(len(scores)), last] = scores
+    token_level_rewards = token_level_scores - beta * kld
+    s = token_level_rewards.sum(-1)
+    out = torch.zeros_like(s)
+    for uid in set(index):
+        rows = [i for i, u in enumerate(index) if u == uid]
+        g = s[rows]
+        out[rows] = (g - g.mean()) / (g.std(unbiased=False) + 1e-6) if norm_by_std else g - g.mean()
+    return s, out
+
+
+@pytest.mark.parametrize("scale", ["group", "none"])
+def test_kl_in_reward_is_verls(scale):
+    """GRPO's kl_in_reward: each sample's reward less kl_coef x its summed k3 KL (rollout policy vs reference), the
+    group advantages from those rewards; against verl's apply_kl_penalty + compute_grpo_outcome_advantage. (verl
+    divides by the unbiased std; vlmfast, as TRL, by the population std: the test uses the same std.)"""
+    from types import SimpleNamespace
+
+    from vlmfast.stages.grpo import _kl_in_reward
+
+    g = torch.Generator().manual_seed(3)
+    G, n = 4, 12
+    labels = torch.randint(0, 50, (n, 7), generator=g)
+    for i in range(n):
+        labels[i, : 1 + i % 3] = -100
+    mask = labels != -100
+    old = torch.where(mask, -torch.rand(n, 7, generator=g) * 3, 0.0)
+    ref = torch.where(mask, old + 0.3 * torch.randn(n, 7, generator=g), 0.0)
+    rewards = torch.randint(0, 2, (n,), generator=g).float()
+    rows = [{"draw": 0, "place": i // G, "sample": i % G, "reward": float(rewards[i])} for i in range(n)]
+    stage = SimpleNamespace(kl_estimator="k3", kl_coef=0.2, group_size=G, advantage_scale=scale, loss_type=None)
+    ro = {"rows": rows, "old": old, "ref": ref, "batch": {"labels": labels}}
+    _kl_in_reward(SimpleNamespace(stage=stage), ro)
+    want_r, want_adv = verl_grpo_kl_in_reward(rewards, old, ref, mask.float(), [i // G for i in range(n)], 0.2,
+                                              norm_by_std=scale == "group")
+    assert ro["rewards"].tolist() == pytest.approx(want_r.tolist(), abs=1e-5)
+    assert ro["adv"].tolist() == pytest.approx(want_adv.tolist(), abs=1e-4)
+    assert ro["kl_penalty"].min() > 0

@@ -407,6 +407,22 @@ def test_grpo_family_options_train_from_a_recipe(tmp_path):
         assert r["ratio_min"] == r["ratio_max"] == 1.0 or r["step"] == 2  # the first update is on-policy
 
 
+def test_kl_in_reward_takes_the_kl_from_the_reward_not_the_loss(tmp_path, monkeypatch):
+    """kl_in_reward: the rollout policy's KL to the reference, x kl_coef, leaves each sample's reward (zero at the
+    first rollout: the policy is the reference), and the loss has no KL term."""
+    (tmp_path / "parity_reward.py").write_text(
+        "def parity(completion_ids, **_):\n    return [float(ids[0] % 2) if ids else 0.0 for ids in completion_ids]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # a reward that varies within groups: the policy moves
+    grpo = {"type": "grpo", "name": "grpo", "steps": 3, "lr": 5e-3, "batch_size": 2, "group_size": 4,
+            "max_new_tokens": 6, "kl_coef": 0.5, "kl_in_reward": True, "rewards": [{"fn": "parity_reward:parity"}]}
+    run(recipe(tmp_path, [grpo], eval={"at_start": False, "probes": 0}))
+    recs = records(tmp_path)
+    assert recs[0]["kl_penalty"] == 0.0 and recs[-1]["kl_penalty"] > 0
+    for r in recs:  # the reward function's less the penalty
+        assert r["reward"] == pytest.approx(r["reward/parity"] - r["kl_penalty"], abs=1e-5)
+        assert r["loss"] == pytest.approx(r["pg_loss"], abs=1e-6)  # no KL term in the loss
+
+
 def _recipe_file(tmp_path, name, **over):
     import yaml
 
@@ -484,7 +500,8 @@ def test_grpo_metrics_of_micro_batches_combine_exactly_on_the_model_device(devic
     parts = [(metrics(1.0, 0.9, 1.1), 3, 2), (metrics(3.0, 0.7, 1.05), 1, 2)]  # (metrics, tokens, rows)
     ro = {"scores": [Reward(reward=r, accuracy=r, format=1.0, extracted=None) for r in (1.0, 0.0, 0.0, 1.0)],
           "truncated": torch.tensor([1.0, 0.0, 0.0, 0.0]), "rewards": torch.tensor([1.0, 0.0, 0.0, 1.0]),
-          "penalty": torch.tensor([-0.5, 0.0, 0.0, 0.0])}
+          "penalty": torch.tensor([-0.5, 0.0, 0.0, 0.0]),
+          "rows": [{"parts": {"iou": v}} for v in (0.5, None, 1.0, None)]}  # a function that scored two samples
     whole = {"labels": torch.tensor([[1, 2, -100], [3, -100, -100], [4, -100, -100], [-100, -100, -100]]),
              "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 0], [1, 0, 0]])}
     for aggregation, pg in (("token-mean", 1.5), ("seq-mean-token-mean", 2.0)):
@@ -496,6 +513,7 @@ def test_grpo_metrics_of_micro_batches_combine_exactly_on_the_model_device(devic
             assert m["reward"].item() == 0.5 and m["response_tokens"].item() == 1.0 and m["truncated"].item() == 0.25
             assert m["rank_tokens"].item() == m["rank_tokens_max"].item() == 8  # real tokens, prompts included
             assert m["overlong_penalty"].item() == -0.125
+            assert m["reward/iou"].item() == 0.75  # the mean over the samples it scored
 
 
 def test_report_to_sends_every_record_to_each_tracker(tmp_path, monkeypatch):

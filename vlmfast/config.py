@@ -187,6 +187,7 @@ class StageConfig:
     # aggregation. None: the clipped surrogate with `aggregation`
     loss_type: str | None = None
     kl_estimator: str | None = None  # grpo: k1 | k2 | k3 (default) for the KL to the reference
+    kl_in_reward: bool | None = None  # grpo: the KL (x kl_coef) taken from each sample's reward, not a loss term
     # grpo: importance sampling against the sampler (TRL's vllm_importance_sampling_*, for a sampler that is not
     # exactly the trainer, e.g. vLLM in bf16): each token's policy gradient weighed by w = pi_old / pi_sampler of the
     # token (is_level token) or of its sequence (sequence), clamped to [is_cap_low, tis_cap] (is_mode truncate) or
@@ -200,6 +201,14 @@ class StageConfig:
     # overlong_penalty (default 1) x its tokens past that / overlong_buffer from its reward
     overlong_buffer: int | None = None
     overlong_penalty: float | None = None  # grpo: the largest overlong punishment (default 1), at max_new_tokens
+    # grpo: reward functions by import path and weight, [{fn: "module:function", weight: w, args: {...}}]
+    # (reward_plugins.py; default: vlmfast.rewards:accuracy 0.9 + vlmfast.rewards:format 0.1)
+    rewards: list[dict] | None = None
+    # grpo: DAPO's dynamic sampling: groups whose rewards are all equal are dropped and more prompts sampled until
+    # the rollout batch is full, at most max_sampling_rounds (default 4) rounds
+    dynamic_sampling: bool | None = None
+    max_sampling_rounds: int | None = None  # grpo: sampling rounds per rollout at most (dynamic_sampling)
+    reward_workers: int | None = None  # grpo: processes the reward functions run in (default: this one)
     aggregation: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
     advantage_scale: str | None = None  # group (default; none for loss_type dr_grpo) | batch | none
     # dpo / cw_dpo

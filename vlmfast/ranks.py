@@ -56,6 +56,15 @@ def gathered_in_order(mine: list, places: list[int], n: int) -> list:
     return out
 
 
+def gathered_dict(mine: dict) -> dict:
+    """Every rank's {key: value} in one dict (keys unique across ranks); `mine` in one process."""
+    if not several_ranks():
+        return dict(mine)
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in part.items()}
+
+
 def gathered_rows(x: torch.Tensor) -> torch.Tensor:
     """[rows, ...] of every rank (each the same number of rows) concatenated in rank order."""
     if not several_ranks():
@@ -86,6 +95,20 @@ def balanced_shares(lengths: list[int], parts: int) -> list[list[int]]:
     return [sorted(share) for share in shares]
 
 
+def routed(mine: dict, owner: dict) -> dict:
+    """Items keyed by a global key, each sent to its rank (owner[key]; a key without one is dropped): this rank's
+    items after the exchange, its own that stay and the others' that arrive. Only items that change rank travel
+    (one all_gather_object). In one process: the items owned by rank 0."""
+    rank = torch.distributed.get_rank() if several_ranks() else 0
+    out = {k: v for k, v in mine.items() if owner.get(k) == rank}
+    if several_ranks():
+        sent = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(sent, {k: v for k, v in mine.items() if owner.get(k) not in (None, rank)})
+        for part in sent:
+            out.update({k: v for k, v in part.items() if owner[k] == rank})
+    return out
+
+
 def balanced_rows(rows: list, lengths: list[int]) -> list:
     """Every rank's `rows` (as many on each; `lengths`: their tokens) redistributed so that each rank holds as many
     rows and about as many tokens (balanced_shares over the ranks' rows in rank order): this rank's new rows, in
@@ -96,17 +119,12 @@ def balanced_rows(rows: list, lengths: list[int]) -> list:
     every = [None] * world
     torch.distributed.all_gather_object(every, lengths)
     flat = [n for part in every for n in part]
-    owner = [0] * len(flat)  # the rank each global row goes to
+    owner = {}  # the rank each global row goes to
     for k, share in enumerate(balanced_shares(flat, world)):
-        for i in share:
-            owner[i] = k
+        owner.update(dict.fromkeys(share, k))
     start = sum(len(part) for part in every[:rank])
-    outgoing = {i: row for i, row in enumerate(rows, start) if owner[i] != rank}
-    sent = [None] * world
-    torch.distributed.all_gather_object(sent, outgoing)
-    arrived = {i: row for part in sent for i, row in part.items()}
-    return [rows[i - start] if start <= i < start + len(rows) else arrived[i]
-            for i in range(len(flat)) if owner[i] == rank]
+    mine = routed(dict(enumerate(rows, start)), owner)
+    return [mine[i] for i in sorted(mine)]
 
 
 def global_means(metrics: dict, weights: dict | None = None) -> dict:

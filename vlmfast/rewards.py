@@ -127,3 +127,90 @@ def overlong_penalty(length: int, max_new_tokens: int, buffer: int, factor: floa
     max_new_tokens - buffer tokens, then falling linearly to -factor at max_new_tokens (-factor beyond)."""
     exceed = length - (max_new_tokens - buffer)
     return -factor * min(max(exceed, 0) / buffer, 1.0)
+
+
+# ---- built-in reward functions for a stage's `rewards:` list (reward_plugins.py calls them) --------------------
+# Each takes a batch as lists (completions, answer, choices, completion_ids, every dataset column) and keyword
+# arguments it does not read, and returns one float, or None (no reward for that sample), per completion.
+
+def accuracy(completions, answer, choices=None, **_) -> list[float]:
+    """1 when the single boxed answer after the reasoning is correct (the hardened verifier above), else 0."""
+    choices = choices or [None] * len(completions)
+    return [1.0 if is_correct(extract_answer(c), a, ch) else 0.0 for c, a, ch in zip(completions, answer, choices)]
+
+
+def format(completions, **_) -> list[float]:  # noqa: A001 (the reward's name in a recipe)
+    """1 when the response is <think>...</think> then exactly one non-empty \\boxed{} answer, else 0."""
+    return [format_reward(c) for c in completions]
+
+
+def choice_letter(completions, answer, choices=None, **_) -> list[float | None]:
+    """Multiple choice: 1 when the boxed answer names the gold choice (by letter or text), 0 otherwise; None for an
+    example without choices."""
+    choices = choices or [None] * len(completions)
+    out = []
+    for c, a, ch in zip(completions, answer, choices):
+        if not ch:
+            out.append(None)
+            continue
+        got, gold = extract_answer(c), _choice_index(str(a), ch)
+        out.append(1.0 if got is not None and gold is not None and _choice_index(got, ch) == gold else 0.0)
+    return out
+
+
+def _number(text: str | None) -> float | None:
+    """A plain number, a fraction a/b or \\frac{a}{b}, or None."""
+    if text is None:
+        return None
+    t = text.strip().replace(" ", "").replace(",", "")
+    m = re.fullmatch(r"\\d?frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}", t) or re.fullmatch(r"(-?[\d.]+)/(-?[\d.]+)", t)
+    try:
+        return float(m.group(1)) / float(m.group(2)) if m else float(t)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def numeric(completions, answer, tolerance: float = 0.01, **_) -> list[float | None]:
+    """1 when the boxed number is within `tolerance` (relative, of max(1, |gold|)) of the gold number, else 0;
+    None for an example whose answer is not a number."""
+    out = []
+    for c, a in zip(completions, answer):
+        gold = _number(str(a))
+        if gold is None:
+            out.append(None)
+            continue
+        got = _number(extract_answer(c))
+        out.append(1.0 if got is not None and abs(got - gold) <= tolerance * max(1.0, abs(gold)) else 0.0)
+    return out
+
+
+def length_penalty(completion_ids, max_new_tokens, **_) -> list[float]:
+    """-(response tokens / max_new_tokens), in [-1, 0]: with a small weight, the shorter of two equal answers wins."""
+    return [-len(ids) / max_new_tokens for ids in completion_ids]
+
+
+_BOX = re.compile(r"\[\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*\]")
+
+
+def _box(text: str | None) -> tuple[float, float, float, float] | None:
+    m = _BOX.search(text or "")
+    return None if m is None else tuple(float(x) for x in m.groups())
+
+
+def box_iou(a, b) -> float:
+    """Intersection over union of two boxes [x1, y1, x2, y2] (0 when either is empty)."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    area = lambda r: max(0.0, r[2] - r[0]) * max(0.0, r[3] - r[1])  # noqa: E731
+    union = area(a) + area(b) - w * h
+    return w * h / union if union > 0 else 0.0
+
+
+def grounding_iou(completions, answer, **_) -> list[float | None]:
+    """Grounding (a VLM task beyond math): the IoU of the box [x1, y1, x2, y2] in the boxed answer with the gold box
+    (0 without a box); None for an example whose answer is not a box."""
+    out = []
+    for c, a in zip(completions, answer):
+        gold, got = _box(str(a)), _box(extract_answer(c))
+        out.append(None if gold is None else box_iou(got, gold) if got is not None else 0.0)
+    return out

@@ -7,8 +7,9 @@ Splits (deterministic from a seed):
   (the MathVista role: same skills, different surface).
 
 Question types: count_all, count_colour, count_shape, largest_colour (multiple choice), more_than
-(a difference of counts); and `describe` (the shapes, largest first: "red circle, blue square"), the
-perception task the study's base model is pretrained on, not asked by default. Every example also
+(a difference of counts); and, not asked by default, `describe` (the shapes, largest first: "red circle, blue
+square"), the perception task the study's base model is pretrained on, and `locate_largest` (grounding: the largest
+shape's box "[x1, y1, x2, y2]" in pixels, graded by rewards.grounding_iou). Every example also
 carries plausible wrong answers (`negatives`) for
 dataset negatives in SFT-C and DPO, and its scene (JSON) so answers can be re-derived.
 Shapes never overlap (rejection sampling), so every shape is one connected blob of its colour.
@@ -29,6 +30,7 @@ COLOURS = {"red": (220, 50, 47), "green": (40, 160, 60), "blue": (38, 100, 220),
 SHAPES = ("circle", "square", "triangle")
 QUESTION_TYPES = ("count_all", "count_colour", "count_shape", "largest_colour", "more_than")  # the default
 PRETRAIN_TYPES = ("describe",)
+GROUNDING_TYPES = ("locate_largest",)  # a box as the answer (rewards.grounding_iou); not asked by default
 BACKGROUND = {"in_domain": (245, 245, 245), "ood": (35, 35, 40)}
 
 TEMPLATES = {
@@ -39,6 +41,7 @@ TEMPLATES = {
         "largest_colour": "What is the colour of the largest shape?",
         "more_than": "How many more {colour} shapes than {colour2} shapes are there?",
         "describe": "What shapes are in the image? Name each by colour and shape, largest first.",
+        "locate_largest": "Where is the largest shape? Answer with its box [x1, y1, x2, y2] in pixels.",
     },
     "ood": {
         "count_all": "Count every object drawn in the picture. What is the total?",
@@ -47,6 +50,7 @@ TEMPLATES = {
         "largest_colour": "Which colour does the biggest object in the picture have?",
         "more_than": "By how much does the number of {colour} objects exceed the number of {colour2} ones?",
         "describe": "List every object in this picture by colour and shape, the biggest one first.",
+        "locate_largest": "Give the bounding box [x1, y1, x2, y2] of the biggest object, in pixels.",
     },
 }
 SPLITS = {"train": "in_domain", "val": "in_domain", "ood": "ood"}
@@ -132,6 +136,12 @@ def make_question(rng: random.Random, shapes: list[Shape], qtype: str, domain: s
             negatives.append(", ".join(f"{c} {k}" for c, k in wrong))
         return {"problem": "<image>" + t, "answer": ", ".join(f"{c} {k}" for c, k in listed), "choices": None,
                 "negatives": negatives}
+    if qtype == "locate_largest":  # grounding: the box, rounded to pixels; the wrong ones shifted or resized
+        x0, y0, x1, y1 = (round(v) for v in max(shapes, key=lambda s: s.size).bbox())
+        d = max(2, (x1 - x0) // 2)
+        moved = [(x0 + d, y0, x1 + d, y1), (x0, y0 - d, x1, y1 - d), (x0 + d, y0 + d, x1 - d // 2, y1 - d // 2)]
+        return {"problem": "<image>" + t, "answer": _box_text((x0, y0, x1, y1)), "choices": None,
+                "negatives": [_box_text(b) for b in moved]}
     if qtype == "count_all":
         q, truth = t, len(shapes)
     elif qtype == "count_colour":
@@ -155,6 +165,10 @@ def make_question(rng: random.Random, shapes: list[Shape], qtype: str, domain: s
         rng.shuffle(negatives)
         return {"problem": "<image>" + q, "answer": answer, "choices": choices, "negatives": negatives}
     return {"problem": "<image>" + q, "answer": str(truth), "choices": None, "negatives": _count_negatives(rng, truth)}
+
+
+def _box_text(box) -> str:
+    return "[" + ", ".join(str(int(v)) for v in box) + "]"
 
 
 def _listing(shapes: list[Shape]) -> list[tuple[str, str]]:
@@ -211,7 +225,7 @@ def write_parquet(rows: list[dict], path: Path) -> Path:
 
 def check_options(question_types, max_shapes, size_range) -> None:
     """The task options, each error naming its option (build_task and the config both check here)."""
-    known = QUESTION_TYPES + PRETRAIN_TYPES
+    known = QUESTION_TYPES + PRETRAIN_TYPES + GROUNDING_TYPES
     unknown = set(question_types) - set(known)
     if unknown or not question_types:
         raise ValueError(f"question_types: {sorted(unknown) or 'empty'}; choose from {list(known)}")
@@ -239,8 +253,8 @@ def corpus() -> list[str]:
 
     words = [INSTRUCTION, f"<think>{DEFAULT_REASONING}</think>", "<think>", "</think>", "\\boxed{}", "user",
              "assistant", "Choices:", "(A) (B) (C) (D)"]
-    for domain in TEMPLATES.values():
-        for t in domain.values():
+    for domain in TEMPLATES.values():  # the grounding templates are left out: the tiny tokenizer stays as it was
+        for t in (t for q, t in domain.items() if q not in GROUNDING_TYPES):
             for c in COLOURS:
                 for k in SHAPES:
                     words.append(t.format(colour=c, colour2=c, shape=k))

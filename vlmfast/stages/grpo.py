@@ -9,9 +9,10 @@ import torch
 
 from ..data.collate import collate_token_responses
 from ..losses import group_advantages, grpo_loss
-from ..losses.grpo import LOSS_TYPES, SCALINGS, _check_grpo
+from ..losses.grpo import LOSS_TYPES, SCALINGS, _check_grpo, kl_estimate
 from ..models import head_token_stats, trunk_hidden
-from ..ranks import gathered_rows
+from ..ranks import gathered_dict, gathered_rows
+from ..reward_plugins import check_spec, reward_fns, score_batch
 from ..rewards import Reward, overlong_penalty, score
 from .base import Stage, check_loss
 from .context import (
@@ -29,6 +30,7 @@ from .context import (
     rank_share_of_tokens,
     world,
 )
+from .dynamic_sampling import filled_rollout
 
 
 def update_rows(ctx: StageContext) -> int:
@@ -63,34 +65,23 @@ def _sampler_logp_grid(rows: list[dict], batch) -> torch.Tensor:
 
 @torch.no_grad()
 def _rollout(ctx: StageContext, index: int) -> dict:
-    """One rollout batch: batch_size * updates_per_rollout prompts x group_size samples, rewards,
-    group advantages, the sampler's log-probs, and the old log-probs of the policy that sampled them:
-    recomputed by the trainer when several updates share the rollout (so the ratio is exactly 1 at the
-    first update); with one update per rollout none (the update's own log-probs, detached, are exactly
-    those: no extra pass). Each update's samples are then balanced across the ranks by length (balance_batch)."""
+    """One rollout batch: batch_size * updates_per_rollout prompts x group_size samples (groups with differing
+    rewards only, more prompts sampled until the batch is full, with dynamic_sampling), rewards, group advantages,
+    the sampler's log-probs, and the old log-probs of the policy that sampled them: recomputed by the trainer when
+    several updates share the rollout (so the ratio is exactly 1 at the first update); with one update per rollout
+    none (the update's own log-probs, detached, are exactly those: no extra pass). Each update's samples are then
+    balanced across the ranks by length (balance_batch)."""
     s = ctx.stage
-    exs, positions = _rollout_examples(ctx, index)
-    groups = _sample(ctx, exs, s.group_size, index, positions)
-    flat = [c for g in groups for c in g]
-    rep = [e for e in exs for _ in range(s.group_size)]
-    scores = [score(c.text, e.answer, e.choices) for c, e in zip(flat, rep)]
-    penalty = [overlong_penalty(len(c.token_ids), s.max_new_tokens, s.overlong_buffer, s.overlong_penalty or 1.0)
-               if s.overlong_buffer else 0.0 for c in flat]
-    rewards = torch.tensor([x.reward + p for x, p in zip(scores, penalty)])
-    scale = advantage_scale(s)
-    if scale == "batch":  # the spread of the whole rollout batch, every rank's groups
-        rank, size = world()
-        every = gathered_rows(rewards.to(_device(ctx))).cpu()
-        adv = group_advantages(every, s.group_size, scale="batch").view(size, -1)[rank]
-    else:  # a group lives on one rank: its own rewards are all it needs
-        adv = group_advantages(rewards, s.group_size, scale=scale)
-    places = [p for p in positions for _ in range(s.group_size)]  # each sample's prompt in the global batch
-    rows = [{"place": p, "token_ids": c.token_ids, "logprobs": c.logprobs, "truncated": c.finish_reason == "length",
-             "score": dataclasses.asdict(x), "penalty": pen, "adv": a}
-            for p, c, x, pen, a in zip(places, flat, scores, penalty, adv.tolist())]
+    if s.dynamic_sampling:
+        rows, info = filled_rollout(ctx, lambda exs, positions, draw: _sampled_rows(ctx, exs, positions, draw),
+                                    s.max_sampling_rounds or 4)
+    else:
+        exs, positions = _rollout_examples(ctx, index)
+        rows, info = _sampled_rows(ctx, exs, positions, index), {}
+    _advantages(ctx, rows)
     if s.balance_batch is not False and world()[1] > 1:
-        rows = _balanced(ctx, rows, exs)
-    ro = {"index": index, **_collated(ctx, index, rows)}
+        rows = _balanced(ctx, rows)
+    ro = {"index": index, "info": info, **_collated(ctx, rows)}
     b, labels = ro["batch"], ro["batch"]["labels"]
     slices = [sl for update in ro["micro"] for sl in update]
 
@@ -99,28 +90,111 @@ def _rollout(ctx: StageContext, index: int) -> dict:
                                            temperature=s.temperature, outputs=("logp",)).logp for sl in slices])
 
     with ctx.timer("logprobs"):
-        ro["old"] = logp_of(ctx.model) if s.updates_per_rollout > 1 else None
+        # the rollout policy's log-probs: for several updates, and for a KL in the reward (verl's old_log_prob)
+        ro["old"] = logp_of(ctx.model) if s.updates_per_rollout > 1 or s.kl_in_reward else None
         ro["ref"] = logp_of(ctx.reference) if ctx.reference is not None and s.kl_coef > 0 else None
+    if s.kl_in_reward:
+        _kl_in_reward(ctx, ro)
     return ro
 
 
-def _balanced(ctx: StageContext, rows: list[dict], exs: list) -> list[dict]:
+def _kl_in_reward(ctx: StageContext, ro: dict) -> None:
+    """verl's apply_kl_penalty for GRPO: each sample's reward less kl_coef x its summed KL to the reference
+    (kl_estimator of the rollout policy's and the reference's log-probs), the advantages recomputed from those
+    rewards. A group's samples may sit on several ranks (balance_batch): every rank gathers the rollout's rewards by
+    sample, each group's in its order."""
+    s = ctx.stage
+    mask = ro["batch"]["labels"] != -100
+    kl = (kl_estimate(ro["old"], ro["ref"], s.kl_estimator or "k3") * mask).sum(-1)
+    mine = {(r["draw"], r["place"], r["sample"]): r["reward"] - s.kl_coef * k for r, k in zip(ro["rows"], kl.tolist())}
+    every = gathered_dict(mine)
+    keys = sorted(every)  # group after group, each in sample order
+    adv = group_advantages(torch.tensor([every[k] for k in keys]), s.group_size, scale=advantage_scale(s))
+    where = {k: i for i, k in enumerate(keys)}
+    for r in ro["rows"]:
+        key = (r["draw"], r["place"], r["sample"])
+        r["reward"], r["adv"] = every[key], float(adv[where[key]])
+    ro["adv"] = torch.tensor([r["adv"] for r in ro["rows"]])
+    ro["rewards"] = torch.tensor([r["reward"] for r in ro["rows"]])
+    ro["kl_penalty"] = s.kl_coef * kl
+
+
+def _sampled_rows(ctx: StageContext, exs: list, positions: list[int], draw: int) -> list[dict]:
+    """group_size samples of each example, scored: one row per sample (group after group), all it carries to
+    another rank (dynamic sampling, balance_batch) or into a checkpoint: its prompt's draw and place, its tokens and
+    the sampler's log-probs, the verifier's score, its reward (the reward functions' sum and DAPO's overlong
+    punishment) and each function's part."""
+    s = ctx.stage
+    groups = _sample(ctx, exs, s.group_size, draw, positions)
+    flat = [c for g in groups for c in g]
+    rep = [e for e in exs for _ in range(s.group_size)]
+    scores = [score(c.text, e.answer, e.choices) for c, e in zip(flat, rep)]  # the verifier's accuracy and format
+    total, parts = _rewarded(ctx, rep, flat)
+    penalty = [overlong_penalty(len(c.token_ids), s.max_new_tokens, s.overlong_buffer, s.overlong_penalty or 1.0)
+               if s.overlong_buffer else 0.0 for c in flat]
+    places = [p for p in positions for _ in range(s.group_size)]
+    return [{"draw": draw, "place": places[i], "sample": i % s.group_size, "token_ids": c.token_ids,
+             "logprobs": c.logprobs,
+             "truncated": c.finish_reason == "length", "score": dataclasses.asdict(scores[i]),
+             "reward": total[i] + penalty[i], "parts": {k: v[i] for k, v in parts.items()}, "penalty": penalty[i]}
+            for i, c in enumerate(flat)]
+
+
+def _advantages(ctx: StageContext, rows: list[dict]) -> None:
+    """Each row's advantage from its group's rewards (the groups whole and in order on this rank)."""
+    s = ctx.stage
+    rewards = torch.tensor([r["reward"] for r in rows])
+    scale = advantage_scale(s)
+    if scale == "batch":  # the spread of the whole rollout batch, every rank's groups
+        rank, size = world()
+        every = gathered_rows(rewards.to(_device(ctx))).cpu()
+        adv = group_advantages(every, s.group_size, scale="batch").view(size, -1)[rank]
+    else:  # a group lives on one rank: its own rewards are all it needs
+        adv = group_advantages(rewards, s.group_size, scale=scale)
+    for r, a in zip(rows, adv.tolist()):
+        r["adv"] = a
+
+
+def _examples_of(ctx: StageContext, rows: list[dict]) -> list:
+    """Each row's example, from its prompt's draw and place."""
+    s = ctx.stage
+    out = [None] * len(rows)
+    for draw in {r["draw"] for r in rows}:
+        idx = [i for i, r in enumerate(rows) if r["draw"] == draw]
+        exs = examples_at(ctx, draw, s.batch_size * s.updates_per_rollout, [rows[i]["place"] for i in idx])
+        for i, e in zip(idx, exs):
+            out[i] = e
+    return out
+
+
+def _rewarded(ctx: StageContext, exs: list, completions: list) -> tuple[list[float], dict]:
+    """Each completion's reward from the stage's reward functions (reward_plugins.py) and each function's values."""
+    s = ctx.stage
+    columns = {"prompts": [e.problem for e in exs], "completions": [c.text for c in completions],
+               "completion_ids": [list(c.token_ids) for c in completions], "answer": [e.answer for e in exs],
+               "choices": [e.choices for e in exs], "question_type": [e.question_type for e in exs],
+               "max_new_tokens": s.max_new_tokens}
+    for key in sorted({k for e in exs for k in e.meta} - set(columns)):  # every other column of the dataset
+        columns[key] = [e.meta.get(key) for e in exs]
+    return score_batch(reward_fns(s.rewards), columns, [e.id for e in exs], s.reward_workers or 0)
+
+
+def _balanced(ctx: StageContext, rows: list[dict]) -> list[dict]:
     """Each update's samples balanced across the ranks (context.balanced_over_ranks; advantages are computed
     before, where each group was sampled)."""
     s = ctx.stage
-    prompt = prompt_tokens(ctx, exs)  # once per prompt, not per sample
+    prompt = prompt_tokens(ctx, _examples_of(ctx, rows[:: s.group_size]))  # once per prompt, not per sample
     lengths = [prompt[i // s.group_size] + len(r["token_ids"]) for i, r in enumerate(rows)]
     n = update_rows(ctx)
     return [row for u in range(s.updates_per_rollout)
             for row in balanced_over_ranks(ctx, rows[u * n : (u + 1) * n], lengths[u * n : (u + 1) * n])]
 
 
-def _collated(ctx: StageContext, index: int, rows: list[dict]) -> dict:
+def _collated(ctx: StageContext, rows: list[dict]) -> dict:
     """A rollout's rows as the update reads them: the batch (collated from the token ids: also how a resumed run
     rebuilds it), its micro-batches, advantages, rewards and the sampler's log-probs."""
     s = ctx.stage
-    places = [r["place"] for r in rows]
-    rep = examples_at(ctx, index, s.batch_size * s.updates_per_rollout, places)
+    rep = _examples_of(ctx, rows)
     b = collate_token_responses(ctx.processor, [e.problem for e in rep], [e.images for e in rep],
                                 [r["token_ids"] for r in rows])
     truncated = torch.tensor([r["truncated"] for r in rows])
@@ -129,7 +203,7 @@ def _collated(ctx: StageContext, index: int, rows: list[dict]) -> dict:
     scores = [Reward(**r["score"]) for r in rows]
     return {"rows": rows, "batch": b, "micro": rollout_micro_slices(ctx, b), "scores": scores,
             "adv": torch.tensor([r["adv"] for r in rows]),
-            "rewards": torch.tensor([x.reward + r.get("penalty", 0.0) for x, r in zip(scores, rows)]),
+            "rewards": torch.tensor([r["reward"] for r in rows]),
             "penalty": torch.tensor([r.get("penalty", 0.0) for r in rows]),
             "sampler": _sampler_logp_grid(rows, b),
             "truncated": truncated.float()}
@@ -149,7 +223,7 @@ def rollout_state(ctx: StageContext) -> dict | None:
     ro = ctx.extra.get("rollout")
     if ro is None:
         return None
-    return {k: ro[k] for k in ("index", "rows", "old", "ref")}
+    return {k: ro[k] for k in ("index", "rows", "old", "ref", "info", "kl_penalty") if k in ro}
 
 
 def restore_rollout(ctx: StageContext, state: dict) -> None:
@@ -157,7 +231,8 @@ def restore_rollout(ctx: StageContext, state: dict) -> None:
     if "rows" not in state:
         raise ValueError("this checkpoint was taken inside a GRPO rollout by an older vlmfast (no per-sample rows): "
                          "resume it with that version, or resume from an earlier checkpoint")
-    ctx.extra["rollout"] = {**state, **_collated(ctx, state["index"], state["rows"])}
+    rows = [{"draw": state["index"], **r} for r in state["rows"]]  # rows written before draws were kept
+    ctx.extra["rollout"] = {"info": {}, **state, **_collated(ctx, rows)}
 
 
 def grpo_step(ctx: StageContext, step: int):
@@ -201,7 +276,9 @@ def _grpo_update(ctx: StageContext, ro: dict, update: slice, micro: list[slice])
         if last:  # the trainer combines the ranks' token means weighted by their tokens
             tokens = float(sum(t for _, t, _ in parts))  # the ranks' token means combine weighted by their tokens
             token_means = _TOKEN_MEAN_METRICS + (("pg_loss",) if aggregation == "token-mean" else ())
-            ctx.extra["metric_weights"] = dict.fromkeys(token_means, tokens)
+            ctx.extra["metric_weights"] = {**dict.fromkeys(token_means, tokens), **{  # rewards: over scored samples
+                f"reward/{k}": sum(r["parts"][k] is not None for r in ro["rows"][update])
+                for k in ro["rows"][0]["parts"]}}
         yield loss, (_grpo_metrics(ro, update, whole, parts, aggregation) if last else None)
 
 
@@ -234,7 +311,8 @@ def advantage_scale(s) -> str:
 
 def loss_options(s) -> dict:
     """grpo_loss's hyperparameters from the stage (defaults resolved)."""
-    return dict(clip_low=s.clip_low, clip_high=s.clip_high, dual_clip=s.dual_clip, kl_coef=s.kl_coef,
+    kl_coef = 0.0 if s.kl_in_reward else s.kl_coef  # in the reward instead (kl_in_reward): not in the loss
+    return dict(clip_low=s.clip_low, clip_high=s.clip_high, dual_clip=s.dual_clip, kl_coef=kl_coef,
                 entropy_coef=s.entropy_coef, aggregation=aggregation_of(s), temperature=s.temperature,
                 tis_cap=s.tis_cap, loss_type=s.loss_type, kl_estimator=s.kl_estimator or "k3",
                 is_level=s.is_level or "token", is_mode=s.is_mode or "truncate", is_cap_low=s.is_cap_low,
@@ -249,8 +327,14 @@ def _grpo_metrics(ro: dict, update: slice, whole: dict, parts: list, aggregation
     m.pop("loss", None)
     scores = ro["scores"][update]
     m["reward"] = ro["rewards"][update].mean()
+    for name in ro["rows"][0]["parts"]:  # each reward function's mean over the samples it scored
+        got = [r["parts"][name] for r in ro["rows"][update] if r["parts"][name] is not None]
+        m[f"reward/{name}"] = torch.tensor(sum(got) / max(len(got), 1))
+    m.update({k: torch.tensor(v) for k, v in ro["info"].items()})  # dynamic sampling's rounds and filtered share
     m["truncated"] = ro["truncated"][update].mean()  # completions that ran out of max_new_tokens
     m["overlong_penalty"] = ro["penalty"][update].mean()  # DAPO's soft punishment, in the reward above
+    if "kl_penalty" in ro:  # kl_in_reward: the KL taken from the reward above
+        m["kl_penalty"] = ro["kl_penalty"][update].mean()
     m["accuracy"] = torch.tensor(sum(x.accuracy for x in scores) / len(scores))
     m["format"] = torch.tensor(sum(x.format for x in scores) / len(scores))
     m["response_tokens"] = (whole["labels"] != -100).sum(1).float().mean()
@@ -266,7 +350,10 @@ class GRPO(Stage):
                 "is_level": "importance sampling weights", "is_mode": "importance sampling weights",
                 "loss_type": "GRPO loss types", "kl_estimator": "KL estimators",
                 "mask_truncated": "overlong filtering", "overlong_buffer": "overlong punishments",
-                "overlong_penalty": "overlong punishments", "advantage_scale": "advantage scalings"}
+                "overlong_penalty": "overlong punishments", "advantage_scale": "advantage scalings",
+                "rewards": "reward functions", "reward_workers": "reward functions",
+                "dynamic_sampling": "dynamic sampling", "max_sampling_rounds": "dynamic sampling",
+                "kl_in_reward": "a KL penalty in the reward"}
 
     def needs_reference(self, s):
         return s.kl_coef > 0  # the KL penalty to pi_ref
@@ -292,8 +379,21 @@ class GRPO(Stage):
             bad(f"{key}.overlong_buffer", f"must be in [1, max_new_tokens={s.max_new_tokens}], got {s.overlong_buffer}")
         if s.overlong_penalty is not None and s.overlong_buffer is None:
             bad(f"{key}.overlong_penalty", "needs overlong_buffer (the tokens over which the penalty grows)")
+        check_spec(s.rewards, bad, f"{key}.rewards")
+        if s.kl_in_reward and s.kl_coef <= 0:
+            bad(f"{key}.kl_in_reward", "needs kl_coef > 0 (the KL's weight in the reward)")
+        if s.max_sampling_rounds is not None and (not s.dynamic_sampling or s.max_sampling_rounds < 1):
+            bad(f"{key}.max_sampling_rounds", "must be >= 1, with dynamic_sampling: true")
+        if s.reward_workers is not None and s.reward_workers < 0:
+            bad(f"{key}.reward_workers", f"must be >= 0, got {s.reward_workers}")
         if s.overlong_penalty is not None and s.overlong_penalty < 0:
             bad(f"{key}.overlong_penalty", f"must be >= 0, got {s.overlong_penalty}")
+
+    def open(self, ctx, saved):
+        ctx.extra["drawn"] = (saved or {}).get("drawn", 0)  # dynamic sampling's prompts drawn so far
+
+    def state(self, ctx):
+        return {"drawn": ctx.extra.get("drawn", 0)}
 
     def rank_state(self, ctx):
         return rollout_state(ctx)
