@@ -134,6 +134,9 @@ def test_importance_sampling_against_the_sampler_is_trls(batch, level, mode, on_
     m = grpo_loss(h, W, y, old, adv, sampler_logp=sampler, tis_cap=cap, is_cap_low=cap_low, is_level=level,
                   is_mode=mode)[1]
     assert 0 < m["is_clipped_frac"].item() < 1  # the caps act on some tokens, not all
+    lo = cap_low if mode == "truncate" else 0.0  # masked weights are 0
+    assert lo <= m["is_weight_min"].item() <= m["is_weight_mean"].item() <= m["is_weight_max"].item() <= cap
+    assert m["sampler_mismatch_max"].item() == pytest.approx((old - sampler)[mask].abs().max().item(), rel=1e-6)
 
 
 def verl_kl_penalty(logprob, ref_logprob, kl_penalty):

@@ -308,13 +308,15 @@ def grpo_loss(hidden, weight, labels, old_logp, advantages, *, ref_logp=None, cl
             if surrogate == "gspo" else mask
         n = unit.sum().clamp(min=1)
         extra = {}
-        if "sampler_gap" in t:
+        if "sampler_gap" in t:  # TRL's sampling/sampling_logp_difference and importance_sampling_ratio
             gap = grid(t["sampler_gap"])
             extra["sampler_mismatch"] = masked_mean(gap.abs(), mask)
+            extra["sampler_mismatch_max"] = _extreme(gap.abs(), mask, "max")
             if "is" in t:
                 w = grid(t["is"])
                 raw = torch.exp(gap if is_level == "token" else (gap * mask).sum(-1, keepdim=True).expand(B, T))
                 extra["is_weight_mean"] = masked_mean(w, mask)
+                extra["is_weight_min"], extra["is_weight_max"] = _extreme(w, mask, "min"), _extreme(w, mask, "max")
                 extra["is_clipped_frac"] = masked_mean((w != raw).float(), mask)
         kl = masked_mean(grid(t["kl"]), mask) if "kl" in t else torch.zeros(())
         if surrogate == "cispo":  # TRL's cispo_clip_ratio: a positive advantage whose IS weight the cap held
@@ -323,14 +325,20 @@ def grpo_loss(hidden, weight, labels, old_logp, advantages, *, ref_logp=None, cl
         else:
             low = (unit & (adv_bt < 0) & (ratio < 1 - clip_low)).sum() / n
             high = (unit & (adv_bt > 0) & (ratio > 1 + clip_high)).sum() / n
-        # the extremes over counted tokens (1 when there is none: nothing moved)
-        r_min = torch.where(mask, ratio, torch.full_like(ratio, math.inf)).min().nan_to_num(posinf=1.0)
-        r_max = torch.where(mask, ratio, torch.full_like(ratio, -math.inf)).max().nan_to_num(neginf=1.0)
+        r_min, r_max = _extreme(ratio, mask, "min", 1.0), _extreme(ratio, mask, "max", 1.0)
         ratio_mean = masked_mean(ratio, unit)
     norm = max_new_tokens if aggregation == "seq-mean-token-sum-norm" else None  # pg_loss: this call's own mean
     return loss, detached(loss=loss, pg_loss=aggregate(grid(t["pg"]), mask, aggregation, norm),
                           entropy=masked_mean(r.entropy, mask), kl=kl, clip_frac_low=low, clip_frac_high=high,
                           ratio_mean=ratio_mean, ratio_min=r_min, ratio_max=r_max, **extra)
+
+
+def _extreme(x: torch.Tensor, mask: torch.Tensor, which: str, empty: float = 0.0) -> torch.Tensor:
+    """The min or max of x over the counted tokens (`empty` when there is none)."""
+    fill = math.inf if which == "min" else -math.inf
+    v = torch.where(mask, x, torch.full_like(x, fill))
+    v = v.min() if which == "min" else v.max()
+    return torch.where(torch.isinf(v), torch.full_like(v, empty), v)
 
 
 class GRPOLoss(LossModule):
