@@ -36,3 +36,18 @@ def train_two_ranks(config, *overrides, timeout=800):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=clean_env(DS_ACCELERATOR="cpu"))
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
     return res
+
+
+def two_rank_script(script: str, cwd, timeout=120) -> list:
+    """`python -c script` as ranks 0 and 1 of one world (MASTER_* set, gloo): each rank's last stdout line, as JSON."""
+    import json
+
+    port, procs = free_port(), []
+    for rank in range(2):
+        env = clean_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                        MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, "-c", script], env=env, cwd=cwd, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    return [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]

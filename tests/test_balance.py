@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import yaml
-from _launch import clean_env, free_port
+from _launch import clean_env, free_port, two_rank_script
 
 from vlmfast.ranks import balanced_shares
 
@@ -62,15 +62,7 @@ torch.distributed.destroy_process_group()
 def test_two_ranks_exchange_rows_to_even_tokens():
     """Each rank ends with as many rows as it had, about as many tokens as the other, every row exactly once with
     its payload intact (the rows that moved travelled whole)."""
-    port, procs = free_port(), []
-    for rank in range(2):
-        env = clean_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                        MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, "-c", EXCHANGE], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
-    got = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+    got = two_rank_script(EXCHANGE, ROOT)
     assert [len(rows) for rows in got] == [4, 4]
     assert sorted(tuple(r["origin"]) for rows in got for r in rows) == [(k, j) for k in range(2) for j in range(4)]
     lengths = [[300, 250, 200, 10], [20, 15, 10, 5]]

@@ -95,20 +95,8 @@ torch.distributed.destroy_process_group()
 def test_every_rank_runs_as_many_micro_batches_as_the_rank_with_most(tmp_path):
     """Two ranks whose sequences need 2 and 3 micro-batches under the token budget both run 3: ZeRO-3 gathers
     every layer collectively, so a rank with a forward fewer would hang the other."""
-    import json
-    import subprocess
-    import sys
+    from _launch import two_rank_script
 
-    from _launch import clean_env, free_port
-
-    port, procs = free_port(), []
-    for rank in range(2):
-        env = clean_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                        MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, "-c", RANK], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
-    zero, one = (json.loads(o[0].strip().splitlines()[-1]) for o in outs)
+    zero, one = two_rank_script(RANK, ROOT)
     assert zero == [[0, 1], [1, 3], [3, 6]]  # 3 of 30-token rows make 90: split to match rank 1's count
     assert one == [[0, 1], [1, 2], [2, 6]]
