@@ -231,7 +231,7 @@ def test_kl_in_reward_is_verls(scale):
     divides by the unbiased std; vlmfast, as TRL, by the population std: the test uses the same std.)"""
     from types import SimpleNamespace
 
-    from vlmfast.stages.grpo import _kl_in_reward
+    from vlmfast.stages.grpo_rollout import _kl_in_reward
 
     g = torch.Generator().manual_seed(3)
     G, n = 4, 12

@@ -27,7 +27,7 @@ def _count_forwards(monkeypatch):
         calls.append("grad" if torch.is_grad_enabled() else "no-grad")
         return real(model, **batch)
 
-    for module in (S.context, S.grpo):  # the update's forward, and the rollout's no-grad ones
+    for module in (S.context, S.grpo_rollout):  # the update's forward, and the rollout's no-grad ones
         monkeypatch.setattr(module, "trunk_hidden", spy)
     return calls
 

@@ -78,7 +78,7 @@ RANK = """
 import json, sys, torch
 torch.distributed.init_process_group("gloo")
 from types import SimpleNamespace
-from vlmfast.stages.grpo import update_micro_slices
+from vlmfast.stages.grpo_rollout import update_micro_slices
 rank = torch.distributed.get_rank()
 lengths = [[30, 30, 30, 30, 30, 30], [100, 100, 5, 5, 5, 5]][rank]  # 2 micro-batches of 100 on rank 0, 3 on rank 1
 mask = torch.zeros(6, 100, dtype=torch.long)

@@ -221,7 +221,7 @@ def test_rollout_recomputes_in_update_sized_slices(tmp_path, monkeypatch):
 
     from vlmfast import stages as S
 
-    for module in (S.context, S.grpo):  # collectives still see the one-process world
+    for module in (S.context, S.grpo_rollout):  # collectives still see the one-process world
         monkeypatch.setattr(module, "world", lambda: (0, 2))
     sizes = []
     real = S.context.trunk_hidden
@@ -231,7 +231,7 @@ def test_rollout_recomputes_in_update_sized_slices(tmp_path, monkeypatch):
             sizes.append(batch["input_ids"].shape[0])
         return real(model, **batch)
 
-    for module in (S.context, S.grpo):  # the update's forward, and the rollout's no-grad ones
+    for module in (S.context, S.grpo_rollout):  # the update's forward, and the rollout's no-grad ones
         monkeypatch.setattr(module, "trunk_hidden", spy)
     stages = [{"type": "grpo", "name": "grpo", "steps": 1, "lr": 1e-4, "batch_size": 2, "group_size": 4,
                "updates_per_rollout": 2, "kl_coef": 0.1, "max_new_tokens": 4}]
@@ -261,7 +261,7 @@ def test_micro_batched_update_equals_the_whole_update(tmp_path, monkeypatch, agg
         tokens.append((torch.is_grad_enabled(), int(batch["attention_mask"].sum())))
         return real(model, **batch)
 
-    for module in (S.context, S.grpo):  # the update's forward, and the rollout's no-grad ones
+    for module in (S.context, S.grpo_rollout):  # the update's forward, and the rollout's no-grad ones
         monkeypatch.setattr(module, "trunk_hidden", spy)
     grpo = {"type": "grpo", "name": "grpo", "steps": 2, "lr": 1e-3, "batch_size": 2, "group_size": 4,
             "updates_per_rollout": 2, "kl_coef": 0.1, "entropy_coef": 0.05, "max_new_tokens": 6,
