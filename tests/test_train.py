@@ -446,6 +446,18 @@ def test_a_changed_recipe_is_refused_by_the_run_it_did_not_make(tmp_path, capsys
     assert (tmp_path / "r" / "config.yaml").read_text() == written  # the run dir still tells what trained it
     assert main(["--config", str(path), "run.threads=1"]) == 2  # any change counts
     assert main(["--config", str(path)]) == 0  # the same recipe continues (here: nothing left to train)
+    # a run made by an older vlmfast, before some keys existed: they are at their defaults, so it continues; a key
+    # it did have, changed, is still refused
+    import json
+
+    made = json.loads((tmp_path / "r" / "recipe.json").read_text())
+    del made["recipe"]["stages"][0]["balance_batch"], made["recipe"]["model"]["packed_sequences"]
+    made["fingerprint"] = "older"
+    (tmp_path / "r" / "recipe.json").write_text(json.dumps(made))
+    assert main(["--config", str(path)]) == 0
+    (tmp_path / "r" / "recipe.json").write_text(json.dumps(made))
+    assert main(["--config", str(path), "stages.0.balance_batch=false"]) == 2
+    assert "changed: stages.0.balance_batch" in capsys.readouterr().err
     assert main(["--config", str(path), "stages.0.lr=0.1", "run.resume=never"]) == 0  # starting over is allowed
     assert "lr: 0.1" in (tmp_path / "r" / "config.yaml").read_text()
 

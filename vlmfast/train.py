@@ -67,9 +67,20 @@ def check_run_dir(cfg: Config) -> None:
         return
     made = json.loads(path.read_text())
     if made["fingerprint"] != fingerprint(cfg):
-        keys = changed_keys(made["recipe"], identity(cfg))
+        keys = changed_keys(_as_read_now(made["recipe"]), identity(cfg))
+        if not keys:  # made by an older vlmfast: the keys it did not have are at their defaults
+            return
         raise ConfigError(f"run.name: {cfg.run_dir} was trained by another recipe (changed: {', '.join(keys)}); "
                           "resume with the same recipe, start over with run.resume=never, or pick a new run.name")
+
+
+def _as_read_now(recipe: dict) -> dict:
+    """A stored recipe as this vlmfast reads it: keys added since it was written take their defaults (a run made
+    before an upgrade resumes after it). As stored when it no longer loads (a key since removed)."""
+    try:
+        return identity(load_config(raw=recipe))
+    except ConfigError:
+        return recipe
 
 
 def _init_distributed(device: str, timeout_s: int = 600) -> None:

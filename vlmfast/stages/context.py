@@ -293,21 +293,19 @@ def in_micro_batches(ctx: StageContext, slices: list[slice], forward, weight_of:
     rank_tokens and rank_tokens_max the rank's real tokens, when given: their mean and largest over the ranks).
     The ranks' metrics then combine weighted by their totals of the same weights."""
     parts, total = [], 0.0
-    for k, sl in enumerate(slices):
+    for i, sl in enumerate(slices):
         share, m, weights = forward(sl)
         parts.append((m, weights))
         total = total + share.detach()
-        last = k == len(slices) - 1
-        if last:
-            totals = {name: sum(float(w[name]) for _, w in parts) for name in parts[0][1]}
-            ctx.extra["metric_weights"] = {k: totals[w] for k, w in weight_of.items() if w != "sum"}
-        if not last:
+        if i < len(slices) - 1:
             yield share, None
             continue
-        m = {**combined_metrics(parts, weight_of), "loss": total}
+        totals = {name: sum(float(w[name]) for _, w in parts) for name in weights}
+        ctx.extra["metric_weights"] = {key: totals[w] for key, w in weight_of.items() if w != "sum"}
+        step = {**combined_metrics(parts, weight_of), "loss": total}
         if rank_tokens is not None:
-            m["rank_tokens"] = m["rank_tokens_max"] = torch.tensor(float(rank_tokens))
-        yield share, m
+            step["rank_tokens"] = step["rank_tokens_max"] = torch.tensor(float(rank_tokens))
+        yield share, step
 
 
 def _rows(batch: dict, sl: slice) -> dict:
