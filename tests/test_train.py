@@ -513,7 +513,8 @@ def test_grpo_metrics_of_micro_batches_combine_exactly_on_the_model_device(devic
     ro = {"scores": [Reward(reward=r, accuracy=r, format=1.0, extracted=None) for r in (1.0, 0.0, 0.0, 1.0)],
           "truncated": torch.tensor([1.0, 0.0, 0.0, 0.0]), "rewards": torch.tensor([1.0, 0.0, 0.0, 1.0]),
           "penalty": torch.tensor([-0.5, 0.0, 0.0, 0.0]),
-          "rows": [{"parts": {"iou": v}} for v in (0.5, None, 1.0, None)]}  # a function that scored two samples
+          "rows": [{"parts": {"iou": v}} for v in (0.5, None, 1.0, None)],  # a function that scored two samples
+          "info": {"sampling_rounds": 2.0}}  # dynamic sampling's, for the rollout
     whole = {"labels": torch.tensor([[1, 2, -100], [3, -100, -100], [4, -100, -100], [-100, -100, -100]]),
              "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 0], [1, 0, 0]])}
     for aggregation, pg in (("token-mean", 1.5), ("seq-mean-token-mean", 2.0)):
@@ -526,6 +527,7 @@ def test_grpo_metrics_of_micro_batches_combine_exactly_on_the_model_device(devic
             assert m["rank_tokens"].item() == m["rank_tokens_max"].item() == 8  # real tokens, prompts included
             assert m["overlong_penalty"].item() == -0.125
             assert m["reward/iou"].item() == 0.75  # the mean over the samples it scored
+            assert m["sampling_rounds"].item() == 2.0
 
 
 def test_report_to_sends_every_record_to_each_tracker(tmp_path, monkeypatch):
