@@ -81,9 +81,22 @@ def gathered_for_generation(engine):
         for hook in offload.forward_hooks + offload.backward_hooks:
             hook.remove()
         offload.forward_hooks, offload.backward_hooks = [], []
+        # the root module's start-of-forward hook too: while ZeRO-3's module trace is incomplete (a stage's first
+        # steps) its reset_step checks the trace against every rank's (a broadcast), and ranks decoding different
+        # numbers of tokens (each stops when its own samples end) would wait on each other forever
+        root = getattr(offload, "fwd_pre_hook", None)
+        start_of_forward = None if root is None else offload.module._forward_pre_hooks.get(root.id)
+        if root is not None:
+            root.remove()
         try:
             yield engine.module
         finally:
+            if start_of_forward is not None:
+                offload.fwd_pre_hook = offload.module.register_forward_pre_hook(start_of_forward)
+            # the generation's forwards are no training trace (TRL's add_hooks does the same)
+            coordinator = offload.get_param_coordinator()
+            if not coordinator.is_invalid_trace():
+                coordinator._invalidate_trace()
             offload._register_deepspeed_module(offload.module)
 
 
