@@ -13,6 +13,7 @@ verifiers), the batch split in order.
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import importlib
 import math
@@ -96,11 +97,20 @@ _POOLS: dict[int, concurrent.futures.ProcessPoolExecutor] = {}
 
 
 def _pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
-    """One pool per size for the process's life (spawned: no forked CUDA or collective state)."""
+    """One pool per size for the process's life (spawned: no forked CUDA or collective state), shut down at exit
+    (left to the interpreter's teardown, its workers' callbacks find their modules gone)."""
     if workers not in _POOLS:
+        if not _POOLS:
+            atexit.register(_shutdown_pools)
         _POOLS[workers] = concurrent.futures.ProcessPoolExecutor(workers,
                                                                  mp_context=multiprocessing.get_context("spawn"))
     return _POOLS[workers]
+
+
+def _shutdown_pools() -> None:
+    for pool in _POOLS.values():
+        pool.shutdown()
+    _POOLS.clear()
 
 
 def _run(fn: RewardFn, columns: dict, n: int, workers: int) -> list:
