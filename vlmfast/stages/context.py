@@ -146,16 +146,16 @@ def prompt_tokens(ctx: StageContext, exs: list) -> list[int]:
     return collate(ctx.processor, [e.problem for e in exs], [e.images for e in exs])["attention_mask"].sum(1).tolist()
 
 
-def balanced_over_ranks(ctx: StageContext, rows: list[dict], lengths: list[int]) -> list[dict]:
-    """This rank's `rows` (each carrying what its rank made of it: its place in the global batch, sampled tokens;
-    `lengths`: their tokens through the forward, prompts and responses) redistributed across the ranks so each
-    holds as many and about as many tokens, as verl's _balance_batch does: the slowest rank sets every step's pace
-    and, under a token budget, the micro-batch count. Every loss is the same whichever rank holds a row (global
-    token means; means over rows or pairs, as many on every rank). The rows as they are on one rank or with
-    balance_batch: false."""
+def balanced_over_ranks(ctx: StageContext, rows: list[dict], lengths) -> list[dict]:
+    """This rank's `rows` (each carrying what its rank made of it: its place in the global batch, sampled tokens)
+    redistributed across the ranks so each holds as many and about as many tokens (`lengths()`: the rows' tokens
+    through the forward, prompts and responses, counted only when balancing), as verl's _balance_batch does: the
+    slowest rank sets every step's pace and, under a token budget, the micro-batch count. Every loss is the same
+    whichever rank holds a row (global token means; means over rows or pairs, as many on every rank). The rows as
+    they are on one rank or with balance_batch: false."""
     if ctx.stage.balance_batch is False or world()[1] == 1:
         return rows
-    return balanced_rows(rows, lengths)
+    return balanced_rows(rows, lengths())
 
 
 def position_seeds(ctx: StageContext, step: int, positions: list[int]) -> list[int]:

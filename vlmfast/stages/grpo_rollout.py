@@ -6,6 +6,7 @@ a checkpoint inside it keeps. One row per sample carries all of it: to another r
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -87,8 +88,7 @@ def _rollout(ctx: StageContext, index: int) -> dict:
         exs, positions = _rollout_examples(ctx, index)
         rows, info = _sampled_rows(ctx, exs, positions, index), {}
     _advantages(ctx, rows)
-    if s.balance_batch is not False and world()[1] > 1:
-        rows = _balanced(ctx, rows)
+    rows = _balanced(ctx, rows)
     ro = {"index": index, "info": info, **_collated(ctx, rows)}
     b, labels = ro["batch"], ro["batch"]["labels"]
     slices = [sl for update in ro["micro"] for sl in update]
@@ -191,11 +191,15 @@ def _balanced(ctx: StageContext, rows: list[dict]) -> list[dict]:
     """Each update's samples balanced across the ranks (context.balanced_over_ranks; advantages are computed
     before, where each group was sampled)."""
     s = ctx.stage
-    prompt = prompt_tokens(ctx, _examples_of(ctx, rows[:: s.group_size]))  # once per prompt, not per sample
-    lengths = [prompt[i // s.group_size] + len(r["token_ids"]) for i, r in enumerate(rows)]
+
+    @functools.cache
+    def lengths() -> list[int]:  # counted once, and only when balancing
+        prompt = prompt_tokens(ctx, _examples_of(ctx, rows[:: s.group_size]))  # once per prompt, not per sample
+        return [prompt[i // s.group_size] + len(r["token_ids"]) for i, r in enumerate(rows)]
+
     n = update_rows(ctx)
     return [row for u in range(s.updates_per_rollout)
-            for row in balanced_over_ranks(ctx, rows[u * n : (u + 1) * n], lengths[u * n : (u + 1) * n])]
+            for row in balanced_over_ranks(ctx, rows[u * n : (u + 1) * n], lambda u=u: lengths()[u * n : (u + 1) * n])]
 
 
 def _collated(ctx: StageContext, rows: list[dict]) -> dict:

@@ -27,7 +27,6 @@ from .context import (
     micro_slices,
     prompt_tokens,
     rank_share_of_tokens,
-    world,
 )
 
 
@@ -42,8 +41,7 @@ def opd_step(ctx: StageContext, step: int):
     for i, g in zip(idx, _sample_subset(ctx, exs, positions, idx, 1, step)):
         responses[i] = g[0].token_ids
     rows = [{"place": p, "response": r, "on_policy": flag} for p, r, flag in zip(positions, responses, on_policy)]
-    if world()[1] > 1:
-        rows = balanced_over_ranks(ctx, rows, [p + len(r) for p, r in zip(prompt_tokens(ctx, exs), responses)])
+    rows = balanced_over_ranks(ctx, rows, lambda: [p + len(r) for p, r in zip(prompt_tokens(ctx, exs), responses)])
     exs = examples_at(ctx, step, s.batch_size, [r["place"] for r in rows])
     responses = [r["response"] for r in rows]
     b = collate_token_responses(ctx.processor, [e.problem for e in exs], [e.images for e in exs], responses)

@@ -29,7 +29,6 @@ from .context import (
     in_micro_batches,
     micro_slices,
     prompt_tokens,
-    world,
 )
 
 
@@ -60,9 +59,9 @@ def dpo_step(ctx: StageContext, step: int):
     s = ctx.stage
     exs, positions = batch_examples(ctx, step, s.batch_size)
     rows = _preference_rows(ctx, exs, positions, step)
-    if world()[1] > 1 and not STAGE.whole_batch_loss(s):  # l_floor: batch reads the rank's batch as drawn
-        lengths = [2 * p + len(r["chosen"]) + len(r["rejected"]) for p, r in zip(prompt_tokens(ctx, exs), rows)]
-        rows = balanced_over_ranks(ctx, rows, lengths)
+    if not STAGE.whole_batch_loss(s):  # l_floor: batch reads the rank's batch as drawn
+        rows = balanced_over_ranks(ctx, rows, lambda: [2 * p + len(r["chosen"]) + len(r["rejected"])
+                                                       for p, r in zip(prompt_tokens(ctx, exs), rows)])
         exs = examples_at(ctx, step, s.batch_size, [r["place"] for r in rows])
     b = collate_token_responses(ctx.processor, [e.problem for e in exs] * 2, [e.images for e in exs] * 2,
                                 [r["chosen"] for r in rows] + [r["rejected"] for r in rows])

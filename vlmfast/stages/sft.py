@@ -24,7 +24,6 @@ from .context import (
     micro_slices,
     prompt_tokens,
     rank_share_of_tokens,
-    world,
 )
 
 
@@ -81,13 +80,15 @@ def _balanced_examples(ctx: StageContext, step: int) -> tuple[list, list[int]]:
     so only the places travel."""
     s = ctx.stage
     exs, positions = batch_examples(ctx, step, s.batch_size)
-    if world()[1] == 1 or s.balance_batch is False:
-        return exs, positions
-    tok = ctx.processor.tokenizer
-    rngs = example_rngs(ctx, step, positions)  # the negatives' draws, by place: a length estimate here
-    answers = [[e.answer] + ([_dataset_negative(e, rng)] if s.gentle is not None else []) for e, rng in zip(exs, rngs)]
-    lengths = [sum(prompt + len(tok(_target(ctx, a, e), add_special_tokens=False)["input_ids"]) for a in both)
-               for e, both, prompt in zip(exs, answers, prompt_tokens(ctx, exs))]
+
+    def lengths():  # a target's (and its negative's, drawn by its place's seed) tokens with the prompt's
+        tok = ctx.processor.tokenizer
+        rngs = example_rngs(ctx, step, positions)
+        answers = [[e.answer] + ([_dataset_negative(e, rng)] if s.gentle is not None else [])
+                   for e, rng in zip(exs, rngs)]
+        return [sum(prompt + len(tok(_target(ctx, a, e), add_special_tokens=False)["input_ids"]) for a in both)
+                for e, both, prompt in zip(exs, answers, prompt_tokens(ctx, exs))]
+
     rows = balanced_over_ranks(ctx, [{"place": p} for p in positions], lengths)
     places = [r["place"] for r in rows]
     if places == positions:
