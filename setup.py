@@ -27,6 +27,7 @@ INSTALL_REQUIRES = [
     "transformers>=5.0,<6",
     "accelerate>=1.0,<2",
     "deepspeed>=0.17,<0.21",
+    "peft>=0.22,<1",  # model.lora (inject_adapter_in_model, LoraLayer.enable_adapters)
     "liger-kernel>=0.8,<0.9",
     "packaging>=23",  # liger-kernel imports it without declaring it
     "numpy>=1.26,<3",

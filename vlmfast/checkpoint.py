@@ -22,11 +22,13 @@ from pathlib import Path
 
 import torch
 
+from .lora import has_lora, merged_state_dict, save_adapters
 from .ranks import from_rank0
 from .ranks import is_main as _is_main
 from .zero import gathered, is_partitioned
 
 LATEST = "latest"
+ADAPTER_DIR = "adapter"  # a LoRA hand-off's adapters (PEFT format), inside its hf/ folder
 
 
 def _barrier():
@@ -92,10 +94,16 @@ def export_state_dict(model) -> dict | None:
     return out
 
 
-def save_hf(model, processor, path: Path) -> None:
-    """The HF model + processor, written by rank 0 (under ZeRO-3 gathered a module at a time: export_state_dict)."""
-    state_dict = export_state_dict(model) if is_partitioned(model) else None
+def save_hf(model, processor, path: Path, base: str | None = None) -> None:
+    """The HF model + processor, written by rank 0 (under ZeRO-3 gathered a module at a time: export_state_dict).
+    A LoRA model is saved merged (a plain HF model), its adapters beside it in PEFT's format (`path`/adapter, for
+    the base model `base`)."""
+    lora = has_lora(model)
+    state_dict = export_state_dict(model) if is_partitioned(model) or lora else None
     if _is_main():
+        if lora:
+            save_adapters(model, state_dict, path / ADAPTER_DIR, base)
+            state_dict = merged_state_dict(model, state_dict)
         model.save_pretrained(path, state_dict=state_dict)
         processor.save_pretrained(path)
 
@@ -111,10 +119,10 @@ def save(ckpt_root: Path, tag: str, engine, model, processor, state: dict, *, wi
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    if with_engine:
-        engine.save_checkpoint(str(tmp), tag="engine")
+    if with_engine:  # a LoRA run's: the adapters and their optimizer states (the frozen base is its start's)
+        engine.save_checkpoint(str(tmp), tag="engine", exclude_frozen_parameters=has_lora(model))
     if with_hf:
-        save_hf(model, processor, tmp / "hf")
+        save_hf(model, processor, tmp / "hf", base=state.get("lora_base"))
     torch.save({"rng": rng_state(), **(rank_state or {})}, tmp / f"rank{_rank()}.pt")
     _barrier()  # every rank's file is in before the checkpoint is renamed into place
     if _is_main():

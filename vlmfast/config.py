@@ -42,6 +42,23 @@ class RunConfig:
 
 
 @dataclass
+class LoraSettings:
+    r: int = 16  # adapter rank
+    alpha: float = 32.0  # the adapters' scale is alpha / r
+    dropout: float = 0.0  # dropout on the adapters' input (training forwards only)
+    # the language model's linear layers that get adapters, by name, or all-linear (the lm_head never: train it
+    # whole with modules_to_save)
+    target_modules: typing.Any = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                "up_proj", "down_proj"])
+    vision: str = "frozen"  # the vision tower's blocks: frozen | lora (every linear layer) | full
+    projector: str = "frozen"  # the merger (vision -> language projector): frozen | lora | full
+    modules_to_save: list[str] = field(default_factory=list)  # trained whole, saved with the adapters: [lm_head]
+    # what the next stage starts from: merged (the adapted model as plain weights; new adapters on it) | adapters
+    # (the same base and these adapters, trained on)
+    handoff: str = "merged"
+
+
+@dataclass
 class ModelConfig:
     path: str = "tiny:student"  # tiny:student | tiny:teacher | hub name | local path
     dtype: str = "float32"  # weights as loaded: float32 | bfloat16 (bfloat16 needs deepspeed.precision: bf16)
@@ -55,6 +72,9 @@ class ModelConfig:
     freeze_projector: bool = False  # freeze the merger (vision -> language projector)
     freeze_llm: bool = False  # freeze the language model and lm_head
     vision_lr_mult: float = 1.0  # the vision tower's lr = lr x this (it learns faster on the tiny task)
+    # LoRA through peft for every stage (vlmfast/lora.py): {r, alpha, dropout, target_modules, vision, projector,
+    # modules_to_save, handoff}; the reference is the policy with its adapters off. None: full fine-tuning
+    lora: LoraSettings | None = None
 
 
 @dataclass
@@ -537,6 +557,20 @@ def validate(cfg: Config) -> None:
         bad("model.dtype", "bfloat16 weights with deepspeed.precision: fp32 would train bf16 weights without fp32 "
             "master weights; set deepspeed.precision: bf16 (or model.dtype: float32)")
 
+    if cfg.model.lora is not None:
+        from .lora import check_settings
+
+        check_settings(cfg.model.lora, bad)
+        for key in ("freeze_vision", "freeze_projector", "freeze_llm"):
+            if getattr(cfg.model, key):
+                bad(f"model.{key}", "with model.lora the base is frozen and model.lora.vision / projector choose "
+                    "what else trains (frozen | lora | full)")
+        for i, s in enumerate(cfg.stages[1:], 1):
+            if cfg.model.lora.handoff == "adapters" and stage_of(s).needs_reference(s):
+                bad(f"stages[{i}].type", f"{s.type} reads a reference (the policy at stage start), which under LoRA "
+                    "is the policy with its adapters off; model.lora.handoff: adapters starts this stage from the "
+                    "previous stage's adapters, so that would be the base model, not the stage start: use "
+                    "handoff: merged")
     if cfg.run.resume not in ("auto", "never"):
         bad("run.resume", f"must be auto or never, got {cfg.run.resume!r}")
     _check_report_to(cfg.run.report_to)

@@ -94,8 +94,9 @@ def _config_of(path: str):
                           f"{', '.join(KNOWN_MODELS)}, tiny:*, local checkpoints)") from e
 
 
-def model_size(path: str, *, freeze_vision=False, freeze_projector=False, freeze_llm=False) -> ModelSize:
-    """Parameter counts of the model at `path`, built on the meta device."""
+def model_size(path: str, *, freeze_vision=False, freeze_projector=False, freeze_llm=False, lora=None) -> ModelSize:
+    """Parameter counts of the model at `path`, built on the meta device (with `lora`'s adapters: trainable are
+    they and what model.lora trains whole)."""
     import torch
     from transformers import AutoModelForImageTextToText
 
@@ -105,6 +106,13 @@ def model_size(path: str, *, freeze_vision=False, freeze_projector=False, freeze
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
     freeze(model, vision=freeze_vision, projector=freeze_projector, llm=freeze_llm)
+    if lora is not None:
+        from .lora import apply_lora
+
+        try:
+            apply_lora(model, lora)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     params = {id(p): p for p in model.parameters()}.values()  # tied weights once
     text = config.get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -184,7 +192,7 @@ def plan(cfg: Config, *, gpus: int, gpu_memory: int, prompt_tokens: int = DEFAUL
     (text and image tokens: `recipe_prompt_tokens`)."""
     m, d, e = cfg.model, cfg.deepspeed, cfg.eval
     size = model_size(m.path, freeze_vision=m.freeze_vision, freeze_projector=m.freeze_projector,
-                      freeze_llm=m.freeze_llm)
+                      freeze_llm=m.freeze_llm, lora=m.lora)
     word = 4 if d.precision == "fp32" else 2
     states = model_states_bytes(size, d.zero_stage, gpus, d.precision)
     if d.zero_stage == 3 and d.zero_hpz_partition_size > 1:  # ZeRO++'s secondary 16-bit shard within a node
@@ -197,7 +205,7 @@ def plan(cfg: Config, *, gpus: int, gpu_memory: int, prompt_tokens: int = DEFAUL
         kind = stage_of(s)
         p = StagePlan(s.name or f"{i}-{s.type}")
         shared = {"policy states": states}
-        if kind.needs_reference(s):
+        if kind.needs_reference(s) and m.lora is None:  # LoRA's reference is the policy, its adapters off
             shared["reference engine"] = word * size.params // frozen_share
         teacher = model_size(kind.teacher(s)) if kind.teacher(s) else None
         if teacher is not None:

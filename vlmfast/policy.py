@@ -4,8 +4,9 @@ reference or teacher as its own optimizer-less engine."""
 
 from __future__ import annotations
 
-from .config import Config
+from .config import Config, ConfigError
 from .data.loading import image_pixels
+from .lora import adapter_base, apply_lora, is_adapter_folder, load_adapters
 from .models import load_model, tiny_vlm
 from .packing import use_packed_forward
 from .zero import frozen_engine, partitioned_loading
@@ -39,8 +40,20 @@ def ds_config(cfg: Config, micro_batch: int, micro_steps: int = 1) -> dict:
 def load_policy(cfg: Config, path: str | None, device: str, processor=None):
     """A model + processor from `path` (default model.path): tiny:student / tiny:teacher, a hub name
     or a local checkpoint. Under ZeRO-3 a checkpoint loads straight into its partitions (a tiny model
-    is built whole and partitioned by deepspeed.initialize: zero.Init would draw other random weights)."""
-    model, proc = load_model_and_processor(cfg, path or cfg.model.path, device, processor)
+    is built whole and partitioned by deepspeed.initialize: zero.Init would draw other random weights).
+    With model.lora: new adapters on it, or, when `path` is an adapter folder (lora.handoff: adapters), its
+    base with those adapters."""
+    path = path or cfg.model.path
+    lora = cfg.model.lora
+    adapters = lora is not None and is_adapter_folder(path)
+    model, proc = load_model_and_processor(cfg, adapter_base(path) if adapters else path, device, processor)
+    if lora is not None:
+        try:
+            apply_lora(model, lora)
+        except ValueError as e:  # a setting this model cannot take, named by its key
+            raise ConfigError(str(e)) from None
+        if adapters:
+            load_adapters(model, path)
     image_pixels(cfg, proc)
     return model, proc
 
@@ -67,4 +80,5 @@ def load_model_and_processor(cfg: Config, path: str, device: str, processor=None
 def frozen_model(cfg: Config, path: str | None, device: str, processor, micro: int):
     """A reference or teacher: loaded from `path` (never copied from the policy), frozen, as its own
     DeepSpeed engine without optimizer, ZeRO-3 partitioned when the policy is. Returns the engine."""
-    return frozen_engine(load_policy(cfg, path, device, processor)[0], ds_config(cfg, micro))
+    return frozen_engine(load_model_and_processor(cfg, path or cfg.model.path, device, processor)[0],
+                         ds_config(cfg, micro))

@@ -25,6 +25,7 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError, generation_engine
 from .evaluate import eval_generations, eval_metrics, eval_seeds, sampled_count
 from .faults import BadStep, Preempted, finite_everywhere, signal_if
+from .lora import AdaptersOff, adapter_base, is_adapter_folder
 from .models import head_vocab
 from .ops import inputs_checked
 from .policy import ds_config, frozen_model
@@ -63,6 +64,15 @@ class StageRun:
     def policy(self):
         return self.engine.module
 
+    @property
+    def lora_base(self) -> str | None:
+        """The base model the policy's adapters apply to (LoRA): the stage's start, or the base of the adapters it
+        started from (lora.handoff: adapters)."""
+        if self.cfg.model.lora is None:
+            return None
+        start = self.start_path or self.cfg.model.path
+        return adapter_base(start) if is_adapter_folder(start) else start
+
     def save(self, tag: str, step: int):
         """A step checkpoint (engine state: what a resume reads) or a hand-off one (best-/final-: the HF weights
         the next stage loads, no optimizer states)."""
@@ -71,7 +81,7 @@ class StageRun:
             "stage_index": self.index, "stage": self.name, "step": step, "tag": tag, "stage_start": self.start_path,
             "best_tag": self.best_tag, "early_stopping": self.stopper.state_dict() if self.stopper else None,
             **self.kind.state(self.ctx), "probe_baseline": r["probe"].baseline if r["probe"] else None,
-            "timings": r["timings"], "results": r["results"], "world_size": self.world},
+            "timings": r["timings"], "results": r["results"], "world_size": self.world, "lora_base": self.lora_base},
             with_engine=step_ckpt, with_hf=not step_ckpt, resumable=step_ckpt,
             rank_state={"rollout": self.kind.rank_state(self.ctx)})
 
@@ -149,9 +159,12 @@ def open_stage(cfg, si, name, stage, model, run: dict, start_path, state, max_mo
 
 def _open_frozen(r: StageRun, device: str, micro: int, max_model_len) -> None:
     """The reference (pi_ref = the policy at stage start) and the teacher the Stage asks for, each as its own
-    frozen DeepSpeed engine; the teacher's generation engine when it scores through one."""
+    frozen DeepSpeed engine (a LoRA policy's reference is itself with its adapters off); the teacher's generation
+    engine when it scores through one."""
     cfg, stage, ctx, processor = r.cfg, r.stage, r.ctx, r.run["processor"]
-    if r.kind.needs_reference(stage):
+    if r.kind.needs_reference(stage) and cfg.model.lora is not None:
+        ctx.reference = AdaptersOff(ctx.model)  # the stage-start policy is the base: its adapters start at B = 0
+    elif r.kind.needs_reference(stage):
         r.frozen.append(frozen_model(cfg, r.start_path, device, processor, micro))
         ctx.reference = r.frozen[-1].module
     teacher = r.kind.teacher(stage)
@@ -172,7 +185,8 @@ def _resume(r: StageRun, state: dict) -> None:
     """Continue the stage from the step checkpoint `state` names: the engine's weights and optimizer, this rank's
     random generators and rollout in progress, early stopping's history."""
     tag_dir = r.run["ckpt_root"] / state["tag"]
-    r.engine.load_checkpoint(str(tag_dir), tag="engine")
+    # a LoRA run's checkpoint holds the trainable parameters only: the frozen base is the one loaded
+    r.engine.load_checkpoint(str(tag_dir), tag="engine", load_module_strict=r.cfg.model.lora is None)
     mine = ckpt.read_rank_state(tag_dir) or {}
     ckpt.set_rng_state(mine.get("rng", state["rng"]))  # this rank's generators (older checkpoints: rank 0's)
     r.kind.restore_rank_state(r.ctx, mine.get("rollout"))
@@ -282,6 +296,8 @@ def hand_off(r: StageRun):
     # the step whose weights go on (the best evaluation's under early stopping): where the next stage starts
     last_eval = {**(r.last_eval or {}), "handoff_step": r.stopper.best_step if final_tag == r.best_tag else r.done}
     final_path = root / final_tag / "hf"
+    if r.cfg.model.lora is not None and r.cfg.model.lora.handoff == "adapters":  # its base and these adapters go on
+        final_path = final_path / ckpt.ADAPTER_DIR
     probe = r.run["probe"]
     ckpt.save(root, f"done-{si}", r.engine, r.policy, r.run["processor"], {
         "stage_index": si, "stage": r.name, "step": r.stage.steps, "tag": f"done-{si}", "stage_done": True,

@@ -1,7 +1,8 @@
 """Moving the trainer's weights into a generation engine without files.
 
     weight_buckets(model, cap)     [(name, tensor)] lists of at most `cap` bytes, each gathered only
-                                   while it is used under ZeRO-3 (never the whole model at once)
+                                   while it is used under ZeRO-3 (never the whole model at once); a LoRA
+                                   model's adapted layers merged a bucket at a time
     SharedBuffer(nbytes, device)   one buffer an engine in another process maps once (CUDA IPC on a
                                    GPU, shared memory on the CPU); each bucket is one copy into it
 
@@ -18,6 +19,7 @@ import pickle
 
 import torch
 
+from ..lora import served_tensors
 from ..zero import gathered
 
 ALIGN = 64  # bytes: every tensor in the shared buffer starts at an offset its dtype can view
@@ -29,16 +31,19 @@ def _nbytes(param: torch.Tensor) -> int:
 
 
 def weight_buckets(model: torch.nn.Module, cap: int, *, trainable_only: bool = True):
-    """Yield lists of (name, tensor) of about `cap` bytes (a larger tensor alone), in parameter order. The
-    tensors are the parameters' own storage (detached), valid until the next bucket is requested."""
+    """Yield lists of (name, tensor) of about `cap` bytes (a larger tensor alone), in parameter order, named as the
+    base model's: the parameters training changes (`trainable_only`; a LoRA model's adapted layers, merged:
+    lora.served_tensors) or all of them. Each bucket's parameters are gathered only while it is used under ZeRO-3
+    (never the whole model at once); its tensors are the parameters' own storage (detached) or a merged layer's,
+    valid until the next bucket is requested."""
     group, size = [], 0
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad or not trainable_only]
-    for i, (name, p) in enumerate(params):
-        group.append((name, p))
-        size += _nbytes(p)
-        if size >= cap or i == len(params) - 1:
-            with gathered([q for _, q in group]):
-                yield [(n, q.detach()) for n, q in group]
+    tensors = served_tensors(model, changed_only=trainable_only)
+    for i, (name, params, value) in enumerate(tensors):
+        group.append((name, params, value))
+        size += _nbytes(params[0])
+        if size >= cap or i == len(tensors) - 1:
+            with gathered([p for _, ps, _ in group for p in ps]):
+                yield [(n, v()) for n, _, v in group]
             group, size = [], 0
 
 

@@ -20,6 +20,7 @@ import torch
 
 from ..data.collate import END_OF_TURN, collate
 from ..data.prompts import reasoning_of, target_response
+from ..lora import AdaptersOff, adapters_disabled
 from ..models import call_head, trunk_hidden
 from ..ranks import balanced_rows, reduce_over_ranks
 from ..rollout import Sampling
@@ -35,7 +36,8 @@ class StageContext:
     processor: object
     train: list  # Examples
     engine: object = None  # rollout engine on the policy
-    reference: object = None  # frozen pi_ref (dpo, cw_dpo, grpo with kl)
+    reference: object = None  # pi_ref (dpo, cw_dpo, grpo with kl): a frozen model, or AdaptersOff (LoRA); read it
+    # through `referencing()`
     teacher: object = None  # opd
     l_floor: float | str | None = None
     extra: dict = field(default_factory=dict)
@@ -54,6 +56,16 @@ class StageContext:
         """The policy's weights changed (an optimizer step, a checkpoint loaded): an engine with weights of
         its own must be synced before it samples again. Syncing is lazy: once per rollout, not per update."""
         self.engine_stale = getattr(self.engine, "holds_weights", False)
+
+    @contextlib.contextmanager
+    def referencing(self):
+        """pi_ref for the block: the frozen reference model, or a LoRA policy with its adapters off (the base the
+        stage started from: no second copy of the model)."""
+        if isinstance(self.reference, AdaptersOff):
+            with adapters_disabled(self.reference.model) as base:
+                yield base
+        else:
+            yield self.reference
 
     @contextlib.contextmanager
     def generating(self, engine=None):

@@ -100,7 +100,10 @@ def _rollout(ctx: StageContext, index: int) -> dict:
     with ctx.timer("logprobs"):
         # the rollout policy's log-probs: for several updates, and for a KL in the reward (verl's old_log_prob)
         ro["old"] = logp_of(ctx.model) if s.updates_per_rollout > 1 or s.kl_in_reward else None
-        ro["ref"] = logp_of(ctx.reference) if ctx.reference is not None and s.kl_coef > 0 else None
+        ro["ref"] = None
+        if ctx.reference is not None and s.kl_coef > 0:
+            with ctx.referencing() as reference:
+                ro["ref"] = logp_of(reference)
     if s.kl_in_reward:
         _kl_in_reward(ctx, ro)
     return ro

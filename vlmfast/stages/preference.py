@@ -69,11 +69,11 @@ def dpo_step(ctx: StageContext, step: int):
     B = len(exs)
     lengths = (b["attention_mask"][:B].sum(1) + b["attention_mask"][B:].sum(1)).tolist()  # chosen + rejected
     slices = micro_slices(ctx, lengths)
-    with torch.no_grad(), ctx.timer("logprobs"):  # pi_ref: the policy at stage start
+    with torch.no_grad(), ctx.timer("logprobs"), ctx.referencing() as reference:  # pi_ref: the stage-start policy
         ref = {}  # micro-batch start -> (chosen, rejected) sequence sums
         for sl in slices:
             pairs = _pair_rows(b, sl, B)
-            r = head_token_stats(ctx.reference, trunk_hidden(ctx.reference, **pairs), pairs["labels"],
+            r = head_token_stats(reference, trunk_hidden(reference, **pairs), pairs["labels"],
                                  temperature=s.temperature, outputs=("logp",), per_sequence=True)
             ref[sl.start] = r.seq_logp.chunk(2)
 

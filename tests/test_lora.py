@@ -1,0 +1,236 @@
+"""LoRA (vlmfast/lora.py): the adapted model against the same model merged by hand (W + alpha / r B A, written here),
+the adapters-off reference against the base model, the merged export loaded by transformers and the adapters by
+peft, the weights an engine is sent, the recipe keys, the plan, and a tiny SFT -> GRPO -> CW-DPO recipe that trains
+with one model in memory and resumes to the same numbers after a kill."""
+
+import copy
+import gc
+import io
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from vlmfast.config import ConfigError, LoraSettings, load_config
+from vlmfast.data.collate import collate
+from vlmfast.data.synthetic import generate
+from vlmfast.lora import adapters_disabled, apply_lora, lora_layers, served_tensors
+from vlmfast.models import NOT_MODEL_INPUTS, head_token_stats, tiny_vlm, trunk_hidden
+
+R, ALPHA = 4, 12.0
+
+
+@pytest.fixture(scope="module")
+def batch():
+    _, proc = tiny_vlm("student", seed=0)
+    rows = generate("train", 3, seed=0)
+    imgs = [[Image.open(io.BytesIO(r["images"][0]["bytes"]))] for r in rows]
+    return collate(proc, [r["problem"] for r in rows], imgs,
+                   ["<think>three</think> \\boxed{3}", "<think>red</think> \\boxed{red}", "\\boxed{1}"])
+
+
+def adapted(seed=0, **settings):
+    """(the tiny student with adapters whose B is not zero, a copy of the model before them)."""
+    model, proc = tiny_vlm("student", seed=seed)
+    base = copy.deepcopy(model)
+    apply_lora(model, LoraSettings(**{"r": R, "alpha": ALPHA, **settings}))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # B starts at 0 (the adapted model IS the base): give the adapters something to add
+        for _, layer in lora_layers(model):
+            B = layer.lora_B["default"].weight
+            B.copy_(0.05 * torch.randn(B.shape, generator=g))
+    return model, base, proc
+
+
+def nll(model, batch):
+    """The SFT loss through the fused head: mean NLL of the response tokens."""
+    inputs = {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
+    labels = batch["labels"][:, 1:]
+    stats = head_token_stats(model, trunk_hidden(model, **inputs)[:, :-1], labels, outputs=("logp",))
+    return -(stats.logp * (labels != -100)).sum() / (labels != -100).sum()
+
+
+def test_only_the_adapters_and_the_chosen_parts_train():
+    model, base, _ = adapted(vision="frozen", projector="full", modules_to_save=["lm_head"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable, "nothing trains"
+    for n in trainable:
+        assert ".lora_" in n or n.startswith(("model.visual.merger.", "lm_head.")), n
+    adapted_layers = {n for n, _ in lora_layers(model)}
+    assert adapted_layers == {n for n, m in base.named_modules() if n.startswith("model.language_model.layers.")
+                              and n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                          "up_proj", "down_proj")}
+    vision = adapted(vision="lora")[0]
+    assert any(n.startswith("model.visual.blocks.") for n, _ in lora_layers(vision))
+    assert not any(n.startswith("model.visual.merger.") for n, _ in lora_layers(vision))
+
+
+def test_loss_and_gradients_equal_the_model_merged_by_hand(batch):
+    model, base, _ = adapted(vision="lora", dropout=0.0)
+    loss = nll(model, batch)
+    loss.backward()
+    merged = copy.deepcopy(base)
+    modules = dict(merged.named_modules())
+    weights = {}
+    for name, layer in lora_layers(model):  # W' = W + alpha / r * B @ A, by hand
+        A, B = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+        W = modules[name].weight
+        with torch.no_grad():
+            W.add_(ALPHA / R * B @ A)
+        weights[name] = W
+    loss_merged = nll(merged, batch)
+    loss_merged.backward()
+    assert loss.item() == pytest.approx(loss_merged.item(), rel=1e-5)
+    for name, layer in lora_layers(model):  # the chain rule through W' = W + s B A: dB = s G A^T, dA = s B^T G
+        G, s = weights[name].grad, ALPHA / R
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        torch.testing.assert_close(B.grad, s * G @ A.detach().T, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(A.grad, s * B.detach().T @ G, rtol=1e-4, atol=1e-7)
+
+
+def test_the_adapters_off_reference_is_the_base_model(batch):
+    model, base, _ = adapted()
+    with torch.no_grad():
+        with adapters_disabled(model) as ref:
+            assert ref is model
+            off = nll(model, batch)
+        on, want = nll(model, batch), nll(base, batch)
+    assert off.item() == want.item()  # the same computation: exactly the base's
+    assert abs(on.item() - want.item()) > 1e-4  # and the adapters back on afterwards
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".lora_" in n)
+
+
+def test_the_exported_model_and_adapters_load_with_the_adapted_logits(batch, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from vlmfast.checkpoint import ADAPTER_DIR, save_hf
+
+    model, _, proc = adapted(vision="lora", modules_to_save=["lm_head"])
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)  # a module trained whole travels with the adapters
+    save_hf(model, proc, tmp_path / "hf", base="tiny:student")
+    inputs = {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
+    with torch.no_grad():
+        want = model(**inputs).logits
+        merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf").eval()
+        assert not any("lora" in n or "base_layer" in n for n, _ in merged.named_parameters())
+        torch.testing.assert_close(merged(**inputs).logits, want, rtol=1e-4, atol=1e-4)
+        config = json.loads((tmp_path / "hf" / ADAPTER_DIR / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == "tiny:student" and config["r"] == R
+        peft_model = PeftModel.from_pretrained(tiny_vlm("student", seed=0)[0], tmp_path / "hf" / ADAPTER_DIR).eval()
+        torch.testing.assert_close(peft_model(**inputs).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_an_engine_is_sent_the_merged_layers_under_the_base_names():
+    model, base, _ = adapted(projector="full")
+    base_params = dict(base.named_parameters())
+    everything = {n: v() for n, _, v in served_tensors(model, changed_only=False)}
+    assert set(everything) == set(base_params)  # the base model's names, no adapter tensors
+    changed = {n for n, _, _ in served_tensors(model, changed_only=True)}
+    adapted_weights = {f"{n}.weight" for n, _ in lora_layers(model)}
+    merger = {n for n in base_params if n.startswith("model.visual.merger.")}
+    assert changed == adapted_weights | merger
+    for name, layer in lora_layers(model):
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        torch.testing.assert_close(everything[f"{name}.weight"], base_params[f"{name}.weight"] + ALPHA / R * B @ A)
+
+
+@pytest.mark.parametrize("settings, key", [
+    ({"target_modules": ["q_proj", "lm_head"]}, "model.lora.target_modules"),
+    ({"target_modules": []}, "model.lora.target_modules"),
+    ({"vision": "half"}, "model.lora.vision"),
+    ({"r": 0}, "model.lora.r"),
+    ({"dropout": 1.0}, "model.lora.dropout"),
+    ({"handoff": "copy"}, "model.lora.handoff"),
+])
+def test_bad_settings_name_their_key(settings, key):
+    raw = {"model": {"lora": settings}, "data": {"synthetic": {}}, "stages": [{"type": "sft"}]}
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(raw=raw)
+
+
+def test_conflicting_keys_are_refused_by_name():
+    with pytest.raises(ConfigError, match=r"model\.freeze_vision"):
+        load_config(raw={"model": {"lora": {}, "freeze_vision": True}, "data": {"synthetic": {}},
+                         "stages": [{"type": "sft"}]})
+    with pytest.raises(ConfigError, match=r"stages\[1\]\.type.*handoff: merged"):
+        load_config(raw={"model": {"lora": {"handoff": "adapters"}}, "data": {"synthetic": {}},
+                         "stages": [{"type": "sft"}, {"type": "dpo"}]})
+
+
+def test_a_target_the_model_lacks_is_named_at_load(tmp_path):
+    from vlmfast.policy import load_policy
+
+    cfg = load_config(raw={"model": {"lora": {"target_modules": ["q_proj", "qkv_proj"]}}, "data": {"synthetic": {}},
+                           "stages": [{"type": "sft"}]})
+    with pytest.raises(ConfigError, match=r"no linear layer named \['qkv_proj'\]"):
+        load_policy(cfg, None, "cpu")
+
+
+def test_the_plan_counts_no_reference_copy_and_adapter_states_only():
+    from vlmfast.plan import GiB, model_size, plan
+
+    seven_b = "Qwen/Qwen2.5-VL-7B-Instruct"
+    # adapters of rank 64 on 28 layers: r x (in + out) for q, o (3584 -> 3584), k, v (3584 -> 512), gate, up, down
+    # (3584 <-> 18944)
+    adapters = 28 * 64 * (2 * (3584 + 3584) + 2 * (3584 + 512) + 3 * (3584 + 18944))
+    size = model_size(seven_b, lora=LoraSettings(r=64))
+    assert size.trainable == adapters
+    stages = [{"type": "dpo", "batch_size": 8}]
+    full = load_config(raw={"model": {"path": seven_b, "dtype": "bfloat16"},
+                            "deepspeed": {"zero_stage": 3, "precision": "bf16"}, "data": {"synthetic": {}},
+                            "stages": stages})
+    lora = copy.deepcopy(full)
+    lora.model.lora = LoraSettings(r=64)
+    (pf,), (pl,) = plan(full, gpus=8, gpu_memory=80 * GiB), plan(lora, gpus=8, gpu_memory=80 * GiB)
+    assert "reference engine" in pf.update and "reference engine" not in pl.update
+    # the 16-bit base split over 8 GPUs, the largest layer gathered, and 16-18 B per adapter parameter / 8
+    base = 2 * (size.params - adapters) / 8
+    assert base < pl.update["policy states"] - 4 * size.largest_layer < base + 18 * adapters / 8 + 0.1 * GiB
+    assert pl.update["policy states"] < 0.25 * pf.update["policy states"]
+
+
+def _live_parameter_numel() -> int:
+    gc.collect()
+    return sum(o.numel() for o in gc.get_objects() if isinstance(o, torch.nn.Parameter))
+
+
+@pytest.mark.slow
+def test_sft_grpo_cw_dpo_with_lora_trains_with_one_model_in_memory(tmp_path, monkeypatch):
+    from vlmfast import policy
+    from vlmfast.stages.context import StageContext
+    from vlmfast.train import run
+
+    stages = [{"type": "sft", "name": "sft", "steps": 3, "lr": 5e-3, "batch_size": 8},
+              {"type": "grpo", "name": "grpo", "steps": 2, "lr": 1e-3, "batch_size": 2, "group_size": 4,
+               "kl_coef": 0.1, "entropy_coef": 0.5, "max_new_tokens": 8},  # a gradient when every reward is 0
+              {"type": "cw_dpo", "name": "cw_dpo", "steps": 2, "lr": 1e-3, "batch_size": 2, "max_new_tokens": 8}]
+    raw = {"run": {"name": "lora", "out_dir": str(tmp_path), "checkpoint_every": 100, "threads": 2},
+           "model": {"path": "tiny:student", "lora": {"r": 8, "alpha": 16, "vision": "lora"}},
+           "data": {"synthetic": {"train": 32, "val": 4, "ood": 4}},
+           "eval": {"every": 100, "num_problems": 2, "n_samples": 2, "k": [1], "max_new_tokens": 4, "probes": 2},
+           "stages": stages}
+    frozen, seen = [], []
+    monkeypatch.setattr(policy, "frozen_model", lambda *a, **k: frozen.append(a) or pytest.fail("a frozen copy"))
+    referencing = StageContext.referencing
+
+    def counted(ctx):  # at each use of pi_ref: every parameter alive in the process, against one model's
+        seen.append((_live_parameter_numel(), sum(p.numel() for p in ctx.model.parameters())))
+        return referencing(ctx)
+
+    monkeypatch.setattr(StageContext, "referencing", counted)
+    run(load_config(raw=raw))
+    assert not frozen and len(seen) >= 4  # GRPO's KL (2 rollouts), CW-DPO (2 steps)
+    for alive, one in seen:
+        assert alive < 1.1 * one, (alive, one)  # one model (and its adapters), not a reference copy beside it
+    recs = [json.loads(x) for x in (tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r["kind"] == "train"]
+    sft = [r["loss"] for r in train if r["stage"] == "sft"]
+    assert sft[-1] < sft[0]  # the adapters learn
+    grpo = [r for r in train if r["stage"] == "grpo"]
+    assert grpo[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference is the stage start: no KL at step 1
+    assert grpo[-1]["kl"] > 0  # and the adapters move away from it
+    final = tmp_path / "lora" / "checkpoints" / "final-2" / "hf"
+    assert (final / "adapter" / "adapter_model.safetensors").exists() and (final / "model.safetensors").exists()
