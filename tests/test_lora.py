@@ -234,3 +234,57 @@ def test_sft_grpo_cw_dpo_with_lora_trains_with_one_model_in_memory(tmp_path, mon
     assert grpo[-1]["kl"] > 0  # and the adapters move away from it
     final = tmp_path / "lora" / "checkpoints" / "final-2" / "hf"
     assert (final / "adapter" / "adapter_model.safetensors").exists() and (final / "model.safetensors").exists()
+
+
+def test_adapters_handed_on_load_as_their_base_with_them(batch, tmp_path):
+    from vlmfast.checkpoint import ADAPTER_DIR, save_hf
+    from vlmfast.policy import load_policy
+
+    model, _, proc = adapted(modules_to_save=["lm_head"])
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)
+    save_hf(model, proc, tmp_path / "hf", base="tiny:student")
+    cfg = load_config(raw={"model": {"lora": {"r": R, "alpha": ALPHA, "modules_to_save": ["lm_head"],
+                                              "handoff": "adapters"}},
+                           "data": {"synthetic": {}}, "stages": [{"type": "sft"}, {"type": "grpo"}]})
+    again, _ = load_policy(cfg, str(tmp_path / "hf" / ADAPTER_DIR), "cpu", proc)
+    inputs = {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
+    with torch.no_grad():
+        torch.testing.assert_close(again(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+    assert {n for n, p in again.named_parameters() if p.requires_grad} == \
+        {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.slow
+def test_a_killed_lora_run_resumes_to_the_same_numbers(tmp_path, monkeypatch):
+    from vlmfast.faults import FAIL_AT_ENV, SimulatedKill
+    from vlmfast.train import run
+
+    def recipe(name):
+        return load_config(raw={
+            "run": {"name": name, "out_dir": str(tmp_path), "checkpoint_every": 1, "threads": 2},
+            "model": {"path": "tiny:student", "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "projector": "full"}},
+            "data": {"synthetic": {"train": 32, "val": 4, "ood": 4}},
+            "eval": {"every": 100, "num_problems": 2, "n_samples": 2, "k": [1], "max_new_tokens": 4, "probes": 0,
+                     "at_start": False},
+            "stages": [{"type": "sft", "name": "sft", "steps": 2, "lr": 5e-3, "batch_size": 4},
+                       {"type": "dpo", "name": "dpo", "steps": 3, "lr": 5e-3, "batch_size": 2, "max_new_tokens": 6}]})
+
+    run(recipe("whole"))
+    monkeypatch.setenv(FAIL_AT_ENV, "1:2")  # killed inside DPO, after its step-2 checkpoint
+    with pytest.raises(SimulatedKill):
+        run(recipe("killed"))
+    (states,) = (tmp_path / "killed" / "checkpoints" / "step-1-2" / "engine").glob("*model_states.pt")
+    saved = set(torch.load(states, weights_only=False)["module"])
+    assert saved and all(".lora_" in k or k.startswith("model.visual.merger.") for k in saved)  # no frozen base
+    monkeypatch.delenv(FAIL_AT_ENV)
+    run(recipe("killed"))
+
+    def losses(name):
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [(r["stage"], r["step"], r["loss"]) for r in map(json.loads, lines) if r["kind"] == "train"]
+
+    a, b = losses("whole"), losses("killed")
+    assert [x[:2] for x in a] == [x[:2] for x in b]
+    for (stage, step, la), (_, _, lb) in zip(a, b):
+        assert lb == pytest.approx(la, rel=1e-5, abs=1e-6), (stage, step)

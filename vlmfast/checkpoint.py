@@ -49,6 +49,16 @@ def rng_state() -> dict:
     return state
 
 
+def seed_rngs(seed: int) -> None:
+    """Every random generator a stage may draw from (set_rng_state's), seeded: a stage draws its LoRA adapters' start
+    and dropout masks alike in every run and on every rank, whatever ran before it in the process."""
+    import numpy as np
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
 def set_rng_state(state: dict) -> None:
     import numpy as np
 

@@ -238,6 +238,7 @@ def run(cfg: Config) -> dict:
             if state is not None and si == state["stage_index"] and state.get("stage_done"):
                 policy_path = state["next_stage_start"]
                 continue
+            ckpt.seed_rngs(cfg.run.seed * 1_000_003 + si)  # a resume then restores the checkpoint's generators
             model, processor = load_policy(cfg, policy_path, device, processor)
             t0 = time.time()
             final_path, metrics = run_stage(cfg, si, name, stage, model, {**shared, "processor": processor},

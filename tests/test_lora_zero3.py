@@ -1,0 +1,99 @@
+"""LoRA as it runs at 7B: 2 CPU ranks under ZeRO-3 with every parameter partitioned (base, adapters and the parts
+trained whole), against one process without DeepSpeed partitioning. SFT, GRPO with the KL to the reference (the
+policy with its adapters off) and 2 updates per rollout, DPO (its reference the same way), adapters on the language
+model and the vision blocks, the projector trained whole. Both runs must end at the same losses, the same merged
+weights and the same adapters; the adapters-off reference equals the stage start (DPO's first loss is log 2, GRPO's
+first KL 0); each hand-off holds the merged model and the adapters.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from _launch import train_one_process, train_two_ranks
+
+pytestmark = [pytest.mark.slow, pytest.mark.multirank, pytest.mark.timeout(900)]
+
+STAGES = [
+    {"type": "sft", "name": "sft", "steps": 2, "lr": 5e-3, "batch_size": 4},
+    {"type": "grpo", "name": "grpo", "steps": 2, "lr": 2e-3, "batch_size": 2, "group_size": 4, "kl_coef": 0.1,
+     "entropy_coef": 0.5, "updates_per_rollout": 2, "max_new_tokens": 6},
+    {"type": "dpo", "name": "dpo", "steps": 2, "lr": 2e-3, "batch_size": 2, "beta": 0.5, "max_new_tokens": 6},
+]
+LORA = {"r": 4, "alpha": 8, "vision": "lora", "projector": "full"}
+
+
+def _recipe(tmp, name, deepspeed):
+    raw = {"run": {"name": name, "out_dir": str(tmp), "threads": 1, "checkpoint_every": 100},
+           "model": {"path": "tiny:student", "lora": LORA},
+           "data": {"synthetic": {"train": 32, "val": 4, "ood": 4}},
+           "deepspeed": deepspeed,
+           "eval": {"every": 1000, "num_problems": 2, "n_samples": 2, "k": [1], "max_new_tokens": 4, "probes": 2,
+                    "at_start": False},
+           "stages": STAGES}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lora_zero3")
+    train_one_process(_recipe(tmp, "one", {"zero_stage": 0}))
+    train_two_ranks(_recipe(tmp, "two", {"zero_stage": 3, "stage3_param_persistence_threshold": 0}))
+    return tmp / "one", tmp / "two"
+
+
+def _train_records(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == "train"]
+
+
+def _hand_off(run_dir, stage):
+    from safetensors.torch import load_file
+
+    hf = run_dir / "checkpoints" / f"final-{stage}" / "hf"
+    return load_file(hf / "model.safetensors"), load_file(hf / "adapter" / "adapter_model.safetensors")
+
+
+def test_losses_match_one_process(runs):
+    one, two = runs
+    a, b = _train_records(one), _train_records(two)
+    assert [(r["stage"], r["step"]) for r in a] == [(r["stage"], r["step"]) for r in b]
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=5e-3, abs=1e-3), (x["stage"], x["step"])
+
+
+def test_the_reference_is_the_stage_start_on_both(runs):
+    for run_dir in runs:
+        recs = _train_records(run_dir)
+        grpo = [r for r in recs if r["stage"] == "grpo"]
+        assert grpo[0]["kl"] == pytest.approx(0.0, abs=1e-7)  # the first update: the policy is its reference
+        assert grpo[-1]["kl"] > 1e-6
+        dpo = next(r for r in recs if r["stage"] == "dpo")
+        assert dpo["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_merged_weights_and_adapters_match_one_process(runs):
+    from vlmfast.models import tiny_vlm
+
+    one, two = runs
+    init = tiny_vlm("student", seed=0)[0].state_dict()
+    for stage in range(len(STAGES)):
+        (ma, aa), (mb, ab) = _hand_off(one, stage), _hand_off(two, stage)
+        assert set(ma) == set(init) and set(mb) == set(init)  # the base model's names: a plain HF model
+        assert set(aa) == set(ab) and any("lora_A" in k for k in aa)
+        moved = torch.cat([(ma[k] - init[k]).flatten() for k in init]) if stage == 0 else None
+        if moved is not None:
+            assert moved.norm() > 0
+        for k in aa:
+            torch.testing.assert_close(ab[k], aa[k], rtol=2e-2, atol=2e-4)
+        u1 = torch.cat([(ma[k] - init[k]).flatten() for k in init])
+        u2 = torch.cat([(mb[k] - init[k]).flatten() for k in init])
+        assert ((u1 - u2).norm() / u1.norm()).item() < 1e-2, stage
+        # only what LoRA trains moved: the frozen base (embeddings, norms, the vision blocks' own weights) did not
+        for k in ("model.language_model.embed_tokens.weight", "model.language_model.norm.weight",
+                  "lm_head.weight", "model.visual.blocks.0.norm1.weight"):
+            assert torch.equal(ma[k], init[k]) and torch.equal(mb[k], init[k]), k
