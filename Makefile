@@ -26,7 +26,7 @@ TRL_VENV  := .venv-trl
 TRL_STAMP := $(TRL_VENV)/.vlmfast-installed
 TRL_PIN   := trl==1.16.0
 
-.PHONY: demo test test-fast test-fallback test-vllm test-trl lint bench bench-sync bench-grpo inspect-kernels gpu-check clean
+.PHONY: demo test test-fast test-fallback test-vllm test-trl lint bench bench-sync bench-lora-sync bench-grpo inspect-kernels gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -84,6 +84,9 @@ bench: $(STAMP)
 # a weight sync into vLLM vs one memory copy of the weights (in vLLM's venv)
 bench-sync: $(VLLM_STAMP)
 	VLMFAST_NATIVE=0 $(VLLM_VENV)/bin/python -m bench.weight_sync
+
+bench-lora-sync: $(VLLM_STAMP)
+	VLMFAST_NATIVE=0 $(VLLM_VENV)/bin/python -m bench.lora_sync
 
 # the whole GRPO step, vlmfast's trainer vs TRL's GRPOTrainer (TRL in its own venv)
 bench-grpo: $(STAMP) $(TRL_STAMP)

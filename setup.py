@@ -52,7 +52,9 @@ EXTRAS_REQUIRE = {
         "ruff>=0.6",
         "datasets>=3",  # hub / save_to_disk datasets (tested on local saves)
         "submitit>=1.5",  # study.executor: slurm (tested through submitit's local executor)
+        "bitsandbytes>=0.50,<1",  # model.lora.load_in_4bit (QLoRA), tested on the CPU (its CPU backend)
     ],
+    "qlora": ["bitsandbytes>=0.50,<1"],  # model.lora.load_in_4bit
     # Never installed on CPU set-ups: flash-attn builds only against CUDA.
     "gpu": ["flash-attn>=2.7", "vllm>=0.10", "datasets>=3"],  # datasets: hub names such as hiyouga/geometry3k
 }

@@ -288,3 +288,107 @@ def test_a_killed_lora_run_resumes_to_the_same_numbers(tmp_path, monkeypatch):
     assert [x[:2] for x in a] == [x[:2] for x in b]
     for (stage, step, la), (_, _, lb) in zip(a, b):
         assert lb == pytest.approx(la, rel=1e-5, abs=1e-6), (stage, step)
+
+
+@pytest.fixture(scope="module")
+def saved_student(tmp_path_factory):
+    from vlmfast.models import save_pretrained
+
+    model, proc = tiny_vlm("student", seed=0)
+    return save_pretrained(model, proc, tmp_path_factory.mktemp("student") / "hf")
+
+
+def qlora_config(path, **lora):
+    return load_config(raw={"model": {"path": str(path), "lora": {"r": R, "alpha": ALPHA, "load_in_4bit": True,
+                                                                  **lora}},
+                            "data": {"synthetic": {}}, "stages": [{"type": "sft"}]})
+
+
+def test_qlora_base_is_4bit_and_its_exports_are_the_dense_adapted_model(saved_student, batch, tmp_path):
+    import bitsandbytes.functional as bnb
+    from transformers import AutoModelForImageTextToText
+
+    from vlmfast.checkpoint import save_hf
+    from vlmfast.policy import load_policy
+
+    model, proc = load_policy(qlora_config(saved_student), None, "cpu")
+    q = model.model.language_model.layers[0].self_attn.q_proj
+    assert type(q.base_layer).__name__ == "Linear4bit" and q.base_layer.weight.dtype == torch.uint8
+    assert model.lm_head.weight.dtype == torch.float32 and model.model.visual.blocks[0].attn.qkv.weight.is_floating_point()
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {n for n, _ in model.named_parameters()
+                                                                           if ".lora_" in n}
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B["default"].weight.copy_(0.05 * torch.randn(layer.lora_B["default"].weight.shape, generator=g))
+    loss = nll(model, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and q.lora_A["default"].weight.grad.abs().sum() > 0
+    sent = {n: v() for n, _, v in served_tensors(model, changed_only=True)}
+    W = bnb.dequantize_4bit(q.base_layer.weight.data, q.base_layer.weight.quant_state)
+    A, B = q.lora_A["default"].weight, q.lora_B["default"].weight
+    torch.testing.assert_close(sent["model.language_model.layers.0.self_attn.q_proj.weight"], W + ALPHA / R * B @ A)
+    save_hf(model, proc, tmp_path / "hf", base=str(saved_student))
+    inputs = {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
+    with torch.no_grad():
+        dense = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf").eval()
+        assert getattr(dense.config, "quantization_config", None) is None
+        assert all(p.is_floating_point() for p in dense.parameters())
+        torch.testing.assert_close(dense(**inputs).logits, model.eval()(**inputs).logits, rtol=1e-4, atol=1e-4)
+        # an eval forward without grad (generation) leaves the 4-bit weights as training reads them
+        torch.testing.assert_close(bnb.dequantize_4bit(q.base_layer.weight.data, q.base_layer.weight.quant_state), W)
+
+
+def test_qlora_is_refused_where_it_cannot_run(saved_student, monkeypatch):
+    with pytest.raises(ConfigError, match=r"model\.lora\.load_in_4bit.*tiny model"):
+        load_config(raw={"model": {"lora": {"load_in_4bit": True}}, "data": {"synthetic": {}},
+                         "stages": [{"type": "sft"}]})
+    with pytest.raises(ConfigError, match=r"model\.lora\.load_in_4bit.*ZeRO-3"):
+        load_config(raw={"model": {"path": str(saved_student), "lora": {"load_in_4bit": True}},
+                         "deepspeed": {"zero_stage": 3}, "data": {"synthetic": {}}, "stages": [{"type": "sft"}]})
+    import importlib.util
+
+    from vlmfast.policy import load_policy
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes"
+                        else find_spec(name, *a))
+    with pytest.raises(ConfigError, match=r"load_in_4bit needs bitsandbytes \(pip install"):
+        load_policy(qlora_config(saved_student), None, "cpu")
+
+
+@pytest.mark.slow
+def test_qlora_sft_then_dpo_trains_and_hands_on(saved_student, tmp_path):
+    from vlmfast.train import run
+
+    cfg = load_config(raw={
+        "run": {"name": "qlora", "out_dir": str(tmp_path), "checkpoint_every": 100, "threads": 2},
+        "model": {"path": str(saved_student), "lora": {"r": 8, "alpha": 16, "load_in_4bit": True}},
+        "data": {"synthetic": {"train": 32, "val": 4, "ood": 4}},
+        "eval": {"every": 100, "num_problems": 2, "n_samples": 2, "k": [1], "max_new_tokens": 4, "probes": 0,
+                 "at_start": False},
+        "stages": [{"type": "sft", "name": "sft", "steps": 3, "lr": 5e-3, "batch_size": 8},
+                   {"type": "dpo", "name": "dpo", "steps": 2, "lr": 1e-3, "batch_size": 2, "max_new_tokens": 6}]})
+    run(cfg)
+    recs = [json.loads(x) for x in (tmp_path / "qlora" / "metrics.jsonl").read_text().splitlines()]
+    sft = [r["loss"] for r in recs if r["kind"] == "train" and r["stage"] == "sft"]
+    assert sft[-1] < sft[0]
+    dpo = next(r for r in recs if r["kind"] == "train" and r["stage"] == "dpo")
+    assert dpo["loss"] == pytest.approx(0.6931, abs=1e-3)  # pi_ref (adapters off) is the stage start
+    assert (tmp_path / "qlora" / "checkpoints" / "final-1" / "hf" / "adapter" / "adapter_config.json").exists()
+
+
+def test_the_plan_counts_a_4bit_base_at_4_bits():
+    from vlmfast.plan import GiB, plan
+
+    seven_b = "Qwen/Qwen2.5-VL-7B-Instruct"
+    lora = load_config(raw={"model": {"path": seven_b, "dtype": "bfloat16", "lora": {"r": 64}},
+                            "deepspeed": {"zero_stage": 2, "precision": "bf16"}, "data": {"synthetic": {}},
+                            "stages": [{"type": "dpo", "batch_size": 8}]})
+    qlora = copy.deepcopy(lora)
+    qlora.model.lora.load_in_4bit = True
+    (pl,), (pq,) = plan(lora, gpus=8, gpu_memory=80 * GiB), plan(qlora, gpus=8, gpu_memory=80 * GiB)
+    # the language model's linear weights, 28 layers of q, k, v, o, gate, up, down (no biases counted: weights only)
+    linear = 28 * (2 * 3584 * 3584 + 2 * 3584 * 512 + 3 * 3584 * 18944)
+    saved = pl.update["policy states"] - pq.update["policy states"]
+    assert saved == pytest.approx((2 - 4.127 / 8) * linear, rel=1e-3)

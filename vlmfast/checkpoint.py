@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .lora import has_lora, merged_state_dict, save_adapters
+from .lora import dense, float_dtype, has_lora, is_quantized, merged_state_dict, save_adapters
 from .ranks import from_rank0
 from .ranks import is_main as _is_main
 from .zero import gathered, is_partitioned
@@ -88,7 +88,7 @@ def export_state_dict(model) -> dict | None:
     (engine._zero3_consolidated_16bit_state_dict); its host copies would share the gathered storage on a CPU run,
     these are copies. A parameter shared by two modules is one tensor under both names."""
     main = _is_main()
-    out, first_name = ({} if main else None), {}
+    out, first_name, dtype = ({} if main else None), {}, float_dtype(model)  # dtype: a 4-bit weight's, dequantized
     for prefix, module in model.named_modules():
         own = list(module.named_parameters(recurse=False))
         with gathered([p for _, p in own]):
@@ -96,7 +96,7 @@ def export_state_dict(model) -> dict | None:
                 continue
             for name, p in own:
                 key = f"{prefix}.{name}" if prefix else name
-                out[key] = out[first_name[id(p)]] if id(p) in first_name else p.detach().to("cpu", copy=True)
+                out[key] = out[first_name[id(p)]] if id(p) in first_name else dense(p, dtype).to("cpu", copy=True)
                 first_name.setdefault(id(p), key)
             for name, b in module.named_buffers(recurse=False):
                 if name not in module._non_persistent_buffers_set:
@@ -114,8 +114,28 @@ def save_hf(model, processor, path: Path, base: str | None = None) -> None:
         if lora:
             save_adapters(model, state_dict, path / ADAPTER_DIR, base)
             state_dict = merged_state_dict(model, state_dict)
-        model.save_pretrained(path, state_dict=state_dict)
+        if is_quantized(model):  # QLoRA: the merged weights are dense, the folder a plain (unquantized) HF model
+            _save_dense(model, state_dict, path)
+        else:
+            model.save_pretrained(path, state_dict=state_dict)
         processor.save_pretrained(path)
+
+
+def _save_dense(model, state_dict: dict, path: Path) -> None:
+    """A model loaded in 4 bits saved as the dense model its state dict holds: its config without the quantization,
+    the weights in safetensors shards (transformers' save_pretrained would describe them as quantized)."""
+    import copy
+
+    from huggingface_hub import save_torch_state_dict
+
+    config = copy.deepcopy(model.config)
+    for cfg in (config, *(getattr(config, k, None) for k in ("text_config", "vision_config"))):
+        if cfg is not None and hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config
+    config.save_pretrained(path)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(path)
+    save_torch_state_dict({k: v.contiguous() for k, v in state_dict.items()}, path, max_shard_size="5GB")
 
 
 def save(ckpt_root: Path, tag: str, engine, model, processor, state: dict, *, with_engine: bool = True,

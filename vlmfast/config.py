@@ -56,6 +56,9 @@ class LoraSettings:
     # what the next stage starts from: merged (the adapted model as plain weights; new adapters on it) | adapters
     # (the same base and these adapters, trained on)
     handoff: str = "merged"
+    # QLoRA: the language model's linear layers loaded in 4-bit NF4 through bitsandbytes (the vision tower and the head
+    # stay in model.dtype); a checkpoint folder or hub name, ZeRO 0-2
+    load_in_4bit: bool = False
 
 
 @dataclass
@@ -565,6 +568,12 @@ def validate(cfg: Config) -> None:
             if getattr(cfg.model, key):
                 bad(f"model.{key}", "with model.lora the base is frozen and model.lora.vision / projector choose "
                     "what else trains (frozen | lora | full)")
+        if cfg.model.lora.load_in_4bit and cfg.model.path.startswith("tiny:"):
+            bad("model.lora.load_in_4bit", "a tiny model is built, not loaded, so it cannot be loaded in 4 bits: save it "
+                "(vlmfast.models.save_pretrained) and give its folder as model.path")
+        if cfg.model.lora.load_in_4bit and cfg.deepspeed.zero_stage == 3:
+            bad("model.lora.load_in_4bit", "a 4-bit base is not partitioned by ZeRO-3 here: use deepspeed.zero_stage "
+                "0-2 (the frozen 4-bit base is a quarter of the 16-bit one; only the adapters' states are sharded)")
         for i, s in enumerate(cfg.stages[1:], 1):
             if cfg.model.lora.handoff == "adapters" and stage_of(s).needs_reference(s):
                 bad(f"stages[{i}].type", f"{s.type} reads a reference (the policy at stage start), which under LoRA "

@@ -157,6 +157,26 @@ def delta(layer, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return (B.float() @ A.float()) * layer.scaling[ADAPTER]
 
 
+def dense(param: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A parameter's values as a plain tensor: a 4-bit weight (bitsandbytes' Params4bit, load_in_4bit) dequantized as
+    its layer's forward does and cast to `dtype` (the model's), any other detached."""
+    state = getattr(param, "quant_state", None)
+    if state is None:
+        return param.detach()
+    import bitsandbytes.functional as bnb
+
+    return bnb.dequantize_4bit(param.data, state).to(dtype or state.dtype)
+
+
+def is_quantized(model) -> bool:
+    return any(getattr(p, "quant_state", None) is not None for p in model.parameters())
+
+
+def float_dtype(model) -> torch.dtype:
+    """The dtype of the model's unquantized weights (what a 4-bit one is exported and served as)."""
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
 def base_name(name: str) -> str:
     """A parameter's name in the base model (peft puts an adapted layer's own weights under `.base_layer`)."""
     return name.replace(".base_layer.", ".")
@@ -168,6 +188,7 @@ def served_tensors(model, *, changed_only: bool) -> list:
     `changed_only` keeps the tensors training changes (adapted layers and trainable parameters), else all. Without
     LoRA: the parameters themselves."""
     adapted = {f"{n}.base_layer.weight": m for n, m in lora_layers(model)}
+    dtype = float_dtype(model)
     adapter_params = {id(p) for _, m in lora_layers(model) for p in (*m.lora_A.parameters(), *m.lora_B.parameters())}
     out = []
     for name, p in model.named_parameters():
@@ -176,21 +197,25 @@ def served_tensors(model, *, changed_only: bool) -> list:
         layer = adapted.get(name)
         if layer is not None:
             A, B = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
-            out.append((base_name(name), [p, A, B],
-                        lambda p=p, A=A, B=B, layer=layer: (p.float() + delta(layer, A, B)).to(p.dtype)))
+            out.append((base_name(name), [p, A, B], lambda p=p, A=A, B=B, layer=layer: merged(layer, dense(p, dtype), A, B)))
         elif p.requires_grad or not changed_only:
-            out.append((base_name(name), [p], p.detach))
+            out.append((base_name(name), [p], lambda p=p: dense(p, dtype)))
     return out
 
 
+def merged(layer, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """An adapted layer's merged weight W + (alpha / r) B A, in W's dtype."""
+    return (W.float() + delta(layer, A, B)).to(W.dtype)
+
+
 def merged_state_dict(model, state_dict: dict) -> dict:
-    """`state_dict` (every parameter of the LoRA model, whole, on the host: checkpoint.export_state_dict) as the
-    merged model's: each adapted layer's weight W + (alpha / r) B A under its base name, no adapter tensors."""
+    """`state_dict` (every parameter of the LoRA model, whole and dense, on the host: checkpoint.export_state_dict) as
+    the merged model's: each adapted layer's weight W + (alpha / r) B A under its base name, no adapter tensors."""
     out = dict(state_dict)
     for name, layer in lora_layers(model):
         W = out.pop(f"{name}.base_layer.weight")
         A, B = out.pop(f"{name}.lora_A.{ADAPTER}.weight"), out.pop(f"{name}.lora_B.{ADAPTER}.weight")
-        out[f"{name}.weight"] = (W.float() + delta(layer, A, B)).to(W.dtype)
+        out[f"{name}.weight"] = merged(layer, W, A, B)
     return {base_name(k): v for k, v in out.items()}
 
 

@@ -185,11 +185,13 @@ def default_attn_implementation(device) -> str:
 
 
 def load_model(name_or_path, *, dtype="float32", attn_implementation="auto", gradient_checkpointing=False,
-               liger=False, device="cpu", freeze_vision=False, freeze_projector=False, freeze_llm=False):
+               liger=False, device="cpu", freeze_vision=False, freeze_projector=False, freeze_llm=False,
+               load_in_4bit=False):
     """Load a VLM and its processor by hub name or local path (the same code path for both).
 
     Qwen2.5-VL is the first target; Qwen2-VL and Qwen3-VL load through the same auto classes.
-    `liger=True` patches RMSNorm/RoPE/SwiGLU with Liger kernels (CUDA only).
+    `liger=True` patches RMSNorm/RoPE/SwiGLU with Liger kernels (CUDA only). `load_in_4bit`: the language model's
+    linear layers in NF4 through bitsandbytes (QLoRA's base; the vision tower and lm_head stay in `dtype`).
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -204,9 +206,12 @@ def load_model(name_or_path, *, dtype="float32", attn_implementation="auto", gra
         if torch.device(device).type != "cuda":
             raise ValueError("liger=True needs a CUDA device (its Triton kernels do not run on the CPU)")
         _apply_liger(name_or_path)
+    quantized = {"quantization_config": nf4_config(dtype), "device_map": {"": str(device)}} if load_in_4bit else {}
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=_DTYPES[dtype],
-                                                        attn_implementation=attn_implementation)
+                                                        attn_implementation=attn_implementation, **quantized)
     processor = AutoProcessor.from_pretrained(name_or_path)
+    if load_in_4bit:
+        one_4bit_path(model)
     use_matmul_patch_embed(model)
     use_prefix_rope_index(model)
     if not is_partitioned(model):  # zero.Init already placed its partitions
@@ -215,6 +220,30 @@ def load_model(name_or_path, *, dtype="float32", attn_implementation="auto", gra
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     freeze(model, vision=freeze_vision, projector=freeze_projector, llm=freeze_llm)
     return model, processor
+
+
+def nf4_config(dtype: str):
+    """QLoRA's 4-bit base (Dettmers et al. 2023): NF4 with double quantization, computing in `dtype`; the vision tower
+    and the head are not quantized (transformers matches `llm_int8_skip_modules` against module names)."""
+    import importlib.util
+
+    from transformers import BitsAndBytesConfig
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("model.lora.load_in_4bit needs bitsandbytes (pip install 'bitsandbytes>=0.50'), which is not "
+                         "installed")
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=_DTYPES[dtype], llm_int8_skip_modules=["lm_head", "model.visual"])
+
+
+def one_4bit_path(model) -> None:
+    """Every 4-bit layer computes as training does (dequantize, then matmul in the compute dtype): bitsandbytes' CPU
+    backend would otherwise repack a layer's weight in place at its first no-grad eval forward for a bf16
+    AVX512-BF16 kernel, so generation would score tokens differently from training, and the repacked weight no
+    longer dequantizes as a 4-bit weight (lora.dense)."""
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
 
 
 def _apply_liger(name_or_path) -> None:

@@ -34,6 +34,7 @@ from .config import Config, ConfigError, check_ranks, generation_engine, load_co
 from .stages import stage_of
 
 GiB = 2**30
+NF4_BYTES = 4.127 / 8  # bytes per 4-bit weight: NF4 codes plus double-quantized absmax (Dettmers et al. 2023)
 DEFAULT_PROMPT_TOKENS = 1024  # priced when neither the data nor vllm.max_model_len says how long prompts are
 # vlmfast/kernels/token_stats.py BWD_DZ_BYTES: the cap of the backward's dz chunk and of the one pass's band (they
 # shrink when a quarter of the GPU's free memory is less: the plan prices the cap)
@@ -69,6 +70,7 @@ class ModelSize:
     vocab: int
     intermediate: int = 0  # the MLP's width
     kv: int = 0  # key (and value) width: key-value heads x head size
+    quantized: int = 0  # parameters held in 4 bits (model.lora.load_in_4bit: the language model's linear weights)
 
 
 def _config_of(path: str):
@@ -116,10 +118,13 @@ def model_size(path: str, *, freeze_vision=False, freeze_projector=False, freeze
     params = {id(p): p for p in model.parameters()}.values()  # tied weights once
     text = config.get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    four_bit = lora is not None and lora.load_in_4bit  # what nf4_config quantizes: not the vision tower, not the head
+    quantized = sum(m.weight.numel() for n, m in model.named_modules() if four_bit and isinstance(m, torch.nn.Linear)
+                    and n.startswith("model.language_model.") and ".lora_" not in n)
     return ModelSize(params=sum(p.numel() for p in params), trainable=sum(p.numel() for p in params if p.requires_grad),
                      largest_layer=max(p.numel() for p in params), hidden=text.hidden_size,
                      layers=text.num_hidden_layers, vocab=text.vocab_size, intermediate=text.intermediate_size,
-                     kv=text.num_key_value_heads * head_dim)
+                     kv=text.num_key_value_heads * head_dim, quantized=quantized)
 
 
 def model_states_bytes(size: ModelSize, zero_stage: int, gpus: int, precision: str) -> int:
@@ -195,6 +200,8 @@ def plan(cfg: Config, *, gpus: int, gpu_memory: int, prompt_tokens: int = DEFAUL
                       freeze_llm=m.freeze_llm, lora=m.lora)
     word = 4 if d.precision == "fp32" else 2
     states = model_states_bytes(size, d.zero_stage, gpus, d.precision)
+    # QLoRA: NF4 with double quantization keeps about 4.13 bits per weight (ZeRO 0-2: the frozen base is not sharded)
+    states -= int((word - NF4_BYTES) * size.quantized)
     if d.zero_stage == 3 and d.zero_hpz_partition_size > 1:  # ZeRO++'s secondary 16-bit shard within a node
         states += word * size.params // d.zero_hpz_partition_size
     # what vllm.offload_optimizer moves to the host while vLLM is awake: all but the 16-bit weights

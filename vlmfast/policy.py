@@ -46,7 +46,11 @@ def load_policy(cfg: Config, path: str | None, device: str, processor=None):
     path = path or cfg.model.path
     lora = cfg.model.lora
     adapters = lora is not None and is_adapter_folder(path)
-    model, proc = load_model_and_processor(cfg, adapter_base(path) if adapters else path, device, processor)
+    try:
+        model, proc = load_model_and_processor(cfg, adapter_base(path) if adapters else path, device, processor,
+                                               load_in_4bit=lora is not None and lora.load_in_4bit)
+    except ValueError as e:  # bitsandbytes missing
+        raise ConfigError(str(e)) from None
     if lora is not None:
         try:
             apply_lora(model, lora)
@@ -58,8 +62,9 @@ def load_policy(cfg: Config, path: str | None, device: str, processor=None):
     return model, proc
 
 
-def load_model_and_processor(cfg: Config, path: str, device: str, processor=None):
-    """The model (every forward padding-free unless model.packed_sequences is false) and its processor."""
+def load_model_and_processor(cfg: Config, path: str, device: str, processor=None, load_in_4bit: bool = False):
+    """The model (every forward padding-free unless model.packed_sequences is false) and its processor; the language
+    model's linear layers in 4 bits with `load_in_4bit` (QLoRA's base)."""
     m = cfg.model
     if path.startswith("tiny:"):
         model, proc = tiny_vlm(path[5:], seed=cfg.run.seed, processor=processor)
@@ -72,7 +77,7 @@ def load_model_and_processor(cfg: Config, path: str, device: str, processor=None
             model, proc = load_model(path, dtype=m.dtype, attn_implementation=m.attn_implementation,
                                      gradient_checkpointing=m.gradient_checkpointing, liger=m.liger, device=device,
                                      freeze_vision=m.freeze_vision, freeze_projector=m.freeze_projector,
-                                     freeze_llm=m.freeze_llm)
+                                     freeze_llm=m.freeze_llm, load_in_4bit=load_in_4bit)
     use_packed_forward(model, m.packed_sequences)
     return model, proc
 
