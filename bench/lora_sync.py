@@ -62,38 +62,42 @@ def _steps(sync, generate, model, repeats: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()} | {"samples": out}
 
 
-def _logprobs(outs) -> list[float]:
-    return [step[tok].logprob for o in outs for c in o.outputs for tok, step in zip(c.token_ids, c.logprobs)]
+def _sampled(outs) -> tuple[list[int], list[float]]:
+    """Every sampled token and its log-prob, in order."""
+    pairs = [(tok, step[tok].logprob) for o in outs for c in o.outputs for tok, step in zip(c.token_ids, c.logprobs)]
+    return [t for t, _ in pairs], [lp for _, lp in pairs]
 
 
-def measure(size: str, repeats: int) -> list[dict]:
+def _merged(base, tok, sampling, kw, repeats: int) -> dict:
+    """vlmfast's way: the engine is sent the adapted layers merged after each update."""
     import copy
 
-    import torch
-    from vllm.lora.request import LoRARequest
-
-    from vlmfast.lora import apply_lora, save_adapters
-    from vlmfast.rollout import Sampling
+    from vlmfast.lora import apply_lora
     from vlmfast.rollout.vllm_engine import VLLMEngine
-
-    base, tok = _model(*SIZES[size])
-    sampling = Sampling(temperature=1.0, max_new_tokens=32, seed=0)
-    kw = dict(dtype="float32", enforce_eager=True, max_model_len=256)
-    rows = {}
 
     model = apply_lora(copy.deepcopy(base), LORA)
     engine = VLLMEngine.from_model(model, tok, **kw)
-    prompts = [engine._prompt(p, []) for p in PROMPTS]
-    params = engine._params(4, sampling)
-    rows["merged"] = _steps(lambda step: engine.sync_weights(model),
-                            lambda step: engine.llm.generate(prompts, params, use_tqdm=False), model, repeats)
-    sent = engine.last_sync["bytes"]
-    engine.close()
-    del engine
-    gc.collect()
+    prompts, params = [engine._prompt(p, []) for p in PROMPTS], engine._params(4, sampling)
+    try:
+        out = _steps(lambda step: engine.sync_weights(model),
+                     lambda step: engine.llm.generate(prompts, params, use_tqdm=False), model, repeats)
+        return {**out, "sent": engine.last_sync["bytes"]}
+    finally:
+        engine.close()
+
+
+def _vllm_lora(base, tok, sampling, kw, repeats: int) -> dict:
+    """vLLM's way: the engine holds the base; each update's adapters are written and passed as a new LoRARequest."""
+    import copy
+
+    from vllm.lora.request import LoRARequest
+
+    from vlmfast.lora import apply_lora, save_adapters
+    from vlmfast.rollout.vllm_engine import VLLMEngine
 
     model = apply_lora(copy.deepcopy(base), LORA)
     engine = VLLMEngine.from_model(base, tok, enable_lora=True, max_lora_rank=LORA.r, max_loras=1, **kw)
+    prompts, params = [engine._prompt(p, []) for p in PROMPTS], engine._params(4, sampling)
     folder = tempfile.mkdtemp(prefix="vlmfast-bench-lora-")
 
     def write_adapters(step):
@@ -104,15 +108,29 @@ def measure(size: str, repeats: int) -> list[dict]:
         request = LoRARequest(f"step{step}", step + 1, os.path.join(folder, f"step{step}"))
         return engine.llm.generate(prompts, params, lora_request=request, use_tqdm=False)
 
-    rows["vLLM LoRA"] = _steps(write_adapters, generate, model, repeats)
-    adapter_bytes = sum(os.path.getsize(os.path.join(folder, f"step{repeats}", f))
-                        for f in os.listdir(os.path.join(folder, f"step{repeats}")))
-    engine.close()
-    del engine
+    try:
+        out = _steps(write_adapters, generate, model, repeats)
+    finally:
+        engine.close()
+    last = os.path.join(folder, f"step{repeats}")
+    return {**out, "sent": sum(os.path.getsize(os.path.join(last, f)) for f in os.listdir(last))}
+
+
+def measure(size: str, repeats: int) -> list[dict]:
+    import torch
+
+    from vlmfast.rollout import Sampling
+
+    base, tok = _model(*SIZES[size])
+    sampling = Sampling(temperature=1.0, max_new_tokens=32, seed=0)
+    kw = dict(dtype="float32", enforce_eager=True, max_model_len=256)
+    rows = {"merged": _merged(base, tok, sampling, kw, repeats)}
+    gc.collect()
+    rows["vLLM LoRA"] = _vllm_lora(base, tok, sampling, kw, repeats)
     gc.collect()
     # the same adapters and seeds: the two engines sample the same tokens with the same log-probs (fp32, to rounding)
-    a, b = _logprobs(rows["merged"]["samples"]), _logprobs(rows["vLLM LoRA"]["samples"])
-    agree = max(abs(x - y) for x, y in zip(a, b)) if len(a) == len(b) else float("inf")
+    (ta, a), (tb, b) = _sampled(rows["merged"]["samples"]), _sampled(rows["vLLM LoRA"]["samples"])
+    agree = max(abs(x - y) for x, y in zip(a, b)) if ta == tb else float("inf")  # inf: other tokens were drawn
     mb = sum(p.numel() * p.element_size() for p in base.parameters()) / 2**20
     merged_total = rows["merged"]["sync"] + rows["merged"]["generate"]
     out = []
@@ -121,7 +139,7 @@ def measure(size: str, repeats: int) -> list[dict]:
         total = r["sync"] + r["generate"]
         out.append({"model": size, "model_mb": mb, "mode": mode, "sync_s": r["sync"], "generate_s": r["generate"],
                     "step_s": total, "vs_merged": total / merged_total, "logprob_gap": agree,
-                    "sync_bytes": sent if mode == "merged" else adapter_bytes, "threads": torch.get_num_threads()})
+                    "sync_bytes": r["sent"], "threads": torch.get_num_threads()})
     return out
 
 

@@ -190,6 +190,10 @@ def test_the_plan_counts_no_reference_copy_and_adapter_states_only():
     base = 2 * (size.params - adapters) / 8
     assert base < pl.update["policy states"] - 4 * size.largest_layer < base + 18 * adapters / 8 + 0.1 * GiB
     assert pl.update["policy states"] < 0.25 * pf.update["policy states"]
+    # the head is frozen: the fused op keeps no fp32 gradient buffers of it (2 x 4 V H), unless trained whole
+    assert pf.update["fused op buffers"] - pl.update["fused op buffers"] == 2 * 4 * 152064 * 3584
+    lora.model.lora.modules_to_save = ["lm_head"]
+    assert plan(lora, gpus=8, gpu_memory=80 * GiB)[0].update["fused op buffers"] == pf.update["fused op buffers"]
 
 
 def _live_parameter_numel() -> int:
@@ -314,7 +318,8 @@ def test_qlora_base_is_4bit_and_its_exports_are_the_dense_adapted_model(saved_st
     model, proc = load_policy(qlora_config(saved_student), None, "cpu")
     q = model.model.language_model.layers[0].self_attn.q_proj
     assert type(q.base_layer).__name__ == "Linear4bit" and q.base_layer.weight.dtype == torch.uint8
-    assert model.lm_head.weight.dtype == torch.float32 and model.model.visual.blocks[0].attn.qkv.weight.is_floating_point()
+    assert model.lm_head.weight.dtype == torch.float32
+    assert model.model.visual.blocks[0].attn.qkv.weight.is_floating_point()
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {n for n, _ in model.named_parameters()
                                                                            if ".lora_" in n}
     g = torch.Generator().manual_seed(2)

@@ -569,8 +569,8 @@ def validate(cfg: Config) -> None:
                 bad(f"model.{key}", "with model.lora the base is frozen and model.lora.vision / projector choose "
                     "what else trains (frozen | lora | full)")
         if cfg.model.lora.load_in_4bit and cfg.model.path.startswith("tiny:"):
-            bad("model.lora.load_in_4bit", "a tiny model is built, not loaded, so it cannot be loaded in 4 bits: save it "
-                "(vlmfast.models.save_pretrained) and give its folder as model.path")
+            bad("model.lora.load_in_4bit", "a tiny model is built, not loaded, so it cannot be loaded in 4 bits: save "
+                "it (vlmfast.models.save_pretrained) and give its folder as model.path")
         if cfg.model.lora.load_in_4bit and cfg.deepspeed.zero_stage == 3:
             bad("model.lora.load_in_4bit", "a 4-bit base is not partitioned by ZeRO-3 here: use deepspeed.zero_stage "
                 "0-2 (the frozen 4-bit base is a quarter of the 16-bit one; only the adapters' states are sharded)")

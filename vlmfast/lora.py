@@ -197,7 +197,8 @@ def served_tensors(model, *, changed_only: bool) -> list:
         layer = adapted.get(name)
         if layer is not None:
             A, B = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
-            out.append((base_name(name), [p, A, B], lambda p=p, A=A, B=B, layer=layer: merged(layer, dense(p, dtype), A, B)))
+            out.append((base_name(name), [p, A, B],
+                        lambda p=p, A=A, B=B, layer=layer: merged(layer, dense(p, dtype), A, B)))
         elif p.requires_grad or not changed_only:
             out.append((base_name(name), [p], lambda p=p: dense(p, dtype)))
     return out

@@ -207,6 +207,7 @@ def plan(cfg: Config, *, gpus: int, gpu_memory: int, prompt_tokens: int = DEFAUL
     # what vllm.offload_optimizer moves to the host while vLLM is awake: all but the 16-bit weights
     optimizer = states - word * size.params // (gpus if d.zero_stage == 3 else 1)
     frozen_share = gpus if d.zero_stage == 3 else 1  # a frozen engine is partitioned like the policy
+    head_trains = not m.freeze_llm if m.lora is None else "lm_head" in m.lora.modules_to_save
     out = []
     for i, s in enumerate(cfg.stages):
         kind = stage_of(s)
@@ -221,7 +222,7 @@ def plan(cfg: Config, *, gpus: int, gpu_memory: int, prompt_tokens: int = DEFAUL
         head_copy = teacher is not None and kind.teacher_head_copy(s)
         update = {**shared, "activations": activation_bytes(size, tokens, m.gradient_checkpointing, word),
                   "fused op buffers": fused_op_bytes(size.vocab, size.hidden, tokens, word, kind.grouped_loss(s),
-                                                     head_copy)}
+                                                     head_copy, head_trains)}
         if head_copy:
             update["teacher head copy"] = word * teacher.vocab * teacher.hidden
         p.phases["update"] = update
@@ -290,18 +291,20 @@ def recipe_prompt_tokens(cfg: Config) -> tuple[int, str]:
 
 
 def fused_op_bytes(vocab: int, hidden: int, tokens: int, word: int, grouped: bool = False,
-                   teacher_head: bool = False) -> int:
-    """The fused head's buffers on a GPU: 2 x 4 V H for the head's fp32 gradient buffers, plus, from
+                   teacher_head: bool = False, head_trains: bool = True) -> int:
+    """The fused head's buffers on a GPU: 2 x 4 V H for the head's fp32 gradient buffers (none when the head is
+    frozen: the op computes no dW), plus, from
     one_pass.TRITON_MIN_HIDDEN, the one pass's band (fp32 logits and their dz in the input dtype, FUSED_DZ_BYTES of
     logits; a loss over groups of tokens, DPO's pairs or the gentle hinge's negatives, may stretch a band to
     one_pass.GROUP_STRETCH of them; a fused teacher head's fp32 logits of the band beside them) or, below,
     token_stats' dz chunk."""
     from .ops import one_pass
 
+    dw = 2 * 4 * vocab * hidden if head_trains else 0
     if hidden < one_pass.TRITON_MIN_HIDDEN:
-        return 2 * 4 * vocab * hidden + min(FUSED_DZ_BYTES, tokens * vocab * word)
+        return dw + min(FUSED_DZ_BYTES, tokens * vocab * word)
     logits = min(FUSED_DZ_BYTES * (one_pass.GROUP_STRETCH if grouped else 1), tokens * vocab * 4)
-    return 2 * 4 * vocab * hidden + logits * (2 if teacher_head else 1) + logits * word // 4
+    return dw + logits * (2 if teacher_head else 1) + logits * word // 4
 
 
 BUDGET_STEP = 256  # token budgets the plan picks are multiples of this
