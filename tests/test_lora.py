@@ -397,3 +397,27 @@ def test_the_plan_counts_a_4bit_base_at_4_bits():
     linear = 28 * (2 * 3584 * 3584 + 2 * 3584 * 512 + 3 * 3584 * 18944)
     saved = pl.update["policy states"] - pq.update["policy states"]
     assert saved == pytest.approx((2 - 4.127 / 8) * linear, rel=1e-3)
+
+
+def test_scoring_passes_read_the_model_without_dropout(batch):
+    """LoRA's dropout belongs to the training forward: pi_ref (adapters off) and pi_old score tokens in eval mode, the
+    same log-probs every time, and the model is back in training mode after."""
+    from types import SimpleNamespace
+
+    from vlmfast.lora import AdaptersOff
+    from vlmfast.models import eval_mode
+    from vlmfast.stages.context import StageContext
+
+    model, base, _ = adapted(dropout=0.5)
+    model.train()
+    with torch.no_grad():
+        noisy = {nll(model, batch).item() for _ in range(3)}
+        assert len(noisy) > 1  # the training forward drops adapter inputs
+        with eval_mode(model):
+            old = {nll(model, batch).item() for _ in range(3)}
+        ctx = SimpleNamespace(reference=AdaptersOff(model))
+        with StageContext.referencing(ctx) as ref:
+            assert not ref.training
+            ref_loss = nll(ref, batch).item()
+    assert len(old) == 1 and ref_loss == nll(base.eval(), batch).item()
+    assert model.training

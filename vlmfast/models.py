@@ -344,6 +344,18 @@ def shared_images(model, batch: dict) -> dict:
     return {**rest, "mm_encoder_outputs": {"image": encoded}}
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """`model` in eval mode for the block (generation, no-grad scoring passes: LoRA's dropout belongs to the training
+    forward only, so a pass that scores tokens reads the model itself), then back as it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def head_vocab(model) -> int:
     """Rows of the lm_head (the vocabulary it scores), read from the module: under ZeRO-3 the weight
     itself is an empty shard outside a gather."""

@@ -13,18 +13,8 @@ import inspect
 import torch
 
 from ..data.collate import collate, collate_token_responses
-from ..models import every_rank_agrees, head_token_stats, shared_images, trunk_hidden
+from ..models import eval_mode, every_rank_agrees, head_token_stats, shared_images, trunk_hidden
 from .base import Completion, Sampling, check_batch, end_of_completion, vision_token_ids
-
-
-@contextlib.contextmanager
-def _eval_mode(model):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 class _TokenSampler:
@@ -221,7 +211,7 @@ class HFEngine:
         device = next(self.model.parameters()).device
         rng = (torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
                if sampling.seed is not None else contextlib.nullcontext())
-        with rng, _eval_mode(self.model), self.gather():
+        with rng, eval_mode(self.model), self.gather():
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
             for i in range(0, len(problems), per_batch):
@@ -299,7 +289,7 @@ class HFEngine:
             raise ValueError(f"{len(problems)} prompts but {len(response_ids)} responses")
         out = []
         device = next(self.model.parameters()).device
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             for i in range(0, len(problems), self.batch_size):
                 sl = slice(i, i + self.batch_size)
                 batch = collate_token_responses(self.processor, problems[sl], images[sl], response_ids[sl])

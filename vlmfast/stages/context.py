@@ -21,7 +21,7 @@ import torch
 from ..data.collate import END_OF_TURN, collate
 from ..data.prompts import reasoning_of, target_response
 from ..lora import AdaptersOff, adapters_disabled
-from ..models import call_head, trunk_hidden
+from ..models import call_head, eval_mode, trunk_hidden
 from ..ranks import balanced_rows, reduce_over_ranks
 from ..rollout import Sampling
 from ..timing import StepTimer
@@ -62,7 +62,7 @@ class StageContext:
         """pi_ref for the block: the frozen reference model, or a LoRA policy with its adapters off (the base the
         stage started from: no second copy of the model)."""
         if isinstance(self.reference, AdaptersOff):
-            with adapters_disabled(self.reference.model) as base:
+            with adapters_disabled(self.reference.model) as base, eval_mode(base):
                 yield base
         else:
             yield self.reference

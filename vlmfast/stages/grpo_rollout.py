@@ -13,7 +13,7 @@ import torch
 from ..data.collate import collate_token_responses
 from ..losses import group_advantages
 from ..losses.grpo import kl_estimate
-from ..models import head_token_stats, trunk_hidden
+from ..models import eval_mode, head_token_stats, trunk_hidden
 from ..ranks import gathered_dict, gathered_rows
 from ..reward_plugins import reward_fns, score_batch
 from ..rewards import Reward, overlong_penalty, score
@@ -99,7 +99,11 @@ def _rollout(ctx: StageContext, index: int) -> dict:
 
     with ctx.timer("logprobs"):
         # the rollout policy's log-probs: for several updates, and for a KL in the reward (verl's old_log_prob)
-        ro["old"] = logp_of(ctx.model) if s.updates_per_rollout > 1 or s.kl_in_reward else None
+        if s.updates_per_rollout > 1 or s.kl_in_reward:
+            with eval_mode(ctx.model):  # pi_old scores its own samples as it generated them: no LoRA dropout
+                ro["old"] = logp_of(ctx.model)
+        else:
+            ro["old"] = None
         ro["ref"] = None
         if ctx.reference is not None and s.kl_coef > 0:
             with ctx.referencing() as reference:

@@ -10,7 +10,7 @@ import torch
 from ..data.collate import END_OF_TURN, collate, collate_token_responses
 from ..losses import cw_dpo_loss, dpo_loss
 from ..losses.dpo import _check_cw_dpo, _check_dpo, auto_floor, l_floor_problem
-from ..models import head_token_stats, trunk_hidden
+from ..models import eval_mode, head_token_stats, trunk_hidden
 from ..ops import sequence_mean
 from ..rewards import score
 from .base import Stage, check_loss
@@ -104,8 +104,9 @@ def auto_l_floor(ctx: StageContext, n: int = 64) -> float:
         part = exs[i : i + 16]
         b = collate(ctx.processor, [e.problem for e in part], [e.images for e in part],
                     [_target(ctx, _dataset_negative(e, rng), e) for e in part])
-        hidden = trunk_hidden(ctx.model, **b)
-        r = head_token_stats(ctx.model, hidden, b["labels"], outputs=("logp",), per_sequence=True)
+        with eval_mode(ctx.model):
+            r = head_token_stats(ctx.model, trunk_hidden(ctx.model, **b), b["labels"], outputs=("logp",),
+                                 per_sequence=True)
         out += sequence_mean(r.seq_logp, r.seq_count).tolist()
     return auto_floor(out)
 
