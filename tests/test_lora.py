@@ -344,6 +344,13 @@ def test_qlora_base_is_4bit_and_its_exports_are_the_dense_adapted_model(saved_st
         torch.testing.assert_close(bnb.dequantize_4bit(q.base_layer.weight.data, q.base_layer.weight.quant_state), W)
 
 
+def test_a_4bit_base_loads_on_this_ranks_gpu():
+    from vlmfast.models import device_map_of
+
+    assert device_map_of("cuda", 3) == {"": 3}  # LOCAL_RANK 3's device, made current at start, not cuda:0
+    assert device_map_of("cuda:1", 3) == {"": "cuda:1"} and device_map_of("cpu", None) == {"": "cpu"}
+
+
 def test_qlora_is_refused_where_it_cannot_run(saved_student, monkeypatch):
     with pytest.raises(ConfigError, match=r"model\.lora\.load_in_4bit.*tiny model"):
         load_config(raw={"model": {"lora": {"load_in_4bit": True}}, "data": {"synthetic": {}},

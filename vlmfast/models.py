@@ -206,7 +206,10 @@ def load_model(name_or_path, *, dtype="float32", attn_implementation="auto", gra
         if torch.device(device).type != "cuda":
             raise ValueError("liger=True needs a CUDA device (its Triton kernels do not run on the CPU)")
         _apply_liger(name_or_path)
-    quantized = {"quantization_config": nf4_config(dtype), "device_map": {"": str(device)}} if load_in_4bit else {}
+    quantized = {}
+    if load_in_4bit:  # bitsandbytes quantizes as the weights land on the device: this rank's
+        current = torch.cuda.current_device() if torch.device(device).type == "cuda" else None
+        quantized = {"quantization_config": nf4_config(dtype), "device_map": device_map_of(device, current)}
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=_DTYPES[dtype],
                                                         attn_implementation=attn_implementation, **quantized)
     processor = AutoProcessor.from_pretrained(name_or_path)
@@ -220,6 +223,16 @@ def load_model(name_or_path, *, dtype="float32", attn_implementation="auto", gra
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     freeze(model, vision=freeze_vision, projector=freeze_projector, llm=freeze_llm)
     return model, processor
+
+
+def device_map_of(device, current_cuda: int | None) -> dict:
+    """from_pretrained's device_map for a model loaded whole on this rank's device: on CUDA the index itself, the one
+    the trainer made current (LOCAL_RANK's), as TRL's QLoRA examples pass `{"": PartialState().local_process_index}`
+    (never a device string whose index depends on what is current while accelerate dispatches)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return {"": current_cuda}
+    return {"": str(device)}
 
 
 def nf4_config(dtype: str):
