@@ -26,7 +26,7 @@ from .config import Config, ConfigError, generation_engine
 from .evaluate import eval_generations, eval_metrics, eval_seeds, sampled_count
 from .faults import BadStep, Preempted, finite_everywhere, signal_if
 from .lora import AdaptersOff, adapter_base, is_adapter_folder
-from .models import head_vocab
+from .models import eval_mode, head_vocab
 from .ops import inputs_checked
 from .policy import ds_config, frozen_model
 from .probes import DeltaLogpProbe, EarlyStopping, entropy_means, sample_entropy_sums
@@ -90,8 +90,9 @@ class StageRun:
         cfg, r = self.cfg, self.run
         self.ctx.timer.show("eval")
         t = time.perf_counter()
-        m, shown = evaluate(cfg, self.policy, r["processor"], r["data"], r["probe"], seed=cfg.run.seed,
-                            generating=self.ctx.generating)
+        with eval_mode(self.policy):  # entropy and probe forwards without LoRA's dropout
+            m, shown = evaluate(cfg, self.policy, r["processor"], r["data"], r["probe"], seed=cfg.run.seed,
+                                generating=self.ctx.generating)
         signal_if(f"{self.index}:eval:{step}")
         rec = {"stage": self.name, "stage_index": self.index, "step": step, "kind": "eval",
                "timing/eval_s": time.perf_counter() - t, **{k: v for k, v in m.items() if not isinstance(v, list)},
@@ -493,4 +494,5 @@ def record_probe_baseline(cfg: Config, generating, model, processor, probe: Delt
     with generating() as engine:
         greedy = engine.generate(probe.problems, probe.images, n=1,
                                  sampling=Sampling(temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens))
-    probe(model, processor, [g[0].text for g in greedy])
+    with eval_mode(model):
+        probe(model, processor, [g[0].text for g in greedy])
