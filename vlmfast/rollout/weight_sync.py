@@ -26,7 +26,11 @@ ALIGN = 64  # bytes: every tensor in the shared buffer starts at an offset its d
 
 
 def _nbytes(param: torch.Tensor) -> int:
-    """Bytes of the whole parameter (under ZeRO-3 `param` holds a shard: its full size is ds_numel)."""
+    """Bytes of the whole parameter as sent (under ZeRO-3 `param` holds a shard: its full size is ds_numel; a 4-bit
+    weight is sent dequantized, at its quant state's shape and dtype)."""
+    state = getattr(param, "quant_state", None)
+    if state is not None:
+        return torch.Size(state.shape).numel() * state.dtype.itemsize
     return getattr(param, "ds_numel", param.numel()) * param.element_size()
 
 
