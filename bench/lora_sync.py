@@ -25,7 +25,7 @@ import tempfile
 import time
 from types import SimpleNamespace
 
-from .weight_sync import SIZES, _model
+from .weight_sync import SIZES, _model, vllm_environment, write_results
 
 PROMPTS = [f"What is {a} + {b}?" for a, b in ((1, 2), (3, 4), (5, 6), (7, 8), (2, 9), (4, 4), (6, 1), (8, 3))]
 LORA = SimpleNamespace(r=16, alpha=32.0, dropout=0.0, target_modules="all-linear", vision="frozen",
@@ -163,23 +163,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.lora_sync", description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
-    cache = tempfile.mkdtemp(prefix="vlmfast-bench-vllm-")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    for var in ("VLLM_CACHE_ROOT", "VLLM_RPC_BASE_PATH", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
-        os.environ.setdefault(var, os.path.join(cache, var.lower()))
-        os.makedirs(os.environ[var], exist_ok=True)
-    from importlib.metadata import version
-
-    from ._runner import RESULTS, append_rows, environment
-
-    env = {**environment("cpu", 1), "vllm": version("vllm-cpu")}
-    env.pop("device")
-    rows = [{**r, **env} for size in SIZES for r in measure(size, args.repeats)]
-    append_rows(RESULTS / "lora_sync.jsonl", rows)
-    (RESULTS / "lora_sync.md").write_text(_table(rows))
-    print(_table(rows))
+    env = vllm_environment()
+    write_results("lora_sync", [{**r, **env} for size in SIZES for r in measure(size, args.repeats)], _table)
     return 0
 
 

