@@ -52,10 +52,13 @@ def _train_records(run_dir):
 
 
 def _hand_off(run_dir, stage):
+    """(the merged model's state dict as transformers loads it, the adapters' tensors as saved)."""
     from safetensors.torch import load_file
 
+    from vlmfast.models import load_model
+
     hf = run_dir / "checkpoints" / f"final-{stage}" / "hf"
-    return load_file(hf / "model.safetensors"), load_file(hf / "adapter" / "adapter_model.safetensors")
+    return load_model(str(hf))[0].state_dict(), load_file(hf / "adapter" / "adapter_model.safetensors")
 
 
 def test_losses_match_one_process(runs):
