@@ -151,12 +151,6 @@ def adapters_disabled(model):
             m.enable_adapters(True)
 
 
-def delta(layer, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """The adapted layer's weight update (alpha / r) B A, in fp32 (a 16-bit product on the CPU is slow and loses
-    digits; the caller casts the merged sum)."""
-    return (B.float() @ A.float()) * layer.scaling[ADAPTER]
-
-
 def dense(param: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A parameter's values as a plain tensor: a 4-bit weight (bitsandbytes' Params4bit, load_in_4bit) dequantized as
     its layer's forward does and cast to `dtype` (the model's), any other detached."""
@@ -205,8 +199,9 @@ def served_tensors(model, *, changed_only: bool) -> list:
 
 
 def merged(layer, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """An adapted layer's merged weight W + (alpha / r) B A, in W's dtype."""
-    return (W.float() + delta(layer, A, B)).to(W.dtype)
+    """An adapted layer's merged weight W + (alpha / r) B A, in W's dtype: one addmm in fp32 (a 16-bit product on the
+    CPU is slow and loses digits), no separate [out, in] product and sum (a sync merges every adapted layer)."""
+    return torch.addmm(W.float(), B.float(), A.float(), alpha=layer.scaling[ADAPTER]).to(W.dtype)
 
 
 def merged_state_dict(model, state_dict: dict) -> dict:
