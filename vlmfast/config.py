@@ -15,6 +15,7 @@ import yaml
 
 from .data.prompts import DEFAULT_REASONING
 from .data.synthetic import QUESTION_TYPES, SIZE_RANGE, check_options
+from .lora import LLM_LINEAR, check_settings
 from .stages import STAGES, stage_of
 from .stages.base import check_micro_batching
 
@@ -48,8 +49,7 @@ class LoraSettings:
     dropout: float = 0.0  # dropout on the adapters' input (training forwards only)
     # the language model's linear layers that get adapters, by name, or all-linear (the lm_head never: train it
     # whole with modules_to_save)
-    target_modules: typing.Any = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                                "up_proj", "down_proj"])
+    target_modules: typing.Any = field(default_factory=lambda: list(LLM_LINEAR))
     vision: str = "frozen"  # the vision tower's blocks: frozen | lora (every linear layer) | full
     projector: str = "frozen"  # the merger (vision -> language projector): frozen | lora | full
     modules_to_save: list[str] = field(default_factory=list)  # trained whole, saved with the adapters: [lm_head]
@@ -561,8 +561,6 @@ def validate(cfg: Config) -> None:
             "master weights; set deepspeed.precision: bf16 (or model.dtype: float32)")
 
     if cfg.model.lora is not None:
-        from .lora import check_settings
-
         check_settings(cfg.model.lora, bad)
         for key in ("freeze_vision", "freeze_projector", "freeze_llm"):
             if getattr(cfg.model, key):

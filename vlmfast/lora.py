@@ -11,6 +11,8 @@ tower's and the projector's), the base frozen and shared as the reference.
                                      that layer only: never a whole merged copy)
     merged_state_dict(state_dict)    an exported state dict (adapters and base) as the merged HF model's
     save_adapters(...)               the adapters in PEFT's format (`PeftModel.from_pretrained` loads them)
+    dense(param)                     a QLoRA base weight (4-bit, bitsandbytes) dequantized as its layer computes it,
+                                     for the merged export and the engine
 
 Adapted layers are peft's `lora.Linear` (forward: base(x) + B(A(dropout(x))) x alpha / r); the lm_head is never one:
 the fused head takes one weight (see docs/training.md "LoRA"), train it whole with modules_to_save.
