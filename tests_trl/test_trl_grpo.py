@@ -100,3 +100,44 @@ def test_grpo_trainer_with_the_vlmfast_head_trains(student, tmp_path, monkeypatc
     logs = [h for h in trainer.state.log_history if "entropy" in h]
     assert logs and all(0 < h["entropy"] < 10 for h in logs)
     assert len(calls) >= 2  # the training forwards went through vlmfast's op
+
+
+def test_grpo_trainer_with_the_vlmfast_head_trains_lora_adapters(student, tmp_path, monkeypatch):
+    """TRL's peft_config path: TRL wraps the policy with LoRA and takes its reference as the adapters switched off
+    (beta > 0); vlmfast's head answers both passes, and only the adapters move."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import GRPOConfig
+
+    import vlmfast.ops
+    from vlmfast.data.prompts import messages
+    from vlmfast.integrations.trl import VLMFastGRPOTrainer
+
+    calls = []
+    real = vlmfast.ops.token_stats
+    monkeypatch.setattr(vlmfast.ops, "token_stats", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    model, proc = student
+    model_dir = tmp_path / "model"
+    copy.deepcopy(model).save_pretrained(model_dir)
+    proc.save_pretrained(model_dir)
+    rows = generate("train", 4, seed=1)
+    images = [Image.open(io.BytesIO(r["images"][0]["bytes"])).convert("RGB") for r in rows]
+    data = Dataset.from_dict({"prompt": [messages(r["problem"]) for r in rows], "image": images})
+
+    def reward(completions, **_):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return [float(len(t) % 7) for t in texts]
+
+    args = GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4,
+                      max_completion_length=8, learning_rate=5e-2, max_steps=2, logging_steps=1, report_to=[],
+                      save_strategy="no", use_cpu=True, bf16=False, seed=0, beta=0.1)
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    trainer = VLMFastGRPOTrainer(model=str(model_dir), reward_funcs=reward, args=args, train_dataset=data,
+                                 processing_class=proc, peft_config=peft_config)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    moved = {n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert moved and all("lora_" in n for n in moved), sorted(moved)[:5]
+    logs = [h for h in trainer.state.log_history if "kl" in h]
+    assert logs and all(h["kl"] >= 0 for h in logs) and any(h["kl"] > 0 for h in logs)
+    assert len(calls) >= 4  # policy and adapters-off reference forwards through vlmfast's op
