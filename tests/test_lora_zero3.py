@@ -100,3 +100,43 @@ def test_merged_weights_and_adapters_match_one_process(runs):
         for k in ("model.language_model.embed_tokens.weight", "model.language_model.norm.weight",
                   "lm_head.weight", "model.visual.blocks.0.norm1.weight"):
             assert torch.equal(ma[k], init[k]) and torch.equal(mb[k], init[k]), k
+
+
+def _two_ranks_killed_at(config, kill_at: str):
+    """train_two_ranks' launch with every rank SIGKILLed at `kill_at` (faults.KILL_AT_ENV): the launcher fails."""
+    import subprocess
+    import sys
+
+    from _launch import clean_env, free_port
+
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           "--module", "vlmfast.train", "--config", str(config)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=800,
+                         env=clean_env(DS_ACCELERATOR="cpu", VLMFAST_KILL_AT=kill_at))
+    assert res.returncode != 0, "the run was not killed"
+
+
+def test_a_killed_zero3_lora_run_resumes_to_the_same_numbers(tmp_path):
+    """Under ZeRO-3 a LoRA step checkpoint holds the adapters' partitions and optimizer states, not the frozen base
+    (loaded from the stage's start): killed inside GRPO on both ranks, the run resumes to the uninterrupted run's
+    losses, KL and ratios."""
+    raw = {"run": {"out_dir": str(tmp_path), "threads": 1, "checkpoint_every": 1},
+           "model": {"path": "tiny:student", "lora": LORA},
+           "data": {"synthetic": {"train": 32, "val": 4, "ood": 4}},
+           "deepspeed": {"zero_stage": 3, "stage3_param_persistence_threshold": 0},
+           "eval": {"every": 1000, "num_problems": 2, "n_samples": 2, "k": [1], "max_new_tokens": 4, "probes": 0,
+                    "at_start": False},
+           "stages": [{**STAGES[1], "steps": 4}]}
+    paths = {}
+    for name in ("whole", "killed"):
+        paths[name] = tmp_path / f"{name}.yaml"
+        paths[name].write_text(yaml.safe_dump({**raw, "run": {**raw["run"], "name": name}}))
+    train_two_ranks(paths["whole"])
+    _two_ranks_killed_at(paths["killed"], "0:3")  # inside the second rollout, after step 3's checkpoint
+    assert (tmp_path / "killed" / "checkpoints" / "step-0-3").exists()
+    train_two_ranks(paths["killed"])
+    a, b = _train_records(tmp_path / "whole"), _train_records(tmp_path / "killed")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        for key in ("loss", "kl", "ratio_mean"):
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), (x["step"], key)
