@@ -63,18 +63,22 @@ def test_vlmfast_head_answers_trls_protocol_with_trls_numbers(student, temperatu
         torch.testing.assert_close(ours(**inputs).logits, trl_model(**inputs).logits)
 
 
-def test_grpo_trainer_with_the_vlmfast_head_trains(student, tmp_path, monkeypatch):
-    from datasets import Dataset
-    from trl import GRPOConfig
-
+def _count_vlmfast_calls(monkeypatch) -> list:
+    """A list that grows by one at every call of vlmfast's fused op."""
     import vlmfast.ops
 
     calls = []
     real = vlmfast.ops.token_stats
     monkeypatch.setattr(vlmfast.ops, "token_stats", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
+def _grpo_inputs(student, tmp_path):
+    """(the student saved as a folder, a 4-prompt dataset of the synthetic task, a reward that varies within a group,
+    so advantages are not all zero): what both trainer tests hand TRL's GRPOTrainer."""
+    from datasets import Dataset
 
     from vlmfast.data.prompts import messages
-    from vlmfast.integrations.trl import VLMFastGRPOTrainer
 
     model, proc = student
     model_dir = tmp_path / "model"
@@ -84,9 +88,21 @@ def test_grpo_trainer_with_the_vlmfast_head_trains(student, tmp_path, monkeypatc
     images = [Image.open(io.BytesIO(r["images"][0]["bytes"])).convert("RGB") for r in rows]
     data = Dataset.from_dict({"prompt": [messages(r["problem"]) for r in rows], "image": images})
 
-    def reward(completions, **_):  # varies within a group, so advantages are not all zero
+    def reward(completions, **_):
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         return [float(len(t) % 7) for t in texts]
+
+    return model_dir, data, reward
+
+
+def test_grpo_trainer_with_the_vlmfast_head_trains(student, tmp_path, monkeypatch):
+    from trl import GRPOConfig
+
+    from vlmfast.integrations.trl import VLMFastGRPOTrainer
+
+    calls = _count_vlmfast_calls(monkeypatch)
+    model_dir, data, reward = _grpo_inputs(student, tmp_path)
+    proc = student[1]
 
     args = GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4,
                       max_completion_length=8, learning_rate=1e-2, max_steps=2, logging_steps=1, report_to=[],
@@ -105,28 +121,14 @@ def test_grpo_trainer_with_the_vlmfast_head_trains(student, tmp_path, monkeypatc
 def test_grpo_trainer_with_the_vlmfast_head_trains_lora_adapters(student, tmp_path, monkeypatch):
     """TRL's peft_config path: TRL wraps the policy with LoRA and takes its reference as the adapters switched off
     (beta > 0); vlmfast's head answers both passes, and only the adapters move."""
-    from datasets import Dataset
     from peft import LoraConfig
     from trl import GRPOConfig
 
-    import vlmfast.ops
-    from vlmfast.data.prompts import messages
     from vlmfast.integrations.trl import VLMFastGRPOTrainer
 
-    calls = []
-    real = vlmfast.ops.token_stats
-    monkeypatch.setattr(vlmfast.ops, "token_stats", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    model, proc = student
-    model_dir = tmp_path / "model"
-    copy.deepcopy(model).save_pretrained(model_dir)
-    proc.save_pretrained(model_dir)
-    rows = generate("train", 4, seed=1)
-    images = [Image.open(io.BytesIO(r["images"][0]["bytes"])).convert("RGB") for r in rows]
-    data = Dataset.from_dict({"prompt": [messages(r["problem"]) for r in rows], "image": images})
-
-    def reward(completions, **_):
-        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return [float(len(t) % 7) for t in texts]
+    calls = _count_vlmfast_calls(monkeypatch)
+    model_dir, data, reward = _grpo_inputs(student, tmp_path)
+    proc = student[1]
 
     args = GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4,
                       max_completion_length=8, learning_rate=5e-2, max_steps=2, logging_steps=1, report_to=[],
