@@ -257,6 +257,12 @@ def test_adapters_handed_on_load_as_their_base_with_them(batch, tmp_path):
         torch.testing.assert_close(again(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
     assert {n for n, p in again.named_parameters() if p.requires_grad} == \
         {n for n, p in model.named_parameters() if p.requires_grad}
+    other = load_config(raw={"model": {"lora": {"r": R, "alpha": ALPHA, "target_modules": ["q_proj"],  # fewer
+                                              "handoff": "adapters"}},
+                             "data": {"synthetic": {}}, "stages": [{"type": "sft"}]})
+    misplaced = r"adapter tensor base_model\.model\.\S+_proj\.lora_[AB]\.weight has no place in this model"
+    with pytest.raises(ConfigError, match=misplaced):
+        load_policy(other, str(tmp_path / "hf" / ADAPTER_DIR), "cpu", proc)
 
 
 @pytest.mark.slow

@@ -52,12 +52,12 @@ def load_policy(cfg: Config, path: str | None, device: str, processor=None):
     except ValueError as e:  # bitsandbytes missing
         raise ConfigError(str(e)) from None
     if lora is not None:
-        try:
+        try:  # a setting this model cannot take, or adapters made for another, named
             apply_lora(model, lora)
-        except ValueError as e:  # a setting this model cannot take, named by its key
+            if adapters:
+                load_adapters(model, path)
+        except ValueError as e:
             raise ConfigError(str(e)) from None
-        if adapters:
-            load_adapters(model, path)
     image_pixels(cfg, proc)
     return model, proc
 
