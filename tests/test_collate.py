@@ -120,3 +120,62 @@ def test_image_markers_must_match_the_images(proc, rows):
     _, images = rows
     with pytest.raises(ValueError, match="markers"):
         processor_inputs(proc, ["no image marker here"], [images[0][0]])
+
+
+@pytest.fixture(scope="module")
+def mixed(rows):
+    """Rows holding 2, 0, 1, 3, 0 and 1 images of different sizes (a text-only problem beside several
+    multi-image ones), as a dataset mixing them batches them."""
+    _, images = rows
+    a, b, c = (ims[0] for ims in images)
+    small, wide = a.resize((56, 56)), b.resize((112, 56))
+    problems = ["<image><image>which has more shapes?", "how many sides has a square?", "<image>what colour?",
+                "<image><image><image>which differs?", "what is 3 + 4?", "<image>how many shapes?"]
+    imgs = [[a, wide], [], [small], [c, a, small], [], [b]]
+    responses = ["\\boxed{left}", "\\boxed{4}", "\\boxed{red}", "\\boxed{2}", "\\boxed{7}", "\\boxed{3}"]
+    return problems, imgs, responses
+
+
+def test_images_per_row_are_each_examples_images(proc, mixed):
+    from vlmfast.data.collate import images_per_row
+
+    problems, images, responses = mixed
+    assert images_per_row(collate(proc, problems, images, responses)) == [len(ims) for ims in images]
+    assert images_per_row(collate(proc, problems, images)) == [len(ims) for ims in images]  # generation prompts
+
+
+@pytest.mark.parametrize("rows_of", ["slices", "index lists"])
+def test_rows_of_a_batch_carry_their_own_images(proc, mixed, rows_of):
+    """Any rows of a batch whose rows hold different numbers of images (micro-batches, a DPO pair's halves, the
+    first prompt of each run of copies) have exactly the images and grids that collating those examples alone
+    gives, and the batch's own token rows."""
+    from vlmfast.data.collate import batch_rows
+
+    problems, images, responses = mixed
+    batch = collate(proc, problems, images, responses)
+    n = len(problems)
+    if rows_of == "slices":
+        picks = [slice(i, j) for i in range(n) for j in range(i + 1, n + 1)]
+    else:
+        picks = [[1, 3], [0, 2, 5], [5, 0], [3], [1, 4]]
+    for pick in picks:
+        index = list(range(n))[pick] if isinstance(pick, slice) else pick
+        part = batch_rows(batch, pick)
+        alone = collate(proc, [problems[i] for i in index], [images[i] for i in index], [responses[i] for i in index])
+        if "image_grid_thw" in alone:
+            assert torch.equal(part["image_grid_thw"], alone["image_grid_thw"]), pick
+            assert torch.equal(part["pixel_values"], alone["pixel_values"]), pick
+        else:  # text-only rows: no image of the batch goes with them
+            assert part["image_grid_thw"].shape[0] == 0 and part["pixel_values"].shape[0] == 0, pick
+        for k in ("input_ids", "attention_mask", "labels", "mm_token_type_ids"):
+            assert torch.equal(part[k], batch[k][index]), (pick, k)
+
+
+def test_a_batch_whose_images_miss_its_image_tokens_is_named(proc, mixed):
+    from vlmfast.data.collate import images_per_row
+
+    problems, images, responses = mixed
+    batch = collate(proc, problems, images, responses)
+    batch["image_grid_thw"] = batch["image_grid_thw"][1:]  # the first row's first image gone
+    with pytest.raises(ValueError, match="row 0|do not match"):
+        images_per_row(batch)

@@ -61,3 +61,20 @@ def test_too_few_prompts_left_is_a_config_error(data, processor):
         fit_to_budget(_cfg(shortest + 23), data, processor)
     with pytest.raises(ConfigError, match="need 24"):  # a batch larger than what fits
         fit_to_budget(_cfg(sorted(prompt_lengths(processor, data["train"]))[12] + 24, batch_size=24), data, processor)
+
+
+def test_more_images_than_vllm_takes_per_prompt_is_a_config_error(data, processor):
+    """vLLM refuses a prompt with more images than limit_mm_per_prompt (and the generate call with it): named at
+    load with the example and the value that lets every prompt through."""
+    import dataclasses
+
+    three = dataclasses.replace(data["val"][2], images=data["val"][2].images * 3,
+                                problem="<image><image>" + data["val"][2].problem)
+    mixed = {**data, "val": data["val"][:2] + [three] + data["val"][3:]}
+    with pytest.raises(ConfigError, match=rf"vllm.limit_mm_per_prompt: 1, but 'val' example {three.id} has 3 "
+                                          r"images; set it to 3"):
+        fit_to_budget(_cfg(), mixed, processor)
+    cfg = _cfg()
+    cfg.vllm.limit_mm_per_prompt = 3
+    kept, *_ = fit_to_budget(cfg, mixed, processor)
+    assert three in kept["val"]

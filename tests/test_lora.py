@@ -263,6 +263,11 @@ def test_adapters_handed_on_load_as_their_base_with_them(batch, tmp_path):
     misplaced = r"adapter tensor base_model\.model\.\S+_proj\.lora_[AB]\.weight has no place in this model"
     with pytest.raises(ConfigError, match=misplaced):
         load_policy(other, str(tmp_path / "hf" / ADAPTER_DIR), "cpu", proc)
+    frozen_head = load_config(raw={"model": {"lora": {"r": R, "alpha": ALPHA, "handoff": "adapters"}},  # no lm_head
+                                   "data": {"synthetic": {}}, "stages": [{"type": "sft"}]})
+    with pytest.raises(ConfigError, match=r"base_model\.model\.lm_head\.weight trains lm_head whole, which "
+                                          r"model\.lora\.modules_to_save does not list"):
+        load_policy(frozen_head, str(tmp_path / "hf" / ADAPTER_DIR), "cpu", proc)
 
 
 @pytest.mark.slow

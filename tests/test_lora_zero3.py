@@ -3,7 +3,8 @@ trained whole), against one process without DeepSpeed partitioning. SFT, GRPO wi
 policy with its adapters off) and 2 updates per rollout, DPO (its reference the same way), adapters on the language
 model and the vision blocks, the projector trained whole. Both runs must end at the same losses, the same merged
 weights and the same adapters; the adapters-off reference equals the stage start (DPO's first loss is log 2, GRPO's
-first KL 0); each hand-off holds the merged model and the adapters.
+first KL 0); each hand-off holds the merged model and the adapters. Adapters handed on (with a head trained whole)
+load into a model loaded into partitions.
 """
 
 import json
@@ -140,3 +141,61 @@ def test_a_killed_zero3_lora_run_resumes_to_the_same_numbers(tmp_path):
     for x, y in zip(a, b):
         for key in ("loss", "kl", "ratio_mean"):
             assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), (x["step"], key)
+
+
+LOAD_ADAPTERS = """
+import json, os, sys, torch
+os.environ["DS_ACCELERATOR"] = "cpu"
+import deepspeed
+torch.distributed.init_process_group("gloo")
+from safetensors.torch import load_file
+from vlmfast.config import load_config
+from vlmfast.lora import lora_layers
+from vlmfast.policy import load_policy
+from vlmfast.zero import gathered
+base, adapter = sys.argv[1:3]
+cfg = load_config(raw={"model": {"path": base, "lora": {"r": 4, "alpha": 8, "modules_to_save": ["lm_head"],
+                                                          "handoff": "adapters"}},
+                       "deepspeed": {"zero_stage": 3, "stage3_param_persistence_threshold": 0},
+                       "data": {"synthetic": {}}, "stages": [{"type": "sft"}, {"type": "sft"}]})
+model, _ = load_policy(cfg, adapter, "cpu")
+head = model.lm_head.weight
+saved = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+loaded = {"lm_head.weight": head}
+for name, layer in lora_layers(model):
+    for part in ("lora_A", "lora_B"):
+        loaded[f"{name}.{part}.weight"] = getattr(layer, part)["default"].weight
+with gathered(list(loaded.values())):
+    err = max((p.detach() - saved["base_model.model." + k]).abs().max().item() for k, p in loaded.items())
+print(json.dumps({"partitioned": hasattr(head, "ds_id") and head.numel() == 0, "tensors": len(loaded),
+                  "saved": len(saved), "err": err}))
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_adapters_handed_on_load_into_a_partitioned_model(tmp_path):
+    """handoff: adapters under ZeRO-3 with a checkpoint loaded into partitions: the lm_head trained whole
+    (modules_to_save) is a partition when the adapters load, and is written whole and re-partitioned (a plain copy
+    into an empty partition fails); on both ranks every saved tensor is the loaded one."""
+    from pathlib import Path
+
+    from _launch import two_rank_script
+
+    from vlmfast.checkpoint import ADAPTER_DIR, save_hf
+    from vlmfast.config import LoraSettings
+    from vlmfast.lora import apply_lora, lora_layers
+    from vlmfast.models import save_pretrained, tiny_vlm
+
+    base = save_pretrained(*tiny_vlm("student", seed=0), tmp_path / "base")
+    model, proc = tiny_vlm("student", seed=0)
+    apply_lora(model, LoraSettings(r=4, alpha=8, modules_to_save=["lm_head"]))
+    with torch.no_grad():  # adapters and a head unlike the fresh ones the load starts from
+        for _, layer in lora_layers(model):
+            layer.lora_B["default"].weight.normal_(0, 0.05)
+        model.lm_head.weight.mul_(1.5)
+    save_hf(model, proc, tmp_path / "hf", base=str(base))
+    script = f"import sys; sys.argv = ['x', {str(base)!r}, {str(tmp_path / 'hf' / ADAPTER_DIR)!r}]\n" + LOAD_ADAPTERS
+    zero, one = two_rank_script(script, Path(__file__).resolve().parents[1], timeout=240)
+    for rank in (zero, one):
+        assert rank["partitioned"]  # the mechanism: the base (lm_head included) was loaded into partitions
+        assert rank["tensors"] == rank["saved"] > 1 and rank["err"] == 0.0, rank

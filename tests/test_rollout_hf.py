@@ -151,10 +151,19 @@ def test_seeded_sampling_draws_from_the_tempered_distribution(prompts):
     assert abs(out[0][0].logprobs[0] - math.log(p_a if first[0] == a else 1 - p_a)) < 1e-4
 
 
-def test_prompt_prefill_runs_once_per_prompt_and_changes_nothing(engine, prompts):
+@pytest.fixture(scope="module")
+def mixed_prompts(prompts):
+    """Prompts with 2, 0 and 1 images (the batch's rows hold different numbers of images)."""
+    a, b, c = (ims[0] for ims in prompts[1])
+    return (["<image><image>Which image has more shapes?", "How many sides has a square?", prompts[0][2]],
+            [[a, b.resize((56, 84))], [], [c]])
+
+
+@pytest.mark.parametrize("which", ["one image each", "2, 0 and 1 images"])
+def test_prompt_prefill_runs_once_per_prompt_and_changes_nothing(engine, prompts, mixed_prompts, which):
     """n copies of a prompt: its prefill runs on one row (all but its last token), the cache is repeated for
     the copies, and the samples and their log-probs are those of the plain n-row generation."""
-    problems, images = prompts
+    problems, images = prompts if which == "one image each" else mixed_prompts
     n, s = 4, Sampling(temperature=1.0, max_new_tokens=8)
     rep_p, rep_i = [p for p in problems for _ in range(n)], [i for i in images for _ in range(n)]
     seeds = list(range(len(rep_p)))

@@ -267,13 +267,14 @@ def test_micro_batched_update_equals_the_whole_update(tmp_path, monkeypatch, agg
             "updates_per_rollout": 2, "kl_coef": 0.1, "entropy_coef": 0.05, "max_new_tokens": 6,
             "aggregation": aggregation}
     runs = {}
+    data = _ragged_data(tmp_path)  # prompts with one or two images: each micro-batch takes its rows' images
     budget = 150  # real tokens: about two of these sequences (image tokens and prompt included)
     for micro in (None, 2, 3, "tokens"):
         sizes.clear()
         tokens.clear()
         name = f"micro{micro}"
         over = {"max_tokens_per_micro_batch": budget} if micro == "tokens" else {"micro_batch_size": micro}
-        run(recipe(tmp_path, [{**grpo, **over}], name=name, eval={"at_start": False, "probes": 0}))
+        run(recipe(tmp_path, [{**grpo, **over}], name=name, eval={"at_start": False, "probes": 0}, data=data))
         runs[micro] = records(tmp_path, name), load_model(str(tmp_path / name / "checkpoints" / "final-0" / "hf"))[0]
         if micro == 2:  # old and reference log-probs of 16 sequences, then 2 updates x 4 micro-batches: 2 rows each
             assert sizes == [(False, 2)] * 16 + [(True, 2)] * 8
@@ -302,8 +303,9 @@ def test_micro_batched_update_equals_the_whole_update(tmp_path, monkeypatch, agg
 
 
 def _ragged_data(tmp_path) -> dict:
-    """The synthetic task with targets (their reasoning), negatives and images of very different sizes: micro-batches
-    of different tokens, pushed negatives and rows, so a share or metric weighed by the wrong count shows."""
+    """The synthetic task with targets (their reasoning), negatives and images of very different sizes, one or two to a
+    problem: micro-batches of different tokens, pushed negatives, rows and images, so
+    a share or metric weighed by the wrong count, or an image given to the wrong row, shows."""
     import random
 
     from vlmfast.data.synthetic import generate, write_parquet
@@ -311,7 +313,9 @@ def _ragged_data(tmp_path) -> dict:
     rng = random.Random(0)
     rows = [r for size in (56, 84) for r in generate("train", 12, seed=size, image_size=size)]
     rng.shuffle(rows)
-    for r in rows:
+    for i, r in enumerate(rows):
+        if i % 3 == 1:  # the previous row's image beside its own
+            r["images"], r["problem"] = rows[i - 1]["images"][-1:] + r["images"], "<image>" + r["problem"]
         r["reasoning"] = "I count the shapes" + " and count again" * rng.randrange(8)
         r["negatives"] = [r["answer"] + "0" * rng.randrange(6) for _ in range(2)]
     path = write_parquet(rows, tmp_path / "ragged.parquet")

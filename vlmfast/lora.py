@@ -253,14 +253,38 @@ def adapter_base(path) -> str:
 
 
 def load_adapters(model, path) -> None:
-    """Set the injected adapters (and modules_to_save) of `model` from a PEFT adapter folder (save_adapters')."""
+    """Set the injected adapters (and modules_to_save) of `model` from a PEFT adapter folder (save_adapters'). A
+    tensor with no place in the model, or one trained whole that this model's modules_to_save do not list (it would
+    load into a frozen module, silently), raises ValueError naming it. Under ZeRO-3 a module loaded into partitions
+    (a modules_to_save of a checkpoint loaded by zero.Init) is written whole and re-partitioned from rank 0's copy,
+    every rank reading the same file."""
     from safetensors.torch import load_file
 
     params = dict(model.named_parameters())
-    for k, v in load_file(str(Path(path) / "adapter_model.safetensors")).items():
-        name = k.removeprefix("base_model.model.")
-        name = re.sub(r"\.(lora_[AB])\.", rf".\1.{ADAPTER}.", name)
+    trained_whole = tuple(f"{m}." for m in model.vlmfast_lora.modules_to_save)
+    saved = load_file(str(Path(path) / "adapter_model.safetensors"))
+    names = {k: re.sub(r"\.(lora_[AB])\.", rf".\1.{ADAPTER}.", k.removeprefix("base_model.model.")) for k in saved}
+    for k, name in names.items():
         if name not in params:
             raise ValueError(f"{path}: adapter tensor {k} has no place in this model (another model or LoRA setting?)")
-        with torch.no_grad():
-            params[name].copy_(v)
+    for k, name in names.items():
+        if ".lora_" not in name and not name.startswith(trained_whole):
+            module = name.rsplit(".", 1)[0]
+            raise ValueError(f"{path}: adapter tensor {k} trains {module} whole, which model.lora.modules_to_save "
+                             f"does not list (it would load into the frozen module): add {module} to it")
+    writes = [(params[name], saved[k]) for k, name in names.items()]
+    partitioned = [p for p, _ in writes if hasattr(p, "ds_id")]
+    with _gathered_for_writing(partitioned), torch.no_grad():
+        for param, value in writes:
+            param.copy_(value)
+
+
+def _gathered_for_writing(params: list):
+    """ZeRO-3 partitioned parameters whole inside the block, and partitioned again from rank 0's values at its end
+    (DeepSpeed's GatheredParameters with modifier_rank=0, as transformers' ZeRO-3 state-dict loading writes them);
+    nothing to do for whole ones."""
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)

@@ -47,12 +47,27 @@ def least_train_prompts(cfg) -> int:
     return max((stage_of(s).prompts_per_step(s) for s in cfg.stages), default=1)
 
 
+def check_images_per_prompt(cfg, data: dict) -> None:
+    """A prompt with more images than vllm.limit_mm_per_prompt would fail the whole `generate` call it is in (vLLM
+    refuses the request, as it does one over the budget): refused when the data loads, naming the example, the key
+    and the value that lets every prompt through."""
+    from ..config import ConfigError
+
+    limit = cfg.vllm.limit_mm_per_prompt
+    most = max(((len(e.images), split, e.id) for split, examples in data.items() for e in examples),
+               default=(0, "", ""))
+    if most[0] > limit:
+        raise ConfigError(f"vllm.limit_mm_per_prompt: {limit}, but '{most[1]}' example {most[2]} has {most[0]} "
+                          f"images; set it to {most[0]}")
+
+
 def fit_to_budget(cfg, data: dict, processor) -> tuple[dict, int, dict[str, int], int]:
     """(data with the prompts that fit, the budget, {split: prompts dropped}, the longest prompt kept: what `vlmfast
     plan` and the trainer's fit check price, without counting every prompt again). Raises ConfigError when a split
     keeps fewer prompts than the recipe needs (training: its largest batch; an evaluation split: one)."""
     from ..config import ConfigError
 
+    check_images_per_prompt(cfg, data)
     budgets = response_budgets(cfg)
     lengths = {split: prompt_lengths(processor, examples) for split, examples in data.items()}
     need = {split: budgets["train" if split == "train" else "eval"] for split in data}

@@ -87,6 +87,58 @@ def processor_inputs(processor, texts: list[str], images: list | None) -> dict:
     return batch
 
 
+def images_per_row(batch: dict) -> list[int]:
+    """How many images each row of a collated batch holds. `image_grid_thw` and `pixel_values` list the batch's
+    images in row order, and a row may hold none (a text-only problem) or several: each image fills
+    patches / merge² of its row's image tokens (mm_token_type_ids == 1), the merge read off the batch (all its
+    patches over all its image tokens), so the rows are walked consuming images until each row's count is met."""
+    patches = batch["image_grid_thw"].prod(-1).tolist()
+    tokens = (batch["mm_token_type_ids"] == 1).sum(1).tolist()
+    merge2 = sum(patches) // max(sum(tokens), 1)
+    if merge2 < 1 or any(p % merge2 for p in patches):
+        raise ValueError(f"a batch of {len(patches)} images ({sum(patches)} patches) and {sum(tokens)} image tokens: "
+                         "its images and image tokens do not match")
+    counts, k = [], 0
+    for row, need in enumerate(tokens):
+        start = k
+        while need > 0 and k < len(patches):
+            need -= patches[k] // merge2
+            k += 1
+        if need:
+            raise ValueError(f"row {row}: its image tokens do not end at an image's last token")
+        counts.append(k - start)
+    if k != len(patches):
+        raise ValueError(f"{len(patches) - k} images of the batch fall in no row's image tokens")
+    return counts
+
+
+def batch_rows(batch: dict, rows: slice | list[int]) -> dict:
+    """Rows `rows` (a slice, or row indices) of a collated batch as a batch of their own, each row's images with it
+    (images_per_row: rows may hold different numbers of images). A contiguous run of images is a view, not a copy."""
+    index = list(range(len(batch["input_ids"])))[rows] if isinstance(rows, slice) else list(rows)
+    pick = rows if isinstance(rows, slice) else None
+    out = {k: v[pick if pick is not None else torch.tensor(index, device=v.device)] for k, v in batch.items()
+           if k not in ("pixel_values", "image_grid_thw")}
+    if "image_grid_thw" not in batch:
+        return out
+    first = [0]  # the batch's first image of each row, and one past the last row's
+    for c in images_per_row(batch):
+        first.append(first[-1] + c)
+    images = [i for r in index for i in range(first[r], first[r + 1])]
+    grid = batch["image_grid_thw"]
+    patch = [0]  # the first patch of each image in pixel_values
+    for p in grid.prod(-1).tolist():
+        patch.append(patch[-1] + p)
+    lo = images[0] if images else 0
+    if images == list(range(lo, lo + len(images))):
+        out["image_grid_thw"] = grid[lo : lo + len(images)]
+        out["pixel_values"] = batch["pixel_values"][patch[lo] : patch[lo + len(images)]]
+    else:
+        out["image_grid_thw"] = grid[torch.tensor(images, device=grid.device)]
+        out["pixel_values"] = torch.cat([batch["pixel_values"][patch[i] : patch[i + 1]] for i in images])
+    return out
+
+
 def _prompt_texts(processor, problems):
     """The chat-templated prompt of each problem, each distinct problem templated once (a GRPO batch repeats
     every prompt group_size times)."""

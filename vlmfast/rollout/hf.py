@@ -12,7 +12,7 @@ import inspect
 
 import torch
 
-from ..data.collate import collate, collate_token_responses
+from ..data.collate import batch_rows, collate, collate_token_responses
 from ..models import eval_mode, every_rank_agrees, head_token_stats, shared_images, trunk_hidden
 from .base import Completion, Sampling, check_batch, end_of_completion, vision_token_ids
 
@@ -110,9 +110,6 @@ def _first_of_runs(batch: dict, copies: int) -> torch.Tensor | None:
     if copies < 2 or rows % copies or ids.shape[1] < 2:
         return None
     first = torch.arange(0, rows, copies, device=ids.device)
-    grid = batch.get("image_grid_thw")
-    if grid is not None and grid.shape[0] % rows:
-        return None  # not the same number of images per row
     for k, v in batch.items():
         if k not in ("pixel_values", "image_grid_thw") and not torch.equal(v[first].repeat_interleave(copies, 0), v):
             return None
@@ -136,13 +133,7 @@ def shared_prompt_prefill(model, batch: dict, copies: int, *, synced_ranks: bool
         first = first if every_rank_agrees(model, first is not None) else None
     if first is None:
         return shared_images(model, batch)
-    unique = {k: v[first] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
-    if "image_grid_thw" in batch:  # the images of the first row of each run
-        per_row = batch["image_grid_thw"].shape[0] // batch["input_ids"].shape[0]
-        take = (first[:, None] * per_row + torch.arange(per_row, device=first.device)).flatten().tolist()
-        chunks = batch["pixel_values"].split(batch["image_grid_thw"].prod(-1).tolist())
-        unique["image_grid_thw"] = batch["image_grid_thw"][take]
-        unique["pixel_values"] = torch.cat([chunks[i] for i in take])
+    unique = batch_rows(batch, first.tolist())  # the first row of each run, with its images
     for k in ("input_ids", "attention_mask", "mm_token_type_ids"):  # all but the last prompt token
         if k in unique:
             unique[k] = unique[k][:, :-1]

@@ -10,7 +10,6 @@ from .context import (  # noqa: F401 (names the trainer, the plan and the tests 
     _counted,
     _device,
     _policy_loss,
-    _rows,
     _sample,
     _sample_subset,
     _target,

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..data.collate import END_OF_TURN, collate
+from ..data.collate import END_OF_TURN, batch_rows, collate
 from ..data.prompts import reasoning_of, target_response
 from ..lora import AdaptersOff, adapters_disabled
 from ..models import call_head, eval_mode, trunk_hidden
@@ -320,22 +320,10 @@ def in_micro_batches(ctx: StageContext, slices: list[slice], forward, weight_of:
         yield share, step
 
 
-def _rows(batch: dict, sl: slice) -> dict:
-    """Rows `sl` of a collated batch (pixel_values are per image patch: sliced through image_grid_thw)."""
-    out = {k: v[sl] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
-    if "image_grid_thw" in batch:
-        patches = batch["image_grid_thw"].prod(-1)
-        start = int(patches[: sl.start].sum())
-        stop = start + int(patches[sl].sum())
-        out["image_grid_thw"] = batch["image_grid_thw"][sl]
-        out["pixel_values"] = batch["pixel_values"][start:stop]
-    return out
-
-
 def _pair_rows(batch: dict, sl: slice, pairs: int) -> dict:
     """Pairs `sl` of a batch of 2 x `pairs` rows (every first sequence, then every second: chosen then rejected, a
     target then its negative) as such a batch of their own."""
-    first, second = _rows(batch, sl), _rows(batch, slice(sl.start + pairs, sl.stop + pairs))
+    first, second = batch_rows(batch, sl), batch_rows(batch, slice(sl.start + pairs, sl.stop + pairs))
     return {k: torch.cat([first[k], second[k]]) for k in first}
 
 

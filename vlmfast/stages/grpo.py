@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import torch
 
+from ..data.collate import batch_rows
 from ..losses import grpo_loss
 from ..losses.grpo import LOSS_TYPES, SCALINGS, _check_grpo
 from ..reward_plugins import check_spec
 from .base import Stage, check_loss
-from .context import StageContext, _device, _policy_loss, _rows, combined_metrics, rank_share_of_tokens
+from .context import StageContext, _device, _policy_loss, combined_metrics, rank_share_of_tokens
 from .grpo_rollout import (  # noqa: F401 (update_micro_slices: the trainer's tests read it here)
     _rollout,
     advantage_scale,
@@ -46,7 +47,7 @@ def _grpo_update(ctx: StageContext, ro: dict, update: slice, micro: list[slice])
     per-sequence means weigh a micro-batch by its rows, so uneven ones add up too), with the update's metrics on
     the last one."""
     s = ctx.stage
-    whole = _rows(ro["batch"], update)
+    whole = batch_rows(ro["batch"], update)
     rows = whole["labels"].shape[0]
     aggregation = aggregation_of(s)
     n = None  # a per-sequence mean: each micro-batch weighs by its rows
@@ -73,7 +74,7 @@ def _grpo_forward(ctx: StageContext, ro: dict, sl: slice, n):
     """GRPO's loss on rows `sl` of the rollout batch (token means over n tokens when given): (loss, metrics,
     labels)."""
     s = ctx.stage
-    b = _rows(ro["batch"], sl)
+    b = batch_rows(ro["batch"], sl)
     labels = b["labels"]
     ref = None if ro["ref"] is None else ro["ref"][sl]
     old = None if ro["old"] is None else ro["old"][sl]  # None: on-policy, the update's own log-probs

@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-from ..data.collate import collate_token_responses
+from ..data.collate import batch_rows, collate_token_responses
 from ..losses import group_advantages
 from ..losses.grpo import kl_estimate
 from ..models import eval_mode, head_token_stats, trunk_hidden
@@ -20,7 +20,6 @@ from ..rewards import Reward, overlong_penalty, score
 from .context import (
     StageContext,
     _device,
-    _rows,
     _sample,
     balanced_over_ranks,
     batch_examples,
@@ -94,7 +93,7 @@ def _rollout(ctx: StageContext, index: int) -> dict:
     slices = [sl for update in ro["micro"] for sl in update]
 
     def logp_of(model):
-        return torch.cat([head_token_stats(model, trunk_hidden(model, **_rows(b, sl)), labels[sl],
+        return torch.cat([head_token_stats(model, trunk_hidden(model, **batch_rows(b, sl)), labels[sl],
                                            temperature=s.temperature, outputs=("logp",)).logp for sl in slices])
 
     with ctx.timer("logprobs"):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.collate import collate_token_responses
+from ..data.collate import batch_rows, collate_token_responses
 from ..losses import opd_loss
 from ..losses.opd import _check_opd
 from ..models import frozen_head_weight, trunk_hidden
@@ -16,7 +16,6 @@ from .context import (
     StageContext,
     _device,
     _policy_loss,
-    _rows,
     _sample_subset,
     _target_ids,
     balanced_over_ranks,
@@ -59,7 +58,7 @@ def opd_step(ctx: StageContext, step: int):
             t_logp[i, start : start + len(lp)] = torch.tensor(lp)
 
     def forward(sl):
-        part = _rows(b, sl)
+        part = batch_rows(b, sl)
         if s.opd_mode == "full":
             with torch.no_grad(), ctx.timer("logprobs"):  # the teacher sees exactly the same image and prompt
                 th = trunk_hidden(ctx.teacher, **part)

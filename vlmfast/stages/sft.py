@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..data.collate import collate
+from ..data.collate import batch_rows, collate
 from ..losses import sft_gentle_negatives_loss, sft_loss
 from ..losses.sft import _check_gentle, _check_sft, divergent_tokens, gentle_normalizers
 from ..models import call_head, trunk_hidden
@@ -13,7 +13,6 @@ from .context import (
     _dataset_negative,
     _device,
     _policy_loss,
-    _rows,
     _target,
     balanced_over_ranks,
     batch_examples,
@@ -38,7 +37,7 @@ def sft_step(ctx: StageContext, step: int):
         n = rank_share_of_tokens(b["labels"], _device(ctx))  # the token mean is the whole batch's: shares add up
 
         def forward(sl):
-            part = _rows(b, sl)
+            part = batch_rows(b, sl)
             loss, m = _policy_loss(ctx, part, lambda h, w: sft_loss(
                 h, w, part["labels"], temperature=s.temperature, label_smoothing=s.label_smoothing,
                 num_items_in_batch=n))
@@ -54,7 +53,7 @@ def sft_step(ctx: StageContext, step: int):
     norms = gentle_normalizers(b["labels"], nb["labels"], mean_over_parts=mean_over_ranks)
 
     def forward_pair(sl):
-        pos, neg = _rows(b, sl), _rows(nb, sl)
+        pos, neg = batch_rows(b, sl), batch_rows(nb, sl)
 
         def forward():
             hidden = trunk_hidden(ctx.model, **_counted(pos, ctx))
