@@ -500,30 +500,46 @@ def test_print_config_and_help_list_every_key(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])
-def test_grpo_metrics_of_micro_batches_combine_exactly_on_the_model_device(device):
-    """Token means weigh each micro-batch by its tokens, a per-sequence pg_loss by its rows, extremes by
-    min/max; the weights live where the loss's metrics do (the meta device stands in for a GPU: CPU weights
-    times CUDA metrics raised on every GRPO step)."""
+def test_grpo_metrics_of_micro_batches_combine_exactly_on_the_model_device(device, monkeypatch):
+    """An update in two micro-batches: token means weigh each by its tokens, a per-sequence pg_loss by its rows,
+    extremes by min/max; the rollout's rewards, truncation and penalties are the update rows' means, a reward
+    function's over the samples it scored; the weights the ranks combine with are the update's counts. The weights
+    live where the loss's metrics do (the meta device stands in for a GPU: CPU weights times CUDA metrics raised on
+    every GRPO step)."""
+    from types import SimpleNamespace
+
     import torch
 
     from vlmfast.rewards import Reward
-    from vlmfast.stages import _TOKEN_MEAN_METRICS, _grpo_metrics
+    from vlmfast.stages import _TOKEN_MEAN_METRICS
+    from vlmfast.stages import grpo as G
 
     def metrics(v, lo, hi):
         m = {k: torch.tensor(v, device=device) for k in _TOKEN_MEAN_METRICS + ("pg_loss",)}
         return {**m, "ratio_min": torch.tensor(lo, device=device), "ratio_max": torch.tensor(hi, device=device)}
 
-    parts = [(metrics(1.0, 0.9, 1.1), 3, 2), (metrics(3.0, 0.7, 1.05), 1, 2)]  # (metrics, tokens, rows)
-    ro = {"scores": [Reward(reward=r, accuracy=r, format=1.0, extracted=None) for r in (1.0, 0.0, 0.0, 1.0)],
+    parts = {0: metrics(1.0, 0.9, 1.1), 2: metrics(3.0, 0.7, 1.05)}  # by first row: 3 tokens, 2 rows; 1 token, 2 rows
+    monkeypatch.setattr(G, "_grpo_forward", lambda ctx, ro, sl, n: (torch.tensor(1.0, device=device), parts[sl.start],
+                                                                     ro["batch"]["labels"][sl]))
+    whole = {"labels": torch.tensor([[1, 2, -100], [3, -100, -100], [4, -100, -100], [-100, -100, -100]]),
+             "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 0], [1, 0, 0]])}
+    whole["input_ids"] = whole["attention_mask"] * 7
+    ro = {"batch": whole,
+          "scores": [Reward(reward=r, accuracy=r, format=1.0, extracted=None) for r in (1.0, 0.0, 0.0, 1.0)],
           "truncated": torch.tensor([1.0, 0.0, 0.0, 0.0]), "rewards": torch.tensor([1.0, 0.0, 0.0, 1.0]),
           "penalty": torch.tensor([-0.5, 0.0, 0.0, 0.0]),
           "rows": [{"parts": {"iou": v}} for v in (0.5, None, 1.0, None)],  # a function that scored two samples
           "info": {"sampling_rounds": 2.0}}  # dynamic sampling's, for the rollout
-    whole = {"labels": torch.tensor([[1, 2, -100], [3, -100, -100], [4, -100, -100], [-100, -100, -100]]),
-             "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 0], [1, 0, 0]])}
     for aggregation, pg in (("token-mean", 1.5), ("seq-mean-token-mean", 2.0)):
-        m = _grpo_metrics(ro, slice(0, 4), whole, parts, aggregation)
+        ctx = SimpleNamespace(stage=SimpleNamespace(loss_type=None, aggregation=aggregation), extra={},
+                              model=torch.nn.Linear(1, 1, device=device))
+        steps = list(G._grpo_update(ctx, ro, slice(0, 4), [slice(0, 2), slice(2, 4)]))
+        assert [m is None for _, m in steps] == [True, False]
+        m = steps[-1][1]
         assert m["entropy"].device.type == device
+        weights = ctx.extra["metric_weights"]
+        assert weights["entropy"] == 4 and weights["reward/iou"] == 2  # the update's tokens; the samples scored
+        assert ("pg_loss" in weights) == (aggregation == "token-mean")  # else a mean over rows
         if device == "cpu":
             assert m["entropy"].item() == pytest.approx(1.5) and m["pg_loss"].item() == pytest.approx(pg)
             assert (m["ratio_min"].item(), m["ratio_max"].item()) == pytest.approx((0.7, 1.1))
@@ -532,6 +548,8 @@ def test_grpo_metrics_of_micro_batches_combine_exactly_on_the_model_device(devic
             assert m["overlong_penalty"].item() == -0.125
             assert m["reward/iou"].item() == 0.75  # the mean over the samples it scored
             assert m["sampling_rounds"].item() == 2.0
+            share = 1.0 if aggregation == "token-mean" else 0.5  # a per-sequence mean: each half's share
+            assert [sh.item() for sh, _ in steps] == [share, share]
 
 
 def test_report_to_sends_every_record_to_each_tracker(tmp_path, monkeypatch):

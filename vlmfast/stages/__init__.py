@@ -25,7 +25,7 @@ from .context import (  # noqa: F401 (names the trainer, the plan and the tests 
     token_budget_slices,
     world,
 )
-from .grpo import _TOKEN_MEAN_METRICS, _grpo_metrics, update_micro_slices, update_rows  # noqa: F401
+from .grpo import _TOKEN_MEAN_METRICS, _grpo_update, update_micro_slices, update_rows  # noqa: F401
 
 STAGES: dict[str, Stage] = {t: kind.STAGE for kind in (sft, opd, grpo, preference) for t in kind.STAGE.types}
 

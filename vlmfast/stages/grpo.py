@@ -11,7 +11,7 @@ from ..losses import grpo_loss
 from ..losses.grpo import LOSS_TYPES, SCALINGS, _check_grpo
 from ..reward_plugins import check_spec
 from .base import Stage, check_loss
-from .context import StageContext, _device, _policy_loss, combined_metrics, rank_share_of_tokens
+from .context import StageContext, _device, _policy_loss, in_micro_batches, rank_share_of_tokens
 from .grpo_rollout import (  # noqa: F401 (update_micro_slices: the trainer's tests read it here)
     _rollout,
     advantage_scale,
@@ -54,20 +54,23 @@ def _grpo_update(ctx: StageContext, ro: dict, update: slice, micro: list[slice])
     if aggregation == "token-mean":  # the global batch's tokens (bnpo: the rank's own)
         n = (rank_share_of_tokens(whole["labels"], _device(ctx)) if s.loss_type != "bnpo" else
              (whole["labels"] != -100).sum().float().clamp(min=1).to(_device(ctx)))
-    parts = []  # (metrics, tokens, rows) per micro-batch
-    for sl in micro:
+
+    def forward(sl):
         loss, m, labels = _grpo_forward(ctx, ro, sl, n)
         if n is None:  # a per-sequence mean over this micro-batch: its share of the update's mean
             loss = loss * (labels.shape[0] / rows)
-        parts.append((m, (labels != -100).sum().item(), labels.shape[0]))
-        last = sl.stop == update.stop
-        if last:  # the trainer combines the ranks' token means weighted by their tokens
-            tokens = float(sum(t for _, t, _ in parts))  # the ranks' token means combine weighted by their tokens
-            token_means = _TOKEN_MEAN_METRICS + (("pg_loss",) if aggregation == "token-mean" else ())
-            ctx.extra["metric_weights"] = {**dict.fromkeys(token_means, tokens), **{  # rewards: over scored samples
+        return loss, m, {"tokens": (labels != -100).sum().item(), "rows": labels.shape[0]}
+
+    # token means combine weighted by tokens (in the micro-batches and over the ranks), the rest by rows
+    token_means = _TOKEN_MEAN_METRICS + (("pg_loss",) if aggregation == "token-mean" else ())
+    for share, step in in_micro_batches(ctx, micro, forward, dict.fromkeys(token_means, "tokens"),
+                                        rank_tokens=int(whole["attention_mask"].sum())):
+        if step is not None:
+            step.update(_rollout_metrics(ro, update, whole))
+            ctx.extra["metric_weights"].update({  # each reward function's mean: over the samples it scored
                 f"reward/{k}": sum(r["parts"][k] is not None for r in ro["rows"][update])
-                for k in ro["rows"][0]["parts"]}}
-        yield loss, (_grpo_metrics(ro, update, whole, parts, aggregation) if last else None)
+                for k in ro["rows"][0]["parts"]})
+        yield share, step
 
 
 def _grpo_forward(ctx: StageContext, ro: dict, sl: slice, n):
@@ -102,15 +105,12 @@ def loss_options(s) -> dict:
                 max_new_tokens=s.max_new_tokens)
 
 
-def _grpo_metrics(ro: dict, update: slice, whole: dict, parts: list, aggregation: str) -> dict:
-    """The update's metrics from its micro-batches' (token means weighted by tokens, pg_loss as aggregated)
-    and the rollout's rewards of its rows."""
-    token_means = _TOKEN_MEAN_METRICS + (("pg_loss",) if aggregation == "token-mean" else ())
-    m = combined_metrics([(m, {"tokens": t, "rows": r}) for m, t, r in parts], dict.fromkeys(token_means, "tokens"))
-    m.pop("loss", None)
+def _rollout_metrics(ro: dict, update: slice, whole: dict) -> dict:
+    """The update's metrics from its rows of the rollout: rewards (each reward function's mean over the samples it
+    scored), accuracy, format, truncation and penalties, dynamic sampling's rounds, response lengths."""
     scores = ro["scores"][update]
-    m["reward"] = ro["rewards"][update].mean()
-    for name in ro["rows"][0]["parts"]:  # each reward function's mean over the samples it scored
+    m = {"reward": ro["rewards"][update].mean()}
+    for name in ro["rows"][0]["parts"]:
         got = [r["parts"][name] for r in ro["rows"][update] if r["parts"][name] is not None]
         m[f"reward/{name}"] = torch.tensor(sum(got) / max(len(got), 1))
     m.update({k: torch.tensor(v) for k, v in ro["info"].items()})  # dynamic sampling's rounds and filtered share
@@ -121,8 +121,6 @@ def _grpo_metrics(ro: dict, update: slice, whole: dict, parts: list, aggregation
     m["accuracy"] = torch.tensor(sum(x.accuracy for x in scores) / len(scores))
     m["format"] = torch.tensor(sum(x.format for x in scores) / len(scores))
     m["response_tokens"] = (whole["labels"] != -100).sum(1).float().mean()
-    # this rank's real tokens in the update: over the ranks their mean and max (max / mean: what balance_batch evens)
-    m["rank_tokens"] = m["rank_tokens_max"] = whole["attention_mask"].sum().float()
     return m
 
 
