@@ -102,7 +102,7 @@ class StageRun:
             tqdm.write(eval_line(self.name, step, rec))
             with (cfg.run_dir / "samples.jsonl").open("a") as f:
                 for x in shown:
-                    f.write(json.dumps({"stage": self.name, "step": step, **x}) + "\n")
+                    f.write(json.dumps({"stage": self.name, "stage_index": self.index, "step": step, **x}) + "\n")
         self.last_eval = rec
         return rec
 

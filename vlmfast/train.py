@@ -120,6 +120,23 @@ def _fit_vllm_budget(cfg: Config, data: dict, processor) -> tuple[dict, int, int
     return data, limit, longest
 
 
+def keep_records(path: Path, keep_until: tuple[int, int]) -> None:
+    """Rewrite the JSON-lines file `path` with its records up to (stage_index, step) `keep_until`, the steps a resumed
+    run replays after it dropped: each step then appears once. A torn last line (the kill came while it was written)
+    is dropped; the file is replaced atomically (a kill now leaves the old file or the new one)."""
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the line a kill cut short
+        if (rec.get("stage_index", -1), rec.get("step", 0)) <= keep_until:
+            kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
 class MetricsLog:
     """metrics.jsonl and the trackers of run.report_to (vlmfast.tracking), written by rank 0."""
 
@@ -128,13 +145,11 @@ class MetricsLog:
         self.trackers = []
         if not _is_main():
             return
-        if keep_until is not None and self.path.exists():
-            # resume: drop records past the checkpoint we continue from
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line and (lambda r: (r["stage_index"], r["step"]) <= keep_until)(json.loads(line))]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        elif keep_until is None and self.path.exists():
-            self.path.unlink()
+        for path in (self.path, cfg.run_dir / "samples.jsonl"):  # resume: the records up to its checkpoint
+            if keep_until is not None and path.exists():
+                keep_records(path, keep_until)
+            elif keep_until is None and path.exists():
+                path.unlink()
         self.trackers = open_trackers(cfg.run.report_to, cfg.run_dir, cfg.run.name, cfg.to_dict())
 
     def write(self, record: dict) -> None:
