@@ -4,7 +4,9 @@ and the report's table, figures and summary holding finite numbers."""
 import json
 import math
 import re
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -164,3 +166,102 @@ def test_presets_are_valid_recipes_and_the_command_line_comes_last(tmp_path, cap
     assert main(["--preset", "full", "study.seedz=3", f"study.out_dir={tmp_path}"]) == 2
     assert "unknown key(s) ['seedz']" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+class _Preemptible:
+    """A stand-in for the study's executor (study_executors' interface), one run at a time: each run's process ends
+    as `outcome(name, start)` says: "preempted" (exit 0 without results.json: how the trainer stops at a checkpoint
+    on a signal), "finished" (results.json written), or "signal the study" (the study process gets SIGTERM while
+    the run is running, and the run stops at a checkpoint when the study stops it)."""
+
+    def __init__(self, outcome, sdir):
+        self.outcome, self.sdir, self.starts, self.stopped, self.current = outcome, sdir, [], [], None
+
+    def can_start(self):
+        return self.current is None
+
+    def start(self, config, env, log_path):
+        rd = Path(config).parent
+        name = rd.relative_to(self.sdir).as_posix()  # the run's name in the study (seed0/opd)
+        self.starts.append(name)
+        executor = self
+
+        class Run:
+            def __init__(self):
+                self.stopped = False
+                self.result = executor.outcome(name, executor.starts.count(name))
+
+            def poll(self):
+                if self.result == "signal the study" and not self.stopped:
+                    import os
+                    import signal
+
+                    os.kill(os.getpid(), signal.SIGTERM)  # the study's Preemption handler sets its flag
+                    return None
+                if self.result == "finished":
+                    (rd / "final").mkdir(exist_ok=True)
+                    (rd / "results.json").write_text(json.dumps({"results": {}, "final_model": str(rd / "final")}))
+                executor.current = None
+                return 0
+
+            def stop(self):
+                self.stopped = True
+                executor.stopped.append(name)
+
+            def kill(self):
+                pass
+
+        self.current = Run()
+        return self.current
+
+
+@pytest.fixture
+def small_study(tmp_path, monkeypatch):
+    import vlmfast.study as S
+    import vlmfast.study_executors as E
+
+    raw = load_study(RECIPE, REDUCED + [f"study.out_dir={tmp_path}", "study.workers=1"])
+    monkeypatch.setattr(S, "write_reports", lambda sdir, raw_study, meta: Path(sdir) / "report.md")
+    monkeypatch.setattr(S, "time", SimpleNamespace(time=time.time, sleep=lambda s: None))  # no wait between polls
+
+    def with_executor(outcome):
+        executor = _Preemptible(outcome, tmp_path / "tiny_study")
+        monkeypatch.setattr(E, "make_executor", lambda study, gpus: executor)
+        return executor
+
+    return raw, with_executor
+
+
+def test_a_preempted_run_restarts_from_its_checkpoint(small_study):
+    """A run that exits 0 without results (the trainer stopped on a signal at a checkpoint: a preemption) is not
+    finished: it starts again (resuming there), then its dependents; every run preempted once finishes the study."""
+    raw, with_executor = small_study
+    executor = with_executor(lambda name, start: "preempted" if start == 1 else "finished")
+    run_study(raw, progress=False, visible_gpus=[])
+    runs = plan(raw)[1]
+    assert sorted(executor.starts) == sorted([r.name for r in runs] * 2)
+    for r in runs:  # a run starts only once what it needs has finished: after their second start
+        for needed in r.needs:
+            second = len(executor.starts) - 1 - executor.starts[::-1].index(needed)
+            assert executor.starts.index(r.name) > second, (r.name, needed)
+
+
+def test_a_run_preempted_again_and_again_fails_without_its_dependents(small_study):
+    from vlmfast.study import MAX_RESTARTS
+
+    raw, with_executor = small_study
+    executor = with_executor(lambda name, start: "preempted")
+    with pytest.raises(RuntimeError, match=r"study runs failed: \['pretrain'\]"):
+        run_study(raw, progress=False, visible_gpus=[])
+    assert executor.starts == ["pretrain"] * (MAX_RESTARTS + 1)
+
+
+def test_a_signalled_study_stops_its_runs_at_a_checkpoint_and_starts_no_more(small_study):
+    from vlmfast.faults import Preempted
+
+    raw, with_executor = small_study
+    executor = with_executor(lambda name, start: "signal the study" if name == "teacher" else "finished")
+    with pytest.raises(Preempted, match="run the same command to resume"):
+        run_study(raw, progress=False, visible_gpus=[])
+    assert executor.stopped == ["teacher"] and executor.starts[-1] == "teacher"  # nothing started after the signal
+    assert not (Path(raw["study"]["out_dir"]) / "tiny_study" / "teacher" / "results.json").exists()

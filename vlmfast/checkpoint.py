@@ -161,11 +161,16 @@ def save(ckpt_root: Path, tag: str, engine, model, processor, state: dict, *, wi
             shutil.rmtree(final)
         tmp.rename(final)
         if resumable:
-            pointer = ckpt_root / f".{LATEST}.tmp"
-            pointer.write_text(tag)
-            os.replace(pointer, ckpt_root / LATEST)
+            write_atomic(ckpt_root / LATEST, tag)
     _barrier()
     return final
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """`path` holds `text`, or what it held before: never a half-written file (a kill while it is written)."""
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def latest(ckpt_root: Path) -> Path | None:

@@ -36,7 +36,9 @@ from pathlib import Path
 
 import yaml
 
+from .checkpoint import write_atomic
 from .config import ConfigError, _set_override, load_config
+from .faults import Preempted, Preemption
 from .study_executors import DIST_ENV
 
 STUDY_KEYS = {"study", "base", "pretrain", "teacher", "stage1", "stage2"}
@@ -44,6 +46,7 @@ STUDY_SETTINGS = {"name", "out_dir", "workers", "seeds", "executor", "gpus_per_r
 STAGE1_RUNS = ("sft_early", "sft_over", "opd", "sft_gentle")
 NODE_KEYS = {"stage", "model", "data", "eval", "run", "from"}
 # relative cost of one step per stage type (measured on the tiny study: sampling dominates opd and grpo)
+MAX_RESTARTS = 3  # a run preempted this many times in a row (exit 0, no results) counts as failed
 STEP_COST = {"sft": 1.0, "sft_gentle": 2.0, "opd": 3.0, "grpo": 8.0, "dpo": 3.0, "cw_dpo": 3.0}
 PLACEHOLDER_MODEL = "tiny:student"  # stands in for a checkpoint that does not exist yet, when validating
 
@@ -332,48 +335,73 @@ def run_study(raw_study: dict, *, progress: bool = True, visible_gpus: list[int]
     def priority(r):  # the longest remaining chain first (teacher -> opd -> opd-grpo before a lone run)
         return -chain(r)
 
-    while pending or running:
-        while executor.can_start() and not failed:
-            candidates = sorted((r for r in pending if ready(r)), key=priority)
-            if not candidates:
-                break
-            r = candidates[0]
-            pending.remove(r)
-            running[r.name] = (_start(r, sdir, executor), time.time())
-        for name, (proc, t0) in list(running.items()):
-            code = proc.poll()
-            if code is None:
-                continue
-            del running[name]
-            if code == 0:
-                wall = time.time() - t0
+    restarts = dict.fromkeys(by_name, 0)  # preempted runs restarted, in a row
+    stopping = False
+    with Preemption() as signalled:
+        while pending or running:
+            if signalled.signum is not None and not stopping:  # the study was signalled: so is every run
+                stopping = True
+                bar.write("  signal: stopping the running runs at their next step (each saves a checkpoint)")
+                for handle, _ in running.values():
+                    handle.stop()
+            while executor.can_start() and not failed and not stopping:
+                candidates = sorted((r for r in pending if ready(r)), key=priority)
+                if not candidates:
+                    break
+                r = candidates[0]
+                pending.remove(r)
+                running[r.name] = (_start(r, sdir, executor), time.time())
+            for name, (proc, t0) in list(running.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                del running[name]
                 rd = sdir / name
-                res = json.loads((rd / "results.json").read_text())
-                res["wall_s"] = wall
-                (rd / "results.json").write_text(json.dumps(res, indent=1))
-                done[name] = wall
-                bar.write(f"  {name}: done in {wall:.0f} s  {_headline(res)}")
-            else:
-                failed.append(name)
-                bar.write(f"  {name}: FAILED (exit {code}); last lines of {sdir / name / 'log.txt'}:\n"
-                          + _tail(sdir / name / "log.txt"))
-        finished = sum(by_name[n].steps for n in done)
-        live = {n: _progress_of(sdir / n) for n in running}
-        shown = (min(total, finished + sum(live.values())), ", ".join(f"{n} {s}/{by_name[n].steps}"
-                                                                      for n, s in live.items()))
-        if shown != last_shown:  # redraw on change only: a log file gets a line per change, not per poll
-            bar.n, last_shown = shown[0], shown
-            bar.set_postfix_str(shown[1], refresh=False)
-            bar.refresh()
-        if failed and not running:
-            break
-        if not running and pending and not any(ready(r) for r in pending):
-            break
-        time.sleep(0.5)
+                if code == 0 and not (rd / "results.json").exists():
+                    # the trainer exits 0 when a signal stopped it at a checkpoint (a preemption): not finished
+                    restarts[name] += 1
+                    if stopping:
+                        bar.write(f"  {name}: stopped at a checkpoint; it resumes there")
+                    elif restarts[name] <= MAX_RESTARTS:
+                        pending.append(by_name[name])
+                        bar.write(f"  {name}: preempted; restarting it from its checkpoint")
+                    else:
+                        failed.append(name)
+                        bar.write(f"  {name}: preempted {restarts[name]} times in a row; given up")
+                elif code == 0:
+                    wall = time.time() - t0
+                    res = json.loads((rd / "results.json").read_text())
+                    res["wall_s"] = wall
+                    write_atomic(rd / "results.json", json.dumps(res, indent=1))
+                    done[name] = wall
+                    restarts[name] = 0
+                    bar.write(f"  {name}: done in {wall:.0f} s  {_headline(res)}")
+                elif stopping:  # torchrun exits non-zero on a SIGTERM, its workers after their checkpoint
+                    bar.write(f"  {name}: stopped (exit {code}); it resumes from its last checkpoint")
+                else:
+                    failed.append(name)
+                    bar.write(f"  {name}: FAILED (exit {code}); last lines of {sdir / name / 'log.txt'}:\n"
+                              + _tail(sdir / name / "log.txt"))
+            finished = sum(by_name[n].steps for n in done)
+            live = {n: _progress_of(sdir / n) for n in running}
+            shown = (min(total, finished + sum(live.values())), ", ".join(f"{n} {s}/{by_name[n].steps}"
+                                                                          for n, s in live.items()))
+            if shown != last_shown:  # redraw on change only: a log file gets a line per change, not per poll
+                bar.n, last_shown = shown[0], shown
+                bar.set_postfix_str(shown[1], refresh=False)
+                bar.refresh()
+            if (failed or stopping) and not running:
+                break
+            if not running and pending and not any(ready(r) for r in pending):
+                break
+            time.sleep(0.5)
     bar.close()
     if failed:
         raise RuntimeError(f"study runs failed: {failed}; their logs are in {sdir}/<run>/log.txt. "
                            "Re-run the same command to retry: finished runs are kept.")
+    if stopping:
+        raise Preempted(f"study stopped on a signal: {len(done)} of {len(runs)} runs finished, the others keep their "
+                        "checkpoints; run the same command to resume")
     meta = {"environment": environment(), "wall_s_total": time.time() - t_start,
             "wall_s": {n: done[n] for n in by_name}, "chance": chance}
     return write_reports(sdir, raw_study, meta)
@@ -420,7 +448,7 @@ def _start(run: Run, sdir: Path, executor):
     rd.mkdir(parents=True, exist_ok=True)
     stored = rd / "study_recipe.yaml"
     stored.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    (rd / "study_inputs.json").write_text(json.dumps(inputs, indent=1))
+    write_atomic(rd / "study_inputs.json", json.dumps(inputs, indent=1))
     threads = str(recipe.get("run", {}).get("threads", 1))
     # each run is its own one-process world: an inherited MASTER_PORT (from a launcher, or an earlier
     # run in this process) would make two runs started side by side fight over one port
@@ -470,7 +498,11 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"study config error: {e}", file=sys.stderr)
         return 2
-    report = run_study(raw)
+    try:
+        report = run_study(raw)
+    except Preempted as e:  # as the trainer: a signal stopped it at checkpoints, and the same command resumes
+        print(f"preempted: {e}", file=sys.stderr, flush=True)
+        return 0
     print(f"report: {report}")
     return 0
 

@@ -8,12 +8,14 @@
   tests do): one node, a task per GPU; in the job, the task's rank and the job's first host become the trainer's
   RANK, LOCAL_RANK, WORLD_SIZE and MASTER_ADDR. The job's files are in <study>/<run>/slurm/.
 
-Either returns a handle per run with `poll()` (None while it runs, then its exit code) and `kill()`.
+Either returns a handle per run with `poll()` (None while it runs, then its exit code), `stop()` (a checkpoint,
+then exit: the study was signalled) and `kill()`.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +49,12 @@ class _LocalRun:
         self.proc.kill()
         self.proc.wait()
         self.poll()
+
+    def stop(self) -> None:
+        """SIGTERM: the trainer finishes its step, saves a checkpoint and exits 0 (torchrun passes it on to its
+        workers, and then exits non-zero itself)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
 
 
 class LocalExecutor:
@@ -104,6 +112,11 @@ class _SlurmRun:
         return max(int(r or 0) for r in results)
 
     def kill(self) -> None:
+        self.job.cancel(check=False)
+
+    def stop(self) -> None:
+        """Cancel the job: Slurm sends its tasks SIGTERM (the trainer saves a checkpoint) and SIGKILL after
+        KillWait."""
         self.job.cancel(check=False)
 
 

@@ -132,9 +132,7 @@ def keep_records(path: Path, keep_until: tuple[int, int]) -> None:
             continue  # the line a kill cut short
         if (rec.get("stage_index", -1), rec.get("step", 0)) <= keep_until:
             kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    ckpt.write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 class MetricsLog:
@@ -266,8 +264,8 @@ def run(cfg: Config) -> dict:
                 raise Preempted(f"stopped after stage {name} on a signal: run the same command to resume")
     ckpt.finish_deletions()
     if _is_main():
-        (run_dir / "results.json").write_text(json.dumps({"results": results, "timings_s": timings,
-                                                          "final_model": policy_path}, indent=1))
+        ckpt.write_atomic(run_dir / "results.json", json.dumps({"results": results, "timings_s": timings,
+                                                                "final_model": policy_path}, indent=1))
         print(f"done: results in {run_dir / 'results.json'}, final model {policy_path}", flush=True)
     return results
 
