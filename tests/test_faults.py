@@ -114,3 +114,22 @@ def test_collectives_of_host_tensors_go_to_the_gpu_under_nccl(monkeypatch):
     assert _collective_device(torch.zeros(1)) == torch.device("cuda", 2)
     monkeypatch.setattr(torch.distributed, "get_backend", lambda *a: "gloo")
     assert _collective_device(torch.zeros(1)) == torch.device("cpu")
+
+
+@pytest.mark.slow
+def test_a_signal_inside_a_gradient_accumulation_waits_for_its_optimizer_step(tmp_path):
+    """deepspeed.grad_accum 2, SIGTERM during step 1 (its gradients wait for step 2's): the checkpoint comes after
+    step 2, where the optimizer stepped (one after step 1 would lose step 1's gradients: DeepSpeed saves none), and
+    the resumed run has the numbers of the run never stopped."""
+    accum = {**RECIPE, "deepspeed": {"grad_accum": 2},
+             "stages": [{"type": "sft", "name": "sft", "steps": 4, "lr": 2e-3, "batch_size": 4}]}
+    assert train(tmp_path, "whole", recipe=accum, checkpoint_every=100).returncode == 0
+    stopped = train(tmp_path, "stopped", {"VLMFAST_SIGNAL_AT": "0:0:SIGTERM"}, recipe=accum, checkpoint_every=100)
+    assert stopped.returncode == 0 and "checkpoint step-0-2 saved" in stopped.stderr, stopped.stderr[-3000:]
+    assert train(tmp_path, "stopped", recipe=accum, checkpoint_every=100).returncode == 0
+    want, got = run_records(tmp_path, "whole"), run_records(tmp_path, "stopped")
+    assert [(r["kind"], r["step"]) for r in got] == [(r["kind"], r["step"]) for r in want]
+    for a, b in zip(want, got):
+        for key in ("loss", "val/accuracy", "val/entropy"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), (a["step"], key)

@@ -234,7 +234,10 @@ def train_steps(r: StageRun) -> None:
         if done % cfg.eval.every == 0 or done == stage.steps:
             r.evaluate(done)
             r.keep_if_best(done)
-        preempted = preemption.requested() and done < stage.steps  # SIGTERM / SIGUSR1 on any rank
+        # SIGTERM / SIGUSR1 on any rank, acted on at the next optimizer step: a checkpoint inside a gradient
+        # accumulation would lose the gradients gathered so far (DeepSpeed saves none)
+        at_boundary = done % cfg.deepspeed.grad_accum == 0
+        preempted = at_boundary and preemption.requested() and done < stage.steps
         if (done % cfg.run.checkpoint_every == 0 or preempted) and done < stage.steps and not r.stopped_early:
             r.save(f"step-{r.index}-{done}", done)
             ckpt.prune(r.run["ckpt_root"], keep_last=cfg.run.checkpoint_keep)
