@@ -94,3 +94,34 @@ def test_the_hf_export_gathers_one_module_at_a_time(monkeypatch):
     assert out.keys() == want.keys()
     for k, v in want.items():
         assert torch.equal(out[k], v) and out[k].data_ptr() != v.data_ptr(), k
+
+
+def test_resume_never_sets_the_earlier_run_aside(tmp_path, monkeypatch, capsys):
+    """run.resume: never in a run dir an earlier run left at step 4: its outputs move to replaced-<time>/ untouched.
+    Left in place, its step checkpoints (newer by step) would outlive the new run's in the pruning: the new run,
+    killed at step 2, would find `latest` naming a pruned checkpoint and start over."""
+    root = tmp_path / "t" / "checkpoints"
+
+    def cfg(**run):
+        return recipe(tmp_path, STAGES, run={"checkpoint_every": 1, "checkpoint_keep": 2, **run},
+                      eval={"every": 100, "at_start": False, "probes": 0})
+
+    monkeypatch.setenv(FAIL_AT_ENV, "0:4")
+    with pytest.raises(SimulatedKill):
+        T.run(cfg())
+    before = (tmp_path / "t" / "metrics.jsonl").read_text()
+    monkeypatch.setenv(FAIL_AT_ENV, "0:2")  # the new run: killed before its step 3
+    with pytest.raises(SimulatedKill):
+        T.run(cfg(resume="never"))
+    ckpt.finish_deletions()
+    aside = list((tmp_path / "t").glob("replaced-*"))
+    assert len(aside) == 1 and "moved to" in capsys.readouterr().out
+    assert (aside[0] / "metrics.jsonl").read_text() == before
+    assert sorted(p.name for p in (aside[0] / "checkpoints").glob("step-*")) == ["step-0-3", "step-0-4"]
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-0-1", "step-0-2"]
+    assert (root / "latest").read_text() == "step-0-2"
+    monkeypatch.delenv(FAIL_AT_ENV)
+    T.run(cfg())  # resumes the new run from its step 2
+    steps = [json.loads(line)["step"] for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 5]

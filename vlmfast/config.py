@@ -31,7 +31,7 @@ class RunConfig:
     name: str = "run"  # run directory runs/<name>: one recipe per name (a changed recipe is refused)
     out_dir: str = "runs"  # parent folder of run directories
     seed: int = 0  # model init, data order and sampling seeds
-    resume: str = "auto"  # auto: continue from the last checkpoint of this run dir; never: start over
+    resume: str = "auto"  # auto: continue from the run dir's last checkpoint; never: start over (old outputs set aside)
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 2  # torch CPU threads per process
     log_every: int = 1  # write a train record every this many steps

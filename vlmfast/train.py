@@ -120,6 +120,23 @@ def _fit_vllm_budget(cfg: Config, data: dict, processor) -> tuple[dict, int, int
     return data, limit, longest
 
 
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples.jsonl", "results.json")
+
+
+def _set_aside_earlier_run(run_dir: Path) -> None:
+    """run.resume: never starts over in a run dir that may hold an earlier run: its outputs move to
+    replaced-<time>/ (a rename: nothing copied, nothing lost). Left in place, its step checkpoints would be pruned
+    with the new run's (the newest by step, maybe the new run's own deleted) and `latest` would point into either."""
+    earlier = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if not earlier:
+        return
+    aside = run_dir / time.strftime("replaced-%Y%m%d-%H%M%S")
+    aside.mkdir()
+    for name in earlier:
+        (run_dir / name).rename(aside / name)
+    print(f"run.resume: never: the earlier run's {', '.join(earlier)} moved to {aside}", flush=True)
+
+
 def keep_records(path: Path, keep_until: tuple[int, int]) -> None:
     """Rewrite the JSON-lines file `path` with its records up to (stage_index, step) `keep_until`, the steps a resumed
     run replays after it dropped: each step then appears once. A torn last line (the kill came while it was written)
@@ -223,6 +240,8 @@ def run(cfg: Config) -> dict:
                    gpu_memory=torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
     if _is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.run.resume == "never":
+            _set_aside_earlier_run(run_dir)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(as_given, sort_keys=False))
         (run_dir / RECIPE_FILE).write_text(json.dumps(made_by, default=str))
     resume_from = ckpt.latest(ckpt_root) if cfg.run.resume == "auto" else None
