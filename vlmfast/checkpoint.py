@@ -157,8 +157,9 @@ def save(ckpt_root: Path, tag: str, engine, model, processor, state: dict, *, wi
     _barrier()  # every rank's file is in before the checkpoint is renamed into place
     if _is_main():
         (tmp / "state.json").write_text(json.dumps({**state, "rng": rng_state()}))
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # a best- checkpoint saved again: the old one renamed away, deleted after the new is in
+            # place (deleting it first would leave no best- for as long as the deletion of ~100 GB takes)
+            _delete_in_background(final)
         tmp.rename(final)
         if resumable:
             write_atomic(ckpt_root / LATEST, tag)
@@ -207,12 +208,17 @@ def prune(ckpt_root: Path, keep_last: int) -> None:
         return
     steps = sorted(Path(ckpt_root).glob("step-*-*"), key=step_of)
     for p in steps[: max(0, len(steps) - keep_last)]:
-        trash = p.with_name(f".trash-{p.name}")
-        shutil.rmtree(trash, ignore_errors=True)
-        p.rename(trash)
-        t = threading.Thread(target=shutil.rmtree, args=(trash,), kwargs={"ignore_errors": True}, daemon=True)
-        t.start()
-        _deleting.append(t)
+        _delete_in_background(p)
+
+
+def _delete_in_background(path: Path) -> None:
+    """`path` renamed out of sight (`.trash-*`, atomic) at once, and deleted on a background thread."""
+    trash = path.with_name(f".trash-{path.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    path.rename(trash)
+    t = threading.Thread(target=shutil.rmtree, args=(trash,), kwargs={"ignore_errors": True}, daemon=True)
+    t.start()
+    _deleting.append(t)
 
 
 def finish_deletions() -> None:

@@ -235,9 +235,10 @@ def train_steps(r: StageRun) -> None:
             r.evaluate(done)
             r.keep_if_best(done)
         # SIGTERM / SIGUSR1 on any rank, acted on at the next optimizer step: a checkpoint inside a gradient
-        # accumulation would lose the gradients gathered so far (DeepSpeed saves none)
+        # accumulation would lose the gradients gathered so far (DeepSpeed saves none). A stage stopped early ends
+        # now anyway (its hand-off saved); the run then stops at the stage boundary.
         at_boundary = done % cfg.deepspeed.grad_accum == 0
-        preempted = at_boundary and preemption.requested() and done < stage.steps
+        preempted = at_boundary and preemption.requested() and done < stage.steps and not r.stopped_early
         if (done % cfg.run.checkpoint_every == 0 or preempted) and done < stage.steps and not r.stopped_early:
             r.save(f"step-{r.index}-{done}", done)
             ckpt.prune(r.run["ckpt_root"], keep_last=cfg.run.checkpoint_keep)
