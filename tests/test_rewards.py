@@ -62,3 +62,15 @@ def test_boxed_token_indices_pick_the_answer_tokens():
     idx = boxed_token_indices(tok, ids)
     assert tok.decode([ids[j] for j in idx]).strip("{}") == "12"
     assert boxed_token_indices(tok, tok("no box", add_special_tokens=False)["input_ids"]) == []
+
+
+def test_boxed_token_indices_end_at_the_matching_brace():
+    """A boxed fraction: the answer tokens run to the } that closes the box, not to the fraction's first }."""
+    from vlmfast.data.synthetic import corpus
+    from vlmfast.models import build_tokenizer
+    from vlmfast.rewards import boxed_token_indices
+
+    tok = build_tokenizer(corpus())
+    ids = tok("<think>a third of 40</think> \\boxed{\\frac{40}{3}} so", add_special_tokens=False)["input_ids"]
+    picked = tok.decode([ids[j] for j in boxed_token_indices(tok, ids)])
+    assert "\\frac{40}{3}" in picked and "so" not in picked, picked

@@ -26,6 +26,15 @@ class Reward:
     extracted: str | None  # the graded boxed answer, None if none could be graded
 
 
+def _box_end(text: str, start: int) -> int:
+    """Where the \\boxed{ at `start` closes: the index of its matching }, or -1 when its braces never balance."""
+    j, depth = start + len("\\boxed{"), 1
+    while j < len(text) and depth:
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        j += 1
+    return -1 if depth else j - 1
+
+
 def boxed_contents(text: str) -> list[str]:
     """Contents of every \\boxed{...} (balanced braces), in order; unbalanced boxes are skipped."""
     out, i = [], 0
@@ -33,14 +42,11 @@ def boxed_contents(text: str) -> list[str]:
         start = text.find("\\boxed{", i)
         if start < 0:
             return out
-        j, depth = start + len("\\boxed{"), 1
-        while j < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[j], 0)
-            j += 1
-        if depth:
+        end = _box_end(text, start)
+        if end < 0:
             return out  # unbalanced: nothing after it can be trusted
-        out.append(text[start + len("\\boxed{") : j - 1])
-        i = j
+        out.append(text[start + len("\\boxed{") : end])
+        i = end + 1
 
 
 def format_reward(response: str) -> float:
@@ -117,7 +123,7 @@ def boxed_token_indices(tokenizer, token_ids: list[int]) -> list[int]:
     start = text.rfind("\\boxed{")
     if start < 0:
         return []
-    lo, hi = start + len("\\boxed{"), text.find("}", start)
+    lo, hi = start + len("\\boxed{"), _box_end(text, start)  # balanced braces: \\boxed{\\frac{40}{3}}
     hi = len(text) if hi < 0 else hi
     return [j for j, (a, z) in enumerate(spans) if z > lo and a < hi]
 
