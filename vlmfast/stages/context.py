@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,7 @@ from ..data.prompts import reasoning_of, target_response
 from ..lora import AdaptersOff, adapters_disabled
 from ..models import call_head, eval_mode, trunk_hidden
 from ..ranks import balanced_rows, reduce_over_ranks
+from ..rewards import is_correct
 from ..rollout import Sampling
 from ..timing import StepTimer
 
@@ -327,12 +329,24 @@ def _pair_rows(batch: dict, sl: slice, pairs: int) -> dict:
     return {k: torch.cat([first[k], second[k]]) for k in first}
 
 
+NO_ANSWER = "none of the above"  # the negative of an answer with no wrong choice, no number and no negatives
+
+
 def _dataset_negative(ex, rng: random.Random) -> str:
-    if ex.negatives:
-        return rng.choice(ex.negatives)
-    if ex.choices:
-        return rng.choice([c for c in ex.choices if c != ex.answer] or ex.choices)
-    try:
-        return str(int(float(ex.answer)) + rng.choice((-1, 1)))
-    except ValueError:
-        return ex.answer + "?"
+    """A wrong answer for `ex` as the verifier grades it (a "negative" it calls correct, as a letter answer's own
+    choice text or "12 cm?" for "12 cm" would be, pushes a right answer down): one of its negatives, else one of its
+    choices, else its first number moved by one."""
+    def wrong(candidate) -> bool:
+        return not is_correct(str(candidate), ex.answer, ex.choices)
+
+    for pool in (ex.negatives or [], ex.choices or []):
+        pool = [str(c) for c in pool if wrong(c)]
+        if pool:
+            return rng.choice(pool)
+    step = rng.choice((-1, 1))
+    number = re.search(r"-?\d+", ex.answer)
+    if number:
+        moved = ex.answer[: number.start()] + str(int(number.group()) + step) + ex.answer[number.end() :]
+        if wrong(moved):
+            return moved
+    return NO_ANSWER
