@@ -70,6 +70,39 @@ def test_mathvista_format(tmp_path):
     ex = read_mathvista(tmp_path / "mv.parquet")
     assert [e.id for e in ex] == ["1", "2"] and ex[0].problem == "<image>What is x?"
     assert ex[0].meta["answer_type"] == "integer" and ex[0].meta["unit"] == "cm" and ex[1].choices == ["a", "b"]
+    # a multiple-choice question shows its options (MathVista keeps them apart from the question, in `choices`)
+    assert ex[1].problem == "<image>Which?\nChoices:\n(A) a\n(B) b"
+
+
+def test_mathvista_questions_with_their_own_markers_or_options_are_kept(tmp_path):
+    (tmp_path / "1.png").write_bytes(_png())
+    rows = [{"pid": "1", "question": "<image>\nWhat is x?", "image": "1.png", "answer": "3"},  # LLaVA style
+            {"pid": "2", "question": "Which? (A) a (B) b", "image": "1.png", "choices": ["a", "b"], "answer": "b",
+             "question_type": "multi_choice"}]
+    (tmp_path / "mv.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    ex = read_mathvista(tmp_path / "mv.jsonl")
+    assert ex[0].problem == "<image>\nWhat is x?"  # one marker for its one image, not two
+    assert ex[1].problem == "<image>Which? (A) a (B) b"
+
+
+@pytest.mark.parametrize("negatives, want", [(["12", "18"], ["12", "18"]), ('["12", "18"]', ["12", "18"]),
+                                             ("12", ["12"]), (None, [])])
+def test_negatives_as_a_list_a_json_list_or_one_string(tmp_path, negatives, want):
+    (tmp_path / "a.png").write_bytes(_png())
+    row = {"images": ["a.png"], "problem": "q", "answer": "15", "negatives": negatives}
+    (tmp_path / "g.jsonl").write_text(json.dumps(row))
+    assert read_geometry3k(tmp_path / "g.jsonl")[0].negatives == want
+
+
+@pytest.mark.parametrize("reader, row", [
+    (read_mathvista, {"pid": "1", "question": "<image><image>x?", "image": "a.png", "answer": "1"}),
+    (read_preference_pairs, {"prompt": "<image><image>x?", "image": "a.png", "chosen": "a", "rejected": "b"}),
+])
+def test_markers_that_miss_the_images_are_named_in_every_reader(tmp_path, reader, row):
+    (tmp_path / "a.png").write_bytes(_png())
+    (tmp_path / "bad.jsonl").write_text(json.dumps(row))
+    with pytest.raises(RowError, match=r"row 0.*2 <image> markers for 1 images"):
+        reader(tmp_path / "bad.jsonl")
 
 
 @pytest.mark.parametrize(

@@ -184,14 +184,36 @@ def _where(path, i, row) -> str:
     return f"{path} row {i}" + (f" (id={rid})" if rid is not None else "")
 
 
-def _choices(value, where) -> list[str] | None:
+def _choices(value, where, column: str = "choices") -> list[str] | None:
+    """A list column (choices, negatives) as strings: a list, a JSON list in a string, or one string alone."""
     if value is None or (hasattr(value, "__len__") and len(value) == 0):
         return None
     if isinstance(value, str):
-        value = json.loads(value) if value.strip().startswith("[") else [value]
-    if not isinstance(value, (list, tuple)):
-        raise RowError(f"{where}: choices must be a list, got {type(value).__name__}")
-    return [str(c) for c in value]
+        try:
+            value = json.loads(value) if value.strip().startswith("[") else [value]
+        except json.JSONDecodeError as e:
+            raise RowError(f"{where}: {column} is not a JSON list ({e.msg}): {value[:80]!r}") from None
+    if not isinstance(value, (list, tuple)) and not hasattr(value, "tolist"):
+        raise RowError(f"{where}: {column} must be a list, got {type(value).__name__}")
+    return [str(c) for c in (value.tolist() if hasattr(value, "tolist") else value)]
+
+
+def _with_markers(text: str, images: list, where: str) -> str:
+    """`text` with an <image> marker per image: as given when it has any (placed by the dataset), else one per image
+    in front; a count that does not match the images is refused, naming the row."""
+    if IMAGE_MARKER not in text:
+        text = IMAGE_MARKER * len(images) + text
+    if text.count(IMAGE_MARKER) != len(images):
+        raise RowError(f"{where}: {text.count(IMAGE_MARKER)} {IMAGE_MARKER} markers for {len(images)} images")
+    return text
+
+
+def _with_choices(question: str, choices: list[str]) -> str:
+    """A multiple-choice question as MathVista's own query shows it: the options lettered after the question (a
+    question that lists them already, "(A) ...", is kept as it is)."""
+    if "(A)" in question:
+        return question
+    return question + "\nChoices:\n" + "\n".join(f"({chr(ord('A') + k)}) {c}" for k, c in enumerate(choices))
 
 
 def read_geometry3k(source) -> list[Example]:
@@ -205,17 +227,13 @@ def read_geometry3k(source) -> list[Example]:
             if key not in row or row[key] is None:
                 raise RowError(f"{where}: missing column {key!r}")
         imgs = _images(row["images"], root, where)
-        problem = str(row["problem"])
-        if problem.count(IMAGE_MARKER) == 0:
-            problem = IMAGE_MARKER * len(imgs) + problem
-        if problem.count(IMAGE_MARKER) != len(imgs):
-            raise RowError(f"{where}: {problem.count(IMAGE_MARKER)} {IMAGE_MARKER} markers for {len(imgs)} images")
+        problem = _with_markers(str(row["problem"]), imgs, where)
         if str(row["answer"]).strip() == "":
             raise RowError(f"{where}: empty answer")
         meta = {k: v for k, v in row.items() if k not in ("images", "problem", "answer", "choices", "negatives")}
         out.append(Example(id=str(row.get("id", i)), problem=problem, images=imgs, answer=str(row["answer"]).strip(),
                            choices=_choices(row.get("choices"), where), question_type=row.get("question_type"),
-                           negatives=[str(x) for x in (row.get("negatives") or [])], meta=meta))
+                           negatives=_choices(row.get("negatives"), where, "negatives") or [], meta=meta))
     return out
 
 
@@ -248,7 +266,8 @@ def read_mathvista(source) -> list[Example]:
         choices = _choices(row.get("choices"), where)
         if qtype == "multi_choice" and not choices:
             raise RowError(f"{where}: multi_choice question without choices")
-        out.append(Example(id=str(row.get("pid", row.get("id", i))), problem=IMAGE_MARKER + str(row["question"]),
+        question = _with_choices(str(row["question"]), choices) if qtype == "multi_choice" else str(row["question"])
+        out.append(Example(id=str(row.get("pid", row.get("id", i))), problem=_with_markers(question, imgs, where),
                            images=imgs, answer=answer, choices=choices, question_type=qtype,
                            meta={"answer_type": atype, **{k: v for k, v in row.items() if k in ("unit", "precision")}}))
     return out
@@ -264,7 +283,7 @@ def read_preference_pairs(source) -> list[PreferencePair]:
             if not isinstance(row.get(key), str):
                 raise RowError(f"{where}: missing text column {key!r}")
         imgs = _images(row.get("images") or row.get("image"), root, where)
-        prompt = row["prompt"] if IMAGE_MARKER in row["prompt"] else IMAGE_MARKER * len(imgs) + row["prompt"]
+        prompt = _with_markers(row["prompt"], imgs, where)
         out.append(PreferencePair(id=str(row.get("id", i)), prompt=prompt, images=imgs, chosen=row["chosen"],
                                   rejected=row["rejected"]))
     return out
