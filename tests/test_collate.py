@@ -111,7 +111,29 @@ def test_image_cache_stays_within_its_budget(proc, rows):
     for ims in images:
         cache.get(proc.image_processor, ims[0])
     assert len(cache.entries) == 2 and cache.bytes <= cache.budget
-    assert images[0][0] is not next(iter(cache.entries.values()))[0]  # the least recently used went first
+    assert images[0][0] is not next(iter(cache.entries.values()))[0]()  # the least recently used went first
+
+
+def test_the_image_cache_keeps_no_image_alive(proc):
+    """A decoded image its owner drops is freed while its features stay cached (the cache holding originals would
+    keep a lazily decoded split in memory); an image made later under the dead one's id is a miss, and the byte
+    count stays that of the entries."""
+    import gc
+    import weakref
+
+    from vlmfast.data.collate import _ImageFeatureCache
+
+    cache = _ImageFeatureCache()
+    img = Image.new("RGB", (56, 56), (10, 200, 10))
+    cache.get(proc.image_processor, img)
+    ref, key = weakref.ref(img), id(img)
+    del img
+    gc.collect()
+    assert ref() is None and key in cache.entries
+    other = Image.new("RGB", (84, 84), (200, 10, 10))
+    pv, _ = cache.get(proc.image_processor, other)
+    assert pv.shape[0] > 0 and (id(other) != key or cache.entries[key][0]() is other)
+    assert cache.bytes == sum(e[1].numel() * e[1].element_size() for e in cache.entries.values())
 
 
 def test_image_markers_must_match_the_images(proc, rows):

@@ -199,3 +199,17 @@ def test_an_image_repeated_in_consecutive_rows_is_encoded_once(student):
     finally:
         hf.shared_images = real
     assert [[c.token_ids for c in g] for g in shared] == [[c.token_ids for c in g] for g in unshared]
+
+
+def test_images_alike_in_pixels_but_not_in_shape_are_encoded_apart(student):
+    """Two blank images of the same patch count in consecutive rows, one tall and one wide: their patches are equal
+    value for value, but their grids lay them out differently, so neither is a copy of the other."""
+    from vlmfast.models import shared_images
+
+    model, proc = student
+    tall, wide = Image.new("RGB", (56, 112), (90, 90, 90)), Image.new("RGB", (112, 56), (90, 90, 90))
+    b = model_inputs(collate(proc, ["<image>how many?"] * 2, [[tall], [wide]]))
+    grid = b["image_grid_thw"]
+    assert grid[0].prod() == grid[1].prod() and not torch.equal(grid[0], grid[1])
+    assert torch.equal(b["pixel_values"][: int(grid[0].prod())], b["pixel_values"][int(grid[0].prod()):])
+    assert shared_images(model, b).get("mm_encoder_outputs") is None

@@ -59,7 +59,9 @@ def test_greedy_matches_hf_and_score_matches_trainer(engine, tiny_text_model):
     out = engine.generate(PROBLEMS, NO_IMAGES, n=1, sampling=Sampling(temperature=0.0, max_new_tokens=10))
     for problem, (c,) in zip(PROBLEMS, out):
         assert c.token_ids == hf_greedy(model, tok, problem, 10)
-    scored = engine.score(PROBLEMS, NO_IMAGES, [g[0].token_ids for g in out])
+    # an empty response (a sample that ended at once) scores as no tokens, beside the others
+    scored = engine.score(PROBLEMS + PROBLEMS[:1], NO_IMAGES + NO_IMAGES[:1], [g[0].token_ids for g in out] + [[]])
+    assert scored[-1] == []
     for problem, g, s in zip(PROBLEMS, out, scored):
         ref = trainer_logprobs(model, tok, problem, g[0].token_ids)
         assert max(abs(a - b) for a, b in zip(s, ref)) < 1e-3

@@ -346,7 +346,7 @@ def shared_images(model, batch: dict) -> dict:
         chunks = pixels.split(sizes)
         for i, chunk in enumerate(chunks):
             j = unique[-1] if unique else None
-            if j is None or sizes[j] != sizes[i] or not torch.equal(chunks[j], chunk):
+            if j is None or not torch.equal(grid[j], grid[i]) or not torch.equal(chunks[j], chunk):
                 unique.append(i)
             owner.append(len(unique) - 1)
     if not every_rank_agrees(model, len(unique) < len(owner)):  # every rank calls this, images or not

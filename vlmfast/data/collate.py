@@ -29,7 +29,9 @@ class _ImageFeatureCache:
 
     Training revisits every image many times and the image processor (resize, normalise, patchify)
     costs as much as the tiny model's forward; its output depends on the image alone. Keyed by the
-    image object (kept alive in the entry, so its id is never reused while cached).
+    image object through a weak reference: the cache never keeps a decoded image alive (a 12-megapixel photo
+    is 36 MB, its features at the run's pixel limit a few hundred KB; a lazily decoded split must stay lazy), and
+    an id reused after its image died is a miss.
     """
 
     def __init__(self, budget: int = IMAGE_CACHE_BYTES):
@@ -38,12 +40,19 @@ class _ImageFeatureCache:
 
     def get(self, image_processor, img) -> tuple[torch.Tensor, torch.Tensor]:
         hit = self.entries.get(id(img))
-        if hit is not None and hit[0] is img:
+        if hit is not None and hit[0]() is img:
             self.entries.move_to_end(id(img))
             return hit[1], hit[2]
         out = image_processor(images=[img], return_tensors="pt")
         pv, thw = out["pixel_values"], out["image_grid_thw"][0]
-        self.entries[id(img)] = (img, pv, thw)
+        try:
+            ref = weakref.ref(img)
+        except TypeError:  # an image type without weak references (a numpy array): held, as its id must not be reused
+            ref = lambda img=img: img  # noqa: E731
+        stale = self.entries.pop(id(img), None)  # a dead image's entry under a reused id
+        if stale is not None:
+            self.bytes -= stale[1].numel() * stale[1].element_size()
+        self.entries[id(img)] = (ref, pv, thw)
         self.bytes += pv.numel() * pv.element_size()
         while self.bytes > self.budget and len(self.entries) > 1:
             _, (_, old, _) = self.entries.popitem(last=False)

@@ -316,6 +316,9 @@ class VLLMEngine:
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         res = []
         for o, k in zip(outs, n_resp):
+            if k == 0:  # an empty response ([-0:] would be the whole prompt, its first step None)
+                res.append([])
+                continue
             ids = o.prompt_token_ids[-k:]
             steps = o.prompt_logprobs[-k:]
             res.append([step[tok].logprob for tok, step in zip(ids, steps)])
