@@ -579,6 +579,18 @@ def test_report_to_sends_every_record_to_each_tracker(tmp_path, monkeypatch):
     run(recipe(tmp_path, stages, name="n", run={"report_to": ["none"]}))
     assert (tmp_path / "n" / "metrics.jsonl").exists() and not (tmp_path / "n" / "tensorboard").exists()
 
+    # a killed run resumed logs into the wandb run it started (its id again); another run gets its own
+    from vlmfast.faults import FAIL_AT_ENV, SimulatedKill
+
+    killed = recipe(tmp_path, stages, name="k", run={"report_to": ["wandb"], "checkpoint_every": 1})
+    monkeypatch.setenv(FAIL_AT_ENV, "0:1")
+    with pytest.raises(SimulatedKill):
+        run(killed)
+    monkeypatch.delenv(FAIL_AT_ENV)
+    run(killed)
+    ids = [c[1]["id"] for c in calls if c[0] == "init"]
+    assert len(ids) == 3 and ids[1] == ids[2] != ids[0]
+
 
 def test_early_stopping_hands_on_the_best_step_and_says_which(tmp_path):
     """With early stopping the weights handed on are the best evaluation's; results.json names its step (the

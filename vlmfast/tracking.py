@@ -6,13 +6,18 @@
     none                   metrics.jsonl only
 
 Every tracker sees each stage's metrics under "<stage>/<metric>" on the stage's own steps (train and eval
-records alike). A tracker that is not installed is a config error before any work starts.
+records alike). A tracker that is not installed is a config error before any work starts. A resumed run logs into
+the run it started (wandb's run id and mlflow's, kept in <run dir>/trackers.json); a run started over, a new one.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import uuid
 from pathlib import Path
+
+IDS_FILE = "trackers.json"  # the trackers' run ids: a resumed run logs into the run it started
 
 TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow", "none")
 _MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
@@ -44,13 +49,14 @@ class TensorBoard:
 class WandbLike:
     """wandb, and trackio (the same API): each stage's metrics on its own step axis."""
 
-    def __init__(self, module_name: str, run_dir: Path, name: str, config: dict):
+    def __init__(self, module_name: str, run_dir: Path, name: str, config: dict, ids: dict):
         import importlib
 
         self.mod = importlib.import_module(module_name)
         kwargs = {"project": "vlmfast", "name": name, "config": config}
-        if module_name == "wandb":
-            kwargs.update(dir=str(run_dir), resume="allow")
+        if module_name == "wandb":  # the same id on a resume: wandb continues that run instead of starting another
+            ids.setdefault("wandb", uuid.uuid4().hex[:12])
+            kwargs.update(dir=str(run_dir), id=ids["wandb"], resume="allow")
         self.mod.init(**kwargs)
         self.stages = set()
 
@@ -64,11 +70,14 @@ class WandbLike:
 
 
 class MLflow:
-    def __init__(self, run_dir: Path, name: str, config: dict):
+    def __init__(self, run_dir: Path, name: str, config: dict, ids: dict):
         import mlflow
 
         self.mlflow = mlflow
-        mlflow.start_run(run_name=name)
+        if "mlflow" in ids:  # a resume: the run it started (its params are logged already)
+            mlflow.start_run(run_id=ids["mlflow"])
+            return
+        ids["mlflow"] = mlflow.start_run(run_name=name).info.run_id
         mlflow.log_params({k: str(v)[:250] for k, v in _flat(config).items()})
 
     def log(self, record: dict) -> None:
@@ -90,14 +99,17 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def open_trackers(names: list[str], run_dir: Path, name: str, config: dict) -> list:
-    """The trackers of `names` (run.report_to), opened for this run."""
+def open_trackers(names: list[str], run_dir: Path, name: str, config: dict, *, resuming: bool) -> list:
+    """The trackers of `names` (run.report_to), opened for this run: `resuming`, in the runs it opened before."""
+    path = Path(run_dir) / IDS_FILE
+    ids = json.loads(path.read_text()) if resuming and path.exists() else {}
     made = []
     for n in names:
         if n == "tensorboard":
             made.append(TensorBoard(run_dir, name, config))
         elif n in ("wandb", "trackio"):
-            made.append(WandbLike(n, run_dir, name, config))
+            made.append(WandbLike(n, run_dir, name, config, ids))
         elif n == "mlflow":
-            made.append(MLflow(run_dir, name, config))
+            made.append(MLflow(run_dir, name, config, ids))
+    path.write_text(json.dumps(ids))
     return made

@@ -120,7 +120,7 @@ def _fit_vllm_budget(cfg: Config, data: dict, processor) -> tuple[dict, int, int
     return data, limit, longest
 
 
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples.jsonl", "results.json")
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples.jsonl", "results.json", "trackers.json")
 
 
 def _set_aside_earlier_run(run_dir: Path) -> None:
@@ -165,7 +165,8 @@ class MetricsLog:
                 keep_records(path, keep_until)
             elif keep_until is None and path.exists():
                 path.unlink()
-        self.trackers = open_trackers(cfg.run.report_to, cfg.run_dir, cfg.run.name, cfg.to_dict())
+        self.trackers = open_trackers(cfg.run.report_to, cfg.run_dir, cfg.run.name, cfg.to_dict(),
+                                      resuming=keep_until is not None)
 
     def write(self, record: dict) -> None:
         if not _is_main():
