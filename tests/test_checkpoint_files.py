@@ -49,9 +49,12 @@ def test_each_checkpoint_holds_what_is_read_from_it(tmp_path, monkeypatch):
     assert "hf/config.json" in best and "hf/model.safetensors" in best
     assert not any(f.startswith("engine/") for f in best), best
 
+    before = json.loads((root / "step-0-4" / "state.json").read_text())["stage_elapsed_s"]
     monkeypatch.delenv(FAIL_AT_ENV)
     T.run(_cfg(tmp_path))  # resumes from step-0-4
     ckpt.finish_deletions()
+    # the stage's time counts its steps before the kill (4 steps, 2 evaluations) and after (1 step)
+    assert json.loads((tmp_path / "t" / "results.json").read_text())["timings_s"]["sft"] > before > 0
     assert not list(root.glob("step-*")) and not list(root.glob(".trash-*"))  # the stage is done: all pruned
     assert (root / "latest").read_text() == "done-0"
     hand_off = json.loads((root / "done-0" / "state.json").read_text())["next_stage_start"]

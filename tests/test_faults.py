@@ -58,6 +58,26 @@ def test_too_many_bad_steps_in_a_row_stop_the_run(tmp_path, monkeypatch, capsys)
     assert ckpt.latest(tmp_path / "t" / "checkpoints").name == "step-0-4"
 
 
+def test_bad_steps_in_a_row_are_counted_across_a_resume(tmp_path, monkeypatch, capsys):
+    """Two skipped updates, a kill, the resumed run's first update skipped too: 3 in a row, as the run never killed
+    would count them (the count restarting at 0 would let a diverged run go on)."""
+    from vlmfast.faults import FAIL_AT_ENV, SimulatedKill
+
+    bad = {2, 3}
+    _nan_at(monkeypatch, bad)
+    cfg = recipe(tmp_path, [{"type": "sft", "name": "sft", "steps": 8, "batch_size": 4}],
+                 run={"max_bad_steps": 2, "checkpoint_every": 2}, eval={"at_start": False, "probes": 0})
+    monkeypatch.setenv(FAIL_AT_ENV, "0:4")  # after step 4's checkpoint: 2 skipped in a row so far
+    with pytest.raises(SimulatedKill):
+        T.run(cfg)
+    monkeypatch.delenv(FAIL_AT_ENV)
+    bad.clear()
+    bad.add(4)
+    monkeypatch.setattr(T, "load_config", lambda *a, **k: cfg)
+    assert T.main(["--config", "unused.yaml"]) == 1
+    assert "3 updates in a row had a NaN/inf loss" in capsys.readouterr().err
+
+
 def _train(tmp_path, name, signal_at=None):
     """test_resume_kill's GRPO recipe, no periodic checkpoint (the signal's is the only one)."""
     return train(tmp_path, name, {"VLMFAST_SIGNAL_AT": signal_at} if signal_at else None, checkpoint_every=100)

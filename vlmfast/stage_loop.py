@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -59,6 +59,9 @@ class StageRun:
     last_eval: dict | None = None
     stopped_early: bool = False
     world: int = 1
+    bad_steps: int = 0  # updates skipped in a row (NaN/inf loss): a resume continues the count
+    elapsed_before: float = 0.0  # the stage's seconds before the checkpoint it resumed from
+    started: float = field(default_factory=time.time)
 
     @property
     def policy(self):
@@ -81,7 +84,8 @@ class StageRun:
             "stage_index": self.index, "stage": self.name, "step": step, "tag": tag, "stage_start": self.start_path,
             "best_tag": self.best_tag, "early_stopping": self.stopper.state_dict() if self.stopper else None,
             **self.kind.state(self.ctx), "probe_baseline": r["probe"].baseline if r["probe"] else None,
-            "timings": r["timings"], "results": r["results"], "world_size": self.world, "lora_base": self.lora_base},
+            "timings": r["timings"], "results": r["results"], "world_size": self.world, "lora_base": self.lora_base,
+            "bad_steps": self.bad_steps, "stage_elapsed_s": self.elapsed_before + time.time() - self.started},
             with_engine=step_ckpt, with_hf=not step_ckpt, resumable=step_ckpt,
             rank_state={"rollout": self.kind.rank_state(self.ctx)})
 
@@ -194,6 +198,7 @@ def _resume(r: StageRun, state: dict) -> None:
     r.ctx.policy_updated()  # an engine with its own weights has the stage-start ones: synced before it samples
     r.start_step = r.done = state["step"]
     r.best_tag = state.get("best_tag")
+    r.bad_steps, r.elapsed_before = state.get("bad_steps", 0), state.get("stage_elapsed_s", 0.0)
     if r.stopper is not None and state.get("early_stopping"):
         r.stopper.load_state_dict(state["early_stopping"])
 
@@ -213,21 +218,20 @@ def train_steps(r: StageRun) -> None:
     bar = tqdm(range(r.start_step, stage.steps), desc=name, initial=r.start_step, total=stage.steps,
                disable=not is_main(), dynamic_ncols=True)
     ctx.timer.on_phase = lambda phase: bar.set_description_str(f"{name} [{phase}]")  # the bar says what runs now
-    bad_steps = 0
     for step in bar:
         signal_if(f"{r.index}:{step}")
         _set_lr(r.optimizer, scale, step)
         r.policy.train()
         ctx.timer.start()
         loss, metrics, skipped = _update(r, step)
-        bad_steps = bad_steps + 1 if skipped else 0
-        if bad_steps > cfg.run.max_bad_steps:
-            raise BadStep(f"stage {name}: {bad_steps} updates in a row had a NaN/inf loss (run.max_bad_steps="
+        r.bad_steps = r.bad_steps + 1 if skipped else 0
+        if r.bad_steps > cfg.run.max_bad_steps:
+            raise BadStep(f"stage {name}: {r.bad_steps} updates in a row had a NaN/inf loss (run.max_bad_steps="
                           f"{cfg.run.max_bad_steps}); the last checkpoint holds the last good weights")
         r.done = done = step + 1
         rec = _step_record(r, loss, metrics, skipped)
         if skipped and is_main():
-            tqdm.write(f"[{name}] step {done}: NaN/inf loss, update skipped ({bad_steps} in a row)")
+            tqdm.write(f"[{name}] step {done}: NaN/inf loss, update skipped ({r.bad_steps} in a row)")
         if done % cfg.run.log_every == 0:
             r.run["log"].write(rec)
         bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("loss", "reward", "entropy") if k in rec})

@@ -276,7 +276,8 @@ def run(cfg: Config) -> dict:
             t0 = time.time()
             final_path, metrics = run_stage(cfg, si, name, stage, model, {**shared, "processor": processor},
                                             policy_path, state if resuming else None, max_model_len=max_model_len)
-            timings[name] = timings.get(name, 0.0) + time.time() - t0
+            before = state.get("stage_elapsed_s", 0.0) if resuming else 0.0  # the stage's time up to its checkpoint
+            timings[name] = timings.get(name, 0.0) + before + time.time() - t0
             results[name] = metrics
             policy_path = str(final_path)
             state = None
