@@ -128,3 +128,28 @@ def test_resume_never_sets_the_earlier_run_aside(tmp_path, monkeypatch, capsys):
     steps = [json.loads(line)["step"] for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["kind"] == "train"]
     assert steps == [1, 2, 3, 4, 5]
+
+
+def test_every_checkpoint_file_is_on_disk_before_it_is_named(tmp_path, monkeypatch):
+    """fsync of every file a checkpoint holds (engine states, rank files, state.json) while it is still .tmp-<tag>,
+    and of the `latest` pointer: renames alone survive a killed process, not a machine that goes down."""
+    import os
+
+    synced = []
+    real = os.fsync
+
+    def recording(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    T.run(recipe(tmp_path, [{**STAGES[0], "steps": 2}], run={"checkpoint_every": 1, "checkpoint_keep": 5},
+                 eval={"every": 100, "at_start": False, "probes": 0}))
+    root = tmp_path / "t" / "checkpoints"
+    hand_off = next(t for t in ("final-0", "best-0") if (root / t).exists())
+    for tag in ("step-0-1", hand_off):
+        files = {f.replace(".tmp-", "").replace("/.state.json.tmp", "/state.json")  # as named once in place
+                 for f in synced if f"/.tmp-{tag}/" in f}
+        want = {str(root / tag / f) for f in _files(root / tag)} if (root / tag).exists() else set()
+        assert files and files >= want, tag
+    assert any(f.endswith("/checkpoints/.latest.tmp") for f in synced)  # the pointer, before its rename

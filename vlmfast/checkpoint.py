@@ -155,12 +155,15 @@ def save(ckpt_root: Path, tag: str, engine, model, processor, state: dict, *, wi
         save_hf(model, processor, tmp / "hf", base=state.get("lora_base"))
     torch.save({"rng": rng_state(), **(rank_state or {})}, tmp / f"rank{_rank()}.pt")
     _barrier()  # every rank's file is in before the checkpoint is renamed into place
+    sync_tree(tmp)  # on disk before `latest` names it (each node's ranks flush what their node wrote)
+    _barrier()
     if _is_main():
-        (tmp / "state.json").write_text(json.dumps({**state, "rng": rng_state()}))
+        write_atomic(tmp / "state.json", json.dumps({**state, "rng": rng_state()}))
         if final.exists():  # a best- checkpoint saved again: the old one renamed away, deleted after the new is in
             # place (deleting it first would leave no best- for as long as the deletion of ~100 GB takes)
             _delete_in_background(final)
         tmp.rename(final)
+        _fsync_dir(ckpt_root)
         if resumable:
             write_atomic(ckpt_root / LATEST, tag)
     _barrier()
@@ -168,10 +171,38 @@ def save(ckpt_root: Path, tag: str, engine, model, processor, state: dict, *, wi
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """`path` holds `text`, or what it held before: never a half-written file (a kill while it is written)."""
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    tmp.write_text(text)
+    """`path` holds `text`, or what it held before: never a half-written file (a kill while it is written, or a
+    machine that goes down after: the file is on disk before it is renamed, the rename before this returns)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def sync_tree(root: Path) -> None:
+    """Every file under `root` on disk (fsync), and the folders that name them: a rename only makes a checkpoint
+    atomic against a killed process; after a power loss or a kernel panic its files could still be empty. As torch's
+    distributed checkpoint writer does by default (FileSystemWriter, sync_files=True)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(folder))
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def latest(ckpt_root: Path) -> Path | None:
