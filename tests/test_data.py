@@ -327,3 +327,26 @@ def test_a_datasets_row_without_its_image_is_named(tmp_path):
     table.save_to_disk(str(tmp_path / "bad"))
     with pytest.raises(RowError, match=r"bad row 1: missing image"):
         read_geometry3k(tmp_path / "bad")
+
+
+def test_each_split_is_read_in_its_own_format(tmp_path):
+    """Train on a Geometry3K-format file and evaluate on a MathVista-format one (data.split_formats); a format for a
+    split the recipe does not have, or an unknown format, is a config error naming the key."""
+    from vlmfast.config import ConfigError, load_config
+    from vlmfast.data.loading import load_data
+
+    write_parquet(generate("train", 4, seed=3), tmp_path / "g.parquet")
+    (tmp_path / "1.png").write_bytes(_png())
+    mv = {"pid": "7", "question": "Which?", "image": "1.png", "choices": ["a", "b"], "answer": "b",
+          "question_type": "multi_choice", "answer_type": "text"}
+    (tmp_path / "mv.jsonl").write_text(json.dumps(mv))
+    data = {"synthetic": None, "train": str(tmp_path / "g.parquet"), "val": str(tmp_path / "g.parquet"),
+            "eval_splits": {"mathvista": str(tmp_path / "mv.jsonl")}}
+    cfg = load_config(raw={"data": {**data, "split_formats": {"mathvista": "mathvista"}}, "stages": [{"type": "sft"}]})
+    loaded = load_data(cfg)
+    assert len(loaded["train"]) == 4 and loaded["mathvista"][0].id == "7"
+    assert loaded["mathvista"][0].problem.endswith("(A) a\n(B) b") and loaded["mathvista"][0].question_type
+    with pytest.raises(ConfigError, match=r"data.split_formats.ood: no such split"):
+        load_config(raw={"data": {**data, "split_formats": {"ood": "mathvista"}}, "stages": [{"type": "sft"}]})
+    with pytest.raises(ConfigError, match=r"data.split_formats.mathvista: must be one of"):
+        load_config(raw={"data": {**data, "split_formats": {"mathvista": "coco"}}, "stages": [{"type": "sft"}]})

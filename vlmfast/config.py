@@ -20,6 +20,7 @@ from .stages import STAGES, stage_of
 from .stages.base import check_micro_batching
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
+DATA_FORMATS = ("geometry3k", "mathvista")
 
 
 class ConfigError(ValueError):
@@ -99,6 +100,7 @@ class DataConfig:
     val: str | None = None  # validation split (early stopping, probes), same forms as train
     eval_splits: dict[str, str] = field(default_factory=dict)  # more evaluation splits: name -> path
     format: str = "geometry3k"  # geometry3k | mathvista
+    split_formats: dict[str, str] = field(default_factory=dict)  # a split's own format, e.g. {mathvista: mathvista}
     reasoning: str = DEFAULT_REASONING  # <think> text of SFT targets; "auto": each example's `reasoning` column
 
 
@@ -604,8 +606,13 @@ def validate(cfg: Config) -> None:
         looks_local = p is not None and (p.startswith((".", "/")) or p.endswith((".parquet", ".jsonl")))
         if looks_local and not Path(p).exists():
             bad(key, f"{p} not found")
-    if d.format not in ("geometry3k", "mathvista"):
-        bad("data.format", f"must be geometry3k or mathvista, got {d.format!r}")
+    for key, fmt in [("data.format", d.format), *((f"data.split_formats.{k}", v) for k, v in d.split_formats.items())]:
+        if fmt not in DATA_FORMATS:
+            bad(key, f"must be one of {DATA_FORMATS}, got {fmt!r}")
+    for split in d.split_formats:
+        if split not in ("train", "val", *d.eval_splits):
+            bad(f"data.split_formats.{split}", f"no such split (data.train, data.val or data.eval_splits: "
+                f"{', '.join(['train', 'val', *d.eval_splits])})")
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         bad("deepspeed.zero_stage", f"must be 0..3, got {cfg.deepspeed.zero_stage}")
     for key in ("stage3_param_persistence_threshold", "stage3_max_live_parameters", "reduce_bucket_size",

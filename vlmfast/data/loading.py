@@ -50,13 +50,13 @@ def load_data(cfg: Config) -> dict:
     from .formats import read_geometry3k, read_mathvista
 
     d = cfg.data
-    reader = read_geometry3k if d.format == "geometry3k" else read_mathvista
+    by_format = {"geometry3k": read_geometry3k, "mathvista": read_mathvista}
     paths, readers = {}, {}
     if d.synthetic is not None:
         paths = synthetic_paths(cfg)
         readers = dict.fromkeys(paths, read_geometry3k)  # the synthetic task is in Geometry3K format
-    for k, p in data_sources(cfg).items():
-        paths[k], readers[k] = Path(p), reader
+    for k, p in data_sources(cfg).items():  # each split in its own format (train on one dataset, evaluate on another)
+        paths[k], readers[k] = Path(p), by_format[d.split_formats.get(k, d.format)]
     return {k: readers[k](p) for k, p in paths.items()}
 
 
