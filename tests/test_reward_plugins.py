@@ -72,10 +72,19 @@ def test_errors_name_the_function_and_the_example(tmp_path, monkeypatch):
 
 
 def test_a_process_pool_gives_the_in_process_values(tmp_path, monkeypatch):
-    _module(tmp_path, monkeypatch, "import os\n"
+    meet = tmp_path / "meet"  # each pooled call waits (at most 60 s) until two processes have called: the two
+    meet.mkdir()  # halves then run in two workers, however late the second one starts on a loaded machine
+    _module(tmp_path, monkeypatch, "import os, time\n"
                                    "def slow(completions, answer, **_):\n"
                                    "    return [float(len(c) * 10 + int(a)) for c, a in zip(completions, answer)]\n"
-                                   "def pid(completions, **_):\n    return [float(os.getpid())] * len(completions)\n")
+                                   "def pid(completions, **_):\n"
+                                   "    if os.getpid() != PARENT:\n"
+                                   "        open(os.path.join(MEET, str(os.getpid())), 'w').close()\n"
+                                   "        deadline = time.time() + 60\n"
+                                   "        while len(os.listdir(MEET)) < 2 and time.time() < deadline:\n"
+                                   "            time.sleep(0.05)\n"
+                                   "    return [float(os.getpid())] * len(completions)\n"
+                                   f"PARENT, MEET = {os.getpid()}, {str(meet)!r}\n")
     cols = {"completions": ["a", "bb", "ccc", "dddd", "eeeee"], "answer": ["1", "2", "3", "4", "5"]}
     fns = reward_fns([{"fn": "user_rewards:slow"}, {"fn": "user_rewards:pid", "weight": 0.0}])
     ids = list("abcde")
