@@ -20,7 +20,19 @@ CASES = [
     (T + "\\boxed{green}", "B", CHOICES, 1, 1),
     (T + "\\boxed{B}", "green", CHOICES, 1, 1),
     (T + "\\boxed{Green}", "green", CHOICES, 1, 1),
+    # a choice named by its value, dressed, or with its letter (MathVista's golds are the choices' texts)
+    (T + "\\boxed{1}", "1.0", ["0.5", "1.0", "2.0"], 1, 1),
+    (T + "\\boxed{\\frac{1}{2}}", "0.5", ["0.5", "1.0"], 1, 1),
+    (T + "\\boxed{45^\\circ}", "45°", ["30°", "45°"], 1, 1),
+    (T + "\\boxed{\\text{B}}", "B", CHOICES, 1, 1),
+    (T + "\\boxed{(B) green}", "B", CHOICES, 1, 1),
+    (T + "\\boxed{Yes.}", "Yes", ["Yes", "No"], 1, 1),
+    (T + "\\boxed{B}", "c", ["a", "c", "e"], 1, 1),  # choices that are letters: the gold is the text "c"
+    (T + "\\boxed{c}", "c", ["a", "c", "e"], 1, 1),
     # wrong answers
+    (T + "\\boxed{2}", "1.0", ["0.5", "1.0", "2.0"], 0, 1),
+    (T + "\\boxed{(C) blue}", "B", CHOICES, 0, 1),
+    (T + "\\boxed{e}", "c", ["a", "c", "e"], 0, 1),
     (T + "\\boxed{4}", "3", None, 0, 1),
     (T + "\\boxed{C}", "B", CHOICES, 0, 1),
     (T + "\\boxed{blue}", "B", CHOICES, 0, 1),
@@ -31,6 +43,8 @@ CASES = [
     (T + "\\boxed{A}\\boxed{B}\\boxed{C}\\boxed{D}", "B", CHOICES, 0, 0),  # box every choice
     (T + "The answer is 3.", "3", None, 0, 0),  # answer outside a box
     ("<think>\\boxed{3}</think> I am not sure.", "3", None, 0, 0),  # box only inside the reasoning
+    ("<think>so it is \\boxed{3}", "3", None, 0, 0),  # reasoning never closed: the box is inside it
+    ("it is \\boxed{4} </think> \\boxed{3}", "3", None, 1, 0),  # the chat template opened <think> (Qwen3)
     (T + "\\boxed{3", "3", None, 0, 0),  # unbalanced
     # format without the think block: accuracy still graded, format 0
     ("\\boxed{3}", "3", None, 1, 0),

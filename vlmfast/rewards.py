@@ -4,8 +4,9 @@
 
 The verifier is hardened against the usual exploits, each of which earns no accuracy:
 an empty `\\boxed{}`, several boxes with different answers, an answer written outside any box, and
-a box inside the <think> block only (the answer must come after the reasoning).
-Multiple-choice answers match by letter ("B", "(B)", "B.") or by the choice's text.
+a box inside the <think> block only, or in reasoning never closed (the answer must come after the reasoning).
+Multiple-choice answers match by letter ("B", "(B)", "B.", "(B) its text"), by the choice's text (\\text{} and a
+final period aside), or by its value ("1" for a choice "1.0").
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 ACCURACY_WEIGHT, FORMAT_WEIGHT = 0.9, 0.1
 _THINK = re.compile(r"^\s*<think>(?P<think>.*?)</think>(?P<answer>.*)$", re.S)
 _LETTER = re.compile(r"^\(?\s*([A-Za-z])\s*\)?\.?$")
+_LETTERED = re.compile(r"^\(([A-Za-z])\)\s+\S")  # "(B) its text"
 
 
 @dataclass(frozen=True)
@@ -59,24 +61,44 @@ def format_reward(response: str) -> float:
 
 
 def extract_answer(response: str) -> str | None:
-    """The single boxed answer after </think> (or anywhere if there is no think block); None when
-    there is no box, an empty box, or boxes that disagree."""
-    m = _THINK.match(response)
-    region = m["answer"] if m else response
+    """The single boxed answer after </think> (anywhere when the response has no think block); None when there is
+    no box, an empty box, boxes that disagree, or reasoning never closed (a box there is inside the reasoning: a
+    response cut off mid-thought, or a policy that learned to skip </think>, earns nothing)."""
+    if "</think>" in response:  # also a response whose <think> the chat template opened (Qwen3's)
+        region = response.split("</think>", 1)[1]
+    elif "<think>" in response:
+        return None
+    else:
+        region = response
     boxes = [b.strip() for b in boxed_contents(region)]
     if not boxes or any(not b for b in boxes) or len(set(boxes)) > 1:
         return None
     return boxes[0]
 
 
-def _choice_index(answer: str, choices: list[str]) -> int | None:
-    m = _LETTER.match(answer.strip())
+def _plain(answer: str) -> str:
+    """An answer without the dressing that does not change it: \\text{...} (\\textbf, \\mathrm), $...$, a final
+    period."""
+    a = re.sub(r"\\(?:text|textbf|mathrm)\{([^{}]*)\}", r"\1", answer.strip())
+    return a.strip().strip("$").strip().rstrip(".").strip()
+
+
+def _choice_index(answer: str, choices: list[str], *, by_value: bool = True) -> int | None:
+    """The choice `answer` names: a choice's text (first: a choice may itself be a letter), a letter ("B", "(B)",
+    "B.", "(B) its text"), or, with `by_value`, the one choice equal to it as math ("1" for "1.0", "\\frac{1}{2}"
+    for "0.5")."""
+    a = _plain(answer)
+    hits = [i for i, c in enumerate(choices) if _plain(str(c)).lower() == a.lower()]
+    if len(hits) == 1:
+        return hits[0]
+    m = _LETTER.match(a) or _LETTERED.match(a)
     if m:
         k = ord(m.group(1).upper()) - ord("A")
         return k if 0 <= k < len(choices) else None
-    norm = answer.strip().lower()
-    hits = [i for i, c in enumerate(choices) if str(c).strip().lower() == norm]
-    return hits[0] if len(hits) == 1 else None
+    if by_value:
+        hits = [i for i, c in enumerate(choices) if _math_equal(str(c), a)]
+        return hits[0] if len(hits) == 1 else None
+    return None
 
 
 def _math_equal(gold: str, answer: str) -> bool:
@@ -96,10 +118,9 @@ def is_correct(answer: str | None, gold, choices: list[str] | None = None) -> bo
         return False
     gold = str(gold).strip()
     if choices:
-        gi = _choice_index(gold, choices)
-        ai = _choice_index(answer, choices)
+        gi = _choice_index(gold, choices, by_value=False)
         if gi is not None:
-            return ai == gi
+            return _choice_index(answer, choices) == gi
     if gold.lower() == answer.strip().lower():
         return True
     return _math_equal(gold, answer)
