@@ -207,6 +207,21 @@ def test_overlong_penalty_is_dapos():
     assert math.isclose(overlong_penalty(56, 64, 16, 1.0), -0.5)
 
 
+@pytest.mark.parametrize("factor, want", [(None, -0.75), (0.5, -0.375), (0.0, 0.0)])
+def test_a_stages_overlong_penalty_as_verl_applies_its_factor(factor, want):
+    """The stage's overlong_penalty is verl's overlong_penalty_factor: default 1, and 0 punishes nothing (it was
+    read as 'unset', the full punishment)."""
+    from types import SimpleNamespace
+
+    from vlmfast.stages.grpo_rollout import overlong_penalties
+
+    s = SimpleNamespace(overlong_buffer=16, max_new_tokens=64, overlong_penalty=factor)
+    got = overlong_penalties(s, [40, 60])
+    assert got == pytest.approx([0.0, verl_overlong_reward(60, 64, 16, 1.0 if factor is None else factor)])
+    assert got[1] == pytest.approx(want)
+    assert overlong_penalties(SimpleNamespace(overlong_buffer=None), [60]) == [0.0]
+
+
 def verl_grpo_kl_in_reward(scores, old_log_prob, ref_log_prob, response_mask, index, beta, norm_by_std=True):
     """verl: apply_kl_penalty (token_level_rewards = token_level_scores - beta * kld, the score on the last token),
     then compute_grpo_outcome_advantage (scores = token_level_rewards.sum(-1), normalised within each uid)."""
@@ -220,15 +235,15 @@ def verl_grpo_kl_in_reward(scores, old_log_prob, ref_log_prob, response_mask, in
     for uid in set(index):
         rows = [i for i, u in enumerate(index) if u == uid]
         g = s[rows]
-        out[rows] = (g - g.mean()) / (g.std(unbiased=False) + 1e-6) if norm_by_std else g - g.mean()
+        out[rows] = (g - g.mean()) / (torch.std(g) + 1e-6) if norm_by_std else g - g.mean()
     return s, out
 
 
 @pytest.mark.parametrize("scale", ["group", "none"])
 def test_kl_in_reward_is_verls(scale):
     """GRPO's kl_in_reward: each sample's reward less kl_coef x its summed k3 KL (rollout policy vs reference), the
-    group advantages from those rewards; against verl's apply_kl_penalty + compute_grpo_outcome_advantage. (verl
-    divides by the unbiased std; vlmfast, as TRL, by the population std: the test uses the same std.)"""
+    group advantages from those rewards; against verl's apply_kl_penalty + compute_grpo_outcome_advantage (the
+    group's sample std, torch.std's default, and eps 1e-6, as verl's)."""
     from types import SimpleNamespace
 
     from vlmfast.stages.grpo_rollout import _kl_in_reward

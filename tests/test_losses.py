@@ -336,13 +336,17 @@ def test_opd_kl_and_gradient_zero_when_teacher_is_student():
 
 
 def test_group_advantages():
+    """By the sample std, as TRL (nanstd: Bessel-corrected) and verl (torch.std) take it: [1, 0, 1, 0] has
+    std sqrt(1/3), so +-0.5 / 0.577 = +-0.866 (the population std would give +-1)."""
     r = torch.tensor([1.0, 0.0, 1.0, 0.0, 3.0, 3.0, 3.0, 3.0])
     a = group_advantages(r, 4)
-    torch.testing.assert_close(a[:4], torch.tensor([1.0, -1.0, 1.0, -1.0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(a[:4], torch.tensor([0.8660, -0.8660, 0.8660, -0.8660]), atol=1e-4, rtol=0)
     assert (a[4:] == 0).all()  # a group with one reward carries no signal, and no NaN
+    torch.testing.assert_close(group_advantages(torch.tensor([1.0, 0.0]), 2), torch.tensor([0.7071, -0.7071]),
+                               atol=1e-4, rtol=0)
     torch.testing.assert_close(group_advantages(r, 4, scale="none")[:4], torch.tensor([0.5, -0.5, 0.5, -0.5]))
-    b = group_advantages(r, 4, scale="batch")
-    torch.testing.assert_close(b[:4], torch.tensor([0.5, -0.5, 0.5, -0.5]) / (r.std(unbiased=False) + 1e-6))
+    b = group_advantages(r, 4, scale="batch")  # the batch's sample std: sqrt(sum (r - 1.75)^2 / 7) = 1.389
+    torch.testing.assert_close(b[:4], torch.tensor([0.5, -0.5, 0.5, -0.5]) / 1.3887, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="not divisible into groups of 3"):
         group_advantages(r, 3)
 

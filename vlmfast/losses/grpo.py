@@ -56,7 +56,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "gr
     """Advantages from rewards [B] laid out as B/G consecutive groups of G samples per prompt.
 
     scale="group": (r - group mean) / (group std + eps); "batch": divide by the batch std instead;
-    "none": only subtract the group mean (Dr. GRPO).
+    "none": only subtract the group mean (Dr. GRPO). The std is the sample std (Bessel's n - 1), as TRL's `nanstd`
+    and verl's `torch.std` take it: a group of 2 with rewards 1 and 0 gets +-0.707, not +-1.
     """
     check_choice("scale", scale, SCALINGS)
     if rewards.dim() != 1:
@@ -66,10 +67,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "gr
     r = rewards.float().view(-1, group_size)
     centred = r - r.mean(1, keepdim=True)
     if scale == "group":
-        std = r.std(1, keepdim=True, unbiased=False) if group_size > 1 else torch.zeros_like(r[:, :1])
+        std = r.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])
         centred = centred / (std + eps)
     elif scale == "batch":
-        centred = centred / (r.std(unbiased=False) + eps)
+        centred = centred / ((r.std() if r.numel() > 1 else 0.0) + eps)
     return centred.view(-1)
 
 

@@ -144,8 +144,7 @@ def _sampled_rows(ctx: StageContext, exs: list, positions: list[int], draw: int)
     rep = [e for e in exs for _ in range(s.group_size)]
     scores = [score(c.text, e.answer, e.choices) for c, e in zip(flat, rep)]  # the verifier's accuracy and format
     total, parts = _rewarded(ctx, rep, flat)
-    penalty = [overlong_penalty(len(c.token_ids), s.max_new_tokens, s.overlong_buffer, s.overlong_penalty or 1.0)
-               if s.overlong_buffer else 0.0 for c in flat]
+    penalty = overlong_penalties(s, [len(c.token_ids) for c in flat])
     places = [p for p in positions for _ in range(s.group_size)]
     return [{"draw": draw, "place": places[i], "sample": i % s.group_size, "token_ids": c.token_ids,
              "logprobs": c.logprobs,
@@ -179,6 +178,15 @@ def _examples_of(ctx: StageContext, rows: list[dict]) -> list:
         for i, e in zip(idx, exs):
             out[i] = e
     return out
+
+
+def overlong_penalties(s, lengths: list[int]) -> list[float]:
+    """DAPO's soft punishment of each completion of `lengths` tokens (0 without overlong_buffer): overlong_penalty
+    (default 1; 0 punishes nothing) times its tokens past max_new_tokens - overlong_buffer, over the buffer."""
+    if not s.overlong_buffer:
+        return [0.0] * len(lengths)
+    factor = 1.0 if s.overlong_penalty is None else s.overlong_penalty
+    return [overlong_penalty(n, s.max_new_tokens, s.overlong_buffer, factor) for n in lengths]
 
 
 def _rewarded(ctx: StageContext, exs: list, completions: list) -> tuple[list[float], dict]:
