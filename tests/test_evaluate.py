@@ -78,3 +78,26 @@ def test_greedy_on_every_problem_samples_on_the_first_ones():
     assert m["accuracy"] == pytest.approx(4 / 6)  # greedy "1" is right on the first four of six
     assert m["pass@1"] == 0.0 and m["pass@3"] == 0.0  # the two sampled problems want "1", samples say "2"
     assert len(samples["problems"]) == 2 and len(samples["completions"]) == 6
+
+
+def test_ece_is_over_the_answered_completions():
+    """10 wrong answers given with confidence 0.9 are miscalibrated by 0.9, whatever number of completions beside
+    them has no answer at all (scored as wrong at confidence 0, 90 of them made it 0.09)."""
+    import math
+    from types import SimpleNamespace
+
+    from vlmfast.evaluate import eval_metrics
+    from vlmfast.rollout import Completion
+
+    pieces = {1: "\\boxed{", 2: "7", 3: "}", 4: "dunno"}
+    tok = SimpleNamespace(decode=lambda ids: "".join(pieces[i] for i in ids))
+    boxed = Completion(token_ids=[1, 2, 3], text="<think>x</think> \\boxed{7}", logprobs=[0.0, math.log(0.9), 0.0],
+                       finish_reason="stop")
+    unboxed = Completion(token_ids=[4], text="<think>x</think> dunno", logprobs=[-0.1], finish_reason="stop")
+    exs = [SimpleNamespace(problem="p", images=[], answer="3", choices=None) for _ in range(100)]
+    sample = [[boxed]]
+    m, _ = eval_metrics(SimpleNamespace(tokenizer=tok), exs, [boxed] * 10 + [unboxed] * 90, sample, n_samples=1,
+                        ks=[1])
+    assert m["ece"] == pytest.approx(0.9) and m["accuracy"] == 0.0
+    m, _ = eval_metrics(SimpleNamespace(tokenizer=tok), exs[:1], [unboxed], sample, n_samples=1, ks=[1])
+    assert math.isnan(m["ece"])  # nothing answered: nothing to calibrate

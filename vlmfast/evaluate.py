@@ -89,7 +89,7 @@ def _z(level: float) -> float:
 
 def answer_confidence(tokenizer, token_ids: list[int], logprobs: list[float]) -> float:
     """Probability the policy gave its answer: exp(sum of log-probs of the tokens inside the last
-    \\boxed{...}); 0 when there is no box."""
+    \\boxed{...}); 0 when there is no box (such a completion has no answer, and no place in the ECE)."""
     from .rewards import boxed_token_indices
 
     idx = boxed_token_indices(tokenizer, token_ids)
@@ -145,7 +145,11 @@ def eval_metrics(processor, examples, greedy: list, samples: list, *, n_samples:
     metrics = {}
     metrics["accuracy"], metrics["accuracy_ci95"] = mean_confidence_interval(acc)
     metrics["format"] = sum(s.format for s in g_scores) / len(g_scores)
-    metrics["ece"] = expected_calibration_error(conf, [a > 0 for a in acc])
+    # over the answered completions: one without a gradable answer has no confidence to calibrate (scored as a
+    # wrong answer at confidence 0, every unanswered response would pull the error toward 0)
+    answered = [i for i, s in enumerate(g_scores) if s.extracted is not None]
+    metrics["ece"] = (expected_calibration_error([conf[i] for i in answered], [acc[i] > 0 for i in answered])
+                      if answered else float("nan"))
     correct, answers, rewards = [], [], []
     kept = list(zip(samples, examples))
     for group, e in kept:
