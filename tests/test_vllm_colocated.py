@@ -325,3 +325,20 @@ def test_other_engine_errors_are_not_called_memory_errors():
         raise ValueError("unknown architecture Foo")
     with pytest.raises(VLLMMemoryError, match="k=1"), memory_errors_named("creating", "k=1"):
         raise ValueError("No available memory for the cache blocks. Try increasing `gpu_memory_utilization`")
+
+
+def test_seeded_prompts_never_share_a_sample_stream(stand_in_vllm):
+    """vLLM seeds a request's n samples seed, seed + 1, ... (parallel_sampling.py): the engine spreads the per-prompt
+    seeds (consecutive, by each prompt's place) n apart, so no two samples of a batch draw from one stream."""
+    from vlmfast.models import tiny_vlm
+    from vlmfast.rollout import Sampling
+    from vlmfast.rollout.vllm_engine import VLLMEngine
+
+    model, proc = tiny_vlm("student", seed=0)
+    engine = VLLMEngine.from_model(model, proc, cuda=RecordingCuda(0, stand_in_vllm.EVENTS))
+    stand_in_vllm.EVENTS.clear()
+    with engine.awake(model, stale=True) as e:
+        e.generate(["a?", "b?", "c?"], [[], [], []], n=4, sampling=Sampling(max_new_tokens=4), seeds=[10, 11, 12])
+    (gen,) = [x for x in stand_in_vllm.EVENTS if x["kind"] == "generate"]
+    streams = [seed + j for seed, n in zip(gen["seeds"], gen["n"]) for j in range(n)]  # what vLLM's children get
+    assert len(set(streams)) == len(streams) == 12

@@ -286,8 +286,11 @@ class VLLMEngine:
         if seeds is not None and len(seeds) != len(problems):
             raise ValueError(f"{len(problems)} prompts but {len(seeds)} seeds")
         (problems, images, seeds), mine = self._group_requests(problems, images, seeds)
-        params = (self._params(n, sampling) if seeds is None else  # per-request seeds
-                  [self._params(n, Sampling(**{**sampling.__dict__, "seed": sd})) for sd in seeds])
+        # per-request seeds, spread n apart: vLLM seeds a request's n samples seed, seed + 1, ... seed + n - 1
+        # (v1/engine/parallel_sampling.py), so consecutive seeds (one per prompt by its place) would hand sample j of
+        # one prompt the random stream of sample j - 1 of the next
+        params = (self._params(n, sampling) if seeds is None else
+                  [self._params(n, Sampling(**{**sampling.__dict__, "seed": sd * n})) for sd in seeds])
         outs = self.llm.generate([self._prompt(p, im) for p, im in zip(problems, images)], params, use_tqdm=False)
         result = []
         for o in outs:

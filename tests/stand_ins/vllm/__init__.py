@@ -126,8 +126,9 @@ class LLM:
             raise RuntimeError(f"generate with only {sorted(self.awake)} awake")
         if not self.weights_valid:
             raise RuntimeError("generate on discarded (level-2 sleep) or dummy weights: no sync since")
-        record("generate", prompts=len(prompts), **self._state())
         params = params if isinstance(params, list) else [params] * len(prompts)
+        record("generate", prompts=len(prompts), seeds=[p.seed for p in params], n=[p.n for p in params],
+               **self._state())
         eos = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         outs = []
         for p in params:
