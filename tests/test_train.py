@@ -602,3 +602,9 @@ def test_early_stopping_hands_on_the_best_step_and_says_which(tmp_path):
     evals = [r["step"] for r in records(tmp_path, kind="eval")]
     assert evals == [2, 4]  # nothing beats the first evaluation by 10: stopped at the second
     assert res["results"]["sft"]["handoff_step"] == 2 and res["final_model"].endswith("best-0/hf")
+    # the numbers results.json and the report give are the handed-on weights' (step 2's), not step 4's
+    from vlmfast.report import read_run, stage_endpoints
+
+    step2 = records(tmp_path, kind="eval")[0]
+    assert res["results"]["sft"]["step"] == 2 and res["results"]["sft"]["val/entropy"] == step2["val/entropy"]
+    assert stage_endpoints(read_run(tmp_path / "t"))["sft"]["step"] == 2

@@ -31,11 +31,14 @@ def handoff_step(run: dict, stage: str) -> int | None:
 
 
 def stage_endpoints(run: dict) -> dict:
-    """{stage: its last eval record}."""
+    """{stage: the eval record of the weights it handed on}: under early stopping its best evaluation's (the step
+    results.json names), else its last."""
+    evals = [r for r in run["records"] if r["kind"] == "eval"]
     out = {}
-    for r in run["records"]:
-        if r["kind"] == "eval":
-            out[r["stage"]] = r
+    for stage in dict.fromkeys(r["stage"] for r in evals):
+        mine = [r for r in evals if r["stage"] == stage]
+        step = handoff_step(run, stage)
+        out[stage] = next((r for r in reversed(mine) if r["step"] == step), mine[-1])
     return out
 
 

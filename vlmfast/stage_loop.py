@@ -56,6 +56,7 @@ class StageRun:
     start_step: int = 0
     done: int = 0  # steps taken
     best_tag: str | None = None
+    best_eval: dict | None = None  # early stopping's best evaluation: the record of the weights best_tag holds
     last_eval: dict | None = None
     stopped_early: bool = False
     world: int = 1
@@ -82,7 +83,8 @@ class StageRun:
         r, step_ckpt = self.run, tag.startswith("step-")
         return ckpt.save(r["ckpt_root"], tag, self.engine, self.policy, r["processor"], {
             "stage_index": self.index, "stage": self.name, "step": step, "tag": tag, "stage_start": self.start_path,
-            "best_tag": self.best_tag, "early_stopping": self.stopper.state_dict() if self.stopper else None,
+            "best_tag": self.best_tag, "best_eval": self.best_eval,
+            "early_stopping": self.stopper.state_dict() if self.stopper else None,
             **self.kind.state(self.ctx), "probe_baseline": r["probe"].baseline if r["probe"] else None,
             "timings": r["timings"], "results": r["results"], "world_size": self.world, "lora_base": self.lora_base,
             "bad_steps": self.bad_steps, "stage_elapsed_s": self.elapsed_before + time.time() - self.started},
@@ -116,7 +118,7 @@ class StageRun:
             return
         is_best, should_stop = self.stopper.update(step, self.last_eval)
         if is_best:
-            self.best_tag = f"best-{self.index}"
+            self.best_tag, self.best_eval = f"best-{self.index}", self.last_eval
             self.save(self.best_tag, step)
         self.stopped_early = self.stopped_early or (should_stop and may_stop)
 
@@ -197,7 +199,7 @@ def _resume(r: StageRun, state: dict) -> None:
     r.kind.restore_rank_state(r.ctx, mine.get("rollout"))
     r.ctx.policy_updated()  # an engine with its own weights has the stage-start ones: synced before it samples
     r.start_step = r.done = state["step"]
-    r.best_tag = state.get("best_tag")
+    r.best_tag, r.best_eval = state.get("best_tag"), state.get("best_eval")
     r.bad_steps, r.elapsed_before = state.get("bad_steps", 0), state.get("stage_elapsed_s", 0.0)
     if r.stopper is not None and state.get("early_stopping"):
         r.stopper.load_state_dict(state["early_stopping"])
@@ -302,8 +304,11 @@ def hand_off(r: StageRun):
     final_tag = r.best_tag if (r.stopper is not None and r.best_tag) else f"final-{si}"
     if final_tag == f"final-{si}":
         r.save(final_tag, r.done)
-    # the step whose weights go on (the best evaluation's under early stopping): where the next stage starts
-    last_eval = {**(r.last_eval or {}), "handoff_step": r.stopper.best_step if final_tag == r.best_tag else r.done}
+    # the evaluation of the weights that go on (the best one under early stopping), and their step: where the next
+    # stage starts
+    best = final_tag == r.best_tag
+    last_eval = {**((r.best_eval if best else r.last_eval) or {}),
+                 "handoff_step": r.stopper.best_step if best else r.done}
     final_path = root / final_tag / "hf"
     if r.cfg.model.lora is not None and r.cfg.model.lora.handoff == "adapters":  # its base and these adapters go on
         final_path = final_path / ckpt.ADAPTER_DIR
