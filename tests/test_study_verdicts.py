@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from vlmfast.study_verdicts import claims, interval, plateau, plateau_noise, verdict
+from vlmfast.study_verdicts import claims, interval, plateau, plateau_noise, t95, verdict
 
 
 def test_interval_is_the_student_t_interval():
@@ -86,3 +86,22 @@ def test_plateau_noise_is_two_standard_errors_of_the_quarter_means():
     assert plateau(run, "reward", 16) == pytest.approx(0.8 - 0.6)
     assert plateau_noise(run, "reward", 16) == pytest.approx(2 * (s3 / 4 + s4 / 4) ** 0.5)
     assert plateau_noise({"records": run["records"][:13]}, "reward", 16) is None  # one value in the last quarter
+
+
+# t95 for every df, against the t density integrated numerically (not a table: the code's table is what is
+# checked); a quantile taken from a larger df, or 1.96 past 30, narrowed every interval
+def t_tail(t: float, df: int, steps: int = 20000) -> float:
+    """Two-sided tail P(|T| > t) for Student's t with df degrees of freedom: Simpson's rule on the density."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def f(x):
+        return c * (1 + x * x / df) ** (-(df + 1) / 2)
+
+    h = t / steps
+    area = f(0) + f(t) + sum((4 if k % 2 else 2) * f(k * h) for k in range(1, steps))
+    return 1 - 2 * area * h / 3
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 4, 7, 11, 16, 23, 29, 30, 31, 45, 100, 1000])
+def test_t95_is_the_two_sided_95_percent_quantile(df):
+    assert t_tail(t95(df), df) == pytest.approx(0.05, abs=2e-4)
