@@ -3,7 +3,7 @@ every exploit shown failing."""
 
 import pytest
 
-from vlmfast.rewards import boxed_contents, extract_answer, score
+from vlmfast.rewards import boxed_contents, extract_answer, is_correct, score
 
 T = "<think>count the shapes</think> "
 CHOICES = ["red", "green", "blue", "yellow"]
@@ -88,3 +88,23 @@ def test_boxed_token_indices_end_at_the_matching_brace():
     ids = tok("<think>a third of 40</think> \\boxed{\\frac{40}{3}} so", add_special_tokens=False)["input_ids"]
     picked = tok.decode([ids[j] for j in boxed_token_indices(tok, ids)])
     assert "\\frac{40}{3}" in picked and "so" not in picked, picked
+
+
+@pytest.mark.parametrize("answer, gold, precision, right", [
+    ("\\frac{1}{3}", "0.33", 2, True),  # MathVista's scorer rounds the answer to the gold's precision
+    ("3.1416", "3.14", 2, True),
+    ("3.15", "3.14", 2, False),
+    ("0.333", "0.33", None, False),  # without a precision: math-verify's comparison
+    ("0.333", "0.33", float("nan"), False),  # a missing precision as a parquet column holds it
+    ("12", "12", 1, True),
+])
+def test_mathvista_precision(answer, gold, precision, right):
+    assert is_correct(answer, gold, None, precision) is right
+
+
+@pytest.mark.parametrize("boxed, gold", [("-\\frac{1}{2}", "-0.5"), ("\\frac12", "0.5"), ("50\\%", "50"),
+                                         ("10\\,000", "10000"), ("\\dfrac{3}{4}", "0.75"), ("3.", "3")])
+def test_the_numeric_reward_reads_numbers_as_written(boxed, gold):
+    from vlmfast.rewards import numeric
+
+    assert numeric([T + f"\\boxed{{{boxed}}}"], [gold]) == [1.0]

@@ -137,9 +137,9 @@ def eval_metrics(processor, examples, greedy: list, samples: list, *, n_samples:
     pass@k with bootstrap intervals, answer diversity and mean reward of the sample groups (samples[i]: the
     groups of examples[i], for the first len(samples) examples).
     Returns (metrics, samples): the policy's own completions (for entropy) and a few generations to show."""
-    from .rewards import extract_answer, score
+    from .rewards import extract_answer, score_example
 
-    g_scores = [score(g.text, e.answer, e.choices) for g, e in zip(greedy, examples)]
+    g_scores = [score_example(g.text, e) for g, e in zip(greedy, examples)]
     acc = [s.accuracy for s in g_scores]
     conf = [answer_confidence(processor.tokenizer, g.token_ids, g.logprobs) for g in greedy]
     metrics = {}
@@ -153,7 +153,7 @@ def eval_metrics(processor, examples, greedy: list, samples: list, *, n_samples:
     correct, answers, rewards = [], [], []
     kept = list(zip(samples, examples))
     for group, e in kept:
-        scores = [score(c.text, e.answer, e.choices) for c in group]
+        scores = [score_example(c.text, e) for c in group]
         correct.append(sum(int(s.accuracy) for s in scores))
         answers.append([extract_answer(c.text) for c in group])
         rewards += [s.reward for s in scores]

@@ -11,6 +11,7 @@ final period aside), or by its value ("1" for a choice "1.0").
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -111,12 +112,17 @@ def _math_equal(gold: str, answer: str) -> bool:
     return bool(verify(g, a))
 
 
-def is_correct(answer: str | None, gold, choices: list[str] | None = None) -> bool:
+def is_correct(answer: str | None, gold, choices: list[str] | None = None, precision=None) -> bool:
     """Grade an extracted answer against the ground truth (numbers, fractions, roots, expressions,
-    or a multiple-choice letter / choice text when `choices` are given)."""
+    or a multiple-choice letter / choice text when `choices` are given). With `precision` (MathVista's, decimals),
+    a number is right when it rounds to the gold at that precision, as MathVista's own scorer rounds it."""
     if answer is None:
         return False
     gold = str(gold).strip()
+    if precision is not None and not (isinstance(precision, float) and math.isnan(precision)):
+        a, g = _number(answer), _number(gold)
+        if a is not None and g is not None:
+            return round(a, int(precision)) == round(g, int(precision))
     if choices:
         gi = _choice_index(gold, choices, by_value=False)
         if gi is not None:
@@ -126,11 +132,11 @@ def is_correct(answer: str | None, gold, choices: list[str] | None = None) -> bo
     return _math_equal(gold, answer)
 
 
-def score(response: str, gold, choices: list[str] | None = None) -> Reward:
+def score(response: str, gold, choices: list[str] | None = None, precision=None) -> Reward:
     """Reward of one response: 0.9 * accuracy + 0.1 * format, with both parts."""
     fmt = format_reward(response)
     answer = extract_answer(response)
-    acc = 1.0 if is_correct(answer, gold, choices) else 0.0
+    acc = 1.0 if is_correct(answer, gold, choices, precision) else 0.0
     return Reward(reward=ACCURACY_WEIGHT * acc + FORMAT_WEIGHT * fmt, accuracy=acc, format=fmt, extracted=answer)
 
 
@@ -160,10 +166,17 @@ def overlong_penalty(length: int, max_new_tokens: int, buffer: int, factor: floa
 # Each takes a batch as lists (completions, answer, choices, completion_ids, every dataset column) and keyword
 # arguments it does not read, and returns one float, or None (no reward for that sample), per completion.
 
-def accuracy(completions, answer, choices=None, **_) -> list[float]:
+def score_example(response: str, example) -> Reward:
+    """score() against an example: its answer, choices and (MathVista) precision."""
+    return score(response, example.answer, example.choices, (getattr(example, "meta", None) or {}).get("precision"))
+
+
+def accuracy(completions, answer, choices=None, precision=None, **_) -> list[float]:
     """1 when the single boxed answer after the reasoning is correct (the hardened verifier above), else 0."""
     choices = choices or [None] * len(completions)
-    return [1.0 if is_correct(extract_answer(c), a, ch) else 0.0 for c, a, ch in zip(completions, answer, choices)]
+    precision = precision or [None] * len(completions)
+    return [1.0 if is_correct(extract_answer(c), a, ch, p) else 0.0
+            for c, a, ch, p in zip(completions, answer, choices, precision)]
 
 
 def format(completions, **_) -> list[float]:  # noqa: A001 (the reward's name in a recipe)
@@ -186,13 +199,18 @@ def choice_letter(completions, answer, choices=None, **_) -> list[float | None]:
 
 
 def _number(text: str | None) -> float | None:
-    """A plain number, a fraction a/b or \\frac{a}{b}, or None."""
+    """A number as written: plain (3, -2.5, 10,000, 10\\,000, 50\\%), a fraction a/b or \\frac{a}{b} (\\dfrac,
+    \\tfrac, \\frac12), with its sign; else None."""
     if text is None:
         return None
-    t = text.strip().replace(" ", "").replace(",", "")
-    m = re.fullmatch(r"\\d?frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}", t) or re.fullmatch(r"(-?[\d.]+)/(-?[\d.]+)", t)
+    t = _plain(text).replace("\\,", "").replace("\\!", "").replace(" ", "").replace(",", "")
+    t = t.removesuffix("\\%").removesuffix("%")
+    sign = -1.0 if t.startswith("-") else 1.0
+    t = t[1:] if t[:1] in "+-" else t
+    m = (re.fullmatch(r"\\[dt]?frac\{([\d.]+)\}\{([\d.]+)\}", t) or re.fullmatch(r"\\[dt]?frac(\d)(\d)", t)
+         or re.fullmatch(r"([\d.]+)/([\d.]+)", t))
     try:
-        return float(m.group(1)) / float(m.group(2)) if m else float(t)
+        return sign * (float(m.group(1)) / float(m.group(2)) if m else float(t))
     except (ValueError, ZeroDivisionError):
         return None
 

@@ -16,7 +16,7 @@ from ..losses.grpo import kl_estimate
 from ..models import eval_mode, head_token_stats, trunk_hidden
 from ..ranks import gathered_dict, gathered_rows
 from ..reward_plugins import reward_fns, score_batch
-from ..rewards import Reward, overlong_penalty, score
+from ..rewards import Reward, overlong_penalty, score_example
 from .context import (
     StageContext,
     _device,
@@ -142,7 +142,7 @@ def _sampled_rows(ctx: StageContext, exs: list, positions: list[int], draw: int)
     groups = _sample(ctx, exs, s.group_size, draw, positions)
     flat = [c for g in groups for c in g]
     rep = [e for e in exs for _ in range(s.group_size)]
-    scores = [score(c.text, e.answer, e.choices) for c, e in zip(flat, rep)]  # the verifier's accuracy and format
+    scores = [score_example(c.text, e) for c, e in zip(flat, rep)]  # the verifier's accuracy and format
     total, parts = _rewarded(ctx, rep, flat)
     penalty = overlong_penalties(s, [len(c.token_ids) for c in flat])
     places = [p for p in positions for _ in range(s.group_size)]

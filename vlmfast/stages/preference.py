@@ -12,7 +12,7 @@ from ..losses import cw_dpo_loss, dpo_loss
 from ..losses.dpo import _check_cw_dpo, _check_dpo, auto_floor, l_floor_problem
 from ..models import eval_mode, head_token_stats, trunk_hidden
 from ..ops import sequence_mean
-from ..rewards import score
+from ..rewards import score_example
 from .base import Stage, check_loss
 from .context import (
     StageContext,
@@ -43,7 +43,7 @@ def _preference_rows(ctx, exs, positions, step) -> list[dict]:
     rejected: list[list[int] | None] = [None] * len(exs)
     idx = [i for i, flag in enumerate(on_policy) if flag]
     for i, g in zip(idx, _sample_subset(ctx, exs, positions, idx, 4, step)):
-        wrong = next((c for c in g if not score(c.text, exs[i].answer, exs[i].choices).accuracy), None)
+        wrong = next((c for c in g if not score_example(c.text, exs[i]).accuracy), None)
         if wrong is not None and wrong.token_ids:
             rejected[i] = list(wrong.token_ids)
     return [{"place": p, "chosen": _target_ids(ctx, e), "on_policy": r is not None,
