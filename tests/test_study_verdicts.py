@@ -105,3 +105,23 @@ def t_tail(t: float, df: int, steps: int = 20000) -> float:
 @pytest.mark.parametrize("df", [1, 2, 3, 4, 7, 11, 16, 23, 29, 30, 31, 45, 100, 1000])
 def test_t95_is_the_two_sided_95_percent_quantile(df):
     assert t_tail(t95(df), df) == pytest.approx(0.05, abs=2e-4)
+
+
+def test_the_summary_judges_a_difference_by_the_noise_of_a_difference():
+    """Two models' accuracies on n problems each differ by noise of sqrt(2) x one accuracy's: on 100 problems one
+    accuracy's 95% half-width at 0.5 is 0.098 and a difference's 0.139, so warm-starts 0.12 apart are inside the
+    noise (one accuracy's would call them apart) and 0.16 apart beyond it."""
+    from vlmfast.study_report import summary
+
+    def run(name, acc, ood):
+        rec = {"kind": "eval", "stage": name, "step": 10, "val/accuracy": acc, "ood/accuracy": ood}
+        return {"name": name, "records": [rec], "stages": [name], "results": {}}
+
+    def rows(early, over):
+        return [{"model": "sft_early", "stage1": run("sft_early", early, early), "stage2": None},
+                {"model": "sft_over", "stage1": run("sft_over", over, over), "stage2": None}]
+
+    inside = summary(rows(0.50, 0.38), 100)
+    assert "within a narrow band" in inside and "cannot tell them apart" in inside
+    beyond = summary(rows(0.50, 0.34), 100)
+    assert "NOT end within a narrow band" in beyond and "cannot tell them apart" not in beyond

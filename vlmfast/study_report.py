@@ -262,7 +262,8 @@ def summary(rows, n_eval: int | None, chance: dict | None = None) -> str:
                       "by more than the interval")
                    + (f"; {', '.join(below)} {'does' if len(below) == 1 else 'do'} not." if below and above else "."))
     s1 = {k: stage1_endpoint(r) for k, r in by.items() if k != "teacher"}
-    hw = max((_acc_halfwidth(e, n_eval) for e in s1.values()), default=float("nan"))
+    # the noise of a difference of two models' accuracies (each with its own sampling error): sqrt(2) x one's
+    hw = math.sqrt(2) * max((_acc_halfwidth(e, n_eval) for e in s1.values()), default=float("nan"))
     accs = {k: e.get("val/accuracy") for k, e in s1.items() if isinstance(e.get("val/accuracy"), (int, float))}
     if len(accs) >= 2:
         lo, hi = min(accs, key=accs.get), max(accs, key=accs.get)
@@ -270,7 +271,8 @@ def summary(rows, n_eval: int | None, chance: dict | None = None) -> str:
         narrow = spread <= hw
         out.append(f"**In domain, Stage 1.** The four warm-starts end between {accs[lo]:.2f} ({lo}) and "
                    f"{accs[hi]:.2f} ({hi}) validation accuracy, a spread of {spread:.2f}; "
-                   + (f"that is within the ±{hw:.2f} sampling interval of one model on {n_eval} problems, so they "
+                   + (f"that is within the ±{hw:.2f} sampling interval of a difference of two models on {n_eval} "
+                      "problems, so they "
                       "end within a narrow band, as the published findings expect."
                       if narrow else f"that is wider than the ±{hw:.2f} sampling interval on {n_eval} problems, so "
                       "here they do NOT end within a narrow band (the published findings expect one)."))
@@ -298,7 +300,7 @@ def summary(rows, n_eval: int | None, chance: dict | None = None) -> str:
     if early and over and isinstance(early.get("ood/accuracy"), (int, float)):
         d = over["ood/accuracy"] - early["ood/accuracy"]
         rel = "lower" if d < 0 else ("higher" if d > 0 else "the same")
-        ood_hw = 1.96 * math.sqrt(0.25 / n_eval) if n_eval else float("nan")
+        ood_hw = 1.96 * math.sqrt(2 * 0.25 / n_eval) if n_eval else float("nan")  # a difference of two accuracies
         noise = abs(d) <= ood_hw
         text = (f"**Early-stopped vs over-trained SFT out of domain.** sft_over reaches {over['ood/accuracy']:.2f} "
                 f"OOD accuracy against sft_early's {early['ood/accuracy']:.2f} ({rel}, {d:+.2f})")
