@@ -266,3 +266,42 @@ def test_kl_in_reward_is_verls(scale):
     assert ro["rewards"].tolist() == pytest.approx(want_r.tolist(), abs=1e-5)
     assert ro["adv"].tolist() == pytest.approx(want_adv.tolist(), abs=1e-4)
     assert ro["kl_penalty"].min() > 0
+
+
+def trl_advantages(rewards_per_func, weights, num_generations):
+    """TRL 1.16 GRPOTrainer (sum_then_normalize, scale_rewards group): unscorable completions (every function None,
+    NaN) out of the nan-aware baseline and std (utils.nanstd, Bessel-corrected), their advantage forced to 0."""
+    unscorable = torch.isnan(rewards_per_func).all(dim=1)
+    rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+    rewards[unscorable] = torch.nan
+    grouped = rewards.view(-1, num_generations)
+    mean = torch.nanmean(grouped, dim=1).repeat_interleave(num_generations)
+    var = torch.nanmean((grouped - torch.nanmean(grouped, dim=1, keepdim=True)) ** 2, dim=1)
+    count = (~torch.isnan(grouped)).sum(dim=1)
+    std = torch.sqrt(var * count / (count - 1)).repeat_interleave(num_generations)
+    adv = (rewards - mean) / (std + 1e-4)
+    adv[unscorable] = 0.0
+    return adv
+
+
+def test_a_sample_no_reward_function_scored_is_out_of_its_groups_baseline_as_in_trl(monkeypatch):
+    import vlmfast.reward_plugins as P
+    from vlmfast.losses import group_advantages
+
+    nan = float("nan")
+    per_func = torch.tensor([[1.0, nan], [nan, nan], [0.0, 0.5], [1.0, 1.0],  # sample 1: no function scored it
+                             [0.0, nan], [1.0, nan], [0.0, 0.0], [1.0, 0.0]])
+    weights = torch.tensor([1.0, 0.5])
+    want = trl_advantages(per_func, weights, 4)
+
+    def column(j):
+        return lambda completions, **_: [None if math.isnan(per_func[int(c), j]) else float(per_func[int(c), j])
+                                         for c in completions]
+
+    monkeypatch.setattr(P, "load", lambda path: column(int(path[-1])))
+    fns = [P.RewardFn(path=f"m:f{j}", weight=float(weights[j])) for j in range(2)]
+    total, _ = P.score_batch(fns, {"completions": [str(i) for i in range(8)]}, [str(i) for i in range(8)])
+    assert math.isnan(total[1]) and not any(math.isnan(t) for i, t in enumerate(total) if i != 1)
+    got = group_advantages(torch.tensor(total), 4, eps=1e-4)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert got[1] == 0.0

@@ -142,5 +142,8 @@ def score_batch(fns: list[RewardFn], columns: dict, ids: list[str], workers: int
                                       ) from one
             raise RewardError(f"reward {fn.path} failed on a batch of {n}: {type(e).__name__}: {e}") from e
         values[fn.name] = _checked(fn, got, n, ids)
-    total = [sum(fn.weight * values[fn.name][i] for fn in fns if values[fn.name][i] is not None) for i in range(n)]
+    # a completion no function scored is NaN, not 0 (TRL's "unscorable"): 0 would bias its group's baseline and
+    # hand it an advantage; group_advantages leaves it out and gives it 0
+    total = [sum(fn.weight * values[fn.name][i] for fn in fns if values[fn.name][i] is not None)
+             if any(values[fn.name][i] is not None for fn in fns) else float("nan") for i in range(n)]
     return total, values

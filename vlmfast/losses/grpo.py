@@ -57,7 +57,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "gr
 
     scale="group": (r - group mean) / (group std + eps); "batch": divide by the batch std instead;
     "none": only subtract the group mean (Dr. GRPO). The std is the sample std (Bessel's n - 1), as TRL's `nanstd`
-    and verl's `torch.std` take it: a group of 2 with rewards 1 and 0 gets +-0.707, not +-1.
+    and verl's `torch.std` take it: a group of 2 with rewards 1 and 0 gets +-0.707, not +-1. A NaN reward (no reward
+    function scored the sample) is left out of its group's mean and std and gets advantage 0, as in TRL.
     """
     check_choice("scale", scale, SCALINGS)
     if rewards.dim() != 1:
@@ -65,13 +66,21 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "gr
     if not isinstance(group_size, int) or group_size < 1 or rewards.numel() % group_size:
         raise ValueError(f"batch of {rewards.numel()} rewards is not divisible into groups of {group_size}")
     r = rewards.float().view(-1, group_size)
-    centred = r - r.mean(1, keepdim=True)
+    centred = r - r.nanmean(1, keepdim=True)
     if scale == "group":
-        std = r.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])
-        centred = centred / (std + eps)
+        centred = centred / (_nanstd(r, dim=1) + eps)
     elif scale == "batch":
-        centred = centred / ((r.std() if r.numel() > 1 else 0.0) + eps)
-    return centred.view(-1)
+        centred = centred / (_nanstd(r.view(1, -1), dim=1) + eps)
+    # a NaN reward (a sample no reward function scored) is out of its group's mean and std, its advantage 0
+    return torch.nan_to_num(centred.view(-1), nan=0.0)
+
+
+def _nanstd(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """The sample std (n - 1) of the non-NaN entries along `dim` (kept), 0 where fewer than 2 (no spread to scale
+    by: those advantages are 0 or NaN anyway)."""
+    count = (~x.isnan()).sum(dim, keepdim=True)
+    var = ((x - x.nanmean(dim, keepdim=True)) ** 2).nansum(dim, keepdim=True) / (count - 1).clamp(min=1)
+    return torch.where(count > 1, var.sqrt(), torch.zeros_like(var))
 
 
 def _check_grpo(*, clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0, entropy_coef=0.0,

@@ -30,7 +30,7 @@ def filled_rollout(ctx, sample_rows, max_rounds: int) -> tuple[list[dict], dict]
         for g, place in enumerate(positions):
             group = rows[g * s.group_size : (g + 1) * s.group_size]
             groups[(draw, place)] = group
-            flat[(draw, place)] = len({r["reward"] for r in group}) == 1
+            flat[(draw, place)] = len({r["reward"] for r in group if r["reward"] == r["reward"]}) <= 1  # NaN: unscored
         rounds += 1
         kept = int(reduce_over_ranks(torch.tensor([float(sum(not f for f in flat.values()))])).item())
         if kept >= n or rounds >= max_rounds:

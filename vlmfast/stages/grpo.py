@@ -109,7 +109,7 @@ def _rollout_metrics(ro: dict, update: slice, whole: dict) -> dict:
     """The update's metrics from its rows of the rollout: rewards (each reward function's mean over the samples it
     scored), accuracy, format, truncation and penalties, dynamic sampling's rounds, response lengths."""
     scores = ro["scores"][update]
-    m = {"reward": ro["rewards"][update].mean()}
+    m = {"reward": ro["rewards"][update].nanmean()}  # over the scored samples
     for name in ro["rows"][0]["parts"]:
         got = [r["parts"][name] for r in ro["rows"][update] if r["parts"][name] is not None]
         m[f"reward/{name}"] = torch.tensor(sum(got) / max(len(got), 1))
