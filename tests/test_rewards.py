@@ -46,6 +46,9 @@ CASES = [
     ("<think>so it is \\boxed{3}", "3", None, 0, 0),  # reasoning never closed: the box is inside it
     ("it is \\boxed{4} </think> \\boxed{3}", "3", None, 1, 0),  # the chat template opened <think> (Qwen3)
     (T + "\\boxed{3", "3", None, 0, 0),  # unbalanced
+    (T + "\\boxed{3}\\boxed{4", "3", None, 0, 0),  # a second box that never closes could hold another answer
+    (T + "\\boxed{Yes.}", "yes", None, 1, 1),  # a free-form word with its full stop
+    (T + "\\boxed{\\text{red}}", "red", None, 1, 1),
     # format without the think block: accuracy still graded, format 0
     ("\\boxed{3}", "3", None, 1, 0),
     ("<think>a</think><think>b</think>\\boxed{3}", "3", None, 1, 0),  # two think blocks

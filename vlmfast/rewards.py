@@ -58,7 +58,7 @@ def format_reward(response: str) -> float:
     if not m or "<think>" in m["answer"] or "</think>" in m["answer"]:
         return 0.0
     boxes = boxed_contents(m["answer"])
-    return 1.0 if len(boxes) == 1 and boxes[0].strip() else 0.0
+    return 1.0 if len(boxes) == 1 and boxes[0].strip() and m["answer"].count("\\boxed{") == 1 else 0.0
 
 
 def extract_answer(response: str) -> str | None:
@@ -72,8 +72,8 @@ def extract_answer(response: str) -> str | None:
     else:
         region = response
     boxes = [b.strip() for b in boxed_contents(region)]
-    if not boxes or any(not b for b in boxes) or len(set(boxes)) > 1:
-        return None
+    if not boxes or any(not b for b in boxes) or len(set(boxes)) > 1 or region.count("\\boxed{") > len(boxes):
+        return None  # (a box that never closes could hold another answer)
     return boxes[0]
 
 
@@ -127,7 +127,7 @@ def is_correct(answer: str | None, gold, choices: list[str] | None = None, preci
         gi = _choice_index(gold, choices, by_value=False)
         if gi is not None:
             return _choice_index(answer, choices) == gi
-    if gold.lower() == answer.strip().lower():
+    if _plain(gold).lower() == _plain(answer).lower():  # "Yes." for "yes", \\text{red} for "red"
         return True
     return _math_equal(gold, answer)
 

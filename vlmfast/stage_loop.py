@@ -471,13 +471,13 @@ def evaluate(cfg: Config, model, processor, data: dict, probe: DeltaLogpProbe | 
     with generating() as engine:
         for split, part in splits.items():
             m = sampled_count(len(part), e.sample_problems)
-            g_idx, _ = shard(len(part), rank, size)
+            g_idx, g_real = shard(len(part), rank, size)
             s_idx, s_real = shard(m, rank, size)
             seeds = eval_seeds(seed, m)
             greedy, groups = eval_generations(engine, [part[i] for i in g_idx], [part[i] for i in s_idx],
                                               n_samples=e.n_samples, temperature=e.temperature,
                                               max_new_tokens=e.max_new_tokens, seeds=[seeds[i] for i in s_idx])
-            gen[split] = (g_idx, greedy, m, s_idx, s_real, groups)
+            gen[split] = (g_idx[:g_real], greedy[:g_real], m, s_idx, s_real, groups)  # the padding's dropped
         if probe is not None:
             probe_greedy = engine.generate(probe.problems, probe.images, n=1,
                                            sampling=Sampling(temperature=0.0, max_new_tokens=e.max_new_tokens))
