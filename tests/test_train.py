@@ -608,3 +608,25 @@ def test_early_stopping_hands_on_the_best_step_and_says_which(tmp_path):
     step2 = records(tmp_path, kind="eval")[0]
     assert res["results"]["sft"]["step"] == 2 and res["results"]["sft"]["val/entropy"] == step2["val/entropy"]
     assert stage_endpoints(read_run(tmp_path / "t"))["sft"]["step"] == 2
+
+
+def test_epochs_per_rollout_pass_over_each_rollout_again(tmp_path, monkeypatch):
+    """epochs_per_rollout 2 with updates_per_rollout 2: one rollout serves 4 updates, its minibatches in order twice,
+    as TRL's num_iterations does (`_buffered_inputs[self._step % steps_per_generation]`, a new generation every
+    steps_per_generation x num_iterations steps); only the first update is on-policy, and the second pass sees
+    the first pass's samples again."""
+    from vlmfast.stages import grpo as G
+
+    rollouts = []
+    real = G._rollout
+    monkeypatch.setattr(G, "_rollout", lambda ctx, index: rollouts.append(index) or real(ctx, index))
+    grpo = {"type": "grpo", "name": "grpo", "steps": 4, "lr": 2e-3, "batch_size": 2, "group_size": 4,
+            "max_new_tokens": 6, "updates_per_rollout": 2, "epochs_per_rollout": 2,
+            "entropy_coef": 0.05}  # every update moves the policy, whatever the (tiny model's) rewards
+    run(recipe(tmp_path, [grpo], eval={"at_start": False, "probes": 0}))
+    recs = records(tmp_path)
+    assert rollouts == [0] and [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert recs[0]["ratio_min"] == recs[0]["ratio_max"] == 1.0
+    assert all(r["ratio_min"] != 1.0 or r["ratio_max"] != 1.0 for r in recs[1:])
+    for first, again in ((recs[0], recs[2]), (recs[1], recs[3])):  # the same minibatch, one pass later
+        assert (again["reward"], again["response_tokens"]) == (first["reward"], first["response_tokens"])

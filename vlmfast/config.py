@@ -192,6 +192,7 @@ class StageConfig:
     # grpo
     group_size: int = 4  # grpo: samples per prompt
     updates_per_rollout: int = 1  # optimizer updates (minibatches of batch_size prompts) per rollout batch
+    epochs_per_rollout: int | None = None  # grpo: passes over each rollout batch (default 1; TRL num_iterations)
     # every stage: rows (sequences; pairs for DPO and gentle negatives) per forward and backward on a rank at most
     # (default: the rank's whole batch or GRPO update), split as evenly as they go (20 rows at most 8: 7, 7, 6);
     # the step's gradient accumulates over its micro-batches, so only one micro-batch's activations are alive

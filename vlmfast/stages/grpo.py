@@ -17,6 +17,7 @@ from .grpo_rollout import (  # noqa: F401 (update_micro_slices: the trainer's te
     advantage_scale,
     restore_rollout,
     rollout_state,
+    steps_per_rollout,
     update_micro_slices,
     update_rows,
     update_rows_of,
@@ -25,10 +26,12 @@ from .grpo_rollout import (  # noqa: F401 (update_micro_slices: the trainer's te
 
 def grpo_step(ctx: StageContext, step: int):
     """One optimizer update on the step's minibatch of the current rollout batch; a new rollout every
-    `updates_per_rollout` steps (later minibatches see ratios != 1: that is where clipping acts). The
+    updates_per_rollout x epochs_per_rollout steps (each pass over the batch takes its minibatches in order, as
+    TRL's num_iterations and verl's ppo_epochs do; later updates see ratios != 1: that is where clipping acts). The
     rollout happens here; the update's forwards happen as the returned micro-batches are iterated."""
     s = ctx.stage
-    index, part = divmod(step, s.updates_per_rollout)
+    index, k = divmod(step, steps_per_rollout(s))
+    part = k % s.updates_per_rollout
     ro = ctx.extra.get("rollout")
     if ro is None or ro["index"] != index:
         ro = ctx.extra["rollout"] = _rollout(ctx, index)
@@ -134,7 +137,7 @@ class GRPO(Stage):
                 "overlong_penalty": "overlong punishments", "advantage_scale": "advantage scalings",
                 "rewards": "reward functions", "reward_workers": "reward functions",
                 "dynamic_sampling": "dynamic sampling", "max_sampling_rounds": "dynamic sampling",
-                "kl_in_reward": "a KL penalty in the reward"}
+                "kl_in_reward": "a KL penalty in the reward", "epochs_per_rollout": "passes over a rollout"}
 
     def needs_reference(self, s):
         return s.kl_coef > 0  # the KL penalty to pi_ref
@@ -167,6 +170,8 @@ class GRPO(Stage):
             bad(f"{key}.max_sampling_rounds", "must be >= 1, with dynamic_sampling: true")
         if s.reward_workers is not None and s.reward_workers < 0:
             bad(f"{key}.reward_workers", f"must be >= 0, got {s.reward_workers}")
+        if s.epochs_per_rollout is not None and s.epochs_per_rollout < 1:
+            bad(f"{key}.epochs_per_rollout", f"must be >= 1, got {s.epochs_per_rollout}")
         if s.overlong_penalty is not None and s.overlong_penalty < 0:
             bad(f"{key}.overlong_penalty", f"must be >= 0, got {s.overlong_penalty}")
 

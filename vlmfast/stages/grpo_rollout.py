@@ -41,6 +41,11 @@ def update_rows_of(s, world_size: int) -> int:
     return s.batch_size // world_size * s.group_size
 
 
+def steps_per_rollout(s) -> int:
+    """Optimizer updates one rollout batch serves: its minibatches, times the passes over it."""
+    return s.updates_per_rollout * (s.epochs_per_rollout or 1)
+
+
 def update_rows(ctx: StageContext) -> int:
     """Sequences of one GRPO update on this rank."""
     return update_rows_of(ctx.stage, world()[1])
@@ -98,7 +103,7 @@ def _rollout(ctx: StageContext, index: int) -> dict:
 
     with ctx.timer("logprobs"):
         # the rollout policy's log-probs: for several updates, and for a KL in the reward (verl's old_log_prob)
-        if s.updates_per_rollout > 1 or s.kl_in_reward:
+        if steps_per_rollout(s) > 1 or s.kl_in_reward:
             with eval_mode(ctx.model):  # pi_old scores its own samples as it generated them: no LoRA dropout
                 ro["old"] = logp_of(ctx.model)
         else:
