@@ -59,7 +59,7 @@ def test_sft_loss_falls_and_run_dir_is_complete(tmp_path, capsys):
     assert recorded == eval_metric_names(cfg)
     run_dir = tmp_path / "t"
     assert (run_dir / "config.yaml").exists() and (run_dir / "samples.jsonl").exists()
-    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
     results = json.loads((run_dir / "results.json").read_text())
     assert (tmp_path / "t" / "checkpoints" / "final-0" / "hf" / "config.json").exists()
     assert results["final_model"].endswith("final-0/hf") and "sft" in results["timings_s"]
@@ -575,21 +575,28 @@ def test_report_to_sends_every_record_to_each_tracker(tmp_path, monkeypatch):
     logged = [c[1] for c in calls if c[0] == "log"]
     train = [d for d in logged if "sft/loss" in d]
     assert [d["sft/step"] for d in train] == [1, 2] and any("sft/val/accuracy" in d for d in logged)
-    assert list((tmp_path / "w" / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((tmp_path / "w" / "tensorboard" / "sft").glob("events.out.tfevents.*"))  # a folder per stage
     run(recipe(tmp_path, stages, name="n", run={"report_to": ["none"]}))
     assert (tmp_path / "n" / "metrics.jsonl").exists() and not (tmp_path / "n" / "tensorboard").exists()
 
     # a killed run resumed logs into the wandb run it started (its id again); another run gets its own
     from vlmfast.faults import FAIL_AT_ENV, SimulatedKill
 
-    killed = recipe(tmp_path, stages, name="k", run={"report_to": ["wandb"], "checkpoint_every": 1})
-    monkeypatch.setenv(FAIL_AT_ENV, "0:1")
+    # killed after step 2's record (in its evaluation), before its checkpoint: step 2 is replayed, and TensorBoard
+    # (the resumed stage's writer purges past the checkpoint) holds each step once
+    killed = recipe(tmp_path, stages, name="k", run={"report_to": ["wandb", "tensorboard"], "checkpoint_every": 1})
+    monkeypatch.setenv(FAIL_AT_ENV, "0:eval:2")
     with pytest.raises(SimulatedKill):
         run(killed)
     monkeypatch.delenv(FAIL_AT_ENV)
     run(killed)
     ids = [c[1]["id"] for c in calls if c[0] == "init"]
     assert len(ids) == 3 and ids[1] == ids[2] != ids[0]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "k" / "tensorboard" / "sft"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("sft/loss")] == [1, 2]
 
 
 def test_early_stopping_hands_on_the_best_step_and_says_which(tmp_path):

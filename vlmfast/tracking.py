@@ -1,6 +1,6 @@
 """Where a run's records go besides metrics.jsonl: `run.report_to`, one small adapter per tracker.
 
-    tensorboard (default)  events in <run dir>/tensorboard
+    tensorboard (default)  events in <run dir>/tensorboard/<stage>
     wandb, trackio         one run named after run.name (project "vlmfast"), the recipe as its config
     mlflow                 one run named after run.name, the recipe's keys as params
     none                   metrics.jsonl only
@@ -35,15 +35,24 @@ def scalars(record: dict) -> dict[str, float]:
 
 
 class TensorBoard:
-    def __init__(self, run_dir: Path, name: str, config: dict):
-        from torch.utils.tensorboard import SummaryWriter
+    """Each stage's events in tensorboard/<stage>/ (TensorBoard shows a run per stage, each on its own steps). A
+    resumed stage's writer purges the steps past its checkpoint (`purge_step`: TensorBoard drops what the killed run
+    wrote there), so the replayed steps appear once; a purge is per folder, hence a folder per stage."""
 
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+    def __init__(self, run_dir: Path, name: str, config: dict, resume_at: tuple[int, int] | None = None):
+        self.root, self.resume_at, self.writers = run_dir / "tensorboard", resume_at, {}
 
     def log(self, record: dict) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        stage = record["stage"]
+        if stage not in self.writers:
+            resumed = self.resume_at is not None and record.get("stage_index") == self.resume_at[0]
+            self.writers[stage] = SummaryWriter(str(self.root / stage),
+                                                purge_step=self.resume_at[1] + 1 if resumed else None)
         for k, v in scalars(record).items():
-            self.writer.add_scalar(k, v, record["step"])
-        self.writer.flush()
+            self.writers[stage].add_scalar(k, v, record["step"])
+        self.writers[stage].flush()
 
 
 class WandbLike:
@@ -99,14 +108,16 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def open_trackers(names: list[str], run_dir: Path, name: str, config: dict, *, resuming: bool) -> list:
-    """The trackers of `names` (run.report_to), opened for this run: `resuming`, in the runs it opened before."""
+def open_trackers(names: list[str], run_dir: Path, name: str, config: dict, *,
+                  resume_at: tuple[int, int] | None = None) -> list:
+    """The trackers of `names` (run.report_to), opened for this run; resumed from the checkpoint at (stage index,
+    step) `resume_at`, in the runs it opened before."""
     path = Path(run_dir) / IDS_FILE
-    ids = json.loads(path.read_text()) if resuming and path.exists() else {}
+    ids = json.loads(path.read_text()) if resume_at is not None and path.exists() else {}
     made = []
     for n in names:
         if n == "tensorboard":
-            made.append(TensorBoard(run_dir, name, config))
+            made.append(TensorBoard(run_dir, name, config, resume_at))
         elif n in ("wandb", "trackio"):
             made.append(WandbLike(n, run_dir, name, config, ids))
         elif n == "mlflow":

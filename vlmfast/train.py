@@ -166,7 +166,7 @@ class MetricsLog:
             elif keep_until is None and path.exists():
                 path.unlink()
         self.trackers = open_trackers(cfg.run.report_to, cfg.run_dir, cfg.run.name, cfg.to_dict(),
-                                      resuming=keep_until is not None)
+                                      resume_at=keep_until)
 
     def write(self, record: dict) -> None:
         if not _is_main():
