@@ -13,6 +13,7 @@ the example: never a silent cut through an image.
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections import OrderedDict
 
@@ -130,14 +131,10 @@ def batch_rows(batch: dict, rows: slice | list[int]) -> dict:
            if k not in ("pixel_values", "image_grid_thw")}
     if "image_grid_thw" not in batch:
         return out
-    first = [0]  # the batch's first image of each row, and one past the last row's
-    for c in images_per_row(batch):
-        first.append(first[-1] + c)
+    first = [0, *itertools.accumulate(images_per_row(batch))]  # each row's first image, and one past the last's
     images = [i for r in index for i in range(first[r], first[r + 1])]
     grid = batch["image_grid_thw"]
-    patch = [0]  # the first patch of each image in pixel_values
-    for p in grid.prod(-1).tolist():
-        patch.append(patch[-1] + p)
+    patch = [0, *itertools.accumulate(grid.prod(-1).tolist())]  # each image's first patch in pixel_values
     lo = images[0] if images else 0
     if images == list(range(lo, lo + len(images))):
         out["image_grid_thw"] = grid[lo : lo + len(images)]
