@@ -592,6 +592,12 @@ def test_report_to_sends_every_record_to_each_tracker(tmp_path, monkeypatch):
     run(killed)
     ids = [c[1]["id"] for c in calls if c[0] == "init"]
     assert len(ids) == 3 and ids[1] == ids[2] != ids[0]
+    # wandb cannot take a point back: over the killed run and its resume each record is sent once (the replayed
+    # step 2's train record, sent before the kill, not again; its evaluation, killed before written, by the resume)
+    inits = [i for i, c in enumerate(calls) if c[0] == "init"]
+    sent = [c[1] for c in calls[inits[1]:] if c[0] == "log"]
+    assert [d["sft/step"] for d in sent if "sft/loss" in d] == [1, 2]
+    assert [d["sft/step"] for d in sent if "sft/val/accuracy" in d] == [0, 2]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "k" / "tensorboard" / "sft"))

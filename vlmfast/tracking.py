@@ -8,6 +8,9 @@
 Every tracker sees each stage's metrics under "<stage>/<metric>" on the stage's own steps (train and eval
 records alike). A tracker that is not installed is a config error before any work starts. A resumed run logs into
 the run it started (wandb's run id and mlflow's, kept in <run dir>/trackers.json); a run started over, a new one.
+The steps a resumed run replays (past its checkpoint) reach each tracker once: TensorBoard purges what the killed run
+wrote there; wandb and mlflow, which cannot take a point back, are not sent again the records the killed run sent (a
+resumed run reproduces them).
 """
 
 from __future__ import annotations
@@ -26,6 +29,11 @@ _MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"
 def missing(names: list[str]) -> list[str]:
     """The trackers in `names` whose package is not installed."""
     return [n for n in names if n in _MODULES and importlib.util.find_spec(_MODULES[n]) is None]
+
+
+def record_key(record: dict) -> tuple:
+    """What names a record among a run's: its stage, step and kind (a train and an eval record share a step)."""
+    return record.get("stage_index", -1), record.get("step", 0), record.get("kind")
 
 
 def scalars(record: dict) -> dict[str, float]:
@@ -94,6 +102,18 @@ class MLflow:
         self.mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in scalars(record).items()}, step=record["step"])
 
 
+class NotAgain:
+    """A tracker that does not take points back (wandb, mlflow), sent only the records it has not had: after a
+    resume the killed run's records past the checkpoint are replayed, with the same numbers."""
+
+    def __init__(self, tracker, sent: set):
+        self.tracker, self.sent = tracker, sent
+
+    def log(self, record: dict) -> None:
+        if record_key(record) not in self.sent:
+            self.tracker.log(record)
+
+
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -109,9 +129,9 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def open_trackers(names: list[str], run_dir: Path, name: str, config: dict, *,
-                  resume_at: tuple[int, int] | None = None) -> list:
+                  resume_at: tuple[int, int] | None = None, sent: set = frozenset()) -> list:
     """The trackers of `names` (run.report_to), opened for this run; resumed from the checkpoint at (stage index,
-    step) `resume_at`, in the runs it opened before."""
+    step) `resume_at`, in the runs it opened before, which hold the records `sent` (record_key) already."""
     path = Path(run_dir) / IDS_FILE
     ids = json.loads(path.read_text()) if resume_at is not None and path.exists() else {}
     made = []
@@ -119,8 +139,8 @@ def open_trackers(names: list[str], run_dir: Path, name: str, config: dict, *,
         if n == "tensorboard":
             made.append(TensorBoard(run_dir, name, config, resume_at))
         elif n in ("wandb", "trackio"):
-            made.append(WandbLike(n, run_dir, name, config, ids))
+            made.append(NotAgain(WandbLike(n, run_dir, name, config, ids), sent))
         elif n == "mlflow":
-            made.append(MLflow(run_dir, name, config, ids))
+            made.append(NotAgain(MLflow(run_dir, name, config, ids), sent))
     path.write_text(json.dumps(ids))
     return made

@@ -49,7 +49,7 @@ from .probes import DeltaLogpProbe
 from .ranks import is_main as _is_main
 from .rollout.vllm_engine import VLLMMemoryError
 from .stage_loop import run_stage
-from .tracking import open_trackers
+from .tracking import open_trackers, record_key
 
 
 class DataError(ValueError):
@@ -137,11 +137,12 @@ def _set_aside_earlier_run(run_dir: Path) -> None:
     print(f"run.resume: never: the earlier run's {', '.join(earlier)} moved to {aside}", flush=True)
 
 
-def keep_records(path: Path, keep_until: tuple[int, int]) -> None:
+def keep_records(path: Path, keep_until: tuple[int, int]) -> set[tuple]:
     """Rewrite the JSON-lines file `path` with its records up to (stage_index, step) `keep_until`, the steps a resumed
     run replays after it dropped: each step then appears once. A torn last line (the kill came while it was written)
-    is dropped; the file is replaced atomically (a kill now leaves the old file or the new one)."""
-    kept = []
+    is dropped; the file is replaced atomically (a kill now leaves the old file or the new one). Returns the dropped
+    records' keys (tracking.record_key): the killed run sent those to its trackers already."""
+    kept, dropped = [], set()
     for line in path.read_text(errors="replace").splitlines():
         try:
             rec = json.loads(line)
@@ -149,7 +150,10 @@ def keep_records(path: Path, keep_until: tuple[int, int]) -> None:
             continue  # the line a kill cut short
         if (rec.get("stage_index", -1), rec.get("step", 0)) <= keep_until:
             kept.append(line)
+        else:
+            dropped.add(record_key(rec))
     ckpt.write_atomic(path, "".join(line + "\n" for line in kept))
+    return dropped
 
 
 class MetricsLog:
@@ -160,13 +164,15 @@ class MetricsLog:
         self.trackers = []
         if not _is_main():
             return
+        sent = set()  # the records past the checkpoint that the killed run logged: its trackers have them
         for path in (self.path, cfg.run_dir / "samples.jsonl"):  # resume: the records up to its checkpoint
             if keep_until is not None and path.exists():
-                keep_records(path, keep_until)
+                dropped = keep_records(path, keep_until)
+                sent = dropped if path == self.path else sent
             elif keep_until is None and path.exists():
                 path.unlink()
         self.trackers = open_trackers(cfg.run.report_to, cfg.run_dir, cfg.run.name, cfg.to_dict(),
-                                      resume_at=keep_until)
+                                      resume_at=keep_until, sent=sent)
 
     def write(self, record: dict) -> None:
         if not _is_main():
