@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .data.collate import collate, collate_token_responses
+from .data.collate import collate, collate_token_responses, to_device
 from .models import head_token_stats, trunk_hidden
 from .ops import sequence_mean
 from .rewards import boxed_token_indices
@@ -26,7 +26,7 @@ def mean_logprobs(model, processor, problems, images, responses, *, batch_size: 
     out = []
     for i in range(0, len(problems), batch_size):
         sl = slice(i, i + batch_size)
-        b = collate(processor, problems[sl], images[sl], responses[sl])
+        b = to_device(collate(processor, problems[sl], images[sl], responses[sl]), next(model.parameters()).device)
         hidden = trunk_hidden(model, **b)
         r = head_token_stats(model, hidden, b["labels"], outputs=("logp",), per_sequence=True)
         out += sequence_mean(r.seq_logp, r.seq_count).tolist()
@@ -52,12 +52,14 @@ def sample_entropy_sums(model, processor, problems, images, completions, *, keep
         sl = slice(i, i + batch_size)
         ids = [c.token_ids for c in completions[sl]]
         b = collate_token_responses(processor, problems[sl], images[sl], ids)
+        ans = _answer_mask(processor, ids, b["labels"].shape[1], b["prompt_lengths"])  # read on the host
+        b = to_device(b, next(model.parameters()).device)
         hidden = trunk_hidden(model, **b)
         r = head_token_stats(model, hidden, b["labels"], outputs=("entropy",))
         valid = b["labels"] != -100
         if keep is not None:
             valid &= torch.tensor(keep[sl], device=valid.device)[:, None]
-        ans = _answer_mask(processor, ids, b["labels"].shape[1], b["prompt_lengths"]).to(valid.device) & valid
+        ans = ans.to(valid.device) & valid
         sums += torch.tensor([r.entropy[valid].sum().item(), valid.sum().item(), r.entropy[ans].sum().item(),
                               ans.sum().item()], dtype=torch.float64)
     return sums

@@ -122,6 +122,15 @@ def images_per_row(batch: dict) -> list[int]:
     return counts
 
 
+def to_device(batch, device):
+    """A batch's tensors (a dict's values, or one tensor) on `device`, where the model lives. Batches are collated and
+    sliced on the host (lengths and image counts read there without a device sync); each micro-batch moves before its
+    forward, the one place a host tensor meets the model."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def batch_rows(batch: dict, rows: slice | list[int]) -> dict:
     """Rows `rows` (a slice, or row indices) of a collated batch as a batch of their own, each row's images with it
     (images_per_row: rows may hold different numbers of images). A contiguous run of images is a view, not a copy."""

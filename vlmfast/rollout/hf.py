@@ -12,7 +12,7 @@ import inspect
 
 import torch
 
-from ..data.collate import batch_rows, collate, collate_token_responses
+from ..data.collate import batch_rows, collate, collate_token_responses, to_device
 from ..models import eval_mode, every_rank_agrees, head_token_stats, shared_images, trunk_hidden
 from .base import Completion, Sampling, check_batch, end_of_completion, vision_token_ids
 
@@ -220,9 +220,8 @@ class HFEngine:
                         ) -> list[Completion]:
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
-        batch = collate(self.processor, problems, images)
         device = next(self.model.parameters()).device
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = to_device(collate(self.processor, problems, images), device)
         # greedy decoding over the sampler's scores: it samples, and keeps one log-prob per token (no output_scores)
         sampler = _TokenSampler(sampling, device, row_seeds)
         kw = dict(eos_token_id=self.eos_id, pad_token_id=self.pad_id, return_dict_in_generate=True,
@@ -283,12 +282,12 @@ class HFEngine:
         with eval_mode(self.model):
             for i in range(0, len(problems), self.batch_size):
                 sl = slice(i, i + self.batch_size)
-                batch = collate_token_responses(self.processor, problems[sl], images[sl], response_ids[sl])
-                batch = {k: v.to(device) for k, v in batch.items()}
+                host = collate_token_responses(self.processor, problems[sl], images[sl], response_ids[sl])
+                batch = to_device(host, device)
                 hidden = trunk_hidden(self.model, **batch)  # it drops labels and bookkeeping itself
                 logp = head_token_stats(self.model, hidden, batch["labels"], temperature=temperature,
-                                        outputs=("logp",)).logp
+                                        outputs=("logp",)).logp.cpu()  # one copy to the host
                 for b, ids in enumerate(response_ids[sl]):
-                    start = int(batch["prompt_lengths"][b]) - 1
+                    start = int(host["prompt_lengths"][b]) - 1
                     out.append(logp[b, start : start + len(ids)].tolist())
         return out

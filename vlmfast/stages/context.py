@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..data.collate import END_OF_TURN, batch_rows, collate
+from ..data.collate import END_OF_TURN, batch_rows, collate, to_device
 from ..data.prompts import reasoning_of, target_response
 from ..lora import AdaptersOff, adapters_disabled
 from ..models import call_head, eval_mode, trunk_hidden
@@ -186,6 +186,12 @@ def example_rngs(ctx: StageContext, step: int, positions: list[int]) -> list[ran
 
 def _device(ctx: StageContext) -> torch.device:
     return next(ctx.model.parameters()).device
+
+
+def on_device(ctx: StageContext, batch):
+    """A (micro-)batch collated on the host (a dict, or one per-token tensor), on the policy's device for its forward
+    and loss."""
+    return to_device(batch, _device(ctx))
 
 
 def _counted(batch: dict, ctx: StageContext) -> dict:

@@ -11,7 +11,7 @@ from ..losses import grpo_loss
 from ..losses.grpo import LOSS_TYPES, SCALINGS, _check_grpo
 from ..reward_plugins import check_spec
 from .base import Stage, check_loss
-from .context import StageContext, _device, _policy_loss, in_micro_batches, rank_share_of_tokens
+from .context import StageContext, _device, _policy_loss, in_micro_batches, on_device, rank_share_of_tokens
 from .grpo_rollout import (  # noqa: F401 (update_micro_slices: the trainer's tests read it here)
     _rollout,
     advantage_scale,
@@ -80,14 +80,14 @@ def _grpo_forward(ctx: StageContext, ro: dict, sl: slice, n):
     """GRPO's loss on rows `sl` of the rollout batch (token means over n tokens when given): (loss, metrics,
     labels)."""
     s = ctx.stage
-    b = batch_rows(ro["batch"], sl)
+    b = on_device(ctx, batch_rows(ro["batch"], sl))  # the rollout's tensors live on the host
     labels = b["labels"]
-    ref = None if ro["ref"] is None else ro["ref"][sl]
-    old = None if ro["old"] is None else ro["old"][sl]  # None: on-policy, the update's own log-probs
+    per_sample = on_device(ctx, {k: ro[k][sl] for k in ("ref", "old", "adv", "sampler") if ro[k] is not None})
+    # old None: on-policy, the update's own log-probs
 
     def loss_fn(h, w):
-        return grpo_loss(h, w, labels, old, ro["adv"][sl], ref_logp=ref, num_items_in_batch=n,
-                         sampler_logp=ro["sampler"][sl], **loss_options(s))
+        return grpo_loss(h, w, labels, per_sample.get("old"), per_sample["adv"], ref_logp=per_sample.get("ref"),
+                         num_items_in_batch=n, sampler_logp=per_sample["sampler"], **loss_options(s))
 
     loss, m = _policy_loss(ctx, b, loss_fn)
     return loss, m, labels

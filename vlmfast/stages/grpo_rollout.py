@@ -25,6 +25,7 @@ from .context import (
     batch_examples,
     examples_at,
     micro_slices,
+    on_device,
     prompt_tokens,
     world,
 )
@@ -97,9 +98,10 @@ def _rollout(ctx: StageContext, index: int) -> dict:
     b, labels = ro["batch"], ro["batch"]["labels"]
     slices = [sl for update in ro["micro"] for sl in update]
 
-    def logp_of(model):
-        return torch.cat([head_token_stats(model, trunk_hidden(model, **batch_rows(b, sl)), labels[sl],
-                                           temperature=s.temperature, outputs=("logp",)).logp for sl in slices])
+    def logp_of(model):  # kept on the host with the rollout batch
+        return torch.cat([head_token_stats(model, trunk_hidden(model, **part), part["labels"], temperature=s.temperature,
+                                           outputs=("logp",)).logp.cpu()
+                          for part in (on_device(ctx, batch_rows(b, sl)) for sl in slices)])
 
     with ctx.timer("logprobs"):
         # the rollout policy's log-probs: for several updates, and for a KL in the reward (verl's old_log_prob)

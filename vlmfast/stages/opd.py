@@ -24,6 +24,7 @@ from .context import (
     examples_at,
     in_micro_batches,
     micro_slices,
+    on_device,
     prompt_tokens,
     rank_share_of_tokens,
 )
@@ -58,7 +59,7 @@ def opd_step(ctx: StageContext, step: int):
             t_logp[i, start : start + len(lp)] = torch.tensor(lp)
 
     def forward(sl):
-        part = batch_rows(b, sl)
+        part = on_device(ctx, batch_rows(b, sl))
         if s.opd_mode == "full":
             with torch.no_grad(), ctx.timer("logprobs"):  # the teacher sees exactly the same image and prompt
                 th = trunk_hidden(ctx.teacher, **part)
@@ -66,7 +67,7 @@ def opd_step(ctx: StageContext, step: int):
             # (gathered once under ZeRO-3), freed with the micro-batch's graph
             kw = {"teacher": (th, frozen_head_weight(ctx.teacher))}
         else:
-            kw = {"teacher_logp": t_logp[sl]}
+            kw = {"teacher_logp": on_device(ctx, t_logp[sl])}
         loss, m = _policy_loss(ctx, part, lambda h, w: opd_loss(h, w, part["labels"], temperature=s.temperature,
                                                                 num_items_in_batch=n, **kw))
         m["on_policy_share"] = share

@@ -28,6 +28,7 @@ from .context import (
     examples_at,
     in_micro_batches,
     micro_slices,
+    on_device,
     prompt_tokens,
 )
 
@@ -72,13 +73,13 @@ def dpo_step(ctx: StageContext, step: int):
     with torch.no_grad(), ctx.timer("logprobs"), ctx.referencing() as reference:  # pi_ref: the stage-start policy
         ref = {}  # micro-batch start -> (chosen, rejected) sequence sums
         for sl in slices:
-            pairs = _pair_rows(b, sl, B)
+            pairs = on_device(ctx, _pair_rows(b, sl, B))
             r = head_token_stats(reference, trunk_hidden(reference, **pairs), pairs["labels"],
                                  temperature=s.temperature, outputs=("logp",), per_sequence=True)
             ref[sl.start] = r.seq_logp.chunk(2)
 
     def forward(sl):
-        pairs, (ref_c, ref_r) = _pair_rows(b, sl, B), ref[sl.start]
+        pairs, (ref_c, ref_r) = on_device(ctx, _pair_rows(b, sl, B)), ref[sl.start]
         if s.type == "dpo":
             def loss_fn(h, w):
                 return dpo_loss(h, w, pairs["labels"], ref_c, ref_r, beta=s.beta, temperature=s.temperature)
@@ -102,8 +103,8 @@ def auto_l_floor(ctx: StageContext, n: int = 64) -> float:
     out = []
     for i in range(0, len(exs), 16):
         part = exs[i : i + 16]
-        b = collate(ctx.processor, [e.problem for e in part], [e.images for e in part],
-                    [_target(ctx, _dataset_negative(e, rng), e) for e in part])
+        b = on_device(ctx, collate(ctx.processor, [e.problem for e in part], [e.images for e in part],
+                                   [_target(ctx, _dataset_negative(e, rng), e) for e in part]))
         with eval_mode(ctx.model):
             r = head_token_stats(ctx.model, trunk_hidden(ctx.model, **b), b["labels"], outputs=("logp",),
                                  per_sequence=True)

@@ -13,6 +13,7 @@ from .context import (
     _dataset_negative,
     _device,
     _policy_loss,
+    on_device,
     _target,
     balanced_over_ranks,
     batch_examples,
@@ -37,7 +38,7 @@ def sft_step(ctx: StageContext, step: int):
         n = rank_share_of_tokens(b["labels"], _device(ctx))  # the token mean is the whole batch's: shares add up
 
         def forward(sl):
-            part = batch_rows(b, sl)
+            part = on_device(ctx, batch_rows(b, sl))
             loss, m = _policy_loss(ctx, part, lambda h, w: sft_loss(
                 h, w, part["labels"], temperature=s.temperature, label_smoothing=s.label_smoothing,
                 num_items_in_batch=n))
@@ -53,7 +54,7 @@ def sft_step(ctx: StageContext, step: int):
     norms = gentle_normalizers(b["labels"], nb["labels"], mean_over_parts=mean_over_ranks)
 
     def forward_pair(sl):
-        pos, neg = batch_rows(b, sl), batch_rows(nb, sl)
+        pos, neg = on_device(ctx, batch_rows(b, sl)), on_device(ctx, batch_rows(nb, sl))
 
         def forward():
             hidden = trunk_hidden(ctx.model, **_counted(pos, ctx))
