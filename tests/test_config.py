@@ -70,6 +70,13 @@ def test_shipped_recipes_load():
          r"stages\[0\].teacher: /no/such/teacher not found"),
         (cfg(stages=[{"type": "cw_dpo", "l_floor": "low"}]), r"stages\[0\].l_floor"),
         (cfg(stages=[{"type": "sft", "gentle": {"lamda": 1}}]), r"stages\[0\].gentle: unknown key"),
+        # a key only another stage type reads, given a value of its own, is refused (it would be silently ignored)
+        (cfg(stages=[{"type": "sft", "beta": 0.5}]), r"stages\[0\].beta: preference strengths are for dpo and cw_dpo"),
+        (cfg(stages=[{"type": "dpo", "clip_high": 0.28}]), r"stages\[0\].clip_high: ratio clips are for grpo"),
+        (cfg(stages=[{"type": "grpo", "teacher": "tiny:teacher"}]), r"stages\[0\].teacher: teachers are for opd"),
+        (cfg(stages=[{"type": "cw_dpo", "group_size": 8}]), r"stages\[0\].group_size: groups of samples are for"),
+        (cfg(stages=[{"type": "sft", "label_smoothing": 0.1, "gentle": {"variant": "hinge"}}]),
+         r"stages\[0\].label_smoothing: is plain SFT's"),
         (cfg(stages=[]), "at least one stage"),
         (cfg(data={"train": "/no/such.parquet"}), "data.train: /no/such.parquet not found"),
         (cfg(data={}), "data: give data.synthetic or data.train"),

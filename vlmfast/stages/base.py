@@ -12,7 +12,9 @@ from __future__ import annotations
 class Stage:
     types: tuple[str, ...] = ()  # the recipe `type` values this class runs
     samples_in_training = True  # draws rollouts from the policy during training (the plan's rollout phase)
-    own_keys: dict[str, str] = {}  # recipe keys (default None) only this type reads: {key: what they set}
+    # recipe keys only this class's types read: {key: what they set}; another type given one (other than its default)
+    # is a config error, not a setting silently ignored
+    own_keys: dict[str, str] = {}
 
     # ---- one step -------------------------------------------------------------------------------------------
     @staticmethod

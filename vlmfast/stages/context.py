@@ -113,8 +113,10 @@ def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
 def rank_share_of_tokens(labels: torch.Tensor, device) -> torch.Tensor:
     """The step's response tokens over all ranks, divided by the number of ranks: a rank that divides its
     summed token loss by this makes DeepSpeed's mean over ranks the exact global token mean (TRL's "dapo"
-    normalisation), so every rank count trains as one process does."""
-    return mean_over_ranks((labels != -100).sum().to(device=device, dtype=torch.float32))
+    normalisation), so every rank count trains as one process does. No response token on any rank: 1 (the summed
+    loss is 0, and 0 / 0 would be a NaN step)."""
+    n = mean_over_ranks((labels != -100).sum().to(device=device, dtype=torch.float32))
+    return torch.where(n > 0, n, torch.ones_like(n))
 
 
 def rank_positions(ctx: StageContext, n: int, parts: int = 1) -> list[int]:

@@ -137,7 +137,10 @@ class GRPO(Stage):
                 "overlong_penalty": "overlong punishments", "advantage_scale": "advantage scalings",
                 "rewards": "reward functions", "reward_workers": "reward functions",
                 "dynamic_sampling": "dynamic sampling", "max_sampling_rounds": "dynamic sampling",
-                "kl_in_reward": "a KL penalty in the reward", "epochs_per_rollout": "passes over a rollout"}
+                "kl_in_reward": "a KL penalty in the reward", "epochs_per_rollout": "passes over a rollout",
+                "group_size": "groups of samples", "updates_per_rollout": "updates per rollout",
+                "clip_low": "ratio clips", "clip_high": "ratio clips", "dual_clip": "ratio clips",
+                "kl_coef": "KL penalties", "entropy_coef": "entropy bonuses", "aggregation": "loss aggregations"}
 
     def needs_reference(self, s):
         return s.kl_coef > 0  # the KL penalty to pi_ref

@@ -81,6 +81,7 @@ def opd_step(ctx: StageContext, step: int):
 class OPD(Stage):
     types = ("opd",)
     step = staticmethod(opd_step)
+    own_keys = {"teacher": "teachers", "opd_mode": "distillation modes", "opd_on_policy": "distillation modes"}
 
     def teacher(self, s):
         return s.teacher

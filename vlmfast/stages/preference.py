@@ -107,7 +107,7 @@ def auto_l_floor(ctx: StageContext, n: int = 64) -> float:
                                    [_target(ctx, _dataset_negative(e, rng), e) for e in part]))
         with eval_mode(ctx.model):
             r = head_token_stats(ctx.model, trunk_hidden(ctx.model, **b), b["labels"], outputs=("logp",),
-                                 per_sequence=True)
+                                 per_sequence=True, temperature=ctx.stage.temperature)  # as the loss's lbar
         out += sequence_mean(r.seq_logp, r.seq_count).tolist()
     return auto_floor(out)
 
@@ -117,6 +117,8 @@ class Preference(Stage):
 
     types = ("dpo", "cw_dpo")
     step = staticmethod(dpo_step)
+    own_keys = {"beta": "preference strengths", "tau_c": "cooling weights", "l_floor": "cooling weights",
+                "on_policy_fraction": "on-policy negatives"}
 
     def needs_reference(self, s):
         return True  # the implicit reward: log-ratios to pi_ref

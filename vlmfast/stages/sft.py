@@ -103,7 +103,7 @@ class SFT(Stage):
     types = ("sft",)
     samples_in_training = False
     step = staticmethod(sft_step)
-    own_keys = {"gentle": "gentle negatives"}
+    own_keys = {"gentle": "gentle negatives", "label_smoothing": "label smoothing"}
 
     def sequences_per_row(self, s):
         return 2 if s.gentle is not None else 1  # each target and its negative
@@ -113,6 +113,8 @@ class SFT(Stage):
 
     def check(self, s, key, bad):
         check_loss(bad, key, _check_sft, label_smoothing=s.label_smoothing, temperature=s.temperature)
+        if s.gentle is not None and s.label_smoothing:
+            bad(f"{key}.label_smoothing", "is plain SFT's: the gentle-negatives loss has none (it would be ignored)")
         if s.gentle is not None:
             extra = set(s.gentle) - GENTLE_KEYS
             if extra:

@@ -1,0 +1,50 @@
+"""Edges of the stages' arithmetic that a normal run does not reach: a step with no response token on any rank,
+and CW-DPO's automatic floor measured as the loss measures (at the stage's temperature)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+def test_a_step_with_no_response_token_has_loss_zero_not_nan():
+    from vlmfast.losses import sft_loss
+    from vlmfast.stages import rank_share_of_tokens
+
+    h = torch.randn(2, 5, 8, requires_grad=True)
+    W = torch.randn(50, 8, requires_grad=True)
+    labels = torch.full((2, 5), -100)  # prompt-only rows: nothing counted anywhere
+    n = rank_share_of_tokens(labels, "cpu")
+    loss, _ = sft_loss(h, W, labels, num_items_in_batch=n)
+    loss.backward()
+    assert n.item() == 1.0 and loss.item() == 0.0
+    assert torch.isfinite(h.grad).all() and torch.isfinite(W.grad).all()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_cw_dpo_auto_floor_is_the_negatives_mean_log_prob_at_the_stage_temperature(monkeypatch, temperature):
+    from vlmfast.config import load_config
+    from vlmfast.data.loading import load_data
+    from vlmfast.models import tiny_vlm
+    from vlmfast.stages import StageContext, preference
+
+    cfg = load_config(raw={"run": {"name": "f", "out_dir": "/tmp/unused"}, "model": {"path": "tiny:student"},
+                           "data": {"synthetic": {"train": 20, "val": 2, "ood": 2}},
+                           "stages": [{"type": "cw_dpo", "temperature": temperature}]})
+    model, processor = tiny_vlm("student", seed=0)
+    batches = []
+    real = preference.collate
+    monkeypatch.setattr(preference, "collate", lambda *a, **k: batches.append(real(*a, **k)) or batches[-1])
+    ctx = StageContext(cfg=cfg, stage=cfg.stages[0], index=0, model=model, processor=processor,
+                       train=load_data(cfg)["train"])
+    floor = preference.auto_l_floor(ctx)
+    # the naive formula: each negative's mean log-prob of its response tokens under softmax(logits / T)
+    lbars = []
+    with torch.no_grad():
+        for b in batches:
+            inputs = {k: v for k, v in b.items() if k not in ("labels", "prompt_lengths", "response_lengths")}
+            logits = model(**inputs).logits.double() / temperature
+            labels = b["labels"]
+            logp = F.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+            mask = labels != -100
+            lbars += ((logp * mask).sum(1) / mask.sum(1)).tolist()
+    assert len(lbars) == 20 and floor == pytest.approx(sum(lbars) / len(lbars), rel=1e-4)
