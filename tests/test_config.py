@@ -1,6 +1,8 @@
 """Recipes: unknown keys, wrong types, missing files and impossible settings fail before training,
 naming the key; overrides apply."""
 
+from pathlib import Path
+
 import pytest
 
 from vlmfast.config import ConfigError, load_config
@@ -130,6 +132,31 @@ def test_shipped_recipes_load():
 def test_bad_recipes_name_the_key(raw, match):
     with pytest.raises(ConfigError, match=match):
         load_config(raw=raw)
+
+
+def test_user_mistakes_are_named_before_any_work(tmp_path):
+    """What a new user gets wrong: not a number, a run folder outside out_dir, an out_dir that is a file, two data
+    sources at once, a recipe path that is a folder, an unknown top-level key (named as the recipe's)."""
+    (tmp_path / "file").write_text("x")
+    cases = [
+        (cfg(stages=[{"type": "sft", "lr": float("nan")}]), r"stages\[0\].lr: must be a finite number > 0, got nan"),
+        (cfg(stages=[{"type": "sft", "lr": float("inf")}]), r"stages\[0\].lr: must be a finite number > 0"),
+        (cfg(model={"path": "tiny:student", "vision_lr_mult": float("inf")}), "model.vision_lr_mult: must be a finite"),
+        (cfg(run={"name": "/etc"}), r"run.name: names a folder inside run.out_dir .*'/etc'"),
+        (cfg(run={"name": "../../x"}), r"run.name: names a folder inside run.out_dir"),
+        (cfg(run={"name": ""}), r"run.name: names a folder inside run.out_dir"),
+        (cfg(run={"out_dir": str(tmp_path / "file")}), r"run.out_dir: .*file is a file, not a folder"),
+        (cfg(data={"synthetic": {"train": 8}, "train": str(tmp_path / "file")}), "data: give data.synthetic or data."),
+        (cfg(data={"synthetic": {"train": 0}}), r"data.synthetic.train: must be >= 1, got 0"),
+        (cfg(data={"synthetic": {"image_size": 0}}), r"data.synthetic.image_size: must be >= 28, got 0"),
+        ({**cfg(), "modle": {}}, r"^the recipe: unknown key\(s\) \['modle'\]"),
+    ]
+    for raw, match in cases:
+        with pytest.raises(ConfigError, match=match):
+            load_config(raw=raw)
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(tmp_path)
+    assert load_config(raw=cfg(run={"name": "seed0/sft"})).run_dir == Path("runs") / "seed0" / "sft"  # a study's
 
 
 def test_missing_config_file_and_bad_override(tmp_path):

@@ -48,10 +48,13 @@ def test_geometry3k_parquet_and_jsonl_with_image_files(tmp_path):
         ({"images": ["a.png"], "problem": "<image>q"}, "missing column 'answer'"),
         ({"images": ["a.png"], "problem": "<image>q", "answer": " "}, "empty answer"),
         ({"images": ["a.png"], "problem": "<image><image>q", "answer": "1"}, "2 <image> markers for 1 images"),
+        ({"images": ["text.png"], "problem": "<image>q", "answer": "1"}, r"row 0: image 'text.png' is not a readable"),
+        ({"images": [5], "problem": "<image>q", "answer": "1"}, r"row 0: an image is a file path, bytes .*got 5"),
     ],
 )
 def test_geometry3k_malformed_rows_are_named(tmp_path, row, match):
     (tmp_path / "a.png").write_bytes(_png())
+    (tmp_path / "text.png").write_text("not a picture")
     (tmp_path / "bad.jsonl").write_text(json.dumps(row))
     with pytest.raises(RowError, match=match):
         read_geometry3k(tmp_path / "bad.jsonl")
@@ -136,10 +139,37 @@ def test_preference_pairs(tmp_path):
 
 def test_unknown_file_type_and_missing_file(tmp_path):
     (tmp_path / "x.csv").write_text("a,b")
-    with pytest.raises(ValueError, match="unsupported file type"):
+    with pytest.raises(RowError, match="unsupported file type"):
         read_geometry3k(tmp_path / "x.csv")
     with pytest.raises(FileNotFoundError):
         read_geometry3k(tmp_path / "nothing-here")
+
+
+def test_files_that_are_not_rows_are_named_by_file_and_line(tmp_path):
+    good = json.dumps({"images": ["a.png"], "problem": "<image>q", "answer": "1"})
+    (tmp_path / "broken.jsonl").write_text(good + "\n{not json\n")
+    with pytest.raises(RowError, match=r"broken.jsonl line 2: not a JSON object"):
+        read_geometry3k(tmp_path / "broken.jsonl")
+    (tmp_path / "list.jsonl").write_text(good + "\n[1, 2]\n")
+    with pytest.raises(RowError, match=r"list.jsonl row 1: a row is an object of columns, got list"):
+        read_geometry3k(tmp_path / "list.jsonl")
+    (tmp_path / "torn.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(RowError, match=r"torn.parquet: not a readable parquet file"):
+        read_geometry3k(tmp_path / "torn.parquet")
+
+
+def test_bad_data_exits_2_naming_the_line_before_the_run_starts(tmp_path, capsys):
+    from vlmfast.train import main
+
+    (tmp_path / "train.jsonl").write_text("{not json\n")
+    (tmp_path / "empty.jsonl").write_text("")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"run: {{name: r, out_dir: {tmp_path / 'runs'}}}\nmodel: {{path: 'tiny:student'}}\n"
+                      f"data: {{train: {tmp_path / 'train.jsonl'}}}\nstages: [{{type: sft, steps: 1}}]\n")
+    assert main(["--config", str(recipe)]) == 2
+    assert "data error: " in (err := capsys.readouterr().err) and "train.jsonl line 1: not a JSON object" in err
+    assert main(["--config", str(recipe), f"data.train={tmp_path / 'empty.jsonl'}"]) == 2
+    assert "data split 'train'" in capsys.readouterr().err and not (tmp_path / "runs" / "r").exists()
 
 
 # --- the synthetic task ---------------------------------------------------------------------------

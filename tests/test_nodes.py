@@ -65,3 +65,13 @@ def test_hub_downloads_happen_on_each_nodes_local_rank_0(tmp_path, monkeypatch):
     assert got == [hub_models(cfg) + hub_datasets(cfg), []]
     tiny = load_config(raw={"model": {"path": "tiny:student"}, "data": {"synthetic": {}}, "stages": [{"type": "sft"}]})
     assert hub_models(tiny) == [] and hub_datasets(tiny) == []
+
+
+def test_a_name_neither_here_nor_on_the_hub_is_a_config_error(monkeypatch):
+    """A misspelled local folder reads as a hub name: the download's failure (offline here) names it, exit 2."""
+    from vlmfast.config import ConfigError
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    cfg = load_config(raw={"model": {"path": "mymodel_dir"}, "data": {"synthetic": {}}, "stages": [{"type": "sft"}]})
+    with pytest.raises(ConfigError, match=r"mymodel_dir: no such file or folder here, and not fetched from the hub"):
+        fetch_once_per_node(cfg)

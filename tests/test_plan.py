@@ -95,6 +95,10 @@ def test_sft_recipe_stage_fits_and_bad_input_is_named(capsys):
     assert "sft: peak" in capsys.readouterr().out
     assert main(["--config", sft, "--gpu-memory", "lots"]) == 2
     assert "plan error" in capsys.readouterr().err
+    for option, value in (("--gpus", "0"), ("--gpus", "-8"), ("--prompt-tokens", "0")):  # argparse: exit 2
+        with pytest.raises(SystemExit) as e:
+            main(["--config", sft, option, value])
+        assert e.value.code == 2 and f"argument {option}: must be >= 1" in capsys.readouterr().err
 
 
 def test_fused_op_buffers_hold_the_one_pass_band_the_kernels_plan():

@@ -31,3 +31,20 @@ def test_batch_targets_cover_exactly_the_response():
         resp = tgt[i][tgt[i] != -100]
         assert torch.equal(resp[:-1], digits.flip(0)) and resp[-1] == demo.EOS
         assert ids[i, k + 1] == demo.EQ
+
+
+def test_a_bad_step_count_exits_2_before_any_model_is_built(capsys):
+    from vlmfast.quickstart import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--steps", "0"])
+    assert e.value.code == 2 and "argument --steps: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_python_m_runs_the_command():
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "vlmfast.quickstart", "--steps", "many"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and "expected a whole number, got 'many'" in res.stderr  # main() ran

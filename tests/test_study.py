@@ -168,6 +168,22 @@ def test_presets_are_valid_recipes_and_the_command_line_comes_last(tmp_path, cap
     assert not any(tmp_path.iterdir())
 
 
+def test_study_mistakes_exit_2_naming_them(tmp_path, capsys):
+    """A broken override, a section that is not a mapping, an out_dir that is a file, a report of a folder that
+    holds no study: exit 2, one line, no traceback."""
+    from vlmfast.study import main
+
+    (tmp_path / "file").write_text("x")
+    for args, says in ((["study.seeds=[1"], "override 'study.seeds=[1': not a YAML value"),
+                       (["study.seeds.x=1"], "override 'study.seeds.x=1'"),
+                       (["base=5"], "base: expected a mapping, got int 5"),
+                       (["stage2=[1]"], "stage2: expected a mapping, got list"),
+                       ([f"study.out_dir={tmp_path / 'file'}"], "study.out_dir: "),
+                       (["--report", str(tmp_path)], "is not a study's directory")):
+        assert main(args) == 2, args
+        assert says in capsys.readouterr().err, args
+
+
 class _Preemptible:
     """A stand-in for the study's executor (study_executors' interface), one run at a time: each run's process ends
     as `outcome(name, start)` says: "preempted" (exit 0 without results.json: how the trainer stops at a checkpoint

@@ -7,6 +7,8 @@ message that names the key (e.g. `stages[1].group_size: batch of 12 prompts x 5 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -345,12 +347,12 @@ def _build(cls, raw, where: str):
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+        raise ConfigError(f"{where or 'the recipe'}: expected a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+        raise ConfigError(f"{where or 'the recipe'}: unknown key(s) {unknown}; known: {sorted(names)}")
     kwargs = {}
     for key, value in raw.items():
         hint, path = hints[key], f"{where}.{key}" if where else key
@@ -423,25 +425,15 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return where + " ".join(str(getattr(e, "problem", None) or e).split())
 
 
-def _read_yaml(p: Path):
+def read_yaml(p: Path):
     try:
         return yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: broken YAML at {_yaml_problem(e)}") from None
 
 
-def load_config(path=None, overrides: list[str] | None = None, *, raw: dict | None = None) -> Config:
-    """Read a YAML recipe (or a raw dict), apply `key=value` overrides, build and validate."""
-    if raw is None:
-        if path is None:
-            raise ConfigError("no config: pass --config recipes/X.yaml")
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} not found")
-        raw = _read_yaml(p)
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a recipe is a mapping of sections (run, model, data, ..., stages)")
-    raw = dict(raw)
+def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
+    """raw with each `key=value` (a dotted key, a YAML value) set; a malformed one is a ConfigError naming it."""
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")
@@ -454,6 +446,21 @@ def load_config(path=None, overrides: list[str] | None = None, *, raw: dict | No
             _set_override(raw, key, value)
         except (IndexError, ValueError, AttributeError, TypeError) as e:
             raise ConfigError(f"override {item!r}: {e}") from None
+    return raw
+
+
+def load_config(path=None, overrides: list[str] | None = None, *, raw: dict | None = None) -> Config:
+    """Read a YAML recipe (or a raw dict), apply `key=value` overrides, build and validate."""
+    if raw is None:
+        if path is None:
+            raise ConfigError("no config: pass --config recipes/X.yaml")
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} {'is a folder' if p.is_dir() else 'not found'}")
+        raw = read_yaml(p)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections (run, model, data, ..., stages)")
+    raw = apply_overrides(dict(raw), overrides)
     stages = raw.pop("stages", None)
     cfg = _build(Config, raw, "")
     if not stages:
@@ -505,8 +512,12 @@ def _check_ranges(cfg: Config) -> None:
 
     for key in ("threads", "log_every", "checkpoint_every", "checkpoint_keep", "max_bad_steps", "dist_timeout_s"):
         at_least(f"run.{key}", getattr(cfg.run, key), 1)
-    if not cfg.model.vision_lr_mult > 0:
-        raise ConfigError(f"model.vision_lr_mult: must be > 0, got {cfg.model.vision_lr_mult}")
+    if not 0 < cfg.model.vision_lr_mult < math.inf:
+        raise ConfigError(f"model.vision_lr_mult: must be a finite number > 0, got {cfg.model.vision_lr_mult}")
+    if cfg.data.synthetic is not None:
+        for key in ("train", "val", "ood"):
+            at_least(f"data.synthetic.{key}", getattr(cfg.data.synthetic, key), 1)
+        at_least("data.synthetic.image_size", cfg.data.synthetic.image_size, 28)  # one 28-pixel patch at least
     at_least("deepspeed.grad_accum", cfg.deepspeed.grad_accum, 1)
     at_least("deepspeed.grad_clip", cfg.deepspeed.grad_clip, 0)
     e = cfg.eval
@@ -584,6 +595,13 @@ def validate(cfg: Config) -> None:
                     "is the policy with its adapters off; model.lora.handoff: adapters starts this stage from the "
                     "previous stage's adapters, so that would be the base model, not the stage start: use "
                     "handoff: merged")
+    name = Path(cfg.run.name)
+    if name.is_absolute() or ".." in name.parts or not name.parts:  # the run writes (and prunes) inside its folder
+        bad("run.name", f"names a folder inside run.out_dir (relative, no '..'), got {cfg.run.name!r}")
+    if Path(cfg.run.out_dir).exists() and not Path(cfg.run.out_dir).is_dir():
+        bad("run.out_dir", f"{cfg.run.out_dir} is a file, not a folder")
+    if cfg.data.synthetic is not None and (cfg.data.train is not None or cfg.data.val is not None):
+        bad("data", "give data.synthetic or data.train / data.val, not both (the splits would mix two tasks)")
     if cfg.run.resume not in ("auto", "never"):
         bad("run.resume", f"must be auto or never, got {cfg.run.resume!r}")
     _check_report_to(cfg.run.report_to)
@@ -639,8 +657,8 @@ def validate(cfg: Config) -> None:
             bad(f"{key}.type", f"must be one of {tuple(STAGES)}, got {s.type!r}")
         if s.steps < 1 or s.batch_size < 1:
             bad(key, "steps and batch_size must be >= 1")
-        if s.lr <= 0:
-            bad(f"{key}.lr", f"must be > 0, got {s.lr}")
+        if not 0 < s.lr < math.inf:
+            bad(f"{key}.lr", f"must be a finite number > 0, got {s.lr}")
         if s.engine not in ("hf", "vllm"):
             bad(f"{key}.engine", f"must be hf or vllm, got {s.engine!r}")
         if not 0 < s.vllm_memory_share < 1:
@@ -659,6 +677,14 @@ def validate(cfg: Config) -> None:
                 f"it produces {', '.join(names[:12])}{', ...' if len(names) > 12 else ''}")
         check_micro_batching(stage_of(s), s, key, bad)
         stage_of(s).check(s, key, bad)  # the stage type's own keys and its loss's hyperparameters
+
+
+def check_installed(cfg: Config) -> None:
+    """What the run needs installed, before any model loads (a recipe loads without it: `vlmfast plan` on a laptop)."""
+    uses = [i for i, s in enumerate(cfg.stages) if s.engine == "vllm"]
+    if uses and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"stages[{uses[0]}].engine: vllm is not installed here (pip install vllm; its CPU build: "
+                          "docs/platform.md), or use engine: hf")
 
 
 def check_ranks(cfg: Config, world: int) -> None:

@@ -83,12 +83,17 @@ def fetch_once_per_node(cfg, *, download_model=_download_model, download_dataset
     fails it (download a large model before the job, or raise the key). Returns what this rank fetched."""
     fetched = []
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        for name in hub_models(cfg):
-            download_model(name)
+        for name, fetch in [*((n, download_model) for n in hub_models(cfg)),
+                            *((s, download_dataset) for s in hub_datasets(cfg))]:
+            try:
+                fetch(name)
+            except Exception as e:  # a misspelled folder reads as a hub name: say both
+                from .config import ConfigError
+
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise ConfigError(f"{name}: no such file or folder here, and not fetched from the hub as a name "
+                                  f"({type(e).__name__}: {first[:300]})") from None
             fetched.append(name)
-        for source in hub_datasets(cfg):
-            download_dataset(source)
-            fetched.append(source)
     if several_ranks():
         torch.distributed.barrier()
     return fetched

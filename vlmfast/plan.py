@@ -30,6 +30,7 @@ import contextlib
 import sys
 from dataclasses import dataclass, field
 
+from .arguments import positive_int
 from .config import Config, ConfigError, check_ranks, generation_engine, load_config
 from .stages import stage_of
 
@@ -375,9 +376,9 @@ def format_plan(plans: list[StagePlan], gpus: int, gpu_memory: int, prompts: str
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="vlmfast plan", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True)
-    ap.add_argument("--gpus", type=int, default=8)
+    ap.add_argument("--gpus", type=positive_int, default=8)
     ap.add_argument("--gpu-memory", default="80GiB")
-    ap.add_argument("--prompt-tokens", type=int, default=None,
+    ap.add_argument("--prompt-tokens", type=positive_int, default=None,
                     help="prompt length (text + image tokens); default: the longest prompt of the recipe's data")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)

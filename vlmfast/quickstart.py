@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from .arguments import positive_int
 from .ops import token_stats
 
 DIGITS, EQ, BOS, EOS, PAD = 10, 10, 11, 12, 13
@@ -153,11 +155,17 @@ def run(out_dir="runs/quickstart", steps=600, batch=64, lr=3e-3, eval_every=100,
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="vlmfast quickstart", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/quickstart")
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=positive_int, default=600)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        ap.error(f"--out: {args.out} is a file, not a folder")
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     s = run(args.out, steps=args.steps, seed=args.seed)
     print(json.dumps(s, indent=1))
     print(f"wrote {args.out}/metrics.jsonl, curves.png, summary.md")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -37,7 +37,7 @@ from pathlib import Path
 import yaml
 
 from .checkpoint import write_atomic
-from .config import ConfigError, _set_override, load_config
+from .config import ConfigError, apply_overrides, load_config, read_yaml
 from .faults import Preempted, Preemption
 from .study_executors import DIST_ENV
 
@@ -142,6 +142,9 @@ def plan(raw_study: dict) -> tuple[dict, list[Run]]:
     unknown = set(raw_study) - STUDY_KEYS
     if unknown:
         raise ConfigError(f"unknown key(s) {sorted(unknown)}; a study has {sorted(STUDY_KEYS)}")
+    for section, value in raw_study.items():
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{section}: expected a mapping, got {type(value).__name__} {value!r}")
     study = {"name": "study", "out_dir": "runs", "workers": 2, "seeds": 3, **(raw_study.get("study") or {})}
     bad = set(study) - STUDY_SETTINGS
     if bad:
@@ -151,6 +154,8 @@ def plan(raw_study: dict) -> tuple[dict, list[Run]]:
     _check_executor(study)
     study["seeds"] = _seeds(study["seeds"])
     out_dir = str(Path(study["out_dir"]) / study["name"])
+    if Path(study["out_dir"]).exists() and not Path(study["out_dir"]).is_dir():
+        raise ConfigError(f"study.out_dir: {study['out_dir']} is a file, not a folder")
     runs = []
     if "teacher" not in raw_study:
         raise ConfigError("teacher: the study trains a teacher for opd (a mapping with `stage`)")
@@ -460,13 +465,11 @@ def _start(run: Run, sdir: Path, executor):
 def load_study(path, overrides: list[str] | None = None) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"study recipe {p} not found")
-    raw = yaml.safe_load(p.read_text()) or {}
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value")
-        key, text = item.split("=", 1)
-        _set_override(raw, key, yaml.safe_load(text))
+        raise ConfigError(f"study recipe {p} {'is a folder' if p.is_dir() else 'not found'}")
+    raw = read_yaml(p)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: a study recipe is a mapping of sections (study, base, pretrain, ...)")
+    apply_overrides(raw, overrides)
     plan(raw)  # validate now: a typo fails before any work
     return raw
 
@@ -490,6 +493,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.report:
         d = Path(args.report)
+        if not (d / "study.yaml").is_file():
+            print(f"study error: {d} is not a study's directory (no study.yaml)", file=sys.stderr)
+            return 2
         meta = json.loads((d / "report_meta.json").read_text()) if (d / "report_meta.json").exists() else {}
         print(write_reports(d, yaml.safe_load((d / "study.yaml").read_text()), meta))
         return 0

@@ -32,6 +32,7 @@ from .config import (
     Config,
     ConfigError,
     changed_keys,
+    check_installed,
     check_ranks,
     describe_keys,
     fingerprint,
@@ -222,6 +223,7 @@ def run(cfg: Config) -> dict:
     device = cfg.run.device if cfg.run.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     _init_distributed(device, cfg.run.dist_timeout_s)
     check_ranks(cfg, torch.distributed.get_world_size())
+    check_installed(cfg)
     check_shared_out_dir(Path(cfg.run.out_dir))  # several nodes: one run directory for all, or stop here
     fetch_once_per_node(cfg)  # hub model and data: each node's LOCAL_RANK 0 first
     run_dir = cfg.run_dir

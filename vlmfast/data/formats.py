@@ -140,19 +140,53 @@ def _rows(source) -> tuple[list[dict], Path]:
             rows += _rows(f)[0]
         return rows, p
     if p.suffix == ".parquet":
+        import pyarrow
         import pyarrow.parquet as pq
 
-        return pq.read_table(p).to_pylist(), p.parent
+        try:
+            rows = pq.read_table(p).to_pylist()
+        except pyarrow.ArrowException as e:
+            raise RowError(f"{p}: not a readable parquet file ({e})") from None
+        return _objects(rows, p), p.parent
     if p.suffix in (".jsonl", ".json"):
+        rows = []
         with p.open() as f:
-            return [json.loads(line) for line in f if line.strip()], p.parent
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise RowError(f"{p} line {n}: not a JSON object ({e.msg} at column {e.colno})") from None
+        return _objects(rows, p), p.parent
     if p.exists():
-        raise ValueError(f"{p}: unsupported file type {p.suffix!r} (use .parquet or .jsonl)")
+        raise RowError(f"{p}: unsupported file type {p.suffix!r} (use .parquet or .jsonl)")
     return _datasets_rows(str(source)), Path(".")
 
 
+def _objects(rows: list, path: Path) -> list[dict]:
+    """The rows, each a mapping of columns (a JSON line holding a list or a number is refused, naming its row)."""
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise RowError(f"{path} row {i}: a row is an object of columns, got {type(row).__name__}")
+    return rows
+
+
 def _image(entry, root: Path, where: str) -> Image.Image:
-    """An image from {"bytes", "path"} (the hub's storage), raw bytes, a PIL image or a file path."""
+    """An image from {"bytes", "path"} (the hub's storage), raw bytes, a PIL image or a file path; one that cannot
+    be decoded is refused naming its row."""
+    try:
+        return _decoded(entry, root, where)
+    except RowError:
+        raise
+    except (OSError, SyntaxError, ValueError) as e:  # PIL: UnidentifiedImageError (an OSError), truncated files
+        raise RowError(f"{where}: image {_short(entry)} is not a readable image ({e})") from None
+
+
+def _short(entry) -> str:
+    return repr(entry) if isinstance(entry, str) else f"({type(entry).__name__})"
+
+
+def _decoded(entry, root: Path, where: str) -> Image.Image:
     if isinstance(entry, Image.Image):
         return entry.convert("RGB")
     if isinstance(entry, dict):
@@ -166,7 +200,9 @@ def _image(entry, root: Path, where: str) -> Image.Image:
             if candidate.is_file():
                 return Image.open(candidate).convert("RGB")
         raise RowError(f"{where}: image {entry!r} not found (looked in {root} and {root / 'images'})")
-    raise RowError(f"{where}: missing image")
+    if entry is None or entry == "":
+        raise RowError(f"{where}: missing image")
+    raise RowError(f"{where}: an image is a file path, bytes or {{bytes, path}}, got {entry!r}")
 
 
 def _images(value, root: Path, where: str):

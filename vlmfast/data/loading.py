@@ -47,7 +47,7 @@ def is_hub_source(source: str) -> bool:
 
 def load_data(cfg: Config) -> dict:
     """{"train": [...], "val": [...], <extra eval split>: [...]} of Examples."""
-    from .formats import read_geometry3k, read_mathvista
+    from .formats import RowError, read_geometry3k, read_mathvista
 
     d = cfg.data
     by_format = {"geometry3k": read_geometry3k, "mathvista": read_mathvista}
@@ -57,7 +57,11 @@ def load_data(cfg: Config) -> dict:
         readers = dict.fromkeys(paths, read_geometry3k)  # the synthetic task is in Geometry3K format
     for k, p in data_sources(cfg).items():  # each split in its own format (train on one dataset, evaluate on another)
         paths[k], readers[k] = Path(p), by_format[d.split_formats.get(k, d.format)]
-    return {k: readers[k](p) for k, p in paths.items()}
+    data = {k: readers[k](p) for k, p in paths.items()}
+    for k, rows in data.items():
+        if not rows:
+            raise RowError(f"data split {k!r} ({paths[k]}) holds no rows")
+    return data
 
 
 def load_processor(cfg: Config, local_files_only: bool = False):
