@@ -86,6 +86,16 @@ def test_patched_loss_and_gradients_equal_transformers_own(kind, num_items):
                    _loss_and_grads(fused, inputs, labels)[0].loss.item()) < 1e-4
 
 
+def test_return_dict_false_gives_hfs_tuple_with_the_fused_loss_first():
+    hf = _text_model()
+    fused = apply_vlmfast(copy.deepcopy(hf))
+    inputs, labels = _text_batch()
+    want = hf(**inputs, labels=labels, return_dict=False)
+    got = fused(**inputs, labels=labels, return_dict=False)
+    assert isinstance(got, tuple) and isinstance(want, tuple)
+    assert abs(got[0].item() - want[0].item()) <= 1e-5 * abs(want[0].item())  # HF's tuple: the loss first
+
+
 def test_without_labels_and_in_generate_the_model_is_unchanged():
     hf = _text_model().eval()
     fused = apply_vlmfast(copy.deepcopy(hf))

@@ -242,6 +242,35 @@ def test_torch_compile_sees_the_op_without_graph_breaks():
 
 
 @needs_native
+def test_torch_compile_traces_the_public_op_over_vocabulary_blocks():
+    """token_stats on the native path keeps a running state across vocabulary blocks (token_stats_new_state, a
+    factory): torch.compile traces it (its fake) and the compiled values and gradients are eager's, against a naive
+    fp64 reference."""
+    from vlmfast.ops import token_stats
+
+    g = torch.Generator().manual_seed(0)
+    h, W = torch.randn(37, 24, generator=g), torch.randn(1000, 24, generator=g) * 0.3
+    y = torch.randint(0, 1000, (37,), generator=g)
+    y[::4] = -100
+
+    def f(x):
+        r = token_stats(x, W, y)
+        return r.logp.sum() - 0.1 * r.entropy.sum()
+
+    compiled = torch.compile(f, backend="aot_eager")
+    x1, x2 = h.double().requires_grad_(), h.clone().requires_grad_()
+    logp = torch.log_softmax(x1 @ W.double().T, -1)
+    keep = y != -100
+    ref = (logp.gather(-1, y.clamp(min=0)[:, None])[:, 0] * keep).sum() \
+        - 0.1 * (-(logp.exp() * logp).sum(-1) * keep).sum()
+    out = compiled(x2)
+    ref.backward()
+    out.backward()
+    assert out.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(x2.grad, x1.grad.float(), rtol=1e-4, atol=1e-5)
+
+
+@needs_native
 def test_bad_inputs_name_the_problem():
     z, zt, y = _problem(4, 100, "reverse", torch.float32)
     op = torch.ops.vlmfast.token_stats_block

@@ -126,3 +126,23 @@ def test_env_switch_turns_value_checks_off(monkeypatch):
     monkeypatch.setenv("VLMFAST_CHECK_INPUTS", "1")
     with pytest.raises(ValueError, match="NaN"):
         call(hidden=h)
+
+
+@pytest.mark.parametrize("op", ["token_stats", "token_loss"])
+def test_a_second_derivative_is_refused_not_silently_wrong(op):
+    """backward(create_graph=True) through a fused op (a gradient penalty): its gradient is computed, not traced, so
+    the penalty's gradient would lack the op's part. It raises instead."""
+    from vlmfast.ops import token_loss, token_stats
+
+    h = torch.randn(7, 8, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(30, 8, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 30, (7,))
+    if op == "token_stats":
+        loss = token_stats(h, W, y).logp.sum()
+    else:
+        loss = token_loss(h, W, y, lambda s, index: -s["logp"])[0]
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(loss, h, create_graph=True)
+    h2 = h.detach().requires_grad_()  # a plain backward still works
+    token_stats(h2, W, y).logp.sum().backward()
+    assert torch.isfinite(h2.grad).all()

@@ -378,8 +378,10 @@ std::string torch_version() { return VLMFAST_TORCH_VERSION; }
 TORCH_LIBRARY(vlmfast, m) {
   // the torch this was compiled against: vlmfast refuses to run it under another one
   m.def("torch_version() -> str", &torch_version);
-  // a factory without tensor inputs: registered for every backend (CompositeExplicitAutograd)
-  m.def("token_stats_new_state(int rows) -> Tensor", &token_stats_new_state);
+  // a factory without tensor inputs: its kernel below is CompositeExplicitAutograd (every backend), so it takes a
+  // fake implementation (vlmfast/ops/native.py) and torch.compile can trace it; a kernel given here would be
+  // CompositeImplicitAutograd, which refuses one
+  m.def("token_stats_new_state(int rows) -> Tensor");
   m.def(
       "token_stats_accumulate_(Tensor(a!) state, Tensor logits, Tensor target, Tensor? teacher_logits, float inv_t, "
       "int kl_mode, int ignore_index, int col_offset) -> ()");
@@ -393,6 +395,10 @@ TORCH_LIBRARY(vlmfast, m) {
       "token_stats_block_grad(Tensor logits, Tensor target, Tensor? teacher_logits, Tensor lse, Tensor entropy, "
       "Tensor kl, Tensor lse_t, Tensor g_logp, Tensor g_entropy, Tensor g_kl, Tensor g_lse, float inv_t, "
       "int kl_mode, int ignore_index, int col_offset, Tensor(a!) grad_logits) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(vlmfast, CompositeExplicitAutograd, m) {
+  m.impl("token_stats_new_state", &token_stats_new_state);
 }
 
 TORCH_LIBRARY_IMPL(vlmfast, CPU, m) {

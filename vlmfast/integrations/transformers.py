@@ -51,8 +51,10 @@ def apply_vlmfast(model, *, return_token_stats: bool = False, backend: str = "au
         if kwargs.get("logits_to_keep", 0) not in (0, None):
             raise ValueError("apply_vlmfast: logits_to_keep with labels is not supported (the loss needs every "
                              "position)")
+        # return_dict=False (HF's tuple): computed as a ModelOutput, handed back as HF's tuple (loss first)
+        as_tuple = kwargs.pop("return_dict", None) is False
         with forward_as(model.lm_head, lambda h: h):  # the head hands the hidden states through
-            out = original(*args, **kwargs)
+            out = original(*args, return_dict=True, **kwargs)
         hidden = out.logits  # [B, T, H]
         if shift_labels is None:  # HF: labels[t] is token t; position t predicts labels[t + 1]
             shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
@@ -61,6 +63,8 @@ def apply_vlmfast(model, *, return_token_stats: bool = False, backend: str = "au
         out["logits"] = None
         if stats is not None:
             out["token_logp"], out["token_entropy"] = stats
+        if as_tuple:  # HF's order: the loss first, then the output's other fields that are set
+            return tuple(v for v in (out["loss"], *(out[k] for k in out.keys() if k != "loss")) if v is not None)
         return out
 
     model._vlmfast_original_forward = original

@@ -4,6 +4,8 @@ losses know theirs in the forward and take one_pass.py instead)."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -17,6 +19,19 @@ def _triton():
     from vlmfast.kernels import token_stats as kernel  # imported lazily: triton is optional on CPU
 
     return kernel
+
+
+def first_order_only(backward):
+    """A backward that refuses backward(create_graph=True): its gradients are computed, not traced, so a second
+    derivative (a gradient penalty, a Hessian-vector product) would come back silently without this op's part."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():  # autograd runs a backward with grad mode on only under create_graph=True
+            raise RuntimeError("vlmfast's fused ops have no second derivative (backward with create_graph=True): "
+                               "compute a gradient penalty through the unfused head (vlmfast.losses.reference)")
+        return backward(ctx, *grads)
+
+    return wrapper
 
 
 def _saved_stats(ctx):
@@ -59,6 +74,7 @@ class FusedLinearTokenStats(torch.autograd.Function):
         return _finish_forward(ctx, stats, (hidden, weight, bias, target), teacher)
 
     @staticmethod
+    @first_order_only
     @once_differentiable
     @ieee_fp32
     def backward(ctx, *grad_outputs):
@@ -96,6 +112,7 @@ class LogitsTokenStats(torch.autograd.Function):
         return _finish_forward(ctx, stats, (logits, target), teacher)
 
     @staticmethod
+    @first_order_only
     @once_differentiable
     def backward(ctx, *grad_outputs):
         logits, target = ctx.saved_tensors[:2]

@@ -28,6 +28,7 @@ import warnings
 
 import torch
 
+STATE_WIDTH = 9  # doubles per row of an OnlineStats state (kernels/cpu/token_stats.cpp kStateWidth)
 KL_MODES = {None: 0, "reverse": 1, "forward": 2}
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the vlmfast package folder
@@ -259,6 +260,10 @@ if available():
     def _stats_fake(logits, target, teacher_logits, inv_t, kl_mode, ignore_index):
         rows = logits.new_empty(logits.shape[0], dtype=torch.float32)
         return tuple(torch.empty_like(rows) for _ in range(5))
+
+    @torch.library.register_fake("vlmfast::token_stats_new_state")
+    def _new_state_fake(rows):
+        return torch.empty(rows, STATE_WIDTH, dtype=torch.float64)
 
     @torch.library.register_fake("vlmfast::token_stats_finish")
     def _finish_fake(state, target, kl_mode, ignore_index):

@@ -36,6 +36,7 @@ import torch
 
 from . import chunked, native
 from ._inputs import OUTPUT_NAMES
+from .function import first_order_only
 from .precision import ieee_fp32
 
 MIN_BAND_ROWS = 256
@@ -293,6 +294,7 @@ class FusedLinearTokenLoss(torch.autograd.Function):
         return _finish_forward(ctx, loss, stats, hidden, weight, bias, student.dh, student.dw, student.db, N)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, g_loss, *_):
         if getattr(ctx, "done", False):
             raise RuntimeError("token_loss: backward ran twice through the same forward (retain_graph); the "
