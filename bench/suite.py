@@ -23,6 +23,8 @@ import json
 import sys
 from pathlib import Path
 
+from vlmfast.arguments import positive_int
+
 from . import providers as P
 from . import registry
 from ._runner import RESULTS, append_rows, environment, measure, reset_peak_rss, run_case
@@ -206,12 +208,12 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--models", nargs="+", default=None, help=f"from {sorted(registry.MODELS)}")
+    ap.add_argument("--models", nargs="+", default=None, choices=sorted(registry.MODELS))
     ap.add_argument("--ops", nargs="+", default=None, choices=P.OPS, help="default: every op (see registry)")
     ap.add_argument("--providers", nargs="+", default=None, help="default: every provider available")
-    ap.add_argument("--tokens", nargs="+", type=int, default=None, help="token counts to sweep")
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--tokens", nargs="+", type=positive_int, default=None, help="token counts to sweep")
+    ap.add_argument("--repeats", type=positive_int, default=2)
+    ap.add_argument("--threads", type=positive_int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--dtypes", nargs="+", default=None, choices=("float32", "bfloat16", "float16"),
                     help="input dtypes (default per model, see registry: CPU fp32, plus bf16 on the full vocabulary)")
     ap.add_argument("--tolerance", type=float, default=None,
@@ -237,8 +239,11 @@ def main(argv=None) -> int:
             print("--device cuda: no CUDA device is visible to torch", file=sys.stderr)
             return 2
     args.models = args.models or registry.DEFAULT_MODELS[args.device]
-    for m in args.models:
-        registry.head(m)
+    offered = {name for op in args.ops or P.OPS for name in P.providers(op, args.device)}
+    unknown = sorted(set(args.providers or ()) - offered)
+    if unknown:  # a typo would be filtered out silently after the agreement pass
+        ap.error(f"--providers: {', '.join(unknown)} not offered on {args.device} for these ops; "
+                 f"offered: {', '.join(sorted(offered))}")
     rows = run(args)  # written to <out>/<device>.jsonl as each case finishes
     if args.op_worker:
         return 0

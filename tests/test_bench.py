@@ -214,3 +214,15 @@ print(got == long_tail_lengths(12, 40, random.Random(0)), got)
     r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("True"), r.stdout
+
+
+@pytest.mark.parametrize("args,says", [(["--providers", "vlmfast-chunkd"], "--providers: vlmfast-chunkd not offered"),
+                                       (["--models", "qwen7b"], "argument --models: invalid choice: 'qwen7b'"),
+                                       (["--tokens", "0"], "argument --tokens: must be >= 1, got 0"),
+                                       (["--repeats", "-1"], "argument --repeats: must be >= 1")])
+def test_bench_mistakes_exit_2_before_anything_runs(args, says, capsys, tmp_path):
+    from bench.suite import main
+
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--no-e2e", "--out", str(tmp_path)])
+    assert e.value.code == 2 and says in capsys.readouterr().err and not any(tmp_path.iterdir())

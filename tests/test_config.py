@@ -150,6 +150,8 @@ def test_user_mistakes_are_named_before_any_work(tmp_path):
         (cfg(data={"synthetic": {"train": 0}}), r"data.synthetic.train: must be >= 1, got 0"),
         (cfg(data={"synthetic": {"image_size": 0}}), r"data.synthetic.image_size: must be >= 28, got 0"),
         ({**cfg(), "modle": {}}, r"^the recipe: unknown key\(s\) \['modle'\]"),
+        (cfg(data={"train": str(tmp_path)}, stages=[{"type": "sft", "early_stopping": {"metric": "val/accuracy"}}]),
+         r"early_stopping.metric: .*it evaluates nothing: give data.val"),
     ]
     for raw, match in cases:
         with pytest.raises(ConfigError, match=match):

@@ -673,8 +673,10 @@ def validate(cfg: Config) -> None:
             bad(f"{key}.early_stopping.mode", f"must be max or min, got {s.early_stopping.mode!r}")
         if s.early_stopping is not None and s.early_stopping.metric not in eval_metric_names(cfg):
             names = sorted(eval_metric_names(cfg))
-            bad(f"{key}.early_stopping.metric", f"no evaluation of this recipe produces {s.early_stopping.metric!r}; "
-                f"it produces {', '.join(names[:12])}{', ...' if len(names) > 12 else ''}")
+            produced = (f"it produces {', '.join(names[:12])}{', ...' if len(names) > 12 else ''}" if names else
+                        "it evaluates nothing: give data.val (or data.eval_splits) to watch")
+            bad(f"{key}.early_stopping.metric",
+                f"no evaluation of this recipe produces {s.early_stopping.metric!r}; {produced}")
         check_micro_batching(stage_of(s), s, key, bad)
         stage_of(s).check(s, key, bad)  # the stage type's own keys and its loss's hyperparameters
 

@@ -95,13 +95,12 @@ def _rollout(ctx: StageContext, index: int) -> dict:
     _advantages(ctx, rows)
     rows = _balanced(ctx, rows)
     ro = {"index": index, "info": info, **_collated(ctx, rows)}
-    b, labels = ro["batch"], ro["batch"]["labels"]
     slices = [sl for update in ro["micro"] for sl in update]
 
     def logp_of(model):  # kept on the host with the rollout batch
-        return torch.cat([head_token_stats(model, trunk_hidden(model, **part), part["labels"], temperature=s.temperature,
-                                           outputs=("logp",)).logp.cpu()
-                          for part in (on_device(ctx, batch_rows(b, sl)) for sl in slices)])
+        parts = (on_device(ctx, batch_rows(ro["batch"], sl)) for sl in slices)
+        return torch.cat([head_token_stats(model, trunk_hidden(model, **p), p["labels"], temperature=s.temperature,
+                                           outputs=("logp",)).logp.cpu() for p in parts])
 
     with ctx.timer("logprobs"):
         # the rollout policy's log-probs: for several updates, and for a KL in the reward (verl's old_log_prob)

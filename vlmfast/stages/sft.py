@@ -13,7 +13,6 @@ from .context import (
     _dataset_negative,
     _device,
     _policy_loss,
-    on_device,
     _target,
     balanced_over_ranks,
     batch_examples,
@@ -22,6 +21,7 @@ from .context import (
     in_micro_batches,
     mean_over_ranks,
     micro_slices,
+    on_device,
     prompt_tokens,
     rank_share_of_tokens,
 )
