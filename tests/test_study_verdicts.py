@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from vlmfast.study_stats import family_verdicts, t_cdf, two_sided_p
 from vlmfast.study_verdicts import claims, interval, plateau, plateau_noise, t95, verdict
 
 
@@ -28,6 +29,46 @@ def test_interval_is_the_student_t_interval():
 ])
 def test_verdicts_follow_the_interval(values, threshold, side, want):
     assert verdict(values, threshold, side) == want
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 4, 7, 12, 30])
+def test_t_cdf_gives_the_tables_two_sided_5_percent_and_closed_forms(df):
+    from vlmfast.study_stats import T95
+
+    assert 2 * (1 - t_cdf(T95[df], df)) == pytest.approx(0.05, abs=2e-4)  # the quantile table, three decimals
+    assert t_cdf(0.0, df) == pytest.approx(0.5) and t_cdf(-1.3, df) == pytest.approx(1 - t_cdf(1.3, df))
+    assert t_cdf(1.0, 1) == pytest.approx(0.75)  # Cauchy: 1/2 + atan(t)/pi
+    assert t_cdf(1.0, 2) == pytest.approx(0.5 + 1.0 / (2 * math.sqrt(3.0)))  # df 2: 1/2 + t / (2 sqrt(2 + t^2))
+
+
+def test_p_value_is_the_paired_t_tests():
+    # [1, 2, 3] against 0: t = 2 / (1 / sqrt 3) = 3.464 at df 2; two-sided p = 1 - t / sqrt(2 + t^2) (df 2 closed form)
+    t = 2 * math.sqrt(3)
+    assert two_sided_p([1.0, 2.0, 3.0]) == pytest.approx(1 - t / math.sqrt(2 + t * t))
+    assert two_sided_p([0.3]) == 1.0 and two_sided_p([0.2, 0.2, 0.2], 0.2) == 1.0
+
+
+def _claim(p_target, side=">", n=4):
+    """A claim whose values give two-sided p = p_target against 0 (values spread as +-1 around their mean)."""
+    lo, hi = 0.0, 50.0
+    for _ in range(200):  # the t giving p_target at df n - 1
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if 2 * (1 - t_cdf(mid, n - 1)) > p_target else (lo, mid)
+    sd = float(np.std([1, -1, 1, -1], ddof=1))
+    mean = lo * sd / math.sqrt(n)
+    return {"values": {i: mean + d for i, d in enumerate([1, -1, 1, -1])}, "threshold": 0.0, "side": side}
+
+
+def test_holm_decides_the_claims_together():
+    # two claims at p = 0.03: each alone would hold; together the smaller must pass 0.05 / 2
+    assert [verdict(list(_claim(0.03)["values"].values()), 0.0, ">")] == ["holds"]
+    assert family_verdicts([_claim(0.03), _claim(0.03)]) == ["inside the noise", "inside the noise"]
+    # p = 0.01 passes 0.025; then 0.04 passes 0.05: both decided, on their sides
+    assert family_verdicts([_claim(0.04, "<"), _claim(0.01)]) == ["contradicted", "holds"]
+    # a step-down stops at the first failure: 0.01 passes 0.05 / 3, 0.03 fails 0.025, so 0.04 is not decided either
+    assert family_verdicts([_claim(0.04), _claim(0.01), _claim(0.03)]) == ["inside the noise", "holds",
+                                                                          "inside the noise"]
+    assert family_verdicts([{"values": {}, "threshold": 0.0, "side": ">"}]) == [None]
 
 
 def _seed(early_ood, over_ood, accs, h_opd, cw=(0.6, 0.5), dpo=(0.6, 0.3)):

@@ -1,10 +1,11 @@
 """The study across seeds: every arm as a mean with its interval over seeds, and each published claim's
 verdict from a paired test across seeds (runs/<study>/report.md; each seed's own report is seed<k>/report.md).
 
-Verdict rule, one per claim: for each seed s the claim's paired statistic d_s, computed from that seed's runs
-only (e.g. sft_early's OOD accuracy minus sft_over's); their mean and 95% t-interval over seeds (df = seeds - 1).
-The claim *holds* when the interval lies entirely on its side of the threshold, is *contradicted* when it lies
-entirely on the other side, and is *inside the noise* otherwise (always, with fewer than two seeds).
+Verdict rule: for each seed s a claim's paired statistic d_s, computed from that seed's runs only (e.g. sft_early's
+OOD accuracy minus sft_over's); their mean and 95% t-interval over seeds (df = seeds - 1), and the paired t-test's
+p-value against the threshold. The claims are decided together by Holm's step-down rule at 5% family-wise
+(study_stats.py): a decided claim *holds* on its side of the threshold, is *contradicted* on the other, and the rest
+are *inside the noise* (always, with fewer than two seeds).
 """
 
 from __future__ import annotations
@@ -16,50 +17,12 @@ from pathlib import Path
 
 from .report import handoff_step, read_run, series
 from .study_report import _endpoint, _pass_keys, pipelines, stage1_endpoint
+from .study_stats import family_verdicts, interval, t95, two_sided_p, verdict  # noqa: F401 (t95, verdict: tests)
 
-# two-sided 95% Student-t quantiles by degrees of freedom, 1-30 (beyond: t95's expansion)
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-       11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086,
-       21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048, 29: 2.045, 30: 2.042}
-Z975 = 1.959963984540054
 BAND = 0.10  # "a narrow band": the warm-starts' in-domain accuracies within 0.10 of each other
 SPREAD_TARGET = 0.05  # across-seed standard deviation of an arm's Stage-1 in-domain accuracy the study aims for
 PLATEAU_TOL = 0.05  # "flat": reward and accuracy move less than this over the last quarter of Stage 2
 STAGE1 = ("sft_early", "sft_over", "opd", "sft_gentle")
-
-
-def t95(df: int) -> float:
-    """The two-sided 95% Student-t quantile: the table to 30 degrees of freedom, then the Cornish-Fisher expansion
-    in 1/df (Abramowitz & Stegun 26.7.5; within 1e-4 there). A larger df's value for a missing one, or 1.96,
-    would narrow every interval."""
-    if df <= 0:
-        return float("inf")
-    if df in T95:
-        return T95[df]
-    z = Z975
-    g = [(z**3 + z) / 4, (5 * z**5 + 16 * z**3 + 3 * z) / 96, (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384,
-         (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160]
-    return z + sum(gk / df ** (k + 1) for k, gk in enumerate(g))
-
-
-def interval(values: list[float]) -> tuple[float, float, float, float]:
-    """(mean, low, high, sd) of values over seeds: the mean's 95% t-interval."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, -math.inf, math.inf, float("nan")
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = t95(n - 1) * sd / math.sqrt(n)
-    return mean, mean - half, mean + half, sd
-
-
-def verdict(values: list[float], threshold: float = 0.0, side: str = ">") -> str:
-    """holds / contradicted / inside the noise, for the claim "mean d {side} threshold"."""
-    _, lo, hi, _ = interval(values)
-    above, below = lo > threshold, hi < threshold
-    if side == ">":
-        return "holds" if above else ("contradicted" if below else "inside the noise")
-    return "holds" if below else ("contradicted" if above else "inside the noise")
 
 
 def _num(v) -> float | None:
@@ -226,17 +189,17 @@ def stopping_line(per_seed_paths: dict[int, dict[str, Path]]) -> str:
 
 
 def verdict_table(found: list[dict]) -> str:
-    lines = ["| claim | statistic | per seed | mean [95% CI] | verdict |", "|---|---|---|---|---|"]
-    for c in found:
+    lines = ["| claim | statistic | per seed | mean [95% CI] | p | verdict (Holm) |", "|---|---|---|---|---|---|"]
+    for c, said in zip(found, family_verdicts(found)):
         vals = list(c["values"].values())
         if not vals:
-            lines.append(f"| {c['claim']} | {c['statistic']} | – | – | not measured |")
+            lines.append(f"| {c['claim']} | {c['statistic']} | – | – | – | not measured |")
             continue
         mean, lo, hi, _ = interval(vals)
         ci = f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]" if len(vals) > 1 else f"{mean:+.3f}"
         per = ", ".join(f"{v:+.3f}" for v in vals)
-        said = verdict(vals, c["threshold"], c["side"])
-        lines.append(f"| {c['claim']} | {c['statistic']} | {per} | {ci} | **{said}** |")
+        p = two_sided_p(vals, c["threshold"])
+        lines.append(f"| {c['claim']} | {c['statistic']} | {per} | {ci} | {p:.3f} | **{said}** |")
     return "\n".join(lines)
 
 
@@ -325,9 +288,12 @@ def write_study_report(sdir: Path, raw_study: dict, per_seed_paths: dict[int, di
              f"{teacher.get('ood/accuracy', float('nan')):.3f}." + _pretrain_line(sdir), "",
              "## Seed spread of Stage 1", "", *spread_lines(per_seed), "", stopping_line(per_seed_paths), "",
              "## Verdicts (paired across seeds)", "",
-             "Each claim's statistic is computed per seed from that seed's runs; the verdict is *holds* when its 95% "
-             "t-interval over seeds lies on the claimed side of the threshold, *contradicted* when it lies on the "
-             "other side, *inside the noise* otherwise.", "", verdict_table(found), "",
+             "Each claim's statistic is computed per seed from that seed's runs; p is the paired t-test's two-sided "
+             "p-value against the threshold. The claims are decided together (Holm's step-down rule, 5% "
+             f"family-wise over the {sum(bool(c['values']) for c in found)} measured): a decided claim *holds* on "
+             "its side of the threshold and is *contradicted* on the other; the rest are *inside the noise*. A "
+             "95% interval clear of the threshold is not enough alone: five claims tested at 5% each would show "
+             "a false verdict in about 23% of studies where none is true.", "", verdict_table(found), "",
              "## Stage 2 at its plateau?", "",
              f"Change over the last quarter of each Stage-2 run (reward: mean of the last quarter minus the quarter "
              f"before, GRPO only, logged every step; accuracy: the least-squares slope through the evaluations of "
@@ -351,6 +317,6 @@ def write_study_report(sdir: Path, raw_study: dict, per_seed_paths: dict[int, di
     (sdir / "report_meta.json").write_text(json.dumps(meta, indent=1))
     (sdir / "verdicts.json").write_text(json.dumps(
         [{**c, "values": {str(k): v for k, v in c["values"].items()},
-          "verdict": verdict(list(c["values"].values()), c["threshold"], c["side"]) if c["values"] else None}
-         for c in found], indent=1))
+          "p": two_sided_p(list(c["values"].values()), c["threshold"]) if c["values"] else None, "verdict": said}
+         for c, said in zip(found, family_verdicts(found))], indent=1))
     return path
