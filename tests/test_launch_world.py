@@ -60,3 +60,24 @@ def test_the_process_group_timeout_is_the_recipes():
             "T._init_distributed('cpu', 42)\n")
     res = subprocess.run([sys.executable, "-c", code], env=clean_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip().splitlines()[-1] == "42.0", res.stderr[-2000:]
+
+
+def test_each_rank_takes_its_gpu_whether_it_sees_the_node_or_one():
+    from vlmfast.config import ConfigError
+    from vlmfast.train import local_gpu
+
+    assert [local_gpu(r, 8) for r in range(8)] == list(range(8))  # torchrun / deepspeed: every GPU of the node
+    assert [local_gpu(r, 1) for r in range(8)] == [0] * 8  # srun --gpus-per-task=1: each task's own is cuda:0
+    with pytest.raises(ConfigError, match="LOCAL_RANK=5 but this process sees 2 GPUs"):
+        local_gpu(5, 2)
+
+
+def test_flash_attention_only_where_the_forward_runs_in_16_bits(monkeypatch):
+    import importlib.util
+
+    from vlmfast.models import default_attn_implementation
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else None)
+    assert default_attn_implementation("cuda", "bfloat16") == "flash_attention_2"
+    assert default_attn_implementation("cuda", "float32") == "sdpa"  # flash-attn refuses fp32 at the first forward
+    assert default_attn_implementation("cpu", "bfloat16") == "sdpa"

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .packing import pack, packs, unpack
+from .ranks import reduce_over_ranks
 from .rope_index import use_prefix_rope_index
 from .zero import forward_as, frozen_weight, is_partitioned
 
@@ -178,10 +179,12 @@ def save_pretrained(model, processor, path) -> Path:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def default_attn_implementation(device) -> str:
-    """flash-attention 2 on CUDA when installed, else SDPA."""
+def default_attn_implementation(device, compute_dtype: str = "bfloat16") -> str:
+    """flash-attention 2 on CUDA when installed and the forward runs in 16 bits (it refuses fp32: "FlashAttention
+    only support fp16 and bf16 data type" at the first forward), else SDPA."""
     cuda = torch.device(device).type == "cuda"
-    return "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa"
+    half = compute_dtype in ("bfloat16", "float16")
+    return "flash_attention_2" if cuda and half and importlib.util.find_spec("flash_attn") else "sdpa"
 
 
 def load_model(name_or_path, *, dtype="float32", attn_implementation="auto", gradient_checkpointing=False,
@@ -201,7 +204,7 @@ def load_model(name_or_path, *, dtype="float32", attn_implementation="auto", gra
     if str(name_or_path).startswith((".", "/")) and not local.exists():
         raise FileNotFoundError(f"model path {local} does not exist")
     if attn_implementation == "auto":
-        attn_implementation = default_attn_implementation(device)
+        attn_implementation = default_attn_implementation(device, dtype)
     if liger:
         if torch.device(device).type != "cuda":
             raise ValueError("liger=True needs a CUDA device (its Triton kernels do not run on the CPU)")
@@ -323,9 +326,7 @@ def every_rank_agrees(model, flag: bool) -> bool:
     collectives out of order, so all take the shared path or none (one all-reduce per forward)."""
     if not (is_partitioned(model) and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
         return flag
-    t = torch.tensor([int(flag)], device=next(model.parameters()).device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-    return bool(t.item())
+    return bool(reduce_over_ranks(torch.tensor([int(flag)]), "min").item())
 
 
 def shared_images(model, batch: dict) -> dict:

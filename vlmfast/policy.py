@@ -7,7 +7,7 @@ from __future__ import annotations
 from .config import Config, ConfigError
 from .data.loading import image_pixels
 from .lora import adapter_base, apply_lora, is_adapter_folder, load_adapters
-from .models import load_model, tiny_vlm
+from .models import default_attn_implementation, load_model, tiny_vlm
 from .packing import use_packed_forward
 from .zero import frozen_engine, partitioned_loading
 
@@ -73,8 +73,11 @@ def load_model_and_processor(cfg: Config, path: str, device: str, processor=None
         freeze(model, vision=m.freeze_vision, projector=m.freeze_projector, llm=m.freeze_llm)
         model = model.to(device)
     else:
+        attn = m.attn_implementation
+        if attn == "auto":  # DeepSpeed's bf16 runs fp32 weights' forward in bf16
+            attn = default_attn_implementation(device, "bfloat16" if cfg.deepspeed.precision == "bf16" else m.dtype)
         with partitioned_loading(ds_config(cfg, 1)):
-            model, proc = load_model(path, dtype=m.dtype, attn_implementation=m.attn_implementation,
+            model, proc = load_model(path, dtype=m.dtype, attn_implementation=attn,
                                      gradient_checkpointing=m.gradient_checkpointing, liger=m.liger, device=device,
                                      freeze_vision=m.freeze_vision, freeze_projector=m.freeze_projector,
                                      freeze_llm=m.freeze_llm, load_in_4bit=load_in_4bit)

@@ -69,9 +69,10 @@ def gathered_rows(x: torch.Tensor) -> torch.Tensor:
     """[rows, ...] of every rank (each the same number of rows) concatenated in rank order."""
     if not several_ranks():
         return x
-    parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+    y = x.contiguous().to(_collective_device(x))
+    parts = [torch.empty_like(y) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, y)
+    return torch.cat(parts).to(x.device)
 
 
 def balanced_shares(lengths: list[int], parts: int) -> list[list[int]]:

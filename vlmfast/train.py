@@ -53,6 +53,18 @@ from .stage_loop import run_stage
 from .tracking import open_trackers, record_key
 
 
+def local_gpu(local_rank: int, visible: int) -> int:
+    """This rank's GPU among the `visible` ones: LOCAL_RANK's where each rank sees the node's GPUs (torchrun,
+    deepspeed, srun --gpus-per-node), the only one where the launcher binds a GPU per task (srun --gpus-per-task=1:
+    each task sees its own as cuda:0, whatever its LOCAL_RANK)."""
+    if visible == 1:
+        return 0
+    if not 0 <= local_rank < visible:
+        raise ConfigError(f"LOCAL_RANK={local_rank} but this process sees {visible} GPUs (CUDA_VISIBLE_DEVICES): give "
+                          "each rank every GPU of its node, or exactly one")
+    return local_rank
+
+
 class DataError(ValueError):
     """A dataset that cannot be read (missing file, image or column): named by file and row."""
 
@@ -97,7 +109,7 @@ def _init_distributed(device: str, timeout_s: int = 600) -> None:
         return
     os.environ.update(srun_world(os.environ))
     if device == "cuda":  # before anything touches the GPU: this rank's device is LOCAL_RANK's, not cuda:0
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_gpu(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()))
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

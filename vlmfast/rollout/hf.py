@@ -94,7 +94,9 @@ class _HalfEnded:
         self.start, self.end_ids = start, end_ids
 
     def __call__(self, input_ids, scores, **kwargs):
-        ended = torch.isin(input_ids[:, self.start :], self.end_ids.to(input_ids.device)).any(1)
+        if self.end_ids.device != input_ids.device:  # once: not a host-to-device copy per decoded token
+            self.end_ids = self.end_ids.to(input_ids.device)
+        ended = torch.isin(input_ids[:, self.start :], self.end_ids).any(1)
         return ended | (2 * ended.sum() >= ended.numel())
 
 

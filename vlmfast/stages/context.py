@@ -105,9 +105,7 @@ def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
     _, size = world()
     if size == 1:
         return x
-    x = x.detach().clone()
-    torch.distributed.all_reduce(x)
-    return x / size
+    return reduce_over_ranks(x) / size  # a host tensor (gentle negatives' counts) goes to the GPU under NCCL
 
 
 def rank_share_of_tokens(labels: torch.Tensor, device) -> torch.Tensor:
@@ -198,7 +196,7 @@ def on_device(ctx: StageContext, batch):
 
 def _counted(batch: dict, ctx: StageContext) -> dict:
     """The batch, its tokens counted for the tokens/s metric of the policy's step."""
-    ctx.extra["tokens"] = ctx.extra.get("tokens", 0) + int(batch["attention_mask"].sum())
+    ctx.extra["tokens"] = ctx.extra.get("tokens", 0) + batch["attention_mask"].sum()  # read once per step
     return batch
 
 
@@ -234,9 +232,7 @@ def _sample_subset(ctx, exs, positions: list[int], idx: list[int], n: int, step:
     Padding prompts repeat a real one and their samples are dropped (seeded per row: they change nothing)."""
     count = len(idx)
     if world()[1] > 1:
-        t = torch.tensor([count], device=next(ctx.model.parameters()).device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        count = int(t.item())
+        count = int(reduce_over_ranks(torch.tensor([count]), "max").item())
     if count == 0:
         return []
     padded = idx + [idx[0] if idx else 0] * (count - len(idx))

@@ -62,7 +62,8 @@ def _grpo_update(ctx: StageContext, ro: dict, update: slice, micro: list[slice])
         loss, m, labels = _grpo_forward(ctx, ro, sl, n)
         if n is None:  # a per-sequence mean over this micro-batch: its share of the update's mean
             loss = loss * (labels.shape[0] / rows)
-        return loss, m, {"tokens": (labels != -100).sum().item(), "rows": labels.shape[0]}
+        host = ro["batch"]["labels"][sl]  # counted on the host: no device sync per micro-batch
+        return loss, m, {"tokens": int((host != -100).sum()), "rows": labels.shape[0]}
 
     # token means combine weighted by tokens (in the micro-batches and over the ranks), the rest by rows
     token_means = _TOKEN_MEAN_METRICS + (("pg_loss",) if aggregation == "token-mean" else ())
