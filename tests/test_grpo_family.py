@@ -222,10 +222,12 @@ def test_a_stages_overlong_penalty_as_verl_applies_its_factor(factor, want):
     assert overlong_penalties(SimpleNamespace(overlong_buffer=None), [60]) == [0.0]
 
 
-def verl_grpo_kl_in_reward(scores, old_log_prob, ref_log_prob, response_mask, index, beta, norm_by_std=True):
-    """verl: apply_kl_penalty (token_level_rewards = token_level_scores - beta * kld, the score on the last token),
-    then compute_grpo_outcome_advantage (scores = token_level_rewards.sum(-1), normalised within each uid)."""
-    kld = verl_kl_penalty(old_log_prob, ref_log_prob, "low_var_kl") * response_mask
+def verl_grpo_kl_in_reward(scores, old_log_prob, ref_log_prob, response_mask, index, beta, norm_by_std=True,
+                           kl_penalty="kl"):
+    """verl: apply_kl_penalty (token_level_rewards = token_level_scores - beta * kld, the score on the last token;
+    kld by algorithm.kl_penalty, default "kl"), then compute_grpo_outcome_advantage (scores =
+    token_level_rewards.sum(-1), normalised within each uid)."""
+    kld = verl_kl_penalty(old_log_prob, ref_log_prob, kl_penalty) * response_mask
     token_level_scores = torch.zeros_like(old_log_prob)
     last = response_mask.cumsum(-1).argmax(-1)
     token_level_scores[torch.arange(len(scores)), last] = scores
@@ -240,10 +242,12 @@ def verl_grpo_kl_in_reward(scores, old_log_prob, ref_log_prob, response_mask, in
 
 
 @pytest.mark.parametrize("scale", ["group", "none"])
-def test_kl_in_reward_is_verls(scale):
-    """GRPO's kl_in_reward: each sample's reward less kl_coef x its summed k3 KL (rollout policy vs reference), the
-    group advantages from those rewards; against verl's apply_kl_penalty + compute_grpo_outcome_advantage (the
-    group's sample std, torch.std's default, and eps 1e-6, as verl's)."""
+@pytest.mark.parametrize("estimator,verls", [(None, "kl"), ("k3", "low_var_kl"), ("k2", "mse")])
+def test_kl_in_reward_is_verls(scale, estimator, verls):
+    """GRPO's kl_in_reward: each sample's reward less kl_coef x its summed KL (rollout policy vs reference; k1 unless
+    kl_estimator says otherwise, as verl's algorithm.kl_penalty defaults to "kl"), the group advantages from those
+    rewards; against verl's apply_kl_penalty + compute_grpo_outcome_advantage (the group's sample std, torch.std's
+    default, and eps 1e-6, as verl's)."""
     from types import SimpleNamespace
 
     from vlmfast.stages.grpo_rollout import _kl_in_reward
@@ -258,14 +262,15 @@ def test_kl_in_reward_is_verls(scale):
     ref = torch.where(mask, old + 0.3 * torch.randn(n, 7, generator=g), 0.0)
     rewards = torch.randint(0, 2, (n,), generator=g).float()
     rows = [{"draw": 0, "place": i // G, "sample": i % G, "reward": float(rewards[i])} for i in range(n)]
-    stage = SimpleNamespace(kl_estimator="k3", kl_coef=0.2, group_size=G, advantage_scale=scale, loss_type=None)
+    stage = SimpleNamespace(kl_estimator=estimator, kl_coef=0.2, group_size=G, advantage_scale=scale, loss_type=None)
     ro = {"rows": rows, "old": old, "ref": ref, "batch": {"labels": labels}}
     _kl_in_reward(SimpleNamespace(stage=stage), ro)
     want_r, want_adv = verl_grpo_kl_in_reward(rewards, old, ref, mask.float(), [i // G for i in range(n)], 0.2,
-                                              norm_by_std=scale == "group")
+                                              norm_by_std=scale == "group", kl_penalty=verls)
     assert ro["rewards"].tolist() == pytest.approx(want_r.tolist(), abs=1e-5)
     assert ro["adv"].tolist() == pytest.approx(want_adv.tolist(), abs=1e-4)
-    assert ro["kl_penalty"].min() > 0
+    if estimator != "k1" and estimator is not None:
+        assert ro["kl_penalty"].min() > 0  # k2 and k3 are never negative
 
 
 def trl_advantages(rewards_per_func, weights, num_generations):

@@ -214,7 +214,7 @@ class StageConfig:
     # grpo: the objective, TRL's names: grpo | dapo | bnpo | dr_grpo | gspo | cispo (losses/grpo.py); it sets the
     # aggregation. None: the clipped surrogate with `aggregation`
     loss_type: str | None = None
-    kl_estimator: str | None = None  # grpo: k1 | k2 | k3 (default) for the KL to the reference
+    kl_estimator: str | None = None  # grpo: k1 | k2 | k3 for the KL to the reference (default k3; k1 in the reward)
     kl_in_reward: bool | None = None  # grpo: the KL (x kl_coef) taken from each sample's reward, not a loss term
     # grpo: importance sampling against the sampler (TRL's vllm_importance_sampling_*, for a sampler that is not
     # exactly the trainer, e.g. vLLM in bf16): each token's policy gradient weighed by w = pi_old / pi_sampler of the

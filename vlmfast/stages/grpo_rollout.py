@@ -125,7 +125,8 @@ def _kl_in_reward(ctx: StageContext, ro: dict) -> None:
     sample, each group's in its order."""
     s = ctx.stage
     mask = ro["batch"]["labels"] != -100
-    kl = (kl_estimate(ro["old"], ro["ref"], s.kl_estimator or "k3") * mask).sum(-1)
+    # k1 unless the stage names one: verl's algorithm.kl_penalty defaults to "kl" (its loss's kl_loss_type to k3)
+    kl = (kl_estimate(ro["old"], ro["ref"], s.kl_estimator or "k1") * mask).sum(-1)
     mine = {(r["draw"], r["place"], r["sample"]): r["reward"] - s.kl_coef * k for r, k in zip(ro["rows"], kl.tolist())}
     every = gathered_dict(mine)
     keys = sorted(every)  # group after group, each in sample order
