@@ -195,7 +195,7 @@ def test_every_key_has_a_meaning():
         import dataclasses
 
         for f in dataclasses.fields(cls):
-            assert meanings.get(f.name), f"{section}.{f.name} has no comment in config.py"
+            assert meanings.get(f.name), f"{section}.{f.name} has no comment in config_schema.py"
 
 
 def test_batches_that_do_not_split_over_the_ranks_are_named():

@@ -13,6 +13,7 @@ from vlmfast.stages.sft import SFT
 
 ROOT = Path(__file__).resolve().parent.parent
 LOOP_FILES = ["vlmfast/train.py", "vlmfast/stage_loop.py", "vlmfast/plan.py", "vlmfast/config.py",
+              "vlmfast/config_schema.py", "vlmfast/config_checks.py",
               "vlmfast/data/budget.py", "vlmfast/policy.py"]
 
 
