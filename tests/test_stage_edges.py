@@ -48,3 +48,17 @@ def test_cw_dpo_auto_floor_is_the_negatives_mean_log_prob_at_the_stage_temperatu
             mask = labels != -100
             lbars += ((logp * mask).sum(1) / mask.sum(1)).tolist()
     assert len(lbars) == 20 and floor == pytest.approx(sum(lbars) / len(lbars), rel=1e-4)
+
+
+def test_a_steps_peak_memory_is_its_own(monkeypatch):
+    """On a GPU the peak is reset at each step's start and read at its end without a reset: an evaluation or a
+    checkpoint between steps (vLLM awake, a gathered model) is not charged to the next step (torch.cuda stand-in)."""
+    from vlmfast import stage_loop
+
+    calls, reserved = [], [7 * 2**20]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *a: calls.append("read") or reserved[0])
+    stage_loop._reset_peak_memory()
+    assert stage_loop._peak_memory_mb() == 7.0 and calls == ["reset", "read"]  # read without a reset

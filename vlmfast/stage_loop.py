@@ -224,6 +224,7 @@ def train_steps(r: StageRun) -> None:
         signal_if(f"{r.index}:{step}")
         _set_lr(r.optimizer, scale, step)
         r.policy.train()
+        _reset_peak_memory()  # the step's own peak: not the evaluation's or checkpoint's before it, nor loading's
         ctx.timer.start()
         loss, metrics, skipped = _update(r, step)
         r.bad_steps = r.bad_steps + 1 if skipped else 0
@@ -413,14 +414,17 @@ def _generation_options(cfg: Config, engine) -> dict:
     return {"synced_ranks": torch.distributed.get_world_size() > 1}
 
 
-def _peak_memory_mb() -> float:
-    """This step's peak of the memory the caching allocator reserved on the GPU (what the driver lends: an
-    out-of-memory happens there, not at the allocated peak), reset for the next step; on the CPU the process's
-    peak RSS."""
+def _reset_peak_memory() -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        peak = torch.cuda.max_memory_reserved() / 2**20
         torch.cuda.reset_peak_memory_stats()
-        return peak
+
+
+def _peak_memory_mb() -> float:
+    """The step's peak of the memory the caching allocator reserved on the GPU since _reset_peak_memory at the step's
+    start (what the driver lends: an out-of-memory happens there, not at the allocated peak); on the CPU the
+    process's peak RSS."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_reserved() / 2**20
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
