@@ -62,3 +62,42 @@ def test_a_steps_peak_memory_is_its_own(monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *a: calls.append("read") or reserved[0])
     stage_loop._reset_peak_memory()
     assert stage_loop._peak_memory_mb() == 7.0 and calls == ["reset", "read"]  # read without a reset
+
+
+@pytest.mark.slow
+def test_preference_stages_train_without_dropout_and_others_keep_it(tmp_path, monkeypatch):
+    """DPO's implicit reward compares the policy with a reference scored without dropout (TRL's DPOConfig
+    disable_dropout, default True): every dropout (LoRA's at 0.5 here) is at p = 0 in DPO's training forwards and
+    back at 0.5 for SFT's."""
+    from vlmfast.config import load_config
+    from vlmfast.stages import preference, sft
+    from vlmfast.train import run
+
+    seen = {}
+
+    def spy(module, name, kind):
+        real = getattr(module, name)
+
+        def loss(h, w, *a, **k):
+            ps = {m.p for m in seen["model"].modules() if isinstance(m, torch.nn.Dropout)}
+            seen.setdefault(kind, set()).update(ps)
+            return real(h, w, *a, **k)
+        monkeypatch.setattr(module, name, loss)
+
+    spy(sft, "sft_loss", "sft")
+    spy(preference, "dpo_loss", "dpo")
+    real_policy_loss = preference._policy_loss
+    monkeypatch.setattr(preference, "_policy_loss", lambda ctx, *a: seen.update(model=ctx.model) or
+                        real_policy_loss(ctx, *a))
+    real_sft_policy_loss = sft._policy_loss
+    monkeypatch.setattr(sft, "_policy_loss", lambda ctx, *a: seen.update(model=ctx.model) or
+                        real_sft_policy_loss(ctx, *a))
+    raw = {"run": {"name": "d", "out_dir": str(tmp_path), "threads": 2, "checkpoint_every": 100},
+           "model": {"path": "tiny:student", "lora": {"r": 4, "dropout": 0.5}},
+           "data": {"synthetic": {"train": 16, "val": 2, "ood": 2}},
+           "eval": {"every": 100, "num_problems": 2, "n_samples": 1, "k": [1], "max_new_tokens": 4, "probes": 0,
+                    "at_start": False},
+           "stages": [{"type": "sft", "name": "sft", "steps": 1, "lr": 1e-3, "batch_size": 4},
+                      {"type": "dpo", "name": "dpo", "steps": 1, "lr": 1e-3, "batch_size": 4, "max_new_tokens": 4}]}
+    run(load_config(raw=raw))
+    assert seen["sft"] == {0.5} and seen["dpo"] == {0.0}

@@ -370,6 +370,21 @@ def eval_mode(model):
         model.train(was_training)
 
 
+@contextlib.contextmanager
+def dropout_off(model):
+    """Every nn.Dropout of `model` (LoRA's included) at p = 0 for the block, then as it was; the model stays in train
+    mode (gradient checkpointing runs only in train mode, so eval() is not the way)."""
+    mods = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    before = [m.p for m in mods]
+    for m in mods:
+        m.p = 0.0
+    try:
+        yield model
+    finally:
+        for m, p in zip(mods, before):
+            m.p = p
+
+
 def head_vocab(model) -> int:
     """Rows of the lm_head (the vocabulary it scores), read from the module: under ZeRO-3 the weight
     itself is an empty shard outside a gather."""

@@ -14,6 +14,7 @@ the loop's faults through one seam, faults.signal_if, at every step and evaluati
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from .config import Config, ConfigError, generation_engine
 from .evaluate import eval_generations, eval_metrics, eval_seeds, sampled_count
 from .faults import BadStep, Preempted, finite_everywhere, signal_if
 from .lora import AdaptersOff, adapter_base, is_adapter_folder
-from .models import eval_mode, head_vocab
+from .models import dropout_off, eval_mode, head_vocab
 from .ops import inputs_checked
 from .policy import ds_config, frozen_model
 from .probes import DeltaLogpProbe, EarlyStopping, entropy_means, sample_entropy_sums
@@ -264,7 +265,8 @@ def _update(r: StageRun, step: int):
     the update on every rank. Returns (loss summed over the micro-batches, metrics, skipped)."""
     loss, metrics = 0.0, None
     # the fused ops check their inputs' values (host syncs) on the stage's first step only
-    with inputs_checked(step == r.start_step):
+    no_dropout = dropout_off(r.policy) if r.kind.trains_without_dropout else contextlib.nullcontext()
+    with inputs_checked(step == r.start_step), no_dropout:
         out = r.kind.step(r.ctx, step)
         for k, (share, m) in enumerate([out] if isinstance(out, tuple) else out):  # one micro-batch at a time
             if not finite_everywhere(share):

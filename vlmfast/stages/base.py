@@ -12,6 +12,7 @@ from __future__ import annotations
 class Stage:
     types: tuple[str, ...] = ()  # the recipe `type` values this class runs
     samples_in_training = True  # draws rollouts from the policy during training (the plan's rollout phase)
+    trains_without_dropout = False  # the policy's training forwards run with every dropout at p = 0
     # recipe keys only this class's types read: {key: what they set}; another type given one (other than its default)
     # is a config error, not a setting silently ignored
     own_keys: dict[str, str] = {}

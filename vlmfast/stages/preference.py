@@ -117,6 +117,9 @@ class Preference(Stage):
 
     types = ("dpo", "cw_dpo")
     step = staticmethod(dpo_step)
+    # the implicit reward compares the policy with a reference scored without dropout: dropout in the policy's forward
+    # would make it noise (nonzero at pi = pi_ref). TRL's DPOConfig.disable_dropout, default True
+    trains_without_dropout = True
     own_keys = {"beta": "preference strengths", "tau_c": "cooling weights", "l_floor": "cooling weights",
                 "on_policy_fraction": "on-policy negatives"}
 
