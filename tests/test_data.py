@@ -380,3 +380,42 @@ def test_each_split_is_read_in_its_own_format(tmp_path):
         load_config(raw={"data": {**data, "split_formats": {"ood": "mathvista"}}, "stages": [{"type": "sft"}]})
     with pytest.raises(ConfigError, match=r"data.split_formats.mathvista: must be one of"):
         load_config(raw={"data": {**data, "split_formats": {"mathvista": "coco"}}, "stages": [{"type": "sft"}]})
+
+
+def test_text_only_rows_are_refused_unless_allowed_and_train_beside_image_rows(tmp_path):
+    """A row without images: a missing image (a wrong column name must not silently train text-only) unless
+    data.text_only_rows; then a text-only problem, in a batch beside image rows and in micro-batches of its own
+    (no empty image inputs reach the vision tower), through SFT and a GRPO rollout on the HF engine."""
+    from vlmfast.config import load_config
+    from vlmfast.train import run
+
+    (tmp_path / "a.png").write_bytes(_png())
+    rows = [{"images": ["a.png"], "problem": "<image>What colour is the square?", "answer": "red"},
+            {"problem": "What is 2 + 3?", "answer": "5"},
+            {"images": [], "problem": "What is 4 - 1?", "answer": "3"},
+            {"images": None, "problem": "What is 2 x 2?", "answer": "4"}]
+    (tmp_path / "mixed.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(RowError, match=r"row 1: missing column 'images'"):
+        read_geometry3k(tmp_path / "mixed.jsonl")
+    with pytest.raises(RowError, match=r"row 1: missing image \(a text-only row\? set data.text_only_rows: true\)"):
+        read_geometry3k(_without_row(tmp_path, rows, 1))  # its row 1: `images: []`
+    ex = read_geometry3k(tmp_path / "mixed.jsonl", text_only=True)
+    assert [len(e.images) for e in ex] == [1, 0, 0, 0] and ex[1].problem == "What is 2 + 3?"
+    raw = {"run": {"name": "t", "out_dir": str(tmp_path / "runs"), "threads": 2, "checkpoint_every": 100},
+           "model": {"path": "tiny:student"},
+           "data": {"train": str(tmp_path / "mixed.jsonl"), "val": str(tmp_path / "mixed.jsonl"),
+                    "text_only_rows": True},
+           "eval": {"every": 100, "num_problems": 4, "n_samples": 2, "k": [1], "max_new_tokens": 4, "probes": 2},
+           "stages": [{"type": "sft", "name": "sft", "steps": 1, "lr": 1e-3, "batch_size": 4, "micro_batch_size": 1},
+                      {"type": "grpo", "name": "grpo", "steps": 1, "lr": 1e-3, "batch_size": 4, "group_size": 2,
+                       "max_new_tokens": 4, "micro_batch_size": 2}]}
+    run(load_config(raw=raw))
+    recs = [json.loads(x) for x in (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["kind"]) for r in recs if r["kind"] == "train"] == [("sft", "train"), ("grpo", "train")]
+    assert all(np.isfinite(r["loss"]) for r in recs if r["kind"] == "train")
+
+
+def _without_row(tmp_path, rows, k):
+    path = tmp_path / "some.jsonl"
+    path.write_text("\n".join(json.dumps(r) for i, r in enumerate(rows) if i != k))
+    return path

@@ -97,6 +97,7 @@ class DataConfig:
     format: str = "geometry3k"  # geometry3k | mathvista
     split_formats: dict[str, str] = field(default_factory=dict)  # a split's own format, e.g. {mathvista: mathvista}
     reasoning: str = DEFAULT_REASONING  # <think> text of SFT targets; "auto": each example's `reasoning` column
+    text_only_rows: bool = False  # a row without images is a text-only problem (default: refused as a missing image)
 
 
 @dataclass

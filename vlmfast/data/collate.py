@@ -142,6 +142,8 @@ def batch_rows(batch: dict, rows: slice | list[int]) -> dict:
         return out
     first = [0, *itertools.accumulate(images_per_row(batch))]  # each row's first image, and one past the last's
     images = [i for r in index for i in range(first[r], first[r + 1])]
+    if not images:  # text-only rows: no image inputs at all (the vision tower refuses an empty grid)
+        return out
     grid = batch["image_grid_thw"]
     patch = [0, *itertools.accumulate(grid.prod(-1).tolist())]  # each image's first patch in pixel_values
     lo = images[0] if images else 0

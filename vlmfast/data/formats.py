@@ -205,13 +205,16 @@ def _decoded(entry, root: Path, where: str) -> Image.Image:
     raise RowError(f"{where}: an image is a file path, bytes or {{bytes, path}}, got {entry!r}")
 
 
-def _images(value, root: Path, where: str):
-    """An example's images: PIL images (local files, bytes), or LazyImages (left in a `datasets` table)."""
+def _images(value, root: Path, where: str, text_only: bool = False):
+    """An example's images: PIL images (local files, bytes), or LazyImages (left in a `datasets` table); none for a
+    row without one where `text_only` rows are allowed (data.text_only_rows), else a missing image named."""
     if isinstance(value, _Stored):
         return LazyImages(value, where)
-    entries = value if isinstance(value, (list, tuple)) else ([] if value is None else [value])
+    entries = value if isinstance(value, (list, tuple)) else ([] if value is None or value == "" else [value])
+    if not entries and text_only:
+        return []
     if not entries:
-        raise RowError(f"{where}: missing image")
+        raise RowError(f"{where}: missing image (a text-only row? set data.text_only_rows: true)")
     return [_image(e, root, where) for e in entries]
 
 
@@ -252,17 +255,18 @@ def _with_choices(question: str, choices: list[str]) -> str:
     return question + "\nChoices:\n" + "\n".join(f"({chr(ord('A') + k)}) {c}" for k, c in enumerate(choices))
 
 
-def read_geometry3k(source) -> list[Example]:
+def read_geometry3k(source, text_only: bool = False) -> list[Example]:
     """Geometry3K as published: `images` (list), `problem` (with `<image>`), `answer`, optional
-    `choices`. Extra columns (id, question_type, negatives, ...) are kept in `meta`."""
+    `choices`. Extra columns (id, question_type, negatives, ...) are kept in `meta`. With `text_only`, a row without
+    images (no column, null or empty) is a text-only problem."""
     rows, root = _rows(source)
     out = []
     for i, row in enumerate(rows):
         where = _where(source, i, row)
-        for key in ("images", "problem", "answer"):
+        for key in ("problem", "answer") if text_only else ("images", "problem", "answer"):
             if key not in row or row[key] is None:
                 raise RowError(f"{where}: missing column {key!r}")
-        imgs = _images(row["images"], root, where)
+        imgs = _images(row.get("images"), root, where, text_only)
         problem = _with_markers(str(row["problem"]), imgs, where)
         if str(row["answer"]).strip() == "":
             raise RowError(f"{where}: empty answer")
@@ -276,7 +280,7 @@ def read_geometry3k(source) -> list[Example]:
 _ANSWER_TYPES = {"integer": int, "float": float, "text": str, "list": None}
 
 
-def read_mathvista(source) -> list[Example]:
+def read_mathvista(source, text_only: bool = False) -> list[Example]:
     """MathVista format: `question`, `image` (path) and/or `decoded_image`, `choices`, `answer`,
     `question_type` (multi_choice | free_form), `answer_type` (integer | float | text | list)."""
     rows, root = _rows(source)
@@ -286,7 +290,7 @@ def read_mathvista(source) -> list[Example]:
         for key in ("question", "answer"):
             if row.get(key) is None:
                 raise RowError(f"{where}: missing column {key!r}")
-        imgs = _images(row.get("decoded_image") or row.get("image"), root, where)
+        imgs = _images(row.get("decoded_image") or row.get("image"), root, where, text_only)
         qtype, atype = row.get("question_type", "free_form"), row.get("answer_type", "text")
         if qtype not in ("multi_choice", "free_form"):
             raise RowError(f"{where}: unknown question_type {qtype!r} (multi_choice or free_form)")

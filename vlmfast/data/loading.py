@@ -57,7 +57,7 @@ def load_data(cfg: Config) -> dict:
         readers = dict.fromkeys(paths, read_geometry3k)  # the synthetic task is in Geometry3K format
     for k, p in data_sources(cfg).items():  # each split in its own format (train on one dataset, evaluate on another)
         paths[k], readers[k] = Path(p), by_format[d.split_formats.get(k, d.format)]
-    data = {k: readers[k](p) for k, p in paths.items()}
+    data = {k: readers[k](p, text_only=d.text_only_rows) for k, p in paths.items()}
     for k, rows in data.items():
         if not rows:
             raise RowError(f"data split {k!r} ({paths[k]}) holds no rows")
