@@ -134,6 +134,18 @@ def read_yaml(p: Path):
         raise ConfigError(f"{p}: broken YAML at {_yaml_problem(e)}") from None
 
 
+def read_recipe(path, what: str, sections: str) -> dict:
+    """The YAML mapping in file `path` (a train or study recipe); a missing file, a folder, broken YAML or anything
+    but a mapping is a ConfigError naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {p} {'is a folder' if p.is_dir() else 'not found'}")
+    raw = read_yaml(p)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: a recipe is a mapping of sections ({sections})")
+    return raw
+
+
 def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
     """raw with each `key=value` (a dotted key, a YAML value) set; a malformed one is a ConfigError naming it."""
     for item in overrides or []:
@@ -156,10 +168,7 @@ def load_config(path=None, overrides: list[str] | None = None, *, raw: dict | No
     if raw is None:
         if path is None:
             raise ConfigError("no config: pass --config recipes/X.yaml")
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} {'is a folder' if p.is_dir() else 'not found'}")
-        raw = read_yaml(p)
+        raw = read_recipe(path, "config file", "run, model, data, ..., stages")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of sections (run, model, data, ..., stages)")
     raw = apply_overrides(dict(raw), overrides)

@@ -37,7 +37,7 @@ from pathlib import Path
 import yaml
 
 from .checkpoint import write_atomic
-from .config import ConfigError, apply_overrides, load_config, read_yaml
+from .config import ConfigError, apply_overrides, load_config, read_recipe
 from .faults import Preempted, Preemption
 from .study_executors import DIST_ENV
 
@@ -463,13 +463,7 @@ def _start(run: Run, sdir: Path, executor):
 
 
 def load_study(path, overrides: list[str] | None = None) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"study recipe {p} {'is a folder' if p.is_dir() else 'not found'}")
-    raw = read_yaml(p)
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: a study recipe is a mapping of sections (study, base, pretrain, ...)")
-    apply_overrides(raw, overrides)
+    raw = apply_overrides(read_recipe(path, "study recipe", "study, base, pretrain, ..."), overrides)
     plan(raw)  # validate now: a typo fails before any work
     return raw
 
