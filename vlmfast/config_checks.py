@@ -209,7 +209,7 @@ def validate(cfg: Config) -> None:
             bad(f"{key}.updates_per_rollout", f"must be >= 1, got {s.updates_per_rollout}")
         for other in {k for k in STAGES.values() if k is not stage_of(s)}:  # keys only another type reads
             for name, what in other.own_keys.items():
-                if getattr(s, name) != _STAGE_DEFAULTS[name]:
+                if name not in stage_of(s).own_keys and getattr(s, name) != _STAGE_DEFAULTS[name]:
                     bad(f"{key}.{name}", f"{what} are for {' and '.join(other.types)} stages, not {s.type!r}")
         if s.early_stopping is not None and s.early_stopping.mode not in ("max", "min"):
             bad(f"{key}.early_stopping.mode", f"must be max or min, got {s.early_stopping.mode!r}")

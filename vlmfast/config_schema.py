@@ -259,7 +259,8 @@ class Config:
         return dataclasses.asdict(self)
 
 
-_STAGE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(StageConfig)}
+_STAGE_DEFAULTS = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                   for f in dataclasses.fields(StageConfig)}
 
 
 def generation_engine(cfg: Config, stage) -> str:

@@ -423,8 +423,9 @@ def _reset_peak_memory() -> None:
 
 def _peak_memory_mb() -> float:
     """The step's peak of the memory the caching allocator reserved on the GPU since _reset_peak_memory at the step's
-    start (what the driver lends: an out-of-memory happens there, not at the allocated peak); on the CPU the
-    process's peak RSS."""
+    start (what the driver lends: an out-of-memory happens there, not at the allocated peak); the reset starts from
+    what is reserved then, so blocks the allocator kept from an evaluation before the step still count. On the CPU
+    the process's peak RSS."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_reserved() / 2**20
     import resource

@@ -103,7 +103,7 @@ class MLflow:
 
 
 class NotAgain:
-    """A tracker that does not take points back (wandb, mlflow), sent only the records it has not had: after a
+    """A tracker that does not take points back (wandb, trackio, mlflow), sent only the records it has not had: after a
     resume the killed run's records past the checkpoint are replayed, with the same numbers."""
 
     def __init__(self, tracker, sent: set):
@@ -134,6 +134,10 @@ def open_trackers(names: list[str], run_dir: Path, name: str, config: dict, *,
     step) `resume_at`, in the runs it opened before, which hold the records `sent` (record_key) already."""
     path = Path(run_dir) / IDS_FILE
     ids = json.loads(path.read_text()) if resume_at is not None and path.exists() else {}
+    # what every earlier attempt sent past a checkpoint: a second resume from an earlier checkpoint than the killed
+    # run's last records would resend what the first killed run had sent
+    sent = set(sent) | {tuple(k) for k in ids.get("sent", [])}
+    ids["sent"] = sorted(sent, key=str)
     made = []
     for n in names:
         if n == "tensorboard":

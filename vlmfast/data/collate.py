@@ -146,7 +146,7 @@ def batch_rows(batch: dict, rows: slice | list[int]) -> dict:
         return out
     grid = batch["image_grid_thw"]
     patch = [0, *itertools.accumulate(grid.prod(-1).tolist())]  # each image's first patch in pixel_values
-    lo = images[0] if images else 0
+    lo = images[0]
     if images == list(range(lo, lo + len(images))):
         out["image_grid_thw"] = grid[lo : lo + len(images)]
         out["pixel_values"] = batch["pixel_values"][patch[lo] : patch[lo + len(images)]]

@@ -265,7 +265,8 @@ def read_geometry3k(source, text_only: bool = False) -> list[Example]:
         where = _where(source, i, row)
         for key in ("problem", "answer") if text_only else ("images", "problem", "answer"):
             if key not in row or row[key] is None:
-                raise RowError(f"{where}: missing column {key!r}")
+                hint = " (a text-only row? set data.text_only_rows: true)" if key == "images" else ""
+                raise RowError(f"{where}: missing column {key!r}{hint}")
         imgs = _images(row.get("images"), root, where, text_only)
         problem = _with_markers(str(row["problem"]), imgs, where)
         if str(row["answer"]).strip() == "":

@@ -19,7 +19,6 @@ from ..reward_plugins import reward_fns, score_batch
 from ..rewards import Reward, overlong_penalty, score_example
 from .context import (
     StageContext,
-    _device,
     _sample,
     balanced_over_ranks,
     batch_examples,
@@ -97,10 +96,10 @@ def _rollout(ctx: StageContext, index: int) -> dict:
     ro = {"index": index, "info": info, **_collated(ctx, rows)}
     slices = [sl for update in ro["micro"] for sl in update]
 
-    def logp_of(model):  # kept on the host with the rollout batch
+    def logp_of(model):  # kept on the host with the rollout batch: one copy back, not one per micro-batch
         parts = (on_device(ctx, batch_rows(ro["batch"], sl)) for sl in slices)
         return torch.cat([head_token_stats(model, trunk_hidden(model, **p), p["labels"], temperature=s.temperature,
-                                           outputs=("logp",)).logp.cpu() for p in parts])
+                                           outputs=("logp",)).logp for p in parts]).cpu()
 
     with ctx.timer("logprobs"):
         # the rollout policy's log-probs: for several updates, and for a KL in the reward (verl's old_log_prob)
@@ -167,7 +166,7 @@ def _advantages(ctx: StageContext, rows: list[dict]) -> None:
     scale = advantage_scale(s)
     if scale == "batch":  # the spread of the whole rollout batch, every rank's groups
         rank, size = world()
-        every = gathered_rows(rewards.to(_device(ctx))).cpu()
+        every = gathered_rows(rewards)  # ranks.py moves it to the GPU under NCCL and back
         adv = group_advantages(every, s.group_size, scale="batch").view(size, -1)[rank]
     else:  # a group lives on one rank: its own rewards are all it needs
         adv = group_advantages(rewards, s.group_size, scale=scale)
