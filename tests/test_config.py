@@ -77,6 +77,7 @@ def test_shipped_recipes_load():
         (cfg(stages=[{"type": "dpo", "clip_high": 0.28}]), r"stages\[0\].clip_high: ratio clips are for grpo"),
         (cfg(stages=[{"type": "grpo", "teacher": "tiny:teacher"}]), r"stages\[0\].teacher: teachers are for opd"),
         (cfg(stages=[{"type": "cw_dpo", "group_size": 8}]), r"stages\[0\].group_size: groups of samples are for"),
+        (cfg(stages=[{"type": "dpo", "tau_c": 2.0}]), r"stages\[0\].tau_c: cooling weights are for cw_dpo stages"),
         (cfg(stages=[{"type": "sft", "label_smoothing": 0.1, "gentle": {"variant": "hinge"}}]),
          r"stages\[0\].label_smoothing: is plain SFT's"),
         (cfg(stages=[]), "at least one stage"),

@@ -3,6 +3,7 @@ frozen reference; CW-DPO's automatic log-prob floor."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import torch
@@ -143,6 +144,10 @@ class Preference(Stage):
         if not 0 <= s.on_policy_fraction <= 1:
             bad(f"{key}.on_policy_fraction", f"must be in [0, 1], got {s.on_policy_fraction}")
         if s.type == "dpo":
+            defaults = {f.name: f.default for f in dataclasses.fields(s)}
+            for name in ("tau_c", "l_floor"):  # the cooling weight's: plain DPO has none, it would be ignored
+                if getattr(s, name) != defaults[name]:
+                    bad(f"{key}.{name}", "cooling weights are for cw_dpo stages, not 'dpo'")
             check_loss(bad, key, _check_dpo, beta=s.beta, temperature=s.temperature)
         else:  # l_floor auto is resolved to a number at stage start
             check_loss(bad, key, _check_cw_dpo, beta=s.beta, tau_c=s.tau_c, temperature=s.temperature,
