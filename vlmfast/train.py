@@ -181,7 +181,8 @@ class MetricsLog:
         for path in (self.path, cfg.run_dir / "samples.jsonl"):  # resume: the records up to its checkpoint
             if keep_until is not None and path.exists():
                 dropped = keep_records(path, keep_until)
-                sent = dropped if path == self.path else sent
+                if path == self.path:
+                    sent = dropped
             elif keep_until is None and path.exists():
                 path.unlink()
         self.trackers = open_trackers(cfg.run.report_to, cfg.run_dir, cfg.run.name, cfg.to_dict(),

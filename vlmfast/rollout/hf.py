@@ -94,8 +94,6 @@ class _HalfEnded:
         self.start, self.end_ids = start, end_ids
 
     def __call__(self, input_ids, scores, **kwargs):
-        if self.end_ids.device != input_ids.device:  # once: not a host-to-device copy per decoded token
-            self.end_ids = self.end_ids.to(input_ids.device)
         ended = torch.isin(input_ids[:, self.start :], self.end_ids).any(1)
         return ended | (2 * ended.sum() >= ended.numel())
 
@@ -235,7 +233,7 @@ class HFEngine:
         new = torch.full((B, steps), self.pad_id, dtype=torch.long)
         logp = torch.zeros(B, steps)  # under the distribution each token was drawn from (greedy: T = 1)
         rows, done = torch.arange(B), 0  # the rows still decoding, and the tokens each has
-        end_ids = torch.tensor([self.eos_id, *self.vision_ids])
+        end_ids = torch.tensor([self.eos_id, *self.vision_ids], device=device)  # on the device once, not per token
         while True:
             stop = [_HalfEnded(inputs["input_ids"].shape[1], end_ids)] if self.drop_finished else []
             res = self.model.generate(**inputs, **kw, max_new_tokens=steps - done,

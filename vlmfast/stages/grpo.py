@@ -62,8 +62,7 @@ def _grpo_update(ctx: StageContext, ro: dict, update: slice, micro: list[slice])
         loss, m, labels = _grpo_forward(ctx, ro, sl, n)
         if n is None:  # a per-sequence mean over this micro-batch: its share of the update's mean
             loss = loss * (labels.shape[0] / rows)
-        host = ro["batch"]["labels"][sl]  # counted on the host: no device sync per micro-batch
-        return loss, m, {"tokens": int((host != -100).sum()), "rows": labels.shape[0]}
+        return loss, m, {"tokens": int((labels != -100).sum()), "rows": labels.shape[0]}
 
     # token means combine weighted by tokens (in the micro-batches and over the ranks), the rest by rows
     token_means = _TOKEN_MEAN_METRICS + (("pg_loss",) if aggregation == "token-mean" else ())
@@ -79,9 +78,10 @@ def _grpo_update(ctx: StageContext, ro: dict, update: slice, micro: list[slice])
 
 def _grpo_forward(ctx: StageContext, ro: dict, sl: slice, n):
     """GRPO's loss on rows `sl` of the rollout batch (token means over n tokens when given): (loss, metrics,
-    labels)."""
+    the rows' labels on the host, to count without a device sync)."""
     s = ctx.stage
-    b = on_device(ctx, batch_rows(ro["batch"], sl))  # the rollout's tensors live on the host
+    host = batch_rows(ro["batch"], sl)  # the rollout's tensors live on the host
+    b = on_device(ctx, host)
     labels = b["labels"]
     per_sample = on_device(ctx, {k: ro[k][sl] for k in ("ref", "old", "adv", "sampler") if ro[k] is not None})
     # old None: on-policy, the update's own log-probs
@@ -91,7 +91,7 @@ def _grpo_forward(ctx: StageContext, ro: dict, sl: slice, n):
                          num_items_in_batch=n, sampler_logp=per_sample["sampler"], **loss_options(s))
 
     loss, m = _policy_loss(ctx, b, loss_fn)
-    return loss, m, labels
+    return loss, m, host["labels"]
 
 
 def aggregation_of(s) -> str:
