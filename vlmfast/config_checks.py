@@ -207,10 +207,9 @@ def validate(cfg: Config) -> None:
             bad(f"{key}.vllm_memory_share", f"must be in (0, 1), got {s.vllm_memory_share}")
         if s.updates_per_rollout < 1:
             bad(f"{key}.updates_per_rollout", f"must be >= 1, got {s.updates_per_rollout}")
-        for other in {k for k in STAGES.values() if k is not stage_of(s)}:  # keys only another type reads
-            for name, what in other.own_keys.items():
-                if name not in stage_of(s).own_keys and getattr(s, name) != _STAGE_DEFAULTS[name]:
-                    bad(f"{key}.{name}", f"{what} are for {' and '.join(other.types)} stages, not {s.type!r}")
+        for name, (what, types) in stage_key_readers().items():  # keys only other types read
+            if s.type not in types and getattr(s, name) != _STAGE_DEFAULTS[name]:
+                bad(f"{key}.{name}", f"{what} are for {' and '.join(types)} stages, not {s.type!r}")
         if s.early_stopping is not None and s.early_stopping.mode not in ("max", "min"):
             bad(f"{key}.early_stopping.mode", f"must be max or min, got {s.early_stopping.mode!r}")
         if s.early_stopping is not None and s.early_stopping.metric not in eval_metric_names(cfg):
@@ -221,6 +220,17 @@ def validate(cfg: Config) -> None:
                 f"no evaluation of this recipe produces {s.early_stopping.metric!r}; {produced}")
         check_micro_batching(stage_of(s), s, key, bad)
         stage_of(s).check(s, key, bad)  # the stage type's own keys and its loss's hyperparameters
+
+
+def stage_key_readers() -> dict[str, tuple[str, list[str]]]:
+    """Each stage key a Stage class owns: what it sets, and the recipe types that read it (the class's types, or the
+    fewer its type_keys names)."""
+    out = {}
+    for cls in dict.fromkeys(STAGES.values()):  # each class once, in the registry's order
+        for name, what in cls.own_keys.items():
+            types = out.get(name, (what, []))[1]
+            out[name] = (what, types + [t for t in cls.type_keys.get(name, cls.types) if t not in types])
+    return out
 
 
 def check_installed(cfg: Config) -> None:

@@ -16,6 +16,7 @@ class Stage:
     # recipe keys only this class's types read: {key: what they set}; another type given one (other than its default)
     # is a config error, not a setting silently ignored
     own_keys: dict[str, str] = {}
+    type_keys: dict[str, tuple[str, ...]] = {}  # own keys that only some of this class's types read: {key: types}
 
     # ---- one step -------------------------------------------------------------------------------------------
     @staticmethod

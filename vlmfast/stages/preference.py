@@ -3,7 +3,6 @@ frozen reference; CW-DPO's automatic log-prob floor."""
 
 from __future__ import annotations
 
-import dataclasses
 import random
 
 import torch
@@ -123,6 +122,7 @@ class Preference(Stage):
     trains_without_dropout = True
     own_keys = {"beta": "preference strengths", "tau_c": "cooling weights", "l_floor": "cooling weights",
                 "on_policy_fraction": "on-policy negatives"}
+    type_keys = {"tau_c": ("cw_dpo",), "l_floor": ("cw_dpo",)}  # plain DPO has no cooling weight
 
     def needs_reference(self, s):
         return True  # the implicit reward: log-ratios to pi_ref
@@ -144,10 +144,6 @@ class Preference(Stage):
         if not 0 <= s.on_policy_fraction <= 1:
             bad(f"{key}.on_policy_fraction", f"must be in [0, 1], got {s.on_policy_fraction}")
         if s.type == "dpo":
-            defaults = {f.name: f.default for f in dataclasses.fields(s)}
-            for name in ("tau_c", "l_floor"):  # the cooling weight's: plain DPO has none, it would be ignored
-                if getattr(s, name) != defaults[name]:
-                    bad(f"{key}.{name}", "cooling weights are for cw_dpo stages, not 'dpo'")
             check_loss(bad, key, _check_dpo, beta=s.beta, temperature=s.temperature)
         else:  # l_floor auto is resolved to a number at stage start
             check_loss(bad, key, _check_cw_dpo, beta=s.beta, tau_c=s.tau_c, temperature=s.temperature,
